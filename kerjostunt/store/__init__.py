@@ -1,0 +1,40 @@
+"""The user database: blocking ``Database`` for the CLI, ``AsyncStore`` for the server.
+
+Nothing outside this package imports SQLAlchemy.
+"""
+
+from kerjostunt.store.database import (
+    NAME_RE,
+    OUTCOMES,
+    STUNT_STATES,
+    AttemptRecord,
+    Database,
+    Duplicate,
+    ImportRowError,
+    InvalidName,
+    InvalidValue,
+    StoreError,
+    StoreUnavailable,
+    UnknownGroup,
+    UnknownUser,
+    UserRecord,
+    next_states,
+)
+
+__all__ = [
+    "NAME_RE",
+    "OUTCOMES",
+    "STUNT_STATES",
+    "AttemptRecord",
+    "Database",
+    "Duplicate",
+    "ImportRowError",
+    "InvalidName",
+    "InvalidValue",
+    "StoreError",
+    "StoreUnavailable",
+    "UnknownGroup",
+    "UnknownUser",
+    "UserRecord",
+    "next_states",
+]
