@@ -193,7 +193,8 @@ def _translated(method: _F) -> _F:
         except StoreError:
             raise
         except DBAPIError as e:
-            raise StoreUnavailable(f"database error: {e.orig}") from e
+            detail = " ".join(str(e.orig).split())  # one line, for logs and the CLI
+            raise StoreUnavailable(f"database error: {detail}") from e
 
     return wrapper  # type: ignore[return-value]
 
@@ -206,6 +207,9 @@ class Database:
             parsed = make_url(url)
         except ArgumentError as e:
             raise StoreUnavailable(f"bad database URL {url!r}") from e
+        if parsed.drivername in ("postgresql", "postgres"):
+            # SQLAlchemy 2.1 defaults to psycopg 3; we ship psycopg2.
+            parsed = parsed.set(drivername="postgresql+psycopg2")
         self.url = url
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
         kwargs: dict[str, Any] = {"pool_pre_ping": True}
@@ -215,7 +219,7 @@ class Database:
                 # One shared connection, or each thread would see its own empty db.
                 kwargs["poolclass"] = StaticPool
         try:
-            self.engine: Engine = create_engine(url, **kwargs)
+            self.engine: Engine = create_engine(parsed, **kwargs)
         except (ArgumentError, NoSuchModuleError, ImportError) as e:
             raise StoreUnavailable(f"cannot use database URL {url!r}: {e}") from e
         if self.is_sqlite:
