@@ -1,0 +1,83 @@
+"""Certificate generation: a local CA, a server cert with the right names, private keys."""
+
+from __future__ import annotations
+
+import datetime
+import stat
+from pathlib import Path
+
+from cryptography import x509
+from twisted.trial import unittest
+
+from kerjostunt import tls
+
+
+class EnsureCertificatesTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.dir = Path(self.mktemp())
+
+    def _sans(self, path: Path) -> list[str]:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        return [str(v) for v in san.get_values_for_type(x509.DNSName)] + [
+            str(v) for v in san.get_values_for_type(x509.IPAddress)
+        ]
+
+    def test_creates_ca_and_server_cert_with_names(self) -> None:
+        paths = tls.ensure_certificates(self.dir, "example.test", ["192.0.2.7", "peer.example"])
+        self.assertEqual(paths.ca, self.dir / "ca.pem")
+        sans = self._sans(paths.cert)
+        for name in ["example.test", "localhost", "127.0.0.1", "192.0.2.7", "peer.example"]:
+            self.assertIn(name, sans)
+        ca = x509.load_pem_x509_certificate(paths.ca.read_bytes())
+        server = x509.load_pem_x509_certificate(paths.cert.read_bytes())
+        self.assertEqual(server.issuer, ca.subject)
+        server.verify_directly_issued_by(ca)
+
+    def test_private_keys_are_owner_only(self) -> None:
+        paths = tls.ensure_certificates(self.dir, "example.test")
+        for key in (paths.key, self.dir / "ca-key.pem"):
+            self.assertEqual(stat.S_IMODE(key.stat().st_mode), 0o600)
+
+    def test_reuses_existing_material(self) -> None:
+        first = tls.ensure_certificates(self.dir, "example.test")
+        cert_bytes = first.cert.read_bytes()
+        ca_bytes = first.ca.read_bytes()  # type: ignore[union-attr]
+        second = tls.ensure_certificates(self.dir, "example.test")
+        self.assertEqual(second.cert.read_bytes(), cert_bytes)
+        self.assertEqual(second.ca.read_bytes(), ca_bytes)  # type: ignore[union-attr]
+
+    def test_new_host_reissues_server_cert_under_same_ca(self) -> None:
+        first = tls.ensure_certificates(self.dir, "example.test")
+        ca_bytes = first.ca.read_bytes()  # type: ignore[union-attr]
+        old = first.cert.read_bytes()
+        second = tls.ensure_certificates(self.dir, "example.test", ["198.51.100.1"])
+        self.assertNotEqual(second.cert.read_bytes(), old)
+        self.assertEqual(second.ca.read_bytes(), ca_bytes)  # type: ignore[union-attr]
+        self.assertIn("198.51.100.1", self._sans(second.cert))
+
+    def test_expired_server_cert_is_replaced(self) -> None:
+        long_ago = datetime.datetime(2000, 1, 1, tzinfo=datetime.timezone.utc)
+        first = tls.ensure_certificates(self.dir, "example.test", now=long_ago)
+        old = first.cert.read_bytes()
+        second = tls.ensure_certificates(self.dir, "example.test")
+        self.assertNotEqual(second.cert.read_bytes(), old)
+
+    def test_expired_ca_is_replaced_with_its_server_cert(self) -> None:
+        long_ago = datetime.datetime(2000, 1, 1, tzinfo=datetime.timezone.utc)
+        first = tls.ensure_certificates(self.dir, "example.test", now=long_ago)
+        old_ca = first.ca.read_bytes()  # type: ignore[union-attr]
+        second = tls.ensure_certificates(self.dir, "example.test")
+        self.assertNotEqual(second.ca.read_bytes(), old_ca)  # type: ignore[union-attr]
+        ca = x509.load_pem_x509_certificate(second.ca.read_bytes())  # type: ignore[union-attr]
+        x509.load_pem_x509_certificate(second.cert.read_bytes()).verify_directly_issued_by(ca)
+
+    def test_fingerprint_format(self) -> None:
+        paths = tls.ensure_certificates(self.dir, "example.test")
+        fp = tls.fingerprint(paths.ca)  # type: ignore[arg-type]
+        self.assertEqual(len(fp.split(":")), 32)
+
+    def test_server_options_load(self) -> None:
+        paths = tls.ensure_certificates(self.dir, "example.test")
+        options = tls.server_options(paths)
+        self.assertIsNotNone(options.getContext())
