@@ -129,9 +129,10 @@ class StringTransportTests(unittest.TestCase):
         self.failureResultOf(i.handshake_done, HandshakeFailed)
         self.assertTrue(ti.disconnecting)
         # The responder never got the initiator's proof.
-        self.assertNoResult(r.handshake_done)
+        pending = r.handshake_done
+        self.assertNoResult(pending)
         r.connectionLost(None)
-        self.failureResultOf(r.handshake_done, HandshakeFailed)
+        self.failureResultOf(pending, HandshakeFailed)
 
     def test_wrong_secret_rejected_by_responder(self):
         r, tr = wire(self.factory("responder"))
@@ -177,9 +178,10 @@ class StringTransportTests(unittest.TestCase):
     def test_timeout(self):
         r, tr = wire(self.factory("responder", timeout=2.0))
         self.clock.advance(1.9)
-        self.assertNoResult(r.handshake_done)
+        pending = r.handshake_done
+        self.assertNoResult(pending)
         self.clock.advance(0.2)
-        f = self.failureResultOf(r.handshake_done, HandshakeFailed)
+        f = self.failureResultOf(pending, HandshakeFailed)
         self.assertIn("2.0", f.getErrorMessage())
         self.assertTrue(tr.disconnecting)
 

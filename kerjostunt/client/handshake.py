@@ -79,13 +79,41 @@ class HandshakeProtocol(Protocol):
     def __init__(self, factory: "HandshakeFactory", addr: IAddress) -> None:
         self.factory = factory
         self.addr = addr
-        self.handshake_done: Deferred = Deferred()
+        self._outcome: Any = None
+        self._observers: list[Deferred] = []
         self.app: Protocol | None = None
         self.state = "await_hello" if factory.role == "responder" else "await_r"
         self._buffer = b""
         self._timer: Any = None
         self._nonce_i = b""
         self._nonce_r = b""
+
+    @property
+    def handshake_done(self) -> Deferred:
+        """
+        A new Deferred per access: the application protocol, or HandshakeFailed.
+
+        Observers rather than one shared Deferred, so a failure nobody asked
+        about (a listener dropping a stranger) is logged once, not reported as
+        an unhandled error.
+        """
+        d: Deferred = Deferred()
+        if self._outcome is None:
+            self._observers.append(d)
+        elif isinstance(self._outcome, Failure):
+            d.errback(self._outcome)
+        else:
+            d.callback(self._outcome)
+        return d
+
+    def _resolve(self, outcome: Any) -> None:
+        self._outcome = outcome
+        observers, self._observers = self._observers, []
+        for d in observers:
+            if isinstance(outcome, Failure):
+                d.errback(outcome)
+            else:
+                d.callback(outcome)
 
     # Twisted callbacks -------------------------------------------------
 
@@ -125,9 +153,7 @@ class HandshakeProtocol(Protocol):
         if self.state != "failed":
             self.state = "failed"
             why = reason.getErrorMessage() if reason is not None else "unknown"
-            self.handshake_done.errback(
-                HandshakeFailed(f"connection lost during handshake: {why}")
-            )
+            self._resolve(Failure(HandshakeFailed(f"connection lost during handshake: {why}")))
 
     # The handshake -----------------------------------------------------
 
@@ -202,7 +228,7 @@ class HandshakeProtocol(Protocol):
             peer=self.addr,
         )
         app.makeConnection(self.transport)
-        self.handshake_done.callback(app)
+        self._resolve(app)
 
     def _fail(self, reason: str) -> None:
         if self.state in ("done", "failed"):
@@ -215,7 +241,7 @@ class HandshakeProtocol(Protocol):
             peer=self.addr,
             reason=reason,
         )
-        self.handshake_done.errback(HandshakeFailed(reason))
+        self._resolve(Failure(HandshakeFailed(reason)))
         self.transport.abortConnection()
 
     def _timed_out(self) -> None:

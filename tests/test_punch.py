@@ -1,0 +1,325 @@
+"""
+punch() on loopback: real sockets on 127.0.0.1, ports picked by the kernel.
+
+Where the deadline matters, time comes from a Clock while the sockets are
+served by the real reactor (SplitReactor), so no test waits for wall-clock
+time to pass.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock, deferLater
+from twisted.trial import unittest
+
+from kerjostunt.client.handshake import HandshakeFactory
+from kerjostunt.client.punch import PunchFailed, PunchPlan, PunchResult, punch
+from kerjostunt.client.sockets import listen_reusable, reusable_socket
+
+LOOP = "127.0.0.1"
+
+
+class App(Protocol):
+    def __init__(self) -> None:
+        self.data = b""
+        self.waiting: tuple[bytes, Deferred] | None = None
+        self.lost: Deferred = Deferred()
+        self.is_lost = False
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        if self.waiting and self.waiting[0] in self.data:
+            d, self.waiting = self.waiting[1], None
+            d.callback(self.data)
+
+    def wait_for(self, marker: bytes) -> Deferred:
+        d: Deferred = Deferred()
+        if marker in self.data:
+            d.callback(self.data)
+        else:
+            self.waiting = (marker, d)
+        return d
+
+    def connectionLost(self, reason=None) -> None:
+        self.is_lost = True
+        self.lost.callback(None)
+
+
+class AppFactory(Factory):
+    def __init__(self) -> None:
+        self.built: list[App] = []
+
+    def buildProtocol(self, addr):
+        p = App()
+        p.factory = self
+        self.built.append(p)
+        return p
+
+
+class SplitReactor:
+    """Real sockets, Clock time."""
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+
+    def callLater(self, *a, **kw):
+        return self._clock.callLater(*a, **kw)
+
+    def seconds(self) -> float:
+        return self._clock.seconds()
+
+    def __getattr__(self, name):
+        return getattr(reactor, name)
+
+
+def reserve_port(test: unittest.TestCase) -> int:
+    """
+    A local port for a punch.  The reserving socket stays bound (not
+    listening) until the test ends; being reusable it does not get in the way.
+    """
+    s = reusable_socket((LOOP, 0))
+    test.addCleanup(s.close)
+    return s.getsockname()[1]
+
+
+def closed_port(test: unittest.TestCase) -> int:
+    """A port where a connect gets RST: bound by a socket that never listens."""
+    s = socket.socket()
+    test.addCleanup(s.close)
+    s.bind((LOOP, 0))
+    return s.getsockname()[1]
+
+
+def turns(n: int = 5) -> Deferred:
+    """Let the real reactor run ``n`` iterations (I/O included), no sleeping."""
+    d = deferLater(reactor, 0, lambda: None)
+    for _ in range(n - 1):
+        d.addCallback(lambda _: deferLater(reactor, 0, lambda: None))
+    return d
+
+
+def close(test: unittest.TestCase, result: PunchResult) -> None:
+    def go():
+        result.protocol.transport.abortConnection()
+        return result.protocol.lost
+
+    test.addCleanup(go)
+
+
+class PairTests(unittest.TestCase):
+    """Two punch() calls against each other, as two peers would."""
+
+    @inlineCallbacks
+    def punch_pair(self, factory_a, factory_b, **plan):
+        pa, pb = reserve_port(self), reserve_port(self)
+        plan.setdefault("deadline", 10.0)
+        da = punch(reactor, PunchPlan((LOOP, pa), ((LOOP, pb),), **plan), factory_a)
+        db = punch(reactor, PunchPlan((LOOP, pb), ((LOOP, pa),), **plan), factory_b)
+        ra, rb = yield gatherResults([da, db])
+        close(self, ra)
+        close(self, rb)
+        return pa, pb, ra, rb
+
+    @inlineCallbacks
+    def test_simultaneous_pair_one_connection_each_side(self):
+        fa, fb = AppFactory(), AppFactory()
+        pa, pb, ra, rb = yield self.punch_pair(fa, fb)
+        # The two winners are the two ends of one TCP connection.
+        ta, tb = ra.protocol.transport, rb.protocol.transport
+        self.assertEqual((ta.getHost().port, ta.getPeer().port), (pa, pb))
+        self.assertEqual((tb.getHost().port, tb.getPeer().port), (pb, pa))
+        self.assertEqual(ra.remote, (LOOP, pb))
+        self.assertEqual(rb.remote, (LOOP, pa))
+        allowed = {"simultaneous-open", "accepted"}
+        self.assertIn(ra.technique, allowed)
+        self.assertIn(rb.technique, allowed)
+        self.assertGreaterEqual(ra.attempts, 1)
+        # Exactly one working connection: every other protocol was closed.
+        for f, winner in ((fa, ra.protocol), (fb, rb.protocol)):
+            others = [p for p in f.built if p is not winner]
+            yield gatherResults([p.lost for p in others])
+            self.assertFalse(winner.is_lost)
+        ra.protocol.transport.write(b"from a\n")
+        rb.protocol.transport.write(b"from b\n")
+        yield rb.protocol.wait_for(b"from a\n")
+        yield ra.protocol.wait_for(b"from b\n")
+
+    @inlineCallbacks
+    def test_pair_with_handshake(self):
+        apps_a, apps_b = AppFactory(), AppFactory()
+        fa = HandshakeFactory(b"k", "c1", "initiator", apps_a, reactor)
+        fb = HandshakeFactory(b"k", "c1", "responder", apps_b, reactor)
+        pa, pb, ra, rb = yield self.punch_pair(fa, fb, low_ttl=1)
+        self.assertIs(ra.protocol, fa.chosen)
+        self.assertIs(rb.protocol, fb.chosen)
+        self.assertEqual(len(apps_a.built), 1)
+        self.assertEqual(len(apps_b.built), 1)
+        ra.protocol.transport.write(b"ping\n")
+        yield rb.protocol.wait_for(b"ping\n")
+        rb.protocol.transport.write(b"pong\n")
+        yield ra.protocol.wait_for(b"pong\n")
+
+    @inlineCallbacks
+    def test_low_ttl_first_syn_still_delivered_on_loopback(self):
+        server = AppFactory()
+        port = listen_reusable(reactor, (LOOP, 0), server)
+        self.addCleanup(port.stopListening)
+        plan = PunchPlan(
+            (LOOP, reserve_port(self)), ((LOOP, port.getHost().port),), deadline=10, low_ttl=1
+        )
+        result = yield punch(reactor, plan, AppFactory())
+        close(self, result)
+        self.assertEqual(result.technique, "low-ttl")
+        self.assertEqual(result.attempts, 1)
+        sock = result.protocol.transport.getHandle()
+        self.assertGreater(sock.getsockopt(socket.IPPROTO_IP, socket.IP_TTL), 1)
+        self.addCleanup(lambda: [p.transport.abortConnection() for p in server.built])
+
+    @inlineCallbacks
+    def test_candidate_window_only_one_answers(self):
+        server = AppFactory()
+        port = listen_reusable(reactor, (LOOP, 0), server)
+        self.addCleanup(port.stopListening)
+        good = (LOOP, port.getHost().port)
+        window = ((LOOP, closed_port(self)), good, (LOOP, closed_port(self)))
+        result = yield punch(reactor, PunchPlan((LOOP, reserve_port(self)), window, 10), AppFactory())
+        close(self, result)
+        self.addCleanup(lambda: [p.transport.abortConnection() for p in server.built])
+        self.assertEqual(result.remote, good)
+        self.assertEqual(result.technique, "simultaneous-open")
+        self.assertEqual(result.attempts, 3)
+
+    @inlineCallbacks
+    def test_wrong_host_in_window_is_dropped(self):
+        # A device at a predicted port that accepts but knows no secret.
+        impostor = HandshakeFactory(b"other", "c1", "responder", AppFactory(), reactor)
+        bad = listen_reusable(reactor, (LOOP, 0), impostor)
+        self.addCleanup(bad.stopListening)
+        pa, pb = reserve_port(self), reserve_port(self)
+        apps_a, apps_b = AppFactory(), AppFactory()
+        fa = HandshakeFactory(b"k", "c1", "initiator", apps_a, reactor)
+        fb = HandshakeFactory(b"k", "c1", "responder", apps_b, reactor)
+        window = ((LOOP, bad.getHost().port), (LOOP, pb))
+        da = punch(reactor, PunchPlan((LOOP, pa), window, 10), fa)
+        db = punch(reactor, PunchPlan((LOOP, pb), ((LOOP, pa),), 10), fb)
+        ra, rb = yield gatherResults([da, db])
+        close(self, ra)
+        close(self, rb)
+        self.assertEqual(ra.remote, (LOOP, pb))
+        ra.protocol.transport.write(b"hi\n")
+        yield rb.protocol.wait_for(b"hi\n")
+
+
+class DeadlineTests(unittest.TestCase):
+    """Real sockets, Clock time."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.reactor = SplitReactor(self.clock)
+
+    @inlineCallbacks
+    def advance_until(self, d: Deferred, step: float, limit: int = 200):
+        for _ in range(limit):
+            if d.called:
+                return
+            yield turns(3)
+            self.clock.advance(step)
+        yield turns(3)
+
+    @inlineCallbacks
+    def test_closed_port_retries_until_the_deadline(self):
+        plan = PunchPlan(
+            (LOOP, reserve_port(self)),
+            ((LOOP, closed_port(self)),),
+            deadline=2.0,
+            retry_interval=0.2,
+        )
+        d = punch(self.reactor, plan, AppFactory())
+        failures = []
+        d.addErrback(failures.append)
+        yield turns(3)
+        self.assertFalse(d.called)
+        yield self.advance_until(d, 0.1)
+        self.assertEqual(len(failures), 1)
+        failure = failures[0]
+        failure.trap(PunchFailed)
+        reason = failure.value.reason
+        self.assertIn("refused", reason)
+        self.assertIn("2 s", reason)
+        # RST every time, retried every 0.2 s: about ten attempts in 2 s.
+        attempts = int(reason.split(" attempts")[0].rsplit(" ", 1)[1])
+        self.assertGreaterEqual(attempts, 8)
+        self.assertLessEqual(attempts, 12)
+        self.assertEqual(self.clock.seconds() >= 2.0, True)
+
+    @inlineCallbacks
+    def test_start_at_waits(self):
+        server = AppFactory()
+        port = listen_reusable(reactor, (LOOP, 0), server)
+        self.addCleanup(port.stopListening)
+        plan = PunchPlan(
+            (LOOP, reserve_port(self)), ((LOOP, port.getHost().port),), deadline=5, start_at=3.0
+        )
+        d = punch(self.reactor, plan, AppFactory())
+        yield turns(3)
+        self.clock.advance(2.9)
+        yield turns(3)
+        self.assertFalse(d.called)
+        self.assertEqual(server.built, [])
+        self.clock.advance(0.1)
+        yield self.advance_until(d, 0.0)
+        result = self.successResultOf(d)
+        close(self, result)
+        self.addCleanup(lambda: [p.transport.abortConnection() for p in server.built])
+        self.assertEqual(result.elapsed, 0.0)
+
+    @inlineCallbacks
+    def test_handshake_never_passes_fails_at_deadline(self):
+        # Only a wrong host answers: keep trying it until the deadline.
+        impostor = HandshakeFactory(b"other", "c", "responder", AppFactory(), reactor)
+        bad = listen_reusable(reactor, (LOOP, 0), impostor)
+        self.addCleanup(bad.stopListening)
+        mine = HandshakeFactory(b"k", "c", "initiator", AppFactory(), self.reactor, timeout=1)
+        plan = PunchPlan(
+            (LOOP, reserve_port(self)), ((LOOP, bad.getHost().port),), deadline=2.0
+        )
+        d = punch(self.reactor, plan, mine)
+        failures = []
+        d.addErrback(failures.append)
+        yield self.advance_until(d, 0.1)
+        failures[0].trap(PunchFailed)
+        self.assertIn("handshake", failures[0].value.reason)
+        self.assertIsNone(mine.chosen)
+
+    @inlineCallbacks
+    def test_cancel_closes_everything(self):
+        plan = PunchPlan((LOOP, reserve_port(self)), ((LOOP, closed_port(self)),), deadline=5)
+        d = punch(self.reactor, plan, AppFactory())
+        yield turns(3)
+        d.cancel()
+        self.failureResultOf(d)
+        yield turns(2)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        # The punch's listener is gone: a connect to its port is refused.
+        s = socket.socket()
+        self.addCleanup(s.close)
+        self.assertNotEqual(s.connect_ex(plan.local), 0)
+
+    def test_listen_failure_is_a_punch_failure(self):
+        # A plain socket holds the port without SO_REUSEPORT.
+        s = socket.socket()
+        self.addCleanup(s.close)
+        s.bind((LOOP, 0))
+        s.listen(1)
+        plan = PunchPlan(s.getsockname(), ((LOOP, 9),), deadline=1)
+        d = punch(self.reactor, plan, AppFactory())
+        f = self.failureResultOf(d, PunchFailed)
+        self.assertIn("cannot listen", f.value.reason)
+
+    def test_plan_validation(self):
+        self.assertRaises(ValueError, PunchPlan, (LOOP, 1), (), 1.0)
+        self.assertRaises(ValueError, PunchPlan, (LOOP, 1), ((LOOP, 2),), 0)
