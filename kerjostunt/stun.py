@@ -449,13 +449,16 @@ def parse_binding_response(raw_or_msg: bytes | StunMessage, transaction_id: byte
 
     Raises :class:`STUNError` for a wrong transaction, an error response
     (``.code`` set), a missing address, or (when ``key`` is given and raw
-    bytes are passed) a bad MESSAGE-INTEGRITY.
+    bytes are passed) a success response without a good MESSAGE-INTEGRITY.
     """
     if isinstance(raw_or_msg, StunMessage):
         msg = raw_or_msg
     else:
         msg = decode(raw_or_msg)
-        if key is not None and not check_integrity(raw_or_msg, key):
+        # Error responses to short-term credential failures (401) carry no
+        # integrity (RFC 8489 9.1.3), so only a success is checked.
+        if key is not None and msg.msg_type == BINDING_SUCCESS \
+                and not check_integrity(raw_or_msg, key):
             raise STUNError("response integrity check failed")
     if msg.transaction_id != transaction_id:
         raise STUNError("transaction id mismatch")

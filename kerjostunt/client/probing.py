@@ -1,0 +1,171 @@
+"""Client side of NAT probing: Binding requests from one reusable local port.
+
+Per call the client binds one local port, probes the server's probe ports
+from it (so the server sees how this NAT maps that port towards different
+destinations), then listens and dials the peer from the same port.  That is
+why every socket here is made by ``sockets.reusable_socket`` (SO_REUSEADDR +
+SO_REUSEPORT before bind): the port stays usable for the later listen and
+connects while, or after, the probes use it.
+
+The request carries the probe token as USERNAME, a MESSAGE-INTEGRITY keyed
+by the probe password (RFC 8489 short-term credential) and the private
+KERJO-LOCAL-PORT attribute; see docs/probes.rst.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from twisted.internet import defer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from kerjostunt import stun
+from kerjostunt.client.sockets import connect_from, reusable_socket
+
+__all__ = ["ProbeResult", "ProbeError", "probe_from", "probe_one"]
+
+_log = Logger(namespace="kerjostunt.client.probing")
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    server: tuple[str, int]
+    local_port: int
+    mapped_ip: str
+    mapped_port: int
+
+
+class ProbeError(Exception):
+    """No probe server answered; ``failures`` maps each server to why."""
+
+    def __init__(self, failures: dict[tuple[str, int], Failure]) -> None:
+        super().__init__("; ".join(f"{h}:{p}: {f.getErrorMessage()}"
+                                   for (h, p), f in failures.items()))
+        self.failures = failures
+
+
+class _BindingClient(Protocol):
+    """Sends one Binding request, waits for its response, hangs up."""
+
+    def __init__(self, request: bytes, transaction_id: bytes, key: bytes | None) -> None:
+        self._request = request
+        self._tid = transaction_id
+        self._key = key
+        self._decoder = stun.StunStreamDecoder()
+        self.result: defer.Deferred[tuple[str, int]] = defer.Deferred(self._cancel)
+
+    def _cancel(self, _: Any) -> None:
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self._request)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.result.called:
+            return
+        try:
+            for msg, raw in self._decoder.feed(data):
+                if msg.transaction_id != self._tid:
+                    continue  # not ours; RFC 8489 says ignore
+                mapped = stun.parse_binding_response(raw, self._tid, key=self._key)
+                self._finish(mapped)
+                return
+        except stun.STUNError as e:
+            self._finish(Failure(e))
+
+    def _finish(self, outcome: Any) -> None:
+        self.transport.loseConnection()
+        if self.result.called:
+            return
+        if isinstance(outcome, Failure):
+            self.result.errback(outcome)
+        else:
+            self.result.callback(outcome)
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        if not self.result.called:
+            self.result.errback(stun.STUNError("connection closed before a response"))
+
+
+class _OneShot(Factory):
+    def __init__(self, proto: _BindingClient) -> None:
+        self._proto = proto
+
+    def buildProtocol(self, addr: Any) -> _BindingClient:
+        self._proto.factory = self
+        return self._proto
+
+
+def probe_one(reactor: Any, local: tuple[str, int], server: tuple[str, int], *,
+              username: str | None, password: str | None,
+              timeout: float = 5.0) -> defer.Deferred[ProbeResult]:
+    """One Binding request to ``server`` from the (already chosen) local endpoint."""
+    key = stun.short_term_key(password) if password is not None else None
+    if (username is None) != (key is None):
+        return defer.fail(ValueError("username and password go together"))
+    request, tid = stun.binding_request(username=username, key=key, local_port=local[1])
+    client = _BindingClient(request, tid, key)
+
+    def connected(_: Any) -> defer.Deferred[tuple[str, int]]:
+        return client.result
+
+    d = defer.maybeDeferred(connect_from, reactor, local, server, _OneShot(client),
+                            timeout=timeout)
+    d.addCallback(connected)
+    d.addTimeout(timeout, reactor)
+    d.addCallback(lambda mapped: ProbeResult(server, local[1], mapped[0], mapped[1]))
+    return d
+
+
+def probe_from(reactor: Any, local_address: tuple[str, int],
+               servers: Sequence[tuple[str, int]], *, username: str | None,
+               password: str | None, timeout: float = 5.0) -> defer.Deferred[list[ProbeResult]]:
+    """Probe every server from ``local_address``, one after the other, in the given order.
+
+    With port 0 a port is picked once (a reusable socket is bound and held
+    until the probes are done) and used for every server.  Fires with the
+    results of the servers that answered, in order; fails with
+    :class:`ProbeError` when none did (or with the bind error).  Sequential
+    rather than parallel so the NAT allocates the mappings in a known order,
+    which is what a sequential NAT's delta is measured from.
+    """
+    holder = None
+    if local_address[1] == 0:
+        try:
+            holder = reusable_socket(local_address)
+        except OSError as e:
+            return defer.fail(e)
+        local_address = (local_address[0], holder.getsockname()[1])
+
+    @defer.inlineCallbacks
+    def run():
+        results: list[ProbeResult] = []
+        failures: dict[tuple[str, int], Failure] = {}
+        for server in servers:
+            try:
+                result = yield probe_one(reactor, local_address, server, username=username,
+                                         password=password, timeout=timeout)
+            except Exception:
+                failure = Failure()
+                _log.info("probe {server} from {local} failed: {why}", server=server,
+                          local=local_address, why=failure.getErrorMessage())
+                failures[server] = failure
+            else:
+                results.append(result)
+        if not results:
+            raise ProbeError(failures)
+        return results
+
+    d = run()
+
+    def release(passthrough: Any) -> Any:
+        if holder is not None:
+            holder.close()
+        return passthrough
+
+    d.addBoth(release)
+    return d
