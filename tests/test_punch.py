@@ -214,6 +214,45 @@ class PairTests(unittest.TestCase):
         yield rb.protocol.wait_for(b"hi\n")
 
 
+    @inlineCallbacks
+    def test_two_connections_to_the_peer_both_sides_pick_the_same(self):
+        """
+        The corner where more than one connection reaches the genuine peer
+        (here: the peer is reachable at two candidates).  Both pass the
+        secret check; the initiator's choice must be the responder's too.
+        """
+        apps_b = AppFactory()
+        fb = HandshakeFactory(b"k", "c2", "responder", apps_b, reactor)
+        built: list = []
+        real = fb.buildProtocol
+        fb.buildProtocol = lambda addr: built.append(real(addr)) or built[-1]
+        l1 = listen_reusable(reactor, (LOOP, 0), fb)
+        l2 = listen_reusable(reactor, (LOOP, 0), fb)
+        self.addCleanup(l1.stopListening)
+        self.addCleanup(l2.stopListening)
+        apps_a = AppFactory()
+        fa = HandshakeFactory(b"k", "c2", "initiator", apps_a, reactor)
+        window = ((LOOP, l1.getHost().port), (LOOP, l2.getHost().port))
+        ra = yield punch(reactor, PunchPlan((LOOP, reserve_port(self)), window, 10), fa)
+        close(self, ra)
+        self.assertEqual(len(built), 2)
+        outcomes = yield gatherResults(
+            [p.handshake_done.addErrback(lambda f: f.trap(Exception)) for p in built]
+        )
+        self.assertEqual(len(apps_a.built), 1)
+        self.assertEqual(len(apps_b.built), 1)
+        b_side = fb.chosen
+        self.assertIn(b_side, outcomes)
+        self.assertEqual(
+            b_side.transport.getPeer().port, ra.protocol.transport.getHost().port
+        )
+        self.assertEqual(b_side.transport.getHost().port, ra.remote[1])
+        # The other connection was dropped on the responder's side too.
+        self.assertEqual(len([p for p in built if p.app is None]), 1)
+        ra.protocol.transport.write(b"same\n")
+        yield b_side.wait_for(b"same\n")
+
+
 class DeadlineTests(unittest.TestCase):
     """Real sockets, Clock time."""
 
