@@ -1,16 +1,18 @@
 """The NAT lab's link-delay daemon (userspace, because the kernel has no netem).
 
 Runs as its own process inside the core router's namespace.  The core
-router's nft rule set sends every forwarded packet to NFQUEUE queue
-``--queue``; this daemon holds each packet for the one-way delay of the two
-links it crosses (the link it came in on plus the link it leaves by, looked
-up by interface name) and then accepts it, so the kernel forwards it
-unchanged.
+router sends every packet to NFQUEUE queue ``--queue`` twice: in PREROUTING
+(as it arrives over a link) and in POSTROUTING (as it leaves by a link).
+The daemon holds it each time for the one-way delay of that link (looked up
+by interface name) and then accepts it.  A forwarded packet so pays for both
+links it crosses; a packet the router itself answers (ICMP time exceeded for
+a low-TTL SYN, which dies before the forward hook) pays for the link to the
+router and back, as on a real path.
 
 Order: packets are released from one heap ordered by (due time, arrival
-number).  Every packet of a flow direction crosses the same two links and so
-gets the same delay, which makes its due times non-decreasing in arrival
-order: a flow is never reordered.
+number).  At one hook every packet of a flow direction crosses the same link
+and so gets the same delay, which makes its due times non-decreasing in
+arrival order: a flow is never reordered.
 
 Stopping: SIGTERM or SIGINT makes the daemon accept every packet it still
 holds (nothing is lost), unbind the queue and exit 0.
@@ -34,6 +36,9 @@ import socket
 import sys
 import time
 
+HOOK_PREROUTING = 0  # NF_INET_PRE_ROUTING
+HOOK_POSTROUTING = 4  # NF_INET_POST_ROUTING
+
 
 def parse_links(specs: list[str]) -> dict[str, float]:
     links: dict[str, float] = {}
@@ -56,14 +61,21 @@ class Delayer:
         self.count = 0
         self.max_held = 0
 
-    def delay_for(self, indev: int, outdev: int) -> float:
-        return self.by_ifindex.get(indev, self.default_s) + self.by_ifindex.get(
-            outdev, self.default_s
-        )
+    def link(self, ifindex: int) -> float:
+        return self.by_ifindex.get(ifindex, self.default_s)
+
+    def delay_for(self, hook: int, indev: int, outdev: int) -> float:
+        """PREROUTING: the link the packet came in by; POSTROUTING: the link
+        it leaves by; FORWARD (a single queue rule there): both."""
+        if hook == HOOK_PREROUTING:
+            return self.link(indev)
+        if hook == HOOK_POSTROUTING:
+            return self.link(outdev)
+        return self.link(indev) + self.link(outdev)
 
     def on_packet(self, pkt) -> None:  # called by netfilterqueue
         self.count += 1
-        delay = self.delay_for(pkt.indev, pkt.outdev)
+        delay = self.delay_for(pkt.hook, pkt.indev, pkt.outdev)
         if delay <= 0:  # its flow is never held, so never reordered
             pkt.accept()
             return

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from .nat import ALLOCATIONS, INBOUND, core_queue_argv, nat_ruleset
+from .nat import ALLOCATIONS, INBOUND, core_queue_argvs, nat_ruleset
 
 #: Namespace names are ``kjl<pid>n<counter>-<role>``: the owning pid makes
 #: two runs (and two labs in one run) collide never, and lets the sweeper
@@ -231,8 +231,10 @@ def _probe() -> str | None:
                                       public_ip="198.18.1.2"), check=False)
         if proc.returncode != 0:
             return f"nftables NAT does not work in a namespace: {proc.stderr.strip()}"
-        proc = _run(["ip", "netns", "exec", probe, *core_queue_argv(0)],
-                    check=False)
+        for argv in core_queue_argvs(0):
+            proc = _run(["ip", "netns", "exec", probe, *argv], check=False)
+            if proc.returncode != 0:
+                break
         if proc.returncode != 0:
             return ("iptables -j NFQUEUE does not work in a namespace: "
                     f"{proc.stderr.strip()}")
@@ -503,7 +505,8 @@ class Lab:
             links[core_if] = self.delay_ms
 
         self._start_delay(links)
-        _run([self._ip, "netns", "exec", core, *core_queue_argv(0)])
+        for queue_argv in core_queue_argvs(0):
+            _run([self._ip, "netns", "exec", core, *queue_argv])
 
     def _start_delay(self, links: dict[str, float]) -> None:
         argv = [sys.executable, DELAY_SCRIPT, "--queue", "0", "--delay-ms", "0"]

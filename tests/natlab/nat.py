@@ -109,20 +109,24 @@ table inet natlab_filter {{
     }}
     chain forward {{
         type filter hook forward priority filter; policy accept;
+        ct state invalid drop
         iifname "{wan_if}" ct state new drop
     }}
 }}
 """
 
 
-def core_queue_argv(queue_num: int = 0) -> list[str]:
-    """The core router's one rule: every forwarded packet goes to the delay
-    daemon's queue.
+def core_queue_argvs(queue_num: int = 0) -> list[list[str]]:
+    """The core router's rules: every packet goes to the delay daemon's
+    queue as it arrives (PREROUTING) and as it leaves (POSTROUTING).
 
     Made with iptables (the nft compatibility layer, ``xt_NFQUEUE``) because
     this kernel has no ``nft_queue``: a native ``queue num N`` rule fails to
     load.  No ``--queue-bypass``: with the daemon gone packets are dropped,
     so a lab without its delays fails loudly instead of running fast.
     """
-    return ["iptables", "-w", "-A", "FORWARD", "-j", "NFQUEUE",
-            "--queue-num", str(queue_num)]
+    return [
+        ["iptables", "-w", "-t", "mangle", "-A", chain, "-j", "NFQUEUE",
+         "--queue-num", str(queue_num)]
+        for chain in ("PREROUTING", "POSTROUTING")
+    ]
