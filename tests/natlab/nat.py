@@ -29,7 +29,10 @@ How each behaviour is made (see docs/nat-lab.rst for the measured results):
 Filtering is what conntrack gives: an inbound packet passes only when it is
 the reply direction of an existing mapping (same remote ip:port), so a SYN
 from the peer the local side is dialing passes once the local SYN has gone
-out; this is what TCP hole punching (simultaneous open) relies on.
+out; this is what TCP hole punching (simultaneous open) relies on.  Packets
+conntrack judges invalid (e.g. a SYN-ACK outside the window it learned) are
+dropped in the forward chain, as a firewalling home router does, so no
+un-translated private address ever leaves a NAT.
 """
 
 from __future__ import annotations
