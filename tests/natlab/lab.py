@@ -26,7 +26,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -241,16 +241,6 @@ def _probe() -> str | None:
     finally:
         _run(["ip", "netns", "delete", probe], check=False)
     return None
-
-
-@dataclass
-class _Link:
-    """A veth pair between two namespaces."""
-
-    ns_a: str
-    if_a: str
-    ns_b: str
-    if_b: str
 
 
 class Lab:
