@@ -362,3 +362,43 @@ class DeadlineTests(unittest.TestCase):
     def test_plan_validation(self):
         self.assertRaises(ValueError, PunchPlan, (LOOP, 1), (), 1.0)
         self.assertRaises(ValueError, PunchPlan, (LOOP, 1), ((LOOP, 2),), 0)
+
+
+class PrimedRedialTests(unittest.TestCase):
+    """A primed SYN that dies (EHOSTUNREACH) is followed at once by a normal one."""
+
+    def test_primed_failure_redials_without_waiting(self):
+        from twisted.internet import error
+        from twisted.internet.testing import MemoryReactorClock
+
+        import kerjostunt.client.punch as punch_module
+
+        calls: list = []
+
+        def fake_connect_from(reactor, local, remote, factory, *, timeout, ttl=None):
+            d = Deferred()
+            calls.append((ttl, timeout, d))
+            return d
+
+        self.patch(punch_module, "connect_from", fake_connect_from)
+        self.patch(punch_module, "listen_reusable", lambda r, l, f: _FakePort())
+        clock = MemoryReactorClock()
+        plan = PunchPlan((LOOP, 1000), ((LOOP, 2000),), deadline=5, low_ttl=2)
+        d = punch(clock, plan, AppFactory())
+        self.assertEqual([(c[0], c[1]) for c in calls], [(2, 0.2)])
+        calls[0][2].errback(error.NoRouteError())
+        clock.advance(0)
+        self.assertEqual([(c[0], c[1]) for c in calls], [(2, 0.2), (None, 1.0)])
+        # A refused normal attempt waits retry_interval.
+        calls[1][2].errback(error.ConnectionRefusedError())
+        clock.advance(0.1)
+        self.assertEqual(len(calls), 2)
+        clock.advance(0.1)
+        self.assertEqual(len(calls), 3)
+        d.cancel()
+        self.failureResultOf(d)
+
+
+class _FakePort:
+    def stopListening(self):
+        return None

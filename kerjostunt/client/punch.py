@@ -214,8 +214,12 @@ class _Punch:
         if self.state != "running" or reason.check(CancelledError):
             return
         self.last_error[candidate] = _reason_text(reason)
-        primed_timeout = low and reason.check(error.TimeoutError)
-        delay = 0.0 if primed_timeout else self.plan.retry_interval
+        # A primed SYN ends in EHOSTUNREACH (Linux aborts the connect on the
+        # ICMP time exceeded) or in our short timeout; the mapping it made
+        # survives.  Dial again at once: the peer's SYN must meet a socket in
+        # SYN_SENT, since a listener's SYN-ACK carries an ISN the NAT's
+        # conntrack has not seen and is dropped (docs/nat-lab.rst).
+        delay = 0.0 if low else self.plan.retry_interval
         self._later(delay, self.dial, candidate)
 
     # Accepting ----------------------------------------------------------
