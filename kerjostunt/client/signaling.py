@@ -1,0 +1,368 @@
+"""The peer's side of the signaling connection: a small SIP user agent over TLS.
+
+It registers with digest authentication, answers the server's keepalive
+pings (RFC 5626: CRLFCRLF in, CRLF out) so the server can measure our RTT,
+sends requests and matches their final responses, and hands requests from the
+server (INVITE, CANCEL, BYE, INFO) to the application.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from twisted.internet import defer
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ..sip.digest import authorization
+from ..sip.headers import parse_auth, parse_via
+from ..sip.message import Headers, Request, Response, make_response
+from ..sip.parser import KeepAlivePing, KeepAlivePong, SIPParseError, StreamParser
+
+log = Logger()
+
+TRANSACTION_TIMEOUT = 32.0  # RFC 3261 Timer B
+
+
+class SignalingError(Exception):
+    """The server refused something; ``response`` says what."""
+
+    def __init__(self, message: str, response: Response | None = None) -> None:
+        super().__init__(message)
+        self.response = response
+
+
+class RegistrationFailed(SignalingError):
+    """Wrong password, unknown user, or a server that would not register us."""
+
+
+@dataclass(frozen=True)
+class ProbeOffer:
+    """What REGISTER's 200 OK says about probing (``X-Kerjo-Probe``)."""
+
+    token: str
+    password: str
+    ports: tuple[int, ...]
+    expires: int
+    alt_ip: str | None = None
+
+    @classmethod
+    def from_response(cls, response: Response) -> "ProbeOffer | None":
+        value = response.headers.get("X-Kerjo-Probe")
+        if not value:
+            return None
+        params = dict(
+            (key.strip().lower(), val.strip())
+            for key, _, val in (part.partition("=") for part in value.split(";"))
+        )
+        try:
+            return cls(
+                token=params["token"],
+                password=params["password"],
+                ports=tuple(int(p) for p in params["ports"].split(",") if p),
+                expires=int(params.get("expires", "0") or 0),
+                alt_ip=response.headers.get("X-Kerjo-Probe-Alt-IP"),
+            )
+        except (KeyError, ValueError):
+            log.warn("Unusable X-Kerjo-Probe header: {value}", value=value)
+            return None
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What registering taught us: our public address and the probe credentials."""
+
+    user_id: str
+    public_ip: str | None
+    public_port: int | None
+    expires: int
+    probe: ProbeOffer | None
+
+
+@dataclass
+class _Transaction:
+    request: Request
+    result: defer.Deferred
+    timer: IDelayedCall | None = field(default=None, repr=False)
+
+
+def new_tag() -> str:
+    return secrets.token_hex(6)
+
+
+def new_branch() -> str:
+    return "z9hG4bK" + secrets.token_hex(10)
+
+
+@implementer(IHandshakeListener)
+class SignalingClientProtocol(Protocol):
+    """One registered peer's signaling connection."""
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        user_id: str,
+        password: str,
+        domain: str,
+        on_request: Callable[["SignalingClientProtocol", Request], None] | None = None,
+    ) -> None:
+        self.clock = clock
+        self.user_id = user_id
+        self._password = password
+        self.domain = domain
+        self.on_request = on_request
+        self._parser = StreamParser()
+        self._transactions: dict[str, _Transaction] = {}
+        self._cseq = 0
+        self._register_call_id = secrets.token_hex(12) + "@kerjostunt"
+        self._from_tag = new_tag()
+        self._ping_sent_at: float | None = None
+        self._pong_waiters: list[defer.Deferred] = []
+        self.rtt: float | None = None
+        self.registration: Registration | None = None
+        self.secured: defer.Deferred = defer.Deferred()
+        self.disconnected: defer.Deferred = defer.Deferred()
+        self.local: tuple[str, int] = ("0.0.0.0", 0)
+
+    # -- Twisted ----------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        host = self.transport.getHost()
+        self.local = (host.host, host.port)
+
+    def handshakeCompleted(self) -> None:
+        if not self.secured.called:
+            self.secured.callback(self)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        for tx in list(self._transactions.values()):
+            self._finish(tx, Failure(SignalingError(f"connection lost: {reason.getErrorMessage()}")))
+        for waiter in self._pong_waiters:
+            waiter.errback(SignalingError("connection lost"))
+        self._pong_waiters = []
+        if not self.disconnected.called:
+            self.disconnected.callback(None)
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            events = self._parser.feed(data)
+        except SIPParseError as exc:
+            log.warn("Server sent unparsable data ({reason}); closing", reason=exc.reason)
+            self.transport.loseConnection()
+            return
+        for event in events:
+            if isinstance(event, KeepAlivePing):
+                self.transport.write(b"\r\n")
+            elif isinstance(event, KeepAlivePong):
+                self._pong()
+            elif isinstance(event, Response):
+                self._response(event)
+            else:
+                self._request(event)
+
+    # -- requests we send -------------------------------------------------------
+
+    def uri_of(self, user_id: str) -> str:
+        return f"sips:{user_id}@{self.domain}"
+
+    def build_request(
+        self,
+        method: str,
+        uri: str,
+        *,
+        to: str | None = None,
+        call_id: str | None = None,
+        cseq: int | None = None,
+        from_tag: str | None = None,
+        to_tag: str | None = None,
+        headers: Iterable[tuple[str, str]] = (),
+        body: bytes = b"",
+    ) -> Request:
+        if cseq is None:
+            self._cseq += 1
+            cseq = self._cseq
+        host, port = self.local
+        h = Headers()
+        h.add("Via", f"SIP/2.0/TLS {host}:{port};branch={new_branch()};rport")
+        h.add("Max-Forwards", "70")
+        h.add("From", f"<{self.uri_of(self.user_id)}>;tag={from_tag or self._from_tag}")
+        to_value = f"<{to or uri}>" + (f";tag={to_tag}" if to_tag else "")
+        h.add("To", to_value)
+        h.add("Call-ID", call_id or secrets.token_hex(12) + "@kerjostunt")
+        h.add("CSeq", f"{cseq} {method}")
+        for name, value in headers:
+            h.add(name, value)
+        return Request(method, uri, h, body)
+
+    def send_request(self, request: Request, timeout: float = TRANSACTION_TIMEOUT) -> defer.Deferred:
+        """Send; the Deferred fires with the final response (ACK: fires at once)."""
+        self.transport.write(request.to_bytes())
+        if request.method == "ACK":
+            return defer.succeed(None)
+        branch = parse_via(request.headers.get_all("Via")[0]).branch or ""
+        tx = _Transaction(request, defer.Deferred())
+        tx.timer = self.clock.callLater(timeout, self._timeout, branch)
+        self._transactions[branch] = tx
+        return tx.result
+
+    def request(self, method: str, uri: str, **kwargs: Any) -> defer.Deferred:
+        timeout = kwargs.pop("timeout", TRANSACTION_TIMEOUT)
+        return self.send_request(self.build_request(method, uri, **kwargs), timeout)
+
+    def respond(self, request: Request, code: int, *, headers: Iterable[tuple[str, str]] = (), body: bytes = b"", to_tag: str | None = None) -> None:
+        response = make_response(request, code, to_tag=to_tag)
+        for name, value in headers:
+            response.headers.add(name, value)
+        response.body = body
+        self.transport.write(response.to_bytes())
+
+    # -- registration -----------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def register(self, expires: int = 3600):  # type: ignore[no-untyped-def]
+        """REGISTER, answering one digest challenge; fires with a Registration."""
+        uri = f"sips:{self.domain}"
+        contact = [("Contact", f"<sips:{self.user_id}@{self.local[0]}:{self.local[1]};transport=tls>;expires={expires}")]
+        response = yield self.request("REGISTER", uri, to=self.uri_of(self.user_id), call_id=self._register_call_id, headers=contact)
+        if response.code in (401, 407):
+            auth = self._authorization(response, "REGISTER", uri)
+            response = yield self.request(
+                "REGISTER", uri, to=self.uri_of(self.user_id), call_id=self._register_call_id,
+                headers=[*contact, ("Authorization", auth)],
+            )
+        if response.code != 200:
+            raise RegistrationFailed(f"REGISTER answered {response.code} {response.reason}", response)
+        self.registration = self._registration(response, expires)
+        return self.registration
+
+    def unregister(self) -> defer.Deferred:
+        self.registration = None
+        uri = f"sips:{self.domain}"
+        d = self.request("REGISTER", uri, to=self.uri_of(self.user_id), call_id=self._register_call_id, headers=[("Contact", "*"), ("Expires", "0")])
+
+        def challenged(response: Response) -> Any:
+            if response.code in (401, 407):
+                return self.request(
+                    "REGISTER", uri, to=self.uri_of(self.user_id), call_id=self._register_call_id,
+                    headers=[("Contact", "*"), ("Expires", "0"), ("Authorization", self._authorization(response, "REGISTER", uri))],
+                )
+            return response
+
+        return d.addCallback(challenged)
+
+    def _authorization(self, response: Response, method: str, uri: str) -> str:
+        challenges = [parse_auth(v) for v in response.headers.get_all("WWW-Authenticate")]
+        usable = [params for scheme, params in challenges if scheme.lower() == "digest"]
+        if not usable:
+            raise RegistrationFailed("no digest challenge", response)
+        # The server lists SHA-256 first; take the first algorithm we support.
+        params = next((p for p in usable if p.get("algorithm", "MD5").upper() in ("SHA-256", "MD5")), usable[0])
+        return authorization(params, self.user_id, self._password, method, uri, secrets.token_hex(8))
+
+    def _registration(self, response: Response, expires: int) -> Registration:
+        public_ip: str | None = None
+        public_port: int | None = None
+        vias = response.headers.get_all("Via")
+        if vias:
+            via = parse_via(vias[0])
+            public_ip = via.params.get("received") or None
+            rport = via.params.get("rport")
+            public_port = int(rport) if rport and rport.isdigit() else None
+        granted = response.headers.get("Expires")
+        return Registration(
+            self.user_id, public_ip, public_port,
+            int(granted) if granted and granted.isdigit() else expires,
+            ProbeOffer.from_response(response),
+        )
+
+    # -- keepalive --------------------------------------------------------------
+
+    def ping(self) -> defer.Deferred:
+        """Send a CRLFCRLF keepalive; fires with the round trip in seconds."""
+        d: defer.Deferred = defer.Deferred()
+        self._pong_waiters.append(d)
+        if self._ping_sent_at is None:
+            self._ping_sent_at = self.clock.seconds()
+            self.transport.write(b"\r\n\r\n")
+        return d
+
+    def _pong(self) -> None:
+        if self._ping_sent_at is None:
+            return
+        self.rtt = self.clock.seconds() - self._ping_sent_at
+        self._ping_sent_at = None
+        waiters, self._pong_waiters = self._pong_waiters, []
+        for waiter in waiters:
+            waiter.callback(self.rtt)
+
+    # -- what arrives -----------------------------------------------------------
+
+    def _response(self, response: Response) -> None:
+        vias = response.headers.get_all("Via")
+        try:
+            branch = parse_via(vias[0]).branch or "" if vias else ""
+        except ValueError:
+            return
+        tx = self._transactions.get(branch)
+        if tx is None or response.code < 200:
+            return
+        self._finish(tx, response)
+
+    def _finish(self, tx: _Transaction, result: Any) -> None:
+        branch = parse_via(tx.request.headers.get_all("Via")[0]).branch or ""
+        self._transactions.pop(branch, None)
+        if tx.timer is not None and tx.timer.active():
+            tx.timer.cancel()
+        if not tx.result.called:
+            if isinstance(result, Failure):
+                tx.result.errback(result)
+            else:
+                tx.result.callback(result)
+
+    def _timeout(self, branch: str) -> None:
+        tx = self._transactions.get(branch)
+        if tx is not None:
+            tx.timer = None
+            self._finish(tx, Failure(defer.TimeoutError(f"no final response to {tx.request.method}")))
+
+    def _request(self, request: Request) -> None:
+        if self.on_request is None:
+            if request.method != "ACK":
+                self.respond(request, 501)
+            return
+        try:
+            self.on_request(self, request)
+        except Exception:
+            log.failure("Handling {method} from the server failed", method=request.method)
+            if request.method != "ACK":
+                self.respond(request, 500)
+
+
+def connect_signaling(
+    reactor: Any,
+    host: str,
+    port: int,
+    tls_options: Any,
+    protocol_factory: Callable[[], SignalingClientProtocol],
+    *,
+    timeout: float = 10.0,
+    bind_address: tuple[str, int] | None = None,
+) -> defer.Deferred:
+    """Connect over TLS; fires once the handshake verified the server's certificate."""
+    endpoint = wrapClientTLS(tls_options, HostnameEndpoint(reactor, host, port, timeout=timeout, bindAddress=bind_address))
+    proto = protocol_factory()
+
+    def connected(_: Any) -> defer.Deferred:
+        proto.disconnected.addCallback(
+            lambda _: proto.secured.called
+            or proto.secured.errback(SignalingError("TLS handshake failed (is the server certificate trusted by --ca?)"))
+        )
+        return proto.secured
+
+    return endpoint.connect(Factory.forProtocol(lambda: proto)).addCallback(connected)

@@ -1,0 +1,149 @@
+"""The STUNT server as one MultiService: store, signaling, probes, web.
+
+``tap.makeService`` turns command-line options into ``ServerSettings`` and
+builds a ``StuntServer``; tests build one directly on port 0.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from . import tls
+from .auth import NonceManager, make_portal
+from .probe import ObservationLog, Observation, ProbeFactory, ProbeTokens
+from .prediction import classify
+from .registrar import Registrar
+from .registration import RegisterHandler
+from .router import SignalingRouter
+from .signaling import AdmittingTLSFactory, ConnectionLimits, SignalingFactory
+from .store import Database
+from .store.api import AsyncStore, StoreService
+
+log = Logger()
+
+
+@dataclass
+class ServerSettings:
+    """Everything the server can be told; defaults are the embedded defaults."""
+
+    domain: str = "kerjo.local"
+    db_url: str = "sqlite:///kerjostunt.sqlite"
+    certs_dir: Path = Path("certs")
+    cert: Path | None = None
+    key: Path | None = None
+    cert_hosts: list[str] = field(default_factory=list)
+    sip_endpoint: str = "tcp:5061"
+    probe_endpoints: list[str] = field(default_factory=lambda: ["tcp:3478", "tcp:3479"])
+    probe_ports: list[int] = field(default_factory=lambda: [3478, 3479])
+    probe_alt_ip: str | None = None
+    probe_token_lifetime: float = 300.0
+    web_endpoint: str | None = "tcp:8443"
+    limits: ConnectionLimits = field(default_factory=ConnectionLimits)
+
+
+@implementer(IStreamServerEndpoint)
+class PortRecordingEndpoint:
+    """Wraps an endpoint so the server can tell which port it really got (port 0 in tests)."""
+
+    def __init__(self, endpoint: IStreamServerEndpoint) -> None:
+        self._endpoint = endpoint
+        self.listening: Deferred[IListeningPort] = Deferred()
+
+    def listen(self, factory: Any) -> Deferred[IListeningPort]:
+        def listened(port: IListeningPort) -> IListeningPort:
+            self.listening.callback(port)
+            return port
+
+        return self._endpoint.listen(factory).addCallback(listened)
+
+
+class StuntServer(MultiService):
+    """Wires the pieces; holds references that tests and the web service use."""
+
+    def __init__(self, settings: ServerSettings, reactor: Any) -> None:
+        super().__init__()
+        self.settings = settings
+        self.reactor = reactor
+        self.counters: Counter[str] = Counter()
+        self.certificates = self._certificates()
+        self.store = AsyncStore(Database(settings.db_url), reactor)
+        StoreService(self.store).setServiceParent(self)
+
+        self.registrar = Registrar(reactor)
+        self.tokens = ProbeTokens(reactor, settings.probe_token_lifetime)
+        self.observations = ObservationLog()
+        self.observations.subscribe(self._observed)
+        self.register = RegisterHandler(
+            reactor,
+            settings.domain,
+            self.registrar,
+            make_portal(self.store.get_ha1),
+            NonceManager(reactor),
+            self.store,
+            self._probe_headers,
+            counter=self.count,
+        )
+        self.router = SignalingRouter(self.registrar, self.register)
+        self.signaling = SignalingFactory(self.router, reactor, settings.limits, counter=self.count)
+        tls_factory = AdmittingTLSFactory(tls.server_options(self.certificates), False, self.signaling)
+        self.ports: dict[str, Deferred[IListeningPort]] = {}
+        self._listen("sip", settings.sip_endpoint, tls_factory)
+        for index, endpoint in enumerate(settings.probe_endpoints):
+            self._listen(f"probe{index}", endpoint, self._probe_factory())
+            if index < len(settings.probe_ports):
+                # Announce the port really bound (it differs when configured as 0).
+                self.ports[f"probe{index}"].addCallback(self._note_probe_port, index)
+
+    def count(self, what: str) -> None:
+        self.counters[what] += 1
+
+    def _certificates(self) -> tls.CertificatePaths:
+        s = self.settings
+        if s.cert is not None:
+            return tls.CertificatePaths(s.cert, s.key or s.cert, None)
+        return tls.ensure_certificates(s.certs_dir, s.domain, s.cert_hosts)
+
+    def _listen(self, name: str, description: str, factory: Any) -> None:
+        endpoint = PortRecordingEndpoint(serverFromString(self.reactor, description))
+        service = StreamServerEndpointService(endpoint, factory)
+        service._raiseSynchronously = True  # a busy port stops twistd with a clear error
+        service.setName(name)
+        service.setServiceParent(self)
+        self.ports[name] = endpoint.listening
+
+    def _note_probe_port(self, port: IListeningPort, index: int) -> IListeningPort:
+        self.settings.probe_ports[index] = port.getHost().port
+        return port
+
+    def _probe_factory(self) -> ProbeFactory:
+        other = None
+        if self.settings.probe_alt_ip:
+            other = (self.settings.probe_alt_ip, self.settings.probe_ports[-1])
+        return ProbeFactory(self.reactor, self.tokens, self.observations, other_address=other)
+
+    def _probe_headers(self, user_id: str) -> list[tuple[str, str]]:
+        token, password = self.tokens.issue(user_id)
+        ports = ",".join(str(p) for p in self.settings.probe_ports)
+        value = f"token={token}; password={password}; ports={ports}; expires={int(self.settings.probe_token_lifetime)}"
+        headers = [("X-Kerjo-Probe", value)]
+        if self.settings.probe_alt_ip:
+            headers.append(("X-Kerjo-Probe-Alt-IP", self.settings.probe_alt_ip))
+        return headers
+
+    def _observed(self, observation: Observation) -> None:
+        self.count("probes")
+        nat = classify(self.observations.samples(observation.user_id))
+        self.store.record_nat(observation.user_id, nat.to_dict(), observation.time).addErrback(
+            lambda f: log.failure("Could not store NAT of {user}", f, user=observation.user_id)
+        )

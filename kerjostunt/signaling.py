@@ -1,0 +1,397 @@
+"""The signaling stream: one TLS connection per peer carrying SIP messages.
+
+This module frames bytes into messages, keeps each connection's life
+(handshake, unregistered, registered, closed) as an explicit state machine
+with its timers, answers keepalives, measures RTT, and enforces the per-IP
+and per-connection limits.  What a request *means* is the router's business.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Protocol as TypingProtocol
+
+from automat import MethodicalMachine
+from twisted.internet.interfaces import IAddress, IDelayedCall, IHandshakeListener, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from .sip.message import Request, Response, make_response
+from .sip.parser import PONG, PING, KeepAlivePing, KeepAlivePong, Limits, SIPParseError, StreamParser
+
+log = Logger()
+
+CRLF = b"\r\n"
+PING_BYTES = b"\r\n\r\n"
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """Time and volume bounds for one signaling connection."""
+
+    handshake_timeout: float = 10.0      # TLS handshake must finish
+    register_timeout: float = 30.0       # a connection that never registers
+    idle_timeout: float = 900.0          # registered but silent (keepalives count)
+    partial_message_timeout: float = 20.0  # slow input: a message must complete
+    max_per_ip: int = 1000               # concurrent connections from one IP
+    requests_per_second: float = 20.0    # token bucket per connection
+    request_burst: float = 60.0
+    rtt_interval: float = 60.0           # server-initiated keepalive ping period
+    sip: Limits = Limits()
+
+
+class Router(TypingProtocol):
+    """The part of the server that gives requests and responses meaning."""
+
+    def handle_request(self, connection: "SignalingProtocol", request: Request) -> None: ...
+
+    def handle_response(self, connection: "SignalingProtocol", response: Response) -> None: ...
+
+    def connection_lost(self, connection: "SignalingProtocol") -> None: ...
+
+
+class TokenBucket:
+    """Requests per second with a burst; cheap enough for every connection."""
+
+    def __init__(self, clock: IReactorTime, rate: float, burst: float) -> None:
+        self._clock, self._rate, self._burst = clock, rate, burst
+        self._tokens = burst
+        self._stamp = clock.seconds()
+
+    def take(self) -> bool:
+        now = self._clock.seconds()
+        self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate)
+        self._stamp = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+
+@implementer(IHandshakeListener)
+class SignalingProtocol(Protocol):
+    """One peer's signaling connection."""
+
+    _machine = MethodicalMachine()
+
+    def __init__(self, factory: "SignalingFactory", address: IAddress) -> None:
+        self.factory = factory
+        self._clock = factory.clock
+        self.limits = factory.limits
+        self.peer: tuple[str, int] = (getattr(address, "host", "?"), getattr(address, "port", 0))
+        self.user_ids: set[str] = set()
+        self._parser = StreamParser(self.limits.sip)
+        self._bucket = TokenBucket(self._clock, self.limits.requests_per_second, self.limits.request_burst)
+        self._timer: IDelayedCall | None = None
+        self._partial_timer: IDelayedCall | None = None
+        self._ping_timer: IDelayedCall | None = None
+        self._ping_sent_at: float | None = None
+        self._rtt: float | None = None
+        self.closed = False
+
+    # -- the connection's life ------------------------------------------------
+
+    @_machine.state(initial=True)
+    def handshaking(self) -> None:
+        """TCP is up; the TLS handshake has to finish in time."""
+
+    @_machine.state()
+    def unregistered(self) -> None:
+        """TLS is up; the peer has to REGISTER in time."""
+
+    @_machine.state()
+    def registered(self) -> None:
+        """At least one user is bound to this connection."""
+
+    @_machine.state()
+    def closed_state(self) -> None:
+        """Gone; nothing more is sent or processed."""
+
+    @_machine.input()
+    def tls_ready(self) -> None:
+        """The TLS handshake completed."""
+
+    @_machine.input()
+    def user_bound(self) -> None:
+        """The registrar bound a user to this connection."""
+
+    @_machine.input()
+    def last_user_unbound(self) -> None:
+        """No user is bound here any more."""
+
+    @_machine.input()
+    def timed_out(self) -> None:
+        """The current state's timer ran out."""
+
+    @_machine.input()
+    def lost(self) -> None:
+        """The transport is gone."""
+
+    @_machine.output()
+    def _await_registration(self) -> None:
+        self._arm(self.limits.register_timeout, "never registered")
+
+    @_machine.output()
+    def _await_activity(self) -> None:
+        self._arm(self.limits.idle_timeout, "idle")
+        self._schedule_ping(0.0)
+
+    @_machine.output()
+    def _drop(self) -> None:
+        self._cancel_timers()
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    @_machine.output()
+    def _forget(self) -> None:
+        self.closed = True
+        self._cancel_timers()
+        self.factory.connection_closed(self)
+
+    handshaking.upon(tls_ready, enter=unregistered, outputs=[_await_registration])
+    handshaking.upon(timed_out, enter=closed_state, outputs=[_drop])
+    handshaking.upon(lost, enter=closed_state, outputs=[_forget])
+    unregistered.upon(user_bound, enter=registered, outputs=[_await_activity])
+    unregistered.upon(last_user_unbound, enter=unregistered, outputs=[])
+    unregistered.upon(timed_out, enter=closed_state, outputs=[_drop])
+    unregistered.upon(lost, enter=closed_state, outputs=[_forget])
+    registered.upon(user_bound, enter=registered, outputs=[])
+    registered.upon(last_user_unbound, enter=unregistered, outputs=[_await_registration])
+    registered.upon(timed_out, enter=closed_state, outputs=[_drop])
+    registered.upon(lost, enter=closed_state, outputs=[_forget])
+    closed_state.upon(tls_ready, enter=closed_state, outputs=[])
+    closed_state.upon(user_bound, enter=closed_state, outputs=[])
+    closed_state.upon(last_user_unbound, enter=closed_state, outputs=[])
+    closed_state.upon(timed_out, enter=closed_state, outputs=[])
+    closed_state.upon(lost, enter=closed_state, outputs=[_forget])
+
+    # -- Twisted callbacks ------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.factory.connection_opened(self)
+        self._arm(self.limits.handshake_timeout, "TLS handshake")
+        if not self.factory.tls:
+            self.tls_ready()
+
+    def handshakeCompleted(self) -> None:
+        self.tls_ready()
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        was_open = not self.closed
+        self.lost()
+        if was_open:
+            self.factory.router.connection_lost(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.closed:
+            return
+        # feed_events never raises: errors come in stream order, a fatal one last.
+        for event in self._parser.feed_events(data):
+            if self.closed:
+                return
+            if isinstance(event, SIPParseError):
+                self._reject(event)
+            else:
+                self._dispatch(event)
+        self._track_partial()
+
+    # -- what arrived -----------------------------------------------------------
+
+    def _dispatch(self, event: Request | Response | KeepAlivePing | KeepAlivePong) -> None:
+        if isinstance(event, KeepAlivePing):
+            self._activity()
+            self.transport.write(CRLF)
+        elif isinstance(event, KeepAlivePong):
+            self._activity()
+            self._pong_received()
+        elif isinstance(event, Request):
+            self._activity()
+            if not self._bucket.take():
+                self.factory.count("rate_limited")
+                resp = make_response(event, 503)
+                resp.headers.add("Retry-After", "1")
+                if event.method != "ACK":
+                    self.send(resp)
+                return
+            self._safely(self.factory.router.handle_request, event)
+        else:
+            self._activity()
+            self._safely(self.factory.router.handle_response, event)
+
+    def _safely(self, handler: Any, message: Request | Response) -> None:
+        """A bug in one handler answers 500 to that request, never kills the reactor loop."""
+        try:
+            handler(self, message)
+        except Exception:
+            log.failure("Handler failed for {what} from {peer}", what=_describe(message), peer=self.peer)
+            self.factory.count("internal_errors")
+            if isinstance(message, Request) and message.method != "ACK":
+                self.send(make_response(message, 500))
+
+    def _reject(self, exc: SIPParseError) -> None:
+        self.factory.count("parse_errors")
+        log.info("Bad input from {peer}: {code} {reason}", peer=self.peer, code=exc.code, reason=exc.reason)
+        if isinstance(exc.message, Request) and exc.message.method != "ACK":
+            try:
+                self.send(make_response(exc.message, exc.code, exc.reason))
+            except Exception:
+                log.failure("Could not answer bad input from {peer}", peer=self.peer)
+        if exc.fatal:
+            self.close()
+
+    # -- sending ----------------------------------------------------------------
+
+    def send(self, message: Request | Response) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.write(message.to_bytes())
+
+    def close(self) -> None:
+        """Close after flushing what was written (an error response, say)."""
+        if self.transport is not None and not self.closed:
+            self.transport.loseConnection()
+            # A peer that never reads must not hold the socket open for ever.
+            self._arm(self.limits.handshake_timeout, "closing")
+
+    # -- registration hooks (called by the registrar) ---------------------------
+
+    def bound(self, user_id: str) -> None:
+        self.user_ids.add(user_id)
+        self.user_bound()
+
+    def unbound(self, user_id: str) -> None:
+        self.user_ids.discard(user_id)
+        if not self.user_ids:
+            self.last_user_unbound()
+
+    # -- RTT --------------------------------------------------------------------
+
+    @property
+    def rtt(self) -> float | None:
+        """Smoothed keepalive round trip (RFC 6298 weights), None until measured."""
+        return self._rtt
+
+    def note_rtt_sample(self, sample: float) -> None:
+        self._rtt = sample if self._rtt is None else 0.875 * self._rtt + 0.125 * sample
+
+    def _schedule_ping(self, delay: float) -> None:
+        if self._ping_timer is not None and self._ping_timer.active():
+            return
+        self._ping_timer = self._clock.callLater(delay, self._send_ping)
+
+    def _send_ping(self) -> None:
+        self._ping_timer = None
+        if self.closed or not self.user_ids:
+            return
+        self._ping_sent_at = self._clock.seconds()
+        self.transport.write(PING_BYTES)
+        self._schedule_ping(self.limits.rtt_interval)
+
+    def _pong_received(self) -> None:
+        if self._ping_sent_at is not None:
+            self.note_rtt_sample(self._clock.seconds() - self._ping_sent_at)
+            self._ping_sent_at = None
+
+    # -- timers -----------------------------------------------------------------
+
+    def _arm(self, delay: float, why: str) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = self._clock.callLater(delay, self._expire, why)
+
+    def _expire(self, why: str) -> None:
+        self._timer = None
+        log.info("Closing {peer}: {why} timeout", peer=self.peer, why=why)
+        self.factory.count("timeouts")
+        self.timed_out()
+
+    def _activity(self) -> None:
+        if self.user_ids and not self.closed:
+            self._arm(self.limits.idle_timeout, "idle")
+
+    def _track_partial(self) -> None:
+        """Slow input: a message started must finish within the limit."""
+        if self._parser.buffered and self._partial_timer is None:
+            self._partial_timer = self._clock.callLater(
+                self.limits.partial_message_timeout, self._expire_partial
+            )
+        elif not self._parser.buffered and self._partial_timer is not None:
+            self._partial_timer.cancel()
+            self._partial_timer = None
+
+    def _expire_partial(self) -> None:
+        self._partial_timer = None
+        self._expire("incomplete message")
+
+    def _cancel_timers(self) -> None:
+        for timer in (self._timer, self._partial_timer, self._ping_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._timer = self._partial_timer = self._ping_timer = None
+
+
+def _describe(message: Request | Response) -> str:
+    if isinstance(message, Request):
+        return message.method
+    return str(message.code)
+
+
+class SignalingFactory(Factory):
+    """Builds signaling connections, enforcing the per-IP connection limit."""
+
+    def __init__(
+        self,
+        router: Router,
+        clock: IReactorTime,
+        limits: ConnectionLimits = ConnectionLimits(),
+        *,
+        tls: bool = True,
+        counter: Any = None,
+    ) -> None:
+        self.router = router
+        self.clock = clock
+        self.limits = limits
+        self.tls = tls
+        self._per_ip: dict[str, int] = defaultdict(int)
+        self.connections: set[SignalingProtocol] = set()
+        self._counter = counter
+
+    def count(self, what: str) -> None:
+        if self._counter is not None:
+            self._counter(what)
+
+    def admits(self, addr: IAddress) -> bool:
+        host = getattr(addr, "host", "?")
+        if self._per_ip[host] >= self.limits.max_per_ip:
+            log.warn("Refusing connection from {host}: {n} already open", host=host, n=self._per_ip[host])
+            self.count("refused_per_ip")
+            return False
+        return True
+
+    def buildProtocol(self, addr: IAddress) -> SignalingProtocol | None:  # type: ignore[override]
+        return SignalingProtocol(self, addr) if self.admits(addr) else None
+
+    def connection_opened(self, conn: SignalingProtocol) -> None:
+        self._per_ip[conn.peer[0]] += 1
+        self.connections.add(conn)
+
+    def connection_closed(self, conn: SignalingProtocol) -> None:
+        if conn in self.connections:
+            self.connections.discard(conn)
+            self._per_ip[conn.peer[0]] -= 1
+            if self._per_ip[conn.peer[0]] <= 0:
+                del self._per_ip[conn.peer[0]]
+
+
+class AdmittingTLSFactory(TLSMemoryBIOFactory):
+    """TLS around the signaling factory that refuses over-limit IPs before any handshake work."""
+
+    wrappedFactory: SignalingFactory
+
+    def buildProtocol(self, addr: IAddress):  # type: ignore[no-untyped-def]
+        if not self.wrappedFactory.admits(addr):
+            return None
+        return super().buildProtocol(addr)

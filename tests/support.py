@@ -1,0 +1,97 @@
+"""Shared test fixtures: a real server on 127.0.0.1 port 0, real TLS clients."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from twisted.internet import defer, reactor
+from twisted.trial import unittest
+
+from kerjostunt import tls
+from kerjostunt.client.signaling import SignalingClientProtocol, connect_signaling
+from kerjostunt.server import ServerSettings, StuntServer
+from kerjostunt.signaling import ConnectionLimits
+from kerjostunt.store import Database
+
+DOMAIN = "kerjo.test"
+
+
+@dataclass
+class RunningServer:
+    server: StuntServer
+    host: str
+    port: int
+    ca: Path
+    db_url: str
+
+    def database(self) -> Database:
+        """A second, blocking handle for test setup and assertions (never used by the server)."""
+        return Database(self.db_url)
+
+
+@defer.inlineCallbacks
+def start_server(case: unittest.TestCase, limits: ConnectionLimits | None = None, **overrides: Any):  # type: ignore[no-untyped-def]
+    """Start a full server (store, TLS signaling, probes) on loopback port 0."""
+    base = Path(case.mktemp())
+    base.mkdir(parents=True)
+    db_url = f"sqlite:///{base / 'test.sqlite'}"
+    settings = ServerSettings(
+        domain=DOMAIN,
+        db_url=db_url,
+        certs_dir=base / "certs",
+        sip_endpoint="tcp:0:interface=127.0.0.1",
+        probe_endpoints=["tcp:0:interface=127.0.0.1", "tcp:0:interface=127.0.0.1"],
+        probe_ports=[0, 0],
+        web_endpoint=None,
+        limits=limits or ConnectionLimits(),
+        **overrides,
+    )
+    server = StuntServer(settings, reactor)
+    server.startService()
+    case.addCleanup(server.stopService)
+    port = yield server.ports["sip"]
+    for name in list(server.ports):
+        yield server.ports[name]
+    return RunningServer(server, "127.0.0.1", port.getHost().port, server.certificates.ca, db_url)  # type: ignore[arg-type]
+
+
+def add_users(running: RunningServer, users: dict[str, str], group: str | None = "friends") -> None:
+    db = running.database()
+    try:
+        db.upgrade()
+        for user_id, password in users.items():
+            db.add_user(user_id, DOMAIN, password=password)
+        if group is not None:
+            db.add_group(group)
+            db.join_group(group, list(users))
+    finally:
+        db.close()
+
+
+@defer.inlineCallbacks
+def connect_client(
+    case: unittest.TestCase,
+    running: RunningServer,
+    user_id: str,
+    password: str,
+    on_request: Callable[[SignalingClientProtocol, Any], None] | None = None,
+    hostname: str = "localhost",
+    ca: Path | None = None,
+):  # type: ignore[no-untyped-def]
+    """A TLS signaling client that verified the server against the generated CA."""
+    options = tls.client_options(ca or running.ca, hostname)
+    proto = yield connect_signaling(
+        reactor, running.host, running.port, options,
+        lambda: SignalingClientProtocol(reactor, user_id, password, DOMAIN, on_request),
+    )
+    case.addCleanup(_close, proto)
+    return proto
+
+
+def _close(proto: SignalingClientProtocol) -> defer.Deferred:
+    if proto.disconnected.called:
+        return defer.succeed(None)
+    proto.transport.loseConnection()
+    return proto.disconnected

@@ -1,0 +1,153 @@
+"""REGISTER over real TLS on loopback: digest auth, received/rport, bindings."""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from kerjostunt import tls
+from kerjostunt.client.signaling import RegistrationFailed, SignalingError
+
+from .support import DOMAIN, add_users, connect_client, start_server
+
+
+class RegisterTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def setUp(self):  # type: ignore[no-untyped-def]
+        self.running = yield start_server(self)
+        add_users(self.running, {"alice": "wonderland", "bob": "builder"})
+
+    @defer.inlineCallbacks
+    def test_wrong_password_gets_403_after_401(self):  # type: ignore[no-untyped-def]
+        client = yield connect_client(self, self.running, "alice", "not-her-password")
+        failure = yield self.assertFailure(client.register(), RegistrationFailed)
+        self.assertEqual(failure.response.code, 403)
+        self.assertIsNone(self.running.server.registrar.lookup("alice"))
+        self.assertEqual(self.running.server.counters["challenges"], 1)
+
+    @defer.inlineCallbacks
+    def test_unknown_user_gets_403(self):  # type: ignore[no-untyped-def]
+        client = yield connect_client(self, self.running, "mallory", "x")
+        failure = yield self.assertFailure(client.register(), RegistrationFailed)
+        self.assertEqual(failure.response.code, 403)
+
+    @defer.inlineCallbacks
+    def test_right_password_gets_200_with_received_rport_and_probe_offer(self):  # type: ignore[no-untyped-def]
+        client = yield connect_client(self, self.running, "alice", "wonderland")
+        registration = yield client.register()
+        self.assertEqual(registration.public_ip, "127.0.0.1")
+        self.assertEqual(registration.public_port, client.local[1])
+        self.assertIsNotNone(registration.probe)
+        self.assertEqual(list(registration.probe.ports), self.running.server.settings.probe_ports)
+        binding = self.running.server.registrar.lookup("alice")
+        self.assertIsNotNone(binding)
+        self.assertEqual(binding.public_address, ("127.0.0.1", client.local[1]))
+
+    @defer.inlineCallbacks
+    def test_registration_is_recorded_in_the_database(self):  # type: ignore[no-untyped-def]
+        client = yield connect_client(self, self.running, "bob", "builder")
+        yield client.register()
+        record = yield self.running.server.store.get_user("bob")
+        self.assertEqual((record.public_ip, record.public_port), ("127.0.0.1", client.local[1]))
+        self.assertIsNotNone(record.last_seen)
+
+    @defer.inlineCallbacks
+    def test_expires_zero_unregisters(self):  # type: ignore[no-untyped-def]
+        client = yield connect_client(self, self.running, "alice", "wonderland")
+        yield client.register()
+        response = yield client.unregister()
+        self.assertEqual(response.code, 200)
+        self.assertIsNone(self.running.server.registrar.lookup("alice"))
+
+    @defer.inlineCallbacks
+    def test_new_connection_replaces_old_binding(self):  # type: ignore[no-untyped-def]
+        first = yield connect_client(self, self.running, "alice", "wonderland")
+        yield first.register()
+        second = yield connect_client(self, self.running, "alice", "wonderland")
+        yield second.register()
+        binding = self.running.server.registrar.lookup("alice")
+        self.assertEqual(binding.public_address[1], second.local[1])
+        self.assertEqual(len(self.running.server.registrar), 1)
+
+    @defer.inlineCallbacks
+    def test_users_on_one_connection_stay_distinct(self):  # type: ignore[no-untyped-def]
+        alice = yield connect_client(self, self.running, "alice", "wonderland")
+        yield alice.register()
+        bob = yield connect_client(self, self.running, "bob", "builder")
+        yield bob.register()
+        self.assertNotEqual(
+            self.running.server.registrar.lookup("alice").connection,
+            self.running.server.registrar.lookup("bob").connection,
+        )
+        yield alice.unregister()
+        self.assertIsNotNone(self.running.server.registrar.lookup("bob"))
+
+    @defer.inlineCallbacks
+    def test_disconnect_removes_binding(self):  # type: ignore[no-untyped-def]
+        client = yield connect_client(self, self.running, "alice", "wonderland")
+        yield client.register()
+        client.transport.loseConnection()
+        yield client.disconnected
+        # The server sees the close one reactor turn later at most.
+        for _ in range(50):
+            if self.running.server.registrar.lookup("alice") is None:
+                break
+            yield _turn()
+        self.assertIsNone(self.running.server.registrar.lookup("alice"))
+
+    @defer.inlineCallbacks
+    def test_keepalive_ping_gets_pong(self):  # type: ignore[no-untyped-def]
+        client = yield connect_client(self, self.running, "alice", "wonderland")
+        rtt = yield client.ping()
+        self.assertGreaterEqual(rtt, 0.0)
+
+    @defer.inlineCallbacks
+    def test_options_answered(self):  # type: ignore[no-untyped-def]
+        client = yield connect_client(self, self.running, "alice", "wonderland")
+        response = yield client.request("OPTIONS", f"sips:{DOMAIN}")
+        self.assertEqual(response.code, 200)
+        self.assertIn("REGISTER", response.headers.get("Allow"))
+
+    @defer.inlineCallbacks
+    def test_unsupported_methods(self):  # type: ignore[no-untyped-def]
+        client = yield connect_client(self, self.running, "alice", "wonderland")
+        response = yield client.request("SUBSCRIBE", f"sips:{DOMAIN}")
+        self.assertEqual(response.code, 405)
+        response = yield client.request("FROBNICATE", f"sips:{DOMAIN}")
+        self.assertEqual(response.code, 501)
+
+    @defer.inlineCallbacks
+    def test_third_party_registration_forbidden(self):  # type: ignore[no-untyped-def]
+        client = yield connect_client(self, self.running, "alice", "wonderland")
+        request = client.build_request("REGISTER", f"sips:{DOMAIN}", to=f"sips:bob@{DOMAIN}")
+        response = yield client.send_request(request)
+        self.assertEqual(response.code, 403)
+
+    @defer.inlineCallbacks
+    def test_untrusted_certificate_is_refused_by_client(self):  # type: ignore[no-untyped-def]
+        other = tls.ensure_certificates(self.mktemp_dir(), "elsewhere.test")
+        yield self.assertFailure(
+            connect_client(self, self.running, "alice", "wonderland", ca=other.ca), SignalingError, Exception
+        )
+
+    @defer.inlineCallbacks
+    def test_wrong_hostname_is_refused_by_client(self):  # type: ignore[no-untyped-def]
+        yield self.assertFailure(
+            connect_client(self, self.running, "alice", "wonderland", hostname="not-the-server.test"),
+            SignalingError, Exception,
+        )
+
+    def mktemp_dir(self):  # type: ignore[no-untyped-def]
+        from pathlib import Path
+
+        path = Path(self.mktemp())
+        path.mkdir(parents=True)
+        return path
+
+
+def _turn() -> defer.Deferred:
+    from twisted.internet import reactor
+
+    d: defer.Deferred = defer.Deferred()
+    reactor.callLater(0.01, d.callback, None)
+    return d
