@@ -7,6 +7,8 @@ everything the traversal needs starts here.
 
 from __future__ import annotations
 
+import hashlib
+
 from typing import Callable, Protocol as TypingProtocol
 
 from twisted.cred.error import UnauthorizedLogin
@@ -44,6 +46,17 @@ class RequestError(Exception):
     def __init__(self, code: int, reason: str | None = None) -> None:
         super().__init__(code, reason)
         self.code, self.reason = code, reason
+
+
+def local_tag(request: Request) -> str:
+    """A To tag that is the same for retransmissions of one request (RFC 3261 8.2.6.2)."""
+    seed = f"{request.call_id}|{request.headers.get('From')}|{request.cseq}"
+    return hashlib.sha256(seed.encode()).hexdigest()[:12]
+
+
+def answer(request: Request, code: int, reason: str | None = None) -> Response:
+    """A response from the server acting as a UAS: To gets our tag."""
+    return make_response(request, code, reason, to_tag=local_tag(request) if code > 100 else None)
 
 
 def user_of(header_value: str | None, domain: str) -> str:
@@ -114,13 +127,13 @@ class RegisterHandler:
                 raise RequestError(403, "Forbidden: third-party registration")
             creds = self._credentials(request)
         except RequestError as exc:
-            conn.send(make_response(request, exc.code, exc.reason))
+            conn.send(answer(request, exc.code, exc.reason))
             return
         if creds is None:
             self._challenge(conn, request)
             return
         if creds.username != user_id:
-            conn.send(make_response(request, 403, "Forbidden: credentials for another user"))
+            conn.send(answer(request, 403, "Forbidden: credentials for another user"))
             return
         nonce_state = self._nonces.check(creds.nonce)
         if nonce_state != "ok":
@@ -149,7 +162,7 @@ class RegisterHandler:
         return None
 
     def _challenge(self, conn: SignalingConnection, request: Request, stale: bool = False) -> None:
-        response = make_response(request, 401)
+        response = answer(request, 401)
         nonce = self._nonces.issue()
         for algorithm in ALGORITHMS:  # SHA-256 first (RFC 8760), MD5 for old clients
             response.headers.add(
@@ -162,10 +175,10 @@ class RegisterHandler:
         if failure.check(UnauthorizedLogin):
             log.info("REGISTER for {user} from {peer}: wrong credentials", user=user_id, peer=conn.peer)
             self._count("auth_failures")
-            conn.send(make_response(request, 403, "Forbidden: wrong credentials"))
+            conn.send(answer(request, 403, "Forbidden: wrong credentials"))
             return
         log.failure("Cannot check credentials of {user}", failure, user=user_id)
-        response = make_response(request, 503, "Service Unavailable: user database")
+        response = answer(request, 503, "Service Unavailable: user database")
         response.headers.add("Retry-After", "5")
         conn.send(response)
 
@@ -173,12 +186,12 @@ class RegisterHandler:
         try:
             contact, expires = self._requested_binding(request)
         except RequestError as exc:
-            refusal = make_response(request, exc.code, exc.reason)
+            refusal = answer(request, exc.code, exc.reason)
             if exc.code == 423:
                 refusal.headers.add("Min-Expires", str(MIN_EXPIRES))
             conn.send(refusal)
             return
-        response = make_response(request, 200)
+        response = answer(request, 200)
         set_vias(response, via_with_received(request, conn.peer))
         if expires == 0:
             self._registrar.unbind(user_id)

@@ -7,8 +7,8 @@ from typing import Protocol as TypingProtocol
 from twisted.logger import Logger
 
 from .registrar import Registrar, SignalingConnection
-from .registration import RegisterHandler
-from .sip.message import Request, Response, make_response
+from .registration import RegisterHandler, answer
+from .sip.message import Request, Response
 
 log = Logger()
 
@@ -45,11 +45,11 @@ class SignalingRouter:
         elif method == "ACK":
             return  # never answered
         elif method in KNOWN_ELSEWHERE or method in CALL_METHODS:
-            response = make_response(request, 405)
+            response = answer(request, 405)
             response.headers.add("Allow", ", ".join(ALLOWED))
             conn.send(response)
         else:
-            conn.send(make_response(request, 501))
+            conn.send(answer(request, 501))
 
     def handle_response(self, conn: SignalingConnection, response: Response) -> None:
         if self.calls is not None:
@@ -64,7 +64,7 @@ class SignalingRouter:
 
     @staticmethod
     def _options(request: Request) -> Response:
-        response = make_response(request, 200)
+        response = answer(request, 200)
         response.headers.add("Allow", ", ".join(ALLOWED))
         response.headers.add("Accept", "application/sdp")
         response.headers.add("Supported", "outbound")
