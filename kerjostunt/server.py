@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from . import tls
+from . import tls, web
 from .auth import NonceManager, make_portal
 from .probe import ObservationLog, Observation, ProbeFactory, ProbeTokens
 from .prediction import classify
@@ -104,6 +104,8 @@ class StuntServer(MultiService):
             if index < len(settings.probe_ports):
                 # Announce the port really bound (it differs when configured as 0).
                 self.ports[f"probe{index}"].addCallback(self._note_probe_port, index)
+        if settings.web_endpoint:
+            self._listen("web", settings.web_endpoint, web.tls_factory(self))
 
     def count(self, what: str) -> None:
         self.counters[what] += 1
