@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -16,6 +17,19 @@ from kerjostunt.signaling import ConnectionLimits
 from kerjostunt.store import Database
 
 DOMAIN = "kerjo.test"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def subprocess_env() -> dict[str, str]:
+    """Environment for child processes (twistd, the CLI): this checkout's code first.
+
+    With PYTHONPATH at the repository root a child imports the code under
+    test, and twistd finds ``twisted/plugins/kerjostunt_plugin.py`` there,
+    whether the package was installed normally, editable, or not at all.
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [str(REPO_ROOT), env.get("PYTHONPATH", "")] if p)
+    return env
 
 
 @dataclass
