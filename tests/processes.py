@@ -133,10 +133,17 @@ def spawn(
     *,
     env: dict[str, str] | None = None,
     path: str | None = None,
+    stdin: bytes | None = None,
 ) -> WatchedProcess:
-    """Start a process that the test's cleanup stops (and waits for)."""
+    """Start a process that the test's cleanup stops (and waits for).
+
+    ``stdin``, if given, is written to the process and its stdin closed.
+    """
     proto = WatchedProcess(name)
     reactor.spawnProcess(proto, executable, [executable, *args], env=env if env is not None else dict(os.environ), path=path)
+    if stdin is not None:
+        proto.transport.write(stdin)
+        proto.transport.closeStdin()
 
     def cleanup() -> defer.Deferred[None]:
         return proto.stop().addCallback(lambda _: None)
