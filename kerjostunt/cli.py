@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 COMMAND_MODULES: list[str] = [
     "kerjostunt.admin",
+    "kerjostunt.client.commands_peers",
 ]
 
 PROG = "kerjostunt"
