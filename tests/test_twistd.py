@@ -101,14 +101,6 @@ class TwistdTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_fresh_directory_server(self):  # type: ignore[no-untyped-def]
-        # The database, with the schema Alembic made.
-        db = self.dir / "kerjostunt.sqlite"
-        self.assertTrue(db.exists(), self.twistd.output)
-        with sqlite3.connect(db) as conn:
-            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            self.assertTrue({"alembic_version", "users", "groups", "memberships"} <= tables, tables)
-            self.assertEqual(len(conn.execute("SELECT version_num FROM alembic_version").fetchall()), 1)
-
         # The certificates; private keys readable by the owner only.
         certs = self.dir / "certs"
         for name in ("ca.pem", "server.pem"):
@@ -123,6 +115,15 @@ class TwistdTests(unittest.TestCase):
         failure = yield self.assertFailure(self.register("carol", "s3cret"), RegistrationFailed)
         self.assertEqual(failure.response.code, 403)
 
+        # The database, with the schema Alembic made.  (twistd binds its ports
+        # before the services start, so look once the server has answered.)
+        db = self.dir / "kerjostunt.sqlite"
+        self.assertTrue(db.exists(), self.twistd.output)
+        with sqlite3.connect(db) as conn:
+            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            self.assertTrue({"alembic_version", "users", "groups", "memberships"} <= tables, tables)
+            self.assertEqual(len(conn.execute("SELECT version_num FROM alembic_version").fetchall()), 1)
+
         # The admin CLI, another process, writes the same database.
         yield self.add_user("carol", "s3cret")
         registration = yield self.register("carol", "s3cret")
@@ -130,7 +131,7 @@ class TwistdTests(unittest.TestCase):
         self.assertIsNotNone(registration.probe)
 
         # SIGTERM: an orderly shutdown, pid file removed, nothing unhandled in the log.
-        # twistd (since Twisted 21.2) ends by re-raising the signal it got once
+        # Recent twistd ends by re-raising the signal it got once
         # it has shut down, so the exit status is "killed by SIGTERM", as a shell expects.
         self.assertTrue((self.dir / "twistd.pid").exists())
         yield self.twistd.stop(grace=20)
