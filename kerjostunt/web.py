@@ -110,6 +110,7 @@ class WebSite(server.Site):
         super().__init__(root, timeout=IDLE_TIMEOUT, reactor=clock)
         self.max_per_ip = max_per_ip
         self.per_ip: dict[str, int] = {}
+        self._idle_waiters: list[defer.Deferred[None]] = []
         self.noisy = False
 
     def admits(self, addr: IAddress) -> bool:
@@ -127,6 +128,18 @@ class WebSite(server.Site):
             self.per_ip[host] = left
         else:
             self.per_ip.pop(host, None)
+        if not self.per_ip:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def when_idle(self) -> defer.Deferred[None]:
+        """Fires once no connection is open (tests and graceful shutdowns wait on it)."""
+        if not self.per_ip:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._idle_waiters.append(d)
+        return d
 
     def log(self, request: server.Request) -> None:
         """No Apache-style access log; requests are logged as structured events."""
