@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
@@ -21,6 +21,7 @@ from zope.interface import implementer
 
 from . import tls, web
 from .auth import NonceManager, make_portal
+from .calls import CallManager
 from .probe import ObservationLog, Observation, ProbeFactory, ProbeTokens
 from .prediction import classify
 from .registrar import Registrar
@@ -50,6 +51,10 @@ class ServerSettings:
     probe_token_lifetime: float = 300.0
     web_endpoint: str | None = "tcp:8443"
     limits: ConnectionLimits = field(default_factory=ConnectionLimits)
+    call_answer_timeout: float = 15.0
+    call_outcome_timeout: float = 30.0
+    invite_rate: float = 5.0
+    invite_burst: float = 20.0
 
 
 @implementer(IStreamServerEndpoint)
@@ -66,6 +71,17 @@ class PortRecordingEndpoint:
             return port
 
         return self._endpoint.listen(factory).addCallback(listened)
+
+
+class _CallsService(Service):
+    """Records what calls in progress know and stops their timers on shutdown."""
+
+    def __init__(self, calls: CallManager) -> None:
+        self.calls = calls
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        return self.calls.stop()
 
 
 class StuntServer(MultiService):
@@ -94,7 +110,13 @@ class StuntServer(MultiService):
             self._probe_headers,
             counter=self.count,
         )
-        self.router = SignalingRouter(self.registrar, self.register)
+        self.calls = CallManager(
+            reactor, settings.domain, self.registrar, self.store, self.observations, self.count,
+            answer_timeout=settings.call_answer_timeout, outcome_timeout=settings.call_outcome_timeout,
+            invite_rate=settings.invite_rate, invite_burst=settings.invite_burst,
+        )
+        _CallsService(self.calls).setServiceParent(self)  # stops before the store: outcomes get written
+        self.router = SignalingRouter(self.registrar, self.register, self.calls)
         self.signaling = SignalingFactory(self.router, reactor, settings.limits, counter=self.count)
         tls_factory = AdmittingTLSFactory(tls.server_options(self.certificates), False, self.signaling)
         self.ports: dict[str, Deferred[IListeningPort]] = {}
