@@ -469,7 +469,7 @@ class BackoffTests(unittest.TestCase):
 
 class IncomingTests(unittest.TestCase):
     def incoming(self, h: Harness, peer_id: str) -> Any:
-        proto = h.manager.accept_factory_for(peer_id).buildProtocol(("203.0.113.9", 5000))
+        proto = h.manager.accept_factory.buildProtocol(("203.0.113.9", 5000))
         proto.makeConnection(StringTransport())
         h.manager.peer_arrived(Conn(peer_id, proto, technique="simultaneous-open"))
         return proto
@@ -531,3 +531,70 @@ class IncomingTests(unittest.TestCase):
         h.clock.advance(0)
         self.assertEqual(h.directory_calls, 2)
         self.assertEqual(h.manager.state_of("erin"), CONNECTED)
+
+
+class SignalingDownTests(unittest.TestCase):
+    def test_dial_failing_while_signaling_is_down_does_not_count(self) -> None:
+        h = make(self, "bob", max_failures=2)
+        h.manager.start()
+        for _ in range(4):
+            h.agent.signaling_up = False  # the agent is reconnecting on its own
+            h.agent.fail("bob", "lost the signaling connection")
+            self.assertEqual(h.manager.state_of("bob"), BACKOFF)
+            h.clock.advance(1.0)
+        self.assertEqual(len(h.agent.dials_to("bob")), 5)
+        self.assertEqual(h.agent.starts, 1, "the manager leaves reconnecting to the agent")
+        h.agent.signaling_up = True
+        h.agent.fail("bob")
+        self.assertEqual(h.manager.state_of("bob"), BACKOFF)
+
+
+class OneShotAgent(FakeAgent):
+    """Like PeerAgent: start once, stop for good."""
+
+    made = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        OneShotAgent.made += 1
+        self.state = "idle"
+
+    def start(self) -> defer.Deferred:
+        if self.state != "idle":
+            return defer.fail(RuntimeError(f"agent already {self.state}"))
+        self.state = "up"
+        return super().start()
+
+    def stop(self) -> defer.Deferred:
+        self.state = "stopped"
+        return super().stop()
+
+
+class RestartingAgentTests(unittest.TestCase):
+    def test_each_start_makes_a_fresh_agent(self) -> None:
+        from kerjostunt.client.manager import RestartingAgent
+
+        made: list[OneShotAgent] = []
+
+        def make_agent() -> OneShotAgent:
+            made.append(OneShotAgent())
+            return made[-1]
+
+        agent = RestartingAgent(make_agent)
+        h = make(self, Entry("bob", "stunt"), agent=agent)  # type: ignore[arg-type]
+        h.manager.start()
+        self.assertEqual(len(made), 1)
+        self.assertEqual(made[0].last_dial("bob")[2], {"timeout": 20.0, "prefer_stunt": True})
+        bob = made[0].succeed("bob")
+        self.assertEqual(made[0].state, "stopped")
+        self.assertFalse(agent.signaling_up)
+        drop(bob)
+        self.assertEqual(len(made), 2)
+        self.assertEqual(h.manager.signaling, "open")
+        self.assertEqual(len(made[1].dials_to("bob")), 1)
+
+    def test_connect_without_an_agent_fails(self) -> None:
+        from kerjostunt.client.manager import RestartingAgent
+
+        agent = RestartingAgent(OneShotAgent)
+        self.failureResultOf(agent.connect("bob", Factory()), RuntimeError)

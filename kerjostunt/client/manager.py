@@ -198,7 +198,7 @@ class PeerManager:
         user_id: str,
         directory: Callable[[], defer.Deferred],
         agent: Any,
-        app_factory_for: Callable[[str], Any],
+        app_factory_for: Callable[[str | None], Any],
         refresh_interval: float = 300.0,
         unreachable_retry: float = 3600.0,
         backoff_base: float = 1.0,
@@ -234,8 +234,13 @@ class PeerManager:
         self._load_failures = 0
         self._fetching: defer.Deferred | None = None
         self._open_reason = "starting"
-        self._stopping: defer.Deferred | None = None
-        self.stunt_hint = _accepts_keyword(getattr(agent, "connect", None), "prefer_stunt")
+        #: the agent's factory for incoming peers (pass it as ``accept_factory``)
+        self.accept_factory = _WatchingFactory(app_factory_for(None), self._lost)
+
+    @property
+    def stunt_hint(self) -> bool:
+        """Whether ``agent.connect`` takes ``prefer_stunt`` (else stunt peers dial in the usual order)."""
+        return _accepts_keyword(getattr(self.agent, "connect", None), "prefer_stunt")
 
     # -- public view --------------------------------------------------------
 
@@ -473,10 +478,12 @@ class PeerManager:
         reason = getattr(failure.value, "reason", None) or failure.getErrorMessage()
         if peer.state == CONNECTED:  # an incoming connection arrived meanwhile
             return
-        if self.signaling == SIG_OPEN and getattr(self.agent, "signaling_up", True) is False:
-            # Not the peer's fault: the signaling connection is gone.
-            self._set(peer, PENDING, f"dial failed without signaling ({reason})")
-            self.signaling_lost()
+        if getattr(self.agent, "signaling_up", True) is False:
+            # Not the peer's fault: signaling is down (the agent reconnects on
+            # its own). Wait, but do not count it towards "unreachable".
+            delay = self._backoff(max(1, peer.failures))
+            self._set(peer, BACKOFF, f"failed without signaling ({reason}), again in {delay:.1f}s", delay=delay)
+            peer.timer = self.clock.callLater(delay, self._timer_fired, peer, f"back-off of {peer.peer_id} over")
             return
         peer.failures += 1
         if peer.retrying or peer.flag == "unreachable":
@@ -514,10 +521,6 @@ class PeerManager:
         return backoff_delay(failures, self.backoff_base, self.backoff_max, self.jitter, self._random())
 
     # -- connections -----------------------------------------------------
-
-    def accept_factory_for(self, peer_id: str) -> _WatchingFactory:
-        """The factory for an incoming connection from ``peer_id`` (for the agent)."""
-        return _WatchingFactory(self._app_factory_for(peer_id), self._lost)
 
     def peer_arrived(self, connection: Any) -> None:
         """An incoming peer connection (the agent's ``on_peer``): counts as connected."""
@@ -628,6 +631,48 @@ class PeerManager:
                 self._on_event(event)
             except Exception:
                 log.failure("on_event callback failed")
+
+
+class RestartingAgent:
+    """Gives the manager an agent it can start again after stopping it.
+
+    ``PeerAgent`` is one-shot (``start`` once, ``stop`` for good), while the
+    manager opens and closes signaling many times; each ``start`` here makes
+    a fresh agent with ``make_agent()``. Peer connections made by an earlier
+    agent outlive it (stopping an agent leaves them up).
+    """
+
+    def __init__(self, make_agent: Callable[[], Any]) -> None:
+        self._make_agent = make_agent
+        self.current: Any = None
+
+    @property
+    def signaling_up(self) -> bool:
+        return bool(self.current is not None and self.current.signaling_up)
+
+    def start(self) -> defer.Deferred:
+        self.current = agent = self._make_agent()
+
+        def failed(failure: Failure) -> Failure:
+            if self.current is agent:
+                self.current = None
+            return failure
+
+        return defer.maybeDeferred(agent.start).addErrback(failed)
+
+    def stop(self) -> defer.Deferred:
+        agent, self.current = self.current, None
+        if agent is None:
+            return defer.succeed(None)
+        return defer.maybeDeferred(agent.stop)
+
+    def connect(self, peer_id: str, protocol_factory: Any, **kwargs: Any) -> defer.Deferred:
+        if self.current is None:
+            return defer.fail(RuntimeError("signaling is closed"))
+        if "prefer_stunt" in kwargs and not _accepts_keyword(self.current.connect, "prefer_stunt"):
+            del kwargs["prefer_stunt"]
+            log.info("Agent takes no STUNT hint; dialing {peer} in the usual order", peer=peer_id)
+        return self.current.connect(peer_id, protocol_factory, **kwargs)
 
 
 def _close(proto: Any) -> None:
