@@ -24,6 +24,7 @@ from collections.abc import Sequence
 COMMAND_MODULES: list[str] = [
     "kerjostunt.admin",
     "kerjostunt.client.commands_peers",
+    "kerjostunt.client.commands_echo",
 ]
 
 PROG = "kerjostunt"
