@@ -25,6 +25,7 @@ COMMAND_MODULES: list[str] = [
     "kerjostunt.admin",
     "kerjostunt.client.commands_peers",
     "kerjostunt.client.commands_echo",
+    "kerjostunt.client.commands_join",
 ]
 
 PROG = "kerjostunt"
