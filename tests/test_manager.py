@@ -48,9 +48,10 @@ class Conn:
 
 
 class ConnectFailed(Exception):
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, code: int | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.code = code
 
 
 class App(Protocol):
@@ -295,15 +296,19 @@ class SignalingRuleTests(unittest.TestCase):
         self.assertEqual(h.manager.state_of("bob"), UNREACHABLE)
         self.assertEqual(h.manager.signaling, "closed")
 
-    def test_offline_peer_is_not_dialed_but_keeps_signaling_open(self) -> None:
-        h = make(self, Entry("bob", online=False))
+    def test_offline_peer_is_dialed_and_absence_does_not_count(self) -> None:
+        # The list's "online" is stale by nature: dial anyway. A 480 (not
+        # registered) backs off but never makes the peer unreachable.
+        h = make(self, Entry("bob", online=False), max_failures=2)
         h.manager.start()
-        self.assertEqual(h.manager.signaling, "open")
-        self.assertEqual(h.agent.dials, [])
-        self.assertEqual(h.manager.state_of("bob"), PENDING)
-        h.entries = [Entry("alice"), Entry("bob", online=True)]
-        h.clock.advance(300)
-        self.assertEqual(len(h.agent.dials_to("bob")), 1)
+        for attempt in range(1, 6):
+            self.assertEqual(len(h.agent.dials_to("bob")), attempt)
+            h.agent.last_dial("bob")[3].errback(ConnectFailed("480 Temporarily Unavailable", code=480))
+            self.assertEqual(h.manager.state_of("bob"), BACKOFF)
+            h.clock.advance(h.manager.backoff_max)
+        self.assertEqual(h.manager.signaling, "open", "an absent peer keeps signaling open")
+        h.agent.succeed("bob")
+        self.assertEqual(h.manager.signaling, "closed")
 
     def test_signaling_start_failure_is_retried_with_backoff(self) -> None:
         agent = FakeAgent()

@@ -41,6 +41,9 @@ UNREACHABLE = "unreachable"
 STATES = (PENDING, CONNECTING, CONNECTED, BACKOFF, UNREACHABLE)
 DONE_STATES = (CONNECTED, UNREACHABLE)
 
+#: SIP statuses of a call to a peer that is not registered now (absent, not unreachable)
+OFFLINE_CODES = (480,)
+
 # Signaling connection states (the manager's view).
 SIG_CLOSED = "closed"
 SIG_OPENING = "opening"
@@ -168,6 +171,7 @@ class _Peer:
     entry: Any
     state: str = PENDING
     failures: int = 0
+    absences: int = 0
     timer: IDelayedCall | None = None
     dialing: defer.Deferred | None = None
     connection: Any = None  # the PeerConnection in use
@@ -180,11 +184,6 @@ class _Peer:
     @property
     def flag(self) -> str:
         return peer_flag(self.entry) if self.entry is not None else "unknown"
-
-    @property
-    def online(self) -> bool:
-        value = getattr(self.entry, "online", None)
-        return value is not False
 
 
 class PeerManager:
@@ -386,7 +385,7 @@ class PeerManager:
             self._close_signaling(f"all {len(self.peers)} peers done")
         if self.signaling == SIG_OPEN:
             for peer in list(self.peers.values()):
-                if peer.state == PENDING and peer.dialing is None and peer.online:
+                if peer.state == PENDING and peer.dialing is None:
                     self._dial(peer)
 
     def _open_signaling(self, reason: str) -> None:
@@ -485,6 +484,14 @@ class PeerManager:
             self._set(peer, BACKOFF, f"failed without signaling ({reason}), again in {delay:.1f}s", delay=delay)
             peer.timer = self.clock.callLater(delay, self._timer_fired, peer, f"back-off of {peer.peer_id} over")
             return
+        if getattr(failure.value, "code", None) in OFFLINE_CODES and not peer.retrying:
+            # Not registered right now: absent, not unreachable. When it comes
+            # online it calls us (our signaling stays open), so no count.
+            peer.absences += 1
+            delay = self._backoff(peer.absences)
+            self._set(peer, BACKOFF, f"offline ({reason}), again in {delay:.1f}s", delay=delay)
+            peer.timer = self.clock.callLater(delay, self._timer_fired, peer, f"back-off of {peer.peer_id} over")
+            return
         peer.failures += 1
         if peer.retrying or peer.flag == "unreachable":
             self._mark_unreachable(peer, peer.marked_by or "server", f"retry failed ({reason})")
@@ -558,7 +565,7 @@ class PeerManager:
             _close(loser)
             return
         self._cancel_timer(peer)
-        peer.failures = 0
+        peer.failures = peer.absences = 0
         peer.retrying = False
         peer.marked_by = None
         peer.connection, peer.incoming = connection, incoming
