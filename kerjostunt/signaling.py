@@ -304,6 +304,9 @@ class SignalingProtocol(Protocol):
 
     def _expire(self, why: str) -> None:
         self._timer = None
+        self._time_out(why)
+
+    def _time_out(self, why: str) -> None:
         log.info("Closing {peer}: {why} timeout", peer=self.peer, why=why)
         self.factory.count("timeouts")
         self.timed_out()
@@ -323,8 +326,10 @@ class SignalingProtocol(Protocol):
             self._partial_timer = None
 
     def _expire_partial(self) -> None:
+        # Not through _expire: that forgets self._timer, which is still armed
+        # (register/idle) and must be cancelled when the connection is dropped.
         self._partial_timer = None
-        self._expire("incomplete message")
+        self._time_out("incomplete message")
 
     def _cancel_timers(self) -> None:
         for timer in (self._timer, self._partial_timer, self._ping_timer):
