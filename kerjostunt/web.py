@@ -200,10 +200,13 @@ def _text(value: bytes | str) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
-def make_web_portal(store: AsyncStore, realm: str) -> portal.Portal:
-    return portal.Portal(
-        WebRealm(), [StoreDigestChecker(store.get_ha1), StoreHA1PasswordChecker(store.get_ha1, realm)]
-    )
+def make_web_portal(get_ha1: Callable[[str, str], "defer.Deferred[str | None]"], realm: str) -> portal.Portal:
+    """Digest and Basic checkers over ``get_ha1`` (``AsyncStore.get_ha1`` with a time limit)."""
+    return portal.Portal(WebRealm(), [StoreDigestChecker(get_ha1), StoreHA1PasswordChecker(get_ha1, realm)])
+
+
+class StoreTimeout(StoreError):
+    """The database did not answer a web request in time."""
 
 
 class BadRequest(Exception):
@@ -334,7 +337,7 @@ class WebResource(resource.Resource):
         self.realm = domain
         self.clock = clock
         self.nonces = NonceManager(clock)
-        self.portal = make_web_portal(store, domain)
+        self.portal = make_web_portal(lambda user_id, algorithm: self._store(store.get_ha1, user_id, algorithm), domain)
         self._count = count or (lambda what: None)
 
     def render(self, request: server.Request) -> Any:
@@ -414,11 +417,36 @@ class WebResource(resource.Resource):
     # -- plumbing
 
     def _store(self, method: Callable[..., defer.Deferred[Any]], *args: Any) -> defer.Deferred[Any]:
-        """A store call that gives up (as a failure) after STORE_TIMEOUT."""
-        return method(*args).addTimeout(STORE_TIMEOUT, self.clock)
+        """A store call whose answer fails with ``StoreTimeout`` after STORE_TIMEOUT.
+
+        The store's own Deferred is not cancelled: its thread keeps running
+        and ``AsyncStore`` keeps counting it as pending (so a shutdown still
+        waits for it); only this request stops waiting.
+        """
+        answer: defer.Deferred[Any] = defer.Deferred()
+
+        def give_up() -> None:
+            answer.errback(StoreTimeout(f"no answer from the database in {STORE_TIMEOUT:g} s"))
+
+        timer = self.clock.callLater(STORE_TIMEOUT, give_up)
+
+        def done(outcome: Any) -> None:
+            if timer.active():
+                timer.cancel()
+            if answer.called:
+                if isinstance(outcome, Failure):
+                    log.failure("web: store call failed after its request gave up", outcome)
+                return
+            if isinstance(outcome, Failure):
+                answer.errback(outcome)
+            else:
+                answer.callback(outcome)
+
+        defer.maybeDeferred(method, *args).addBoth(done)
+        return answer
 
     def _failed(self, failure: Failure, request: server.Request) -> Reply:
-        if failure.check(StoreError, defer.TimeoutError, defer.CancelledError):
+        if failure.check(StoreError):
             log.warn("web: store unavailable for {uri}: {why}", uri=request.uri, why=_describe(failure.value))
             return error_reply(503, "the user database is unavailable, try again later", ((b"retry-after", b"10"),))
         log.failure("web: error handling {uri}", failure, uri=request.uri)

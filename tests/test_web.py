@@ -19,6 +19,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from kerjostunt import metrics, web
 from kerjostunt.auth import NonceManager
+from kerjostunt.registrar import Registrar
 from kerjostunt.client.directory import CAFilePolicy
 from kerjostunt.server import ServerSettings, StuntServer
 from kerjostunt.sip.digest import authorization, choose_challenge
@@ -413,6 +414,59 @@ class LimitTests(unittest.TestCase):
         self.assertIsNotNone(self.site.buildProtocol(IPv4Address("TCP", "192.0.2.2", 1)))
         protos[0].connectionLost(None)
         self.assertIsNotNone(self.site.buildProtocol(IPv4Address("TCP", "192.0.2.1", 1)))
+
+
+class HangingStore:
+    """A database that never answers (a stuck connection, a saturated pool)."""
+
+    def __init__(self) -> None:
+        self.calls: list[defer.Deferred[Any]] = []
+
+    def get_ha1(self, user_id: str, algorithm: str) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = defer.Deferred()
+        self.calls.append(d)
+        return d
+
+
+class StoreTimeoutTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.store = HangingStore()
+        self.resource = web.WebResource(
+            store=self.store,  # type: ignore[arg-type]
+            registrar=Registrar(self.clock),
+            metrics=metrics.make_registry({}, process=False),
+            domain=DOMAIN,
+            clock=self.clock,
+        )
+
+    def render(self, path: bytes, authorization_value: str | None = None) -> DummyRequest:
+        request = DummyRequest(path.split(b"/")[1:])
+        request.uri = path
+        if authorization_value is not None:
+            request.requestHeaders.addRawHeader(b"authorization", authorization_value.encode())
+        self.resource.render(request)
+        return request
+
+    def test_health_and_peers_answer_503_when_the_store_hangs(self) -> None:
+        health = self.render(b"/health")
+        peers = self.render(b"/v1/groups/friends/peers", basic("alice", "pw"))
+        self.assertEqual((health.finished, peers.finished), (0, 0))
+        self.clock.advance(web.STORE_TIMEOUT)
+        for request in (health, peers):
+            self.assertEqual(request.responseCode, 503)
+            self.assertEqual(request.finished, 1)
+        self.assertEqual(json.loads(b"".join(health.written))["status"], "unavailable")
+        # The late answers are dropped quietly: nothing is written twice.
+        for call in self.store.calls:
+            call.callback(None)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_a_timely_answer_cancels_the_timer(self) -> None:
+        request = self.render(b"/health")
+        self.store.calls[0].callback(None)
+        self.assertEqual(request.responseCode, 200)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
 class CredentialParsingTests(unittest.TestCase):
