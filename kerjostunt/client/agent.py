@@ -195,8 +195,11 @@ class PeerAgent:
         try:
             registration = yield sig.register(self.register_expires)
         except Exception:
-            sig.transport.loseConnection()
-            raise
+            failure = Failure()
+            if not sig.disconnected.called:
+                sig.transport.loseConnection()
+                yield sig.disconnected  # nothing of a failed attempt outlives it
+            failure.raiseException()
         if self.state == "stopped":
             sig.transport.loseConnection()
             raise ConnectFailed("the agent stopped")

@@ -39,7 +39,7 @@ from kerjostunt.sdp import Candidate, SDPError, SessionDescription, candidate_pr
 from kerjostunt.sip.headers import parse_name_addr
 from kerjostunt.sip.message import Request, Response
 
-from .handshake import HandshakeFactory
+from .handshake import HandshakeFactory, HandshakeProtocol
 from .probing import ProbeError, probe_from
 from .punch import PunchFailed, PunchPlan, punch
 from .signaling import SignalingClientProtocol, new_tag
@@ -92,6 +92,16 @@ class CallSetup:
     role: str
     peer_public: str | None
     remote: SessionDescription
+
+    @property
+    def handshake_id(self) -> str:
+        """The call ID both peers feed the handshake MAC.
+
+        The server is a back-to-back agent: each leg has its own SIP Call-ID
+        and neither peer learns the other's, so the shared per-call secret is
+        the only identifier both sides hold.
+        """
+        return hashlib.sha256(b"kerjostunt-1 call-id\0" + self.secret).hexdigest()[:32]
 
 
 def read_setup(message: Request | Response) -> CallSetup:
@@ -181,6 +191,33 @@ def tag_of(name_addr: str | None) -> str | None:
 
 def _reason(failure: Failure) -> str:
     return failure.getErrorMessage() or failure.type.__name__
+
+
+# -- handshakes ---------------------------------------------------------------------
+
+
+class _CallHandshakeProtocol(HandshakeProtocol):
+    """A HandshakeProtocol whose unobserved failures are not 'unhandled errors'.
+
+    ``punch()`` probes an accepted protocol with ``getattr(p, "handshake_done")``,
+    which creates an observer Deferred nobody consumes; a loser's failure on
+    it would be logged as an unhandled error.  The failure itself is
+    reported (and logged) through the observers that are used.
+    """
+
+    def _resolve(self, outcome: Any) -> None:
+        if isinstance(outcome, Failure):
+            for d in self._observers:
+                if not d.callbacks:
+                    d.addErrback(lambda _: None)
+        super()._resolve(outcome)
+
+
+class CallHandshakeFactory(HandshakeFactory):
+    protocol = _CallHandshakeProtocol  # type: ignore[assignment]
+
+    def buildProtocol(self, addr: Any) -> HandshakeProtocol:
+        return _CallHandshakeProtocol(self, addr)
 
 
 # -- app-port connections ----------------------------------------------------------
@@ -328,8 +365,8 @@ class Dialer:
         self.low_ttl = low_ttl
         self.direct_timeout = direct_timeout
         self.handshake_timeout = handshake_timeout
-        self.handshakes = HandshakeFactory(setup.secret, setup.call_id, setup.role, app_factory, reactor, handshake_timeout)
-        self.tag = call_tag(setup.secret, setup.call_id)
+        self.handshakes = CallHandshakeFactory(setup.secret, setup.handshake_id, setup.role, app_factory, reactor, handshake_timeout)
+        self.tag = call_tag(setup.secret, setup.handshake_id)
         self.result: defer.Deferred = defer.Deferred()
         self.state = "waiting"
         self.dial_at = reactor.seconds()
