@@ -1,0 +1,174 @@
+"""``kerjostunt join`` on loopback: three members of one group reach each other and hang up.
+
+A real server (signaling, probes, calls, web) on 127.0.0.1 port 0; three
+``join`` runs, in-process with this reactor and as child processes. Nothing
+sleeps: every wait is for a line the command prints.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.trial import unittest
+
+from kerjostunt import cli
+from kerjostunt.client import commands_join
+
+from .processes import child_env, spawn
+from .support import DOMAIN, add_users
+from .test_web import start_web_server
+
+TRIO = {"xena": "warrior-princess", "yuri": "cosmonaut-1961", "zack": "saved-by-the-bell"}
+
+
+class WatchedOutput(io.StringIO):
+    """stdout for an in-process run: fires waiters when a line shows up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._waiters: list[tuple[str, defer.Deferred[None]]] = []
+
+    def write(self, text: str) -> int:
+        n = super().write(text)
+        seen = self.getvalue()
+        ready = [(m, d) for m, d in self._waiters if m in seen]
+        self._waiters = [(m, d) for m, d in self._waiters if m not in seen]
+        for _, d in ready:
+            d.callback(None)
+        return n
+
+    def wait_for(self, marker: str) -> defer.Deferred[None]:
+        d: defer.Deferred[None] = defer.Deferred()
+        if marker in self.getvalue():
+            d.callback(None)
+        else:
+            self._waiters.append((marker, d))
+        return d
+
+
+def expectations(user: str) -> list[str]:
+    """What ``user``'s join prints once it has reached both others and hung up."""
+    others = [u for u in TRIO if u != user]
+    lines = [f"peer {o} connected" for o in others]
+    lines += [f"says: hello from {o}" for o in others]
+    lines.append("signaling closed (all 2 peers done)")
+    return lines
+
+
+class JoinLoopbackTests(unittest.TestCase):
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def setUp(self):  # type: ignore[no-untyped-def]
+        self.web = yield start_web_server(self)
+        add_users(self.web.running, TRIO, group="trio")
+
+    def argv(self, user: str, *extra: str) -> list[str]:
+        return [
+            "join",
+            "--server", f"localhost:{self.web.running.port}",
+            "--web-port", str(self.web.web_port),
+            "--user", user,
+            "--password-stdin",
+            "--ca", str(self.web.running.ca),
+            "--domain", DOMAIN,
+            *extra,
+            "trio",
+        ]
+
+    @defer.inlineCallbacks
+    def test_three_in_process_reach_each_other_and_hang_up(self):  # type: ignore[no-untyped-def]
+        runs: dict[str, tuple[WatchedOutput, io.StringIO, defer.Deferred, defer.Deferred]] = {}
+        for user, password in TRIO.items():
+            args = cli.build_parser().parse_args(self.argv(user))
+            out, err, stopped = WatchedOutput(), io.StringIO(), defer.Deferred()
+            done = commands_join.run(reactor, args, io.StringIO(password + "\n"), out, err, stopped=stopped)
+            runs[user] = (out, err, stopped, done)
+        self.addCleanup(self._stop_all, runs)
+        try:
+            yield defer.gatherResults(
+                [out.wait_for(line) for user, (out, *_rest) in runs.items() for line in expectations(user)],
+                consumeErrors=True,
+            )
+            # Hanging up is asynchronous on the server's side: wait for it to see all three go.
+            yield self._registrar_empty()
+        except BaseException:
+            for user, (out, err, *_rest) in runs.items():
+                print(f"--- {user}\n{out.getvalue()}{err.getvalue()}", file=sys.stderr)
+            raise
+        self.assertEqual(len(self.web.server.registrar), 0)
+        for user, (out, *_rest) in runs.items():
+            text = out.getvalue()
+            self.assertIn("signaling opened (starting)", text)
+            others = [u for u in TRIO if u != user]
+            for other in others:
+                # Our hello reached each peer and came back.
+                self.assertIn(f"peer {other} echoed: hello from {user}", text)
+            self.assertNotIn("unreachable", text)
+
+        # Stopping one: the other two see it drop and open signaling again.
+        out_x, _, stopped_x, done_x = runs["xena"]
+        stopped_x.callback(None)
+        self.assertEqual((yield done_x), 0)
+        yield defer.gatherResults([runs[u][0].wait_for("signaling opened (xena dropped)") for u in ("yuri", "zack")])
+
+    def _registrar_empty(self) -> defer.Deferred[None]:
+        from twisted.internet import task
+
+        registrar = self.web.server.registrar
+
+        def check() -> None:
+            if len(registrar) == 0:
+                loop.stop()
+
+        loop = task.LoopingCall(check)
+        loop.clock = reactor
+        return loop.start(0.05).addCallback(lambda _: None)
+
+    @defer.inlineCallbacks
+    def _stop_all(self, runs: dict[str, Any]):  # type: ignore[no-untyped-def]
+        for out, err, stopped, done in runs.values():
+            if not stopped.called:
+                stopped.callback(None)
+            yield done
+
+    @defer.inlineCallbacks
+    def test_three_child_processes_reach_each_other_and_hang_up(self):  # type: ignore[no-untyped-def]
+        procs = {}
+        for user, password in TRIO.items():
+            procs[user] = spawn(
+                self, f"join {user}", sys.executable, ["-m", "kerjostunt.cli", *self.argv(user)],
+                env=child_env(PYTHONUNBUFFERED="1"), stdin=(password + "\n").encode(),
+            )
+        try:
+            yield defer.gatherResults(
+                [procs[u].wait_for(line.encode()) for u in TRIO for line in expectations(u)],
+                consumeErrors=True,
+            )
+            yield self._registrar_empty()
+        except BaseException:
+            for user, proc in procs.items():
+                print(f"--- {user}\n{proc.output}", file=sys.stderr)
+            raise
+        for user, proc in procs.items():
+            code = yield proc.stop()
+            self.assertEqual(code, 0, proc.output)
+            self.assertIn("stopped", proc.output)
+
+    @defer.inlineCallbacks
+    def test_wrong_password_exits_1(self):  # type: ignore[no-untyped-def]
+        args = cli.build_parser().parse_args(self.argv("xena"))
+        out, err = io.StringIO(), io.StringIO()
+        code = yield commands_join.run(reactor, args, io.StringIO("nope\n"), out, err)
+        self.assertEqual(code, 1)
+        self.assertIn("kerjostunt join: error:", err.getvalue())
+
+    @defer.inlineCallbacks
+    def test_no_password_exits_2(self):  # type: ignore[no-untyped-def]
+        args = cli.build_parser().parse_args(self.argv("xena"))
+        out, err = io.StringIO(), io.StringIO()
+        code = yield commands_join.run(reactor, args, io.StringIO(""), out, err)
+        self.assertEqual(code, 2)
