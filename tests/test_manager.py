@@ -17,7 +17,6 @@ from kerjostunt.client.manager import (
     BACKOFF,
     CONNECTED,
     CONNECTING,
-    PENDING,
     UNREACHABLE,
     PeerListLoaded,
     PeerManager,
