@@ -89,8 +89,20 @@ class ProbeTokens:
                     del self._by_user[entry[0]]
 
     def _prune(self) -> None:
+        """Drop expired tokens, oldest first.
+
+        Every token lives ``lifetime`` from its issue, so the dict's insertion
+        order is expiry order: stop at the first live one.  (Scanning every
+        token on every REGISTER made registering N peers cost O(N**2).)
+        ``lookup`` still checks each token's own expiry.
+        """
         now = self._clock.seconds()
-        for token in [t for t, (_, _, exp) in self._tokens.items() if now >= exp]:
+        expired = []
+        for token, (_, _, exp) in self._tokens.items():
+            if now < exp:
+                break
+            expired.append(token)
+        for token in expired:
             self._drop(token)
 
     def __len__(self) -> int:
