@@ -41,6 +41,20 @@ class TokenTests(TestCase):
         self.tokens.issue("bob")
         self.assertEqual(len(self.tokens), 1)
 
+    def test_issue_prunes_only_expired_tokens_oldest_first(self) -> None:
+        old, _ = self.tokens.issue("alice")
+        self.clock.advance(200)
+        live, _ = self.tokens.issue("bob")
+        self.clock.advance(100)
+        self.tokens.issue("carol")
+        self.assertEqual(len(self.tokens), 2)
+        self.assertIsNone(self.tokens.lookup(old))
+        self.assertIsNotNone(self.tokens.lookup(live))
+        self.clock.advance(200)
+        self.tokens.issue("dave")
+        self.assertEqual(len(self.tokens), 2)
+        self.assertIsNone(self.tokens.lookup(live))
+
     def test_revoke_and_bound(self) -> None:
         issued = [self.tokens.issue("alice")[0] for _ in range(6)]
         self.assertIsNone(self.tokens.lookup(issued[0]))
