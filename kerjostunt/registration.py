@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 
-from typing import Callable, Protocol as TypingProtocol
+from typing import Callable, Protocol as TypingProtocol, Sequence
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
@@ -21,11 +21,15 @@ from zope.interface import Interface
 
 from .auth import NonceManager, SIPDigestCredentials, challenge_params
 from .registrar import Registrar, SignalingConnection
-from .sip.digest import ALGORITHMS
 from .sip.headers import format_auth, parse_auth, parse_name_addr, parse_via
 from .sip.message import Request, Response, make_response
 
 log = Logger()
+
+# MD5 first: RFC 8760 prefers SHA-256 first, but widely used SIP tools (sipp
+# 3.6) answer only the first challenge and only MD5. Clients that support
+# SHA-256 (ours) pick it whatever the order. ``--digest-algorithms`` changes it.
+CHALLENGE_ALGORITHMS = ("MD5", "SHA-256")
 
 DEFAULT_EXPIRES = 3600
 MAX_EXPIRES = 7200
@@ -110,7 +114,9 @@ class RegisterHandler:
         extra_headers: Callable[[str], list[tuple[str, str]]] = lambda user_id: [],
         *,
         counter: Callable[[str], None] = lambda what: None,
+        challenge_algorithms: Sequence[str] = CHALLENGE_ALGORITHMS,
     ) -> None:
+        self._algorithms = tuple(challenge_algorithms)
         self._clock = clock
         self._domain = domain
         self._registrar = registrar
@@ -164,7 +170,7 @@ class RegisterHandler:
     def _challenge(self, conn: SignalingConnection, request: Request, stale: bool = False) -> None:
         response = answer(request, 401)
         nonce = self._nonces.issue()
-        for algorithm in ALGORITHMS:  # SHA-256 first (RFC 8760), MD5 for old clients
+        for algorithm in self._algorithms:
             response.headers.add(
                 "WWW-Authenticate", format_auth("Digest", challenge_params(self._domain, nonce, algorithm, stale), challenge=True)
             )

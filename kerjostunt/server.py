@@ -25,7 +25,7 @@ from .calls import CallManager
 from .probe import ObservationLog, Observation, ProbeFactory, ProbeTokens
 from .prediction import classify
 from .registrar import Registrar
-from .registration import RegisterHandler
+from .registration import CHALLENGE_ALGORITHMS, RegisterHandler
 from .router import SignalingRouter
 from .signaling import AdmittingTLSFactory, ConnectionLimits, SignalingFactory
 from .store import Database
@@ -50,6 +50,7 @@ class ServerSettings:
     probe_alt_ip: str | None = None
     probe_token_lifetime: float = 300.0
     web_endpoint: str | None = "tcp:8443"
+    digest_algorithms: tuple[str, ...] = CHALLENGE_ALGORITHMS
     limits: ConnectionLimits = field(default_factory=ConnectionLimits)
     call_answer_timeout: float = 15.0
     call_outcome_timeout: float = 30.0
@@ -109,6 +110,7 @@ class StuntServer(MultiService):
             self.store,
             self._probe_headers,
             counter=self.count,
+            challenge_algorithms=settings.digest_algorithms,
         )
         self.calls = CallManager(
             reactor, settings.domain, self.registrar, self.store, self.observations, self.count,

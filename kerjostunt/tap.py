@@ -44,6 +44,7 @@ class Options(usage.Options):
         ["web-port", None, 8443, "HTTPS port for the trusted peers list, /metrics and /health (0 = off).", _port],
         ["max-per-ip", None, 1000, "Concurrent signaling connections allowed from one IP.", int],
         ["register-timeout", None, 30.0, "Seconds a connection may stay unregistered.", float],
+        ["digest-algorithms", None, "MD5,SHA-256", "Digest challenges offered, in order (MD5 first suits SIP tools such as sipp; our clients pick SHA-256)."],
     ]
 
     def __init__(self) -> None:
@@ -67,6 +68,10 @@ class Options(usage.Options):
                 ipaddress.ip_address(self["probe-alt-ip"])
             except ValueError:
                 raise usage.UsageError("--probe-alt-ip must be an IP address") from None
+        algorithms = tuple(a.strip().upper() for a in self["digest-algorithms"].split(",") if a.strip())
+        if not algorithms or any(a not in ("MD5", "SHA-256") for a in algorithms):
+            raise usage.UsageError("--digest-algorithms takes MD5 and/or SHA-256")
+        self["digest-algorithms"] = algorithms
         if self["key"] and not self["cert"]:
             raise usage.UsageError("--key needs --cert")
 
@@ -87,6 +92,7 @@ class Options(usage.Options):
             probe_ports=list(self["probe-ports"]),
             probe_alt_ip=self["probe-alt-ip"],
             web_endpoint=_tcp(self["web-port"], interface) if self["web-port"] else None,
+            digest_algorithms=self["digest-algorithms"],
             limits=ConnectionLimits(max_per_ip=self["max-per-ip"], register_timeout=self["register-timeout"]),
         )
 

@@ -151,3 +151,40 @@ def _turn() -> defer.Deferred:
     d: defer.Deferred = defer.Deferred()
     reactor.callLater(0.01, d.callback, None)
     return d
+
+
+class ChallengeOrderTests(unittest.TestCase):
+    """Whatever the server offers, our client answers (SHA-256 when it can)."""
+
+    @defer.inlineCallbacks
+    def _register_with(self, algorithms):  # type: ignore[no-untyped-def]
+        running = yield start_server(self, digest_algorithms=algorithms)
+        add_users(running, {"alice": "wonderland"})
+        client = yield connect_client(self, running, "alice", "wonderland")
+        seen = []
+        original = client.send_request
+
+        def spy(request, timeout=32.0):  # type: ignore[no-untyped-def]
+            seen.extend(request.headers.get_all("Authorization"))
+            return original(request, timeout)
+
+        client.send_request = spy
+        registration = yield client.register()
+        return registration, seen
+
+    @defer.inlineCallbacks
+    def test_default_order_client_uses_sha256(self):  # type: ignore[no-untyped-def]
+        _, seen = yield self._register_with(("MD5", "SHA-256"))
+        self.assertEqual(len(seen), 1)
+        self.assertIn("algorithm=SHA-256", seen[0])
+
+    @defer.inlineCallbacks
+    def test_md5_only(self):  # type: ignore[no-untyped-def]
+        _, seen = yield self._register_with(("MD5",))
+        self.assertIn("algorithm=MD5", seen[0])
+
+    @defer.inlineCallbacks
+    def test_sha256_only(self):  # type: ignore[no-untyped-def]
+        registration, seen = yield self._register_with(("SHA-256",))
+        self.assertIn("algorithm=SHA-256", seen[0])
+        self.assertEqual(registration.public_ip, "127.0.0.1")

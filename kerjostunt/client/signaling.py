@@ -261,8 +261,9 @@ class SignalingClientProtocol(Protocol):
         usable = [params for scheme, params in challenges if scheme.lower() == "digest"]
         if not usable:
             raise RegistrationFailed("no digest challenge", response)
-        # The server lists SHA-256 first; take the first algorithm we support.
-        params = next((p for p in usable if p.get("algorithm", "MD5").upper() in ("SHA-256", "MD5")), usable[0])
+        # SHA-256 whenever offered, whatever the order (servers often list MD5 first).
+        preference = {"SHA-256": 0, "MD5": 1}
+        params = min(usable, key=lambda p: preference.get(p.get("algorithm", "MD5").upper(), 2))
         return authorization(params, self.user_id, self._password, method, uri, secrets.token_hex(8))
 
     def _registration(self, response: Response, expires: int) -> Registration:
