@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import create_engine, delete, event, func, insert, or_, select, update
+from sqlalchemy import bindparam, create_engine, delete, event, func, insert, or_, select, update
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError
 from sqlalchemy.orm import Session
@@ -37,6 +37,20 @@ HA1_ALGORITHMS = {"MD5": (hashlib.md5, 32), "SHA-256": (hashlib.sha256, 64)}
 # no older than this window (seconds) before the attempt being recorded.
 RECENT_ATTEMPTS = 3
 RECENT_WINDOW = 24 * 3600.0
+
+# The per-REGISTER queries, built once and run through Core: an ORM Session and
+# building the statement each time cost several times the query itself
+# (docs/performance.rst).
+_USERS = User.__table__
+_HA1_QUERIES = {
+    algorithm: select(column).where(_USERS.c.user_id == bindparam("user_id"))
+    for algorithm, column in (("MD5", _USERS.c.ha1_md5), ("SHA-256", _USERS.c.ha1_sha256))
+}
+_SEEN_UPDATE = (
+    update(_USERS)
+    .where(_USERS.c.user_id == bindparam("b_user_id"))  # a column's own name is reserved in UPDATE
+    .values(public_ip=bindparam("b_ip"), public_port=bindparam("b_port"), last_seen=bindparam("b_when"))
+)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 IMPORT_COLUMNS = frozenset({"user_id", "password", "ha1_md5", "ha1_sha256", "groups"})
@@ -301,11 +315,11 @@ class Database:
 
     @_translated
     def get_ha1(self, user_id: str, algorithm: str) -> str | None:
-        column = {"MD5": User.ha1_md5, "SHA-256": User.ha1_sha256}.get(algorithm.upper())
-        if column is None:
+        query = _HA1_QUERIES.get(algorithm.upper())
+        if query is None:
             raise InvalidValue(f"unknown digest algorithm {algorithm!r}")
-        with self._session() as s:
-            return s.scalar(select(column).where(User.user_id == user_id))
+        with self.engine.connect() as c:
+            return c.execute(query, {"user_id": user_id}).scalar()
 
     @_translated
     def import_users(self, rows: Iterable[Mapping[str, str | None]], realm: str) -> int:
@@ -463,12 +477,8 @@ class Database:
 
     @_translated
     def record_seen(self, user_id: str, ip: str, port: int, when: float) -> None:
-        with self._session() as s, s.begin():
-            result = s.execute(
-                update(User)
-                .where(User.user_id == user_id)
-                .values(public_ip=ip, public_port=int(port), last_seen=when)
-            )
+        with self.engine.begin() as c:
+            result = c.execute(_SEEN_UPDATE, {"b_user_id": user_id, "b_ip": ip, "b_port": int(port), "b_when": when})
             if result.rowcount == 0:
                 raise UnknownUser(f"unknown user {user_id!r}")
 
