@@ -376,6 +376,7 @@ class Dialer:
         self._contenders: list[Protocol] = []
         self._punch: defer.Deferred | None = None
         self._timers: list[Any] = []
+        self._starting = False
 
     # planning ------------------------------------------------------------------
 
@@ -413,8 +414,13 @@ class Dialer:
             return
         self.state = "dialing"
         log.debug("call {call}: dialing as {role}", call=self.setup.call_id, role=self.setup.role)
-        for candidate, technique in self.direct_candidates():
-            self._dial_direct(candidate.endpoint, technique)
+        # An attempt that fails at once must not end the call before the
+        # others have started.
+        self._starting = True
+        # The punch's SYNs go first: a sequential NAT gives every new
+        # connection the next port, and the predicted window assumes the
+        # punch's are the first after the probes; a direct connect made
+        # before them would take the predicted port (NAT lab, test_sequential).
         candidates = self.punch_candidates()
         if candidates:
             plan = PunchPlan(
@@ -426,6 +432,9 @@ class Dialer:
             self.pending += 1
             self._punch = punch(self.reactor, plan, self.handshakes)
             self._punch.addCallbacks(self._punched, self._punch_failed)
+        for candidate, technique in self.direct_candidates():
+            self._dial_direct(candidate.endpoint, technique)
+        self._starting = False
         # A safety net: the punch ends at its deadline, handshakes at theirs.
         self._later(self.deadline + self.handshake_timeout + 1.0, self._give_up)
         self._check_exhausted()
@@ -506,7 +515,7 @@ class Dialer:
         self._check_exhausted()
 
     def _check_exhausted(self) -> None:
-        if self.state == "dialing" and self.pending <= 0:
+        if self.state == "dialing" and self.pending <= 0 and not self._starting:
             self._fail(ConnectFailed("all techniques failed: " + "; ".join(self.errors or ["nothing to dial"])))
 
     def _give_up(self) -> None:
