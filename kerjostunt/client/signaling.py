@@ -118,7 +118,9 @@ class SignalingClientProtocol(Protocol):
         self.domain = domain
         self.on_request = on_request
         self._parser = StreamParser()
-        self._transactions: dict[str, _Transaction] = {}
+        # RFC 3261 17.1.3: a client transaction is its branch plus the CSeq
+        # method (a CANCEL shares its INVITE's branch).
+        self._transactions: dict[tuple[str, str], _Transaction] = {}
         self._cseq = 0
         self._register_call_id = secrets.token_hex(12) + "@kerjostunt"
         self._from_tag = new_tag()
@@ -205,10 +207,10 @@ class SignalingClientProtocol(Protocol):
         self.transport.write(request.to_bytes())
         if request.method == "ACK":
             return defer.succeed(None)
-        branch = parse_via(request.headers.get_all("Via")[0]).branch or ""
+        key = _transaction_key(request)
         tx = _Transaction(request, defer.Deferred())
-        tx.timer = self.clock.callLater(timeout, self._timeout, branch)
-        self._transactions[branch] = tx
+        tx.timer = self.clock.callLater(timeout, self._timeout, key)
+        self._transactions[key] = tx
         return tx.result
 
     def request(self, method: str, uri: str, **kwargs: Any) -> defer.Deferred:
@@ -305,19 +307,17 @@ class SignalingClientProtocol(Protocol):
     # -- what arrives -----------------------------------------------------------
 
     def _response(self, response: Response) -> None:
-        vias = response.headers.get_all("Via")
         try:
-            branch = parse_via(vias[0]).branch or "" if vias else ""
+            key = _transaction_key(response)
         except ValueError:
             return
-        tx = self._transactions.get(branch)
+        tx = self._transactions.get(key)
         if tx is None or response.code < 200:
             return
         self._finish(tx, response)
 
     def _finish(self, tx: _Transaction, result: Any) -> None:
-        branch = parse_via(tx.request.headers.get_all("Via")[0]).branch or ""
-        self._transactions.pop(branch, None)
+        self._transactions.pop(_transaction_key(tx.request), None)
         if tx.timer is not None and tx.timer.active():
             tx.timer.cancel()
         if not tx.result.called:
@@ -326,8 +326,8 @@ class SignalingClientProtocol(Protocol):
             else:
                 tx.result.callback(result)
 
-    def _timeout(self, branch: str) -> None:
-        tx = self._transactions.get(branch)
+    def _timeout(self, key: tuple[str, str]) -> None:
+        tx = self._transactions.get(key)
         if tx is not None:
             tx.timer = None
             self._finish(tx, Failure(defer.TimeoutError(f"no final response to {tx.request.method}")))
@@ -343,6 +343,15 @@ class SignalingClientProtocol(Protocol):
             log.failure("Handling {method} from the server failed", method=request.method)
             if request.method != "ACK":
                 self.respond(request, 500)
+
+
+def _transaction_key(message: Request | Response) -> tuple[str, str]:
+    """(top Via branch, CSeq method); ValueError when either is missing."""
+    vias = message.headers.get_all("Via")
+    cseq = message.cseq
+    if not vias or cseq is None:
+        raise ValueError("no Via or CSeq")
+    return parse_via(vias[0]).branch or "", cseq[1]
 
 
 def connect_signaling(
