@@ -42,10 +42,44 @@ RECENT_WINDOW = 24 * 3600.0
 # building the statement each time cost several times the query itself
 # (docs/performance.rst).
 _USERS = User.__table__
+_MEMBERSHIPS = Membership.__table__
+_ATTEMPTS = Attempt.__table__
 _HA1_QUERIES = {
     algorithm: select(column).where(_USERS.c.user_id == bindparam("user_id"))
     for algorithm, column in (("MD5", _USERS.c.ha1_md5), ("SHA-256", _USERS.c.ha1_sha256))
 }
+_USER_ROW = select(_USERS).where(_USERS.c.user_id == bindparam("user_id"))
+_USER_GROUPS = (
+    select(_MEMBERSHIPS.c.group_name)
+    .where(_MEMBERSHIPS.c.user_id == bindparam("user_id"))
+    .order_by(_MEMBERSHIPS.c.group_name)
+)
+_SHARE_GROUP = select(func.count()).where(
+    _MEMBERSHIPS.c.user_id == bindparam("b"),
+    _MEMBERSHIPS.c.group_name.in_(
+        select(_MEMBERSHIPS.c.group_name).where(_MEMBERSHIPS.c.user_id == bindparam("a"))
+    ),
+)
+_ATTEMPT_INSERT = insert(_ATTEMPTS)
+_LOCK_STATES = (
+    select(_USERS.c.user_id, _USERS.c.stunt_state)
+    .where(_USERS.c.user_id.in_(bindparam("user_ids", expanding=True)))
+    .order_by(_USERS.c.user_id)
+    .with_for_update()
+)
+_RECENT_OUTCOMES = (
+    select(_ATTEMPTS.c.outcome)
+    .where(
+        or_(_ATTEMPTS.c.caller == bindparam("user_id"), _ATTEMPTS.c.callee == bindparam("user_id")),
+        _ATTEMPTS.c.at >= bindparam("since"),
+        _ATTEMPTS.c.at <= bindparam("until"),
+    )
+    .order_by(_ATTEMPTS.c.at.desc(), _ATTEMPTS.c.id.desc())
+    .limit(RECENT_ATTEMPTS)
+)
+_STATE_UPDATE = (
+    update(_USERS).where(_USERS.c.user_id == bindparam("b_user_id")).values(stunt_state=bindparam("b_state"))
+)
 _SEEN_UPDATE = (
     update(_USERS)
     .where(_USERS.c.user_id == bindparam("b_user_id"))  # a column's own name is reserved in UPDATE
@@ -296,9 +330,13 @@ class Database:
 
     @_translated
     def get_user(self, user_id: str) -> UserRecord:
-        with self._session() as s:
-            user = self._user(s, user_id)
-            return _record(user, self._groups_of(s, user_id))
+        # Core, not an ORM Session: the server asks this for every INVITE.
+        with self.engine.connect() as c:
+            user = c.execute(_USER_ROW, {"user_id": user_id}).first()
+            if user is None:
+                raise UnknownUser(f"unknown user {user_id!r}")
+            groups = c.execute(_USER_GROUPS, {"user_id": user_id}).scalars().all()
+            return _record(user, groups)  # type: ignore[arg-type]
 
     @_translated
     def list_users(self) -> list[UserRecord]:
@@ -439,12 +477,8 @@ class Database:
     @_translated
     def share_group(self, a: str, b: str) -> bool:
         """True when some group holds both users (the trust relation)."""
-        ma = select(Membership.group_name).where(Membership.user_id == a)
-        query = select(func.count()).where(
-            Membership.user_id == b, Membership.group_name.in_(ma)
-        )
-        with self._session() as s:
-            return bool(s.scalar(query))
+        with self.engine.connect() as c:  # Core: once per INVITE
+            return bool(c.execute(_SHARE_GROUP, {"a": a, "b": b}).scalar())
 
     @_translated
     def is_member(self, group: str, user_id: str) -> bool:
@@ -515,56 +549,45 @@ class Database:
         """
         if outcome not in OUTCOMES:
             raise InvalidValue(f"outcome must be one of {', '.join(OUTCOMES)}")
-        with self._session() as s, s.begin():
-            s.add(
-                Attempt(
-                    call_id=call_id,
-                    caller=caller,
-                    callee=callee,
-                    technique=technique,
-                    outcome=outcome,
-                    predicted=predicted,
-                    actual=actual,
-                    duration_ms=duration_ms,
-                    at=when,
-                )
+        # Core, not an ORM Session: once per call, and the Session cost several
+        # times the SQL (docs/performance.rst).
+        with self.engine.begin() as c:
+            c.execute(
+                _ATTEMPT_INSERT,
+                {
+                    "call_id": call_id,
+                    "caller": caller,
+                    "callee": callee,
+                    "technique": technique,
+                    "outcome": outcome,
+                    "predicted": predicted,
+                    "actual": actual,
+                    "duration_ms": duration_ms,
+                    "at": when,
+                },
             )
-            s.flush()
             # Lock both rows, in a fixed order, so concurrent outcomes for the
             # same user (PostgreSQL, several workers) apply one after another.
             locked = {
-                u.user_id: u
-                for u in s.scalars(
-                    select(User)
-                    .where(User.user_id.in_(sorted({caller, callee})))
-                    .order_by(User.user_id)
-                    .with_for_update()
-                )
+                row.user_id: row.stunt_state
+                for row in c.execute(_LOCK_STATES, {"user_ids": sorted({caller, callee})})
             }
-            recent = s.scalars(
-                select(Attempt.outcome)
-                .where(
-                    or_(Attempt.caller == callee, Attempt.callee == callee),
-                    Attempt.at >= when - RECENT_WINDOW,
-                    Attempt.at <= when,
-                )
-                .order_by(Attempt.at.desc(), Attempt.id.desc())
-                .limit(RECENT_ATTEMPTS)
-            ).all()
-            caller_row, callee_row = locked.get(caller), locked.get(callee)
+            recent = c.execute(
+                _RECENT_OUTCOMES, {"user_id": callee, "since": when - RECENT_WINDOW, "until": when}
+            ).scalars().all()
             new_caller, new_callee = next_states(
                 outcome,
-                caller_row.stunt_state if caller_row else "unknown",
-                callee_row.stunt_state if callee_row else "unknown",
-                recent,
+                locked.get(caller, "unknown"),
+                locked.get(callee, "unknown"),
+                list(recent),
             )
             states: dict[str, str] = {}
-            if caller_row is not None:
-                caller_row.stunt_state = new_caller
-                states[caller] = new_caller
-            if callee_row is not None:
-                callee_row.stunt_state = new_callee
-                states[callee] = new_callee
+            for user_id, state in ((caller, new_caller), (callee, new_callee)):
+                if user_id in locked:
+                    states[user_id] = state
+            for user_id, state in states.items():
+                if state != locked[user_id]:
+                    c.execute(_STATE_UPDATE, {"b_user_id": user_id, "b_state": state})
             return states
 
     @_translated
