@@ -12,6 +12,8 @@ everything else is closed.  See docs/punching.rst.
 
 from __future__ import annotations
 
+import random
+
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +42,8 @@ class PunchPlan:
     (just enough to leave our own NAT; None: no priming).
     ``attempt_timeout``: how long one connect may stay unanswered before it
     is replaced by a fresh one (the kernel would only retransmit after 1 s,
-    then 3 s).
+    then 3 s).  ``retry_jitter``: up to this many seconds added at random
+    to each ``retry_interval``, so two peers do not retry in lockstep.
     """
 
     local: Endpoint
@@ -50,12 +53,15 @@ class PunchPlan:
     low_ttl: int | None = None
     retry_interval: float = 0.2
     attempt_timeout: float = 1.0
+    retry_jitter: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.candidates:
             raise ValueError("a punch needs at least one candidate")
         if self.deadline <= 0 or self.retry_interval <= 0 or self.attempt_timeout <= 0:
             raise ValueError("deadline, retry_interval and attempt_timeout must be positive")
+        if self.retry_jitter < 0:
+            raise ValueError("retry_jitter must not be negative")
 
 
 @dataclass(frozen=True)
@@ -205,6 +211,14 @@ class _Punch:
             errbackArgs=(candidate, low),
         )
 
+    def retry_delay(self) -> float:
+        """``retry_interval`` plus up to ``retry_jitter``: two peers that both
+        retry on a fixed period keep the offset their first SYNs had, so a
+        pair that missed each other once (each SYN meeting the other NAT's
+        closed mapping and drawing an RST) would miss every time."""
+        jitter = self.plan.retry_jitter
+        return self.plan.retry_interval + (random.uniform(0.0, jitter) if jitter else 0.0)
+
     def dialed(self, protocol: Any, candidate: Endpoint, technique: str) -> None:
         self.dials.pop(candidate, None)
         self.contend(protocol, candidate, technique, redial=True)
@@ -219,7 +233,7 @@ class _Punch:
         # survives.  Dial again at once: the peer's SYN must meet a socket in
         # SYN_SENT, since a listener's SYN-ACK carries an ISN the NAT's
         # conntrack has not seen and is dropped (docs/nat-lab.rst).
-        delay = 0.0 if low else self.plan.retry_interval
+        delay = 0.0 if low else self.retry_delay()
         self._later(delay, self.dial, candidate)
 
     # Accepting ----------------------------------------------------------
@@ -260,7 +274,7 @@ class _Punch:
                 return
             self.last_error[remote] = f"handshake: {_reason_text(reason)}"
             if redial:
-                self._later(self.plan.retry_interval, self.dial, remote)
+                self._later(self.retry_delay(), self.dial, remote)
 
         done.addCallbacks(ok, bad)
 
