@@ -54,6 +54,7 @@ PREAMBLE = b"KJ1 CALL "
 PREAMBLE_MAX = 100
 MAX_DIAL_IN = 10.0  # seconds; a larger X-Kerjo-Dial-In is a server bug, not a plan
 ACK_TIMEOUT = 32.0  # RFC 3261 Timer H: how long a callee waits for the server's ACK
+RETRY_JITTER = 0.2  # seconds added at random to each punch retry (PunchPlan.retry_jitter)
 
 
 # -- results ---------------------------------------------------------------------
@@ -428,6 +429,10 @@ class Dialer:
                 candidates=candidates,
                 deadline=self.deadline,
                 low_ttl=self.low_ttl,
+                # Peers whose first SYNs missed each other (start skew of
+                # more than one one-way delay, NATs that answer RST) would
+                # otherwise retry in lockstep and miss every time.
+                retry_jitter=RETRY_JITTER,
             )
             self.pending += 1
             self._punch = punch(self.reactor, plan, self.handshakes)
