@@ -245,7 +245,7 @@ class _Punch:
         if protocol is None:
             return None
         remote = (addr.host, addr.port)
-        if getattr(protocol, "handshake_done", None) is not None:
+        if _has_handshake(protocol):
             self.contend(protocol, remote, "accepted", redial=False)
         else:
             # The transport is attached only after buildProtocol returns.
@@ -258,10 +258,10 @@ class _Punch:
         if self.state != "running":
             _drop(protocol)
             return
-        done = getattr(protocol, "handshake_done", None)
-        if done is None:
+        if not _has_handshake(protocol):
             self.won(protocol, protocol, remote, technique)
             return
+        done = protocol.handshake_done
         self.contenders.append(protocol)
 
         def ok(app: Any) -> None:
@@ -369,3 +369,9 @@ def _drop(protocol: Any) -> None:
     transport = getattr(protocol, "transport", None)
     if transport is not None:
         transport.abortConnection()
+
+
+def _has_handshake(protocol: Any) -> bool:
+    """Without touching the attribute: ``handshake_done`` makes a new Deferred per access,
+    and one nobody consumes would be reported as an unhandled error when it fails."""
+    return hasattr(type(protocol), "handshake_done") or "handshake_done" in getattr(protocol, "__dict__", {})
