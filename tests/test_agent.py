@@ -129,6 +129,12 @@ class DialerPlanTests(unittest.TestCase):
         near = self.dialer(_setup(cands, peer_public="203.0.113.7"), "203.0.113.7").direct_candidates()
         self.assertEqual([t for _, t in near], ["lan", "public"])
 
+    def test_stunt_flag_skips_the_public_endpoint_but_not_the_lan(self) -> None:
+        cands = [_cand("host", "passive", "10.0.0.9", 7000), _cand("srflx", "passive", "198.51.100.9", 7000)]
+        dialer = self.dialer(_setup(cands, peer_public="203.0.113.7"), "203.0.113.7")
+        dialer.stunt_only = True
+        self.assertEqual([t for _, t in dialer.direct_candidates()], ["lan"])
+
     def test_stop_before_the_dial_moment_fails_without_dialing(self) -> None:
         clock = Clock()
         dialer = Dialer(clock, _setup([]), Factory.forProtocol(Protocol), local_ip="127.0.0.1", punch_port=1,

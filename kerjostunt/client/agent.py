@@ -371,11 +371,17 @@ class PeerAgent:
 
     # -- calls (used by calling.py) ---------------------------------------------------
 
-    def connect(self, peer_id: str, protocol_factory: IProtocolFactory, *, timeout: float = 20.0) -> defer.Deferred:
-        """A verified connection to ``peer_id``; fails with ConnectFailed(reason)."""
+    def connect(
+        self, peer_id: str, protocol_factory: IProtocolFactory, *, timeout: float = 20.0, prefer_stunt: bool = False
+    ) -> defer.Deferred:
+        """A verified connection to ``peer_id``; fails with ConnectFailed(reason).
+
+        Every technique starts at the dial moment anyway; ``prefer_stunt`` (the
+        peer's flag says ``stunt``) only skips its public endpoint, known closed.
+        """
         if peer_id == self.user_id:
             return defer.fail(ConnectFailed("cannot connect to ourselves"))
-        return OutgoingCall(self, peer_id, protocol_factory, timeout).run()
+        return OutgoingCall(self, peer_id, protocol_factory, timeout, prefer_stunt).run()
 
     def call_started(self, call: Any) -> None:
         self._calls[call.call_id] = call

@@ -378,6 +378,8 @@ class Dialer:
         self._punch: defer.Deferred | None = None
         self._timers: list[Any] = []
         self._starting = False
+        # The peer's "use STUNT" flag says its public endpoint is closed: skip it.
+        self.stunt_only = False
 
     # planning ------------------------------------------------------------------
 
@@ -387,7 +389,8 @@ class Dialer:
         plan: list[tuple[Candidate, str]] = []
         if self.lan:
             plan += [(c, "lan") for c in remote.of_type("host", "passive")]
-        plan += [(c, "public") for c in remote.of_type("srflx", "passive")]
+        if not self.stunt_only:
+            plan += [(c, "public") for c in remote.of_type("srflx", "passive")]
         return plan
 
     def punch_candidates(self) -> tuple[Endpoint, ...]:
@@ -418,10 +421,15 @@ class Dialer:
         # An attempt that fails at once must not end the call before the
         # others have started.
         self._starting = True
-        # The punch's SYNs go first: a sequential NAT gives every new
-        # connection the next port, and the predicted window assumes the
-        # punch's are the first after the probes; a direct connect made
-        # before them would take the predicted port (NAT lab, test_sequential).
+        # Host candidates on our own LAN first (cheapest, and they take no
+        # NAT port).  Then the punch, before any connect that leaves through
+        # the NAT: a sequential NAT gives every new connection the next port,
+        # and the predicted window assumes the punch's SYNs are the first
+        # after the probes (NAT lab, test_sequential).
+        direct = self.direct_candidates()
+        for candidate, technique in direct:
+            if technique == "lan":
+                self._dial_direct(candidate.endpoint, technique)
         candidates = self.punch_candidates()
         if candidates:
             plan = PunchPlan(
@@ -437,8 +445,9 @@ class Dialer:
             self.pending += 1
             self._punch = punch(self.reactor, plan, self.handshakes)
             self._punch.addCallbacks(self._punched, self._punch_failed)
-        for candidate, technique in self.direct_candidates():
-            self._dial_direct(candidate.endpoint, technique)
+        for candidate, technique in direct:
+            if technique != "lan":
+                self._dial_direct(candidate.endpoint, technique)
         self._starting = False
         # A safety net: the punch ends at its deadline, handshakes at theirs.
         self._later(self.deadline + self.handshake_timeout + 1.0, self._give_up)
@@ -617,6 +626,7 @@ class _CallBase:
             own_public_ip=registration.public_ip if registration is not None else None,
             deadline=self.agent.punch_deadline, low_ttl=self.agent.low_ttl,
         )
+        self.dialer.stunt_only = getattr(self, "prefer_stunt", False)
         self.agent.dialer_started(self.dialer)
         return self.dialer
 
@@ -653,10 +663,13 @@ class OutgoingCall(_CallBase):
     PeerConnection or fails with ConnectFailed.
     """
 
-    def __init__(self, agent: Any, peer_id: str, app_factory: IProtocolFactory, timeout: float) -> None:
+    def __init__(
+        self, agent: Any, peer_id: str, app_factory: IProtocolFactory, timeout: float, prefer_stunt: bool = False
+    ) -> None:
         super().__init__(agent, peer_id)
         self.app_factory = app_factory
         self.timeout = timeout
+        self.prefer_stunt = prefer_stunt
         self.state = "preparing"
         self.invite: Request | None = None
         self.sig: SignalingClientProtocol | None = None
