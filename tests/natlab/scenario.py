@@ -284,12 +284,14 @@ class Scenario:
         *,
         reactor: Any = None,
         domain: str = DOMAIN,
+        verbose: bool = True,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor  # type: ignore[no-redef]
         self.lab = lab
         self.reactor = reactor
         self.domain = domain
+        self.verbose = verbose
         self.workdir = Path(workdir).resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.db_path = self.workdir / "kerjostunt.sqlite"
@@ -301,6 +303,7 @@ class Scenario:
         self.server_process: LabProcess | None = None
         self._counter_names: list[str] = []
         self._counters_ready = False
+        self._nft_names: dict[str, str] = {"kj_server": "server"}
         self._names: dict[str, int] = {}
 
     # -- addresses ------------------------------------------------------------
@@ -375,6 +378,10 @@ class Scenario:
                     f"# {p.describe_exit()}\n{p.output}")
             except OSError:
                 pass
+
+    def processes_named(self, part: str) -> list[LabProcess]:
+        """Processes whose name contains ``part`` (e.g. ``"echo-server"``)."""
+        return [p for p in self.processes if part in p.name]
 
     def transcript(self, tail: int = 4000) -> str:
         """Every process's status and output tail (for failure messages)."""
@@ -461,8 +468,11 @@ class Scenario:
         return proc
 
     def client_args(self, user: str) -> list[str]:
-        return ["--server", self.server_address, "--user", user,
-                "--password-stdin", "--ca", str(self.ca)]
+        args = ["--server", self.server_address, "--user", user,
+                "--password-stdin", "--ca", str(self.ca), "--domain", self.domain]
+        if self.verbose:
+            args.append("--verbose")  # the details go to stderr, into transcripts
+        return args
 
     def _password(self, user: str, password: str | None) -> str:
         return (password if password is not None else self.passwords[user]) + "\n"
@@ -614,37 +624,59 @@ class Scenario:
         if proc.exit_code != 0:
             raise RuntimeError(f"nft in {host}: {proc.output}\n{script}")
 
-    @defer.inlineCallbacks
-    def count_traffic(self, name: str, a_ip: str, b_ip: str | None = None):
+    def _table_script(self) -> str:
+        """The counting table and the server link's counter, the first time."""
+        if self._counters_ready:
+            return ""
+        self._counters_ready = True
+        self._counter_names.append("server")
+        return ("table inet kjcount {\n"
+                "  counter kj_server { }\n"
+                "  chain counting {\n"
+                "    type filter hook forward priority -150; policy accept;\n"
+                '    iifname "s0" counter name kj_server\n'
+                '    oifname "s0" counter name kj_server\n'
+                "  }\n}\n")
+
+    def _counter_script(self, name: str, matches: list[str]) -> str:
+        """nft commands adding counter ``name`` and one rule per match; the
+        first call also creates the table and the server link's counter."""
+        if not re.fullmatch(r"[a-z][a-z0-9_-]*", name):
+            raise ValueError(f"bad counter name {name!r}")
+        lines = [self._table_script()]
+        # Prefixed: a bare name like "all" would be an nft keyword.
+        nft_name = "kj_" + name.replace("-", "_")
+        self._nft_names[nft_name] = name
+        lines.append(f"add counter inet kjcount {nft_name}\n")
+        for match in matches:
+            lines.append(f"add rule inet kjcount counting {match} counter name {nft_name}\n")
+        self._counter_names.append(name)
+        return "".join(lines)
+
+    def count_traffic(self, name: str, a_ip: str, b_ip: str | None = None) -> defer.Deferred:
         """Count, in the core router, packets forwarded between ``a_ip`` and
         ``b_ip`` (both ways), or to and from ``a_ip`` alone.  The server link
         is always counted as ``"server"``.  Read with ``read_counters``."""
-        lines = []
-        if not self._counters_ready:
-            lines.append(
-                "table inet kjcount {\n"
-                "  counter server { }\n"
-                "  chain counting {\n"
-                "    type filter hook forward priority -150; policy accept;\n"
-                '    iifname "s0" counter name "server"\n'
-                '    oifname "s0" counter name "server"\n'
-                "  }\n}\n")
-            self._counters_ready = True
-            self._counter_names.append("server")
-        lines.append(f"add counter inet kjcount {name}\n")
         if b_ip is None:
-            lines.append(f'add rule inet kjcount counting ip saddr {a_ip} counter name "{name}"\n')
-            lines.append(f'add rule inet kjcount counting ip daddr {a_ip} counter name "{name}"\n')
+            matches = [f"ip saddr {a_ip}", f"ip daddr {a_ip}"]
         else:
-            for s, d in ((a_ip, b_ip), (b_ip, a_ip)):
-                lines.append(f"add rule inet kjcount counting ip saddr {s} ip daddr {d} "
-                             f'counter name "{name}"\n')
-        yield self._nft("core", "".join(lines))
-        self._counter_names.append(name)
+            matches = [f"ip saddr {s} ip daddr {d}" for s, d in ((a_ip, b_ip), (b_ip, a_ip))]
+        return self._nft("core", self._counter_script(name, matches))
+
+    def count_traffic_data(self, name: str, a_ip: str, b_ip: str,
+                           min_length: int = 400) -> defer.Deferred:
+        """Like ``count_traffic`` between two addresses, but only TCP packets
+        of at least ``min_length`` bytes (IP length) without SYN or RST: the
+        ones that carry application data, not handshakes or punch attempts."""
+        matches = [f"ip saddr {s} ip daddr {d} ip length >= {min_length} "
+                   f"tcp flags & (syn | rst) == 0" for s, d in ((a_ip, b_ip), (b_ip, a_ip))]
+        return self._nft("core", self._counter_script(name, matches))
 
     @defer.inlineCallbacks
     def read_counters(self):
-        """Fires with ``{name: (packets, bytes)}``."""
+        """Fires with ``{name: (packets, bytes)}`` (``"server"`` at least)."""
+        if not self._counters_ready:
+            yield self._nft("core", self._table_script())
         proc = yield self.run("core", ["nft", "-j", "list", "counters", "table",
                                        "inet", "kjcount"], limit=30.0, name="core:nft")
         if proc.exit_code != 0:
@@ -653,7 +685,8 @@ class Scenario:
         for item in json.loads(proc.stdout)["nftables"]:
             c = item.get("counter")
             if c:
-                result[c["name"]] = (c["packets"], c["bytes"])
+                name = self._nft_names.get(c["name"], c["name"])
+                result[name] = (c["packets"], c["bytes"])
         return result
 
 
