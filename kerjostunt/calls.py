@@ -727,8 +727,8 @@ class CallManager:
         attempt = call.attempt()
         when = self.clock.seconds()
         call.recorded = attempt
-        self.count(f"calls_{attempt['outcome']}")
-        self.count(f"technique_{attempt['technique']}")
+        # kerjostunt_calls_total{outcome, technique} reads these keys (metrics.py).
+        self.count(f"calls_{attempt['outcome']}_{attempt['technique'] or 'none'}")
         log.info("Call {caller} -> {callee}: {outcome} ({technique}), predicted {predicted}, actual {actual}",
                  **attempt)
         d = self.store.record_attempt(when=when, **attempt)

@@ -15,7 +15,8 @@ from .signaling import ConnectionLimits
 
 def _tcp(port: int, interface: str) -> str:
     """A TCP server endpoint string; IPv6 interfaces need their colons escaped."""
-    description = f"tcp:{port}"
+    # A deep backlog: thousands of peers reconnect at once after a restart.
+    description = f"tcp:{port}:backlog=1024"
     if interface:
         description += ":interface=" + interface.replace(":", "\\:")
     return description
