@@ -39,6 +39,7 @@ from kerjostunt.sdp import Candidate, SDPError, SessionDescription, candidate_pr
 from kerjostunt.sip.headers import parse_name_addr
 from kerjostunt.sip.message import Request, Response
 
+from . import birthday
 from .handshake import HandshakeFactory, HandshakeProtocol
 from .probing import ProbeError, probe_from
 from .punch import PunchFailed, PunchPlan, punch
@@ -93,6 +94,7 @@ class CallSetup:
     role: str
     peer_public: str | None
     remote: SessionDescription
+    peer_nat: str | None = None  # X-Kerjo-NAT as sent (birthday.parse_nat_header)
 
     @property
     def handshake_id(self) -> str:
@@ -127,7 +129,8 @@ def read_setup(message: Request | Response) -> CallSetup:
     if remote.punch_candidate is None and not remote.of_type("prflx"):
         raise ValueError("the peer's SDP has no punch candidate")
     peer_public = (message.headers.get("X-Kerjo-Peer-Public") or "").strip() or None
-    return CallSetup(call_id, secret, role, peer_public, remote)
+    peer_nat = (message.headers.get("X-Kerjo-NAT") or "").strip() or None
+    return CallSetup(call_id, secret, role, peer_public, remote, peer_nat)
 
 
 def dial_in_seconds(message: Request | Response) -> float:
@@ -380,6 +383,7 @@ class Dialer:
         self._starting = False
         # The peer's "use STUNT" flag says its public endpoint is closed: skip it.
         self.stunt_only = False
+        self.own_probes: list[Any] = []  # this call's ProbeResults (birthday roles)
 
     # planning ------------------------------------------------------------------
 
@@ -445,6 +449,7 @@ class Dialer:
             self.pending += 1
             self._punch = punch(self.reactor, plan, self.handshakes)
             self._punch.addCallbacks(self._punched, self._punch_failed)
+        self._start_birthday()
         for candidate, technique in direct:
             if technique != "lan":
                 self._dial_direct(candidate.endpoint, technique)
@@ -510,6 +515,37 @@ class Dialer:
         self._punch = None
         self.pending -= 1
         self._won(DialResult(result.protocol, "stunt", result.technique, result.remote, self._elapsed()))
+
+    def _start_birthday(self) -> None:
+        """The birthday technique when one NAT is random and the other's mapping
+        endpoint-independent (birthday.py); it runs beside the punch."""
+        own = birthday.describe_own(self.own_probes, self.local_ip)
+        role, why = birthday.choose_role(own, birthday.parse_nat_header(self.setup.peer_nat))
+        candidates = self.punch_candidates()
+        if role is None or not candidates:
+            if why:
+                self.errors.append(f"birthday: {why}")
+            return
+        plan = birthday.plan_for_call(
+            role, local_ip=self.local_ip, punch_port=self.punch_port, peer_endpoint=candidates[0],
+            deadline=self.deadline, low_ttl=self.low_ttl,
+        )
+        self.pending += 1
+        d = birthday.birthday(self.reactor, plan, self.handshakes)
+        self._connects.append(d)  # cancelled by _teardown
+
+        def won(result: Any) -> None:
+            self._connects.remove(d)
+            self.pending -= 1
+            self._won(DialResult(result.protocol, "stunt", result.technique, result.remote, self._elapsed()))
+
+        def failed(reason: Failure) -> None:
+            if d in self._connects:
+                self._connects.remove(d)
+            if not reason.check(defer.CancelledError):
+                self._attempt_failed(reason.value.reason if reason.check(PunchFailed) else _reason(reason))
+
+        d.addCallbacks(won, failed)
 
     def _punch_failed(self, reason: Failure) -> None:
         self._punch = None
@@ -593,6 +629,7 @@ class _CallBase:
         self.punch_port = 0
         self.dialer: Dialer | None = None
         self.local_ip = "0.0.0.0"
+        self.probe_results: list[Any] = []
 
     def bind_punch_port(self, sig: SignalingClientProtocol) -> None:
         """A fresh reusable port, held bound until the punch (and the call) ends."""
@@ -608,10 +645,12 @@ class _CallBase:
             return
         servers = self.agent.probe_servers(sig, offer)
         try:
-            yield probe_from(
+            self.probe_results = yield probe_from(
                 self.reactor, (self.local_ip, self.punch_port), servers,
                 username=offer.token, password=offer.password, timeout=self.agent.probe_timeout,
             )
+            if self.dialer is not None:  # the callee's dialer exists before it probes
+                self.dialer.own_probes = self.probe_results
         except (ProbeError, OSError) as e:
             # The server then predicts from older observations, or not at all.
             log.warn("call {call}: probing failed: {why}", call=self.call_id, why=str(e))
@@ -627,6 +666,7 @@ class _CallBase:
             deadline=self.agent.punch_deadline, low_ttl=self.agent.low_ttl,
         )
         self.dialer.stunt_only = getattr(self, "prefer_stunt", False)
+        self.dialer.own_probes = self.probe_results
         self.agent.dialer_started(self.dialer)
         return self.dialer
 
