@@ -49,7 +49,7 @@ DIAL_MARGIN_MS = 30.0
 MAX_OUTCOME_BYTES = 1024
 OUTCOME_TYPE = "application/x-kerjo-outcome"
 OUTCOMES = ("direct", "stunt", "failed")
-TECHNIQUES = ("lan", "public", "simultaneous-open", "low-ttl", "accepted", "none")
+TECHNIQUES = ("lan", "public", "simultaneous-open", "low-ttl", "accepted", "birthday", "none")
 _OUTCOME_KEYS = ("outcome", "technique", "remote", "elapsed_ms")
 _KEY_VALUE = re.compile(r"([a-z_]{1,16})=([\x21-\x7e]{1,64})\Z")
 
