@@ -130,7 +130,8 @@ class ConcurrentCallsTests(unittest.TestCase):
             a = attempts[invites_seen[k].call_id]  # type: ignore[index]
             self.assertEqual((a.caller, a.callee, a.outcome, a.actual, a.predicted),
                              (names[caller], names[callee], "stunt", f"127.0.0.1:{20000 + k}", f"127.0.0.1:{20000 + k}"))
-        self.assertEqual(running.server.counters["calls_stunt"], CALLS)
+        # Counted per outcome and technique (kerjostunt_calls_total labels).
+        self.assertEqual(running.server.counters["calls_stunt_simultaneous-open"], CALLS)
         self.assertEqual(running.server.counters["internal_errors"], 0)
         log.info("200 calls: {answered:.3f} s to all 200 OK, {finished:.3f} s including ACKs and outcomes",
                  answered=answered - started, finished=finished - started)
