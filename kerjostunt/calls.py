@@ -857,13 +857,13 @@ class CallManager:
     def _check(self, call: Call) -> None:
         """404 / 403 / 480, in protocol.rst's order; the store answers later."""
 
-        def exists(_: Any) -> Deferred:
-            return self.store.share_group(call.caller_id, call.callee_id)
-
-        def shared(ok: bool) -> None:
+        def checked(verdict: str) -> None:
             if call.phase != "checking":
                 return
-            if not ok:
+            if verdict == "unknown":
+                self.guarded(call, call.refused, 404, None)
+                return
+            if verdict != "ok":
                 self.guarded(call, call.refused, 403, "Forbidden: no shared group")
                 return
             binding = self.registrar.lookup(call.callee_id)
@@ -883,8 +883,9 @@ class CallManager:
             self.count("store_errors")
             self.guarded(call, call.refused, 503, "Service Unavailable: user database", 5)
 
-        d = self.store.get_user(call.callee_id).addCallback(exists)
-        d.addCallbacks(shared, failed)
+        # One store round trip: callee exists, and shares a group with the caller.
+        d = self.store.call_check(call.caller_id, call.callee_id)
+        d.addCallbacks(checked, failed)
         d.addErrback(lambda f: log.failure("Call check failed", f))
 
     # -- responses ---------------------------------------------------------------------

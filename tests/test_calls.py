@@ -335,6 +335,13 @@ class FakeStore:
     def share_group(self, a: str, b: str) -> defer.Deferred:
         return defer.succeed("carol" not in (a, b))
 
+    def call_check(self, caller: str, callee: str) -> defer.Deferred:
+        if self.fail:
+            return defer.fail(RuntimeError("database down"))
+        if callee not in self.users:
+            return defer.succeed("unknown")
+        return self.share_group(caller, callee).addCallback(lambda ok: "ok" if ok else "no-group")
+
     def record_attempt(self, **attempt: Any) -> defer.Deferred:
         self.attempts.append(attempt)
         return defer.succeed({})

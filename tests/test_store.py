@@ -180,6 +180,21 @@ class StoreTestsMixin:
         self.assertEqual(self.db.groups_of("alice"), [])
         self.assertRaises(UnknownGroup, self.db.delete_group, "friends")
 
+    def test_call_check(self) -> None:
+        """One query: the callee exists, and some group holds both."""
+        self.users("alice", "bob", "carol")
+        self.db.add_group("friends")
+        self.db.add_group("others")
+        self.db.join_group("friends", ["alice", "bob"])
+        self.db.join_group("others", ["carol"])
+        self.assertEqual(self.db.call_check("alice", "bob"), "ok")
+        self.assertEqual(self.db.call_check("bob", "alice"), "ok")
+        self.assertEqual(self.db.call_check("alice", "carol"), "no-group")
+        self.assertEqual(self.db.call_check("alice", "nobody"), "unknown")
+        self.assertEqual(self.db.call_check("nobody", "bob"), "no-group")
+        self.db.leave_group("friends", ["bob"])
+        self.assertEqual(self.db.call_check("alice", "bob"), "no-group")
+
     def test_join_is_all_or_nothing(self) -> None:
         self.users("alice")
         self.db.add_group("g")

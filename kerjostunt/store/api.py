@@ -147,6 +147,9 @@ class AsyncStore:
     def share_group(self, a: str, b: str) -> Deferred[bool]:
         return self.run(Database.share_group, a, b)
 
+    def call_check(self, caller: str, callee: str) -> Deferred[str]:
+        return self.run(Database.call_check, caller, callee)
+
     def is_member(self, group: str, user_id: str) -> Deferred[bool]:
         return self.run(Database.is_member, group, user_id)
 

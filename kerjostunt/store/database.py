@@ -60,6 +60,20 @@ _SHARE_GROUP = select(func.count()).where(
         select(_MEMBERSHIPS.c.group_name).where(_MEMBERSHIPS.c.user_id == bindparam("a"))
     ),
 )
+# "Does the callee exist, and does it share a group with the caller?" in one
+# statement: the server asks this for every INVITE.
+_CALL_CHECK = select(
+    select(_USERS.c.user_id).where(_USERS.c.user_id == bindparam("b")).exists().label("known"),
+    select(_MEMBERSHIPS.c.group_name)
+    .where(
+        _MEMBERSHIPS.c.user_id == bindparam("b"),
+        _MEMBERSHIPS.c.group_name.in_(
+            select(_MEMBERSHIPS.c.group_name).where(_MEMBERSHIPS.c.user_id == bindparam("a"))
+        ),
+    )
+    .exists()
+    .label("shared"),
+)
 _ATTEMPT_INSERT = insert(_ATTEMPTS)
 _LOCK_STATES = (
     select(_USERS.c.user_id, _USERS.c.stunt_state)
@@ -479,6 +493,18 @@ class Database:
         """True when some group holds both users (the trust relation)."""
         with self.engine.connect() as c:  # Core: once per INVITE
             return bool(c.execute(_SHARE_GROUP, {"a": a, "b": b}).scalar())
+
+    @_translated
+    def call_check(self, caller: str, callee: str) -> str:
+        """'unknown' (no such callee), 'no-group' (no group holds both) or 'ok'.
+
+        One query for what an INVITE needs, instead of get_user + share_group.
+        """
+        with self.engine.connect() as c:
+            known, shared = c.execute(_CALL_CHECK, {"a": caller, "b": callee}).one()
+        if not known:
+            return "unknown"
+        return "ok" if shared else "no-group"
 
     @_translated
     def is_member(self, group: str, user_id: str) -> bool:
