@@ -46,11 +46,10 @@ import os
 import random
 import resource
 import socket
-import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -60,7 +59,6 @@ from kerjostunt.client.punch import PunchFailed, PunchResult
 from kerjostunt.client.sockets import (
     _CapturingFactory,
     _ConnectWaiter,
-    _connect_error,
     _ttl_option,
     reusable_socket,
 )
