@@ -376,7 +376,7 @@ class Call:
         self._outcome_timer = self.manager.clock.callLater(
             self.dial_at - now + self.manager.outcome_timeout, self.outcome_timed_out)
         self.manager.count("calls_answered")
-        log.info("Call {caller} -> {callee} answered; dial in {a}/{b} ms", caller=self.caller_id,
+        log.debug("Call {caller} -> {callee} answered; dial in {a}/{b} ms", caller=self.caller_id,
                  callee=self.callee_id, a=dial_caller, b=dial_callee)
 
     @_machine.output()
@@ -729,6 +729,7 @@ class CallManager:
         call.recorded = attempt
         # kerjostunt_calls_total{outcome, technique} reads these keys (metrics.py).
         self.count(f"calls_{attempt['outcome']}_{attempt['technique'] or 'none'}")
+        # The one info line per call; the steps before it are debug (--log-level).
         log.info("Call {caller} -> {callee}: {outcome} ({technique}), predicted {predicted}, actual {actual}",
                  **attempt)
         d = self.store.record_attempt(when=when, **attempt)
@@ -739,7 +740,7 @@ class CallManager:
             return result
 
         d.addBoth(done)
-        d.addCallback(lambda states: log.info("STUNT states now {states}", states=states))
+        d.addCallback(lambda states: log.debug("STUNT states now {states}", states=states))
         d.addErrback(lambda f: log.failure("Could not record call {id}", f, id=call.server_call_id))
 
     # -- requests ----------------------------------------------------------------------
@@ -798,7 +799,7 @@ class CallManager:
             conn.send(make_response(request, 481, "Call/Transaction Does Not Exist: not answered"))
             return
         conn.send(make_response(request, 200))
-        log.info("Call {id}: {side} reports {outcome}", id=call.server_call_id, side=side, outcome=outcome.outcome)
+        log.debug("Call {id}: {side} reports {outcome}", id=call.server_call_id, side=side, outcome=outcome.outcome)
         if call.phase == "reporting":
             self.guarded(call, call.on_report, side, outcome)
 
