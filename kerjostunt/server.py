@@ -6,6 +6,7 @@ builds a ``StuntServer``; tests build one directly on port 0.
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
-from twisted.logger import Logger
+from twisted.logger import FilteringLogObserver, LogLevel, LogLevelFilterPredicate, Logger, globalLogPublisher
 from zope.interface import implementer
 
 from . import tls, web
@@ -32,6 +33,33 @@ from .store import Database
 from .store.api import AsyncStore, StoreService
 
 log = Logger()
+
+
+def filter_log_level(level: LogLevel) -> LogLevelFilterPredicate:
+    """Stop kerjostunt's events below ``level`` before any log observer sees them.
+
+    twistd's log file observer formats and writes every event it gets, debug
+    included, and twistd builds that observer itself (no level option), so
+    the filter sits at the source: every ``Logger`` of a loaded kerjostunt
+    module sends to a ``FilteringLogObserver`` (``LogLevelFilterPredicate``)
+    in front of the global publisher. A debug event then costs only its
+    ``Logger.emit``. Twisted's own events are not affected. ``twistd
+    kerjostunt --log-level`` calls this; tests that build a server directly
+    keep every event.
+    """
+    predicate = LogLevelFilterPredicate(defaultLogLevel=level)
+    filtered = FilteringLogObserver(globalLogPublisher, [predicate])
+    filtered._kerjostunt_level_filter = True  # type: ignore[attr-defined]
+    for name, module in list(sys.modules.items()):
+        if module is None or not (name == "kerjostunt" or name.startswith("kerjostunt.")):
+            continue
+        for value in list(vars(module).values()):
+            if isinstance(value, Logger) and (
+                value.observer is globalLogPublisher
+                or getattr(value.observer, "_kerjostunt_level_filter", False)
+            ):
+                value.observer = filtered
+    return predicate
 
 
 @dataclass

@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application.service import IService
+from twisted.logger import InvalidLogLevelError, LogLevel
 from twisted.python import usage
 
-from .server import ServerSettings, StuntServer
+from .server import ServerSettings, StuntServer, filter_log_level
 from .signaling import ConnectionLimits
 
 
@@ -45,6 +46,7 @@ class Options(usage.Options):
         ["web-port", None, 8443, "HTTPS port for the trusted peers list, /metrics and /health (0 = off).", _port],
         ["max-per-ip", None, 1000, "Concurrent signaling connections allowed from one IP.", int],
         ["register-timeout", None, 30.0, "Seconds a connection may stay unregistered.", float],
+        ["log-level", None, "info", "Lowest level of the server's events written to the log: debug, info, warn, error or critical."],
         ["digest-algorithms", None, "MD5,SHA-256", "Digest challenges offered, in order (MD5 first suits SIP tools such as sipp; our clients pick SHA-256)."],
     ]
 
@@ -75,6 +77,10 @@ class Options(usage.Options):
         self["digest-algorithms"] = algorithms
         if self["key"] and not self["cert"]:
             raise usage.UsageError("--key needs --cert")
+        try:
+            self["log-level"] = LogLevel.levelWithName(str(self["log-level"]).strip().lower())
+        except InvalidLogLevelError:
+            raise usage.UsageError("--log-level takes debug, info, warn, error or critical") from None
 
     def settings(self) -> ServerSettings:
         interface = self["interface"]
@@ -102,4 +108,5 @@ def makeService(config: Options, reactor: Any = None) -> IService:
     """Build the whole server; twistd passes only ``config``."""
     if reactor is None:
         from twisted.internet import reactor  # type: ignore[no-redef]
+    filter_log_level(config["log-level"])
     return StuntServer(config.settings(), reactor)

@@ -1,0 +1,64 @@
+"""``twistd kerjostunt`` options that need no process: --log-level."""
+
+from __future__ import annotations
+
+import sys
+
+from twisted.logger import LogLevel, Logger, globalLogPublisher
+from twisted.python import usage
+from twisted.trial import unittest
+
+from kerjostunt import calls, signaling
+from kerjostunt.server import filter_log_level
+from kerjostunt.tap import Options
+
+
+def _kerjostunt_loggers() -> list[Logger]:
+    return [
+        value
+        for name, module in list(sys.modules.items())
+        if module is not None and name.startswith("kerjostunt")
+        for value in vars(module).values()
+        if isinstance(value, Logger)
+    ]
+
+
+class LogLevelTests(unittest.TestCase):
+    def setUp(self) -> None:
+        before = {id(lg): (lg, lg.observer) for lg in _kerjostunt_loggers()}
+
+        def restore() -> None:
+            for lg, observer in before.values():
+                lg.observer = observer
+
+        self.addCleanup(restore)
+        self.seen: list[dict] = []
+        globalLogPublisher.addObserver(self.seen.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.seen.append)
+
+    def test_default_is_info(self) -> None:
+        options = Options()
+        options.parseOptions([])
+        self.assertIs(options["log-level"], LogLevel.info)
+
+    def test_option(self) -> None:
+        options = Options()
+        options.parseOptions(["--log-level", "DEBUG"])
+        self.assertIs(options["log-level"], LogLevel.debug)
+        self.assertRaises(usage.UsageError, Options().parseOptions, ["--log-level", "chatty"])
+
+    def test_debug_stops_at_the_source(self) -> None:
+        filter_log_level(LogLevel.info)
+        calls.log.debug("hidden {x}", x=1)
+        signaling.log.info("shown {x}", x=2)
+        Logger(namespace="other").debug("not ours {x}", x=3)
+        formats = [e.get("log_format") for e in self.seen]
+        self.assertNotIn("hidden {x}", formats)
+        self.assertIn("shown {x}", formats)
+        self.assertIn("not ours {x}", formats)
+
+    def test_debug_level_lets_debug_through(self) -> None:
+        filter_log_level(LogLevel.info)
+        filter_log_level(LogLevel.debug)  # applied again: replaces the first filter
+        calls.log.debug("visible {x}", x=1)
+        self.assertIn("visible {x}", [e.get("log_format") for e in self.seen])
