@@ -31,23 +31,12 @@ from tests.natlab.scenario import Scenario, unique_message, wall_clock
 
 DELAY_MS = 20.0
 #: What the echo-client may report after a punch (docs/protocol.rst).
-STUNT_TECHNIQUES = {"simultaneous-open", "low-ttl", "accepted"}
+STUNT_TECHNIQUES = {"simultaneous-open", "low-ttl", "accepted", "birthday"}
 #: IP packets at least this long carry echo data: the peer handshake's lines
 #: and bare ACKs/SYNs are shorter, a segment of the message is longer.
 DATA_PACKET = 400
 #: Message length: several full segments each way.
 MESSAGE_LENGTH = 6000
-
-#: Why random <-> preserving cannot work in this lab yet.  The lab's
-#: preserving NAT (Linux masquerade) maps endpoint-independently but filters
-#: by address and port (conntrack): it lets in only the exact remote ip:port
-#: its peer sent to.  The random NAT gives the peer's SYN towards us a port
-#: nobody can predict or observe (only our NAT box sees it, and refuses it),
-#: so neither side can open its NAT for the other.  It needs a NAT with
-#: endpoint-independent filtering ("full cone") on the preserving side, which
-#: the lab does not build, or a birthday-paradox port search in the client.
-RANDOM_VS_PRESERVING = ("random vs port-restricted preserving NAT: no technique "
-                        "can learn the random port (see RANDOM_VS_PRESERVING)")
 
 PRESERVING_DROP = NATSpec("preserving", inbound="drop")
 PRESERVING_RST = NATSpec("preserving", inbound="rst")
@@ -139,14 +128,15 @@ class TraversalTests(unittest.TestCase):
         return attempt
 
     @defer.inlineCallbacks
-    def check_stunt_pair(self, nat_a: NATSpec, nat_b: NATSpec):
+    def check_stunt_pair(self, nat_a: NATSpec, nat_b: NATSpec,
+                         techniques: set[str] = STUNT_TECHNIQUES):
         sc = self.build({"a": nat_a, "b": nat_b})
         result, traffic, since = yield self.echo(sc, "a1", "b1")
         self.assert_echoed(sc, result)
-        self.assertIn(result.technique, STUNT_TECHNIQUES, result.summary())
+        self.assertIn(result.technique, techniques, result.summary())
         self.assert_peer_to_peer(sc, result, traffic, "a1")
         yield self.assert_recorded(
-            sc, since, "stunt", STUNT_TECHNIQUES,
+            sc, since, "stunt", techniques,
             {"alice": "stunt", "bob": "stunt"},
             actual_ips={sc.public_ip("a1"), sc.public_ip("b1")})
 
@@ -165,16 +155,14 @@ class TraversalTests(unittest.TestCase):
         return self.check_stunt_pair(SEQUENTIAL, SEQUENTIAL)
 
     def test_random_to_preserving(self):
-        """A random NAT on one side, a preserving one on the other."""
-        return self.check_stunt_pair(RANDOM, PRESERVING_RST)
-
-    test_random_to_preserving.todo = RANDOM_VS_PRESERVING  # type: ignore[attr-defined]
+        """A random NAT on one side, a preserving one on the other: the
+        preserving NAT filters by remote port, so only the birthday
+        technique (kerjostunt/client/birthday.py) finds the random port."""
+        return self.check_stunt_pair(RANDOM, PRESERVING_RST, {"birthday"})
 
     def test_preserving_to_random(self):
         """The same pair with the caller behind the preserving NAT."""
-        return self.check_stunt_pair(PRESERVING_RST, RANDOM)
-
-    test_preserving_to_random.todo = RANDOM_VS_PRESERVING  # type: ignore[attr-defined]
+        return self.check_stunt_pair(PRESERVING_RST, RANDOM, {"birthday"})
 
     @defer.inlineCallbacks
     def test_same_nat(self):

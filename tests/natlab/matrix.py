@@ -15,7 +15,8 @@ prints a table (reStructuredText, ready for docs/nat-lab.rst):
   moment, the punch and the peer handshake; the caller's own probes come
   first too);
 - punch: median time from the dial moment to a verified connection (the
-  client's ``punched ... in S s`` log line; ``-`` for a direct connection);
+  client's ``punched ... in S s`` or ``birthday ...: connected ... in S s``
+  log line; ``-`` for a direct connection);
 - floor: what the lab's delays alone allow for that sequence: the INVITE to
   the callee and its answer back (twice the RTT to the server) plus a TCP
   handshake and the peer handshake between the peers (twice the peers'
@@ -51,7 +52,10 @@ BEHAVIOURS: dict[str, NATSpec] = {
     "random/rst": NATSpec("random", inbound="rst"),
 }
 
-PUNCHED_RE = re.compile(r"punched \S+ via \S+ after \d+ attempts in (?P<s>\d+(?:\.\d+)?) s")
+#: The client's log lines for a won punch / birthday search (--verbose).
+PUNCHED_RE = re.compile(
+    r"(?:punched \S+ via \S+ after \d+ attempts|birthday \(\w+\): connected \S+ after \d+ dials)"
+    r" in (?P<s>\d+(?:\.\d+)?) s")
 
 
 @dataclass
