@@ -57,6 +57,8 @@ class Router(TypingProtocol):
 class TokenBucket:
     """Requests per second with a burst; cheap enough for every connection."""
 
+    __slots__ = ("_clock", "_rate", "_burst", "_tokens", "_stamp")
+
     def __init__(self, clock: IReactorTime, rate: float, burst: float) -> None:
         self._clock, self._rate, self._burst = clock, rate, burst
         self._tokens = burst
@@ -86,11 +88,16 @@ class SignalingProtocol(Protocol):
         self.user_ids: set[str] = set()
         self._parser = StreamParser(self.limits.sip)
         self._bucket = TokenBucket(self._clock, self.limits.requests_per_second, self.limits.request_burst)
+        # One timer for the state (handshake, register, or, once registered,
+        # both the idle limit and the keepalive pings), one for slow input.
         self._timer: IDelayedCall | None = None
         self._partial_timer: IDelayedCall | None = None
-        self._ping_timer: IDelayedCall | None = None
         self._ping_sent_at: float | None = None
+        self._next_ping = 0.0
         self._rtt: float | None = None
+        # Activity only stamps the time; the registered timer, when it fires,
+        # looks at it (no cancel + callLater per message).
+        self._last_activity = 0.0
         self.closed = False
 
     # -- the connection's life ------------------------------------------------
@@ -137,8 +144,11 @@ class SignalingProtocol(Protocol):
 
     @_machine.output()
     def _await_activity(self) -> None:
-        self._arm(self.limits.idle_timeout, "idle")
-        self._schedule_ping(0.0)
+        now = self._clock.seconds()
+        self._last_activity = self._next_ping = now  # the first ping measures the RTT at once
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = self._clock.callLater(0.0, self._registered_tick)
 
     @_machine.output()
     def _drop(self) -> None:
@@ -277,18 +287,21 @@ class SignalingProtocol(Protocol):
     def note_rtt_sample(self, sample: float) -> None:
         self._rtt = sample if self._rtt is None else 0.875 * self._rtt + 0.125 * sample
 
-    def _schedule_ping(self, delay: float) -> None:
-        if self._ping_timer is not None and self._ping_timer.active():
-            return
-        self._ping_timer = self._clock.callLater(delay, self._send_ping)
-
-    def _send_ping(self) -> None:
-        self._ping_timer = None
+    def _registered_tick(self) -> None:
+        """The registered state's one timer: idle limit and keepalive pings."""
+        self._timer = None
         if self.closed or not self.user_ids:
             return
-        self._ping_sent_at = self._clock.seconds()
-        self.transport.write(PING_BYTES)
-        self._schedule_ping(self.limits.rtt_interval)
+        now = self._clock.seconds()
+        idle_at = self._last_activity + self.limits.idle_timeout
+        if now >= idle_at:
+            self._time_out("idle")
+            return
+        if now >= self._next_ping:
+            self._ping_sent_at = now
+            self.transport.write(PING_BYTES)
+            self._next_ping = now + self.limits.rtt_interval
+        self._timer = self._clock.callLater(min(idle_at, self._next_ping) - now, self._registered_tick)
 
     def _pong_received(self) -> None:
         if self._ping_sent_at is not None:
@@ -312,8 +325,7 @@ class SignalingProtocol(Protocol):
         self.timed_out()
 
     def _activity(self) -> None:
-        if self.user_ids and not self.closed:
-            self._arm(self.limits.idle_timeout, "idle")
+        self._last_activity = self._clock.seconds()
 
     def _track_partial(self) -> None:
         """Slow input: a message started must finish within the limit."""
@@ -332,10 +344,10 @@ class SignalingProtocol(Protocol):
         self._time_out("incomplete message")
 
     def _cancel_timers(self) -> None:
-        for timer in (self._timer, self._partial_timer, self._ping_timer):
+        for timer in (self._timer, self._partial_timer):
             if timer is not None and timer.active():
                 timer.cancel()
-        self._timer = self._partial_timer = self._ping_timer = None
+        self._timer = self._partial_timer = None
 
 
 def _describe(message: Request | Response) -> str:

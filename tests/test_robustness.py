@@ -487,6 +487,25 @@ class SignalingProtocolTests(unittest.TestCase):
         self.clock.advance(2)
         self.assertTrue(transport.disconnected)
 
+    def test_registered_connection_has_one_timer_for_pings_and_idle(self) -> None:
+        """Keepalive pings every rtt_interval and the idle limit share one timer;
+        activity does not re-arm it (memory and CPU per held peer)."""
+        proto, transport = self.connect()
+        proto.bound("alice")
+        self.clock.advance(0)
+        self.assertEqual(transport.value(), b"\r\n\r\n")  # the first ping measures the RTT
+        transport.clear()
+        self.clock.advance(self.limits.rtt_interval - 1)
+        for _ in range(5):
+            proto.dataReceived(b"\r\n\r\n")  # activity: pongs, no new timer
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        transport.clear()
+        self.clock.advance(1)
+        self.assertEqual(transport.value(), b"\r\n\r\n")  # the next ping, on time
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        proto.dataReceived(b"\r\n")  # pong: an RTT sample
+        self.assertIsNotNone(proto.rtt)
+
     def test_partial_message_timeout(self) -> None:
         proto, transport = self.connect()
         proto.bound("alice")  # registered: only the partial-message timer is short

@@ -218,6 +218,10 @@ class StreamParser:
     """Incremental framing for a SIP stream (TLS/TCP): feed bytes, get
     complete messages; Content-Length framing (RFC 3261 18.3)."""
 
+    # One per connection (15,000 on a server): no per-instance __dict__.
+    __slots__ = ("limits", "_buf", "_start", "_dead", "_scan", "_line_start", "_nheaders",
+                 "_head_end", "_message", "_error", "_body_len")
+
     def __init__(self, limits: Limits = Limits()) -> None:
         self.limits = limits
         self._buf = bytearray()
