@@ -79,6 +79,7 @@ class ServerSettings:
     probe_token_lifetime: float = 300.0
     web_endpoint: str | None = "tcp:8443"
     digest_algorithms: tuple[str, ...] = CHALLENGE_ALGORITHMS
+    tls_groups: str | None = None  # None: OpenSSL's default key exchange
     limits: ConnectionLimits = field(default_factory=ConnectionLimits)
     call_answer_timeout: float = 15.0
     call_outcome_timeout: float = 30.0
@@ -148,7 +149,9 @@ class StuntServer(MultiService):
         _CallsService(self.calls).setServiceParent(self)  # stops before the store: outcomes get written
         self.router = SignalingRouter(self.registrar, self.register, self.calls)
         self.signaling = SignalingFactory(self.router, reactor, settings.limits, counter=self.count)
-        tls_factory = AdmittingTLSFactory(tls.server_options(self.certificates), False, self.signaling)
+        tls_factory = AdmittingTLSFactory(
+            tls.server_options(self.certificates, groups=settings.tls_groups), False, self.signaling
+        )
         self.ports: dict[str, Deferred[IListeningPort]] = {}
         self._listen("sip", settings.sip_endpoint, tls_factory)
         for index, endpoint in enumerate(settings.probe_endpoints):

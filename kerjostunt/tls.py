@@ -190,14 +190,40 @@ def ensure_certificates(
     return CertificatePaths(cert_path, key_path, ca_path)
 
 
-def server_options(paths: CertificatePaths) -> ssl.CertificateOptions:
-    """TLS options for the signaling and web listeners (TLS 1.2 or later)."""
+def set_groups(context: object, groups: str) -> None:
+    """Restrict the key-exchange groups a context offers (OpenSSL's
+    ``SSL_CTX_set1_groups_list`` syntax, e.g. ``X25519MLKEM768:X25519:P-256``).
+
+    pyOpenSSL 26 has no public call for it; its bindings expose the same
+    function under its older name ``SSL_CTX_set1_curves_list`` (Twisted's
+    own ECDH set-up reaches the context the same way). ValueError when the
+    binding is missing or OpenSSL rejects the list.
+    """
+    from OpenSSL._util import lib
+
+    setter = getattr(lib, "SSL_CTX_set1_curves_list", None)
+    if setter is None:
+        raise ValueError("this pyOpenSSL cannot choose TLS key-exchange groups")
+    if setter(context._context, groups.encode("ascii")) != 1:  # type: ignore[attr-defined]
+        raise ValueError(f"OpenSSL rejected the TLS groups {groups!r}")
+
+
+def server_options(paths: CertificatePaths, groups: str | None = None) -> ssl.CertificateOptions:
+    """TLS options for the signaling and web listeners (TLS 1.2 or later).
+
+    ``groups`` None keeps OpenSSL's default key exchange (with OpenSSL 3.5+
+    the post-quantum hybrid X25519MLKEM768 first); see docs/performance.rst
+    for what each choice costs per connection.
+    """
     cert = ssl.PrivateCertificate.loadPEM(paths.cert.read_bytes() + b"\n" + paths.key.read_bytes())
-    return ssl.CertificateOptions(
+    options = ssl.CertificateOptions(
         privateKey=cert.privateKey.original,
         certificate=cert.original,
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
     )
+    if groups:
+        set_groups(options.getContext(), groups)  # the context every connection uses
+    return options
 
 
 def client_options(ca_path: Path | str, hostname: str) -> ssl.IOpenSSLClientConnectionCreator:

@@ -62,3 +62,15 @@ class LogLevelTests(unittest.TestCase):
         filter_log_level(LogLevel.debug)  # applied again: replaces the first filter
         calls.log.debug("visible {x}", x=1)
         self.assertIn("visible {x}", [e.get("log_format") for e in self.seen])
+
+
+class TLSGroupsOptionTests(unittest.TestCase):
+    def test_default_keeps_openssl_groups(self) -> None:
+        options = Options()
+        options.parseOptions([])
+        self.assertIsNone(options.settings().tls_groups)
+
+    def test_groups_reach_the_settings(self) -> None:
+        options = Options()
+        options.parseOptions(["--tls-groups", "X25519:P-256"])
+        self.assertEqual(options.settings().tls_groups, "X25519:P-256")

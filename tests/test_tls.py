@@ -81,3 +81,30 @@ class EnsureCertificatesTests(unittest.TestCase):
         paths = tls.ensure_certificates(self.dir, "example.test")
         options = tls.server_options(paths)
         self.assertIsNotNone(options.getContext())
+
+    def _negotiated_group(self, options: object) -> str:
+        """Handshake over memory BIOs against a default client; the group the server picked."""
+        from OpenSSL import SSL
+
+        server = SSL.Connection(options.getContext())  # type: ignore[attr-defined]
+        server.set_accept_state()
+        client = SSL.Connection(SSL.Context(SSL.TLS_METHOD))
+        client.set_connect_state()
+        for _ in range(10):
+            for conn in (client, server):
+                try:
+                    conn.do_handshake()
+                except SSL.WantReadError:
+                    pass
+            for a, b in ((client, server), (server, client)):
+                try:
+                    b.bio_write(a.bio_read(65536))
+                except SSL.WantReadError:
+                    pass
+        return server.get_group_name()
+
+    def test_server_options_groups(self) -> None:
+        paths = tls.ensure_certificates(self.dir, "example.test")
+        self.assertEqual(self._negotiated_group(tls.server_options(paths, groups="X25519:P-256")), "x25519")
+        self.assertEqual(self._negotiated_group(tls.server_options(paths, groups="P-256")), "secp256r1")
+        self.assertRaises(ValueError, tls.server_options, paths, groups="no-such-group")
