@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--py-spy-native", action="store_true", help="include native (C) frames in the py-spy profile")
     p.add_argument("--json", metavar="FILE", type=Path, help="also write the results as JSON")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (server log, database)")
+    p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                   help="extra twistd kerjostunt option, repeatable (e.g. --server-arg=--tls-groups=X25519:P-256)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.pairs < args.workers or args.rate <= 0 or args.duration <= 0:
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir, cleanup = common.make_workdir(args.keep)
     load_start = os.getloadavg()[0]
     clients = 2 * args.pairs
-    server = common.ServerProcess(workdir, users=clients)
+    server = common.ServerProcess(workdir, users=clients, extra_args=list(args.server_arg))
     workers: common.Workers | None = None
     spy: common.PySpy | None = None
     deadline = time.time() + args.timeout

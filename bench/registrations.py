@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--py-spy-native", action="store_true", help="include native (C) frames in the py-spy profile")
     p.add_argument("--json", metavar="FILE", type=Path, help="also write the results as JSON")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (server log, database)")
+    p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                   help="extra twistd kerjostunt option, repeatable (e.g. --server-arg=--tls-groups=X25519:P-256)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if not 1 <= args.clients <= 15000:
@@ -79,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         return worker(json.loads(args.worker))
     workdir, cleanup = common.make_workdir(args.keep)
     load_start = os.getloadavg()[0]
-    server = common.ServerProcess(workdir, users=args.clients + args.warmup, max_per_ip=args.max_per_ip)
+    server = common.ServerProcess(workdir, users=args.clients + args.warmup, max_per_ip=args.max_per_ip,
+                                  extra_args=list(args.server_arg))
     workers: common.Workers | None = None
     spy: common.PySpy | None = None
     started = time.time()
