@@ -301,6 +301,7 @@ class Scenario:
         self.passwords: dict[str, str] = {}
         self.processes: list[LabProcess] = []
         self.server_process: LabProcess | None = None
+        self.web_port = 0
         self._counter_names: list[str] = []
         self._counters_ready = False
         self._nft_names: dict[str, str] = {"kj_server": "server"}
@@ -432,6 +433,8 @@ class Scenario:
                 yield self.admin("group", "add", group)
 
     def server_argv(self, *extra: str) -> list[str]:
+        """``twistd -n kerjostunt`` bound to the server's IP; the HTTPS web
+        service only when ``web_port`` is set (``start_server(web_port=...)``)."""
         s = self.lab.server
         return [
             sys.executable, "-c", _TWISTD, "-n", "--pidfile=", "kerjostunt",
@@ -440,18 +443,22 @@ class Scenario:
             "--certs", str(self.certs), "--cert-host", s.ip,
             "--probe-ports", ",".join(map(str, PROBE_PORTS)),
             "--probe-alt-ip", s.ip2 or "",
-            "--web-port", "0", *extra,
+            "--web-port", str(self.web_port), *extra,
         ]
 
     @defer.inlineCallbacks
-    def start_server(self, *extra: str, timeout: float = 30.0):
+    def start_server(self, *extra: str, web_port: int = 0, timeout: float = 30.0):
         """Start ``twistd kerjostunt`` in the server namespace; fires once
-        the signaling and every probe port accept connections."""
+        the signaling, every probe port (and the web port, if any) accept
+        connections."""
         s = self.lab.server
+        self.web_port = web_port
         proc = self.spawn("server", self.server_argv(*extra), name="twistd")
         self.server_process = proc
         addrs = [f"{s.ip}:{SIP_PORT}"] + [f"{ip}:{p}" for ip in (s.ip, s.ip2)
                                           for p in PROBE_PORTS]
+        if web_port:
+            addrs.append(f"{s.ip}:{web_port}")
         probe = self.spawn("server", [sys.executable, "-c", _WAIT_LISTENING,
                                       str(timeout), *addrs],
                            name="wait-listening", limit=timeout + 10)
@@ -467,10 +474,10 @@ class Scenario:
                                f"server output:\n{proc.output[-3000:]}")
         return proc
 
-    def client_args(self, user: str) -> list[str]:
+    def client_args(self, user: str, verbose: bool | None = None) -> list[str]:
         args = ["--server", self.server_address, "--user", user,
                 "--password-stdin", "--ca", str(self.ca), "--domain", self.domain]
-        if self.verbose:
+        if self.verbose if verbose is None else verbose:
             args.append("--verbose")  # the details go to stderr, into transcripts
         return args
 
@@ -539,7 +546,11 @@ class Scenario:
     # -- groups of peers (kerjostunt join, issue 6) -------------------------------
 
     def join_argv(self, user: str, group: str, *extra: str) -> list[str]:
-        return self.kerjostunt_argv("join", *self.client_args(user), group, *extra)
+        """``kerjostunt join`` (the peer manager); it fetches the group's
+        trusted peers over HTTPS, so the server needs a web port."""
+        web = ["--web-port", str(self.web_port)] if self.web_port else []
+        return self.kerjostunt_argv("join", *self.client_args(user, verbose=False),
+                                    *web, group, *extra)
 
     def start_join(self, peer: str, user: str, group: str, *extra: str,
                    password: str | None = None, limit: float = 300.0) -> LabProcess:
@@ -551,7 +562,7 @@ class Scenario:
     @defer.inlineCallbacks
     def start_group(self, members: dict[str, str], group: str = "friends",
                     *extra: str, start_server: bool = True, limit: float = 300.0,
-                    stagger: float = 0.0):
+                    stagger: float = 0.0, web_port: int = 8443):
         """Peers of one group, one per lab host: ``members`` maps a host
         (``"a1"``, ``"b1"``, ``"c1"``...) to a user ID.  Creates the users
         (random passwords) and the group, starts the server unless told not
@@ -560,7 +571,7 @@ class Scenario:
         users = list(members.values())
         yield self.add_users(users, {group: users})
         if start_server:
-            yield self.start_server()
+            yield self.start_server(web_port=web_port)
         procs = {}
         for host, user in members.items():
             procs[user] = self.start_join(host, user, group, *extra, limit=limit)
