@@ -135,6 +135,10 @@ class Harness:
         self.directory_calls = 0
         self.apps: list[App] = []
         kwargs.setdefault("random", lambda: 0.0)
+        # Most tests look at one peer's rules: every dial at once, no courtesy
+        # wait (DialPacingTests cover those two).
+        kwargs.setdefault("max_dials", 100)
+        kwargs.setdefault("courtesy_delay", 0.0)
         self.manager = PeerManager(
             self.clock,
             group="friends",
@@ -355,6 +359,43 @@ class SignalingRuleTests(unittest.TestCase):
         self.assertEqual(h.agent.cancelled, ["carol"])
         self.assertTrue(carol_dial.called)
         self.assertEqual(h.clock.getDelayedCalls(), [])
+
+
+class DialPacingTests(unittest.TestCase):
+    def test_one_dial_at_a_time_by_default(self) -> None:
+        h = make(self, "bob", "carol", "dave", max_dials=1)
+        h.manager.start()
+        self.assertEqual(len(h.agent.dials), 1)
+        first = h.agent.dials[0][0]
+        h.agent.succeed(first)
+        self.assertEqual(len(h.agent.dials), 2)
+        second = h.agent.dials[1][0]
+        self.assertNotEqual(first, second)
+        h.agent.fail(second, "no route")
+        self.assertEqual(len(h.agent.dials), 3)
+        self.assertEqual(sorted({d[0] for d in h.agent.dials}), ["bob", "carol", "dave"])
+
+    def test_lower_user_id_gets_to_call_first(self) -> None:
+        h = make(self, "alice", "carol", user_id="bob", courtesy_delay=3.0)
+        h.manager.start()
+        # carol (higher ID) is dialed at once; alice (lower) is given time to call us.
+        self.assertEqual([d[0] for d in h.agent.dials], ["carol"])
+        self.assertEqual(h.manager.state_of("alice"), BACKOFF)
+        h.clock.advance(2.9)
+        self.assertEqual([d[0] for d in h.agent.dials], ["carol"])
+        proto = h.manager.accept_factory.buildProtocol(("203.0.113.9", 5000))
+        proto.makeConnection(StringTransport())
+        h.manager.peer_arrived(Conn("alice", proto, technique="simultaneous-open"))
+        self.assertEqual(h.manager.state_of("alice"), CONNECTED)
+        h.clock.advance(1.0)
+        self.assertEqual([d[0] for d in h.agent.dials], ["carol"])
+
+    def test_courtesy_wait_ends_in_a_dial_when_nobody_calls(self) -> None:
+        h = make(self, "alice", user_id="bob", courtesy_delay=3.0)
+        h.manager.start()
+        self.assertEqual(h.agent.dials, [])
+        h.clock.advance(3.0)
+        self.assertEqual([d[0] for d in h.agent.dials], ["alice"])
 
 
 class StuntHintTests(unittest.TestCase):

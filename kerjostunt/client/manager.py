@@ -205,6 +205,8 @@ class PeerManager:
         jitter: float = 0.5,
         max_failures: int = 5,
         connect_timeout: float = 20.0,
+        max_dials: int = 1,
+        courtesy_delay: float = 3.0,
         random: Callable[[], float] = _random.random,
         on_event: Callable[[Event], None] | None = None,
     ) -> None:
@@ -221,6 +223,12 @@ class PeerManager:
         self.jitter = jitter
         self.max_failures = max_failures
         self.connect_timeout = connect_timeout
+        # One call at a time by default: concurrent calls from behind a
+        # sequential NAT take ports out of each other's predicted windows.
+        self.max_dials = max_dials
+        # A peer with a lower user ID gets this long to call us first, so two
+        # members starting together make one call, not two crossing ones.
+        self.courtesy_delay = courtesy_delay
         self._random = random
         self._on_event = on_event
         self.peers: dict[str, _Peer] = {}
@@ -338,6 +346,11 @@ class PeerManager:
                 self._emit(PeerStateChanged(pid, None, PENDING, f"listed, flag {peer.flag}"))
                 if peer.flag == "unreachable":
                     self._mark_unreachable(peer, "server", "flagged unreachable by the server")
+                elif pid < self.user_id and self.courtesy_delay > 0:
+                    self._set(peer, BACKOFF, f"letting {pid} call first", delay=self.courtesy_delay)
+                    peer.timer = self.clock.callLater(
+                        self.courtesy_delay, self._timer_fired, peer, f"{pid} did not call first"
+                    )
             else:
                 old_flag, peer.entry = peer.flag, entry
                 if old_flag != peer.flag:
@@ -384,9 +397,13 @@ class PeerManager:
         elif not want and self.signaling == SIG_OPEN:
             self._close_signaling(f"all {len(self.peers)} peers done")
         if self.signaling == SIG_OPEN:
+            dialing = sum(1 for peer in self.peers.values() if peer.dialing is not None)
             for peer in list(self.peers.values()):
+                if dialing >= self.max_dials:
+                    break
                 if peer.state == PENDING and peer.dialing is None:
                     self._dial(peer)
+                    dialing += 1
 
     def _open_signaling(self, reason: str) -> None:
         self.signaling = SIG_OPENING
@@ -469,11 +486,18 @@ class PeerManager:
             return
         peer.dialing = None
         self._adopt(peer, connection, incoming=False)
+        self._reconcile()  # the next queued dial
 
     def _dial_failed(self, failure: Failure, peer: _Peer, d: defer.Deferred) -> None:
         if not self._current(peer, d) or not self._running:
             return
         peer.dialing = None
+        try:
+            self._after_dial_failure(failure, peer)
+        finally:
+            self._reconcile()  # the next queued dial
+
+    def _after_dial_failure(self, failure: Failure, peer: _Peer) -> None:
         reason = getattr(failure.value, "reason", None) or failure.getErrorMessage()
         if peer.state == CONNECTED:  # an incoming connection arrived meanwhile
             return
@@ -501,7 +525,6 @@ class PeerManager:
             delay = self._backoff(peer.failures)
             self._set(peer, BACKOFF, f"failed ({reason}), again in {delay:.1f}s", delay=delay)
             peer.timer = self.clock.callLater(delay, self._timer_fired, peer, f"back-off of {peer.peer_id} over")
-        self._reconcile()
 
     def _mark_unreachable(self, peer: _Peer, by: str, detail: str) -> None:
         self._cancel_timer(peer)
