@@ -26,6 +26,8 @@ from .sip.parser import PONG, PING, KeepAlivePing, KeepAlivePong, Limits, SIPPar
 log = Logger()
 
 CRLF = b"\r\n"
+RTT_SAMPLES = 3            # round trips kept; the smallest is the estimate
+QUICK_PING_INTERVAL = 0.5  # between the first pings after registering
 PING_BYTES = b"\r\n\r\n"
 
 
@@ -94,7 +96,8 @@ class SignalingProtocol(Protocol):
         self._partial_timer: IDelayedCall | None = None
         self._ping_sent_at: float | None = None
         self._next_ping = 0.0
-        self._rtt: float | None = None
+        self._rtt_samples: tuple[float, ...] = ()
+        self._pings_sent = 0
         # Activity only stamps the time; the registered timer, when it fires,
         # looks at it (no cancel + callLater per message).
         self._last_activity = 0.0
@@ -281,11 +284,15 @@ class SignalingProtocol(Protocol):
 
     @property
     def rtt(self) -> float | None:
-        """Smoothed keepalive round trip (RFC 6298 weights), None until measured."""
-        return self._rtt
+        """The smallest of the last few keepalive round trips, None until measured.
+
+        Calls time both peers' SYNs from it, so the path's base delay matters,
+        not a queueing spike; one sample alone can be off by tens of ms.
+        """
+        return min(self._rtt_samples) if self._rtt_samples else None
 
     def note_rtt_sample(self, sample: float) -> None:
-        self._rtt = sample if self._rtt is None else 0.875 * self._rtt + 0.125 * sample
+        self._rtt_samples = (*self._rtt_samples[-(RTT_SAMPLES - 1):], sample)
 
     def _registered_tick(self) -> None:
         """The registered state's one timer: idle limit and keepalive pings."""
@@ -300,7 +307,11 @@ class SignalingProtocol(Protocol):
         if now >= self._next_ping:
             self._ping_sent_at = now
             self.transport.write(PING_BYTES)
-            self._next_ping = now + self.limits.rtt_interval
+            self._pings_sent += 1
+            # A few quick pings right after registering, so the first call
+            # already has several samples; then one per rtt_interval.
+            quick = self._pings_sent < RTT_SAMPLES
+            self._next_ping = now + (QUICK_PING_INTERVAL if quick else self.limits.rtt_interval)
         self._timer = self._clock.callLater(min(idle_at, self._next_ping) - now, self._registered_tick)
 
     def _pong_received(self) -> None:

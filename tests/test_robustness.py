@@ -33,7 +33,7 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from kerjostunt import tls
-from kerjostunt.signaling import AdmittingTLSFactory, ConnectionLimits, SignalingFactory, SignalingProtocol
+from kerjostunt.signaling import QUICK_PING_INTERVAL, RTT_SAMPLES, AdmittingTLSFactory, ConnectionLimits, SignalingFactory, SignalingProtocol
 from kerjostunt.sip.message import Request, Response
 from kerjostunt.sip.parser import Limits, StreamParser
 
@@ -494,6 +494,10 @@ class SignalingProtocolTests(unittest.TestCase):
         proto.bound("alice")
         self.clock.advance(0)
         self.assertEqual(transport.value(), b"\r\n\r\n")  # the first ping measures the RTT
+        for _ in range(RTT_SAMPLES - 1):  # and a few quick ones after it
+            transport.clear()
+            self.clock.advance(QUICK_PING_INTERVAL)
+            self.assertEqual(transport.value(), b"\r\n\r\n")
         transport.clear()
         self.clock.advance(self.limits.rtt_interval - 1)
         for _ in range(5):
@@ -505,6 +509,21 @@ class SignalingProtocolTests(unittest.TestCase):
         self.assertEqual(len(self.clock.getDelayedCalls()), 1)
         proto.dataReceived(b"\r\n")  # pong: an RTT sample
         self.assertIsNotNone(proto.rtt)
+
+    def test_rtt_is_the_smallest_recent_sample(self) -> None:
+        proto, transport = self.connect()
+        proto.bound("alice")
+        self.assertIsNone(proto.rtt)
+        for delay in (0.120, 0.040, 0.300):  # a queueing spike must not count
+            self.clock.advance(0 if proto._ping_sent_at is not None else QUICK_PING_INTERVAL)
+            self.clock.advance(delay)
+            proto.dataReceived(b"\r\n")
+        self.assertAlmostEqual(proto.rtt, 0.040)
+        for _ in range(RTT_SAMPLES):  # old samples age out
+            self.clock.advance(self.limits.rtt_interval)
+            self.clock.advance(0.080)
+            proto.dataReceived(b"\r\n")
+        self.assertAlmostEqual(proto.rtt, 0.080)
 
     def test_partial_message_timeout(self) -> None:
         proto, transport = self.connect()
