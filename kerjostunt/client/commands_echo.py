@@ -20,37 +20,24 @@ from typing import Any
 
 from twisted.internet import defer, task
 from twisted.internet.protocol import Factory
-from twisted.logger import (
-    FilteringLogObserver,
-    LogLevel,
-    LogLevelFilterPredicate,
-    globalLogBeginner,
-    textFileLogObserver,
-)
 from twisted.protocols.basic import LineReceiver
 
 from .agent import DEFAULT_PORT, ConnectFailed, PeerAgent, PeerConnection
+from .cli_options import (
+    DEFAULT_DOMAIN,
+    add_credentials,
+    add_domain,
+    add_tls_hostname,
+    agent_account,
+    read_password,
+    server_address,
+    start_logging,
+)
 
-DEFAULT_DOMAIN = "kerjo.local"
 MAX_LINE = 16 * 1024
 
 
 # -- argument parsing ------------------------------------------------------------
-
-
-def server_address(text: str) -> tuple[str, int]:
-    """``HOST``, ``HOST:PORT``, ``[V6]`` or ``[V6]:PORT``; port 5061 by default."""
-    host, port = text, str(DEFAULT_PORT)
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise argparse.ArgumentTypeError(f"bad server address {text!r}")
-        port = rest[1:] or port
-    elif text.count(":") == 1:
-        host, port = text.split(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"bad server address {text!r} (HOST[:PORT])")
-    return host, int(port)
 
 
 def positive(text: str) -> float:
@@ -66,14 +53,11 @@ def positive(text: str) -> float:
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server", required=True, type=server_address, metavar="HOST[:PORT]",
                         help=f"the STUNT server (port {DEFAULT_PORT} by default)")
-    parser.add_argument("--user", required=True, metavar="ID", help="our user ID")
-    parser.add_argument("--password-stdin", action="store_true", required=True,
-                        help="read the password from the first line of stdin")
-    parser.add_argument("--ca", required=True, metavar="FILE",
-                        help="CA certificate that signed the server's (certs/ca.pem)")
-    parser.add_argument("--domain", default=DEFAULT_DOMAIN, help=f"SIP domain (default {DEFAULT_DOMAIN})")
-    parser.add_argument("--tls-hostname", metavar="NAME",
-                        help="name to verify in the server certificate (default: the server host)")
+    add_credentials(parser, user_help="our user ID",
+                    password_help="read the password from the first line of stdin",
+                    ca_help="CA certificate that signed the server's (certs/ca.pem)")
+    add_domain(parser, f"SIP domain (default {DEFAULT_DOMAIN})")
+    add_tls_hostname(parser, "name to verify in the server certificate (default: the server host)")
     parser.add_argument("--listen-port", type=int, default=0, metavar="PORT",
                         help="local port for direct connections from peers (default: any)")
     parser.add_argument("--punch-deadline", type=positive, default=10.0, metavar="SECONDS",
@@ -102,27 +86,13 @@ def _usage_error(message: str) -> int:
     return 2
 
 
-def _read_password() -> str | None:
-    line = sys.stdin.readline()
-    password = line.rstrip("\r\n")
-    return password or None
-
-
-def _start_logging(verbose: bool) -> None:
-    level = LogLevel.debug if verbose else LogLevel.warn
-    observer = FilteringLogObserver(
-        textFileLogObserver(sys.stderr), [LogLevelFilterPredicate(defaultLogLevel=level)]
-    )
-    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
-
-
 def _prepare(args: argparse.Namespace) -> tuple[int, str | None]:
     """(exit code for a usage error or 0, password)."""
     if not os.path.isfile(args.ca):
         return _usage_error(f"--ca {args.ca}: no such file"), None
     if not 0 <= args.listen_port < 65536:
         return _usage_error("--listen-port must be 0..65535"), None
-    password = _read_password()
+    password = read_password(sys.stdin)
     if password is None:
         return _usage_error("--password-stdin: no password on stdin"), None
     return 0, password
@@ -131,12 +101,7 @@ def _prepare(args: argparse.Namespace) -> tuple[int, str | None]:
 def _agent(reactor: Any, args: argparse.Namespace, password: str, **kwargs: Any) -> PeerAgent:
     return PeerAgent(
         reactor,
-        server=args.server,
-        user_id=args.user,
-        password=password,
-        domain=args.domain,
-        ca_path=args.ca,
-        tls_hostname=args.tls_hostname,
+        **agent_account(args, args.server, password),
         listen_port=args.listen_port,
         punch_deadline=args.punch_deadline,
         low_ttl=args.low_ttl or None,
@@ -169,7 +134,7 @@ def run_echo_server(args: argparse.Namespace) -> int:
     code, password = _prepare(args)
     if code:
         return code
-    _start_logging(args.verbose)
+    start_logging(args.verbose)
 
     def on_peer(connection: PeerConnection) -> None:
         _say(f"peer {connection.peer_id} connected via {connection.technique} from {_endpoint_text(connection.remote)}")
@@ -235,7 +200,7 @@ def run_echo_client(args: argparse.Namespace) -> int:
     code, password = _prepare(args)
     if code:
         return code
-    _start_logging(args.verbose)
+    start_logging(args.verbose)
 
     @defer.inlineCallbacks
     def main(reactor: Any):  # type: ignore[no-untyped-def]

@@ -21,14 +21,25 @@ It runs until SIGTERM or SIGINT. See docs/peer-manager.rst.
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any, Callable, TextIO
 
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineOnlyReceiver
 
-from kerjostunt.client.commands_peers import DEFAULT_WEB_PORT, UsageError, _port, split_server, web_url
+from kerjostunt.client.cli_options import (
+    DEFAULT_DOMAIN,
+    DEFAULT_WEB_PORT,
+    UsageError,
+    _port,
+    add_credentials,
+    add_domain,
+    add_tls_hostname,
+    agent_account,
+    react_for_exit_code,
+    server_and_password,
+    web_url,
+)
 from kerjostunt.client.directory import (
     CertificateNotTrusted,
     DirectoryError,
@@ -48,7 +59,6 @@ from kerjostunt.client.manager import (
 )
 
 PROG = "kerjostunt join"
-DEFAULT_DOMAIN = "kerjo.local"
 FATAL = (WrongPassword, NotAMember, UnknownGroup, CertificateNotTrusted)
 
 
@@ -63,11 +73,9 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--server", required=True, metavar="HOST[:PORT]", help="the signaling server (PORT default 5061)")
     parser.add_argument("--web-port", type=_port, default=DEFAULT_WEB_PORT, help=f"HTTPS port of the trusted peers list (default {DEFAULT_WEB_PORT})")
-    parser.add_argument("--user", required=True, metavar="ID", help="your user ID")
-    parser.add_argument("--password-stdin", action="store_true", required=True, help="read the password from stdin (required)")
-    parser.add_argument("--ca", required=True, metavar="FILE", help="CA certificate to verify the server with (the server's certs/ca.pem)")
-    parser.add_argument("--tls-hostname", metavar="NAME", help="name to expect in the server's certificate (default: HOST)")
-    parser.add_argument("--domain", default=DEFAULT_DOMAIN, help=f"SIP domain, the digest realm (default {DEFAULT_DOMAIN})")
+    add_credentials(parser)
+    add_tls_hostname(parser, "name to expect in the server's certificate (default: HOST)")
+    add_domain(parser, f"SIP domain, the digest realm (default {DEFAULT_DOMAIN})")
     parser.add_argument("--refresh", type=float, default=300.0, metavar="SECONDS", help="how often to reload the list (default 300)")
     parser.add_argument("--unreachable-retry", type=float, default=3600.0, metavar="SECONDS", help="long back-off before retrying an unreachable peer (default 3600)")
     parser.add_argument("--listen-port", type=int, default=0, metavar="PORT", help="application port for direct connections from peers (default: any)")
@@ -168,10 +176,7 @@ def run(  # type: ignore[no-untyped-def]
         print(line, file=stdout, flush=True)
 
     try:
-        host, port = split_server(args.server)
-        password = stdin.readline().rstrip("\r\n")
-        if not password:
-            raise UsageError("no password on stdin")
+        host, port, password = server_and_password(args, stdin)
     except UsageError as e:
         print(f"{PROG}: error: {e}", file=stderr, flush=True)
         return 2
@@ -198,12 +203,7 @@ def run(  # type: ignore[no-untyped-def]
     def make_agent() -> PeerAgent:
         return PeerAgent(
             reactor,
-            server=(host, port),
-            user_id=args.user,
-            password=password,
-            domain=args.domain,
-            ca_path=args.ca,
-            tls_hostname=args.tls_hostname,
+            **agent_account(args, (host, port), password),
             accept_factory=manager.accept_factory,
             on_peer=manager.peer_arrived,
             listen_port=args.listen_port,
@@ -245,13 +245,4 @@ def _stop(manager: PeerManager, say: Callable[[str], None]) -> defer.Deferred:
 
 def run_command(args: argparse.Namespace) -> int:
     """Entry point from ``kerjostunt.cli``: run until SIGTERM/SIGINT."""
-    codes: list[int] = []
-
-    def main(reactor: Any) -> defer.Deferred[None]:
-        return run(reactor, args, sys.stdin, sys.stdout, sys.stderr).addCallback(codes.append)
-
-    try:
-        task.react(main)
-    except SystemExit:
-        pass
-    return codes[0] if codes else 0
+    return react_for_exit_code(run, args, default=0)

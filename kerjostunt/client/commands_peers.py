@@ -11,21 +11,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import asdict
 from typing import Any, TextIO
 
-from twisted.internet import defer, task
+from twisted.internet import defer
 
+from kerjostunt.client.cli_options import (  # noqa: F401 (split_server, web_url, UsageError: this module's API too)
+    DEFAULT_SIGNALING_PORT,
+    DEFAULT_WEB_PORT,
+    UsageError,
+    _port,
+    add_credentials,
+    react_for_exit_code,
+    server_and_password,
+    split_server,
+    web_url,
+)
 from kerjostunt.client.directory import DirectoryError, PeerEntry, fetch_peers, fetch_peers_text
 
 PROG = "kerjostunt peers"
-DEFAULT_SIGNALING_PORT = 5061
-DEFAULT_WEB_PORT = 8443
-
-
-class UsageError(Exception):
-    """Exit 2, as argparse does."""
 
 
 def register(subparsers: Any) -> None:
@@ -37,45 +41,11 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--server", required=True, metavar="HOST[:PORT]", help="the signaling server (PORT is its signaling port; the list comes from --web-port)")
     parser.add_argument("--web-port", type=_port, default=DEFAULT_WEB_PORT, help=f"HTTPS port of the server's web service (default {DEFAULT_WEB_PORT})")
-    parser.add_argument("--user", required=True, metavar="ID", help="your user ID")
-    parser.add_argument("--password-stdin", action="store_true", required=True, help="read the password from stdin (required)")
-    parser.add_argument("--ca", required=True, metavar="FILE", help="CA certificate to verify the server with (the server's certs/ca.pem)")
+    add_credentials(parser)
     parser.add_argument("--format", choices=("table", "json", "text"), default="table", help="output format (default table; text is the trusted peers file)")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the server (default 30)")
     parser.add_argument("group", metavar="GROUP")
     parser.set_defaults(func=run_command)
-
-
-def _port(text: str) -> int:
-    port = int(text)
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"port out of range: {port}")
-    return port
-
-
-def split_server(text: str) -> tuple[str, int]:
-    """``HOST``, ``HOST:PORT``, ``[V6]`` or ``[V6]:PORT`` -> (host, signaling port)."""
-    host, port_text = text, ""
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0 or (end + 1 < len(text) and text[end + 1] != ":"):
-            raise UsageError(f"bad --server {text!r}")
-        host, port_text = text[1:end], text[end + 2 :]
-    elif text.count(":") == 1:
-        host, port_text = text.split(":")
-    elif ":" in text:
-        raise UsageError(f"bad --server {text!r}: put an IPv6 address in brackets")
-    if not host:
-        raise UsageError(f"bad --server {text!r}: no host")
-    try:
-        port = _port(port_text) if port_text else DEFAULT_SIGNALING_PORT
-    except (ValueError, argparse.ArgumentTypeError):
-        raise UsageError(f"bad --server {text!r}: bad port") from None
-    return host, port
-
-
-def web_url(host: str, web_port: int) -> str:
-    return f"https://[{host}]:{web_port}" if ":" in host else f"https://{host}:{web_port}"
 
 
 def format_table(peers: list[PeerEntry]) -> str:
@@ -93,10 +63,7 @@ def format_table(peers: list[PeerEntry]) -> str:
 def run(reactor: Any, args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr: TextIO):  # type: ignore[no-untyped-def]
     """The command with its reactor and streams passed in (tests run this under trial)."""
     try:
-        host, _signaling_port = split_server(args.server)
-        password = stdin.readline().rstrip("\r\n")
-        if not password:
-            raise UsageError("no password on stdin")
+        host, _signaling_port, password = server_and_password(args, stdin)
     except UsageError as e:
         print(f"{PROG}: error: {e}", file=stderr)
         return 2
@@ -119,13 +86,4 @@ def run(reactor: Any, args: argparse.Namespace, stdin: TextIO, stdout: TextIO, s
 
 def run_command(args: argparse.Namespace) -> int:
     """Entry point from ``kerjostunt.cli``: run the reactor for one fetch."""
-    codes: list[int] = []
-
-    def main(reactor: Any) -> defer.Deferred[None]:
-        return run(reactor, args, sys.stdin, sys.stdout, sys.stderr).addCallback(codes.append)
-
-    try:
-        task.react(main)
-    except SystemExit:
-        pass  # react always exits; the code is ours
-    return codes[0] if codes else 1
+    return react_for_exit_code(run, args, default=1)
