@@ -46,29 +46,41 @@ class RunningServer:
 
 
 @defer.inlineCallbacks
-def start_server(case: unittest.TestCase, limits: ConnectionLimits | None = None, **overrides: Any):  # type: ignore[no-untyped-def]
-    """Start a full server (store, TLS signaling, probes) on loopback port 0."""
+def start_loopback_server(case: unittest.TestCase, **settings: Any):  # type: ignore[no-untyped-def]
+    """Start a StuntServer on loopback port 0 with a fresh store and certificates.
+
+    Fires with (RunningServer, {port name: listening port}) once every port listens;
+    ``settings`` are ServerSettings fields beyond the store, certificates, SIP and probes.
+    """
     base = Path(case.mktemp())
     base.mkdir(parents=True)
     db_url = f"sqlite:///{base / 'test.sqlite'}"
-    settings = ServerSettings(
+    server_settings = ServerSettings(
         domain=DOMAIN,
         db_url=db_url,
         certs_dir=base / "certs",
         sip_endpoint="tcp:0:interface=127.0.0.1",
         probe_endpoints=["tcp:0:interface=127.0.0.1", "tcp:0:interface=127.0.0.1"],
         probe_ports=[0, 0],
-        web_endpoint=None,
-        limits=limits or ConnectionLimits(),
-        **overrides,
+        **settings,
     )
-    server = StuntServer(settings, reactor)
+    server = StuntServer(server_settings, reactor)
     server.startService()
     case.addCleanup(server.stopService)
-    port = yield server.ports["sip"]
+    ports = {}
     for name in list(server.ports):
-        yield server.ports[name]
-    return RunningServer(server, "127.0.0.1", port.getHost().port, server.certificates.ca, db_url)  # type: ignore[arg-type]
+        ports[name] = yield server.ports[name]
+    running = RunningServer(server, "127.0.0.1", ports["sip"].getHost().port, server.certificates.ca, db_url)  # type: ignore[arg-type]
+    return running, ports
+
+
+@defer.inlineCallbacks
+def start_server(case: unittest.TestCase, limits: ConnectionLimits | None = None, **overrides: Any):  # type: ignore[no-untyped-def]
+    """Start a full server (store, TLS signaling, probes) on loopback port 0."""
+    running, _ports = yield start_loopback_server(
+        case, web_endpoint=None, limits=limits or ConnectionLimits(), **overrides
+    )
+    return running
 
 
 def add_users(running: RunningServer, users: dict[str, str], group: str | None = "friends") -> None:

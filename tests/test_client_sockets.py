@@ -8,37 +8,23 @@ import socket
 
 from twisted.internet import error, reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from kerjostunt.client.sockets import connect_from, listen_reusable, reusable_socket
 
+from .loopback import WaitsForData
 
-class Recorder(Protocol):
+
+class Recorder(WaitsForData):
     def __init__(self) -> None:
-        self.data = b""
+        super().__init__()
         self.made: Deferred = Deferred()
         self.lost: Deferred = Deferred()
-        self.waiting: tuple[bytes, Deferred] | None = None
 
     def connectionMade(self) -> None:
         self.made.callback(self)
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-        if self.waiting and self.waiting[0] in self.data:
-            d = self.waiting[1]
-            self.waiting = None
-            d.callback(self.data)
-
-    def wait_for(self, marker: bytes) -> Deferred:
-        d: Deferred = Deferred()
-        if marker in self.data:
-            d.callback(self.data)
-        else:
-            self.waiting = (marker, d)
-        return d
 
     def connectionLost(self, reason) -> None:
         self.reason = reason

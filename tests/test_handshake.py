@@ -8,7 +8,7 @@ from __future__ import annotations
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
@@ -19,33 +19,20 @@ from kerjostunt.client.handshake import (
     compute_mac,
 )
 
+from .loopback import WaitsForData
+
 SECRET = b"s3cret-per-call"
 CALL = "call-42"
 
 
-class App(Protocol):
+class App(WaitsForData):
     def __init__(self) -> None:
-        self.data = b""
+        super().__init__()
         self.made = False
         self.lost = None
-        self.waiting: tuple[bytes, Deferred] | None = None
 
     def connectionMade(self) -> None:
         self.made = True
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-        if self.waiting and self.waiting[0] in self.data:
-            d, self.waiting = self.waiting[1], None
-            d.callback(self.data)
-
-    def wait_for(self, marker: bytes) -> Deferred:
-        d: Deferred = Deferred()
-        if marker in self.data:
-            d.callback(self.data)
-        else:
-            self.waiting = (marker, d)
-        return d
 
     def connectionLost(self, reason=None) -> None:
         self.lost = reason

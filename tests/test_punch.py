@@ -12,7 +12,7 @@ import socket
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock, deferLater
 from twisted.trial import unittest
 
@@ -20,29 +20,16 @@ from kerjostunt.client.handshake import HandshakeFactory
 from kerjostunt.client.punch import PunchFailed, PunchPlan, PunchResult, punch
 from kerjostunt.client.sockets import listen_reusable, reusable_socket
 
+from .loopback import WaitsForData
+
 LOOP = "127.0.0.1"
 
 
-class App(Protocol):
+class App(WaitsForData):
     def __init__(self) -> None:
-        self.data = b""
-        self.waiting: tuple[bytes, Deferred] | None = None
+        super().__init__()
         self.lost: Deferred = Deferred()
         self.is_lost = False
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-        if self.waiting and self.waiting[0] in self.data:
-            d, self.waiting = self.waiting[1], None
-            d.callback(self.data)
-
-    def wait_for(self, marker: bytes) -> Deferred:
-        d: Deferred = Deferred()
-        if marker in self.data:
-            d.callback(self.data)
-        else:
-            self.waiting = (marker, d)
-        return d
 
     def connectionLost(self, reason=None) -> None:
         self.is_lost = True

@@ -21,11 +21,11 @@ from kerjostunt import metrics, web
 from kerjostunt.auth import NonceManager
 from kerjostunt.registrar import Registrar
 from kerjostunt.client.directory import CAFilePolicy
-from kerjostunt.server import ServerSettings, StuntServer
+from kerjostunt.server import StuntServer
 from kerjostunt.sip.digest import authorization, choose_challenge
 from kerjostunt.sip.headers import parse_auth
 
-from .support import DOMAIN, RunningServer, add_users, connect_client
+from .support import DOMAIN, RunningServer, add_users, connect_client, start_loopback_server
 
 USERS = {"alice": "wonderland", "bob": "builder", "carol": "christmas"}
 
@@ -53,26 +53,8 @@ def start_web_server(case: unittest.TestCase):  # type: ignore[no-untyped-def]
 
     Users: alice and bob in group "friends", carol in group "others".
     """
-    base = Path(case.mktemp())
-    base.mkdir(parents=True)
-    db_url = f"sqlite:///{base / 'test.sqlite'}"
-    settings = ServerSettings(
-        domain=DOMAIN,
-        db_url=db_url,
-        certs_dir=base / "certs",
-        sip_endpoint="tcp:0:interface=127.0.0.1",
-        probe_endpoints=["tcp:0:interface=127.0.0.1", "tcp:0:interface=127.0.0.1"],
-        probe_ports=[0, 0],
-        web_endpoint="tcp:0:interface=127.0.0.1",
-    )
-    server = StuntServer(settings, reactor)
-    server.startService()
-    case.addCleanup(server.stopService)
-    ports = {}
-    for name in list(server.ports):
-        ports[name] = yield server.ports[name]
-    sip, port = ports["sip"], ports["web"]
-    running = RunningServer(server, "127.0.0.1", sip.getHost().port, server.certificates.ca, db_url)  # type: ignore[arg-type]
+    running, ports = yield start_loopback_server(case, web_endpoint="tcp:0:interface=127.0.0.1")
+    port = ports["web"]
     add_users(running, {"alice": USERS["alice"], "bob": USERS["bob"]}, group="friends")
     add_users(running, {"carol": USERS["carol"]}, group="others")
     started = WebServer(running, port.getHost().port)
