@@ -46,14 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2, help="load-generator processes (default 2)")
     p.add_argument("--window", type=int, default=32, help="registrations in flight per worker (default 32)")
     p.add_argument("--timeout", type=float, default=600.0, help="hard limit on the whole run, seconds (default 600)")
-    p.add_argument("--py-spy", metavar="FILE", type=Path,
-                   help="record the server with py-spy during the call phase (.svg, .json or raw .txt)")
-    p.add_argument("--py-spy-native", action="store_true", help="include native (C) frames in the py-spy profile")
-    p.add_argument("--json", metavar="FILE", type=Path, help="also write the results as JSON")
-    p.add_argument("--keep", action="store_true", help="keep the temporary directory (server log, database)")
-    p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
-                   help="extra twistd kerjostunt option, repeatable (e.g. --server-arg=--tls-groups=X25519:P-256)")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
+    common.add_run_options(p, "the call phase")
     args = p.parse_args(argv)
     if args.pairs < args.workers or args.rate <= 0 or args.duration <= 0:
         p.error("need --pairs >= --workers, --rate > 0 and --duration > 0")
@@ -114,11 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             spy = None
         attempts = count_attempts(server.db_url)
     finally:
-        if spy is not None:
-            spy.stop()
-        if workers is not None:
-            workers.stop()
-        server.stop()
+        common.shut_down(server, workers, spy)
 
     errors: Counter[str] = Counter()
     for r in reports:
@@ -152,16 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         ("  of which SQL thread(s), ms", sql_ms),
         ("server core use during calls, %", 100 * (cpu1 - cpu0) / max(1e-9, t1 - t0)),
     ]
-    rows.append(("machine load average (1 min), start / end", f"{load_start:.1f} / {os.getloadavg()[0]:.1f}"))
-    text = common.print_table(f"calls: {args.rate:g} calls/s for {args.duration:g} s, {args.pairs} pairs", rows)
-    for kind, n in sorted(errors.items()):
-        print(f"  error {kind}: {n}")
-    if args.json:
-        args.json.write_text(json.dumps({
-            "args": {k: str(v) for k, v in vars(args).items() if k != "worker"},
-            "rows": rows, "errors": dict(errors), "table": text, "idle_cpu_rate": idle_rate,
-            "machine": common.machine_facts(),
-        }, indent=2))
+    common.report(args, f"calls: {args.rate:g} calls/s for {args.duration:g} s, {args.pairs} pairs", rows, errors,
+                  load_start, idle_cpu_rate=idle_rate)
     cleanup()
     return 0 if completed == started and not errors else 1
 

@@ -16,6 +16,7 @@ loopback.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -417,6 +418,49 @@ def make_workdir(keep: bool) -> tuple[Path, Callable[[], None]]:
             shutil.rmtree(path, ignore_errors=True)
 
     return path, cleanup
+
+
+# -- what every coordinator shares: the last options, shutting down, the report ------
+
+
+def add_run_options(p: argparse.ArgumentParser, phase: str) -> None:
+    """--py-spy (during ``phase``), --py-spy-native, --json, --keep, --server-arg and the hidden --worker."""
+    p.add_argument("--py-spy", metavar="FILE", type=Path,
+                   help=f"record the server with py-spy during {phase} (.svg, .json or raw .txt)")
+    p.add_argument("--py-spy-native", action="store_true", help="include native (C) frames in the py-spy profile")
+    p.add_argument("--json", metavar="FILE", type=Path, help="also write the results as JSON")
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory (server log, database)")
+    p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                   help="extra twistd kerjostunt option, repeatable (e.g. --server-arg=--tls-groups=X25519:P-256)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+
+
+def shut_down(server: ServerProcess, workers: Workers | None, spy: PySpy | None) -> None:
+    """Stop what the coordinator started: the profiler, the workers, then the server."""
+    if spy is not None:
+        spy.stop()
+    if workers is not None:
+        workers.stop()
+    server.stop()
+
+
+def report(args: argparse.Namespace, title: str, rows: list[tuple[str, Any]], errors: dict[str, int],
+           load_start: float, **extra: Any) -> str:
+    """Print the table (the machine's load average last) and the errors; write ``--json``; return the table.
+
+    ``extra`` goes into the JSON after the table, before the machine facts.
+    """
+    rows.append(("machine load average (1 min), start / end", f"{load_start:.1f} / {os.getloadavg()[0]:.1f}"))
+    text = print_table(title, rows)
+    for kind, n in sorted(errors.items()):
+        print(f"  error {kind}: {n}")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "args": {k: str(v) for k, v in vars(args).items() if k != "worker"},
+            "rows": rows, "errors": dict(errors), "table": text, **extra,
+            "machine": machine_facts(),
+        }, indent=2))
+    return text
 
 
 # -- inside a worker: a lean SIP user agent over TLS -------------------------------

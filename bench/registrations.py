@@ -52,14 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tls-only", action="store_true",
                    help="only connect and finish the TLS handshake, no REGISTER: the TLS floor of the CPU cost")
     p.add_argument("--timeout", type=float, default=900.0, help="hard limit on the whole run, seconds (default 900)")
-    p.add_argument("--py-spy", metavar="FILE", type=Path,
-                   help="record the server with py-spy during the registration phase (.svg, .json or raw .txt)")
-    p.add_argument("--py-spy-native", action="store_true", help="include native (C) frames in the py-spy profile")
-    p.add_argument("--json", metavar="FILE", type=Path, help="also write the results as JSON")
-    p.add_argument("--keep", action="store_true", help="keep the temporary directory (server log, database)")
-    p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
-                   help="extra twistd kerjostunt option, repeatable (e.g. --server-arg=--tls-groups=X25519:P-256)")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
+    common.add_run_options(p, "the registration phase")
     args = p.parse_args(argv)
     if not 1 <= args.clients <= 15000:
         p.error("--clients must be 1..15000")
@@ -130,11 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         workers.broadcast("stop")
         done = workers.collect("done", timeout=60)
     finally:
-        if spy is not None:
-            spy.stop()
-        if workers is not None:
-            workers.stop()
-        server.stop()
+        common.shut_down(server, workers, spy)
 
     ok = sum(r["ok"] for r in reports)
     errors: Counter[str] = Counter()
@@ -176,19 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         ("client keepalive pings / pongs", f"{pings:,} / {pongs:,}"),
         ("server CPU while holding, % of a core", 100 * (cpu2 - cpu1) / max(1e-9, t2 - t1)),
     ]
-    rows.append(("machine load average (1 min), start / end", f"{load_start:.1f} / {os.getloadavg()[0]:.1f}"))
-    text = common.print_table(f"registrations: {args.clients} TLS peers, {args.workers} workers", rows)
-    for kind, n in sorted(errors.items()):
-        print(f"  error {kind}: {n}")
-    if args.json:
-        args.json.write_text(json.dumps({
-            "args": {k: str(v) for k, v in vars(args).items() if k != "worker"},
-            "rows": [(k, v) for k, v in rows], "errors": dict(errors), "table": text,
-            "fds": {"idle": fds_idle, "registered": fds_registered, "held": fds_held},
-            "rss_kib": {"idle": rss_idle, "registered": rss_registered, "held": rss_held, "max": rss_max},
-            "wait_after_registered_s": t1 - t_registered,
-            "machine": common.machine_facts(),
-        }, indent=2))
+    common.report(args, f"registrations: {args.clients} TLS peers, {args.workers} workers", rows, errors, load_start,
+                  fds={"idle": fds_idle, "registered": fds_registered, "held": fds_held},
+                  rss_kib={"idle": rss_idle, "registered": rss_registered, "held": rss_held, "max": rss_max},
+                  wait_after_registered_s=t1 - t_registered)
     cleanup()
     return 0 if ok == args.clients and not errors else 1
 
