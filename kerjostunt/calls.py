@@ -519,7 +519,7 @@ class Call:
 
     @_machine.input()
     def decided(self) -> None:
-        "A success was reported, or both sides reported failure."
+        "The caller reported success, or both sides reported."
 
     reporting.upon(decided, enter=recorded, outputs=[_record, _finish])
 
@@ -528,8 +528,11 @@ class Call:
     def on_report(self, side: str, outcome: Outcome) -> None:
         was_reporting = self.phase == "reporting"
         self.report(side, outcome)
-        if was_reporting and (outcome.success or (len(self.reports) == 2
-                                                  and not any(r.success for r in self.reports.values()))):
+        # The caller's report decides (its elapsed time is the call's time to
+        # connect; a callee reached before its own dial moment reports ~0), or
+        # both reports; the outcome timer records a lone callee report.
+        caller = self.reports.get(CALLER)
+        if was_reporting and ((caller is not None and caller.success) or len(self.reports) == 2):
             self.decided()
 
     def legs(self) -> list[SignalingConnection]:
@@ -594,7 +597,7 @@ class Call:
 
     def attempt(self) -> dict[str, Any]:
         """What goes to store.record_attempt, from the reports so far."""
-        success = next(((side, r) for side, r in self.reports.items() if r.success), None)
+        success = next(((side, r) for side in (CALLER, CALLEE) if (r := self.reports.get(side)) is not None and r.success), None)
         if success is not None:
             side, rep = success
             # The caller's report names the callee's endpoint, and vice versa.

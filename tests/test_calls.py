@@ -151,12 +151,15 @@ class CallFlowTests(unittest.TestCase):
         r = yield self.peers["bob"].report(c["forwarded"].call_id, "alice",
                                           "outcome=direct\ntechnique=public\nremote=127.0.0.1:7000\nelapsed_ms=3\n")
         self.assertEqual(r.code, 200)
+        # A callee's success waits for the caller's report (or the outcome timer).
+        yield self.server.store._when_idle()
+        bob = yield self.server.store.get_user("bob")
+        self.assertEqual(bob.stunt_state, "unknown")
+        r = yield self.peers["alice"].report(c["invite"].call_id, "bob", "outcome=failed\ntechnique=none\n")
+        self.assertEqual(r.code, 200)
         yield self.server.store._when_idle()
         bob = yield self.server.store.get_user("bob")
         self.assertEqual(bob.stunt_state, "direct")
-        # The other side's later report is accepted and changes nothing.
-        r = yield self.peers["alice"].report(c["invite"].call_id, "bob", "outcome=failed\ntechnique=none\n")
-        self.assertEqual(r.code, 200)
         attempts = yield self.server.store.recent_attempts("bob")
         self.assertEqual([a.outcome for a in attempts], ["direct"])
 
@@ -483,9 +486,18 @@ class CallManagerUnitTests(unittest.SynchronousTestCase):
         self.clock.advance(100)
         self.assertEqual(len(self.store.attempts), 1)
         a = self.store.attempts[0]
-        # bob's report names alice's endpoint: compared with alice's prediction.
+        # Both succeeded: the caller's report counts (its elapsed time is the
+        # call's); it names bob's endpoint, compared with bob's prediction.
         self.assertEqual((a["outcome"], a["technique"], a["predicted"], a["actual"]),
-                         ("direct", "accepted", "203.0.113.7:40001", "203.0.113.7:40001"))
+                         ("stunt", "low-ttl", "198.51.100.9:50001", "198.51.100.9:50001"))
+
+    def test_lone_callee_success_recorded_by_the_outcome_timer(self) -> None:
+        forwarded, _, _ = self.connect()
+        self.manager.handle_request(self.bob, request_in(forwarded.call_id, "INFO", "bob", "alice",  # type: ignore[arg-type]
+                                                         b"outcome=direct\ntechnique=lan\nremote=203.0.113.7:40001\nelapsed_ms=0\n", OUTCOME_TYPE))
+        self.assertEqual(self.store.attempts, [])
+        self.clock.advance(100)
+        self.assertEqual([(a["outcome"], a["technique"]) for a in self.store.attempts], [("direct", "lan")])
 
     def test_bye_forwarded_while_dialing(self) -> None:
         forwarded, _, _ = self.connect()
