@@ -387,51 +387,5 @@ class PrimedRedialTests(unittest.TestCase):
 
 
 class _FakePort:
-    stopped = False
-
     def stopListening(self):
-        self.stopped = True
         return None
-
-
-class RelistenTests(unittest.TestCase):
-    """EADDRNOTAVAIL on a redial: the listener holds a half-open connection for
-    that 4-tuple; it is closed and opened again, and the candidate redialed."""
-
-    def test_eaddrnotavail_reopens_the_listener(self):
-        import errno
-
-        from twisted.internet import error
-        from twisted.internet.testing import MemoryReactorClock
-
-        import kerjostunt.client.punch as punch_module
-
-        calls: list = []
-        ports: list = []
-
-        def fake_connect_from(reactor, local, remote, factory, *, timeout, ttl=None):
-            d = Deferred()
-            calls.append(d)
-            return d
-
-        def fake_listen(r, local, factory):
-            ports.append(_FakePort())
-            return ports[-1]
-
-        self.patch(punch_module, "connect_from", fake_connect_from)
-        self.patch(punch_module, "listen_reusable", fake_listen)
-        clock = MemoryReactorClock()
-        plan = PunchPlan((LOOP, 1000), ((LOOP, 2000),), deadline=5, low_ttl=None, retry_interval=0.2)
-        d = punch(clock, plan, AppFactory())
-        self.assertEqual(len(ports), 1)
-        calls[0].errback(error.getConnectError((errno.EADDRNOTAVAIL, "EADDRNOTAVAIL")))
-        self.assertEqual(len(ports), 2)
-        self.assertTrue(ports[0].stopped)
-        self.assertFalse(ports[1].stopped)
-        clock.advance(1)
-        self.assertGreaterEqual(len(calls), 2)
-        # Other errors leave the listener alone.
-        calls[-1].errback(error.ConnectionRefusedError())
-        self.assertEqual(len(ports), 2)
-        d.cancel()
-        self.failureResultOf(d)

@@ -12,8 +12,6 @@ everything else is closed.  See docs/punching.rst.
 
 from __future__ import annotations
 
-import errno
-
 import random
 
 from dataclasses import dataclass, field
@@ -230,8 +228,6 @@ class _Punch:
         if self.state != "running" or reason.check(CancelledError):
             return
         self.last_error[candidate] = _reason_text(reason)
-        if getattr(reason.value, "osError", None) == errno.EADDRNOTAVAIL:
-            self.relisten()
         # A primed SYN ends in EHOSTUNREACH (Linux aborts the connect on the
         # ICMP time exceeded) or in our short timeout; the mapping it made
         # survives.  Dial again at once: the peer's SYN must meet a socket in
@@ -239,29 +235,6 @@ class _Punch:
         # conntrack has not seen and is dropped (docs/nat-lab.rst).
         delay = 0.0 if low else self.retry_delay()
         self._later(delay, self.dial, candidate)
-
-    def relisten(self) -> None:
-        """Close and reopen the listener on our port.
-
-        When the peer's SYN reached the listener while none of our dials was
-        in SYN_SENT, the kernel keeps a half-open connection for that 4-tuple
-        (its SYN-ACK dies at our own NAT), and every redial to that candidate
-        fails with EADDRNOTAVAIL until it times out. Closing the listening
-        socket drops it.
-        """
-        port, self.port = self.port, None
-        if port is None:
-            return
-
-        def reopen(_: Any) -> None:
-            if self.state != "running" or self.port is not None:
-                return
-            try:
-                self.port = listen_reusable(self.reactor, self.plan.local, _AcceptFactory(self))
-            except OSError as e:
-                log.warn("punch: cannot listen again on {local}: {e}", local=self.plan.local, e=e)
-
-        maybeDeferred(port.stopListening).addBoth(reopen)
 
     # Accepting ----------------------------------------------------------
 
