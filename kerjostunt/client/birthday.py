@@ -60,6 +60,7 @@ from kerjostunt.client.sockets import (
     _CapturingFactory,
     _ConnectWaiter,
     _ttl_option,
+    abort_protocol as _drop,
     reusable_socket,
 )
 
@@ -635,9 +636,3 @@ class _Birthday:
     def _later(self, delay: float, f: Any, *args: Any) -> None:
         self.timers = [t for t in self.timers if t.active()]
         self.timers.append(self.reactor.callLater(delay, f, *args))
-
-
-def _drop(protocol: Any) -> None:
-    transport = getattr(protocol, "transport", None)
-    if transport is not None:
-        transport.abortConnection()

@@ -23,7 +23,7 @@ from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from kerjostunt.client.sockets import connect_from, listen_reusable
+from kerjostunt.client.sockets import abort_protocol as _drop, connect_from, listen_reusable
 
 log = Logger()
 
@@ -363,12 +363,6 @@ class _Punch:
     def _later(self, delay: float, f: Any, *args: Any) -> None:
         self.timers = [t for t in self.timers if t.active()]
         self.timers.append(self.reactor.callLater(delay, f, *args))
-
-
-def _drop(protocol: Any) -> None:
-    transport = getattr(protocol, "transport", None)
-    if transport is not None:
-        transport.abortConnection()
 
 
 def _has_handshake(protocol: Any) -> bool:

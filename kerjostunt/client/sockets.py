@@ -261,3 +261,10 @@ def listen_reusable(
     finally:
         # adoptStreamPort duplicated the descriptor.
         sock.close()
+
+
+def abort_protocol(protocol: Any) -> None:
+    """Drop a losing attempt's connection at once (no FIN handshake to wait for)."""
+    transport = getattr(protocol, "transport", None)
+    if transport is not None:
+        transport.abortConnection()
