@@ -20,6 +20,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .tcp import no_delay
 from .sip.message import Request, Response, make_response
 from .sip.parser import PONG, PING, KeepAlivePing, KeepAlivePong, Limits, SIPParseError, StreamParser
 
@@ -186,6 +187,7 @@ class SignalingProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.factory.connection_opened(self)
+        no_delay(self.transport)
         self._arm(self.limits.handshake_timeout, "TLS handshake")
         if not self.factory.tls:
             self.tls_ready()

@@ -387,5 +387,51 @@ class PrimedRedialTests(unittest.TestCase):
 
 
 class _FakePort:
+    stopped = False
+
     def stopListening(self):
+        self.stopped = True
         return None
+
+
+class HalfOpenListenerTests(unittest.TestCase):
+    """EADDRNOTAVAIL on a redial: the listener holds a half-open connection for
+    that 4-tuple; the listener is closed for good and the candidate redialed at once."""
+
+    def test_eaddrnotavail_closes_the_listener_and_redials(self):
+        import errno
+
+        from twisted.internet import error
+        from twisted.internet.testing import MemoryReactorClock
+
+        import kerjostunt.client.punch as punch_module
+
+        calls: list = []
+        ports: list = []
+
+        def fake_connect_from(reactor, local, remote, factory, *, timeout, ttl=None):
+            d = Deferred()
+            calls.append(d)
+            return d
+
+        def fake_listen(r, local, factory):
+            ports.append(_FakePort())
+            return ports[-1]
+
+        self.patch(punch_module, "connect_from", fake_connect_from)
+        self.patch(punch_module, "listen_reusable", fake_listen)
+        clock = MemoryReactorClock()
+        plan = PunchPlan((LOOP, 1000), ((LOOP, 2000),), deadline=5, low_ttl=None, retry_interval=0.2)
+        d = punch(clock, plan, AppFactory())
+        self.assertEqual(len(ports), 1)
+        calls[0].errback(error.getConnectError((errno.EADDRNOTAVAIL, "EADDRNOTAVAIL")))
+        self.assertTrue(ports[0].stopped)
+        clock.advance(0)
+        self.assertEqual(len(calls), 2)  # redialed without waiting for retry_interval
+        # Not reopened, whatever follows.
+        calls[-1].errback(error.getConnectError((errno.EADDRNOTAVAIL, "EADDRNOTAVAIL")))
+        calls[-1].errback(error.ConnectionRefusedError()) if not calls[-1].called else None
+        clock.advance(1)
+        self.assertEqual(len(ports), 1)
+        d.cancel()
+        self.failureResultOf(d)

@@ -21,6 +21,9 @@ from twisted.python.failure import Failure
 
 from kerjostunt import tls
 
+from .probing import probe_from
+from .readyport import PreparedPort, ReadyPort
+from .sockets import reusable_socket
 from .calling import (
     AppPortFactory,
     ConnectFailed,
@@ -72,6 +75,7 @@ class PeerAgent:
         backoff_initial: float = 1.0,
         backoff_max: float = 60.0,
         probe_timeout: float = 5.0,
+        punch_port_max_age: float = 30.0,
         jitter: Callable[[], float] = random.random,
     ) -> None:
         self.reactor = reactor
@@ -108,11 +112,17 @@ class PeerAgent:
         self._app_port: IListeningPort | None = None
         self._calls: dict[str, Any] = {}
         self._dialers: dict[bytes, Dialer] = {}
+        #: the next call's punch port, probed while idle (readyport.py); max age 0 turns it off
+        self.ready_port = ReadyPort(reactor, self._prepare_punch_port, max_age=punch_port_max_age)
 
     # -- life ---------------------------------------------------------------------
 
     def start(self) -> defer.Deferred:
-        """Connect and REGISTER once; fails clearly on a bad password or an untrusted server."""
+        """Connect and REGISTER once; fails clearly on a bad password or an untrusted server.
+
+        Fires with the registration once the first punch port is probed too
+        (readyport.py), so that the first ``connect`` does not wait for probes.
+        """
         if self.state != "idle":
             return defer.fail(RuntimeError(f"agent already {self.state}"))
         self.state = "starting"
@@ -130,11 +140,14 @@ class PeerAgent:
             self._stop_listening()
             return failure
 
-        return self._connect_and_register().addErrback(failed)
+        d = self._connect_and_register()
+        d.addCallback(lambda registration: self.ready_port.when_ready().addCallback(lambda _: registration))
+        return d.addErrback(failed)
 
     def stop(self) -> defer.Deferred:
         """Unregister and close signaling; established peer connections stay."""
         self.state = "stopped"
+        self.ready_port.clear()
         for timer in self._timers.values():
             if timer.active():
                 timer.cancel()
@@ -209,6 +222,8 @@ class PeerAgent:
         self.state = "up"
         sig.disconnected.addCallback(lambda _: self._signaling_lost(sig))
         self._later("keepalive", self.keepalive_interval, self._keepalive)
+        if not self._calls:
+            self.ready_port.refill(0)
         log.info(
             "registered as {user} at {host}:{port}, public address {ip}:{pport}",
             user=self.user_id, host=host, port=port, ip=registration.public_ip, pport=registration.public_port,
@@ -269,6 +284,7 @@ class PeerAgent:
         if sig is not self.signaling:
             return
         self.registration = None
+        self.ready_port.clear()  # probed for a connection (maybe a public address) now gone
         for name in ("refresh", "keepalive"):
             timer = self._timers.pop(name, None)
             if timer is not None and timer.active():
@@ -332,6 +348,38 @@ class PeerAgent:
             return self._refresh().addCallback(lambda reg: (self.signaling, reg))
         return defer.succeed((self.signaling, registration))
 
+    def probe_punch_port(
+        self, sig: SignalingClientProtocol, registration: Registration | None, local: tuple[str, int]
+    ) -> defer.Deferred:
+        """Probe ``local`` (a bound reusable port); fires with the results, [] when nothing to probe with."""
+        offer = registration.probe if registration is not None else None
+        if offer is None or not offer.ports:
+            log.warn("the server offered no probe ports")
+            return defer.succeed([])
+        return probe_from(
+            self.reactor, local, self.probe_servers(sig, offer),
+            username=offer.token, password=offer.password, timeout=self.probe_timeout,
+        )
+
+    @defer.inlineCallbacks
+    def _prepare_punch_port(self):  # type: ignore[no-untyped-def]
+        """For ReadyPort: a fresh reusable port, probed now, for the next call."""
+        if self.ready_port.max_age <= 0 or not self.signaling_up:
+            return None
+        sig, registration = yield self.fresh_registration()
+        local_ip = sig.transport.getHost().host
+        holder = reusable_socket((local_ip, 0))
+        port = holder.getsockname()[1]
+        try:
+            results = yield self.probe_punch_port(sig, registration, (local_ip, port))
+        except BaseException:
+            holder.close()
+            raise
+        if not results:
+            holder.close()
+            return None
+        return PreparedPort(holder, local_ip, port, results, self.reactor.seconds(), registration.public_ip)
+
     def probe_servers(self, sig: SignalingClientProtocol, offer: ProbeOffer) -> list[tuple[str, int]]:
         """The probe ports at the address we reach the server on, then the alternate IP."""
         server_ip = sig.transport.getPeer().host
@@ -389,6 +437,8 @@ class PeerAgent:
     def call_ended(self, call: Any) -> None:
         if self._calls.get(call.call_id) is call:
             del self._calls[call.call_id]
+        if not self._calls and self.state == "up" and self.signaling_up:
+            self.ready_port.refill()  # only now: probes during a punch would move a sequential NAT on
 
     def dialer_started(self, dialer: Dialer) -> None:
         self._dialers[dialer.tag] = dialer

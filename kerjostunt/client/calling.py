@@ -381,6 +381,7 @@ class Dialer:
         self._punch: defer.Deferred | None = None
         self._timers: list[Any] = []
         self._starting = False
+        self._lan_dialed = False
         # The peer's "use STUNT" flag says its public endpoint is closed: skip it.
         self.stunt_only = False
         self.own_probes: list[Any] = []  # this call's ProbeResults (birthday roles)
@@ -413,8 +414,17 @@ class Dialer:
     # running -------------------------------------------------------------------
 
     def start(self, delay: float) -> defer.Deferred:
+        """Dial ``delay`` seconds from now; the peer's LAN candidates at once.
+
+        A connect inside our LAN needs no simultaneous open and takes no NAT
+        port, so it need not wait for the moment both SYNs leave together.
+        """
         self.dial_at = self.reactor.seconds() + delay
         self._later(delay, self.begin)
+        for candidate, technique in self.direct_candidates():
+            if technique == "lan":
+                self._lan_dialed = True
+                self._dial_direct(candidate.endpoint, technique)
         return self.result
 
     def begin(self) -> None:
@@ -432,7 +442,7 @@ class Dialer:
         # after the probes (NAT lab, test_sequential).
         direct = self.direct_candidates()
         for candidate, technique in direct:
-            if technique == "lan":
+            if technique == "lan" and not self._lan_dialed:
                 self._dial_direct(candidate.endpoint, technique)
         candidates = self.punch_candidates()
         if candidates:
@@ -638,19 +648,33 @@ class _CallBase:
         self.punch_port = self.holder.getsockname()[1]
 
     @defer.inlineCallbacks
-    def probe(self, sig: SignalingClientProtocol, registration: Any):  # type: ignore[no-untyped-def]
-        offer = registration.probe if registration is not None else None
-        if offer is None or not offer.ports:
-            log.warn("call {call}: the server offered no probe ports", call=self.call_id)
+    def take_punch_port(self, sig: SignalingClientProtocol, registration: Any):  # type: ignore[no-untyped-def]
+        """The agent's prepared punch port when it fits, else a fresh one probed now."""
+        ready_port = getattr(self.agent, "ready_port", None)
+        prepared = (yield ready_port.take()) if ready_port is not None else None
+        if self.state == "done":  # ended while a preparation was finishing
+            if prepared is not None:
+                prepared.close()
             return
-        servers = self.agent.probe_servers(sig, offer)
+        local_ip = sig.transport.getHost().host
+        public_ip = registration.public_ip if registration is not None else None
+        if prepared is not None and (prepared.local_ip, prepared.public_ip) == (local_ip, public_ip):
+            self.local_ip, self.holder, self.punch_port = local_ip, prepared.holder, prepared.port
+            self.probe_results = prepared.results
+            log.debug("call {call}: punch port {port}, probed {age:.0f} ms ago", call=self.call_id,
+                      port=self.punch_port, age=(self.reactor.seconds() - prepared.probed_at) * 1000.0)
+            return
+        if prepared is not None:
+            prepared.close()  # probed over another connection or address
+        self.bind_punch_port(sig)
+        yield self.probe(sig, registration)
+
+    @defer.inlineCallbacks
+    def probe(self, sig: SignalingClientProtocol, registration: Any):  # type: ignore[no-untyped-def]
         try:
-            self.probe_results = yield probe_from(
-                self.reactor, (self.local_ip, self.punch_port), servers,
-                username=offer.token, password=offer.password, timeout=self.agent.probe_timeout,
-            )
-            if self.dialer is not None:  # the callee's dialer exists before it probes
-                self.dialer.own_probes = self.probe_results
+            self.probe_results = yield self.agent.probe_punch_port(sig, registration, (self.local_ip, self.punch_port))
+            log.debug("call {call}: probed from port {port}: {mapped}", call=self.call_id, port=self.punch_port,
+                      mapped=", ".join(f"{r.mapped_ip}:{r.mapped_port}" for r in self.probe_results))
         except (ProbeError, OSError) as e:
             # The server then predicts from older observations, or not at all.
             log.warn("call {call}: probing failed: {why}", call=self.call_id, why=str(e))
@@ -729,10 +753,9 @@ class OutgoingCall(_CallBase):
         if self.state == "done":
             return
         self.sig = sig
-        self.bind_punch_port(sig)
         self.call_id = secrets.token_hex(12) + "@" + sig.user_id
         self.agent.call_started(self)
-        yield self.probe(sig, registration)
+        yield self.take_punch_port(sig, registration)
         if self.state == "done":
             return
         uri = sig.uri_of(self.peer_id)
@@ -751,6 +774,8 @@ class OutgoingCall(_CallBase):
         if response.code != 200:
             raise ConnectFailed(f"{response.code} {response.reason}", response.code)
         self.to_tag = tag_of(response.headers.get("To"))
+        log.debug("call {call}: answered, dialing in {ms:.0f} ms", call=self.call_id,
+                  ms=dial_in_seconds(response) * 1000.0)
         self._ack(sig, response)
         try:
             setup = read_setup(response)
@@ -865,6 +890,7 @@ class IncomingCall(_CallBase):
             self.state = "done"
             return
         self.agent.call_started(self)
+        log.debug("call {call}: INVITE from {peer}", call=self.call_id, peer=self.peer_id)
         self._timer = self.reactor.callLater(ACK_TIMEOUT, self.stop, "no ACK from the server")
         self._prepare().addErrback(self._prepare_failed)
 
@@ -873,12 +899,11 @@ class IncomingCall(_CallBase):
         sig, self.registration = yield self.agent.fresh_registration()
         if self.state == "done":
             return
-        self.bind_punch_port(sig)
-        # The tag lets the peer reach our app port before our dial moment.
-        self.make_dialer(self.setup, self.agent.accept_factory, self.registration)  # type: ignore[arg-type]
-        yield self.probe(sig, self.registration)
+        yield self.take_punch_port(sig, self.registration)
         if self.state == "done":
             return
+        # The tag lets the peer reach our app port before our dial moment.
+        self.make_dialer(self.setup, self.agent.accept_factory, self.registration)  # type: ignore[arg-type]
         self.sig.respond(
             self.invite, 200, to_tag=self.to_tag,
             headers=[
@@ -902,6 +927,7 @@ class IncomingCall(_CallBase):
             self._timer.cancel()
         self._timer = None
         self.state = "dialing"
+        log.debug("call {call}: ACK, dialing in {ms:.0f} ms", call=self.call_id, ms=dial_in_seconds(request) * 1000.0)
         self.dialer.start(dial_in_seconds(request)).addCallbacks(self._succeeded, self._dial_failed)
 
     def _succeeded(self, result: DialResult) -> None:

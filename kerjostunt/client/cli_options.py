@@ -143,8 +143,10 @@ def agent_account(args: argparse.Namespace, server: tuple[str, int], password: s
 def start_logging(verbose: bool) -> None:
     """Twisted's log to stderr: warnings and up, or everything with ``--verbose``."""
     level = LogLevel.debug if verbose else LogLevel.warn
+    # Milliseconds: a connection takes a few hundred of them, and --verbose
+    # is how one sees where they go.
     observer = FilteringLogObserver(
-        textFileLogObserver(sys.stderr), [LogLevelFilterPredicate(defaultLogLevel=level)]
+        textFileLogObserver(sys.stderr, timeFormat="%H:%M:%S.%f"), [LogLevelFilterPredicate(defaultLogLevel=level)]
     )
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 

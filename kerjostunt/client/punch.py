@@ -12,6 +12,7 @@ everything else is closed.  See docs/punching.rst.
 
 from __future__ import annotations
 
+import errno
 import random
 
 from dataclasses import dataclass, field
@@ -228,6 +229,9 @@ class _Punch:
         if self.state != "running" or reason.check(CancelledError):
             return
         self.last_error[candidate] = _reason_text(reason)
+        if getattr(reason.value, "osError", None) == errno.EADDRNOTAVAIL:
+            self.stop_listening(candidate)
+            low = True  # redial at once
         # A primed SYN ends in EHOSTUNREACH (Linux aborts the connect on the
         # ICMP time exceeded) or in our short timeout; the mapping it made
         # survives.  Dial again at once: the peer's SYN must meet a socket in
@@ -235,6 +239,28 @@ class _Punch:
         # conntrack has not seen and is dropped (docs/nat-lab.rst).
         delay = 0.0 if low else self.retry_delay()
         self._later(delay, self.dial, candidate)
+
+    def stop_listening(self, candidate: Endpoint) -> None:
+        """Close the listener for the rest of the punch.
+
+        EADDRNOTAVAIL on a redial means the listener holds a half-open
+        connection for that 4-tuple: the peer's SYN came in while none of our
+        connects was in SYN_SENT (just after a primed one was aborted, when
+        the peers' dial moments are skewed by about the RTT to the priming
+        router).  Its SYN-ACK carries an ISN our NAT has not seen and dies
+        there, and the kernel keeps it for about a minute, refusing every
+        redial to that candidate and answering the peer's next SYNs with RST.
+        Closing the listener drops it.  It is not reopened: it would catch
+        the peer's next SYN the same way (NAT lab), while our redial in
+        SYN_SENT meets it as a simultaneous open.
+        """
+        port, self.port = self.port, None
+        if port is None:
+            return
+        log.debug("punch: closing the listener on {local}, it held a half-open connection from {remote}",
+                  local=_describe(self.plan.local), remote=_describe(candidate))
+        maybeDeferred(port.stopListening).addErrback(
+            lambda f: log.warn("punch: closing the listener failed: {why}", why=f.getErrorMessage()))
 
     # Accepting ----------------------------------------------------------
 

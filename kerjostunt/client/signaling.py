@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ..tcp import no_delay
 from ..sip.digest import authorization
 from ..sip.headers import parse_auth, parse_via
 from ..sip.message import Headers, Request, Response, make_response
@@ -135,6 +136,7 @@ class SignalingClientProtocol(Protocol):
     # -- Twisted ----------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        no_delay(self.transport)  # requests right after another one must not wait for its ACK
         host = self.transport.getHost()
         self.local = (host.host, host.port)
 
