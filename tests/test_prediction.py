@@ -106,6 +106,18 @@ class ClassifyTests(TestCase):
         self.assertEqual(p.ports, (9001,))
         self.assertLess(p.confidence, 0.2)
 
+    def test_one_short_step_by_chance_is_not_sequential(self) -> None:
+        """Three probes of a random NAT whose first two mappings happen to be 120 apart."""
+        three = ((SERVER, 3478), (SERVER, 3479), (ALT, 3478))
+        s = series([(40001, [31000, 31120, 5023])], servers=three)
+        self.assertEqual(classify(s).allocation, RANDOM)
+
+    def test_two_short_steps_are_sequential(self) -> None:
+        three = ((SERVER, 3478), (SERVER, 3479), (ALT, 3478))
+        s = series([(40001, [31000, 31004, 31008])], servers=three)
+        nat = classify(s)
+        self.assertEqual((nat.allocation, nat.delta), (SEQUENTIAL, 4))
+
     def test_address_dependent(self) -> None:
         servers = ((SERVER, 3478), (SERVER, 3479), (ALT, 3478))
         s = call(0, 40001, [3000, 3000, 3001], servers=servers)
