@@ -9,6 +9,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
+from kerjostunt.client.probing import ProbeResult
 from kerjostunt.client.readyport import PreparedPort, ReadyPort
 
 
@@ -25,9 +26,10 @@ class Preparations:
         self.pending.append(d)
         return d
 
-    def finish(self) -> PreparedPort:
+    def finish(self, mapped: tuple[int, ...] = (50000,)) -> PreparedPort:
         holder = socket.socket()
-        port = PreparedPort(holder, "127.0.0.1", 40000 + len(self.made), ["probe"], self.clock.seconds())
+        results = [ProbeResult(("192.0.2.1", 3478 + i), 40000, "198.51.100.7", port) for i, port in enumerate(mapped)]
+        port = PreparedPort(holder, "127.0.0.1", 40000 + len(self.made), results, self.clock.seconds())
         self.made.append(port)
         self.pending.pop(0).callback(port)
         return port
@@ -86,6 +88,23 @@ class ReadyPortTests(unittest.TestCase):
         self.assertFalse(self.ready.ready)
         self.assertIsNone(self.successResultOf(self.ready.take()))
         self.assertTrue(closed(port))
+
+    def test_an_address_dependent_mapping_ages_faster(self) -> None:
+        """Its prediction extrapolates the NAT's counter, which other connections move on."""
+        self.ready.refill(0)
+        port = self.prep.finish(mapped=(50000, 50001, 50002))
+        self.assertFalse(port.endpoint_independent)
+        self.clock.advance(5.5)
+        self.assertFalse(self.ready.ready)
+        self.assertIsNone(self.successResultOf(self.ready.take()))
+        self.assertTrue(closed(port))
+
+    def test_an_endpoint_independent_mapping_keeps_for_max_age(self) -> None:
+        self.ready.refill(0)
+        port = self.prep.finish(mapped=(50000, 50000, 50000))
+        self.assertTrue(port.endpoint_independent)
+        self.clock.advance(29)
+        self.assertIs(self.successResultOf(self.ready.take()), port)
 
     def test_refill_replaces_a_stale_port(self) -> None:
         self.ready.refill(0)

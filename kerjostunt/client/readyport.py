@@ -19,7 +19,12 @@ Two rules keep a prepared port as good as a freshly probed one:
   are, the more other connections (other applications, other hosts behind
   the NAT) may have moved a sequential NAT on, and an endpoint-independent
   NAT may have dropped the probes' mapping.  A port older than ``max_age``
-  is closed, and the call probes a new one itself, as without this module.
+  (30 s) is closed, and the call probes a new one itself, as without this
+  module.  When the probes showed an address-dependent mapping (the
+  mapped endpoint differed between probe endpoints), the prediction
+  extrapolates the NAT's port counter, which every new connection behind
+  the NAT moves on: such a port is used only for ``dependent_max_age``
+  (5 s, a home NAT's worth of few new connections).
 """
 
 from __future__ import annotations
@@ -49,6 +54,11 @@ class PreparedPort:
     probed_at: float
     public_ip: str | None = field(default=None)
 
+    @property
+    def endpoint_independent(self) -> bool:
+        """Every probe endpoint saw the same mapping (or there was only one probe)."""
+        return len({(r.mapped_ip, r.mapped_port) for r in self.results}) <= 1
+
     def close(self) -> None:
         self.holder.close()
 
@@ -71,11 +81,13 @@ class ReadyPort:
         prepare: Callable[[], "defer.Deferred[PreparedPort | None]"],
         *,
         max_age: float = 30.0,
+        dependent_max_age: float = 5.0,
         settle: float = 0.5,
     ) -> None:
         self.clock = clock
         self.prepare = prepare
         self.max_age = max_age
+        self.dependent_max_age = dependent_max_age
         self.settle = settle
         self._ready: PreparedPort | None = None
         self._preparing: defer.Deferred | None = None
@@ -131,7 +143,10 @@ class ReadyPort:
     # -- inside ------------------------------------------------------------------------
 
     def _fresh(self, port: PreparedPort | None) -> bool:
-        return port is not None and self.clock.seconds() - port.probed_at <= self.max_age
+        if port is None:
+            return False
+        limit = self.max_age if port.endpoint_independent else min(self.max_age, self.dependent_max_age)
+        return self.clock.seconds() - port.probed_at <= limit
 
     def _pop(self) -> PreparedPort | None:
         ready, self._ready = self._ready, None
