@@ -148,6 +148,29 @@ class DialerPlanTests(unittest.TestCase):
         self.assertEqual(clock.getDelayedCalls(), [])
 
 
+    def test_both_nats_random_fails_at_once_without_punching(self) -> None:
+        """Nothing can predict either side: no 10 s punch, the reason is named."""
+        import dataclasses
+
+        from kerjostunt.client.probing import ProbeResult
+
+        clock = Clock()
+        setup = dataclasses.replace(
+            _setup([_cand("prflx", "so", "198.51.100.9", 40123)]),
+            peer_nat="mapping=address-and-port-dependent; allocation=random; delta=none; confidence=0.05")
+        dialer = Dialer(clock, setup, Factory.forProtocol(Protocol), local_ip="127.0.0.1", punch_port=1,
+                        own_public_ip=None, deadline=10.0, low_ttl=None)
+        dialer.stunt_only = True  # no public endpoint to try either
+        dialer.own_probes = [ProbeResult(("192.0.2.1", 3478), 1, "203.0.113.5", 31000),
+                             ProbeResult(("192.0.2.1", 3479), 1, "203.0.113.5", 52011),
+                             ProbeResult(("192.0.2.2", 3478), 1, "203.0.113.5", 9001)]
+        d = dialer.start(0.03)
+        clock.advance(0.03)
+        failure = self.failureResultOf(d, ConnectFailed)
+        self.assertIn("both NATs allocate ports at random", failure.value.reason)
+        self.assertIsNone(dialer._punch)
+
+
 class AppPortTests(unittest.TestCase):
     def connect(self, lookup: Any) -> tuple[AppPortProtocol, StringTransport, Clock]:
         clock = Clock()

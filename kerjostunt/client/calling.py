@@ -35,13 +35,14 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from kerjostunt.prediction import RANDOM
 from kerjostunt.sdp import Candidate, SDPError, SessionDescription, candidate_priority, parse_sdp
 from kerjostunt.sip.headers import parse_name_addr
 from kerjostunt.sip.message import Request, Response
 
 from . import birthday
 from .handshake import HandshakeFactory, HandshakeProtocol
-from .probing import ProbeError, probe_from
+from .probing import ProbeError
 from .punch import PunchFailed, PunchPlan, punch
 from .signaling import SignalingClientProtocol, new_tag
 from .sockets import connect_from, reusable_socket
@@ -445,7 +446,10 @@ class Dialer:
             if technique == "lan" and not self._lan_dialed:
                 self._dial_direct(candidate.endpoint, technique)
         candidates = self.punch_candidates()
-        if candidates:
+        hopeless = self._both_random()
+        if hopeless:
+            self.errors.append(f"punch: {hopeless}")
+        elif candidates:
             plan = PunchPlan(
                 local=(self.local_ip, self.punch_port),
                 candidates=candidates,
@@ -459,7 +463,8 @@ class Dialer:
             self.pending += 1
             self._punch = punch(self.reactor, plan, self.handshakes)
             self._punch.addCallbacks(self._punched, self._punch_failed)
-        self._start_birthday()
+        if not hopeless:
+            self._start_birthday()
         for candidate, technique in direct:
             if technique != "lan":
                 self._dial_direct(candidate.endpoint, technique)
@@ -525,6 +530,20 @@ class Dialer:
         self._punch = None
         self.pending -= 1
         self._won(DialResult(result.protocol, "stunt", result.technique, result.remote, self._elapsed()))
+
+    def _both_random(self) -> str:
+        """Why punching cannot work, or "".
+
+        When both NATs draw a random port for every new connection, neither
+        side can know where to send its SYN and no SYN can match the other
+        NAT's mapping: punching would only wait out its deadline (10 s).
+        The direct attempts still run.
+        """
+        own = birthday.describe_own(self.own_probes, self.local_ip)
+        peer = birthday.parse_nat_header(self.setup.peer_nat)
+        if own is not None and peer is not None and own.allocation == peer.allocation == RANDOM:
+            return "not tried: both NATs allocate ports at random"
+        return ""
 
     def _start_birthday(self) -> None:
         """The birthday technique when one NAT is random and the other's mapping
