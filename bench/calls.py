@@ -46,6 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2, help="load-generator processes (default 2)")
     p.add_argument("--window", type=int, default=32, help="registrations in flight per worker (default 32)")
     p.add_argument("--timeout", type=float, default=600.0, help="hard limit on the whole run, seconds (default 600)")
+    common.add_pinning_option(p)
     common.add_run_options(p, "the call phase")
     args = p.parse_args(argv)
     if args.pairs < args.workers or args.rate <= 0 or args.duration <= 0:
@@ -65,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir, cleanup = common.make_workdir(args.keep)
     load_start = os.getloadavg()[0]
     clients = 2 * args.pairs
-    server = common.ServerProcess(workdir, users=clients, extra_args=list(args.server_arg))
+    plan = common.cpu_plan(args.server_cpu)
+    server = common.ServerProcess(workdir, users=clients, extra_args=list(args.server_arg), cpus=plan.server)
     workers: common.Workers | None = None
     spy: common.PySpy | None = None
     deadline = time.time() + args.timeout
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             for r in common.split(args.pairs, args.workers)
         ]
-        workers = common.Workers(Path(__file__).resolve(), configs, workdir)
+        workers = common.Workers(Path(__file__).resolve(), configs, workdir, cpus=plan.generators)
         workers.collect("ready", timeout=60)
         workers.broadcast("register")
         registered = workers.collect("registered", timeout=300)
@@ -95,11 +97,13 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(2.0)
         idle_rate = (server.cpu() - idle_c0) / (time.time() - idle_t0)
         if args.py_spy:
-            spy = common.PySpy(server.pid, args.py_spy, native=args.py_spy_native)
-        cpu0, threads0, t0 = server.cpu(), server.threads_cpu(), time.time()
+            with common.affinity(plan.generators):
+                spy = common.PySpy(server.pid, args.py_spy, native=args.py_spy_native)
+        cpu0, threads0, gen0, t0 = server.cpu(), server.threads_cpu(), workers.cpu(), time.time()
         start_at = t0 + 0.5
         workers.broadcast(f"calls {start_at}")
         reports = workers.collect("calls-done", timeout=args.duration + 120)
+        gen_use = (workers.cpu() - gen0) / max(1e-9, time.time() - t0)
         server.wait_quiet()
         cpu1, threads1, t1 = server.cpu(), server.threads_cpu(), time.time()
         if spy is not None:
@@ -123,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[tuple[str, Any]] = [
         ("pairs (registered TLS peers)", f"{args.pairs} ({clients})"),
         ("load-generator processes", args.workers),
+        ("CPU pinning", plan.describe()),
         ("target rate, calls/s", args.rate),
         ("calls started", started),
         ("achieved start rate, calls/s", started / max(1e-9, span) if started > 1 else float("nan")),
@@ -140,9 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         ("  of which reactor thread, ms", reactor_ms),
         ("  of which SQL thread(s), ms", sql_ms),
         ("server core use during calls, %", 100 * (cpu1 - cpu0) / max(1e-9, t1 - t0)),
+        ("load generators' core use during calls, %", 100 * gen_use),
     ]
     common.report(args, f"calls: {args.rate:g} calls/s for {args.duration:g} s, {args.pairs} pairs", rows, errors,
-                  load_start, idle_cpu_rate=idle_rate)
+                  load_start, idle_cpu_rate=idle_rate,
+                  samples_ms={key: [x for r in reports for x in r[key]]
+                              for key in ("latencies", "to_trying", "to_callee", "answer_back")})
     cleanup()
     return 0 if completed == started and not errors else 1
 

@@ -30,9 +30,10 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 DOMAIN = "kerjo.local"
@@ -147,6 +148,64 @@ def _nofile() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+# -- CPU pinning -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CpuPlan:
+    """Which CPUs the server and the load generators may run on (None: anywhere).
+
+    With the generators on the server's core, a message the server has
+    already answered can wait for a generator's time slice before its time
+    is taken: the latency tail was the generators', not the server's.  Pinning
+    both apart makes the tail the server's (plus whatever else the machine
+    runs on its core).
+    """
+
+    server: frozenset[int] | None = None
+    generators: frozenset[int] | None = None
+
+    def describe(self) -> str:
+        if self.server is None:
+            return "off (all processes on all CPUs)"
+        return f"server on CPU {_cpus(self.server)}, load generators on CPU {_cpus(self.generators or ())}"
+
+
+def _cpus(cpus: Iterable[int]) -> str:
+    return ",".join(str(c) for c in sorted(cpus))
+
+
+def cpu_plan(choice: str) -> CpuPlan:
+    """``--server-cpu``: ``auto`` (the last CPU when there are two or more), ``off``, or a CPU number."""
+    available = sorted(os.sched_getaffinity(0))
+    if choice == "off" or (choice == "auto" and len(available) < 2):
+        return CpuPlan()
+    server = available[-1] if choice == "auto" else int(choice)
+    if server not in available or len(available) < 2:
+        raise SystemExit(f"--server-cpu {choice}: need a CPU of {available} and at least one other")
+    return CpuPlan(frozenset({server}), frozenset(available) - {server})
+
+
+@contextmanager
+def affinity(cpus: frozenset[int] | None) -> Iterator[None]:
+    """Run the block on ``cpus``: processes started in it inherit them (fork copies the mask)."""
+    if cpus is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def add_pinning_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server-cpu", default="auto", metavar="CPU|auto|off",
+                   help="pin the server to this CPU and the load generators to the others "
+                        "(default auto: the last CPU, when there are at least two)")
+
+
 # -- statistics and tables --------------------------------------------------------
 
 
@@ -198,6 +257,7 @@ class ServerProcess:
     users: int
     max_per_ip: int = 1000
     extra_args: list[str] = field(default_factory=list)
+    cpus: frozenset[int] | None = None
     proc: subprocess.Popen | None = None
     port: int = 0
     probe_ports: tuple[int, int] = (0, 0)
@@ -254,7 +314,9 @@ class ServerProcess:
         self.probe_ports = (probes[0], probes[1])
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
         out = open(self.workdir / "server.stdout", "wb")
-        self.proc = subprocess.Popen(self.command(), cwd=self.workdir, env=env, stdout=out, stderr=subprocess.STDOUT)
+        with affinity(self.cpus):
+            self.proc = subprocess.Popen(self.command(), cwd=self.workdir, env=env, stdout=out,
+                                         stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         marker = f"starting on {self.port}"
         while time.monotonic() < deadline:
@@ -334,16 +396,18 @@ class PySpy:
 class Workers:
     """K worker processes: commands go to their stdin, JSON lines come back from their stdout."""
 
-    def __init__(self, script: Path, configs: list[dict[str, Any]], workdir: Path) -> None:
+    def __init__(self, script: Path, configs: list[dict[str, Any]], workdir: Path,
+                 cpus: frozenset[int] | None = None) -> None:
         self.procs: list[subprocess.Popen] = []
         self.messages: "queue.Queue[tuple[int, dict[str, Any]]]" = queue.Queue()
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
         for index, config in enumerate(configs):
             err = open(workdir / f"worker{index}.stderr", "wb")
-            proc = subprocess.Popen(
-                [sys.executable, str(script), "--worker", json.dumps(config)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=env,
-            )
+            with affinity(cpus):
+                proc = subprocess.Popen(
+                    [sys.executable, str(script), "--worker", json.dumps(config)],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=env,
+                )
             self.procs.append(proc)
             threading.Thread(target=self._read, args=(index, proc), daemon=True).start()
 
@@ -364,6 +428,16 @@ class Workers:
                 proc.stdin.flush()
             except BrokenPipeError:
                 pass
+
+    def cpu(self) -> float:
+        """CPU seconds of all live workers (the load generators' own cost, to see whether they keep up)."""
+        total = 0.0
+        for proc in self.procs:
+            try:
+                total += cpu_seconds(proc.pid)
+            except OSError:
+                pass
+        return total
 
     def broadcast(self, command: str) -> None:
         for index in range(len(self.procs)):
@@ -520,6 +594,10 @@ def worker_runtime():  # type: ignore[no-untyped-def]
         def connectionMade(self) -> None:
             host = self.transport.getHost()
             self.local = (host.host, host.port)
+            # Small request/response messages: without this, a message written
+            # while an earlier small one is unacknowledged waits for the
+            # peer's delayed ACK (Nagle), 40 ms on Linux.
+            self.transport.setTcpNoDelay(True)
 
         def handshakeCompleted(self) -> None:
             self.owner.secured(self)

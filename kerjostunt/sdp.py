@@ -9,6 +9,7 @@ it. ``parse_sdp`` checks syntax and bounds only; what a *client* may send
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass, field, replace
@@ -162,10 +163,20 @@ def _int(text: str, low: int, high: int, what: str) -> int:
 
 
 def _ip(text: str) -> str:
+    address = _normalized_ip(text)
+    if address is None:
+        raise SDPError(f"bad address {text[:60]!r}")
+    return address
+
+
+@functools.lru_cache(maxsize=4096)
+def _normalized_ip(text: str) -> str | None:
+    """``ipaddress``'s strict parse, remembered: a peer's addresses repeat in every SDP
+    (o=, c=, each candidate) and call, and parsing one costs more than the rest of its line."""
     try:
         return str(ipaddress.ip_address(text))
     except ValueError:
-        raise SDPError(f"bad address {text[:60]!r}") from None
+        return None
 
 
 def parse_sdp(body: bytes) -> SessionDescription:

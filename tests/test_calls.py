@@ -568,6 +568,58 @@ class CallManagerUnitTests(unittest.SynchronousTestCase):
         self.assertEqual(self.bob.last().method, "CANCEL")  # type: ignore[union-attr]
         self.assertEqual(self.clock.getDelayedCalls(), self.registrar_timers())
 
+    def succeed(self, call_id: str) -> Request:
+        """Connect ``call_id`` and have the caller report success: recorded, now lingering."""
+        forwarded, _, _ = self.connect(call_id)
+        self.manager.handle_request(self.alice, request_in(call_id, "INFO", "alice", "bob",
+                                                           b"outcome=stunt\ntechnique=low-ttl\nremote=198.51.100.9:50001\n",
+                                                           OUTCOME_TYPE))
+        return forwarded
+
+    def test_lingering_calls_share_one_timer_and_are_forgotten_in_order(self) -> None:
+        self.succeed("c1")
+        self.clock.advance(10)
+        forwarded2 = self.succeed("c2")
+        self.assertEqual(len(self.store.attempts), 2)
+        # One timer for both lingering calls, not one each.
+        self.assertEqual(len(self.clock.getDelayedCalls()), len(self.registrar_timers()) + 1)
+        self.clock.advance(32 - 10 - 0.01)
+        self.assertEqual(len(self.manager.calls()), 2)
+        self.clock.advance(0.02)
+        self.assertEqual([c.caller_call_id for c in self.manager.calls()], ["c2"])
+        # Still there: a late INFO or BYE on the second call is answered 200, not 481.
+        self.manager.handle_request(self.bob, request_in(forwarded2.call_id, "BYE", "bob", "alice"))  # type: ignore[arg-type]
+        self.assertEqual(self.bob.last().code, 200)  # type: ignore[union-attr]
+        self.clock.advance(10)
+        self.assertEqual(self.manager.calls(), [])
+        self.assertEqual(self.clock.getDelayedCalls(), self.registrar_timers())
+        self.manager.handle_request(self.bob, request_in(forwarded2.call_id, "BYE", "bob", "alice"))  # type: ignore[arg-type]
+        self.assertEqual(self.bob.last().code, 481)  # type: ignore[union-attr]
+
+    def test_lingering_call_keeps_no_messages(self) -> None:
+        """What lingers is walked by every full garbage collection: identifiers only."""
+        self.succeed("c1")
+        [call] = self.manager.calls()
+        self.assertEqual(call.phase, "recorded")
+        self.assertEqual((call.invite, call.forwarded, call.caller_sdp, call.callee_sdp), (None, None, None, None))
+        self.assertEqual((call.caller_prediction, call.callee_prediction, call.reports), (None, None, {}))
+
+    def test_late_answer_after_cancel_still_gets_ack_and_bye(self) -> None:
+        """The ended call sheds its INVITE; a 200 that crossed the CANCEL is still ACKed and BYEd in its dialog."""
+        forwarded = self.ring()
+        self.manager.handle_request(self.alice, request_in("c1", "CANCEL", "alice", "bob"))
+        self.assertEqual(self.alice.last().code, 487)  # type: ignore[union-attr]
+        self.manager.handle_response(self.bob, answer(forwarded))
+        ack, bye = self.bob.sent[-2:]
+        self.assertEqual([(m.method, m.call_id, m.headers.get("To")) for m in (ack, bye)],  # type: ignore[union-attr]
+                         [(k, forwarded.call_id, f"<sips:bob@{DOMAIN}>;tag=bt") for k in ("ACK", "BYE")])
+
+    def test_stop_cancels_the_linger_timer(self) -> None:
+        self.succeed("c1")
+        self.manager.stop()
+        self.assertEqual(self.manager.calls(), [])
+        self.assertEqual(self.clock.getDelayedCalls(), self.registrar_timers())
+
 
 class OutcomeParserTests(unittest.SynchronousTestCase):
     def test_good(self) -> None:

@@ -62,6 +62,17 @@ class ParseTests(SynchronousTestCase):
         again = parse_sdp(sd.to_bytes())
         self.assertEqual(again, sd)
 
+    def test_addresses_checked_every_time(self) -> None:
+        """Parsed addresses are remembered; a bad one is refused however often it comes."""
+        for _ in range(3):
+            self.assertEqual(parse_sdp(EXAMPLE).host_ip, "10.0.0.5")
+            for bad in (b"10.0.0.05", b"10.0.0.256", b"10.0.0.5 ", b"::g"):
+                with self.assertRaises(SDPError):
+                    parse_sdp(EXAMPLE.replace(b"o=alice 0 0 IN IP4 10.0.0.5", b"o=alice 0 0 IN IP4 " + bad))
+        # Normalized as before: IPv6 in its compressed form.
+        ipv6 = EXAMPLE.replace(b"IN IP4 10.0.0.5\r\ns=", b"IN IP6 2001:DB8:0::1\r\ns=")
+        self.assertEqual(parse_sdp(ipv6).host_ip, "2001:db8::1")
+
     def test_no_punch_port(self) -> None:
         sd = parse_sdp(EXAMPLE.replace(b"a=x-kerjo-punch-port:40001\r\n", b""))
         self.assertIsNone(sd.punch_port)

@@ -181,6 +181,32 @@ class MakeResponseTests(SynchronousTestCase):
         resp = make_response(Request("M", "sip:x", Headers([("Call-ID", "z")])), 400)
         self.assertEqual(resp.headers.items(), [("Call-ID", "z")])
 
+    def test_response_does_not_share_the_request_fields(self):
+        req = register()
+        resp = make_response(req, 200, to_tag="t9")
+        resp.headers.add("X-Added", "1")
+        resp.headers.set("Via", "SIP/2.0/TLS other")
+        self.assertNotIn("X-Added", req.headers)
+        self.assertEqual(len(req.headers.get_all("Via")), 2)
+
+    def test_first_of_repeated_fields_copied(self):
+        req = Request("M", "sip:x", Headers([("From", "<sip:a@x>;tag=1"), ("From", "<sip:b@x>;tag=2"),
+                                             ("To", "<sip:c@x>"), ("Via", "SIP/2.0/TLS a"), ("Via", "SIP/2.0/TLS b")]))
+        resp = make_response(req, 200, to_tag="z")
+        self.assertEqual(resp.headers.items(), [("Via", "SIP/2.0/TLS a"), ("Via", "SIP/2.0/TLS b"),
+                                                ("From", "<sip:a@x>;tag=1"), ("To", "<sip:c@x>;tag=z")])
+
+    def test_to_tag_checked_when_added(self):
+        self.assertRaises(ValueError, make_response, register(), 200, to_tag="t\r\nX-Evil: 1")
+
+    def test_tag_parameter_found_in_any_case(self):
+        req = register()
+        req.headers.set("To", "<sips:alice@kerjo.local>;TAG=old")
+        self.assertEqual(make_response(req, 200, to_tag="new").headers.get("To"), "<sips:alice@kerjo.local>;TAG=old")
+        req.headers.set("To", "<sips:alice@kerjo.local;tag=inuri>")
+        self.assertEqual(make_response(req, 200, to_tag="new").headers.get("To"),
+                         "<sips:alice@kerjo.local;tag=inuri>;tag=new")
+
     def test_reasons(self):
         for code in (100, 180, 200, 302, 400, 401, 403, 404, 405, 408, 413, 416, 423,
                      480, 481, 486, 487, 500, 501, 503, 504, 505, 513, 600, 603, 606):

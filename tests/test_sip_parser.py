@@ -1,5 +1,7 @@
 """Stream framing, parsing rules, limits, and Hypothesis properties."""
 
+import re
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
@@ -13,6 +15,7 @@ from kerjostunt.sip.parser import (
     Limits,
     SIPParseError,
     StreamParser,
+    _split_lines,
     parse_message,
 )
 
@@ -424,3 +427,80 @@ class PropertyTests(SynchronousTestCase):
     @given(mutated(), st.data(), st.sampled_from([Limits(), SMALL]))
     def test_mutated_messages_only_parse_errors(self, stream, data, limits):
         self._only_parse_errors(stream, data.draw(chunked(stream)), limits)
+
+
+class LineScanParser(StreamParser):
+    """The parser without its whole-section fast path: every header section scanned line by line."""
+
+    __slots__ = ()
+
+    def _find_head(self) -> bool:
+        return False
+
+
+def _events(parser, chunks):
+    """What a connection would see, errors as (code, reason, fatal) so they compare."""
+    out = []
+    for chunk in chunks:
+        for e in parser.feed_events(chunk):
+            if isinstance(e, SIPParseError):
+                out.append((e.code, e.reason, e.fatal, e.message))
+                if e.fatal:
+                    return out
+            else:
+                out.append(e)
+    return out + [parser.buffered]
+
+
+def _old_split_lines(head):
+    """The line-by-line check that _split_lines replaced with one search."""
+    text = head.decode("utf-8")
+    lines = [line[:-1] if line.endswith("\r") else line for line in text.split("\n")][:-2]
+    if any(re.search(r"[\x00-\x08\x0a-\x1f\x7f]", line) for line in lines):
+        return "control"
+    return lines
+
+
+HEAD_TEXT = st.lists(st.sampled_from(["a", " ", ":", "\r", "\n", "\r\n", "\t", "\x00", "\x7f", "\x0b", "é"]),
+                     max_size=30).map("".join)
+
+
+class FastPathTests(SynchronousTestCase):
+    """The whole-section search finds what the line scan finds, and refuses what it refuses, the same way."""
+
+    @SETTINGS
+    @given(st.one_of(mutated(), st.binary(max_size=300)), st.data(),
+           st.sampled_from([Limits(), SMALL, Limits(max_headers=6), Limits(max_line_bytes=120, max_header_bytes=300)]))
+    def test_same_as_line_scan(self, stream, data, limits):
+        chunks = data.draw(chunked(stream))
+        self.assertEqual(_events(StreamParser(limits), chunks), _events(LineScanParser(limits), chunks))
+
+    @SETTINGS
+    @given(HEAD_TEXT)
+    def test_split_lines_same_as_per_line_check(self, text):
+        head = (text + "\n\n").encode()
+        try:
+            new = _split_lines(head)
+        except SIPParseError as e:
+            self.assertEqual(e.reason, "Bad Request: control character in header section")
+            new = "control"
+        self.assertEqual(new, _old_split_lines(head))
+
+    def test_limits_at_the_fast_path_edges(self):
+        # Exactly max_headers fields passes; one more is refused, whole or byte by byte.
+        limits = Limits(max_headers=6)
+        ok = msg()  # 5 fields + Content-Length
+        self.assertIsInstance(StreamParser(limits).feed(ok)[0], Request)
+        over = msg(b"X-A: 1\r\n")
+        for chunks in ([over], [over[i:i + 1] for i in range(len(over))]):
+            [(code, reason, fatal, _)] = _events(StreamParser(limits), chunks)
+            self.assertEqual((code, reason, fatal), (513, "Message Too Large: too many header fields", True))
+        # A section longer than max_line_bytes goes through the line scan and is still accepted.
+        long_ok = msg(b"X-Long: " + b"v" * 60 + b"\r\n")
+        self.assertIsInstance(StreamParser(Limits(max_line_bytes=100)).feed(long_ok)[0], Request)
+        [(code, reason, _, _)] = _events(StreamParser(Limits(max_line_bytes=60)), [long_ok])
+        self.assertEqual((code, reason), (513, "Message Too Large: line too long"))
+
+    def test_bare_cr_in_a_header_is_refused(self):
+        [(code, reason, fatal, _)] = _events(StreamParser(), [msg(b"X-A: a\rb\r\n")])
+        self.assertEqual((code, reason, fatal), (400, "Bad Request: control character in header section", True))

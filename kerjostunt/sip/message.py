@@ -198,6 +198,21 @@ class Headers:
         for name, value in items:
             self.add(name, value)
 
+    @classmethod
+    def trusted(cls, items: list[tuple[str, str]]) -> "Headers":
+        """Headers from fields already checked and canonical (the parser's, another Headers' own).
+
+        Skips ``add``'s per-field checks, which are most of the cost of
+        parsing a message and of building a response from a request.
+        """
+        new = cls()
+        new._items = items
+        return new
+
+    def raw_items(self) -> list[tuple[str, str]]:
+        """The fields themselves, not a copy: for reading in hot paths, never to modify."""
+        return self._items
+
     def get(self, name: str, default: str | None = None) -> str | None:
         key = canonical_name(name)
         for n, v in self._items:
@@ -267,12 +282,17 @@ class Headers:
         return f"Headers({self._items!r})"
 
 
+_BAD_URI_CHAR = re.compile(r"[\s\x00-\x1f\x7f]")
+_BAD_REASON_CHAR = re.compile(r"[\r\n\x00]")
+_COPIED = ("From", "To", "Call-ID", "CSeq")
+
+
 def _serialize(start_line: str, headers: Headers, body: bytes) -> bytes:
     """Content-Length always reflects the body: it replaces any stale value
     in place, or is appended after the other headers."""
     lines = [start_line]
     length_written = False
-    for name, value in headers.items():
+    for name, value in headers.raw_items():
         if name == "Content-Length":
             if not length_written:
                 lines.append(f"Content-Length: {len(body)}")
@@ -308,7 +328,7 @@ class Request:
     def to_bytes(self) -> bytes:
         if TOKEN_RE.fullmatch(self.method) is None:
             raise ValueError(f"bad method: {self.method!r}")
-        if not self.uri or re.search(r"[\s\x00-\x1f\x7f]", self.uri):
+        if not self.uri or _BAD_URI_CHAR.search(self.uri):
             raise ValueError(f"bad Request-URI: {self.uri!r}")
         return _serialize(f"{self.method} {self.uri} SIP/2.0", self.headers, self.body)
 
@@ -331,7 +351,7 @@ class Response:
     def to_bytes(self) -> bytes:
         if not 100 <= self.code <= 699:
             raise ValueError(f"bad status code: {self.code!r}")
-        if re.search(r"[\r\n\x00]", self.reason):
+        if _BAD_REASON_CHAR.search(self.reason):
             raise ValueError(f"bad reason phrase: {self.reason!r}")
         return _serialize(f"SIP/2.0 {self.code} {self.reason}", self.headers, self.body)
 
@@ -345,6 +365,8 @@ class Response:
 
 
 def _has_tag(to_value: str) -> bool:
+    if "tag" not in to_value.lower():
+        return False  # no parse needed: neither check below can find one
     try:
         return parse_name_addr(to_value).tag is not None
     except ValueError:
@@ -364,15 +386,22 @@ def make_response(
     (with ``;tag=to_tag`` added unless it already has one), Call-ID, CSeq."""
     if reason is None:
         reason = REASONS.get(code, "Unknown")
-    headers = Headers()
-    for name, value in request.headers.items():
+    # One pass over the request's fields, copied as they are (a Headers
+    # checked them when they went in); only an added tag is checked again.
+    items: list[tuple[str, str]] = []
+    copied: dict[str, str] = {}
+    for item in request.headers.raw_items():
+        name = item[0]
         if name == "Via":
-            headers.add(name, value)
-    for name in ("From", "To", "Call-ID", "CSeq"):
-        value = request.headers.get(name)
+            items.append(item)
+        elif name in _COPIED and name not in copied:
+            copied[name] = item[1]
+    for name in _COPIED:
+        value = copied.get(name)
         if value is None:
             continue
         if name == "To" and to_tag is not None and not _has_tag(value):
             value = f"{value};tag={to_tag}"
-        headers.add(name, value)
-    return Response(code, reason, headers)
+            _check_field(name, value)
+        items.append((name, value))
+    return Response(code, reason, Headers.trusted(items))
