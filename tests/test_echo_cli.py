@@ -169,3 +169,25 @@ def _run_with_stdin(argv: list[str], stdin: str) -> defer.Deferred:
     reactor.spawnProcess(Collect(), argv[0], argv, env=os.environ)
     return d
 
+
+
+class PunchPortAgeOptionTests(unittest.TestCase):
+    """--punch-port-max-age reaches the agent; negative ages are usage errors."""
+
+    def parse(self, *extra: str):  # type: ignore[no-untyped-def]
+        from kerjostunt.cli import build_parser
+        return build_parser().parse_args([
+            "echo-client", "--server", "127.0.0.1", "--user", "alice", "--password-stdin",
+            "--ca", "ca.pem", "bob", *extra])
+
+    def test_default_and_zero(self) -> None:
+        from kerjostunt.client.commands_echo import _agent
+        from twisted.internet.task import Clock
+
+        self.assertEqual(self.parse().punch_port_max_age, 30.0)
+        agent = _agent(Clock(), self.parse("--punch-port-max-age", "0"), "pw")
+        self.assertEqual(agent.ready_port.max_age, 0.0)
+
+    def test_negative_is_refused(self) -> None:
+        with self.assertRaises(SystemExit):
+            self.parse("--punch-port-max-age", "-1")

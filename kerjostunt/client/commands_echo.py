@@ -40,6 +40,16 @@ MAX_LINE = 16 * 1024
 # -- argument parsing ------------------------------------------------------------
 
 
+def non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return value
+
+
 def positive(text: str) -> float:
     try:
         value = float(text)
@@ -64,6 +74,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="how long to punch (default 10)")
     parser.add_argument("--low-ttl", type=int, default=2, metavar="TTL",
                         help="TTL of the first punch SYN, 0 for none (default 2: our NAT is hop 1)")
+    parser.add_argument("--punch-port-max-age", type=non_negative, default=30.0, metavar="SECONDS",
+                        help="use a punch port probed ahead of time for at most this long, "
+                             "0 to probe at call time (default 30)")
     parser.add_argument("--verbose", "-v", action="store_true", help="log every step to stderr")
 
 
@@ -105,6 +118,7 @@ def _agent(reactor: Any, args: argparse.Namespace, password: str, **kwargs: Any)
         listen_port=args.listen_port,
         punch_deadline=args.punch_deadline,
         low_ttl=args.low_ttl or None,
+        punch_port_max_age=args.punch_port_max_age,
         **kwargs,
     )
 
