@@ -543,6 +543,30 @@ class Database:
                 raise UnknownUser(f"unknown user {user_id!r}")
 
     @_translated
+    def record_seen_many(self, rows: Sequence[tuple[str, str, int, float]]) -> list[str]:
+        """``record_seen`` for many ``(user_id, ip, port, when)`` rows in one
+        transaction, in order; returns the user IDs that do not exist.
+
+        The server's write-behind (``AsyncStore.record_seen``) gathers a
+        REGISTER's worth of these per 100 ms: one commit instead of one each.
+        """
+        if not rows:
+            return []
+        params = [
+            {"b_user_id": user_id, "b_ip": ip, "b_port": int(port), "b_when": when}
+            for user_id, ip, port, when in rows
+        ]
+        with self.engine.begin() as c:
+            result = c.execute(_SEEN_UPDATE, params)
+            if self.engine.dialect.supports_sane_multi_rowcount and result.rowcount == len(params):
+                return []
+            wanted = list(dict.fromkeys(row[0] for row in rows))
+            found: set[str] = set()
+            for chunk in _chunks(wanted):
+                found.update(c.execute(select(_USERS.c.user_id).where(_USERS.c.user_id.in_(chunk))).scalars())
+        return [user_id for user_id in wanted if user_id not in found]
+
+    @_translated
     def record_nat(self, user_id: str, nat: Mapping[str, Any], when: float) -> None:
         try:
             text = json.dumps(dict(nat), sort_keys=True)
