@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Protocol as TypingProtocol
@@ -72,19 +73,28 @@ def tcp_socket_of(transport: Any) -> socket.socket | None:
         get_handle = getattr(transport, "getHandle", None)
         handle = get_handle() if get_handle is not None else None
         if isinstance(handle, socket.socket):
-            return handle
+            is_tcp = handle.family in (socket.AF_INET, socket.AF_INET6) and handle.type == socket.SOCK_STREAM
+            return handle if is_tcp else None
         transport = getattr(transport, "transport", None)
     return None
 
 
+# Other systems' TCP_INFO (FreeBSD, macOS's TCP_CONNECTION_INFO) have other layouts.
+_TCP_INFO: int | None = getattr(socket, "TCP_INFO", None) if sys.platform.startswith("linux") else None
+
+
+def has_kernel_rtt(transport: Any) -> bool:
+    """Can ``kernel_rtt`` answer for this transport? (No system call: once per REGISTER.)"""
+    return _TCP_INFO is not None and tcp_socket_of(transport) is not None
+
+
 def kernel_rtt(transport: Any) -> float | None:
     """The kernel's RTT of the connection under ``transport`` (Linux TCP_INFO), or None."""
-    option = getattr(socket, "TCP_INFO", None)
     sock = tcp_socket_of(transport)
-    if option is None or sock is None:
+    if _TCP_INFO is None or sock is None:
         return None
     try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, option, TCP_INFO_SIZE)
+        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, TCP_INFO_SIZE)
     except OSError:  # not TCP (a UNIX socket in tests), or closed
         return None
     return rtt_from_tcp_info(info)
@@ -208,7 +218,7 @@ class SignalingProtocol(Protocol):
     def _await_activity(self) -> None:
         now = self._clock.seconds()
         self._last_activity = now
-        if kernel_rtt(self.transport) is None:
+        if not has_kernel_rtt(self.transport):
             # No kernel RTT (not Linux, not TCP): measure it with a few quick
             # pings right away, so the first call already has samples.
             self._quick_pings = RTT_SAMPLES
