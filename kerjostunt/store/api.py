@@ -9,7 +9,8 @@ Hand-offs are coalesced: a thread-pool hand-off (queue, wake the worker, wake
 the reactor with the result) costs the reactor about as much as a small
 query, and each REGISTER made two of them. While the pool's threads are busy,
 new calls queue and then go over together, still one transaction each and in
-order; ``record_seen`` is written behind, many rows per transaction
+order; ``get_ha1`` lookups of a few milliseconds share one query, and
+``record_seen`` is written behind, many rows per transaction
 (docs/decisions.rst).
 """
 
@@ -27,8 +28,10 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from kerjostunt.store.database import (
+    HA1_ALGORITHMS,
     AttemptRecord,
     Database,
+    InvalidValue,
     StoreError,
     UnknownUser,
     UserRecord,
@@ -40,6 +43,8 @@ SQLITE_THREADS = 1  # SQLite serializes writes anyway; one worker avoids lock wa
 OTHER_THREADS = 4
 SEEN_DELAY = 0.1  # seconds a record_seen may wait to share a transaction
 SEEN_BATCH = 100  # rows that are written at once without waiting
+HA1_WINDOW = 0.002  # seconds a get_ha1 waits for others to share its query
+HA1_BATCH = 100  # lookups that go at once without waiting
 
 _Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 
@@ -53,6 +58,34 @@ def _run_batch(database: Database, calls: list[_Call]) -> list[tuple[bool, Any]]
         except BaseException:
             results.append((False, Failure()))
     return results
+
+
+class _Gathered:
+    """Calls held back to share one hand-off: sent ``delay`` seconds after the
+    first, or at once when ``size`` have gathered (``send`` gets them all)."""
+
+    def __init__(self, clock: Any, delay: float, size: int, send: Callable[[list[Any]], None]) -> None:
+        self._clock, self._delay, self._size, self._send = clock, delay, size, send
+        self._items: list[tuple[Any, Deferred[Any]]] = []
+        self._timer: IDelayedCall | None = None
+
+    def add(self, item: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self._items.append((item, d))
+        if len(self._items) >= self._size:
+            self.flush()
+        elif self._timer is None:
+            self._timer = self._clock.callLater(self._delay, self.flush)
+        return d
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+        if self._items:
+            items, self._items = self._items, []
+            self._send(items)
 
 
 class StoreStopped(StoreError):
@@ -90,8 +123,8 @@ class AsyncStore:
         self._in_flight = 0
         self._queue: list[tuple[_Call, Deferred[Any]]] = []
         self._holding = False  # results being delivered: new calls wait to go together
-        self._seen: list[tuple[tuple[str, str, int, float], Deferred[None]]] = []
-        self._seen_timer: IDelayedCall | None = None
+        self._seen = _Gathered(self._clock, SEEN_DELAY, SEEN_BATCH, self._write_seen)
+        self._ha1 = _Gathered(self._clock, HA1_WINDOW, HA1_BATCH, self._look_up_ha1)
         self._pending = 0
         self._idle_waiters: list[Deferred[None]] = []
         self._stopping = False
@@ -109,7 +142,8 @@ class AsyncStore:
             return d
         self._stop_waiters.append(d)
         if not self._stopping:
-            self._flush_seen()
+            self._seen.flush()
+            self._ha1.flush()
             self._stopping = True
             self._when_idle().addCallback(lambda _: self._shutdown())
         return d
@@ -134,7 +168,7 @@ class AsyncStore:
         if self._stopping:
             return fail(StoreStopped("the store is stopping"))
         if flush_seen:
-            self._flush_seen()
+            self._seen.flush()
         self._pending += 1
         d: Deferred[_T] = Deferred()
         if then is not None:
@@ -196,7 +230,13 @@ class AsyncStore:
         return self.run(Database.list_users)
 
     def get_ha1(self, user_id: str, algorithm: str) -> Deferred[str | None]:
-        return self._submit(Database.get_ha1, (user_id, algorithm), {}, flush_seen=False)
+        """Gathered: the lookups of the next ``HA1_WINDOW`` seconds (or
+        ``HA1_BATCH`` of them) share one query and one hand-off."""
+        if self._stopping:
+            return fail(StoreStopped("the store is stopping"))
+        if algorithm.upper() not in HA1_ALGORITHMS:
+            return fail(InvalidValue(f"unknown digest algorithm {algorithm!r}"))
+        return self._ha1.add((user_id, algorithm))
 
     def import_users(
         self, rows: Iterable[Mapping[str, str | None]], realm: str
@@ -239,13 +279,7 @@ class AsyncStore:
         the row is written, or fails with ``UnknownUser``."""
         if self._stopping:
             return fail(StoreStopped("the store is stopping"))
-        d: Deferred[None] = Deferred()
-        self._seen.append(((user_id, ip, int(port), when), d))
-        if len(self._seen) >= SEEN_BATCH:
-            self._flush_seen()
-        elif self._seen_timer is None:
-            self._seen_timer = self._clock.callLater(SEEN_DELAY, self._flush_seen)
-        return d
+        return self._seen.add((user_id, ip, int(port), when))
 
     def record_nat(
         self, user_id: str, nat: Mapping[str, Any], when: float
@@ -279,15 +313,20 @@ class AsyncStore:
 
     # -- internals -----------------------------------------------------
 
-    def _flush_seen(self) -> None:
-        """Send the held-back ``record_seen`` rows as one transaction."""
-        if self._seen_timer is not None:
-            if self._seen_timer.active():
-                self._seen_timer.cancel()
-            self._seen_timer = None
-        if not self._seen:
-            return
-        rows, self._seen = self._seen, []
+    def _look_up_ha1(self, wanted: list[tuple[tuple[str, str], Deferred[str | None]]]) -> None:
+        """The gathered ``get_ha1`` lookups, as one query."""
+
+        def fan_out(result: list[str | None] | Failure) -> None:
+            for index, (_key, waiter) in enumerate(wanted):
+                if isinstance(result, Failure):
+                    waiter.errback(result)
+                else:
+                    waiter.callback(result[index])
+
+        self._submit(Database.get_ha1_many, ([key for key, _ in wanted],), {}, flush_seen=False, then=fan_out)
+
+    def _write_seen(self, rows: list[tuple[tuple[str, str, int, float], Deferred[None]]]) -> None:
+        """The held-back ``record_seen`` rows, as one transaction."""
 
         def fan_out(result: list[str] | Failure) -> None:
             unknown = set() if isinstance(result, Failure) else set(result)
