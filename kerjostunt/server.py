@@ -6,6 +6,7 @@ builds a ``StuntServer``; tests build one directly on port 0.
 
 from __future__ import annotations
 
+import gc
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -60,6 +61,33 @@ def filter_log_level(level: LogLevel) -> LogLevelFilterPredicate:
             ):
                 value.observer = filtered
     return predicate
+
+
+GC_GEN0_THRESHOLD = 10_000  # CPython's default is 700
+
+
+def tune_gc(reactor: Any) -> None:
+    """Make the cyclic garbage collector cheaper for a server holding many peers.
+
+    Every REGISTER leaves a few dozen long-lived objects (connection, TLS
+    wrapper, parser, binding, token), so with CPython's defaults a young
+    collection ran every few registrations and each older collection walked
+    every object alive, start-up's included (SQLAlchemy, Alembic, Twisted:
+    most of the heap at 2,000 peers). A higher first threshold makes young
+    collections about 14 times rarer, and ``gc.freeze`` after start-up moves
+    what exists then out of every later collection. Measured by the
+    collector's own thread CPU time at 2,000 registrations: about 0.2 s of
+    collection to 0.05 s; RSS per peer unchanged (docs/decisions.rst).
+    ``twistd kerjostunt`` calls this; tests that build a server directly do not.
+    """
+    _gen0, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
+
+    def freeze_start_up() -> None:
+        gc.collect()  # garbage of the start-up must not be frozen with it
+        gc.freeze()
+
+    reactor.callWhenRunning(freeze_start_up)
 
 
 @dataclass

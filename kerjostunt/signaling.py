@@ -2,12 +2,15 @@
 
 This module frames bytes into messages, keeps each connection's life
 (handshake, unregistered, registered, closed) as an explicit state machine
-with its timers, answers keepalives, measures RTT, and enforces the per-IP
-and per-connection limits.  What a request *means* is the router's business.
+with its timers, answers keepalives, knows each peer's RTT, and enforces the per-IP and
+per-connection limits.  What a request *means* is the router's business.
 """
 
 from __future__ import annotations
 
+import socket
+import struct
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Protocol as TypingProtocol
@@ -30,6 +33,72 @@ CRLF = b"\r\n"
 RTT_SAMPLES = 3            # round trips kept; the smallest is the estimate
 QUICK_PING_INTERVAL = 0.5  # between the first pings after registering
 PING_BYTES = b"\r\n\r\n"
+
+# Linux ``struct tcp_info`` (include/uapi/linux/tcp.h): the two RTT fields,
+# microseconds. tcpi_rtt (smoothed) has been there for ever; tcpi_min_rtt
+# since Linux 4.6, so a shorter struct means an older kernel.
+TCP_INFO_SIZE = 232
+_TCPI_RTT = struct.Struct("=I")
+TCPI_RTT_OFFSET = 68
+TCPI_MIN_RTT_OFFSET = 148
+_NO_SAMPLE = 0xFFFFFFFF  # tcpi_min_rtt before the kernel has a sample (~0U)
+
+
+def rtt_from_tcp_info(info: bytes) -> float | None:
+    """Seconds from a packed ``struct tcp_info``: tcpi_min_rtt, else tcpi_rtt.
+
+    The minimum is the path's base delay without queueing spikes, which is
+    what timing both peers' SYNs needs; the smoothed RTT stands in on
+    kernels too old to report it. None when neither holds a sample.
+    """
+    if len(info) >= TCPI_MIN_RTT_OFFSET + 4:
+        (micros,) = _TCPI_RTT.unpack_from(info, TCPI_MIN_RTT_OFFSET)
+        if 0 < micros < _NO_SAMPLE:
+            return micros / 1e6
+    if len(info) >= TCPI_RTT_OFFSET + 4:
+        (micros,) = _TCPI_RTT.unpack_from(info, TCPI_RTT_OFFSET)
+        if micros > 0:
+            return micros / 1e6
+    return None
+
+
+def tcp_socket_of(transport: Any) -> socket.socket | None:
+    """The TCP socket under a transport (through the TLS wrapper), or None.
+
+    ``TLSMemoryBIOProtocol.getHandle`` gives the OpenSSL connection, so walk
+    down ``.transport`` to ``tcp.Server``; test transports have no socket.
+    """
+    for _ in range(4):
+        if transport is None:
+            return None
+        get_handle = getattr(transport, "getHandle", None)
+        handle = get_handle() if get_handle is not None else None
+        if isinstance(handle, socket.socket):
+            is_tcp = handle.family in (socket.AF_INET, socket.AF_INET6) and handle.type == socket.SOCK_STREAM
+            return handle if is_tcp else None
+        transport = getattr(transport, "transport", None)
+    return None
+
+
+# Other systems' TCP_INFO (FreeBSD, macOS's TCP_CONNECTION_INFO) have other layouts.
+_TCP_INFO: int | None = getattr(socket, "TCP_INFO", None) if sys.platform.startswith("linux") else None
+
+
+def has_kernel_rtt(transport: Any) -> bool:
+    """Can ``kernel_rtt`` answer for this transport? (No system call: once per REGISTER.)"""
+    return _TCP_INFO is not None and tcp_socket_of(transport) is not None
+
+
+def kernel_rtt(transport: Any) -> float | None:
+    """The kernel's RTT of the connection under ``transport`` (Linux TCP_INFO), or None."""
+    sock = tcp_socket_of(transport)
+    if _TCP_INFO is None or sock is None:
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, TCP_INFO_SIZE)
+    except OSError:  # not TCP (a UNIX socket in tests), or closed
+        return None
+    return rtt_from_tcp_info(info)
 
 
 @dataclass(frozen=True)
@@ -98,7 +167,7 @@ class SignalingProtocol(Protocol):
         self._ping_sent_at: float | None = None
         self._next_ping = 0.0
         self._rtt_samples: tuple[float, ...] = ()
-        self._pings_sent = 0
+        self._quick_pings = 0  # left to send; only where the kernel gives no RTT
         # Activity only stamps the time; the registered timer, when it fires,
         # looks at it (no cancel + callLater per message).
         self._last_activity = 0.0
@@ -149,7 +218,14 @@ class SignalingProtocol(Protocol):
     @_machine.output()
     def _await_activity(self) -> None:
         now = self._clock.seconds()
-        self._last_activity = self._next_ping = now  # the first ping measures the RTT at once
+        self._last_activity = now
+        if not has_kernel_rtt(self.transport):
+            # No kernel RTT (not Linux, not TCP): measure it with a few quick
+            # pings right away, so the first call already has samples.
+            self._quick_pings = RTT_SAMPLES
+            self._next_ping = now
+        else:
+            self._next_ping = now + self.limits.rtt_interval
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = self._clock.callLater(0.0, self._registered_tick)
@@ -286,11 +362,18 @@ class SignalingProtocol(Protocol):
 
     @property
     def rtt(self) -> float | None:
-        """The smallest of the last few keepalive round trips, None until measured.
+        """Seconds: the kernel's minimum RTT of this TCP connection, else the
+        smallest of the last few keepalive round trips; None until measured.
 
         Calls time both peers' SYNs from it, so the path's base delay matters,
-        not a queueing spike; one sample alone can be off by tens of ms.
+        not a queueing spike; one ping sample alone can be off by tens of ms.
+        The kernel's figure (Linux TCP_INFO) is known from the TCP and TLS
+        handshakes, excludes both ends' application queueing, and costs no
+        pings: about six TLS records per registration less (docs/decisions.rst).
         """
+        measured = kernel_rtt(self.transport)
+        if measured is not None:
+            return measured
         return min(self._rtt_samples) if self._rtt_samples else None
 
     def note_rtt_sample(self, sample: float) -> None:
@@ -309,10 +392,10 @@ class SignalingProtocol(Protocol):
         if now >= self._next_ping:
             self._ping_sent_at = now
             self.transport.write(PING_BYTES)
-            self._pings_sent += 1
-            # A few quick pings right after registering, so the first call
-            # already has several samples; then one per rtt_interval.
-            quick = self._pings_sent < RTT_SAMPLES
+            # Liveness (and RTT samples where the kernel has none): one ping
+            # per rtt_interval, after the quick ones if any are due.
+            self._quick_pings = max(0, self._quick_pings - 1)
+            quick = self._quick_pings > 0
             self._next_ping = now + (QUICK_PING_INTERVAL if quick else self.limits.rtt_interval)
         self._timer = self._clock.callLater(min(idle_at, self._next_ping) - now, self._registered_tick)
 

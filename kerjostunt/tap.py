@@ -10,7 +10,7 @@ from twisted.application.service import IService
 from twisted.logger import InvalidLogLevelError, LogLevel
 from twisted.python import usage
 
-from .server import ServerSettings, StuntServer, filter_log_level
+from .server import ServerSettings, StuntServer, filter_log_level, tune_gc
 from .signaling import ConnectionLimits
 
 
@@ -111,4 +111,5 @@ def makeService(config: Options, reactor: Any = None) -> IService:
     if reactor is None:
         from twisted.internet import reactor  # type: ignore[no-redef]
     filter_log_level(config["log-level"])
+    tune_gc(reactor)
     return StuntServer(config.settings(), reactor)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 from twisted.internet import defer
 from twisted.trial import unittest
 
@@ -100,6 +102,19 @@ class RegisterTests(unittest.TestCase):
         client = yield connect_client(self, self.running, "alice", "wonderland")
         rtt = yield client.ping()
         self.assertGreaterEqual(rtt, 0.0)
+
+    @defer.inlineCallbacks
+    def test_rtt_known_at_registration_without_pings(self):  # type: ignore[no-untyped-def]
+        """Over real TCP the server takes the kernel's RTT (TCP_INFO): it is there
+        as soon as the peer registers, before any keepalive round trip."""
+        if not hasattr(socket, "TCP_INFO"):
+            raise unittest.SkipTest("no TCP_INFO here")
+        client = yield connect_client(self, self.running, "alice", "wonderland")
+        yield client.register()
+        conn = self.running.server.registrar.lookup("alice").connection
+        self.assertEqual(conn._rtt_samples, ())
+        self.assertIsNone(conn._ping_sent_at)
+        self.assertTrue(0 < conn.rtt < 1.0, conn.rtt)
 
     @defer.inlineCallbacks
     def test_options_answered(self):  # type: ignore[no-untyped-def]

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import random
 import re
+import socket
+import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -33,7 +35,10 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from kerjostunt import tls
-from kerjostunt.signaling import QUICK_PING_INTERVAL, RTT_SAMPLES, AdmittingTLSFactory, ConnectionLimits, SignalingFactory, SignalingProtocol
+from kerjostunt.signaling import (
+    QUICK_PING_INTERVAL, RTT_SAMPLES, TCPI_MIN_RTT_OFFSET, TCPI_RTT_OFFSET, AdmittingTLSFactory, ConnectionLimits,
+    SignalingFactory, SignalingProtocol, kernel_rtt, rtt_from_tcp_info,
+)
 from kerjostunt.sip.message import Request, Response
 from kerjostunt.sip.parser import Limits, StreamParser
 
@@ -421,6 +426,56 @@ def options_bytes(n: int) -> bytes:
     return register_bytes(n).replace(b"REGISTER", b"OPTIONS")
 
 
+class SocketStringTransport(StringTransport):
+    """A StringTransport whose handle is a real socket, as tcp.Server's is."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        self._sock = sock
+
+    def getHandle(self) -> socket.socket:
+        return self._sock
+
+
+def tcp_info(*, rtt_us: int, min_rtt_us: int | None, size: int = 232) -> bytes:
+    """A packed Linux struct tcp_info with only the RTT fields set."""
+    info = bytearray(size)
+    struct.pack_into("=I", info, TCPI_RTT_OFFSET, rtt_us)
+    if min_rtt_us is not None:
+        struct.pack_into("=I", info, TCPI_MIN_RTT_OFFSET, min_rtt_us)
+    return bytes(info)
+
+
+class TcpInfoTests(unittest.TestCase):
+    def test_min_rtt_preferred(self) -> None:
+        self.assertAlmostEqual(rtt_from_tcp_info(tcp_info(rtt_us=45_000, min_rtt_us=40_123)), 0.040123)
+
+    def test_old_kernel_without_min_rtt_uses_smoothed(self) -> None:
+        self.assertAlmostEqual(rtt_from_tcp_info(tcp_info(rtt_us=45_000, min_rtt_us=None, size=104)), 0.045)
+
+    def test_no_min_rtt_sample_yet(self) -> None:
+        self.assertAlmostEqual(rtt_from_tcp_info(tcp_info(rtt_us=7_000, min_rtt_us=0xFFFFFFFF)), 0.007)
+        self.assertIsNone(rtt_from_tcp_info(tcp_info(rtt_us=0, min_rtt_us=0)))
+        self.assertIsNone(rtt_from_tcp_info(b"\x01" * 20))
+
+    def test_this_kernel_on_loopback(self) -> None:
+        """The offsets hold on the running kernel: state ESTABLISHED, RTT small and positive."""
+        if not hasattr(socket, "TCP_INFO"):
+            raise unittest.SkipTest("no TCP_INFO here")
+        listener = socket.create_server(("127.0.0.1", 0))
+        client = socket.create_connection(listener.getsockname())
+        accepted, _ = listener.accept()
+        for sock in (listener, client, accepted):
+            self.addCleanup(sock.close)
+        info = accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 232)
+        self.assertEqual(info[0], 1)  # tcpi_state TCP_ESTABLISHED: the struct starts where we think
+        (mss,) = struct.unpack_from("=I", info, 16)  # tcpi_snd_mss, a sanity anchor between the fields
+        self.assertGreater(mss, 500)
+        rtt = rtt_from_tcp_info(info)
+        self.assertIsNotNone(rtt)
+        self.assertTrue(0 < rtt < 0.5, rtt)
+
+
 class SignalingProtocolTests(unittest.TestCase):
     limits = ConnectionLimits(
         handshake_timeout=10.0,
@@ -436,12 +491,12 @@ class SignalingProtocolTests(unittest.TestCase):
         self.clock = Clock()
         self.router = FakeRouter()
 
-    def connect(self, *, tls_: bool = False, host: str = "203.0.113.5", limits: ConnectionLimits | None = None, factory: SignalingFactory | None = None):  # type: ignore[no-untyped-def]
+    def connect(self, *, tls_: bool = False, host: str = "203.0.113.5", limits: ConnectionLimits | None = None, factory: SignalingFactory | None = None, transport: StringTransport | None = None):  # type: ignore[no-untyped-def]
         factory = factory or SignalingFactory(self.router, self.clock, limits or self.limits, tls=tls_)
         proto = factory.buildProtocol(IPv4Address("TCP", host, 5555))
         if proto is None:
             return None, None
-        transport = StringTransport()
+        transport = transport or StringTransport()
         proto.makeConnection(transport)
         return proto, transport
 
@@ -524,6 +579,60 @@ class SignalingProtocolTests(unittest.TestCase):
             self.clock.advance(0.080)
             proto.dataReceived(b"\r\n")
         self.assertAlmostEqual(proto.rtt, 0.080)
+
+    def test_kernel_rtt_replaces_the_quick_pings(self) -> None:
+        """Over a real TCP socket the kernel's RTT is there at once: no quick
+        pings, only the liveness ping per rtt_interval."""
+        server_side = self.tcp_pair()
+        proto, transport = self.connect(transport=SocketStringTransport(server_side))
+        proto.bound("alice")
+        self.clock.advance(0)
+        self.clock.advance(QUICK_PING_INTERVAL * RTT_SAMPLES)
+        self.assertEqual(transport.value(), b"")  # no pings to measure anything
+        rtt = proto.rtt
+        self.assertIsNotNone(rtt)
+        self.assertTrue(0 < rtt < 1.0, rtt)  # loopback: microseconds
+        self.clock.advance(self.limits.rtt_interval - QUICK_PING_INTERVAL * RTT_SAMPLES)
+        self.assertEqual(transport.value(), b"\r\n\r\n")  # liveness, on time
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+
+    def test_rtt_falls_back_to_pings_without_a_tcp_socket(self) -> None:
+        a, b = socket.socketpair()  # AF_UNIX: TCP_INFO fails
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        proto, transport = self.connect(transport=SocketStringTransport(a))
+        proto.bound("alice")
+        self.clock.advance(0)
+        self.assertEqual(transport.value(), b"\r\n\r\n")  # the quick pings measure it
+        self.assertIsNone(proto.rtt)
+        self.clock.advance(0.025)
+        proto.dataReceived(b"\r\n")
+        self.assertAlmostEqual(proto.rtt, 0.025)
+
+    def test_kernel_rtt_through_the_tls_wrapper(self) -> None:
+        """TLSMemoryBIOProtocol.getHandle is the OpenSSL connection: the socket is one level down."""
+        server_side = self.tcp_pair()
+
+        class Wrapper:
+            def __init__(self) -> None:
+                self.transport = SocketStringTransport(server_side)
+
+            def getHandle(self) -> object:
+                return object()
+
+        self.assertIsNotNone(kernel_rtt(Wrapper()))
+        self.assertIsNone(kernel_rtt(StringTransport()))
+
+    def tcp_pair(self) -> socket.socket:
+        """The accepted end of a real TCP connection on 127.0.0.1 that has carried data."""
+        listener = socket.create_server(("127.0.0.1", 0))
+        client = socket.create_connection(listener.getsockname())
+        accepted, _ = listener.accept()
+        for sock in (listener, client, accepted):
+            self.addCleanup(sock.close)
+        accepted.sendall(b"x")
+        client.recv(1)
+        return accepted
 
     def test_partial_message_timeout(self) -> None:
         proto, transport = self.connect()

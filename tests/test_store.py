@@ -12,6 +12,7 @@ import threading
 
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults, inlineCallbacks
+from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from kerjostunt.store import (
@@ -25,7 +26,7 @@ from kerjostunt.store import (
     UnknownUser,
     next_states,
 )
-from kerjostunt.store.api import AsyncStore, StoreService, StoreStopped
+from kerjostunt.store.api import HA1_WINDOW, SEEN_BATCH, SEEN_DELAY, AsyncStore, StoreService, StoreStopped
 from kerjostunt.store.database import RECENT_WINDOW
 
 REALM = "kerjo.local"
@@ -228,6 +229,32 @@ class StoreTestsMixin:
         self.assertRaises(UnknownUser, self.db.record_seen, "bob", "1.2.3.4", 1, 1.0)
         self.assertRaises(UnknownUser, self.db.record_nat, "bob", {}, 1.0)
         self.assertRaises(InvalidValue, self.db.record_nat, "alice", {"x": object()}, 1.0)
+
+    def test_get_ha1_many_answers_in_order(self) -> None:
+        self.users("alice", "bob")
+        wanted = [("bob", "SHA-256"), ("ghost", "MD5"), ("alice", "md5"), ("bob", "MD5")]
+        self.assertEqual(
+            self.db.get_ha1_many(wanted), [self.db.get_ha1(u, a) for u, a in wanted]
+        )
+        self.assertIsNotNone(self.db.get_ha1_many([("alice", "MD5")])[0])
+        self.assertEqual(self.db.get_ha1_many([]), [])
+        self.assertRaises(InvalidValue, self.db.get_ha1_many, [("alice", "SHA-1")])
+
+    def test_record_seen_many_in_order_and_reports_unknown_users(self) -> None:
+        self.users("alice", "bob")
+        unknown = self.db.record_seen_many([
+            ("alice", "203.0.113.7", 40001, 10.0),
+            ("ghost", "203.0.113.8", 1, 10.0),
+            ("bob", "198.51.100.2", 5000, 11.0),
+            ("alice", "203.0.113.9", 40002, 12.0),  # a later row wins
+            ("ghost", "203.0.113.8", 2, 13.0),
+        ])
+        self.assertEqual(unknown, ["ghost"])
+        alice, bob = self.db.get_user("alice"), self.db.get_user("bob")
+        self.assertEqual((alice.public_ip, alice.public_port, alice.last_seen), ("203.0.113.9", 40002, 12.0))
+        self.assertEqual((bob.public_ip, bob.public_port, bob.last_seen), ("198.51.100.2", 5000, 11.0))
+        self.assertEqual(self.db.record_seen_many([("alice", "203.0.113.7", 1, 14.0)]), [])
+        self.assertEqual(self.db.record_seen_many([]), [])
 
     def test_set_stunt_state(self) -> None:
         self.users("alice")
@@ -483,6 +510,146 @@ class AsyncStoreTests(unittest.TestCase):
         self.addCleanup(check.close)
         self.assertEqual(len(check.recent_attempts("b", limit=1000)), 100)
         self.assertEqual(check.get_user("b").stunt_state, "direct")
+
+    def batch_sizes(self, method: str) -> list[int]:
+        """The size of every batch ``Database.<method>`` gets from now on."""
+        sizes: list[int] = []
+        original = getattr(Database, method)
+
+        def counting(database, items):  # type: ignore[no-untyped-def]
+            sizes.append(len(items))
+            return original(database, items)
+
+        self.patch(Database, method, counting)
+        return sizes
+
+    def clocked_store(self) -> tuple[AsyncStore, Clock]:
+        """A store whose gathering timers run on a Clock."""
+        clock = Clock()
+        store = AsyncStore(self.db, reactor, clock=clock)
+        store.start()
+        self.addCleanup(store.stop)
+        return store, clock
+
+    def behind_store(self) -> tuple[AsyncStore, Clock, list[int]]:
+        """A clocked store; the list gets the size of every ``record_seen_many`` batch."""
+        store, clock = self.clocked_store()
+        return store, clock, self.batch_sizes("record_seen_many")
+
+    def last_seen(self, user_id: str) -> tuple[object, object, object]:
+        check = Database(f"sqlite:///{self.path}")
+        try:
+            user = check.get_user(user_id)
+        finally:
+            check.close()
+        return user.public_ip, user.public_port, user.last_seen
+
+    @inlineCallbacks
+    def test_record_seen_is_written_behind_in_one_transaction(self):
+        for name in ("a", "b", "c"):
+            self.db.add_user(name, REALM, password="p")
+        store, clock, batches = self.behind_store()
+        seen = [store.record_seen(name, "192.0.2.1", 4000 + i, 10.0 + i) for i, name in enumerate("abc")]
+        yield store.call_check("a", "a")  # a round trip through the pool: nothing was sent
+        self.assertEqual(batches, [])
+        self.assertEqual(self.last_seen("a"), (None, None, None))
+        clock.advance(SEEN_DELAY)
+        yield gatherResults(seen)
+        self.assertEqual(batches, [3])
+        self.assertEqual(self.last_seen("c"), ("192.0.2.1", 4002, 12.0))
+
+    @inlineCallbacks
+    def test_a_full_batch_of_seen_rows_goes_at_once(self):
+        self.db.add_user("a", REALM, password="p")
+        store, clock, batches = self.behind_store()
+        seen = [store.record_seen("a", "192.0.2.1", 1000 + i, float(i)) for i in range(SEEN_BATCH)]
+        yield gatherResults(seen)  # no clock.advance
+        self.assertEqual(batches, [SEEN_BATCH])
+        self.assertEqual(self.last_seen("a"), ("192.0.2.1", 1000 + SEEN_BATCH - 1, float(SEEN_BATCH - 1)))
+
+    @inlineCallbacks
+    def test_stop_writes_held_back_seen_rows(self):
+        self.db.add_user("a", REALM, password="p")
+        store, clock, batches = self.behind_store()
+        seen = store.record_seen("a", "192.0.2.7", 5060, 42.0)
+        yield store.stop()
+        self.assertTrue(seen.called)
+        yield seen
+        self.assertEqual(self.last_seen("a"), ("192.0.2.7", 5060, 42.0))
+        self.assertEqual(clock.getDelayedCalls(), [])
+        yield self.assertFailure(store.record_seen("a", "192.0.2.7", 5060, 43.0), StoreStopped)
+
+    @inlineCallbacks
+    def test_unknown_user_fails_only_its_seen_row(self):
+        self.db.add_user("a", REALM, password="p")
+        store, clock, batches = self.behind_store()
+        good = store.record_seen("a", "192.0.2.1", 1, 1.0)
+        bad = store.record_seen("ghost", "192.0.2.1", 2, 1.0)
+        clock.advance(SEEN_DELAY)
+        yield good
+        yield self.assertFailure(bad, UnknownUser)
+        self.assertEqual(batches, [2])
+
+    @inlineCallbacks
+    def test_reads_see_held_back_seen_rows(self):
+        self.db.add_user("a", REALM, password="p")
+        store, clock, batches = self.behind_store()
+        store.record_seen("a", "192.0.2.9", 7000, 5.0)
+        user = yield store.get_user("a")  # no clock.advance: the read sends them first
+        self.assertEqual((user.public_ip, user.public_port, user.last_seen), ("192.0.2.9", 7000, 5.0))
+
+    def count_hand_offs(self, store: AsyncStore) -> list[int]:
+        hand_offs: list[int] = []
+        original = store._pool.callInThreadWithCallback
+
+        def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+            hand_offs.append(1)
+            return original(*args, **kwargs)
+
+        store._pool.callInThreadWithCallback = counting
+        return hand_offs
+
+    @inlineCallbacks
+    def test_calls_made_while_the_pool_is_busy_share_one_hand_off(self):
+        self.db.add_user("a", REALM, password="p")
+        hand_offs = self.count_hand_offs(self.store)
+        checks = [self.store.call_check("a", "a") for _ in range(9)]
+        missing = self.store.get_user("nobody")
+        results = yield gatherResults(checks)
+        self.assertEqual(results, ["no-group"] * 9)
+        yield self.assertFailure(missing, UnknownUser)  # an error stays with its own call
+        self.assertEqual(len(hand_offs), 2)  # the first alone, the rest together
+
+    @inlineCallbacks
+    def test_ha1_lookups_of_a_few_milliseconds_share_one_query(self):
+        self.db.add_user("a", REALM, password="pa")
+        self.db.add_user("b", REALM, password="pb")
+        store, clock = self.clocked_store()
+        hand_offs = self.count_hand_offs(store)
+        queries = self.batch_sizes("get_ha1_many")
+        lookups = [
+            store.get_ha1("a", "MD5"),
+            store.get_ha1("b", "sha-256"),
+            store.get_ha1("nobody", "MD5"),
+            store.get_ha1("a", "SHA-256"),
+        ]
+        yield self.assertFailure(store.get_ha1("a", "SHA-1"), InvalidValue)  # refused at once
+        self.assertEqual(hand_offs, [])
+        clock.advance(HA1_WINDOW)
+        results = yield gatherResults(lookups)
+        self.assertEqual(results, [
+            md5_ha1("a", REALM, "pa"), sha256_ha1("b", REALM, "pb"), None, sha256_ha1("a", REALM, "pa"),
+        ])
+        self.assertEqual((queries, len(hand_offs)), ([4], 1))
+
+    @inlineCallbacks
+    def test_stop_answers_gathered_ha1_lookups(self):
+        self.db.add_user("a", REALM, password="pa")
+        store = AsyncStore(self.db, reactor, clock=Clock())  # its timer never fires
+        store.start()
+        lookup = store.get_ha1("a", "MD5")
+        yield store.stop()
+        self.assertEqual((yield lookup), md5_ha1("a", REALM, "pa"))
 
     @inlineCallbacks
     def test_service_upgrades_and_stops(self):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 
 from twisted.logger import LogLevel, Logger, globalLogPublisher
@@ -9,7 +10,7 @@ from twisted.python import usage
 from twisted.trial import unittest
 
 from kerjostunt import calls, signaling
-from kerjostunt.server import filter_log_level
+from kerjostunt.server import GC_GEN0_THRESHOLD, filter_log_level, tune_gc
 from kerjostunt.tap import Options
 
 
@@ -74,3 +75,25 @@ class TLSGroupsOptionTests(unittest.TestCase):
         options = Options()
         options.parseOptions(["--tls-groups", "X25519:P-256"])
         self.assertEqual(options.settings().tls_groups, "X25519:P-256")
+
+
+class GarbageCollectorTests(unittest.TestCase):
+    def setUp(self) -> None:
+        threshold = gc.get_threshold()
+        self.addCleanup(gc.set_threshold, *threshold)
+        self.addCleanup(gc.unfreeze)
+
+    def test_threshold_raised_and_start_up_frozen_once_running(self) -> None:
+        when_running: list = []
+
+        class Reactor:
+            def callWhenRunning(self, f, *args):  # type: ignore[no-untyped-def]
+                when_running.append((f, args))
+
+        gc.unfreeze()
+        tune_gc(Reactor())
+        self.assertEqual(gc.get_threshold()[0], GC_GEN0_THRESHOLD)
+        self.assertEqual(gc.get_freeze_count(), 0)  # not before the reactor runs
+        [(freeze, args)] = when_running
+        freeze(*args)
+        self.assertGreater(gc.get_freeze_count(), 1000)

@@ -4,6 +4,14 @@ Every blocking ``Database`` call runs in a dedicated
 ``twisted.python.threadpool.ThreadPool``, never on the reactor thread. A
 failing database (an outage, a lost connection) gives failed Deferreds
 carrying ``StoreError`` subclasses; callers log them and carry on.
+
+Hand-offs are coalesced: a thread-pool hand-off (queue, wake the worker, wake
+the reactor with the result) costs the reactor about as much as a small
+query, and each REGISTER made two of them. While the pool's threads are busy,
+new calls queue and then go over together, still one transaction each and in
+order; ``get_ha1`` lookups of a few milliseconds share one query, and
+``record_seen`` is written behind, many rows per transaction
+(docs/decisions.rst).
 """
 
 from __future__ import annotations
@@ -13,14 +21,19 @@ from typing import Any, TypeVar
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from kerjostunt.store.database import (
+    HA1_ALGORITHMS,
     AttemptRecord,
     Database,
+    InvalidValue,
     StoreError,
+    UnknownUser,
     UserRecord,
 )
 
@@ -28,6 +41,51 @@ _T = TypeVar("_T")
 
 SQLITE_THREADS = 1  # SQLite serializes writes anyway; one worker avoids lock waits
 OTHER_THREADS = 4
+SEEN_DELAY = 0.1  # seconds a record_seen may wait to share a transaction
+SEEN_BATCH = 100  # rows that are written at once without waiting
+HA1_WINDOW = 0.002  # seconds a get_ha1 waits for others to share its query
+HA1_BATCH = 100  # lookups that go at once without waiting
+
+_Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+
+
+def _run_batch(database: Database, calls: list[_Call]) -> list[tuple[bool, Any]]:
+    """In the pool thread: each call on its own, its result or its Failure."""
+    results: list[tuple[bool, Any]] = []
+    for function, args, kwargs in calls:
+        try:
+            results.append((True, function(database, *args, **kwargs)))
+        except BaseException:
+            results.append((False, Failure()))
+    return results
+
+
+class _Gathered:
+    """Calls held back to share one hand-off: sent ``delay`` seconds after the
+    first, or at once when ``size`` have gathered (``send`` gets them all)."""
+
+    def __init__(self, clock: Any, delay: float, size: int, send: Callable[[list[Any]], None]) -> None:
+        self._clock, self._delay, self._size, self._send = clock, delay, size, send
+        self._items: list[tuple[Any, Deferred[Any]]] = []
+        self._timer: IDelayedCall | None = None
+
+    def add(self, item: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self._items.append((item, d))
+        if len(self._items) >= self._size:
+            self.flush()
+        elif self._timer is None:
+            self._timer = self._clock.callLater(self._delay, self.flush)
+        return d
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+        if self._items:
+            items, self._items = self._items, []
+            self._send(items)
 
 
 class StoreStopped(StoreError):
@@ -37,8 +95,12 @@ class StoreStopped(StoreError):
 class AsyncStore:
     """Every ``Database`` method, returning a Deferred.
 
-    Calls are queued to the pool in order. ``stop`` waits for everything
-    already queued, so outcome writes are not lost on a clean shutdown.
+    Calls are queued to the pool in order, at most one batch per pool
+    thread in flight. ``stop`` writes what ``record_seen`` holds back and
+    waits for everything already queued, so no write is lost on a clean
+    shutdown. Calls that read or write a user's row (all but ``get_ha1``,
+    ``call_check`` and ``record_attempt``) first send the held-back
+    ``record_seen`` rows, so they see them.
     """
 
     log = Logger()
@@ -48,13 +110,21 @@ class AsyncStore:
         database: Database,
         reactor: Any,
         threadpool: ThreadPool | None = None,
+        clock: Any = None,
     ) -> None:
         self.database = database
         self._reactor = reactor
+        self._clock = clock or reactor  # the write-behind timer; a Clock in tests
+        size = SQLITE_THREADS if database.is_sqlite else OTHER_THREADS
         if threadpool is None:
-            size = SQLITE_THREADS if database.is_sqlite else OTHER_THREADS
             threadpool = ThreadPool(minthreads=1, maxthreads=size, name="kerjostunt-store")
         self._pool = threadpool
+        self._slots = max(1, min(size, threadpool.max))
+        self._in_flight = 0
+        self._queue: list[tuple[_Call, Deferred[Any]]] = []
+        self._holding = False  # results being delivered: new calls wait to go together
+        self._seen = _Gathered(self._clock, SEEN_DELAY, SEEN_BATCH, self._write_seen)
+        self._ha1 = _Gathered(self._clock, HA1_WINDOW, HA1_BATCH, self._look_up_ha1)
         self._pending = 0
         self._idle_waiters: list[Deferred[None]] = []
         self._stopping = False
@@ -72,6 +142,8 @@ class AsyncStore:
             return d
         self._stop_waiters.append(d)
         if not self._stopping:
+            self._seen.flush()
+            self._ha1.flush()
             self._stopping = True
             self._when_idle().addCallback(lambda _: self._shutdown())
         return d
@@ -80,16 +152,55 @@ class AsyncStore:
         """Run ``function(database, *args, **kwargs)`` in the pool.
 
         For work that needs several ``Database`` calls together, and for
-        tests.
+        tests. Held-back ``record_seen`` rows are written first.
         """
+        return self._submit(function, args, kwargs)
+
+    def _submit(
+        self,
+        function: Callable[..., _T],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        flush_seen: bool = True,
+        then: Callable[[Any], Any] | None = None,
+    ) -> Deferred[_T]:
         if self._stopping:
             return fail(StoreStopped("the store is stopping"))
+        if flush_seen:
+            self._seen.flush()
         self._pending += 1
-        d = deferToThreadPool(
-            self._reactor, self._pool, function, self.database, *args, **kwargs
-        )
+        d: Deferred[_T] = Deferred()
+        if then is not None:
+            d.addBoth(then)  # before _finished: stop() fires only after it
         d.addBoth(self._finished)
+        self._queue.append(((function, args, kwargs), d))
+        self._pump()
         return d
+
+    def _pump(self) -> None:
+        """Hand everything queued to a free pool thread, as one batch."""
+        if self._holding or not self._queue or self._in_flight >= self._slots:
+            return
+        batch, self._queue = self._queue, []
+        self._in_flight += 1
+        done = deferToThreadPool(self._reactor, self._pool, _run_batch, self.database, [c for c, _ in batch])
+        done.addBoth(self._deliver, [d for _, d in batch])
+
+    def _deliver(self, results: list[tuple[bool, Any]] | Failure, waiters: list[Deferred[Any]]) -> None:
+        self._in_flight -= 1
+        self._holding = True  # calls made by the callbacks below go together
+        try:
+            for index, waiter in enumerate(waiters):
+                if isinstance(results, Failure):  # the pool itself failed
+                    waiter.errback(results)
+                elif results[index][0]:
+                    waiter.callback(results[index][1])
+                else:
+                    waiter.errback(results[index][1])
+        finally:
+            self._holding = False
+        self._pump()
 
     # -- Database methods ---------------------------------------------
 
@@ -119,7 +230,13 @@ class AsyncStore:
         return self.run(Database.list_users)
 
     def get_ha1(self, user_id: str, algorithm: str) -> Deferred[str | None]:
-        return self.run(Database.get_ha1, user_id, algorithm)
+        """Gathered: the lookups of the next ``HA1_WINDOW`` seconds (or
+        ``HA1_BATCH`` of them) share one query and one hand-off."""
+        if self._stopping:
+            return fail(StoreStopped("the store is stopping"))
+        if algorithm.upper() not in HA1_ALGORITHMS:
+            return fail(InvalidValue(f"unknown digest algorithm {algorithm!r}"))
+        return self._ha1.add((user_id, algorithm))
 
     def import_users(
         self, rows: Iterable[Mapping[str, str | None]], realm: str
@@ -148,7 +265,7 @@ class AsyncStore:
         return self.run(Database.share_group, a, b)
 
     def call_check(self, caller: str, callee: str) -> Deferred[str]:
-        return self.run(Database.call_check, caller, callee)
+        return self._submit(Database.call_check, (caller, callee), {}, flush_seen=False)
 
     def is_member(self, group: str, user_id: str) -> Deferred[bool]:
         return self.run(Database.is_member, group, user_id)
@@ -157,7 +274,12 @@ class AsyncStore:
         return self.run(Database.group_members, group)
 
     def record_seen(self, user_id: str, ip: str, port: int, when: float) -> Deferred[None]:
-        return self.run(Database.record_seen, user_id, ip, port, when)
+        """Written behind: with the others of the next ``SEEN_DELAY`` seconds
+        (or ``SEEN_BATCH`` rows) in one transaction. The Deferred fires when
+        the row is written, or fails with ``UnknownUser``."""
+        if self._stopping:
+            return fail(StoreStopped("the store is stopping"))
+        return self._seen.add((user_id, ip, int(port), when))
 
     def record_nat(
         self, user_id: str, nat: Mapping[str, Any], when: float
@@ -176,17 +298,11 @@ class AsyncStore:
         duration_ms: float | None,
         when: float,
     ) -> Deferred[dict[str, str]]:
-        return self.run(
+        return self._submit(
             Database.record_attempt,
-            call_id,
-            caller,
-            callee,
-            technique,
-            outcome,
-            predicted,
-            actual,
-            duration_ms,
-            when,
+            (call_id, caller, callee, technique, outcome, predicted, actual, duration_ms, when),
+            {},
+            flush_seen=False,  # it reads states and attempts, which record_seen does not write
         )
 
     def set_stunt_state(self, user_id: str, state: str) -> Deferred[None]:
@@ -196,6 +312,33 @@ class AsyncStore:
         return self.run(Database.recent_attempts, user_id, limit)
 
     # -- internals -----------------------------------------------------
+
+    def _look_up_ha1(self, wanted: list[tuple[tuple[str, str], Deferred[str | None]]]) -> None:
+        """The gathered ``get_ha1`` lookups, as one query."""
+
+        def fan_out(result: list[str | None] | Failure) -> None:
+            for index, (_key, waiter) in enumerate(wanted):
+                if isinstance(result, Failure):
+                    waiter.errback(result)
+                else:
+                    waiter.callback(result[index])
+
+        self._submit(Database.get_ha1_many, ([key for key, _ in wanted],), {}, flush_seen=False, then=fan_out)
+
+    def _write_seen(self, rows: list[tuple[tuple[str, str, int, float], Deferred[None]]]) -> None:
+        """The held-back ``record_seen`` rows, as one transaction."""
+
+        def fan_out(result: list[str] | Failure) -> None:
+            unknown = set() if isinstance(result, Failure) else set(result)
+            for (user_id, _ip, _port, _when), waiter in rows:
+                if isinstance(result, Failure):
+                    waiter.errback(result)
+                elif user_id in unknown:
+                    waiter.errback(UnknownUser(f"unknown user {user_id!r}"))
+                else:
+                    waiter.callback(None)
+
+        self._submit(Database.record_seen_many, ([row for row, _ in rows],), {}, flush_seen=False, then=fan_out)
 
     def _finished(self, result: _T) -> _T:
         self._pending -= 1

@@ -48,6 +48,10 @@ _HA1_QUERIES = {
     algorithm: select(column).where(_USERS.c.user_id == bindparam("user_id"))
     for algorithm, column in (("MD5", _USERS.c.ha1_md5), ("SHA-256", _USERS.c.ha1_sha256))
 }
+_HA1_MANY = select(_USERS.c.user_id, _USERS.c.ha1_md5, _USERS.c.ha1_sha256).where(
+    _USERS.c.user_id.in_(bindparam("user_ids", expanding=True))
+)
+_HA1_MANY_COLUMNS = {"MD5": 1, "SHA-256": 2}  # positions in _HA1_MANY's rows
 _USER_ROW = select(_USERS).where(_USERS.c.user_id == bindparam("user_id"))
 _USER_GROUPS = (
     select(_MEMBERSHIPS.c.group_name)
@@ -374,6 +378,26 @@ class Database:
             return c.execute(query, {"user_id": user_id}).scalar()
 
     @_translated
+    def get_ha1_many(self, wanted: Sequence[tuple[str, str]]) -> list[str | None]:
+        """``get_ha1`` for many ``(user_id, algorithm)`` pairs in one query per
+        500 users; the answers in the same order (None: no such user or HA1).
+
+        The server gathers the REGISTERs of a few milliseconds into one call
+        (``AsyncStore.get_ha1``)."""
+        columns = _HA1_MANY_COLUMNS
+        for _user_id, algorithm in wanted:
+            if algorithm.upper() not in columns:
+                raise InvalidValue(f"unknown digest algorithm {algorithm!r}")
+        rows: dict[str, Any] = {}
+        with self.engine.connect() as c:
+            for chunk in _chunks(list(dict.fromkeys(user_id for user_id, _ in wanted))):
+                rows.update((row[0], row) for row in c.execute(_HA1_MANY, {"user_ids": list(chunk)}))
+        return [
+            rows[user_id][columns[algorithm.upper()]] if user_id in rows else None
+            for user_id, algorithm in wanted
+        ]
+
+    @_translated
     def import_users(self, rows: Iterable[Mapping[str, str | None]], realm: str) -> int:
         """Create many users in one transaction: all of them or none.
 
@@ -541,6 +565,30 @@ class Database:
             result = c.execute(_SEEN_UPDATE, {"b_user_id": user_id, "b_ip": ip, "b_port": int(port), "b_when": when})
             if result.rowcount == 0:
                 raise UnknownUser(f"unknown user {user_id!r}")
+
+    @_translated
+    def record_seen_many(self, rows: Sequence[tuple[str, str, int, float]]) -> list[str]:
+        """``record_seen`` for many ``(user_id, ip, port, when)`` rows in one
+        transaction, in order; returns the user IDs that do not exist.
+
+        The server's write-behind (``AsyncStore.record_seen``) gathers a
+        REGISTER's worth of these per 100 ms: one commit instead of one each.
+        """
+        if not rows:
+            return []
+        params = [
+            {"b_user_id": user_id, "b_ip": ip, "b_port": int(port), "b_when": when}
+            for user_id, ip, port, when in rows
+        ]
+        with self.engine.begin() as c:
+            result = c.execute(_SEEN_UPDATE, params)
+            if self.engine.dialect.supports_sane_multi_rowcount and result.rowcount == len(params):
+                return []
+            wanted = list(dict.fromkeys(row[0] for row in rows))
+            found: set[str] = set()
+            for chunk in _chunks(wanted):
+                found.update(c.execute(select(_USERS.c.user_id).where(_USERS.c.user_id.in_(chunk))).scalars())
+        return [user_id for user_id in wanted if user_id not in found]
 
     @_translated
     def record_nat(self, user_id: str, nat: Mapping[str, Any], when: float) -> None:
