@@ -132,3 +132,37 @@ class ProbingTests(TestCase):
         # reactor had seen our side of the handshake complete yet
         self.assertTrue(f.check(defer.TimeoutError, error.TimeoutError), f)
         self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class _HeldRequests(Protocol):
+    """Records when each request arrives and answers nothing until told."""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.factory.arrivals.append(self.transport.getHost().port)
+        if self.factory.arrived is not None and len(self.factory.arrivals) == self.factory.expected:
+            self.factory.arrived.callback(None)
+
+
+class PipelinedProbeTests(TestCase):
+    """The next probe starts once the previous request is written, not answered."""
+
+    @defer.inlineCallbacks
+    def test_all_requests_arrive_in_order_before_any_answer(self):
+        factory = Factory.forProtocol(_HeldRequests)
+        factory.arrivals = []
+        factory.expected = 3
+        factory.arrived = defer.Deferred()
+        ports = [reactor.listenTCP(0, factory, interface="127.0.0.1") for _ in range(3)]
+        for port in ports:
+            self.addCleanup(port.stopListening)
+        servers = [("127.0.0.1", p.getHost().port) for p in ports]
+        clock = Clock()
+        d = probe_from(_ClockedReactor(clock), ("127.0.0.1", 0), servers,
+                       username="token", password="password", timeout=5.0)
+        # No server answers, yet all three requests come, in the given order.
+        yield factory.arrived.addTimeout(10, reactor)
+        self.assertEqual(factory.arrivals, [port for _, port in servers])
+        self.assertNoResult(d)
+        clock.advance(5.0)  # then they time out
+        failure = yield self.assertFailure(d, ProbeError)
+        self.assertEqual(len(failure.failures), 3)
