@@ -3,8 +3,9 @@
 For every pair of NAT behaviours (``tests.natlab.matrix``), the real server
 and real ``kerjostunt echo-server``/``echo-client`` processes run in a fresh
 lab; each try times ``connect`` (the INVITE and its answer, the dial
-moment, the punch and the peer handshake; with ``--cold`` also both sides'
-probes, which an agent otherwise makes ahead of the call) and, from the client's log,
+moment, the punch and the peer handshake; with ``--cold callee|both`` also
+those sides' probes, which an agent otherwise makes ahead of the call: a
+callee idle for longer than its punch port's maximum age is cold) and, from the client's log,
 the punch alone (dial moment to verified connection). The table gives p50 and
 p99 of both, and the floor the lab's link delays allow (twice the RTT to the
 server for the INVITE and its answer, plus a TCP and the peer handshake
@@ -82,10 +83,14 @@ def run(reactor, args):  # type: ignore[no-untyped-def]
     rows = []
     for i, pair in enumerate(chosen, 1):
         print(f"[{i}/{len(chosen)}] {pair.nat_a} -> {pair.label_b()}", file=sys.stderr, flush=True)
-        peer_args = ("--punch-port-max-age", "0") if args.cold else ()
+        cold = ("--punch-port-max-age", "0")
+        caller_args = cold if args.cold == "both" else ()
+        callee_args = cold if args.cold in ("both", "callee") else ()
         rows.append((yield run_pair(reactor, pair, args.tries, args.delay_ms, args.timeout, base / f"pair{i}", False,
-                                    peer_args)))
-    mode = "cold: both sides probe at call time" if args.cold else "punch ports probed ahead of the call"
+                                    caller_args, callee_args)))
+    mode = {"none": "punch ports probed ahead of the call",
+            "callee": "the callee probes at call time (cold), the caller ahead of it",
+            "both": "both sides probe at call time (cold)"}[args.cold]
     print(f"time to connect in the NAT lab, ms: {args.tries} tries per pair, {args.delay_ms:g} ms one-way "
           f"per access link, {mode}; {time.strftime('%Y-%m-%d')}, {time.monotonic() - started:.0f} s\n")
     print(table(rows))
@@ -98,9 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=30.0, help="echo-client --timeout per try (default 30)")
     parser.add_argument("--only", action="append", default=[], metavar="TEXT",
                         help="only pairs whose NAT names contain TEXT (repeatable)")
-    parser.add_argument("--cold", action="store_true",
-                        help="peers probe their punch port at call time (--punch-port-max-age 0), "
-                             "as an agent idle for longer than that does")
+    parser.add_argument("--cold", choices=("none", "callee", "both"), default="none",
+                        help="which peers probe their punch port at call time (--punch-port-max-age 0), "
+                             "as an agent idle for longer than that does (default none)")
     args = parser.parse_args(argv)
     reason = lab_unavailable()
     if reason:

@@ -118,7 +118,8 @@ def floor_ms(delay_ms: float, server_delay_ms: float, kind: str) -> float:
 
 @defer.inlineCallbacks
 def run_pair(reactor, pair: Pair, tries: int, delay_ms: float, timeout: float,
-             workdir: Path, verbose: bool, peer_args: tuple[str, ...] = ()):
+             workdir: Path, verbose: bool, caller_args: tuple[str, ...] = (),
+             callee_args: tuple[str, ...] = ()):
     if pair.kind == "nat":
         nats = {"a": BEHAVIOURS[pair.nat_a], "b": BEHAVIOURS[pair.nat_b]}
         peers, caller, callee = None, "a1", "b1"
@@ -137,9 +138,9 @@ def run_pair(reactor, pair: Pair, tries: int, delay_ms: float, timeout: float,
     try:
         yield sc.add_users(["alice", "bob"])
         yield sc.start_server()
-        yield sc.start_echo_server(callee, "bob", *peer_args)
+        yield sc.start_echo_server(callee, "bob", *callee_args)
         for n in range(tries):
-            result = yield sc.echo_client(caller, "alice", "bob", *peer_args,
+            result = yield sc.echo_client(caller, "alice", "bob", *caller_args,
                                           message=unique_message(64), timeout=timeout)
             row.tries += 1
             if result.ok:
