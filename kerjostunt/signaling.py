@@ -19,7 +19,7 @@ from automat import MethodicalMachine
 from twisted.internet.interfaces import IAddress, IDelayedCall, IHandshakeListener, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -500,8 +500,17 @@ class SignalingFactory(Factory):
 
 
 class AdmittingTLSFactory(TLSMemoryBIOFactory):
-    """TLS around the signaling factory that refuses over-limit IPs before any handshake work."""
+    """TLS around the signaling factory that refuses over-limit IPs before any handshake work.
 
+    Its connections are plain ``TLSMemoryBIOProtocol``, not Twisted's default
+    ``BufferingTLSTransport``: that one gathers small writes into one TLS
+    record at the next reactor iteration, with a timer per write and an
+    aggregator per connection.  Signaling writes each SIP message whole, in
+    one call, so there is nothing to gather, and the timer and the later
+    iteration only cost CPU, memory and latency (docs/performance.rst).
+    """
+
+    protocol = TLSMemoryBIOProtocol
     wrappedFactory: SignalingFactory
 
     def buildProtocol(self, addr: IAddress):  # type: ignore[no-untyped-def]

@@ -685,6 +685,16 @@ class SignalingProtocolTests(unittest.TestCase):
         opened[0].connectionLost(Failure(ConnectionError()))
         self.assertIsNotNone(factory.buildProtocol(IPv4Address("TCP", "203.0.113.5", 6002)))
 
+    def test_tls_writes_are_not_deferred_to_a_timer(self) -> None:
+        """Each SIP message is one write: no per-write aggregation timer (Twisted's default wrapper has one)."""
+        from twisted.protocols.tls import TLSMemoryBIOProtocol
+
+        factory = SignalingFactory(self.router, self.clock, self.limits, tls=True)
+        wrapper = AdmittingTLSFactory(tls.server_options(self._certs()), False, factory)
+        proto = wrapper.buildProtocol(IPv4Address("TCP", "203.0.113.7", 6000))
+        self.assertIs(type(proto), TLSMemoryBIOProtocol)
+        self.assertFalse(hasattr(proto, "_aggregator"))
+
     def _certs(self):  # type: ignore[no-untyped-def]
         from pathlib import Path
 
