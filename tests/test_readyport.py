@@ -139,6 +139,21 @@ class ReadyPortTests(unittest.TestCase):
         self.assertFalse(self.ready.ready)
         self.assertEqual(self.flushLoggedErrors(), [])
 
+    def test_a_failed_preparation_is_remembered_until_max_age_or_a_success(self) -> None:
+        """Calls then skip probing instead of waiting out the same timeouts."""
+        self.ready.refill(0)
+        self.prep.pending.pop(0).errback(OSError("no probe server answers"))
+        self.assertTrue(self.ready.failed_recently())
+        self.clock.advance(29)
+        self.assertTrue(self.ready.failed_recently())
+        self.clock.advance(1)
+        self.assertFalse(self.ready.failed_recently())
+        self.ready.refill(0)
+        self.prep.pending.pop(0).errback(OSError("still nothing"))
+        self.ready.refill(0)
+        self.prep.finish()
+        self.assertFalse(self.ready.failed_recently())
+
     def test_clear_closes_the_port_and_discards_a_late_preparation(self) -> None:
         self.ready.refill(0)
         port = self.prep.finish()
@@ -180,4 +195,30 @@ class AgentStartTests(unittest.TestCase):
         port = prep.finish()
         self.assertEqual(self.successResultOf(started), "registration")
         self.assertIs(self.successResultOf(agent.ready_port.take()), port)
+        port.close()
+
+    def test_start_does_not_wait_out_silent_probe_ports(self) -> None:
+        from kerjostunt.client.agent import START_PROBE_WAIT, PeerAgent
+
+        clock = Clock()
+        agent = PeerAgent(clock, server=("127.0.0.1", 5061), user_id="alice", password="x", domain="d",
+                          ca_path="unused", listen_port=None)
+        prep = Preparations(clock)
+        agent.ready_port.prepare = prep
+
+        def connect_and_register() -> defer.Deferred:
+            agent.state = "up"
+            agent.ready_port.refill(0)
+            return defer.succeed("registration")
+
+        agent._connect_and_register = connect_and_register  # type: ignore[method-assign]
+        started = agent.start()
+        self.assertNoResult(started)
+        clock.advance(START_PROBE_WAIT)
+        self.assertEqual(self.successResultOf(started), "registration")
+        # The preparation goes on; a call would wait for it.
+        taker = agent.ready_port.take()
+        self.assertNoResult(taker)
+        port = prep.finish()
+        self.assertIs(self.successResultOf(taker), port)
         port.close()

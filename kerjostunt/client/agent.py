@@ -47,6 +47,7 @@ log = Logger()
 
 DEFAULT_PORT = 5061
 TOKEN_MARGIN = 10.0  # re-REGISTER when the probe token has less left than this
+START_PROBE_WAIT = 2.0  # start() waits at most this long for the first punch port
 
 
 class PeerAgent:
@@ -141,8 +142,20 @@ class PeerAgent:
             return failure
 
         d = self._connect_and_register()
-        d.addCallback(lambda registration: self.ready_port.when_ready().addCallback(lambda _: registration))
+        d.addCallback(self._first_punch_port)
         return d.addErrback(failed)
+
+    def _first_punch_port(self, registration: Registration) -> defer.Deferred:
+        """The registration, once the first punch port is probed or START_PROBE_WAIT has passed.
+
+        Probes take four round trips to the server; when the probe ports do
+        not answer, they take their timeouts, and ``start`` does not wait for
+        those (a ``connect`` meanwhile waits for the preparation under way).
+        """
+        waited = self.ready_port.when_ready()
+        waited.addTimeout(START_PROBE_WAIT, self.reactor)
+        waited.addErrback(lambda f: f.trap(defer.TimeoutError))
+        return waited.addCallback(lambda _: registration)
 
     def stop(self) -> defer.Deferred:
         """Unregister and close signaling; established peer connections stay."""

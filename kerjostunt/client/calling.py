@@ -686,6 +686,9 @@ class _CallBase:
         if prepared is not None:
             prepared.close()  # probed over another connection or address
         self.bind_punch_port(sig)
+        if ready_port is not None and ready_port.failed_recently():
+            log.warn("call {call}: no probe server answered lately; calling without probes", call=self.call_id)
+            return
         yield self.probe(sig, registration)
 
     @defer.inlineCallbacks

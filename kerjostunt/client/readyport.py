@@ -95,10 +95,21 @@ class ReadyPort:
         self._watchers: list[defer.Deferred] = []
         self._timer: IDelayedCall | None = None
         self._generation = 0  # bumped by clear(): a preparation started before it is discarded
+        #: when the last preparation failed (no probe answered), None after a success
+        self.failed_at: float | None = None
 
     @property
     def ready(self) -> bool:
         return self._fresh(self._ready)
+
+    def failed_recently(self) -> bool:
+        """The last preparation found no probe server answering, less than ``max_age`` ago.
+
+        A call then does not probe either: it would wait out the same
+        timeouts (up to three times ``probe_timeout``) before its INVITE,
+        and the server predicts from the signaling address without probes.
+        """
+        return self.failed_at is not None and self.clock.seconds() - self.failed_at < self.max_age
 
     def refill(self, delay: float | None = None) -> None:
         """Prepare the next port after ``delay`` (default ``settle``) unless one is ready or coming."""
@@ -177,8 +188,10 @@ class ReadyPort:
         self._preparing = None
         if isinstance(result, Failure):
             log.info("preparing a punch port failed: {why}", why=result.getErrorMessage())
+            self.failed_at = self.clock.seconds()
             result = None
         elif result is not None:
+            self.failed_at = None
             log.debug("punch port {port} prepared", port=result.port)
         self._ready = result
         self._wake(self._pop() if self._takers else None)
