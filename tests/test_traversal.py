@@ -154,9 +154,9 @@ class TraversalTests(unittest.TestCase):
         """Both behind sequential (delta 1) NATs: the predicted window."""
         return self.check_stunt_pair(SEQUENTIAL, SEQUENTIAL)
 
-    #: The birthday technique finds the random port.  About once in 250
+    #: The birthday technique finds the random port.  About once in 125
     #: tries the preserving side's punch SYN, sent to the random NAT's
-    #: probed port, hits the mapping of one of the hard side's 256 birthday
+    #: probed port, hits the mapping of one of the hard side's 512 birthday
     #: sockets and completes first: then the punch reports the connection.
     BIRTHDAY = {"birthday", "simultaneous-open"}
 

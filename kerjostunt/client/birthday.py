@@ -73,11 +73,11 @@ HARD = "hard"
 EASY = "easy"
 
 #: hard side: sockets (= mappings) kept in SYN_SENT towards the easy endpoint
-HARD_SOCKETS = 256
+HARD_SOCKETS = 512
 #: easy side: distinct random ports dialed on the hard side's public IP
 EASY_GUESSES = 2048
 #: easy side: the guesses are spread over this many seconds
-SPRAY_TIME = 1.6
+SPRAY_TIME = 0.8
 #: easy side: at most this many guesses in flight at once
 MAX_IN_FLIGHT = 1024
 #: easy side: a guess unanswered this long is a miss
@@ -90,7 +90,7 @@ HARD_CYCLE = 0.8
 WINDOW = 4.0
 #: easy side: start this long after the dial moment, so the hard side's
 #: mappings exist when the first guesses arrive
-EASY_START_DELAY = 0.05
+EASY_START_DELAY = 0.02
 #: descriptors left for everything else when sizing the attempt
 FD_RESERVE = 256
 #: ports a NAT allocates from at random (Linux: 1024-65535)
