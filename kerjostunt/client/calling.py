@@ -463,11 +463,14 @@ class Dialer:
             self.pending += 1
             self._punch = punch(self.reactor, plan, self.handshakes)
             self._punch.addCallbacks(self._punched, self._punch_failed)
-        if not hopeless:
-            self._start_birthday()
         for candidate, technique in direct:
             if technique != "lan":
                 self._dial_direct(candidate.endpoint, technique)
+        # The birthday technique last: its hard side opens hundreds of
+        # sockets in this turn, which would delay the direct connects by
+        # tens of ms (NAT lab: random NAT to a public peer).
+        if not hopeless:
+            self._start_birthday()
         self._starting = False
         # A safety net: the punch ends at its deadline, handshakes at theirs.
         self._later(self.deadline + self.handshake_timeout + 1.0, self._give_up)
