@@ -446,7 +446,9 @@ class Dialer:
             if technique == "lan" and not self._lan_dialed:
                 self._dial_direct(candidate.endpoint, technique)
         candidates = self.punch_candidates()
-        hopeless = self._both_random()
+        own_nat = birthday.describe_own(self.own_probes, self.local_ip)
+        peer_nat = birthday.parse_nat_header(self.setup.peer_nat)
+        hopeless = _both_random(own_nat, peer_nat)
         if hopeless:
             self.errors.append(f"punch: {hopeless}")
         elif candidates:
@@ -470,7 +472,7 @@ class Dialer:
         # sockets in this turn, which would delay the direct connects by
         # tens of ms (NAT lab: random NAT to a public peer).
         if not hopeless:
-            self._start_birthday()
+            self._start_birthday(own_nat, peer_nat)
         self._starting = False
         # A safety net: the punch ends at its deadline, handshakes at theirs.
         self._later(self.deadline + self.handshake_timeout + 1.0, self._give_up)
@@ -534,25 +536,10 @@ class Dialer:
         self.pending -= 1
         self._won(DialResult(result.protocol, "stunt", result.technique, result.remote, self._elapsed()))
 
-    def _both_random(self) -> str:
-        """Why punching cannot work, or "".
-
-        When both NATs draw a random port for every new connection, neither
-        side can know where to send its SYN and no SYN can match the other
-        NAT's mapping: punching would only wait out its deadline (10 s).
-        The direct attempts still run.
-        """
-        own = birthday.describe_own(self.own_probes, self.local_ip)
-        peer = birthday.parse_nat_header(self.setup.peer_nat)
-        if own is not None and peer is not None and own.allocation == peer.allocation == RANDOM:
-            return "not tried: both NATs allocate ports at random"
-        return ""
-
-    def _start_birthday(self) -> None:
+    def _start_birthday(self, own_nat: Any, peer_nat: Any) -> None:
         """The birthday technique when one NAT is random and the other's mapping
         endpoint-independent (birthday.py); it runs beside the punch."""
-        own = birthday.describe_own(self.own_probes, self.local_ip)
-        role, why = birthday.choose_role(own, birthday.parse_nat_header(self.setup.peer_nat))
+        role, why = birthday.choose_role(own_nat, peer_nat)
         candidates = self.punch_candidates()
         if role is None or not candidates:
             if why:
@@ -640,6 +627,19 @@ class Dialer:
         self._timers.append(self.reactor.callLater(delay, f, *args))
 
 
+def _both_random(own: Any, peer: Any) -> str:
+    """Why punching cannot work, or "".
+
+    When both NATs draw a random port for every new connection, neither
+    side can know where to send its SYN and no SYN can match the other
+    NAT's mapping: punching would only wait out its deadline (10 s).
+    The direct attempts still run.
+    """
+    if own is not None and peer is not None and own.allocation == peer.allocation == RANDOM:
+        return "not tried: both NATs allocate ports at random"
+    return ""
+
+
 def _abort(protocol: Any) -> None:
     transport = getattr(protocol, "transport", None)
     if transport is not None:
@@ -662,6 +662,8 @@ class _CallBase:
         self.dialer: Dialer | None = None
         self.local_ip = "0.0.0.0"
         self.probe_results: list[Any] = []
+        self.state = "preparing"
+        self._timer: Any = None
 
     def bind_punch_port(self, sig: SignalingClientProtocol) -> None:
         """A fresh reusable port, held bound until the punch (and the call) ends."""
@@ -719,6 +721,16 @@ class _CallBase:
         self.agent.dialer_started(self.dialer)
         return self.dialer
 
+    def _end(self) -> None:
+        """Done: stop the call's timer and give back the punch port."""
+        if self.state == "done":
+            return
+        self.state = "done"
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self.release()
+
     def release(self) -> None:
         if self.dialer is not None:
             self.agent.dialer_ended(self.dialer)
@@ -759,12 +771,10 @@ class OutgoingCall(_CallBase):
         self.app_factory = app_factory
         self.timeout = timeout
         self.prefer_stunt = prefer_stunt
-        self.state = "preparing"
         self.invite: Request | None = None
         self.sig: SignalingClientProtocol | None = None
         self.to_tag: str | None = None
         self.result: defer.Deferred = defer.Deferred(lambda d: self.stop("cancelled", notify_result=False))
-        self._timer: Any = None
 
     def run(self) -> defer.Deferred:
         self._timer = self.reactor.callLater(self.timeout, self._timed_out)
@@ -873,15 +883,6 @@ class OutgoingCall(_CallBase):
         cancel.headers.add("CSeq", f"{cseq} CANCEL")
         sig.transport.write(cancel.to_bytes())
 
-    def _end(self) -> None:
-        if self.state == "done":
-            return
-        self.state = "done"
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        self.release()
-
 
 class IncomingCall(_CallBase):
     """
@@ -897,10 +898,8 @@ class IncomingCall(_CallBase):
         self.invite = invite
         self.call_id = invite.call_id or ""
         self.to_tag = new_tag()
-        self.state = "preparing"
         self.setup: CallSetup | None = None
         self.registration: Any = None
-        self._timer: Any = None
 
     def handle(self) -> None:
         if self.agent.accept_factory is None:
@@ -989,12 +988,3 @@ class IncomingCall(_CallBase):
             if not started:
                 dialer.result.addErrback(lambda _: None)  # nobody waits on it yet
             dialer.stop(why)
-
-    def _end(self) -> None:
-        if self.state == "done":
-            return
-        self.state = "done"
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        self.release()

@@ -40,24 +40,22 @@ MAX_LINE = 16 * 1024
 # -- argument parsing ------------------------------------------------------------
 
 
-def non_negative(text: str) -> float:
+def _number(text: str, *, zero_ok: bool) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("must not be negative")
+    if not (value >= 0 if zero_ok else value > 0):  # NaN is refused too
+        raise argparse.ArgumentTypeError("must not be negative" if zero_ok else "must be positive")
     return value
+
+
+def non_negative(text: str) -> float:
+    return _number(text, zero_ok=True)
 
 
 def positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError("must be positive")
-    return value
+    return _number(text, zero_ok=False)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:

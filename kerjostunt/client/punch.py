@@ -229,15 +229,15 @@ class _Punch:
         if self.state != "running" or reason.check(CancelledError):
             return
         self.last_error[candidate] = _reason_text(reason)
-        if getattr(reason.value, "osError", None) == errno.EADDRNOTAVAIL:
+        half_open = getattr(reason.value, "osError", None) == errno.EADDRNOTAVAIL
+        if half_open:
             self.stop_listening(candidate)
-            low = True  # redial at once
         # A primed SYN ends in EHOSTUNREACH (Linux aborts the connect on the
         # ICMP time exceeded) or in our short timeout; the mapping it made
         # survives.  Dial again at once: the peer's SYN must meet a socket in
         # SYN_SENT, since a listener's SYN-ACK carries an ISN the NAT's
         # conntrack has not seen and is dropped (docs/nat-lab.rst).
-        delay = 0.0 if low else self.retry_delay()
+        delay = 0.0 if low or half_open else self.retry_delay()
         self._later(delay, self.dial, candidate)
 
     def stop_listening(self, candidate: Endpoint) -> None:
