@@ -32,16 +32,16 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from twisted.internet.defer import succeed  # noqa: E402
-from twisted.internet.selectreactor import SelectReactor  # noqa: E402
+import common
+from twisted.internet.defer import succeed
+from twisted.internet.selectreactor import SelectReactor
 
-import common  # noqa: E402
-from kerjostunt.calls import CallManager  # noqa: E402
-from kerjostunt.registrar import Registrar  # noqa: E402
-from kerjostunt.registration import RegisterHandler  # noqa: E402
-from kerjostunt.router import SignalingRouter  # noqa: E402
-from kerjostunt.sip.message import Request, Response, make_response  # noqa: E402
-from kerjostunt.sip.parser import SIPParseError, StreamParser  # noqa: E402
+from kerjostunt.server.calls import CallManager
+from kerjostunt.server.register import RegisterHandler
+from kerjostunt.server.registrar import Registrar
+from kerjostunt.server.router import SignalingRouter
+from kerjostunt.wire.sip.message import Request, Response, make_response
+from kerjostunt.wire.sip.parser import SIPParseError, StreamParser
 
 DOMAIN = common.DOMAIN
 

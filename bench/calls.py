@@ -34,7 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402
+import common
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -199,7 +199,7 @@ def worker(config: dict[str, Any]) -> int:
     import secrets
     from random import Random
 
-    from kerjostunt.sip.headers import parse_name_addr
+    from kerjostunt.wire.sip.headers import parse_name_addr
 
     rt = common.worker_runtime()
     reactor = rt.reactor
@@ -329,7 +329,7 @@ def worker(config: dict[str, Any]) -> int:
 
         def pairs_rr(self) -> Any:
             n = len(self.pairs)
-            for k in range(n):
+            for _k in range(n):
                 self._rr = (self._rr + 1) % n
                 yield self.pairs[self._rr]
 

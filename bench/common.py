@@ -30,10 +30,11 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 DOMAIN = "kerjo.local"
@@ -127,9 +128,9 @@ def machine_facts() -> dict[str, str]:
     except OSError:
         pass
     import OpenSSL
-    import twisted
-
     from OpenSSL import SSL
+
+    import twisted
 
     return {
         "cpus": str(os.cpu_count()),
@@ -399,7 +400,7 @@ class Workers:
     def __init__(self, script: Path, configs: list[dict[str, Any]], workdir: Path,
                  cpus: frozenset[int] | None = None) -> None:
         self.procs: list[subprocess.Popen] = []
-        self.messages: "queue.Queue[tuple[int, dict[str, Any]]]" = queue.Queue()
+        self.messages: queue.Queue[tuple[int, dict[str, Any]]] = queue.Queue()
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
         for index, config in enumerate(configs):
             err = open(workdir / f"worker{index}.stderr", "wb")
@@ -552,10 +553,10 @@ def worker_runtime():  # type: ignore[no-untyped-def]
     from zope.interface import implementer
 
     from kerjostunt import tls
-    from kerjostunt.sip.digest import authorization
-    from kerjostunt.sip.headers import parse_auth, parse_via
-    from kerjostunt.sip.message import Headers, Request, Response, make_response
-    from kerjostunt.sip.parser import KeepAlivePing, KeepAlivePong, StreamParser
+    from kerjostunt.wire.sip.digest import authorization
+    from kerjostunt.wire.sip.headers import parse_auth, parse_via
+    from kerjostunt.wire.sip.message import Headers, Request, Response, make_response
+    from kerjostunt.wire.sip.parser import KeepAlivePing, KeepAlivePong, StreamParser
 
     class Commands(LineReceiver):
         """One command a line from the coordinator; EOF means stop."""
@@ -687,7 +688,7 @@ def worker_runtime():  # type: ignore[no-untyped-def]
                 self.owner.error(self, f"timeout: {method}")
 
         # REGISTER
-        def register(self, done: Callable[["LoadClient", Response], None]) -> None:
+        def register(self, done: Callable[[LoadClient, Response], None]) -> None:
             uri = f"sips:{DOMAIN}"
             contact = ("Contact", f"<sips:{self.user_id}@{self.local[0]}:{self.local[1]};transport=tls>;expires=3600")
             me = self.uri_of(self.user_id)

@@ -26,10 +26,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from twisted.internet import defer, task  # noqa: E402
+from twisted.internet import defer, task
 
-from tests.natlab.lab import lab_unavailable  # noqa: E402
-from tests.natlab.matrix import Row, pairs, run_pair  # noqa: E402
+from tests.natlab.lab import lab_unavailable
+from tests.natlab.matrix import Row, pairs, run_pair
 
 
 def percentile(values: list[float], q: float) -> float | None:

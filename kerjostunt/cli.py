@@ -22,10 +22,10 @@ import sys
 from collections.abc import Sequence
 
 COMMAND_MODULES: list[str] = [
-    "kerjostunt.admin",
-    "kerjostunt.client.commands_peers",
-    "kerjostunt.client.commands_echo",
-    "kerjostunt.client.commands_join",
+    "kerjostunt.server.admin",
+    "kerjostunt.client.cli.peers",
+    "kerjostunt.client.cli.echo",
+    "kerjostunt.client.cli.join",
 ]
 
 PROG = "kerjostunt"

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet import defer, reactor
 
-from kerjostunt.client.probing import probe_from
+from kerjostunt.client.nat.probing import probe_from
 from kerjostunt.client.signaling import SignalingClientProtocol
-from kerjostunt.sdp import Candidate, SessionDescription, candidate_priority, parse_sdp
-from kerjostunt.sip.message import Request, Response
+from kerjostunt.wire.sdp import Candidate, SessionDescription, candidate_priority, parse_sdp
+from kerjostunt.wire.sip.message import Request, Response
 
 from .support import DOMAIN, RunningServer, connect_client
 
@@ -33,7 +34,7 @@ class Peer:
         self._queues: dict[str, list[Request]] = {}
         self._waiters: dict[str, list[defer.Deferred]] = {}
         #: called for each request from the server (after queueing); e.g. auto-answer
-        self.auto: Callable[["Peer", Request], None] | None = None
+        self.auto: Callable[[Peer, Request], None] | None = None
 
     def on_request(self, proto: SignalingClientProtocol, request: Request) -> None:
         self.received.append(request)

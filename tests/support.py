@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from kerjostunt import tls
 from kerjostunt.client.signaling import SignalingClientProtocol, connect_signaling
-from kerjostunt.server import ServerSettings, StuntServer
-from kerjostunt.signaling import ConnectionLimits
+from kerjostunt.server.service import ServerSettings, StuntServer
+from kerjostunt.server.signaling import ConnectionLimits
 from kerjostunt.store import Database
 
 DOMAIN = "kerjo.test"

@@ -13,7 +13,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
 from kerjostunt.client.agent import ConnectFailed, PeerAgent, PeerConnection
-from kerjostunt.client.calling import (
+from kerjostunt.client.calls import (
     PREAMBLE,
     AppPortProtocol,
     CallSetup,
@@ -27,9 +27,9 @@ from kerjostunt.client.calling import (
 )
 from kerjostunt.client.endpoint import PeerEndpoint
 from kerjostunt.client.signaling import RegistrationFailed, SignalingError
-from kerjostunt.sdp import Candidate, candidate_priority, parse_sdp, validate_offer
-from kerjostunt.sip.message import Headers, Response
 from kerjostunt.tls import ensure_certificates
+from kerjostunt.wire.sdp import Candidate, candidate_priority, parse_sdp, validate_offer
+from kerjostunt.wire.sip.message import Headers, Response
 
 from .support import DOMAIN, add_users, start_server
 
@@ -152,7 +152,7 @@ class DialerPlanTests(unittest.TestCase):
         """Nothing can predict either side: no 10 s punch, the reason is named."""
         import dataclasses
 
-        from kerjostunt.client.probing import ProbeResult
+        from kerjostunt.client.nat.probing import ProbeResult
 
         clock = Clock()
         setup = dataclasses.replace(

@@ -7,10 +7,10 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from kerjostunt.auth import NonceManager, SIPDigestCredentials, make_portal
-from kerjostunt.registration import ISIPUser
-from kerjostunt.sip.digest import authorization, ha1
-from kerjostunt.sip.headers import parse_auth
+from kerjostunt.server.auth import NonceManager, SIPDigestCredentials, make_portal
+from kerjostunt.server.register import ISIPUser
+from kerjostunt.wire.sip.digest import authorization, ha1
+from kerjostunt.wire.sip.headers import parse_auth
 
 
 class NonceTests(unittest.TestCase):

@@ -1,5 +1,5 @@
 """
-The birthday technique (kerjostunt/client/birthday.py) on loopback.
+The birthday technique (kerjostunt/client/nat/birthday.py) on loopback.
 
 A NAT that drops an unsolicited SYN is made with a reusable listener of
 backlog 0 whose one queue slot is taken: further SYNs to that port are
@@ -21,12 +21,12 @@ from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from kerjostunt import prediction as P
-from kerjostunt.client import birthday as B
 from kerjostunt.client.handshake import HandshakeFactory
-from kerjostunt.client.probing import ProbeResult
-from kerjostunt.client.punch import PunchFailed
-from kerjostunt.client.sockets import reusable_socket
+from kerjostunt.client.nat import birthday as B
+from kerjostunt.client.nat.probing import ProbeResult
+from kerjostunt.client.nat.punch import PunchFailed
+from kerjostunt.client.nat.sockets import reusable_socket
+from kerjostunt.wire import prediction as P
 from tests.test_punch import LOOP, AppFactory, SplitReactor, closed_port, turns
 
 

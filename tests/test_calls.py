@@ -15,17 +15,20 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from kerjostunt.calls import (
-    CallManager, OutcomeError, dial_in_ms, parse_outcome,
+from kerjostunt.server.calls import (
+    CallManager,
+    OutcomeError,
+    dial_in_ms,
+    parse_outcome,
 )
-from kerjostunt.prediction import Sample
-from kerjostunt.registrar import Registrar
-from kerjostunt.sdp import parse_sdp
-from kerjostunt.signaling import SignalingProtocol
-from kerjostunt.sip.message import Headers, Request, Response
+from kerjostunt.server.registrar import Registrar
+from kerjostunt.server.signaling import SignalingProtocol
 from kerjostunt.store.database import UnknownUser
+from kerjostunt.wire.prediction import Sample
+from kerjostunt.wire.sdp import parse_sdp
+from kerjostunt.wire.sip.message import Headers, Request, Response
 
-from .callsupport import OUTCOME_TYPE, Peer, candidates, offer, online
+from .callsupport import OUTCOME_TYPE, offer, online
 from .support import DOMAIN, add_users, start_server
 
 USERS = {"alice": "wonderland", "bob": "builder", "carol": "singer"}
@@ -81,8 +84,8 @@ class CallFlowTests(unittest.TestCase):
         ok = yield final
         ack = yield bob.next("ACK")
         alice.ack(invite, ok)
-        return dict(invite=invite, forwarded=forwarded, ok=ok, ack=ack,
-                    port_a=port_a, port_b=port_b, probes_a=probes_a, probes_b=probes_b)
+        return {"invite": invite, "forwarded": forwarded, "ok": ok, "ack": ack,
+                    "port_a": port_a, "port_b": port_b, "probes_a": probes_a, "probes_b": probes_b}
 
     @defer.inlineCallbacks
     def test_full_flow_predictions_secret_roles_dial_in(self):  # type: ignore[no-untyped-def]
@@ -382,7 +385,7 @@ def request_in(call_id: str, method: str, caller: str, callee: str, body: bytes 
 
 
 def answer(forwarded: Request, code: int = 200, punch: int = 50001, body: bytes | None = None) -> Response:
-    from kerjostunt.sip.message import make_response
+    from kerjostunt.wire.sip.message import make_response
     r = make_response(forwarded, code, to_tag="bt")
     if code == 200:
         r.headers.add("Content-Type", "application/sdp")

@@ -15,8 +15,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.trial import unittest
 
-from kerjostunt.sdp import parse_sdp
-from kerjostunt.sip.message import Request
+from kerjostunt.wire.sdp import parse_sdp
+from kerjostunt.wire.sip.message import Request
 
 from .callsupport import Peer, offer, online
 from .support import add_users, start_server

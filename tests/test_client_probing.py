@@ -9,11 +9,10 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from kerjostunt import stun
-from kerjostunt.client.probing import ProbeError, ProbeResult, probe_from, probe_one
-from kerjostunt.client.sockets import reusable_socket
-from kerjostunt.prediction import predict
-from kerjostunt.probe import ObservationLog, ProbeFactory, ProbeTokens
+from kerjostunt.client.nat.probing import ProbeError, ProbeResult, probe_from, probe_one
+from kerjostunt.client.nat.sockets import reusable_socket
+from kerjostunt.server.probe import ObservationLog, ProbeFactory, ProbeTokens
+from kerjostunt.wire.prediction import predict
 
 
 class _ClockedReactor:

@@ -7,7 +7,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
 from kerjostunt.client.signaling import SignalingClientProtocol
-from kerjostunt.sip.message import Request, make_response
+from kerjostunt.wire.sip.message import Request, make_response
 
 
 class TransactionTests(unittest.TestCase):

@@ -12,7 +12,7 @@ from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from kerjostunt.client.sockets import connect_from, listen_reusable, reusable_socket
+from kerjostunt.client.nat.sockets import connect_from, listen_reusable, reusable_socket
 
 from .loopback import WaitsForData
 

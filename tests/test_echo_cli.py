@@ -181,8 +181,9 @@ class PunchPortAgeOptionTests(unittest.TestCase):
             "--ca", "ca.pem", "bob", *extra])
 
     def test_default_and_zero(self) -> None:
-        from kerjostunt.client.commands_echo import _agent
         from twisted.internet.task import Clock
+
+        from kerjostunt.client.cli.echo import _agent
 
         self.assertEqual(self.parse().punch_port_max_age, 30.0)
         agent = _agent(Clock(), self.parse("--punch-port-max-age", "0"), "pw")

@@ -15,7 +15,7 @@ from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from kerjostunt import cli
-from kerjostunt.client import commands_join
+from kerjostunt.client.cli import join as commands_join
 
 from .processes import child_env, spawn
 from .support import DOMAIN, add_users
@@ -130,7 +130,7 @@ class JoinLoopbackTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def _stop_all(self, runs: dict[str, Any]):  # type: ignore[no-untyped-def]
-        for out, err, stopped, done in runs.values():
+        for _out, _err, stopped, done in runs.values():
             if not stopped.called:
                 stopped.callback(None)
             yield done

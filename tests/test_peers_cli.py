@@ -13,7 +13,8 @@ from twisted.internet import defer, protocol, reactor
 from twisted.trial import unittest
 
 from kerjostunt import cli, tls
-from kerjostunt.client import commands_peers, directory
+from kerjostunt.client import directory
+from kerjostunt.client.cli import peers as commands_peers
 from kerjostunt.client.directory import PeerEntry
 
 from .support import DOMAIN

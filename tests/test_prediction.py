@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
-from hypothesis import assume, given, settings, strategies as st
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from twisted.trial.unittest import TestCase
 
-from kerjostunt.prediction import (
-    AD, APD, EI, PRESERVING, RANDOM, SEQUENTIAL, UNKNOWN, NATDescription, Prediction,
-    Sample, classify, predict)
+from kerjostunt.wire.prediction import (
+    AD,
+    APD,
+    EI,
+    PRESERVING,
+    RANDOM,
+    SEQUENTIAL,
+    UNKNOWN,
+    NATDescription,
+    Prediction,
+    Sample,
+    classify,
+    predict,
+)
 
 SERVER = "198.51.100.1"
 ALT = "198.51.100.2"

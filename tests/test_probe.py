@@ -11,8 +11,8 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
 
-from kerjostunt import stun
-from kerjostunt.probe import Observation, ObservationLog, ProbeFactory, ProbeTokens
+from kerjostunt.server.probe import Observation, ObservationLog, ProbeFactory, ProbeTokens
+from kerjostunt.wire import stun
 
 PEER = IPv4Address("TCP", "203.0.113.7", 40123)
 HOST = IPv4Address("TCP", "198.51.100.1", 3478)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from kerjostunt.client.probing import ProbeError, probe_from
-from kerjostunt.client.sockets import reusable_socket
+from kerjostunt.client.nat.probing import ProbeError, probe_from
+from kerjostunt.client.nat.sockets import reusable_socket
 
 from .support import add_users, connect_client, start_server
 

@@ -17,8 +17,8 @@ from twisted.internet.task import Clock, deferLater
 from twisted.trial import unittest
 
 from kerjostunt.client.handshake import HandshakeFactory
-from kerjostunt.client.punch import PunchFailed, PunchPlan, PunchResult, punch
-from kerjostunt.client.sockets import listen_reusable, reusable_socket
+from kerjostunt.client.nat.punch import PunchFailed, PunchPlan, PunchResult, punch
+from kerjostunt.client.nat.sockets import listen_reusable, reusable_socket
 
 from .loopback import WaitsForData
 
@@ -358,7 +358,7 @@ class PrimedRedialTests(unittest.TestCase):
         from twisted.internet import error
         from twisted.internet.testing import MemoryReactorClock
 
-        import kerjostunt.client.punch as punch_module
+        import kerjostunt.client.nat.punch as punch_module
 
         calls: list = []
 
@@ -404,7 +404,7 @@ class HalfOpenListenerTests(unittest.TestCase):
         from twisted.internet import error
         from twisted.internet.testing import MemoryReactorClock
 
-        import kerjostunt.client.punch as punch_module
+        import kerjostunt.client.nat.punch as punch_module
 
         calls: list = []
         ports: list = []

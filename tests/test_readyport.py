@@ -9,8 +9,8 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from kerjostunt.client.probing import ProbeResult
-from kerjostunt.client.readyport import PreparedPort, ReadyPort
+from kerjostunt.client.nat.probing import ProbeResult
+from kerjostunt.client.nat.readyport import PreparedPort, ReadyPort
 
 
 class Preparations:

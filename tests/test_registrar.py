@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from kerjostunt.registrar import Registrar
+from kerjostunt.server.registrar import Registrar
 
 
 class FakeConnection:

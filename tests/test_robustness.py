@@ -19,8 +19,9 @@ import re
 import socket
 import struct
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from twisted.internet import defer, reactor, task
 from twisted.internet.address import IPv4Address
@@ -35,12 +36,20 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from kerjostunt import tls
-from kerjostunt.signaling import (
-    QUICK_PING_INTERVAL, RTT_SAMPLES, TCPI_MIN_RTT_OFFSET, TCPI_RTT_OFFSET, AdmittingTLSFactory, ConnectionLimits,
-    SignalingFactory, SignalingProtocol, kernel_rtt, rtt_from_tcp_info,
+from kerjostunt.server.signaling import (
+    QUICK_PING_INTERVAL,
+    RTT_SAMPLES,
+    TCPI_MIN_RTT_OFFSET,
+    TCPI_RTT_OFFSET,
+    AdmittingTLSFactory,
+    ConnectionLimits,
+    SignalingFactory,
+    SignalingProtocol,
+    kernel_rtt,
+    rtt_from_tcp_info,
 )
-from kerjostunt.sip.message import Request, Response
-from kerjostunt.sip.parser import Limits, StreamParser
+from kerjostunt.wire.sip.message import Request, Response
+from kerjostunt.wire.sip.parser import Limits, StreamParser
 
 from .support import DOMAIN, add_users, connect_client, start_server
 
@@ -218,7 +227,7 @@ EXPECTED_CODES = {
 }
 
 
-def _echoes_call_id(outcome: "Outcome") -> bool:
+def _echoes_call_id(outcome: Outcome) -> bool:
     if outcome.status is None:
         return True
     expected = re.search(rb"^Call-ID: (.*)\r$", outcome.case.payload, re.M)

@@ -6,8 +6,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from kerjostunt.sdp import (
-    MAX_CANDIDATES, Candidate, SDPError, SessionDescription, candidate_priority, parse_sdp, validate_offer,
+from kerjostunt.wire.sdp import (
+    MAX_CANDIDATES,
+    Candidate,
+    SDPError,
+    SessionDescription,
+    candidate_priority,
+    parse_sdp,
+    validate_offer,
 )
 
 EXAMPLE = (

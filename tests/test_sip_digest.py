@@ -4,7 +4,7 @@ import hashlib
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from kerjostunt.sip.digest import (
+from kerjostunt.wire.sip.digest import (
     ALGORITHMS,
     authorization,
     choose_challenge,
@@ -12,7 +12,7 @@ from kerjostunt.sip.digest import (
     ha1,
     normalize_algorithm,
 )
-from kerjostunt.sip.headers import parse_auth
+from kerjostunt.wire.sip.headers import parse_auth
 
 
 def md5(text: str) -> str:
@@ -20,14 +20,14 @@ def md5(text: str) -> str:
 
 
 # RFC 7616 3.9.1 example
-RFC7616 = dict(
-    username="Mufasa",
-    realm="http-auth@example.org",
-    password="Circle of Life",
-    nonce="7ypf/xlj9XXwfDPEoM4URrv/xwf94BcCAzFZH4GiTo0v",
-    cnonce="f2/wE4q74E6zIJEtWaHKaf5wv/H5QzzpXusqGemxURZJ",
-    uri="/dir/index.html",
-)
+RFC7616 = {
+    "username": "Mufasa",
+    "realm": "http-auth@example.org",
+    "password": "Circle of Life",
+    "nonce": "7ypf/xlj9XXwfDPEoM4URrv/xwf94BcCAzFZH4GiTo0v",
+    "cnonce": "f2/wE4q74E6zIJEtWaHKaf5wv/H5QzzpXusqGemxURZJ",
+    "uri": "/dir/index.html",
+}
 
 
 class DigestTests(SynchronousTestCase):

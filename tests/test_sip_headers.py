@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from kerjostunt.sip.headers import (
+from kerjostunt.wire.sip.headers import (
     URI,
     NameAddr,
     Via,

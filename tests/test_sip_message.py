@@ -2,7 +2,7 @@
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from kerjostunt.sip.message import (
+from kerjostunt.wire.sip.message import (
     COMPACT_FORMS,
     REASONS,
     Headers,

@@ -6,8 +6,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from kerjostunt.sip.message import Headers, Request, Response, canonical_name
-from kerjostunt.sip.parser import (
+from kerjostunt.wire.sip.message import Headers, Request, Response, canonical_name
+from kerjostunt.wire.sip.parser import (
     PING,
     PONG,
     KeepAlivePing,

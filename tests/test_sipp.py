@@ -24,7 +24,6 @@ from twisted.internet import defer
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 
-
 from .processes import ProcessExited, free_port, spawn
 from .support import DOMAIN, add_users, start_server
 

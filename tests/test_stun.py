@@ -5,10 +5,11 @@ from __future__ import annotations
 import struct
 
 from aioice import stun as aio
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.trial.unittest import TestCase
 
-from kerjostunt import stun
+from kerjostunt.wire import stun
 
 TID = bytes(range(12))
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import gc
 import sys
 
-from twisted.logger import LogLevel, Logger, globalLogPublisher
+from twisted.logger import Logger, LogLevel, globalLogPublisher
 from twisted.python import usage
 from twisted.trial import unittest
 
-from kerjostunt import calls, signaling
-from kerjostunt.server import GC_GEN0_THRESHOLD, filter_log_level, tune_gc
-from kerjostunt.tap import Options
+from kerjostunt.server import calls, signaling
+from kerjostunt.server.service import GC_GEN0_THRESHOLD, filter_log_level, tune_gc
+from kerjostunt.server.tap import Options
 
 
 def _kerjostunt_loggers() -> list[Logger]:

@@ -163,7 +163,7 @@ class TraversalTests(unittest.TestCase):
     def test_random_to_preserving(self):
         """A random NAT on one side, a preserving one on the other: the
         preserving NAT filters by remote port, so only the birthday
-        technique (kerjostunt/client/birthday.py) finds the random port."""
+        technique (kerjostunt/client/nat/birthday.py) finds the random port."""
         return self.check_stunt_pair(RANDOM, PRESERVING_RST, self.BIRTHDAY)
 
     def test_preserving_to_random(self):

@@ -17,13 +17,13 @@ from twisted.web import client as web_client
 from twisted.web.http_headers import Headers
 from twisted.web.test.requesthelper import DummyRequest
 
-from kerjostunt import metrics, web
-from kerjostunt.auth import NonceManager
-from kerjostunt.registrar import Registrar
 from kerjostunt.client.directory import CAFilePolicy
-from kerjostunt.server import StuntServer
-from kerjostunt.sip.digest import authorization, choose_challenge
-from kerjostunt.sip.headers import parse_auth
+from kerjostunt.server import metrics, web
+from kerjostunt.server.auth import NonceManager
+from kerjostunt.server.registrar import Registrar
+from kerjostunt.server.service import StuntServer
+from kerjostunt.wire.sip.digest import authorization, choose_challenge
+from kerjostunt.wire.sip.headers import parse_auth
 
 from .support import DOMAIN, RunningServer, add_users, connect_client, start_loopback_server
 

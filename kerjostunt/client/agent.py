@@ -12,7 +12,8 @@ of ``calling.py``: ``connect(peer_id, factory)`` for an outgoing connection,
 from __future__ import annotations
 
 import random
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
@@ -20,11 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from kerjostunt import tls
-
-from .probing import probe_from
-from .readyport import PreparedPort, ReadyPort
-from .sockets import reusable_socket
-from .calling import (
+from kerjostunt.client.calls import (
     AppPortFactory,
     ConnectFailed,
     Dialer,
@@ -32,7 +29,10 @@ from .calling import (
     OutgoingCall,
     PeerConnection,
 )
-from .signaling import (
+from kerjostunt.client.nat.probing import probe_from
+from kerjostunt.client.nat.readyport import PreparedPort, ReadyPort
+from kerjostunt.client.nat.sockets import reusable_socket
+from kerjostunt.client.signaling import (
     ProbeOffer,
     Registration,
     RegistrationFailed,
@@ -303,9 +303,7 @@ class PeerAgent:
             if timer is not None and timer.active():
                 timer.cancel()
         for call in list(self._calls.values()):
-            if isinstance(call, OutgoingCall) and call.state in ("preparing", "inviting"):
-                call.stop("lost the signaling connection")
-            elif isinstance(call, IncomingCall) and call.state in ("preparing", "answered"):
+            if isinstance(call, OutgoingCall) and call.state in ("preparing", "inviting") or isinstance(call, IncomingCall) and call.state in ("preparing", "answered"):
                 call.stop("lost the signaling connection")
         if self.state == "up":
             log.warn("signaling connection lost; reconnecting")

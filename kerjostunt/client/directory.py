@@ -21,7 +21,8 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 from OpenSSL import SSL
-from twisted.internet import defer, error as net_error
+from twisted.internet import defer
+from twisted.internet import error as net_error
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web import client as web_client
@@ -30,8 +31,8 @@ from twisted.web.iweb import IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
 from kerjostunt import tls
-from kerjostunt.sip.digest import authorization, choose_challenge
-from kerjostunt.sip.headers import parse_auth
+from kerjostunt.wire.sip.digest import authorization, choose_challenge
+from kerjostunt.wire.sip.headers import parse_auth
 
 __all__ = [
     "CertificateNotTrusted",
@@ -87,7 +88,7 @@ class PeerEntry:
     last_seen: float | None = None
 
     @classmethod
-    def from_json(cls, item: dict[str, Any]) -> "PeerEntry":
+    def from_json(cls, item: dict[str, Any]) -> PeerEntry:
         return cls(
             user_id=str(item["user_id"]),
             use_stunt=str(item["use_stunt"]),
@@ -109,7 +110,7 @@ class CAFilePolicy:
             raise DirectoryError(f"CA file {self._ca_path} does not exist")
         try:
             tls.client_options(self._ca_path, "localhost")
-        except Exception as e:  # noqa: BLE001 - any parse failure means the same to a user
+        except Exception as e:
             raise DirectoryError(f"CA file {self._ca_path} is not a PEM certificate: {e}") from None
 
     def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
@@ -188,7 +189,7 @@ def _fetch(  # type: ignore[no-untyped-def]
                 raise WrongPassword(f"the server refused user {user_id!r}: wrong user ID or password")
     except DirectoryError:
         raise
-    except Exception as e:  # noqa: BLE001 - turned into one clear message
+    except Exception as e:
         raise _transport_error(Failure(e), base) from None
     finally:
         yield pool.closeCachedConnections()

@@ -9,7 +9,7 @@ from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
 from zope.interface import implementer
 
 if TYPE_CHECKING:
-    from .agent import PeerAgent
+    from kerjostunt.client.agent import PeerAgent
 
 
 @implementer(IStreamClientEndpoint)
@@ -21,7 +21,7 @@ class PeerEndpoint:
     ``PeerAgent.connect`` directly to get it as a ``PeerConnection``.
     """
 
-    def __init__(self, agent: "PeerAgent", peer_id: str, *, timeout: float = 20.0) -> None:
+    def __init__(self, agent: PeerAgent, peer_id: str, *, timeout: float = 20.0) -> None:
         self.agent = agent
         self.peer_id = peer_id
         self.timeout = timeout

@@ -74,9 +74,9 @@ class HandshakeProtocol(Protocol):
     with the application protocol, or fails with HandshakeFailed.
     """
 
-    factory: "HandshakeFactory"
+    factory: HandshakeFactory
 
-    def __init__(self, factory: "HandshakeFactory", addr: IAddress) -> None:
+    def __init__(self, factory: HandshakeFactory, addr: IAddress) -> None:
         self.factory = factory
         self.addr = addr
         self._outcome: Any = None

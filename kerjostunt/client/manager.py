@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import inspect
 import random as _random
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IProtocolFactory
@@ -118,7 +119,7 @@ class _WatchedProtocol(Protocol):
     protocol callbacks pass through here.
     """
 
-    def __init__(self, inner: Any, on_lost: Callable[["_WatchedProtocol", Failure], None]) -> None:
+    def __init__(self, inner: Any, on_lost: Callable[[_WatchedProtocol, Failure], None]) -> None:
         self.inner = inner
         self._on_lost = on_lost
         self.lost = False

@@ -9,8 +9,9 @@ server (INVITE, CANCEL, BYE, INFO) to the application.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
@@ -20,11 +21,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..tcp import no_delay
-from ..sip.digest import authorization
-from ..sip.headers import parse_auth, parse_via
-from ..sip.message import Headers, Request, Response, make_response
-from ..sip.parser import KeepAlivePing, KeepAlivePong, SIPParseError, StreamParser
+from kerjostunt.tcp import no_delay
+from kerjostunt.wire.sip.digest import authorization
+from kerjostunt.wire.sip.headers import parse_auth, parse_via
+from kerjostunt.wire.sip.message import Headers, Request, Response, make_response
+from kerjostunt.wire.sip.parser import KeepAlivePing, KeepAlivePong, SIPParseError, StreamParser
 
 log = Logger()
 
@@ -54,14 +55,14 @@ class ProbeOffer:
     alt_ip: str | None = None
 
     @classmethod
-    def from_response(cls, response: Response) -> "ProbeOffer | None":
+    def from_response(cls, response: Response) -> ProbeOffer | None:
         value = response.headers.get("X-Kerjo-Probe")
         if not value:
             return None
-        params = dict(
-            (key.strip().lower(), val.strip())
+        params = {
+            key.strip().lower(): val.strip()
             for key, _, val in (part.partition("=") for part in value.split(";"))
-        )
+        }
         try:
             return cls(
                 token=params["token"],
@@ -111,7 +112,7 @@ class SignalingClientProtocol(Protocol):
         user_id: str,
         password: str,
         domain: str,
-        on_request: Callable[["SignalingClientProtocol", Request], None] | None = None,
+        on_request: Callable[[SignalingClientProtocol, Request], None] | None = None,
     ) -> None:
         self.clock = clock
         self.user_id = user_id

@@ -196,7 +196,7 @@ def next_states(
 def ha1(algorithm: str, user_id: str, realm: str, password: str) -> str:
     """HA1 = H(user:realm:password) as lowercase hex (RFC 7616)."""
     hasher = HA1_ALGORITHMS[algorithm][0]
-    return hasher(f"{user_id}:{realm}:{password}".encode("utf-8")).hexdigest()
+    return hasher(f"{user_id}:{realm}:{password}".encode()).hexdigest()
 
 
 def check_name(name: object, what: str = "name") -> str:

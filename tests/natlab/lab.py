@@ -26,9 +26,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from .nat import ALLOCATIONS, INBOUND, core_queue_argvs, nat_ruleset
 
@@ -274,7 +274,7 @@ class Lab:
         self.specs = dict(nats)
         self.delay_ms = float(delay_ms)
         self.server_delay_ms = float(server_delay_ms)
-        self.peers_per_nat = {n: 1 for n in nats}
+        self.peers_per_nat = dict.fromkeys(nats, 1)
         self.peers_per_nat.update(peers_per_nat or {})
         self.public_peer = public_peer
 
@@ -391,7 +391,7 @@ class Lab:
             "processes": [p.args for p in self._procs if p.poll() is None],
         }
 
-    def __enter__(self) -> "Lab":
+    def __enter__(self) -> Lab:
         self.build()
         return self
 

@@ -42,9 +42,10 @@ import secrets
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from twisted.internet import defer, task
 from twisted.internet.error import ProcessDone, ProcessTerminated

@@ -1,9 +1,9 @@
-"""twistd plugin: ``twistd kerjostunt`` runs the STUNT server (see kerjostunt.tap)."""
+"""twistd plugin: ``twistd kerjostunt`` runs the STUNT server (see kerjostunt.server.tap)."""
 from twisted.application.service import ServiceMaker
 
 kerjostunt = ServiceMaker(
     "kerjostunt",
-    "kerjostunt.tap",
+    "kerjostunt.server.tap",
     "STUNT server: SIP-over-TLS signaling, STUN-over-TCP probes, trusted peers",
     "kerjostunt",
 )

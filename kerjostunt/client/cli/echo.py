@@ -1,0 +1,252 @@
+"""``kerjostunt echo-server`` and ``kerjostunt echo-client``: the example pair.
+
+The server registers and echoes every line a peer sends; the client connects
+to a peer by user ID, sends one line and checks the echo.  Their stdout is a
+small contract the NAT lab parses (docs/client.rst):
+
+- echo-server, per peer: ``peer PEER_ID connected via TECHNIQUE from IP:PORT``
+- echo-client: ``connected to PEER_ID via TECHNIQUE in N ms``, ``echo ok``;
+  or ``failed: REASON`` and exit 1.  Usage errors exit 2.
+
+Logs go to stderr (``--verbose`` for the details of every attempt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from twisted.internet import defer, task
+from twisted.internet.protocol import Factory
+from twisted.protocols.basic import LineReceiver
+
+from kerjostunt.client.agent import DEFAULT_PORT, ConnectFailed, PeerAgent, PeerConnection
+from kerjostunt.client.cli.options import (
+    DEFAULT_DOMAIN,
+    add_credentials,
+    add_domain,
+    add_tls_hostname,
+    agent_account,
+    read_password,
+    server_address,
+    start_logging,
+)
+
+MAX_LINE = 16 * 1024
+
+
+# -- argument parsing ------------------------------------------------------------
+
+
+def _number(text: str, *, zero_ok: bool) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (value >= 0 if zero_ok else value > 0):  # NaN is refused too
+        raise argparse.ArgumentTypeError("must not be negative" if zero_ok else "must be positive")
+    return value
+
+
+def non_negative(text: str) -> float:
+    return _number(text, zero_ok=True)
+
+
+def positive(text: str) -> float:
+    return _number(text, zero_ok=False)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", required=True, type=server_address, metavar="HOST[:PORT]",
+                        help=f"the STUNT server (port {DEFAULT_PORT} by default)")
+    add_credentials(parser, user_help="our user ID",
+                    password_help="read the password from the first line of stdin",
+                    ca_help="CA certificate that signed the server's (certs/ca.pem)")
+    add_domain(parser, f"SIP domain (default {DEFAULT_DOMAIN})")
+    add_tls_hostname(parser, "name to verify in the server certificate (default: the server host)")
+    parser.add_argument("--listen-port", type=int, default=0, metavar="PORT",
+                        help="local port for direct connections from peers (default: any)")
+    parser.add_argument("--punch-deadline", type=positive, default=10.0, metavar="SECONDS",
+                        help="how long to punch (default 10)")
+    parser.add_argument("--low-ttl", type=int, default=2, metavar="TTL",
+                        help="TTL of the first punch SYN, 0 for none (default 2: our NAT is hop 1)")
+    parser.add_argument("--punch-port-max-age", type=non_negative, default=30.0, metavar="SECONDS",
+                        help="use a punch port probed ahead of time for at most this long, "
+                             "0 to probe at call time (default 30)")
+    parser.add_argument("--verbose", "-v", action="store_true", help="log every step to stderr")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    server = subparsers.add_parser("echo-server", help="register and echo every line peers send")
+    _common(server)
+    server.set_defaults(func=run_echo_server)
+
+    client = subparsers.add_parser("echo-client", help="connect to a peer, send a line, check the echo")
+    _common(client)
+    client.add_argument("peer", metavar="PEER_ID", help="the user ID to connect to")
+    client.add_argument("--message", default=None, metavar="TEXT", help="the line to send")
+    client.add_argument("--timeout", type=positive, default=20.0, metavar="SECONDS",
+                        help="give up after this long (default 20)")
+    client.set_defaults(func=run_echo_client)
+
+
+def _usage_error(message: str) -> int:
+    print(f"kerjostunt: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _prepare(args: argparse.Namespace) -> tuple[int, str | None]:
+    """(exit code for a usage error or 0, password)."""
+    if not os.path.isfile(args.ca):
+        return _usage_error(f"--ca {args.ca}: no such file"), None
+    if not 0 <= args.listen_port < 65536:
+        return _usage_error("--listen-port must be 0..65535"), None
+    password = read_password(sys.stdin)
+    if password is None:
+        return _usage_error("--password-stdin: no password on stdin"), None
+    return 0, password
+
+
+def _agent(reactor: Any, args: argparse.Namespace, password: str, **kwargs: Any) -> PeerAgent:
+    return PeerAgent(
+        reactor,
+        **agent_account(args, args.server, password),
+        listen_port=args.listen_port,
+        punch_deadline=args.punch_deadline,
+        low_ttl=args.low_ttl or None,
+        punch_port_max_age=args.punch_port_max_age,
+        **kwargs,
+    )
+
+
+def _say(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _endpoint_text(remote: tuple[str, int]) -> str:
+    host, port = remote
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# -- echo-server -----------------------------------------------------------------
+
+
+class Echo(LineReceiver):
+    delimiter = b"\n"
+    MAX_LENGTH = MAX_LINE
+
+    def lineReceived(self, line: bytes) -> None:
+        self.sendLine(line)
+
+
+def run_echo_server(args: argparse.Namespace) -> int:
+    code, password = _prepare(args)
+    if code:
+        return code
+    start_logging(args.verbose)
+
+    def on_peer(connection: PeerConnection) -> None:
+        _say(f"peer {connection.peer_id} connected via {connection.technique} from {_endpoint_text(connection.remote)}")
+
+    @defer.inlineCallbacks
+    def main(reactor: Any):  # type: ignore[no-untyped-def]
+        agent = _agent(reactor, args, password, accept_factory=Factory.forProtocol(Echo), on_peer=on_peer)
+        try:
+            registration = yield agent.start()
+        except Exception as e:
+            _say(f"failed: {e}")
+            raise SystemExit(1)
+        # SIGTERM/SIGINT stop the reactor; unregister before it goes.
+        reactor.addSystemEventTrigger("before", "shutdown", agent.stop)
+        _say(f"registered as {args.user}, public address {registration.public_ip}:{registration.public_port}")
+        yield defer.Deferred()  # until stopped
+
+    task.react(main)
+    return 0  # not reached: react exits
+
+
+# -- echo-client -----------------------------------------------------------------
+
+
+class EchoCheck(LineReceiver):
+    """Sends the message when the peer connection is handed over, checks the line back."""
+
+    delimiter = b"\n"
+    MAX_LENGTH = MAX_LINE
+
+    def __init__(self, message: bytes) -> None:
+        self.message = message
+        self.echoed: defer.Deferred = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.sendLine(self.message)
+
+    def lineReceived(self, line: bytes) -> None:
+        if not self.echoed.called:
+            self.echoed.callback(line.rstrip(b"\r"))
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if not self.echoed.called:
+            self.echoed.errback(ConnectFailed("the peer closed the connection before echoing"))
+
+
+class EchoCheckFactory(Factory):
+    def __init__(self, message: bytes) -> None:
+        self.message = message
+        self.protocols: list[EchoCheck] = []
+
+    def buildProtocol(self, addr: Any) -> EchoCheck:
+        protocol = EchoCheck(self.message)
+        protocol.factory = self
+        self.protocols.append(protocol)
+        return protocol
+
+
+def run_echo_client(args: argparse.Namespace) -> int:
+    message = args.message if args.message is not None else f"hello from {args.user}"
+    if "\n" in message or "\r" in message or not message:
+        return _usage_error("--message must be one non-empty line")
+    code, password = _prepare(args)
+    if code:
+        return code
+    start_logging(args.verbose)
+
+    @defer.inlineCallbacks
+    def main(reactor: Any):  # type: ignore[no-untyped-def]
+        agent = _agent(reactor, args, password)
+        deadline = reactor.seconds() + args.timeout
+        exit_code = 1
+        try:
+            yield agent.start()
+            factory = EchoCheckFactory(message.encode("utf-8"))
+            began = reactor.seconds()
+            connection = yield agent.connect(args.peer, factory, timeout=max(1.0, deadline - reactor.seconds()))
+            took_ms = (reactor.seconds() - began) * 1000.0
+            _say(f"connected to {args.peer} via {connection.technique} in {took_ms:.0f} ms")
+            protocol = connection.protocol
+            echoed = protocol.echoed
+            echoed.addTimeout(max(5.0, deadline - reactor.seconds()), reactor)
+            try:
+                line = yield echoed
+            except defer.TimeoutError:
+                raise ConnectFailed("no echo in time") from None
+            if line != message.encode("utf-8"):
+                raise ConnectFailed(f"echo differs: sent {message!r}, got {line.decode('utf-8', 'replace')!r}")
+            _say("echo ok")
+            protocol.transport.loseConnection()
+            exit_code = 0
+        except ConnectFailed as e:
+            _say(f"failed: {e.reason}")
+        except Exception as e:
+            _say(f"failed: {e}")
+        try:
+            yield agent.stop()
+        except Exception:
+            pass
+        raise SystemExit(exit_code)
+
+    task.react(main)
+    return 0  # not reached: react exits

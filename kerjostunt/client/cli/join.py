@@ -1,0 +1,249 @@
+"""``kerjostunt join``: be a member of a group with the peer manager and a line-echo app.
+
+The command loads GROUP's trusted peers from the server's HTTPS service,
+connects to every one of them (``PeerManager`` over a ``PeerAgent``), and
+keeps its signaling connection only while one is missing. Each peer
+connection runs a line echo: on connecting it sends ``hello from USER``;
+every line received is echoed back prefixed ``echo: `` (echoes are not
+echoed again, so two echo peers do not ping-pong forever).
+
+Every peer state change, every signaling open/close and every line is one
+line on stdout, flushed at once, so a supervising process (tests, the NAT
+lab) can follow it::
+
+    peer bob connected via simultaneous-open
+    signaling closed (all 2 peers done)
+    signaling opened (bob dropped)
+
+It runs until SIGTERM or SIGINT. See docs/peer-manager.rst.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any, TextIO
+
+from twisted.internet import defer
+from twisted.internet.protocol import Factory
+from twisted.protocols.basic import LineOnlyReceiver
+
+from kerjostunt.client.cli.options import (
+    DEFAULT_DOMAIN,
+    DEFAULT_WEB_PORT,
+    UsageError,
+    _port,
+    add_credentials,
+    add_domain,
+    add_tls_hostname,
+    agent_account,
+    react_for_exit_code,
+    server_and_password,
+    web_url,
+)
+from kerjostunt.client.directory import (
+    CertificateNotTrusted,
+    DirectoryError,
+    NotAMember,
+    UnknownGroup,
+    WrongPassword,
+    fetch_peers,
+)
+from kerjostunt.client.manager import (
+    CONNECTED,
+    CONNECTING,
+    PeerListLoaded,
+    PeerManager,
+    PeerStateChanged,
+    RestartingAgent,
+    SignalingChanged,
+)
+
+PROG = "kerjostunt join"
+FATAL = (WrongPassword, NotAMember, UnknownGroup, CertificateNotTrusted)
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "join",
+        help="connect to every trusted peer of a group and echo lines with them",
+        description="Run the peer manager for GROUP with a line-echo application: connect to every "
+        "trusted peer, keep the signaling connection only while one is missing, log each peer's "
+        "state and each signaling open/close on stdout. Runs until SIGTERM/SIGINT. "
+        "The password is read from the first line of stdin.",
+    )
+    parser.add_argument("--server", required=True, metavar="HOST[:PORT]", help="the signaling server (PORT default 5061)")
+    parser.add_argument("--web-port", type=_port, default=DEFAULT_WEB_PORT, help=f"HTTPS port of the trusted peers list (default {DEFAULT_WEB_PORT})")
+    add_credentials(parser)
+    add_tls_hostname(parser, "name to expect in the server's certificate (default: HOST)")
+    add_domain(parser, f"SIP domain, the digest realm (default {DEFAULT_DOMAIN})")
+    parser.add_argument("--refresh", type=float, default=300.0, metavar="SECONDS", help="how often to reload the list (default 300)")
+    parser.add_argument("--unreachable-retry", type=float, default=3600.0, metavar="SECONDS", help="long back-off before retrying an unreachable peer (default 3600)")
+    parser.add_argument("--listen-port", type=int, default=0, metavar="PORT", help="application port for direct connections from peers (default: any)")
+    parser.add_argument("group", metavar="GROUP")
+    parser.set_defaults(func=run_command)
+
+
+class EchoProtocol(LineOnlyReceiver):
+    """Says hello, echoes every line back once, reports what it sees."""
+
+    delimiter = b"\n"
+    MAX_LENGTH = 64 * 1024
+
+    def __init__(self, user_id: str, say: Callable[[str], None]) -> None:
+        self.user_id = user_id
+        self.peer_id: str | None = None  # set once the manager knows who it is
+        self._say = say
+
+    def _who(self) -> str:
+        if self.peer_id is not None:
+            return self.peer_id
+        remote = self.transport.getPeer() if self.transport is not None else None
+        return f"{remote.host}:{remote.port}" if remote is not None and hasattr(remote, "port") else "?"
+
+    def connectionMade(self) -> None:
+        self.sendLine(f"hello from {self.user_id}".encode())
+
+    def lineReceived(self, line: bytes) -> None:
+        text = line.rstrip(b"\r").decode("utf-8", "replace")
+        if text.startswith("echo: "):
+            self._say(f"peer {self._who()} echoed: {text[6:]}")
+            return
+        self._say(f"peer {self._who()} says: {text}")
+        self.sendLine(b"echo: " + line.rstrip(b"\r"))
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._say(f"peer {self._who()} sent a line too long; closing")
+        self.transport.loseConnection()
+
+
+class EchoFactory(Factory):
+    def __init__(self, user_id: str, say: Callable[[str], None]) -> None:
+        self.user_id = user_id
+        self.say = say
+
+    def buildProtocol(self, addr: Any) -> EchoProtocol:
+        return EchoProtocol(self.user_id, self.say)
+
+
+def describe(event: Any, manager: PeerManager) -> str | None:
+    """One stdout line for a manager event (None: nothing worth a line)."""
+    if isinstance(event, SignalingChanged):
+        return f"signaling {'opened' if event.is_open else 'closed'} ({event.reason})"
+    if isinstance(event, PeerListLoaded):
+        if not event.added and not event.removed:
+            return None
+        listed = ", ".join(event.peers) or "none"
+        return f"group {manager.group}: {len(event.peers)} peers ({listed})"
+    if isinstance(event, PeerStateChanged):
+        if event.new == CONNECTED:
+            line = f"peer {event.peer_id} connected"
+            if event.technique:
+                line += f" via {event.technique}"
+            return line + (" (incoming)" if event.incoming else "")
+        if event.new == CONNECTING:
+            return f"peer {event.peer_id} connecting" + (" through STUNT" if "STUNT" in event.detail else "")
+        line = f"peer {event.peer_id} {event.new}"
+        return f"{line}: {event.detail}" if event.detail else line
+    return None
+
+
+def _name_connection(event: Any, manager: PeerManager) -> None:
+    """Tell the echo protocol of a new connection who is on the other end."""
+    if isinstance(event, PeerStateChanged) and event.new == CONNECTED:
+        connection = manager.connection_of(event.peer_id)
+        inner = getattr(getattr(connection, "protocol", None), "inner", None)
+        if isinstance(inner, EchoProtocol):
+            inner.peer_id = event.peer_id
+
+
+@defer.inlineCallbacks
+def run(  # type: ignore[no-untyped-def]
+    reactor: Any,
+    args: argparse.Namespace,
+    stdin: TextIO,
+    stdout: TextIO,
+    stderr: TextIO,
+    stopped: defer.Deferred | None = None,
+):
+    """The command with reactor and streams passed in; runs until ``stopped`` fires.
+
+    Without ``stopped`` it runs until the reactor shuts down (SIGTERM/SIGINT
+    under ``task.react``) and stops the manager on the way out.
+    """
+    from kerjostunt.client.agent import PeerAgent  # imported late: only `join` needs the agent
+
+    def say(line: str) -> None:
+        print(line, file=stdout, flush=True)
+
+    try:
+        host, port, password = server_and_password(args, stdin)
+    except UsageError as e:
+        print(f"{PROG}: error: {e}", file=stderr, flush=True)
+        return 2
+    base = web_url(host, args.web_port)
+
+    def directory() -> defer.Deferred:
+        return fetch_peers(reactor, base, args.group, args.user, password, args.ca)
+
+    # One fetch first: a wrong password or group is an error to report, not to retry forever.
+    first: list[Any] = []
+    try:
+        first.append((yield directory()))
+    except FATAL as e:
+        print(f"{PROG}: error: {e}", file=stderr, flush=True)
+        return 1
+    except DirectoryError as e:
+        say(f"peers list not loaded yet: {e}")
+
+    def directory_once_prefetched() -> defer.Deferred:
+        if first:
+            return defer.succeed(first.pop())
+        return directory()
+
+    def make_agent() -> PeerAgent:
+        return PeerAgent(
+            reactor,
+            **agent_account(args, (host, port), password),
+            accept_factory=manager.accept_factory,
+            on_peer=manager.peer_arrived,
+            listen_port=args.listen_port,
+        )
+
+    def on_event(event: Any) -> None:
+        _name_connection(event, manager)
+        line = describe(event, manager)
+        if line is not None:
+            say(line)
+
+    manager = PeerManager(
+        reactor,
+        group=args.group,
+        user_id=args.user,
+        directory=directory_once_prefetched,
+        agent=RestartingAgent(make_agent),
+        app_factory_for=lambda peer_id: EchoFactory(args.user, say),
+        refresh_interval=args.refresh,
+        unreachable_retry=args.unreachable_retry,
+        on_event=on_event,
+    )
+    say(f"joining {args.group} as {args.user}")
+    manager.start()
+    if stopped is None:
+        stopped = defer.Deferred()
+        reactor.addSystemEventTrigger("before", "shutdown", lambda: _stop(manager, say))
+        yield stopped  # never fires: the reactor stops under us
+        return 0
+    yield stopped
+    yield _stop(manager, say)
+    return 0
+
+
+def _stop(manager: PeerManager, say: Callable[[str], None]) -> defer.Deferred:
+    say("stopping")
+    return manager.stop().addBoth(lambda _: say("stopped"))
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Entry point from ``kerjostunt.cli``: run until SIGTERM/SIGINT."""
+    return react_for_exit_code(run, args, default=0)

@@ -1,0 +1,6 @@
+"""The NAT techniques of the client: sockets bound to shared ports, probing,
+the ready punch port, simultaneous open and the birthday search.
+
+Each one takes a plan and returns a Deferred of a connected transport; none
+knows about SIP, calls or the peer manager.
+"""

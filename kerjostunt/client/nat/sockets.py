@@ -1,0 +1,271 @@
+"""
+Non-blocking TCP connects and listens from a shared, reusable local port.
+
+STUNT needs several sockets on one local port at once: a listener (so the
+peer's SYN is accepted) and one or more outgoing connects (so our SYN opens
+the mapping in our own NAT, and simultaneous open can happen).  Linux only
+allows that when every one of those sockets sets SO_REUSEADDR and
+SO_REUSEPORT before bind(); none of it needs root.
+
+Twisted's own ``connectTCP`` cannot bind to a port that a listener already
+holds (it does not set SO_REUSEPORT) and cannot set the TTL of the first SYN,
+so the connect is done here by hand: the socket is made non-blocking,
+connect_ex() starts the handshake, a tiny descriptor waits for writability
+through the reactor, and the connected socket is then adopted into the
+reactor with ``adoptStreamConnection``.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import error
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import (
+    IAddress,
+    IListeningPort,
+    IProtocolFactory,
+    IReadWriteDescriptor,
+)
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+log = Logger()
+
+_IN_PROGRESS = {errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY, errno.EINTR}
+
+
+def family_of(host: str) -> socket.AddressFamily:
+    """IPv6 for a textual address containing a colon, IPv4 otherwise."""
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def reusable_socket(local: tuple[str, int]) -> socket.socket:
+    """
+    A TCP socket bound to ``local`` that other reusable sockets may share.
+
+    The options must be set before bind(): that is when the kernel decides
+    whether the port may be shared.
+    """
+    family = family_of(local[0])
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if hasattr(socket, "SO_REUSEPORT"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(local)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _ttl_option(family: socket.AddressFamily) -> tuple[int, int]:
+    if family == socket.AF_INET6:
+        return socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS
+    return socket.IPPROTO_IP, socket.IP_TTL
+
+
+def _connect_error(code: int) -> Exception:
+    """Twisted's connect error for an errno (ECONNREFUSED -> ConnectionRefusedError)."""
+    return error.getConnectError((code, errno.errorcode.get(code, str(code))))
+
+
+class _CapturingFactory:
+    """
+    Passes buildProtocol through and remembers the protocol.
+
+    adoptStreamConnection returns nothing, yet the caller of connect_from
+    wants the protocol instance the connection was given.
+    """
+
+    def __init__(self, wrapped: IProtocolFactory) -> None:
+        self.wrapped = wrapped
+        self.protocol: Any = None
+
+    def buildProtocol(self, addr: IAddress) -> Any:
+        self.protocol = self.wrapped.buildProtocol(addr)
+        return self.protocol
+
+    def doStart(self) -> None:
+        pass
+
+    def doStop(self) -> None:
+        pass
+
+
+@implementer(IReadWriteDescriptor)
+class _ConnectWaiter:
+    """
+    Watches a connecting socket until the kernel says how it went.
+
+    Writability means the TCP handshake finished, one way or the other;
+    SO_ERROR tells which.  epoll reports a refused connect as an error event,
+    which the reactor delivers as connectionLost rather than doWrite, so both
+    paths end in the same check.
+    """
+
+    def __init__(self, sock: socket.socket, done: Callable[[int], None]) -> None:
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._done = done
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def logPrefix(self) -> str:
+        return "kerjostunt-connect"
+
+    def doRead(self) -> None:
+        return None
+
+    def doWrite(self) -> None:
+        self._check()
+        return None
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._check()
+
+    def _check(self) -> None:
+        done, self._done = self._done, None
+        if done is None:
+            return
+        try:
+            code = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError as e:
+            code = e.errno or errno.EBADF
+        done(code)
+
+
+def connect_from(
+    reactor: Any,
+    local: tuple[str, int],
+    remote: tuple[str, int],
+    protocol_factory: IProtocolFactory,
+    *,
+    timeout: float,
+    ttl: int | None = None,
+) -> Deferred:
+    """
+    Connect to ``remote`` from the reusable local endpoint ``local``.
+
+    Fires with the protocol built by ``protocol_factory`` once the connected
+    socket has been adopted into the reactor.  Fails with Twisted's
+    ConnectionRefusedError on RST, TimeoutError after ``timeout`` seconds
+    (``reactor.callLater``), another ConnectError for other socket errors.
+    Cancelling closes the socket.
+
+    ``ttl`` applies to the first SYN only: it is set before connect() sends
+    the SYN and restored right after, so retransmissions, the SYN-ACK of a
+    simultaneous open and all data leave with the normal TTL.
+    """
+    sock = reusable_socket(local)
+    family = sock.family
+    state: dict[str, Any] = {"waiter": None, "timer": None}
+
+    def cleanup(close: bool) -> None:
+        waiter = state["waiter"]
+        if waiter is not None:
+            state["waiter"] = None
+            reactor.removeWriter(waiter)
+            reactor.removeReader(waiter)
+        timer = state["timer"]
+        if timer is not None:
+            state["timer"] = None
+            if timer.active():
+                timer.cancel()
+        if close:
+            sock.close()
+
+    def cancel(d: Deferred) -> None:
+        cleanup(close=True)
+
+    d: Deferred = Deferred(cancel)
+
+    def fail(exc: Exception) -> None:
+        cleanup(close=True)
+        if not d.called:
+            d.errback(exc)
+
+    def connected(code: int) -> None:
+        if d.called:
+            return
+        if code != 0:
+            fail(_connect_error(code))
+            return
+        cleanup(close=False)
+        capture = _CapturingFactory(protocol_factory)
+        try:
+            reactor.adoptStreamConnection(sock.fileno(), family, capture)
+        except Exception as e:
+            sock.close()
+            d.errback(e)
+            return
+        # The reactor holds its own duplicate of the descriptor now.
+        sock.close()
+        if capture.protocol is None:
+            d.errback(error.ConnectError(string="factory refused the connection"))
+        else:
+            d.callback(capture.protocol)
+
+    default_ttl = None
+    if ttl is not None:
+        level, option = _ttl_option(family)
+        default_ttl = sock.getsockopt(level, option)
+        sock.setsockopt(level, option, ttl)
+    try:
+        code = sock.connect_ex(remote)
+    except OSError as e:
+        code = e.errno or errno.EINVAL
+    if default_ttl is not None:
+        level, option = _ttl_option(family)
+        sock.setsockopt(level, option, default_ttl)
+
+    if code == 0:
+        connected(0)
+        return d
+    if code not in _IN_PROGRESS:
+        fail(_connect_error(code))
+        return d
+
+    def timed_out() -> None:
+        state["timer"] = None
+        fail(error.TimeoutError(string=f"connect to {remote[0]}:{remote[1]}"))
+
+    state["timer"] = reactor.callLater(timeout, timed_out)
+    waiter = _ConnectWaiter(sock, connected)
+    state["waiter"] = waiter
+    reactor.addWriter(waiter)
+    return d
+
+
+def listen_reusable(
+    reactor: Any, local: tuple[str, int], factory: IProtocolFactory, backlog: int = 16
+) -> IListeningPort:
+    """
+    Listen on ``local`` while outgoing sockets share the same port.
+
+    Raises OSError when the port cannot be shared (held by a socket that did
+    not set SO_REUSEPORT, or by another user).
+    """
+    sock = reusable_socket(local)
+    try:
+        sock.listen(backlog)
+        return reactor.adoptStreamPort(sock.fileno(), sock.family, factory)
+    finally:
+        # adoptStreamPort duplicated the descriptor.
+        sock.close()
+
+
+def abort_protocol(protocol: Any) -> None:
+    """Drop a losing attempt's connection at once (no FIN handshake to wait for)."""
+    transport = getattr(protocol, "transport", None)
+    if transport is not None:
+        transport.abortConnection()

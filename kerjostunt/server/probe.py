@@ -1,0 +1,365 @@
+"""The probe service: STUN Binding over TCP, recording what each peer's NAT does.
+
+One :class:`ProbeFactory` listens on each probe port (default 3478 and 3479,
+optionally on a second address too).  Any STUN client gets its mapped
+address back; a request authenticated with a probe token (short-term
+credential handed out in REGISTER's 200 OK) is also recorded as an
+:class:`Observation` for that user, which the server turns into a NAT
+description and a port prediction (``kerjostunt.wire.prediction``).
+
+Wire details, credentials and errors: docs/probes.rst.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+
+from kerjostunt.wire import stun
+from kerjostunt.wire.prediction import Sample
+
+__all__ = ["ProbeTokens", "Observation", "ObservationLog", "ProbeProtocol", "ProbeFactory"]
+
+_log = Logger(namespace="kerjostunt.server.probe")
+
+#: comprehension-required attributes this server understands (RFC 8489 15)
+_KNOWN_REQUIRED = {t for t in stun.ATTRIBUTE_NAMES if t < 0x8000}
+
+
+class ProbeTokens:
+    """Short-lived probe credentials handed out in REGISTER's 200 OK.
+
+    In memory only: they live for minutes, and a restarted server makes the
+    peers re-register anyway.
+    """
+
+    #: tokens kept per user; re-registering does not revoke the previous one
+    #: (a probe may be in flight), but they cannot pile up either
+    per_user = 4
+
+    def __init__(self, clock: IReactorTime, lifetime: float = 300.0) -> None:
+        self._clock = clock
+        self.lifetime = lifetime
+        self._tokens: dict[str, tuple[str, str, float]] = {}
+        self._by_user: dict[str, deque[str]] = {}
+
+    def issue(self, user_id: str) -> tuple[str, str]:
+        """(token used as STUN USERNAME, password whose UTF-8 bytes are the key)."""
+        self._prune()
+        token = secrets.token_urlsafe(18)
+        password = secrets.token_urlsafe(24)
+        self._tokens[token] = (user_id, password, self._clock.seconds() + self.lifetime)
+        mine = self._by_user.setdefault(user_id, deque())
+        mine.append(token)
+        while len(mine) > self.per_user:
+            self._tokens.pop(mine.popleft(), None)
+        return token, password
+
+    def lookup(self, token: str) -> tuple[str, str] | None:
+        entry = self._tokens.get(token)
+        if entry is None:
+            return None
+        user_id, password, expires = entry
+        if self._clock.seconds() >= expires:
+            self._drop(token)
+            return None
+        return user_id, password
+
+    def revoke_user(self, user_id: str) -> None:
+        for token in self._by_user.pop(user_id, ()):
+            self._tokens.pop(token, None)
+
+    def _drop(self, token: str) -> None:
+        entry = self._tokens.pop(token, None)
+        if entry is not None:
+            mine = self._by_user.get(entry[0])
+            if mine is not None:
+                try:
+                    mine.remove(token)
+                except ValueError:
+                    pass
+                if not mine:
+                    del self._by_user[entry[0]]
+
+    def _prune(self) -> None:
+        """Drop expired tokens, oldest first.
+
+        Every token lives ``lifetime`` from its issue, so the dict's insertion
+        order is expiry order: stop at the first live one.  (Scanning every
+        token on every REGISTER made registering N peers cost O(N**2).)
+        ``lookup`` still checks each token's own expiry.
+        """
+        now = self._clock.seconds()
+        expired = []
+        for token, (_, _, exp) in self._tokens.items():
+            if now < exp:
+                break
+            expired.append(token)
+        for token in expired:
+            self._drop(token)
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+
+@dataclass(frozen=True)
+class Observation:
+    user_id: str
+    local_port: int | None
+    mapped_ip: str
+    mapped_port: int
+    server_ip: str
+    server_port: int
+    time: float
+
+
+class ObservationLog:
+    """Recent observations per user, bounded (oldest dropped), in memory.
+
+    Listeners are told of each new one; the server uses that to run the
+    prediction and persist the NAT description.  A failing listener is
+    logged and does not stop the others.
+    """
+
+    def __init__(self, per_user: int = 32) -> None:
+        self.per_user = per_user
+        self._by_user: dict[str, deque[Observation]] = {}
+        self._listeners: list[Callable[[Observation], None]] = []
+
+    def add(self, obs: Observation) -> None:
+        self._by_user.setdefault(obs.user_id, deque(maxlen=self.per_user)).append(obs)
+        for listener in list(self._listeners):
+            try:
+                listener(obs)
+            except Exception:
+                _log.failure("observation listener failed for {user_id}", user_id=obs.user_id)
+
+    def for_user(self, user_id: str) -> list[Observation]:
+        return list(self._by_user.get(user_id, ()))
+
+    def forget(self, user_id: str) -> None:
+        self._by_user.pop(user_id, None)
+
+    def subscribe(self, callback: Callable[[Observation], None]) -> None:
+        self._listeners.append(callback)
+
+    def samples(self, user_id: str) -> list[Sample]:
+        """Converted for prediction.py; observations without a reported local port are left out
+        (they cannot show how a local port was mapped)."""
+        return [Sample(o.local_port, o.mapped_ip, o.mapped_port, o.server_ip, o.server_port,
+                       o.time)
+                for o in self.for_user(user_id) if o.local_port is not None]
+
+
+def _plain_ip(host: str) -> str:
+    """IPv4-mapped IPv6 (a dual-stack listener) reads as the IPv4 address."""
+    try:
+        addr = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(addr)
+
+
+class _Reject(Exception):
+    def __init__(self, code: int, reason: str, unknown: list[int] | None = None) -> None:
+        super().__init__(code, reason)
+        self.code, self.reason, self.unknown = code, reason, unknown or []
+
+
+class ProbeProtocol(Protocol):
+    """One TCP connection: STUN messages back to back, answered in order.
+
+    Life: open -> serving (idle timer re-armed by every byte) -> closed, on
+    idle timeout, request limit, unframeable input, or the peer leaving.
+    """
+
+    factory: ProbeFactory
+
+    def __init__(self) -> None:
+        self._decoder = stun.StunStreamDecoder(stun.MAX_MESSAGE_SIZE)
+        self._timer: IDelayedCall | None = None
+        self._requests = 0
+        self._closing = False
+        self._closing_after = False
+
+    # -- connection life
+
+    def connectionMade(self) -> None:
+        self._arm()
+
+    def connectionLost(self, reason: object = None) -> None:
+        self._closing = True
+        self._disarm()
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._timer = self.factory.clock.callLater(self.factory.idle_timeout, self._idle)
+
+    def _disarm(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _idle(self) -> None:
+        self._timer = None
+        _log.debug("probe connection idle, closing {peer}", peer=self._peer())
+        self._close(abort=True)
+
+    def _close(self, abort: bool = False) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._disarm()
+        if abort:
+            self.transport.abortConnection()
+        else:
+            self.transport.loseConnection()
+
+    def _peer(self) -> str:
+        p = self.transport.getPeer()
+        return f"{getattr(p, 'host', '?')}:{getattr(p, 'port', '?')}"
+
+    # -- input
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self._arm()
+        try:
+            frames = self._decoder.feed_frames(data)
+        except stun.STUNError as e:
+            _log.info("closing probe connection from {peer}: {why}", peer=self._peer(), why=str(e))
+            frames = []
+            self._closing_after = True
+        else:
+            self._closing_after = False
+        for frame in frames:
+            if self._closing:
+                return
+            self._requests += 1
+            if self._requests > self.factory.max_requests:
+                _log.info("probe connection from {peer} exceeded {n} requests",
+                          peer=self._peer(), n=self.factory.max_requests)
+                self._close()
+                return
+            self._handle(frame)
+        if self._closing_after:
+            self._close()
+
+    def _handle(self, frame: bytes) -> None:
+        msg_type, _, tid = stun.peek_header(frame)
+        try:
+            msg = stun.decode(frame)
+        except stun.STUNError as e:
+            if (msg_type & 0x0110) == 0:  # only requests get an answer
+                self._error(msg_type, tid, 400, "Bad Request")
+            _log.debug("malformed STUN from {peer}: {why}", peer=self._peer(), why=str(e))
+            return
+        if not stun.is_request(msg):
+            return  # indications and stray responses are ignored (RFC 8489 6.3)
+        try:
+            if msg.method != 1:
+                raise _Reject(400, "Bad Request")
+            unknown = [t for t, _ in msg.attributes if t < 0x8000 and t not in _KNOWN_REQUIRED]
+            if unknown:
+                raise _Reject(420, "Unknown Attribute", unknown)
+            key = self._authenticate(msg, frame)
+        except _Reject as r:
+            self._error(msg.msg_type, tid, r.code, r.reason, r.unknown)
+            return
+        self._answer(msg, key)
+
+    def _authenticate(self, msg: stun.StunMessage, frame: bytes) -> tuple[bytes, bool] | None:
+        """(key, use SHA256) for an authenticated request, None for a plain one."""
+        username = msg.get(stun.USERNAME)
+        has_mi = msg.has(stun.MESSAGE_INTEGRITY) or msg.has(stun.MESSAGE_INTEGRITY_SHA256)
+        if username is None and not has_mi:
+            return None
+        if username is None or not has_mi:
+            raise _Reject(400, "Bad Request")
+        try:
+            token = username.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Reject(401, "Unauthorized") from None
+        found = self.factory.tokens.lookup(token)
+        if found is None:
+            _log.info("probe with unknown or expired token from {peer}", peer=self._peer())
+            raise _Reject(401, "Unauthorized")
+        user_id, password = found
+        key = stun.short_term_key(password)
+        if not stun.check_integrity(frame, key):
+            _log.warn("probe with bad integrity for {user_id} from {peer}",
+                      user_id=user_id, peer=self._peer())
+            raise _Reject(401, "Unauthorized")
+        self._record(user_id, msg)
+        sha256 = not msg.has(stun.MESSAGE_INTEGRITY)
+        return key, sha256
+
+    def _record(self, user_id: str, msg: stun.StunMessage) -> None:
+        local_port = None
+        value = msg.get(stun.KERJO_LOCAL_PORT)
+        if value is not None:
+            try:
+                local_port = stun.decode_local_port(value)
+            except stun.STUNError:
+                local_port = None
+        peer, host = self.transport.getPeer(), self.transport.getHost()
+        obs = Observation(user_id=user_id, local_port=local_port,
+                          mapped_ip=_plain_ip(peer.host), mapped_port=peer.port,
+                          server_ip=_plain_ip(host.host), server_port=host.port,
+                          time=self.factory.clock.seconds())
+        _log.debug("probe observation {obs!r}", obs=obs)
+        self.factory.log.add(obs)
+
+    # -- output
+
+    def _answer(self, msg: stun.StunMessage, key: tuple[bytes, bool] | None) -> None:
+        peer, host = self.transport.getPeer(), self.transport.getHost()
+        mapped = (_plain_ip(peer.host), peer.port)
+        tid = msg.transaction_id
+        attrs = [(stun.XOR_MAPPED_ADDRESS, stun.encode_xor_address(mapped, tid)),
+                 (stun.MAPPED_ADDRESS, stun.encode_address(mapped))]
+        if self.factory.other_address is not None:
+            attrs.append((stun.RESPONSE_ORIGIN,
+                          stun.encode_address((_plain_ip(host.host), host.port))))
+            attrs.append((stun.OTHER_ADDRESS, stun.encode_address(self.factory.other_address)))
+        attrs.append((stun.SOFTWARE, self.factory.software.encode("utf-8")))
+        self.transport.write(stun.encode(
+            stun.BINDING_SUCCESS, tid, attrs,
+            integrity_key=key[0] if key else None,
+            integrity_sha256=key[1] if key else False))
+
+    def _error(self, msg_type: int, tid: bytes, code: int, reason: str,
+               unknown: list[int] | None = None) -> None:
+        error_type = (msg_type & 0x3EEF) | 0x0110
+        attrs = [(stun.ERROR_CODE, stun.encode_error_code(code, reason))]
+        if unknown:
+            attrs.append((stun.UNKNOWN_ATTRIBUTES, stun.encode_unknown_attributes(unknown)))
+        attrs.append((stun.SOFTWARE, self.factory.software.encode("utf-8")))
+        self.transport.write(stun.encode(error_type, tid, attrs))
+
+
+class ProbeFactory(Factory):
+    """One per listening probe port."""
+
+    protocol = ProbeProtocol
+
+    def __init__(self, clock: IReactorTime, tokens: ProbeTokens, log: ObservationLog, *,
+                 other_address: tuple[str, int] | None = None, idle_timeout: float = 10.0,
+                 max_requests: int = 16, software: str = "kerjostunt") -> None:
+        self.clock = clock
+        self.tokens = tokens
+        self.log = log
+        self.other_address = other_address
+        self.idle_timeout = idle_timeout
+        self.max_requests = max_requests
+        self.software = software

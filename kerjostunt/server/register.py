@@ -1,0 +1,258 @@
+"""REGISTER: digest authentication, bindings, and what the peer learns back.
+
+The 200 OK is where a peer learns its public address (``received``/``rport``
+on the Via, RFC 3581) and gets a probe token for the STUN-over-TCP probes, so
+everything the traversal needs starts here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from typing import Protocol as TypingProtocol
+
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import Portal
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Interface
+
+from kerjostunt.server.auth import NonceManager, SIPDigestCredentials, challenge_params
+from kerjostunt.server.registrar import Registrar, SignalingConnection
+from kerjostunt.wire.sip.headers import format_auth, parse_auth, parse_name_addr, parse_via
+from kerjostunt.wire.sip.message import Request, Response, make_response
+
+log = Logger()
+
+# MD5 first: RFC 8760 prefers SHA-256 first, but widely used SIP tools (sipp
+# 3.6) answer only the first challenge and only MD5. Clients that support
+# SHA-256 (ours) pick it whatever the order. ``--digest-algorithms`` changes it.
+CHALLENGE_ALGORITHMS = ("MD5", "SHA-256")
+
+DEFAULT_EXPIRES = 3600
+MAX_EXPIRES = 7200
+MIN_EXPIRES = 60
+
+
+class ISIPUser(Interface):
+    """Avatar interface: an authenticated user ID."""
+
+
+class SeenRecorder(TypingProtocol):
+    def record_seen(self, user_id: str, ip: str, port: int, when: float) -> Deferred: ...
+
+
+class RequestError(Exception):
+    """A request we answer with ``code`` and ``reason`` and otherwise ignore."""
+
+    def __init__(self, code: int, reason: str | None = None) -> None:
+        super().__init__(code, reason)
+        self.code, self.reason = code, reason
+
+
+def local_tag(request: Request) -> str:
+    """A To tag that is the same for retransmissions of one request (RFC 3261 8.2.6.2)."""
+    seed = f"{request.call_id}|{request.headers.get('From')}|{request.cseq}"
+    return hashlib.sha256(seed.encode()).hexdigest()[:12]
+
+
+def answer(request: Request, code: int, reason: str | None = None) -> Response:
+    """A response from the server acting as a UAS: To gets our tag."""
+    return make_response(request, code, reason, to_tag=local_tag(request) if code > 100 else None)
+
+
+def user_of(header_value: str | None, domain: str) -> str:
+    """The user ID of a To/From header, or RequestError."""
+    if not header_value:
+        raise RequestError(400, "Bad Request: missing To/From")
+    try:
+        addr = parse_name_addr(header_value)
+    except ValueError:
+        raise RequestError(400, "Bad Request: unparsable To/From") from None
+    # The host part is not checked: one server serves one user namespace, and
+    # SIP tools often put the server's IP there instead of the domain.
+    if not addr.uri.user:
+        raise RequestError(400, "Bad Request: no user in To/From")
+    return addr.uri.user
+
+
+def via_with_received(request: Request, peer: tuple[str, int]) -> list[str]:
+    """The request's Vias with the top one stamped received/rport (RFC 3581)."""
+    vias = request.headers.get_all("Via")
+    if not vias:
+        return vias
+    try:
+        top = parse_via(vias[0])
+    except ValueError:
+        return vias
+    top.params["received"] = peer[0]
+    top.params["rport"] = str(peer[1])
+    return [str(top), *vias[1:]]
+
+
+def set_vias(response: Response, vias: list[str]) -> None:
+    if not vias:
+        return
+    response.headers.set("Via", vias[0])
+    for via in vias[1:]:
+        response.headers.add("Via", via)
+
+
+class RegisterHandler:
+    """Authenticates REGISTERs and keeps the registrar's bindings."""
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        domain: str,
+        registrar: Registrar,
+        portal: Portal,
+        nonces: NonceManager,
+        seen: SeenRecorder,
+        extra_headers: Callable[[str], list[tuple[str, str]]] = lambda user_id: [],
+        *,
+        counter: Callable[[str], None] = lambda what: None,
+        challenge_algorithms: Sequence[str] = CHALLENGE_ALGORITHMS,
+    ) -> None:
+        self._algorithms = tuple(challenge_algorithms)
+        self._clock = clock
+        self._domain = domain
+        self._registrar = registrar
+        self._portal = portal
+        self._nonces = nonces
+        self._seen = seen
+        self._extra_headers = extra_headers
+        self._count = counter
+
+    def handle(self, conn: SignalingConnection, request: Request) -> None:
+        try:
+            user_id = user_of(request.headers.get("To"), self._domain)
+            if user_of(request.headers.get("From"), self._domain) != user_id:
+                raise RequestError(403, "Forbidden: third-party registration")
+            creds = self._credentials(request)
+        except RequestError as exc:
+            conn.send(answer(request, exc.code, exc.reason))
+            return
+        if creds is None:
+            self._challenge(conn, request)
+            return
+        if creds.username != user_id:
+            conn.send(answer(request, 403, "Forbidden: credentials for another user"))
+            return
+        nonce_state = self._nonces.check(creds.nonce)
+        if nonce_state != "ok":
+            self._challenge(conn, request, stale=nonce_state == "stale")
+            return
+        d = self._portal.login(creds, None, ISIPUser)
+        d.addCallbacks(
+            lambda result: self._authenticated(conn, request, result[1]),
+            lambda failure: self._refused(conn, request, user_id, failure),
+        )
+        d.addErrback(lambda f: log.failure("REGISTER handling failed", f))
+
+    def _credentials(self, request: Request) -> SIPDigestCredentials | None:
+        """Our realm's digest answer, None when there is none (so: challenge)."""
+        for value in request.headers.get_all("Authorization"):
+            try:
+                scheme, params = parse_auth(value)
+            except ValueError:
+                raise RequestError(400, "Bad Request: unparsable Authorization") from None
+            if scheme.lower() != "digest" or params.get("realm") != self._domain:
+                continue
+            try:
+                return SIPDigestCredentials.from_params("REGISTER", params)
+            except ValueError as exc:
+                raise RequestError(400, f"Bad Request: {exc}") from None
+        return None
+
+    def _challenge(self, conn: SignalingConnection, request: Request, stale: bool = False) -> None:
+        response = answer(request, 401)
+        nonce = self._nonces.issue()
+        for algorithm in self._algorithms:
+            response.headers.add(
+                "WWW-Authenticate", format_auth("Digest", challenge_params(self._domain, nonce, algorithm, stale), challenge=True)
+            )
+        self._count("challenges")
+        conn.send(response)
+
+    def _refused(self, conn: SignalingConnection, request: Request, user_id: str, failure: Failure) -> None:
+        if failure.check(UnauthorizedLogin):
+            log.info("REGISTER for {user} from {peer}: wrong credentials", user=user_id, peer=conn.peer)
+            self._count("auth_failures")
+            conn.send(answer(request, 403, "Forbidden: wrong credentials"))
+            return
+        log.failure("Cannot check credentials of {user}", failure, user=user_id)
+        response = answer(request, 503, "Service Unavailable: user database")
+        response.headers.add("Retry-After", "5")
+        conn.send(response)
+
+    def _authenticated(self, conn: SignalingConnection, request: Request, user_id: str) -> None:
+        try:
+            contact, expires = self._requested_binding(request)
+        except RequestError as exc:
+            refusal = answer(request, exc.code, exc.reason)
+            if exc.code == 423:
+                refusal.headers.add("Min-Expires", str(MIN_EXPIRES))
+            conn.send(refusal)
+            return
+        response = answer(request, 200)
+        set_vias(response, via_with_received(request, conn.peer))
+        if expires == 0:
+            self._registrar.unbind(user_id)
+            response.headers.add("Expires", "0")
+            conn.send(response)
+            return
+        if contact is None:  # a query: report what is bound
+            binding = self._registrar.lookup(user_id)
+            if binding is not None:
+                remaining = max(0, int(binding.expires_at - self._clock.seconds()))
+                response.headers.add("Contact", f"{binding.contact};expires={remaining}")
+            conn.send(response)
+            return
+        self._registrar.bind(user_id, conn, contact, expires)
+        response.headers.add("Contact", f"{contact};expires={expires}")
+        response.headers.add("Expires", str(expires))
+        for name, value in self._extra_headers(user_id):
+            response.headers.add(name, value)
+        self._count("registrations")
+        conn.send(response)
+        now = self._clock.seconds()
+        self._seen.record_seen(user_id, conn.peer[0], conn.peer[1], now).addErrback(
+            lambda f: log.failure("Could not record {user} as seen", f, user=user_id)
+        )
+
+    def _requested_binding(self, request: Request) -> tuple[str | None, int]:
+        """(contact URI or None for a query, expires seconds) from Contact/Expires."""
+        contacts = request.headers.get_all("Contact")
+        expires_header = request.headers.get("Expires")
+        default = DEFAULT_EXPIRES
+        if expires_header is not None:
+            default = _seconds(expires_header)
+        if not contacts:
+            return None, default
+        if contacts[0].strip() == "*":
+            if default != 0 or len(contacts) > 1:
+                raise RequestError(400, "Bad Request: '*' needs Expires: 0")
+            return None, 0
+        try:
+            addr = parse_name_addr(contacts[0])
+        except ValueError:
+            raise RequestError(400, "Bad Request: unparsable Contact") from None
+        expires = default
+        if addr.params.get("expires") is not None:
+            expires = _seconds(addr.params["expires"] or "")
+        if 0 < expires < MIN_EXPIRES:
+            raise RequestError(423, "Interval Too Brief")
+        return f"<{addr.uri}>", min(expires, MAX_EXPIRES)
+
+
+def _seconds(text: str) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise RequestError(400, "Bad Request: bad expires value") from None
+    if value < 0 or value > 2**32 - 1:
+        raise RequestError(400, "Bad Request: bad expires value")
+    return value

@@ -1,0 +1,520 @@
+"""The signaling stream: one TLS connection per peer carrying SIP messages.
+
+This module frames bytes into messages, keeps each connection's life
+(handshake, unregistered, registered, closed) as an explicit state machine
+with its timers, answers keepalives, knows each peer's RTT, and enforces the per-IP and
+per-connection limits.  What a request *means* is the router's business.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+from typing import Protocol as TypingProtocol
+
+from automat import MethodicalMachine
+from twisted.internet.interfaces import IAddress, IDelayedCall, IHandshakeListener, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from kerjostunt.tcp import no_delay
+from kerjostunt.wire.sip.message import Request, Response, make_response
+from kerjostunt.wire.sip.parser import KeepAlivePing, KeepAlivePong, Limits, SIPParseError, StreamParser
+
+log = Logger()
+
+CRLF = b"\r\n"
+RTT_SAMPLES = 3            # round trips kept; the smallest is the estimate
+QUICK_PING_INTERVAL = 0.5  # between the first pings after registering
+PING_BYTES = b"\r\n\r\n"
+
+# Linux ``struct tcp_info`` (include/uapi/linux/tcp.h): the two RTT fields,
+# microseconds. tcpi_rtt (smoothed) has been there for ever; tcpi_min_rtt
+# since Linux 4.6, so a shorter struct means an older kernel.
+TCP_INFO_SIZE = 232
+_TCPI_RTT = struct.Struct("=I")
+TCPI_RTT_OFFSET = 68
+TCPI_MIN_RTT_OFFSET = 148
+_NO_SAMPLE = 0xFFFFFFFF  # tcpi_min_rtt before the kernel has a sample (~0U)
+
+
+def rtt_from_tcp_info(info: bytes) -> float | None:
+    """Seconds from a packed ``struct tcp_info``: tcpi_min_rtt, else tcpi_rtt.
+
+    The minimum is the path's base delay without queueing spikes, which is
+    what timing both peers' SYNs needs; the smoothed RTT stands in on
+    kernels too old to report it. None when neither holds a sample.
+    """
+    if len(info) >= TCPI_MIN_RTT_OFFSET + 4:
+        (micros,) = _TCPI_RTT.unpack_from(info, TCPI_MIN_RTT_OFFSET)
+        if 0 < micros < _NO_SAMPLE:
+            return micros / 1e6
+    if len(info) >= TCPI_RTT_OFFSET + 4:
+        (micros,) = _TCPI_RTT.unpack_from(info, TCPI_RTT_OFFSET)
+        if micros > 0:
+            return micros / 1e6
+    return None
+
+
+def tcp_socket_of(transport: Any) -> socket.socket | None:
+    """The TCP socket under a transport (through the TLS wrapper), or None.
+
+    ``TLSMemoryBIOProtocol.getHandle`` gives the OpenSSL connection, so walk
+    down ``.transport`` to ``tcp.Server``; test transports have no socket.
+    """
+    for _ in range(4):
+        if transport is None:
+            return None
+        get_handle = getattr(transport, "getHandle", None)
+        handle = get_handle() if get_handle is not None else None
+        if isinstance(handle, socket.socket):
+            is_tcp = handle.family in (socket.AF_INET, socket.AF_INET6) and handle.type == socket.SOCK_STREAM
+            return handle if is_tcp else None
+        transport = getattr(transport, "transport", None)
+    return None
+
+
+# Other systems' TCP_INFO (FreeBSD, macOS's TCP_CONNECTION_INFO) have other layouts.
+_TCP_INFO: int | None = getattr(socket, "TCP_INFO", None) if sys.platform.startswith("linux") else None
+
+
+def has_kernel_rtt(transport: Any) -> bool:
+    """Can ``kernel_rtt`` answer for this transport? (No system call: once per REGISTER.)"""
+    return _TCP_INFO is not None and tcp_socket_of(transport) is not None
+
+
+def kernel_rtt(transport: Any) -> float | None:
+    """The kernel's RTT of the connection under ``transport`` (Linux TCP_INFO), or None."""
+    sock = tcp_socket_of(transport)
+    if _TCP_INFO is None or sock is None:
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, TCP_INFO_SIZE)
+    except OSError:  # not TCP (a UNIX socket in tests), or closed
+        return None
+    return rtt_from_tcp_info(info)
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """Time and volume bounds for one signaling connection."""
+
+    handshake_timeout: float = 10.0      # TLS handshake must finish
+    register_timeout: float = 30.0       # a connection that never registers
+    idle_timeout: float = 900.0          # registered but silent (keepalives count)
+    partial_message_timeout: float = 20.0  # slow input: a message must complete
+    max_per_ip: int = 1000               # concurrent connections from one IP
+    requests_per_second: float = 20.0    # token bucket per connection
+    request_burst: float = 60.0
+    rtt_interval: float = 60.0           # server-initiated keepalive ping period
+    sip: Limits = Limits()
+
+
+class Router(TypingProtocol):
+    """The part of the server that gives requests and responses meaning."""
+
+    def handle_request(self, connection: SignalingProtocol, request: Request) -> None: ...
+
+    def handle_response(self, connection: SignalingProtocol, response: Response) -> None: ...
+
+    def connection_lost(self, connection: SignalingProtocol) -> None: ...
+
+
+class TokenBucket:
+    """Requests per second with a burst; cheap enough for every connection."""
+
+    __slots__ = ("_clock", "_rate", "_burst", "_tokens", "_stamp")
+
+    def __init__(self, clock: IReactorTime, rate: float, burst: float) -> None:
+        self._clock, self._rate, self._burst = clock, rate, burst
+        self._tokens = burst
+        self._stamp = clock.seconds()
+
+    def take(self) -> bool:
+        now = self._clock.seconds()
+        self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate)
+        self._stamp = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+
+@implementer(IHandshakeListener)
+class SignalingProtocol(Protocol):
+    """One peer's signaling connection."""
+
+    _machine = MethodicalMachine()
+
+    def __init__(self, factory: SignalingFactory, address: IAddress) -> None:
+        self.factory = factory
+        self._clock = factory.clock
+        self.limits = factory.limits
+        self.peer: tuple[str, int] = (getattr(address, "host", "?"), getattr(address, "port", 0))
+        self.user_ids: set[str] = set()
+        self._parser = StreamParser(self.limits.sip)
+        self._bucket = TokenBucket(self._clock, self.limits.requests_per_second, self.limits.request_burst)
+        # One timer for the state (handshake, register, or, once registered,
+        # both the idle limit and the keepalive pings), one for slow input.
+        self._timer: IDelayedCall | None = None
+        self._partial_timer: IDelayedCall | None = None
+        self._ping_sent_at: float | None = None
+        self._next_ping = 0.0
+        self._rtt_samples: tuple[float, ...] = ()
+        self._quick_pings = 0  # left to send; only where the kernel gives no RTT
+        # Activity only stamps the time; the registered timer, when it fires,
+        # looks at it (no cancel + callLater per message).
+        self._last_activity = 0.0
+        self.closed = False
+
+    # -- the connection's life ------------------------------------------------
+
+    @_machine.state(initial=True)
+    def handshaking(self) -> None:
+        """TCP is up; the TLS handshake has to finish in time."""
+
+    @_machine.state()
+    def unregistered(self) -> None:
+        """TLS is up; the peer has to REGISTER in time."""
+
+    @_machine.state()
+    def registered(self) -> None:
+        """At least one user is bound to this connection."""
+
+    @_machine.state()
+    def closed_state(self) -> None:
+        """Gone; nothing more is sent or processed."""
+
+    @_machine.input()
+    def tls_ready(self) -> None:
+        """The TLS handshake completed."""
+
+    @_machine.input()
+    def user_bound(self) -> None:
+        """The registrar bound a user to this connection."""
+
+    @_machine.input()
+    def last_user_unbound(self) -> None:
+        """No user is bound here any more."""
+
+    @_machine.input()
+    def timed_out(self) -> None:
+        """The current state's timer ran out."""
+
+    @_machine.input()
+    def lost(self) -> None:
+        """The transport is gone."""
+
+    @_machine.output()
+    def _await_registration(self) -> None:
+        self._arm(self.limits.register_timeout, "never registered")
+
+    @_machine.output()
+    def _await_activity(self) -> None:
+        now = self._clock.seconds()
+        self._last_activity = now
+        if not has_kernel_rtt(self.transport):
+            # No kernel RTT (not Linux, not TCP): measure it with a few quick
+            # pings right away, so the first call already has samples.
+            self._quick_pings = RTT_SAMPLES
+            self._next_ping = now
+        else:
+            self._next_ping = now + self.limits.rtt_interval
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = self._clock.callLater(0.0, self._registered_tick)
+
+    @_machine.output()
+    def _drop(self) -> None:
+        self._cancel_timers()
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    @_machine.output()
+    def _forget(self) -> None:
+        self.closed = True
+        self._cancel_timers()
+        self.factory.connection_closed(self)
+
+    handshaking.upon(tls_ready, enter=unregistered, outputs=[_await_registration])
+    handshaking.upon(timed_out, enter=closed_state, outputs=[_drop])
+    handshaking.upon(lost, enter=closed_state, outputs=[_forget])
+    unregistered.upon(user_bound, enter=registered, outputs=[_await_activity])
+    unregistered.upon(last_user_unbound, enter=unregistered, outputs=[])
+    unregistered.upon(timed_out, enter=closed_state, outputs=[_drop])
+    unregistered.upon(lost, enter=closed_state, outputs=[_forget])
+    registered.upon(user_bound, enter=registered, outputs=[])
+    registered.upon(last_user_unbound, enter=unregistered, outputs=[_await_registration])
+    registered.upon(timed_out, enter=closed_state, outputs=[_drop])
+    registered.upon(lost, enter=closed_state, outputs=[_forget])
+    closed_state.upon(tls_ready, enter=closed_state, outputs=[])
+    closed_state.upon(user_bound, enter=closed_state, outputs=[])
+    closed_state.upon(last_user_unbound, enter=closed_state, outputs=[])
+    closed_state.upon(timed_out, enter=closed_state, outputs=[])
+    closed_state.upon(lost, enter=closed_state, outputs=[_forget])
+
+    # -- Twisted callbacks ------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.factory.connection_opened(self)
+        no_delay(self.transport)
+        self._arm(self.limits.handshake_timeout, "TLS handshake")
+        if not self.factory.tls:
+            self.tls_ready()
+
+    def handshakeCompleted(self) -> None:
+        self.tls_ready()
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        was_open = not self.closed
+        self.lost()
+        if was_open:
+            self.factory.router.connection_lost(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.closed:
+            return
+        # feed_events never raises: errors come in stream order, a fatal one last.
+        for event in self._parser.feed_events(data):
+            if self.closed:
+                return
+            if isinstance(event, SIPParseError):
+                self._reject(event)
+            else:
+                self._dispatch(event)
+        self._track_partial()
+
+    # -- what arrived -----------------------------------------------------------
+
+    def _dispatch(self, event: Request | Response | KeepAlivePing | KeepAlivePong) -> None:
+        if isinstance(event, KeepAlivePing):
+            self._activity()
+            self.transport.write(CRLF)
+        elif isinstance(event, KeepAlivePong):
+            self._activity()
+            self._pong_received()
+        elif isinstance(event, Request):
+            self._activity()
+            if not self._bucket.take():
+                self.factory.count("rate_limited")
+                resp = make_response(event, 503)
+                resp.headers.add("Retry-After", "1")
+                if event.method != "ACK":
+                    self.send(resp)
+                return
+            self._safely(self.factory.router.handle_request, event)
+        else:
+            self._activity()
+            self._safely(self.factory.router.handle_response, event)
+
+    def _safely(self, handler: Any, message: Request | Response) -> None:
+        """A bug in one handler answers 500 to that request, never kills the reactor loop."""
+        try:
+            handler(self, message)
+        except Exception:
+            log.failure("Handler failed for {what} from {peer}", what=_describe(message), peer=self.peer)
+            self.factory.count("internal_errors")
+            if isinstance(message, Request) and message.method != "ACK":
+                self.send(make_response(message, 500))
+
+    def _reject(self, exc: SIPParseError) -> None:
+        self.factory.count("parse_errors")
+        log.info("Bad input from {peer}: {code} {reason}", peer=self.peer, code=exc.code, reason=exc.reason)
+        if isinstance(exc.message, Request) and exc.message.method != "ACK":
+            try:
+                self.send(make_response(exc.message, exc.code, exc.reason))
+            except Exception:
+                log.failure("Could not answer bad input from {peer}", peer=self.peer)
+        if exc.fatal:
+            self.close()
+
+    # -- sending ----------------------------------------------------------------
+
+    def send(self, message: Request | Response) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.write(message.to_bytes())
+
+    def close(self) -> None:
+        """Close after flushing what was written (an error response, say)."""
+        if self.transport is not None and not self.closed:
+            self.transport.loseConnection()
+            # A peer that never reads must not hold the socket open for ever.
+            self._arm(self.limits.handshake_timeout, "closing")
+
+    # -- registration hooks (called by the registrar) ---------------------------
+
+    def bound(self, user_id: str) -> None:
+        self.user_ids.add(user_id)
+        self.user_bound()
+
+    def unbound(self, user_id: str) -> None:
+        self.user_ids.discard(user_id)
+        if not self.user_ids:
+            self.last_user_unbound()
+
+    # -- RTT --------------------------------------------------------------------
+
+    @property
+    def rtt(self) -> float | None:
+        """Seconds: the kernel's minimum RTT of this TCP connection, else the
+        smallest of the last few keepalive round trips; None until measured.
+
+        Calls time both peers' SYNs from it, so the path's base delay matters,
+        not a queueing spike; one ping sample alone can be off by tens of ms.
+        The kernel's figure (Linux TCP_INFO) is known from the TCP and TLS
+        handshakes, excludes both ends' application queueing, and costs no
+        pings: about six TLS records per registration less (docs/decisions.rst).
+        """
+        measured = kernel_rtt(self.transport)
+        if measured is not None:
+            return measured
+        return min(self._rtt_samples) if self._rtt_samples else None
+
+    def note_rtt_sample(self, sample: float) -> None:
+        self._rtt_samples = (*self._rtt_samples[-(RTT_SAMPLES - 1):], sample)
+
+    def _registered_tick(self) -> None:
+        """The registered state's one timer: idle limit and keepalive pings."""
+        self._timer = None
+        if self.closed or not self.user_ids:
+            return
+        now = self._clock.seconds()
+        idle_at = self._last_activity + self.limits.idle_timeout
+        if now >= idle_at:
+            self._time_out("idle")
+            return
+        if now >= self._next_ping:
+            self._ping_sent_at = now
+            self.transport.write(PING_BYTES)
+            # Liveness (and RTT samples where the kernel has none): one ping
+            # per rtt_interval, after the quick ones if any are due.
+            self._quick_pings = max(0, self._quick_pings - 1)
+            quick = self._quick_pings > 0
+            self._next_ping = now + (QUICK_PING_INTERVAL if quick else self.limits.rtt_interval)
+        self._timer = self._clock.callLater(min(idle_at, self._next_ping) - now, self._registered_tick)
+
+    def _pong_received(self) -> None:
+        if self._ping_sent_at is not None:
+            self.note_rtt_sample(self._clock.seconds() - self._ping_sent_at)
+            self._ping_sent_at = None
+
+    # -- timers -----------------------------------------------------------------
+
+    def _arm(self, delay: float, why: str) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = self._clock.callLater(delay, self._expire, why)
+
+    def _expire(self, why: str) -> None:
+        self._timer = None
+        self._time_out(why)
+
+    def _time_out(self, why: str) -> None:
+        log.info("Closing {peer}: {why} timeout", peer=self.peer, why=why)
+        self.factory.count("timeouts")
+        self.timed_out()
+
+    def _activity(self) -> None:
+        self._last_activity = self._clock.seconds()
+
+    def _track_partial(self) -> None:
+        """Slow input: a message started must finish within the limit."""
+        if self._parser.buffered and self._partial_timer is None:
+            self._partial_timer = self._clock.callLater(
+                self.limits.partial_message_timeout, self._expire_partial
+            )
+        elif not self._parser.buffered and self._partial_timer is not None:
+            self._partial_timer.cancel()
+            self._partial_timer = None
+
+    def _expire_partial(self) -> None:
+        # Not through _expire: that forgets self._timer, which is still armed
+        # (register/idle) and must be cancelled when the connection is dropped.
+        self._partial_timer = None
+        self._time_out("incomplete message")
+
+    def _cancel_timers(self) -> None:
+        for timer in (self._timer, self._partial_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._timer = self._partial_timer = None
+
+
+def _describe(message: Request | Response) -> str:
+    if isinstance(message, Request):
+        return message.method
+    return str(message.code)
+
+
+class SignalingFactory(Factory):
+    """Builds signaling connections, enforcing the per-IP connection limit."""
+
+    def __init__(
+        self,
+        router: Router,
+        clock: IReactorTime,
+        limits: ConnectionLimits = ConnectionLimits(),
+        *,
+        tls: bool = True,
+        counter: Any = None,
+    ) -> None:
+        self.router = router
+        self.clock = clock
+        self.limits = limits
+        self.tls = tls
+        self._per_ip: dict[str, int] = defaultdict(int)
+        self.connections: set[SignalingProtocol] = set()
+        self._counter = counter
+
+    def count(self, what: str) -> None:
+        if self._counter is not None:
+            self._counter(what)
+
+    def admits(self, addr: IAddress) -> bool:
+        host = getattr(addr, "host", "?")
+        if self._per_ip[host] >= self.limits.max_per_ip:
+            log.warn("Refusing connection from {host}: {n} already open", host=host, n=self._per_ip[host])
+            self.count("refused_per_ip")
+            return False
+        return True
+
+    def buildProtocol(self, addr: IAddress) -> SignalingProtocol | None:  # type: ignore[override]
+        return SignalingProtocol(self, addr) if self.admits(addr) else None
+
+    def connection_opened(self, conn: SignalingProtocol) -> None:
+        self._per_ip[conn.peer[0]] += 1
+        self.connections.add(conn)
+
+    def connection_closed(self, conn: SignalingProtocol) -> None:
+        if conn in self.connections:
+            self.connections.discard(conn)
+            self._per_ip[conn.peer[0]] -= 1
+            if self._per_ip[conn.peer[0]] <= 0:
+                del self._per_ip[conn.peer[0]]
+
+
+class AdmittingTLSFactory(TLSMemoryBIOFactory):
+    """TLS around the signaling factory that refuses over-limit IPs before any handshake work.
+
+    Its connections are plain ``TLSMemoryBIOProtocol``, not Twisted's default
+    ``BufferingTLSTransport``: that one gathers small writes into one TLS
+    record at the next reactor iteration, with a timer per write and an
+    aggregator per connection.  Signaling writes each SIP message whole, in
+    one call, so there is nothing to gather, and the timer and the later
+    iteration only cost CPU, memory and latency (docs/performance.rst).
+    """
+
+    protocol = TLSMemoryBIOProtocol
+    wrappedFactory: SignalingFactory
+
+    def buildProtocol(self, addr: IAddress):  # type: ignore[no-untyped-def]
+        if not self.wrappedFactory.admits(addr):
+            return None
+        return super().buildProtocol(addr)

@@ -1,0 +1,115 @@
+"""``twistd kerjostunt``: command-line options and ``makeService``."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import IService
+from twisted.logger import InvalidLogLevelError, LogLevel
+from twisted.python import usage
+
+from kerjostunt.server.service import ServerSettings, StuntServer, filter_log_level, tune_gc
+from kerjostunt.server.signaling import ConnectionLimits
+
+
+def _tcp(port: int, interface: str) -> str:
+    """A TCP server endpoint string; IPv6 interfaces need their colons escaped."""
+    # A deep backlog: thousands of peers reconnect at once after a restart.
+    description = f"tcp:{port}:backlog=1024"
+    if interface:
+        description += ":interface=" + interface.replace(":", "\\:")
+    return description
+
+
+def _port(value: str) -> int:
+    port = int(value)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port out of range: {port}")
+    return port
+
+
+class Options(usage.Options):
+    """Every option has a default: ``twistd -n kerjostunt`` alone runs a server."""
+
+    optParameters = [
+        ["port", "p", 5061, "TLS SIP signaling port.", _port],
+        ["interface", "i", "", "Address to listen on (default: all)."],
+        ["domain", "d", "kerjo.local", "SIP domain and digest realm."],
+        ["db", None, "sqlite:///kerjostunt.sqlite", "SQLAlchemy database URL (sqlite:///FILE, postgresql://...)."],
+        ["certs", None, "certs", "Directory of the generated CA and server certificate."],
+        ["cert", None, None, "Use this server certificate (PEM) instead of generating one."],
+        ["key", None, None, "Private key (PEM) for --cert (default: inside the --cert file)."],
+        ["probe-ports", None, "3478,3479", "Comma-separated STUN-over-TCP probe ports (two or more)."],
+        ["probe-alt-ip", None, None, "A second local address that also serves the probe ports."],
+        ["web-port", None, 8443, "HTTPS port for the trusted peers list, /metrics and /health (0 = off).", _port],
+        ["max-per-ip", None, 1000, "Concurrent signaling connections allowed from one IP.", int],
+        ["register-timeout", None, 30.0, "Seconds a connection may stay unregistered.", float],
+        ["tls-groups", None, None, "TLS key-exchange groups the signaling port offers, in OpenSSL's list syntax (default: OpenSSL's, with the X25519MLKEM768 hybrid; X25519:P-256 saves about 8 KiB per connection, see docs/performance.rst)."],
+        ["log-level", None, "info", "Lowest level of the server's events written to the log: debug, info, warn, error or critical."],
+        ["digest-algorithms", None, "MD5,SHA-256", "Digest challenges offered, in order (MD5 first suits SIP tools such as sipp; our clients pick SHA-256)."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["cert-host"] = []
+
+    def opt_cert_host(self, name: str) -> None:
+        """Extra DNS name or IP for the generated server certificate (repeatable)."""
+        self["cert-host"].append(name)
+
+    def postOptions(self) -> None:
+        try:
+            ports = [_port(p) for p in self["probe-ports"].split(",") if p.strip()]
+        except ValueError as exc:
+            raise usage.UsageError(f"--probe-ports: {exc}") from None
+        if len(ports) < 2:
+            raise usage.UsageError("--probe-ports needs at least two ports")
+        self["probe-ports"] = ports
+        if self["probe-alt-ip"]:
+            try:
+                ipaddress.ip_address(self["probe-alt-ip"])
+            except ValueError:
+                raise usage.UsageError("--probe-alt-ip must be an IP address") from None
+        algorithms = tuple(a.strip().upper() for a in self["digest-algorithms"].split(",") if a.strip())
+        if not algorithms or any(a not in ("MD5", "SHA-256") for a in algorithms):
+            raise usage.UsageError("--digest-algorithms takes MD5 and/or SHA-256")
+        self["digest-algorithms"] = algorithms
+        if self["key"] and not self["cert"]:
+            raise usage.UsageError("--key needs --cert")
+        try:
+            self["log-level"] = LogLevel.levelWithName(str(self["log-level"]).strip().lower())
+        except InvalidLogLevelError:
+            raise usage.UsageError("--log-level takes debug, info, warn, error or critical") from None
+
+    def settings(self) -> ServerSettings:
+        interface = self["interface"]
+        probe_endpoints = [_tcp(p, interface) for p in self["probe-ports"]]
+        if self["probe-alt-ip"] and interface:  # listening on all addresses covers the alt IP
+            probe_endpoints += [_tcp(p, self["probe-alt-ip"]) for p in self["probe-ports"]]
+        return ServerSettings(
+            domain=self["domain"],
+            db_url=self["db"],
+            certs_dir=Path(self["certs"]),
+            cert=Path(self["cert"]) if self["cert"] else None,
+            key=Path(self["key"]) if self["key"] else None,
+            cert_hosts=list(self["cert-host"]),
+            sip_endpoint=_tcp(self["port"], interface),
+            probe_endpoints=probe_endpoints,
+            probe_ports=list(self["probe-ports"]),
+            probe_alt_ip=self["probe-alt-ip"],
+            web_endpoint=_tcp(self["web-port"], interface) if self["web-port"] else None,
+            digest_algorithms=self["digest-algorithms"],
+            tls_groups=self["tls-groups"] or None,
+            limits=ConnectionLimits(max_per_ip=self["max-per-ip"], register_timeout=self["register-timeout"]),
+        )
+
+
+def makeService(config: Options, reactor: Any = None) -> IService:
+    """Build the whole server; twistd passes only ``config``."""
+    if reactor is None:
+        from twisted.internet import reactor  # type: ignore[no-redef]
+    filter_log_level(config["log-level"])
+    tune_gc(reactor)
+    return StuntServer(config.settings(), reactor)

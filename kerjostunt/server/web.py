@@ -1,0 +1,519 @@
+"""The HTTPS service: the trusted peers list, ``/metrics`` and ``/health``.
+
+One leaf resource dispatches on the path, so every answer (errors
+included) is a small JSON or text body we chose, never a Twisted error page
+or a traceback. The database is reached only through ``AsyncStore``
+Deferreds; a store failure or a store that does not answer in time is a
+503. Users authenticate with the same credentials as for REGISTER, through
+twisted.cred: HTTP Digest (RFC 7616, SHA-256 and MD5, checked against the
+stored HA1 exactly as REGISTER is) or Basic, which TLS makes acceptable and
+which is checked by computing the HA1 of the given password. Docs:
+docs/web.rst.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from twisted.cred import error as cred_error
+from twisted.cred import portal
+from twisted.cred.credentials import IUsernamePassword, UsernamePassword
+from twisted.internet import defer
+from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http, resource, server
+from zope.interface import Interface, implementer
+
+from kerjostunt import tls
+from kerjostunt.server import metrics as metrics_module
+from kerjostunt.server.auth import NonceManager, SIPDigestCredentials, StoreDigestChecker, challenge_params
+from kerjostunt.server.registrar import Registrar
+from kerjostunt.server.signaling import AdmittingTLSFactory
+from kerjostunt.store import NAME_RE, StoreError, UnknownGroup, UserRecord
+from kerjostunt.store.api import AsyncStore
+from kerjostunt.wire.sip.digest import ALGORITHMS, ha1
+from kerjostunt.wire.sip.headers import format_auth, parse_auth
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from kerjostunt.server.service import StuntServer
+
+log = Logger()
+
+# Bounds on what a client may send and how long it may take.
+MAX_REQUEST_LINE = 2048  # request line (so the URL) and each header line
+MAX_HEADER_BYTES = 8192  # request line plus all headers
+MAX_HEADERS = 40
+MAX_BODY = 0  # only GET and HEAD are served: no request body at all
+IDLE_TIMEOUT = 30.0  # seconds without a byte, TLS handshake included
+MAX_CONNECTIONS_PER_IP = 32
+STORE_TIMEOUT = 10.0  # a store call slower than this is answered 503
+
+JSON = b"application/json; charset=utf-8"
+TEXT = b"text/plain; charset=utf-8"
+
+
+# -- HTTP channel with limits ----------------------------------------------
+
+
+class LimitedChannel(http.HTTPChannel):
+    """twisted.web's channel with tighter limits and answers for breaking them."""
+
+    MAX_LENGTH = MAX_REQUEST_LINE
+    maxHeaders = MAX_HEADERS
+    totalHeadersSize = MAX_HEADER_BYTES
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._peer_host = getattr(self.transport.getPeer(), "host", "?")
+        self.factory.connection_opened(self._peer_host)
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self.factory.connection_closed(self._peer_host)
+        super().connectionLost(reason)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # LineReceiver would just drop the connection; say why first.
+        status = b"414 URI Too Long" if self._in_request_line() else b"431 Request Header Fields Too Large"
+        self._refuse(status)
+
+    def allHeadersReceived(self) -> None:
+        super().allHeadersReceived()
+        # length is None for chunked bodies; both are refused before any is read.
+        if self.length is None or self.length > MAX_BODY:
+            self._refuse(b"413 Content Too Large")
+
+    def _in_request_line(self) -> bool:
+        return bool(getattr(self, "_HTTPChannel__first_line", 1))
+
+    def _refuse(self, status: bytes) -> None:
+        noop: Callable[..., None] = lambda *args: None
+        self.lineReceived = self.rawDataReceived = self.dataReceived = noop  # type: ignore[method-assign]
+        self.transport.write(b"HTTP/1.1 " + status + b"\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+        self.transport.loseConnection()
+
+
+class WebSite(server.Site):
+    """A Site that counts connections per IP, so the TLS wrapper can refuse extras."""
+
+    protocol = LimitedChannel
+
+    def __init__(self, root: resource.IResource, clock: IReactorTime, max_per_ip: int = MAX_CONNECTIONS_PER_IP) -> None:
+        super().__init__(root, timeout=IDLE_TIMEOUT, reactor=clock)
+        self.max_per_ip = max_per_ip
+        self.per_ip: dict[str, int] = {}
+        self._idle_waiters: list[defer.Deferred[None]] = []
+        self.noisy = False
+
+    def admits(self, addr: IAddress) -> bool:
+        return self.per_ip.get(getattr(addr, "host", "?"), 0) < self.max_per_ip
+
+    def buildProtocol(self, addr: IAddress):  # type: ignore[no-untyped-def]
+        return super().buildProtocol(addr) if self.admits(addr) else None
+
+    def connection_opened(self, host: str) -> None:
+        self.per_ip[host] = self.per_ip.get(host, 0) + 1
+
+    def connection_closed(self, host: str) -> None:
+        left = self.per_ip.get(host, 0) - 1
+        if left > 0:
+            self.per_ip[host] = left
+        else:
+            self.per_ip.pop(host, None)
+        if not self.per_ip:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def when_idle(self) -> defer.Deferred[None]:
+        """Fires once no connection is open (tests and graceful shutdowns wait on it)."""
+        if not self.per_ip:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._idle_waiters.append(d)
+        return d
+
+    def log(self, request: server.Request) -> None:
+        """No Apache-style access log; requests are logged as structured events."""
+
+
+# -- authentication through twisted.cred ----------------------------------
+
+
+class IWebUser(Interface):
+    """An authenticated user of the web service."""
+
+
+@implementer(IWebUser)
+@dataclass(frozen=True)
+class WebUser:
+    user_id: str
+
+
+@implementer(portal.IRealm)
+class WebRealm:
+    """Avatars are user IDs: what a user may see is decided per request (group membership)."""
+
+    def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> tuple[Any, WebUser, Callable[[], None]]:
+        if IWebUser not in interfaces:
+            raise NotImplementedError("only IWebUser avatars")
+        return IWebUser, WebUser(avatarId), lambda: None
+
+
+class StoreHA1PasswordChecker:
+    """Basic auth: H(user:realm:password) of the given password against the stored HA1.
+
+    The store keeps no passwords, only HA1 values, so this is the only way
+    to check one; SHA-256 is preferred, MD5 is used for users imported with
+    an MD5 HA1 only.
+    """
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self, get_ha1: Callable[[str, str], defer.Deferred[str | None]], realm: str) -> None:
+        self._get_ha1 = get_ha1
+        self._realm = realm
+
+    @defer.inlineCallbacks
+    def requestAvatarId(self, credentials: UsernamePassword):  # type: ignore[no-untyped-def]
+        user_id = _text(credentials.username)
+        password = _text(credentials.password)
+        for algorithm in ALGORITHMS:
+            stored = yield self._get_ha1(user_id, algorithm)
+            if stored:
+                mine = ha1(user_id, self._realm, password, algorithm)
+                if hmac.compare_digest(mine.encode(), stored.encode()):
+                    return user_id
+                break
+        raise cred_error.UnauthorizedLogin("bad credentials")
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def make_web_portal(get_ha1: Callable[[str, str], defer.Deferred[str | None]], realm: str) -> portal.Portal:
+    """Digest and Basic checkers over ``get_ha1`` (``AsyncStore.get_ha1`` with a time limit)."""
+    return portal.Portal(WebRealm(), [StoreDigestChecker(get_ha1), StoreHA1PasswordChecker(get_ha1, realm)])
+
+
+class StoreTimeout(StoreError):
+    """The database did not answer a web request in time."""
+
+
+class BadRequest(Exception):
+    """The request is malformed in a way worth a 400 and a message."""
+
+
+class Unauthorized(Exception):
+    """No usable credentials: answer 401 with fresh challenges."""
+
+    def __init__(self, reason: str, stale: bool = False) -> None:
+        super().__init__(reason)
+        self.stale = stale
+
+
+def parse_credentials(request: server.Request, realm: str, nonces: NonceManager) -> Any:
+    """The request's Authorization header as twisted.cred credentials.
+
+    Raises ``Unauthorized`` when there is nothing usable, ``BadRequest`` for
+    a Digest answer about another URI (RFC 7616 3.4.6).
+    """
+    header = request.getHeader(b"authorization")
+    if header is None:
+        raise Unauthorized("no credentials")
+    try:
+        text = header.decode("ascii") if isinstance(header, bytes) else header
+        scheme, _, rest = text.strip().partition(" ")
+        scheme = scheme.lower()
+        if scheme == "basic":
+            decoded = base64.b64decode(rest.strip(), validate=True).decode("utf-8")
+            username, colon, password = decoded.partition(":")
+            if not colon or not username:
+                raise ValueError("no user:password")
+            return UsernamePassword(username, password)
+        if scheme == "digest":
+            _, params = parse_auth(text)
+            creds = SIPDigestCredentials.from_params(request.method.decode("ascii"), params)
+        else:
+            raise Unauthorized(f"unsupported scheme {scheme!r}")
+    except (ValueError, UnicodeError, binascii.Error) as e:
+        raise Unauthorized(f"unusable credentials: {e}") from None
+    if creds.realm != realm:
+        raise Unauthorized("wrong realm")
+    if creds.uri != request.uri.decode("ascii", "replace"):
+        raise BadRequest("digest uri does not match the request")
+    verdict = nonces.check(creds.nonce)
+    if verdict != "ok":
+        raise Unauthorized(f"{verdict} nonce", stale=verdict == "stale")
+    return creds
+
+
+def challenges(realm: str, nonces: NonceManager, stale: bool = False) -> list[str]:
+    """WWW-Authenticate values: Digest SHA-256, Digest MD5 (RFC 7616 3.7), then Basic."""
+    values = [format_auth("Digest", challenge_params(realm, nonces.issue(), a, stale)) for a in ALGORITHMS]
+    values.append(format_auth("Basic", {"realm": realm, "charset": "UTF-8"}))
+    return values
+
+
+# -- the resource ----------------------------------------------------------
+
+
+@dataclass
+class Reply:
+    code: int
+    body: bytes
+    content_type: bytes = JSON
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+
+def json_reply(code: int, document: Any, headers: tuple[tuple[bytes, bytes], ...] = ()) -> Reply:
+    return Reply(code, json.dumps(document, indent=1, sort_keys=False).encode("utf-8") + b"\n", JSON, headers)
+
+
+def error_reply(code: int, message: str, headers: tuple[tuple[bytes, bytes], ...] = ()) -> Reply:
+    return json_reply(code, {"error": message}, headers)
+
+
+def peer_document(record: UserRecord, registrar: Registrar) -> dict[str, Any]:
+    """One list entry. A peer online now is shown at the address of its live
+    signaling connection; otherwise at the last public address stored."""
+    binding = registrar.lookup(record.user_id)
+    ip, port = record.public_ip, record.public_port
+    if binding is not None:
+        ip, port = binding.public_address
+    return {
+        "user_id": record.user_id,
+        "use_stunt": record.stunt_state,
+        "ip": ip,
+        "port": port,
+        "nat": record.nat,
+        "online": binding is not None,
+        "last_seen": record.last_seen,
+    }
+
+
+def format_address(ip: str | None, port: int | None) -> str:
+    if not ip or port is None:
+        return "-"
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def peers_text(group: str, peers: list[dict[str, Any]]) -> str:
+    """The trusted peers file: a comment line, then ``USER_ID IP:PORT FLAG`` lines."""
+    lines = [f"# kerjostunt trusted peers of group {group}: user_id ip:port use_stunt"]
+    lines += [f"{p['user_id']} {format_address(p['ip'], p['port'])} {p['use_stunt']}" for p in peers]
+    return "\n".join(lines) + "\n"
+
+
+class WebResource(resource.Resource):
+    """Everything under ``/``: dispatch on the path, answer asynchronously."""
+
+    isLeaf = True
+    allowedMethods = (b"GET", b"HEAD")
+
+    def __init__(
+        self,
+        *,
+        store: AsyncStore,
+        registrar: Registrar,
+        metrics: CollectorRegistry,
+        domain: str,
+        clock: IReactorTime,
+        count: Callable[[str], None] | None = None,
+    ) -> None:
+        super().__init__()
+        self.store = store
+        self.registrar = registrar
+        self.metrics = metrics
+        self.realm = domain
+        self.clock = clock
+        self.nonces = NonceManager(clock)
+        self.portal = make_web_portal(lambda user_id, algorithm: self._store(store.get_ha1, user_id, algorithm), domain)
+        self._count = count or (lambda what: None)
+
+    def render(self, request: server.Request) -> Any:
+        if request.method not in self.allowedMethods:
+            reply = error_reply(405, "only GET and HEAD", ((b"allow", b"GET, HEAD"),))
+            self._send(reply, request, [])
+            return server.NOT_DONE_YET
+        return self.render_GET(request)
+
+    def render_GET(self, request: server.Request) -> Any:
+        self._count("web_requests")
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+        d = defer.maybeDeferred(self.dispatch, request)
+        d.addErrback(self._failed, request)
+        d.addCallback(self._send, request, gone)
+        d.addErrback(lambda f: log.failure("web: could not answer {uri}", f, uri=request.uri))
+        return server.NOT_DONE_YET
+
+    def dispatch(self, request: server.Request) -> Reply | defer.Deferred[Reply]:
+        segments = list(request.postpath)
+        if segments and segments[-1] == b"":
+            segments.pop()  # a trailing slash
+        if segments == [b"health"]:
+            return self.health()
+        if segments == [b"metrics"]:
+            return Reply(200, metrics_module.render(self.metrics), metrics_module.CONTENT_TYPE.encode())
+        if len(segments) == 4 and segments[:2] == [b"v1", b"groups"] and segments[3] == b"peers":
+            return self.peers(request, segments[2].decode("utf-8", "replace"))
+        return error_reply(404, "no such resource")
+
+    # -- /health
+
+    @defer.inlineCallbacks
+    def health(self):  # type: ignore[no-untyped-def]
+        document = {"status": "ok", "registered": len(self.registrar), "store": "ok"}
+        try:
+            # The cheapest real query there is: proves the pool and the database answer.
+            yield self._store(self.store.get_ha1, "-health-", "MD5")
+        except Exception as e:
+            document.update(status="unavailable", store=_describe(e))
+            return json_reply(503, document, ((b"retry-after", b"10"),))
+        return json_reply(200, document)
+
+    # -- /v1/groups/GROUP/peers
+
+    @defer.inlineCallbacks
+    def peers(self, request: server.Request, group: str):  # type: ignore[no-untyped-def]
+        fmt = request.args.get(b"format", [b"json"])[-1]
+        if fmt not in (b"json", b"text"):
+            return error_reply(400, "format must be json or text")
+        try:
+            credentials = parse_credentials(request, self.realm, self.nonces)
+            _, user, _ = yield self.portal.login(credentials, None, IWebUser)
+        except (Unauthorized, cred_error.UnauthorizedLogin, cred_error.UnhandledCredentials) as e:
+            self._count("web_auth_failures")
+            stale = isinstance(e, Unauthorized) and e.stale
+            log.info("web: 401 for {uri} ({why})", uri=request.uri, why=str(e))
+            headers = tuple((b"www-authenticate", v.encode()) for v in challenges(self.realm, self.nonces, stale))
+            return error_reply(401, "authentication required", headers)
+        except BadRequest as e:
+            return error_reply(400, str(e))
+        if not NAME_RE.match(group):
+            return error_reply(404, f"unknown group {group!r}")
+        try:
+            member = yield self._store(self.store.is_member, group, user.user_id)
+            if not member:
+                return error_reply(403, f"{user.user_id} is not a member of group {group}")
+            records = yield self._store(self.store.group_members, group)
+        except UnknownGroup:
+            return error_reply(404, f"unknown group {group!r}")
+        documents = [peer_document(r, self.registrar) for r in records]
+        if fmt == b"text":
+            return Reply(200, peers_text(group, documents).encode("utf-8"), TEXT)
+        return json_reply(200, {"group": group, "peers": documents})
+
+    # -- plumbing
+
+    def _store(self, method: Callable[..., defer.Deferred[Any]], *args: Any) -> defer.Deferred[Any]:
+        """A store call whose answer fails with ``StoreTimeout`` after STORE_TIMEOUT.
+
+        The store's own Deferred is not cancelled: its thread keeps running
+        and ``AsyncStore`` keeps counting it as pending (so a shutdown still
+        waits for it); only this request stops waiting.
+        """
+        answer: defer.Deferred[Any] = defer.Deferred()
+
+        def give_up() -> None:
+            answer.errback(StoreTimeout(f"no answer from the database in {STORE_TIMEOUT:g} s"))
+
+        timer = self.clock.callLater(STORE_TIMEOUT, give_up)
+
+        def done(outcome: Any) -> None:
+            if timer.active():
+                timer.cancel()
+            if answer.called:
+                if isinstance(outcome, Failure):
+                    log.failure("web: store call failed after its request gave up", outcome)
+                return
+            if isinstance(outcome, Failure):
+                answer.errback(outcome)
+            else:
+                answer.callback(outcome)
+
+        defer.maybeDeferred(method, *args).addBoth(done)
+        return answer
+
+    def _failed(self, failure: Failure, request: server.Request) -> Reply:
+        if failure.check(StoreError):
+            log.warn("web: store unavailable for {uri}: {why}", uri=request.uri, why=_describe(failure.value))
+            return error_reply(503, "the user database is unavailable, try again later", ((b"retry-after", b"10"),))
+        log.failure("web: error handling {uri}", failure, uri=request.uri)
+        self._count("internal_errors")
+        return error_reply(500, "internal error")
+
+    def _send(self, reply: Reply, request: server.Request, gone: list[bool]) -> None:
+        if gone:
+            return  # the client left; there is nobody to answer
+        request.setResponseCode(reply.code)
+        request.setHeader(b"content-type", reply.content_type)
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        for name, value in reply.headers:
+            request.responseHeaders.addRawHeader(name, value)
+        request.setHeader(b"content-length", str(len(reply.body)).encode())
+        request.write(reply.body)
+        request.finish()
+
+
+def _describe(error: BaseException) -> str:
+    return str(error) or type(error).__name__
+
+
+def make_site(
+    *,
+    store: AsyncStore,
+    registrar: Registrar,
+    metrics: CollectorRegistry,
+    domain: str,
+    clock: IReactorTime,
+    count: Callable[[str], None] | None = None,
+) -> WebSite:
+    """The plain-HTTP site; ``tls_factory`` puts TLS around it."""
+    root = WebResource(store=store, registrar=registrar, metrics=metrics, domain=domain, clock=clock, count=count)
+    return WebSite(root, clock)
+
+
+def registry_for(server: StuntServer) -> CollectorRegistry:
+    return metrics_module.make_registry(
+        server.counters,
+        registered=lambda: len(server.registrar),
+        connections=lambda: len(server.signaling.connections),
+    )
+
+
+def tls_factory(server: StuntServer) -> AdmittingTLSFactory:
+    """What ``StuntServer`` listens with on ``web_endpoint``: TLS with the signaling certificate."""
+    site = make_site(
+        store=server.store,
+        registrar=server.registrar,
+        metrics=registry_for(server),
+        domain=server.settings.domain,
+        clock=server.reactor,
+        count=server.count,
+    )
+    return AdmittingTLSFactory(tls.server_options(server.certificates), False, site)
+
+
+__all__ = [
+    "LimitedChannel",
+    "WebResource",
+    "WebSite",
+    "challenges",
+    "make_site",
+    "parse_credentials",
+    "peers_text",
+    "registry_for",
+    "tls_factory",
+]
