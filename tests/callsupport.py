@@ -9,12 +9,11 @@ from twisted.internet import defer, reactor
 
 from kerjostunt.client.nat.probing import probe_from
 from kerjostunt.client.signaling import SignalingClientProtocol
+from kerjostunt.wire.kerjo import OUTCOME_CONTENT_TYPE as OUTCOME_TYPE
 from kerjostunt.wire.sdp import Candidate, SessionDescription, candidate_priority, parse_sdp
 from kerjostunt.wire.sip.message import Request, Response
 
 from .support import DOMAIN, RunningServer, connect_client
-
-OUTCOME_TYPE = "application/x-kerjo-outcome"
 
 
 def offer(user: str, punch_port: int, passive: list[int] = (), ip: str = "127.0.0.1") -> bytes:  # type: ignore[assignment]

@@ -22,12 +22,12 @@ from kerjostunt.client.calls import (
     call_tag,
     dial_in_seconds,
     outcome_body,
-    parse_outcome,
     read_setup,
 )
 from kerjostunt.client.endpoint import PeerEndpoint
 from kerjostunt.client.signaling import RegistrationFailed, SignalingError
 from kerjostunt.tls import ensure_certificates
+from kerjostunt.wire.kerjo import Outcome, parse_outcome
 from kerjostunt.wire.sdp import Candidate, candidate_priority, parse_sdp, validate_offer
 from kerjostunt.wire.sip.message import Headers, Response
 
@@ -64,11 +64,11 @@ class OfferAndOutcomeTests(unittest.TestCase):
     def test_outcome_body(self) -> None:
         body = outcome_body("stunt", "simultaneous-open", ("198.51.100.9", 40007), 183.4)
         self.assertEqual(body, b"outcome=stunt\ntechnique=simultaneous-open\nremote=198.51.100.9:40007\nelapsed_ms=183\n")
-        self.assertEqual(parse_outcome(body)["technique"], "simultaneous-open")
+        self.assertEqual(parse_outcome(body).technique, "simultaneous-open")
 
     def test_failed_outcome_has_no_remote(self) -> None:
         self.assertEqual(parse_outcome(outcome_body("failed", "none", ("1.2.3.4", 5), 10000)),
-                         {"outcome": "failed", "technique": "none", "elapsed_ms": "10000"})
+                         Outcome("failed", "none", None, 10000))
 
     def test_ipv6_remote_in_brackets(self) -> None:
         self.assertIn(b"remote=[2001:db8::1]:5\n", outcome_body("direct", "public", ("2001:db8::1", 5), 1))

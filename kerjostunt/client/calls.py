@@ -41,7 +41,9 @@ from kerjostunt.client.nat import birthday
 from kerjostunt.client.nat.probing import ProbeError
 from kerjostunt.client.nat.punch import PunchFailed, PunchPlan, punch
 from kerjostunt.client.nat.sockets import connect_from, reusable_socket
-from kerjostunt.client.signaling import SignalingClientProtocol, new_tag
+from kerjostunt.client.signaling import SignalingClientProtocol
+from kerjostunt.wire import kerjo
+from kerjostunt.wire.kerjo import Outcome, new_tag
 from kerjostunt.wire.prediction import RANDOM
 from kerjostunt.wire.sdp import Candidate, SDPError, SessionDescription, candidate_priority, parse_sdp
 from kerjostunt.wire.sip.headers import parse_name_addr
@@ -51,10 +53,8 @@ log = Logger()
 
 Endpoint = tuple[str, int]
 
-OUTCOME_CONTENT_TYPE = "application/x-kerjo-outcome"
 PREAMBLE = b"KJ1 CALL "
 PREAMBLE_MAX = 100
-MAX_DIAL_IN = 10.0  # seconds; a larger X-Kerjo-Dial-In is a server bug, not a plan
 ACK_TIMEOUT = 32.0  # RFC 3261 Timer H: how long a callee waits for the server's ACK
 RETRY_JITTER = 0.2  # seconds added at random to each punch retry (PunchPlan.retry_jitter)
 
@@ -113,37 +113,19 @@ def read_setup(message: Request | Response) -> CallSetup:
     call_id = message.headers.get("Call-ID")
     if not call_id:
         raise ValueError("no Call-ID")
-    secret_hex = (message.headers.get("X-Kerjo-Call-Secret") or "").strip()
-    try:
-        secret = bytes.fromhex(secret_hex)
-    except ValueError:
-        raise ValueError("X-Kerjo-Call-Secret is not hex") from None
-    if len(secret) < 16:
-        raise ValueError("no usable X-Kerjo-Call-Secret")
-    role = (message.headers.get("X-Kerjo-Role") or "").strip().lower()
-    if role not in ("initiator", "responder"):
-        raise ValueError(f"bad X-Kerjo-Role {role[:20]!r}")
+    headers = kerjo.parse_call_headers(message.headers.get)
     try:
         remote = parse_sdp(message.body)
     except SDPError as e:
         raise ValueError(f"bad SDP: {e}") from None
     if remote.punch_candidate is None and not remote.of_type("prflx"):
         raise ValueError("the peer's SDP has no punch candidate")
-    peer_public = (message.headers.get("X-Kerjo-Peer-Public") or "").strip() or None
-    peer_nat = (message.headers.get("X-Kerjo-NAT") or "").strip() or None
-    return CallSetup(call_id, secret, role, peer_public, remote, peer_nat)
+    return CallSetup(call_id, headers.secret, headers.role.value, headers.peer_public, remote, headers.nat)
 
 
 def dial_in_seconds(message: Request | Response) -> float:
     """``X-Kerjo-Dial-In`` (ms after receipt) in seconds, 0 when absent or odd."""
-    value = (message.headers.get("X-Kerjo-Dial-In") or "").strip()
-    try:
-        ms = float(value)
-    except ValueError:
-        return 0.0
-    if ms != ms or ms < 0:  # NaN or negative
-        return 0.0
-    return min(ms / 1000.0, MAX_DIAL_IN)
+    return kerjo.parse_dial_in(message.headers.get(kerjo.DIAL_IN))
 
 
 def build_offer(user: str, host_ip: str, punch_port: int, app_port: int | None) -> SessionDescription:
@@ -160,18 +142,7 @@ def build_offer(user: str, host_ip: str, punch_port: int, app_port: int | None) 
 
 def outcome_body(outcome: str, technique: str, remote: Endpoint | None, elapsed_ms: float) -> bytes:
     """The INFO body of docs/protocol.rst ("Outcome")."""
-    lines = [f"outcome={outcome}", f"technique={technique}"]
-    if remote is not None and outcome != "failed":
-        host, port = remote
-        lines.append(f"remote={'[' + host + ']' if ':' in host else host}:{port}")
-    lines.append(f"elapsed_ms={int(round(elapsed_ms))}")
-    return ("\n".join(lines) + "\n").encode("ascii")
-
-
-def parse_outcome(body: bytes) -> dict[str, str]:
-    return dict(
-        line.split("=", 1) for line in body.decode("ascii").splitlines() if "=" in line
-    )
+    return Outcome(outcome, technique, remote, int(round(elapsed_ms))).to_bytes()
 
 
 def call_tag(secret: bytes, call_id: str) -> bytes:
@@ -747,7 +718,7 @@ class _CallBase:
         d = sig.request(
             "INFO", f"sips:{sig.domain}", to=to_uri, call_id=self.call_id,
             from_tag=from_tag, to_tag=to_tag,
-            headers=[("Content-Type", OUTCOME_CONTENT_TYPE)], body=body,
+            headers=[("Content-Type", kerjo.OUTCOME_CONTENT_TYPE)], body=body,
         )
         d.addCallbacks(
             lambda r: r.code == 200 or log.warn("call {call}: outcome answered {code}", call=self.call_id, code=r.code),

@@ -22,6 +22,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from kerjostunt.tcp import no_delay
+from kerjostunt.wire import kerjo
+from kerjostunt.wire.kerjo import ProbeOffer, new_branch, new_tag
 from kerjostunt.wire.sip.digest import authorization
 from kerjostunt.wire.sip.headers import parse_auth, parse_via
 from kerjostunt.wire.sip.message import Headers, Request, Response, make_response
@@ -44,36 +46,16 @@ class RegistrationFailed(SignalingError):
     """Wrong password, unknown user, or a server that would not register us."""
 
 
-@dataclass(frozen=True)
-class ProbeOffer:
-    """What REGISTER's 200 OK says about probing (``X-Kerjo-Probe``)."""
-
-    token: str
-    password: str
-    ports: tuple[int, ...]
-    expires: int
-    alt_ip: str | None = None
-
-    @classmethod
-    def from_response(cls, response: Response) -> ProbeOffer | None:
-        value = response.headers.get("X-Kerjo-Probe")
-        if not value:
-            return None
-        params = {
-            key.strip().lower(): val.strip()
-            for key, _, val in (part.partition("=") for part in value.split(";"))
-        }
-        try:
-            return cls(
-                token=params["token"],
-                password=params["password"],
-                ports=tuple(int(p) for p in params["ports"].split(",") if p),
-                expires=int(params.get("expires", "0") or 0),
-                alt_ip=response.headers.get("X-Kerjo-Probe-Alt-IP"),
-            )
-        except (KeyError, ValueError):
-            log.warn("Unusable X-Kerjo-Probe header: {value}", value=value)
-            return None
+def probe_offer(response: Response) -> ProbeOffer | None:
+    """What REGISTER's 200 OK says about probing (``X-Kerjo-Probe``), None if nothing usable."""
+    value = response.headers.get(kerjo.PROBE)
+    if not value:
+        return None
+    try:
+        return kerjo.parse_probe_offer(value, response.headers.get(kerjo.PROBE_ALT_IP))
+    except ValueError:
+        log.warn("Unusable X-Kerjo-Probe header: {value}", value=value)
+        return None
 
 
 @dataclass(frozen=True)
@@ -92,14 +74,6 @@ class _Transaction:
     request: Request
     result: defer.Deferred
     timer: IDelayedCall | None = field(default=None, repr=False)
-
-
-def new_tag() -> str:
-    return secrets.token_hex(6)
-
-
-def new_branch() -> str:
-    return "z9hG4bK" + secrets.token_hex(10)
 
 
 @implementer(IHandshakeListener)
@@ -284,7 +258,7 @@ class SignalingClientProtocol(Protocol):
         return Registration(
             self.user_id, public_ip, public_port,
             int(granted) if granted and granted.isdigit() else expires,
-            ProbeOffer.from_response(response),
+            probe_offer(response),
         )
 
     # -- keepalive --------------------------------------------------------------

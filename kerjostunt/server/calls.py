@@ -11,12 +11,9 @@ wiring to registrar, store and probe observations.
 
 from __future__ import annotations
 
-import ipaddress
-import re
 import secrets
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from automat import MethodicalMachine, NoTransition
@@ -29,6 +26,8 @@ from kerjostunt.server.register import RequestError, user_of
 from kerjostunt.server.registrar import Registrar, SignalingConnection
 from kerjostunt.server.signaling import TokenBucket
 from kerjostunt.store.database import UnknownUser
+from kerjostunt.wire import kerjo
+from kerjostunt.wire.kerjo import Outcome, OutcomeError, new_branch, new_tag, parse_outcome
 from kerjostunt.wire.prediction import UNKNOWN, NATDescription, Prediction, classify, predict
 from kerjostunt.wire.sdp import (
     Candidate,
@@ -52,92 +51,7 @@ MAX_SRFLX = 12
 #: used when a connection's RTT has not been measured yet (seconds)
 DEFAULT_RTT = 0.100
 DIAL_MARGIN_MS = 30.0
-MAX_OUTCOME_BYTES = 1024
-OUTCOME_TYPE = "application/x-kerjo-outcome"
-OUTCOMES = ("direct", "stunt", "failed")
-TECHNIQUES = ("lan", "public", "simultaneous-open", "low-ttl", "accepted", "birthday", "none")
-_OUTCOME_KEYS = ("outcome", "technique", "remote", "elapsed_ms")
-_KEY_VALUE = re.compile(r"([a-z_]{1,16})=([\x21-\x7e]{1,64})\Z")
-
 CALLER, CALLEE = "caller", "callee"
-
-
-class OutcomeError(ValueError):
-    """An outcome INFO body we cannot use (answer 400)."""
-
-
-@dataclass(frozen=True)
-class Outcome:
-    outcome: str
-    technique: str
-    remote: tuple[str, int] | None
-    elapsed_ms: int | None
-
-    @property
-    def success(self) -> bool:
-        return self.outcome != "failed"
-
-
-def parse_outcome(body: bytes) -> Outcome:
-    """Strict: known keys once each, ``key=value`` lines, bounded."""
-    if len(body) > MAX_OUTCOME_BYTES:
-        raise OutcomeError("outcome body too large")
-    try:
-        text = body.decode("ascii")
-    except UnicodeDecodeError:
-        raise OutcomeError("outcome body is not ASCII") from None
-    values: dict[str, str] = {}
-    for line in text.replace("\r\n", "\n").split("\n"):
-        if line == "":
-            continue
-        match = _KEY_VALUE.match(line)
-        if match is None:
-            raise OutcomeError(f"bad outcome line {line[:40]!r}")
-        key, value = match.groups()
-        if key not in _OUTCOME_KEYS:
-            raise OutcomeError(f"unknown outcome key {key!r}")
-        if key in values:
-            raise OutcomeError(f"repeated outcome key {key!r}")
-        values[key] = value
-    outcome = values.get("outcome")
-    if outcome not in OUTCOMES:
-        raise OutcomeError("outcome must be direct, stunt or failed")
-    technique = values.get("technique")
-    if technique not in TECHNIQUES:
-        raise OutcomeError("bad or missing technique")
-    remote = None
-    if "remote" in values:
-        if outcome == "failed":
-            raise OutcomeError("a failed outcome has no remote")
-        remote = _endpoint(values["remote"])
-    elif outcome != "failed":
-        raise OutcomeError("remote is required when connected")
-    elapsed = None
-    if "elapsed_ms" in values:
-        if not values["elapsed_ms"].isdigit() or int(values["elapsed_ms"]) > 3_600_000:
-            raise OutcomeError("bad elapsed_ms")
-        elapsed = int(values["elapsed_ms"])
-    return Outcome(outcome, technique, remote, elapsed)
-
-
-def _endpoint(text: str) -> tuple[str, int]:
-    if text.startswith("["):
-        host, sep, port = text[1:].partition("]:")
-    else:
-        host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise OutcomeError("bad remote endpoint")
-    try:
-        return str(ipaddress.ip_address(host)), int(port)
-    except ValueError:
-        raise OutcomeError("bad remote address") from None
-
-
-def format_endpoint(endpoint: tuple[str, int] | None) -> str | None:
-    if endpoint is None:
-        return None
-    host, port = endpoint
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def dial_in_ms(rtt_a: float | None, rtt_b: float | None) -> tuple[int, int]:
@@ -148,11 +62,13 @@ def dial_in_ms(rtt_a: float | None, rtt_b: float | None) -> tuple[int, int]:
     return round((top - ra) / 2 + DIAL_MARGIN_MS), round((top - rb) / 2 + DIAL_MARGIN_MS)
 
 
+def format_endpoint(endpoint: tuple[str, int] | None) -> str | None:
+    """An attempt row's endpoint text (None stays None)."""
+    return None if endpoint is None else kerjo.format_endpoint(endpoint)
+
+
 def nat_header(prediction: Prediction) -> str:
-    nat = prediction.nat
-    delta = "none" if nat.delta is None else str(nat.delta)
-    return (f"mapping={nat.mapping}; allocation={nat.allocation}; delta={delta}; "
-            f"confidence={prediction.confidence:.2f}")
+    return kerjo.format_nat(prediction.nat, prediction.confidence)
 
 
 def augmented(sd: SessionDescription, prediction: Prediction, public_ip: str) -> SessionDescription:
@@ -170,14 +86,6 @@ def augmented(sd: SessionDescription, prediction: Prediction, public_ip: str) ->
         for j, c in enumerate(sd.of_type("host", "passive")[:MAX_SRFLX])
     ]
     return sd.with_candidates(extra)
-
-
-def new_tag() -> str:
-    return secrets.token_hex(6)
-
-
-def new_branch() -> str:
-    return "z9hG4bK" + secrets.token_hex(10)
 
 
 def _top_branch(message: Request | Response) -> str | None:
@@ -370,10 +278,10 @@ class Call:
         ok.headers.add("Contact", f"<sips:{self.manager.domain};transport=tls>")
         ok.headers.add("Content-Type", "application/sdp")
         self._peer_headers(ok.headers, "initiator", self.callee_prediction, self.callee_conn)
-        ok.headers.add("X-Kerjo-Dial-In", str(dial_caller))
+        ok.headers.add(kerjo.DIAL_IN, kerjo.format_dial_in(dial_caller))
         ok.body = augmented(sdp, self.callee_prediction, self.callee_conn.peer[0]).to_bytes()
         ack = self._callee_request("ACK", cseq=1)
-        ack.headers.add("X-Kerjo-Dial-In", str(dial_callee))
+        ack.headers.add(kerjo.DIAL_IN, kerjo.format_dial_in(dial_callee))
         self.caller_conn.send(ok)
         self.callee_conn.send(ack)
         now = self.manager.clock.seconds()
@@ -545,10 +453,10 @@ class Call:
         return [c for c in (self.caller_conn, self.callee_conn) if c is not None]
 
     def _peer_headers(self, headers: Headers, role: str, prediction: Prediction, other: SignalingConnection) -> None:
-        headers.add("X-Kerjo-Call-Secret", self.secret)
-        headers.add("X-Kerjo-Role", role)
-        headers.add("X-Kerjo-NAT", nat_header(prediction))
-        headers.add("X-Kerjo-Peer-Public", other.peer[0])
+        headers.add(kerjo.CALL_SECRET, self.secret)
+        headers.add(kerjo.ROLE, role)
+        headers.add(kerjo.NAT, nat_header(prediction))
+        headers.add(kerjo.PEER_PUBLIC, other.peer[0])
 
     def _callee_request(self, method: str, cseq: int | None = None) -> Request:
         if cseq is None:
@@ -833,9 +741,9 @@ class CallManager:
 
     def _info(self, conn: SignalingConnection, request: Request, call: Call, side: str) -> None:
         content_type = (request.headers.get("Content-Type") or "").split(";")[0].strip().lower()
-        if content_type != OUTCOME_TYPE:
+        if content_type != kerjo.OUTCOME_CONTENT_TYPE:
             response = make_response(request, 415)
-            response.headers.add("Accept", OUTCOME_TYPE)
+            response.headers.add("Accept", kerjo.OUTCOME_CONTENT_TYPE)
             conn.send(response)
             return
         try:

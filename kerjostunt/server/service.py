@@ -32,6 +32,7 @@ from kerjostunt.server.router import SignalingRouter
 from kerjostunt.server.signaling import AdmittingTLSFactory, ConnectionLimits, SignalingFactory
 from kerjostunt.store import Database
 from kerjostunt.store.api import AsyncStore, StoreService
+from kerjostunt.wire.kerjo import ProbeOffer
 from kerjostunt.wire.prediction import classify
 
 log = Logger()
@@ -220,12 +221,9 @@ class StuntServer(MultiService):
 
     def _probe_headers(self, user_id: str) -> list[tuple[str, str]]:
         token, password = self.tokens.issue(user_id)
-        ports = ",".join(str(p) for p in self.settings.probe_ports)
-        value = f"token={token}; password={password}; ports={ports}; expires={int(self.settings.probe_token_lifetime)}"
-        headers = [("X-Kerjo-Probe", value)]
-        if self.settings.probe_alt_ip:
-            headers.append(("X-Kerjo-Probe-Alt-IP", self.settings.probe_alt_ip))
-        return headers
+        offer = ProbeOffer(token, password, tuple(self.settings.probe_ports),
+                           int(self.settings.probe_token_lifetime), self.settings.probe_alt_ip)
+        return offer.items()
 
     def _observed(self, observation: Observation) -> None:
         self.count("probes")

@@ -65,7 +65,8 @@ from kerjostunt.client.nat.sockets import (
 from kerjostunt.client.nat.sockets import (
     abort_protocol as _drop,
 )
-from kerjostunt.wire.prediction import EI, RANDOM, UNKNOWN, NATDescription, Sample, classify
+from kerjostunt.wire import kerjo
+from kerjostunt.wire.prediction import EI, RANDOM, NATDescription, Sample, classify
 
 log = Logger()
 
@@ -110,28 +111,8 @@ class BirthdayFailed(PunchFailed):
 
 
 def parse_nat_header(value: str | None) -> NATDescription | None:
-    """``X-Kerjo-NAT: mapping=...; allocation=...; delta=...; confidence=...``."""
-    if not value:
-        return None
-    fields: dict[str, str] = {}
-    for part in value.split(";"):
-        key, sep, val = part.partition("=")
-        if sep:
-            fields[key.strip().lower()] = val.strip()
-    if "mapping" not in fields and "allocation" not in fields:
-        return None
-    delta: int | None
-    try:
-        delta = int(fields.get("delta", "none"))
-    except ValueError:
-        delta = None
-    return NATDescription(
-        behind_nat=True,
-        mapping=fields.get("mapping", UNKNOWN),
-        allocation=fields.get("allocation", UNKNOWN),
-        delta=delta,
-        public_ip=None,
-    )
+    """``X-Kerjo-NAT`` as the server sent it (:func:`kerjostunt.wire.kerjo.parse_nat`)."""
+    return kerjo.parse_nat(value)
 
 
 def describe_own(results: Sequence[Any], local_ip: str | None) -> NATDescription | None:

@@ -1,0 +1,310 @@
+"""kerjostunt's own parts of the wire, each written and read in one place.
+
+SIP, STUN and SDP are standards with their own modules; what is ours rides on
+them as ``X-Kerjo-*`` headers and one INFO body (docs/protocol.rst). The
+server writes most of them and the client reads them (the outcome body goes
+the other way), so each element has its format and its parse side by side
+here and neither side can drift from the other.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+from kerjostunt.wire.prediction import UNKNOWN, NATDescription
+
+#: the per-call secret (hex) both peers key the handshake with
+CALL_SECRET = "X-Kerjo-Call-Secret"
+#: which side opens the per-call handshake (simultaneous open leaves both
+#: sides believing they dialed)
+ROLE = "X-Kerjo-Role"
+#: the other side's NAT as the server classified it
+NAT = "X-Kerjo-NAT"
+#: the other side's public address as the server saw it
+PEER_PUBLIC = "X-Kerjo-Peer-Public"
+#: milliseconds after receipt at which to start dialing
+DIAL_IN = "X-Kerjo-Dial-In"
+#: REGISTER's 200 OK: the probe token, its password and the probe ports
+PROBE = "X-Kerjo-Probe"
+#: REGISTER's 200 OK: the probe service's second address, if it has one
+PROBE_ALT_IP = "X-Kerjo-Probe-Alt-IP"
+
+#: Content-Type of the outcome INFO body
+OUTCOME_CONTENT_TYPE = "application/x-kerjo-outcome"
+MAX_OUTCOME_BYTES = 1024
+#: a larger dial-in is a server bug, not a plan (seconds)
+MAX_DIAL_IN = 10.0
+
+Endpoint = tuple[str, int]
+#: how a parser reads one header: ``message.headers.get``
+HeaderGetter = Callable[[str], "str | None"]
+
+
+class Role(str, Enum):
+    """``X-Kerjo-Role``: the handshake initiator speaks first."""
+
+    INITIATOR = "initiator"
+    RESPONDER = "responder"
+
+
+# -- tags and branches -------------------------------------------------------------
+
+
+def new_tag() -> str:
+    """A From/To tag: 48 random bits, as RFC 3261 19.3 asks (at least 32)."""
+    return secrets.token_hex(6)
+
+
+def new_branch() -> str:
+    """A Via branch with RFC 3261's magic cookie and 80 random bits."""
+    return "z9hG4bK" + secrets.token_hex(10)
+
+
+# -- endpoints ---------------------------------------------------------------------
+
+
+def format_endpoint(endpoint: Endpoint) -> str:
+    """``ip:port``, with brackets around an IPv6 address."""
+    host, port = endpoint
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_endpoint(text: str) -> Endpoint:
+    """The inverse of :func:`format_endpoint`; ValueError unless an IP literal and a port."""
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+    else:
+        host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("bad endpoint")
+    return str(ipaddress.ip_address(host)), int(port)
+
+
+# -- the outcome INFO body ---------------------------------------------------------
+
+OUTCOMES = ("direct", "stunt", "failed")
+TECHNIQUES = ("lan", "public", "simultaneous-open", "low-ttl", "accepted", "birthday", "none")
+_OUTCOME_KEYS = ("outcome", "technique", "remote", "elapsed_ms")
+_KEY_VALUE = re.compile(r"([a-z_]{1,16})=([\x21-\x7e]{1,64})\Z")
+_MAX_ELAPSED_MS = 3_600_000
+
+
+class OutcomeError(ValueError):
+    """An outcome body we cannot use (the server answers 400)."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one side reports about a call: how it connected, or that it did not."""
+
+    outcome: str
+    technique: str
+    remote: Endpoint | None
+    elapsed_ms: int | None
+
+    @property
+    def success(self) -> bool:
+        return self.outcome != "failed"
+
+    def to_bytes(self) -> bytes:
+        """The body of docs/protocol.rst ("Outcome"); a failed outcome names no remote."""
+        lines = [f"outcome={self.outcome}", f"technique={self.technique}"]
+        if self.remote is not None and self.outcome != "failed":
+            lines.append(f"remote={format_endpoint(self.remote)}")
+        if self.elapsed_ms is not None:
+            lines.append(f"elapsed_ms={self.elapsed_ms}")
+        return ("\n".join(lines) + "\n").encode("ascii")
+
+
+def parse_outcome(body: bytes) -> Outcome:
+    """Strict: known keys once each, ``key=value`` lines, bounded."""
+    values = _outcome_fields(body)
+    outcome = values.get("outcome")
+    if outcome not in OUTCOMES:
+        raise OutcomeError("outcome must be direct, stunt or failed")
+    technique = values.get("technique")
+    if technique not in TECHNIQUES:
+        raise OutcomeError("bad or missing technique")
+    remote = None
+    if "remote" in values:
+        if outcome == "failed":
+            raise OutcomeError("a failed outcome has no remote")
+        try:
+            remote = parse_endpoint(values["remote"])
+        except ValueError:
+            raise OutcomeError("bad remote endpoint") from None
+    elif outcome != "failed":
+        raise OutcomeError("remote is required when connected")
+    elapsed = None
+    if "elapsed_ms" in values:
+        if not values["elapsed_ms"].isdigit() or int(values["elapsed_ms"]) > _MAX_ELAPSED_MS:
+            raise OutcomeError("bad elapsed_ms")
+        elapsed = int(values["elapsed_ms"])
+    return Outcome(outcome, technique, remote, elapsed)
+
+
+def _outcome_fields(body: bytes) -> dict[str, str]:
+    if len(body) > MAX_OUTCOME_BYTES:
+        raise OutcomeError("outcome body too large")
+    try:
+        text = body.decode("ascii")
+    except UnicodeDecodeError:
+        raise OutcomeError("outcome body is not ASCII") from None
+    values: dict[str, str] = {}
+    for line in text.replace("\r\n", "\n").split("\n"):
+        if line == "":
+            continue
+        match = _KEY_VALUE.match(line)
+        if match is None:
+            raise OutcomeError(f"bad outcome line {line[:40]!r}")
+        key, value = match.groups()
+        if key not in _OUTCOME_KEYS:
+            raise OutcomeError(f"unknown outcome key {key!r}")
+        if key in values:
+            raise OutcomeError(f"repeated outcome key {key!r}")
+        values[key] = value
+    return values
+
+
+# -- X-Kerjo-NAT -------------------------------------------------------------------
+
+
+def format_nat(nat: NATDescription, confidence: float) -> str:
+    """``mapping=...; allocation=...; delta=...; confidence=...``."""
+    delta = "none" if nat.delta is None else str(nat.delta)
+    return f"mapping={nat.mapping}; allocation={nat.allocation}; delta={delta}; confidence={confidence:.2f}"
+
+
+def parse_nat(value: str | None) -> NATDescription | None:
+    """The peer's NAT from :func:`format_nat`'s text; None when absent or unreadable.
+
+    Lenient on purpose: the client only uses it to choose a technique, and an
+    unknown field must not fail a call.
+    """
+    if not value:
+        return None
+    fields = _semicolon_params(value)
+    if "mapping" not in fields and "allocation" not in fields:
+        return None
+    delta: int | None
+    try:
+        delta = int(fields.get("delta", "none"))
+    except ValueError:
+        delta = None
+    return NATDescription(
+        behind_nat=True,
+        mapping=fields.get("mapping", UNKNOWN),
+        allocation=fields.get("allocation", UNKNOWN),
+        delta=delta,
+        public_ip=None,
+    )
+
+
+def _semicolon_params(value: str) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    for part in value.split(";"):
+        key, sep, val = part.partition("=")
+        if sep:
+            fields[key.strip().lower()] = val.strip()
+    return fields
+
+
+# -- X-Kerjo-Dial-In ---------------------------------------------------------------
+
+
+def format_dial_in(ms: int) -> str:
+    return str(ms)
+
+
+def parse_dial_in(value: str | None) -> float:
+    """Seconds after receipt; 0 when absent or odd, at most :data:`MAX_DIAL_IN`."""
+    try:
+        ms = float((value or "").strip())
+    except ValueError:
+        return 0.0
+    if ms != ms or ms < 0:  # NaN or negative
+        return 0.0
+    return min(ms / 1000.0, MAX_DIAL_IN)
+
+
+# -- the call headers of the forwarded INVITE and of the 200 OK ---------------------
+
+
+@dataclass(frozen=True)
+class CallHeaders:
+    """What the server adds to each side's INVITE or 200 OK besides the SDP."""
+
+    secret: bytes
+    role: Role
+    nat: str | None
+    peer_public: str | None
+
+    def items(self) -> list[tuple[str, str]]:
+        headers = [(CALL_SECRET, self.secret.hex()), (ROLE, self.role.value)]
+        if self.nat is not None:
+            headers.append((NAT, self.nat))
+        if self.peer_public is not None:
+            headers.append((PEER_PUBLIC, self.peer_public))
+        return headers
+
+
+def parse_call_headers(get: HeaderGetter) -> CallHeaders:
+    """ValueError when the secret or the role is unusable; NAT and public address are optional."""
+    secret_hex = (get(CALL_SECRET) or "").strip()
+    try:
+        secret = bytes.fromhex(secret_hex)
+    except ValueError:
+        raise ValueError(f"{CALL_SECRET} is not hex") from None
+    if len(secret) < 16:
+        raise ValueError(f"no usable {CALL_SECRET}")
+    role = (get(ROLE) or "").strip().lower()
+    try:
+        parsed_role = Role(role)
+    except ValueError:
+        raise ValueError(f"bad {ROLE} {role[:20]!r}") from None
+    peer_public = (get(PEER_PUBLIC) or "").strip() or None
+    nat = (get(NAT) or "").strip() or None
+    return CallHeaders(secret, parsed_role, nat, peer_public)
+
+
+# -- X-Kerjo-Probe -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProbeOffer:
+    """What REGISTER's 200 OK says about probing: token, password, ports, lifetime."""
+
+    token: str
+    password: str
+    ports: tuple[int, ...]
+    expires: int
+    alt_ip: str | None = None
+
+    def items(self) -> list[tuple[str, str]]:
+        ports = ",".join(str(p) for p in self.ports)
+        value = f"token={self.token}; password={self.password}; ports={ports}; expires={self.expires}"
+        headers = [(PROBE, value)]
+        if self.alt_ip:
+            headers.append((PROBE_ALT_IP, self.alt_ip))
+        return headers
+
+
+def parse_probe_offer(value: str, alt_ip: str | None) -> ProbeOffer:
+    """ValueError when a field is missing or not a number."""
+    params = _semicolon_params(value)
+    try:
+        return ProbeOffer(
+            token=params["token"],
+            password=params["password"],
+            ports=tuple(int(p) for p in params["ports"].split(",") if p),
+            expires=int(params.get("expires", "0") or 0),
+            alt_ip=alt_ip,
+        )
+    except KeyError as missing:
+        raise ValueError(f"{PROBE} has no {missing}") from None
+
