@@ -18,6 +18,7 @@ from twisted.trial import unittest
 from kerjostunt.server.calls import (
     CallManager,
     OutcomeError,
+    Phase,
     dial_in_ms,
     parse_outcome,
 )
@@ -603,7 +604,7 @@ class CallManagerUnitTests(unittest.SynchronousTestCase):
         """What lingers is walked by every full garbage collection: identifiers only."""
         self.succeed("c1")
         [call] = self.manager.calls()
-        self.assertEqual(call.phase, "recorded")
+        self.assertIs(call.machine.phase(), Phase.RECORDED)
         self.assertEqual((call.invite, call.forwarded, call.caller_sdp, call.callee_sdp), (None, None, None, None))
         self.assertEqual((call.caller_prediction, call.callee_prediction, call.reports), (None, None, {}))
 
