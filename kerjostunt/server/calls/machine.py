@@ -148,11 +148,9 @@ class Call:
         self.secret = secrets.token_hex(32)
         self.caller_prediction: Prediction | None = None
         self.callee_prediction: Prediction | None = None
-        self.dial_at: float | None = None
         self.reports: dict[str, Outcome] = {}
         # sides that have had their BYE (a tuple: the collector stops walking it)
         self.byes_sent: tuple[str, ...] = ()
-        self.started = host.clock.seconds()
         self._cseq = {CALLER: 0, CALLEE: 1}
         self._answer_timer: Timer | None = None
         self._outcome_timer: Timer | None = None
@@ -193,11 +191,9 @@ class Call:
         ack = messages.to_callee(self, "ACK", 1, self.callee_tag, dial_in=dial_callee)
         self.caller_conn.send(ok)
         self.callee_conn.send(ack)
-        clock = self.host.clock
-        now = clock.seconds()
-        self.dial_at = now + max(dial_caller, dial_callee) / 1000.0
-        self._outcome_timer = clock.callLater(
-            self.dial_at - now + self.host.settings.outcome_timeout, self.machine.outcome_timed_out)
+        # The outcome is due outcome_timeout after the later of the two dial moments.
+        due = max(dial_caller, dial_callee) / 1000.0 + self.host.settings.outcome_timeout
+        self._outcome_timer = self.host.clock.callLater(due, self.machine.outcome_timed_out)
         self.host.count("calls_answered")
         log.debug("Call {caller} -> {callee} answered; dial in {a}/{b} ms", caller=self.caller_id,
                   callee=self.callee_id, a=dial_caller, b=dial_callee)
