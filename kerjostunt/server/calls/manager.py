@@ -165,10 +165,13 @@ class CallManager:
 
     def feed(self, call: Call, event: Callable[Concatenate[CallInputs, P], None],
              *args: P.args, **kwargs: P.kwargs) -> None:
-        """Feed ``call`` the input ``event`` (a ``CallInputs`` method) with its arguments.
+        """Feed ``call`` the input ``event`` with its arguments: ``feed(call, CallInputs.cancel)``.
 
-        One that the state ignores is not an error; an exception is logged,
-        so one call's bug never reaches another call or the connection.
+        The input is named by its ``CallInputs`` method, so its arguments are
+        type-checked here and the log can name it (the machine's own bound
+        methods carry automat's generated names). One that the state ignores
+        is not an error; an exception is logged, so one call's bug never
+        reaches another call or the connection.
         """
         name = event.__name__
         try:
