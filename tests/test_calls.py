@@ -18,6 +18,7 @@ from twisted.trial import unittest
 from kerjostunt.server.calls import (
     CallManager,
     OutcomeError,
+    Phase,
     dial_in_ms,
     parse_outcome,
 )
@@ -603,9 +604,29 @@ class CallManagerUnitTests(unittest.SynchronousTestCase):
         """What lingers is walked by every full garbage collection: identifiers only."""
         self.succeed("c1")
         [call] = self.manager.calls()
-        self.assertEqual(call.phase, "recorded")
+        self.assertIs(call.machine.phase(), Phase.RECORDED)
         self.assertEqual((call.invite, call.forwarded, call.caller_sdp, call.callee_sdp), (None, None, None, None))
         self.assertEqual((call.caller_prediction, call.callee_prediction, call.reports), (None, None, {}))
+
+    def test_phase_is_the_machines(self) -> None:
+        """The call table routes by the machine's state; there is no other record of it."""
+        self.store.call_check = lambda a, b: defer.Deferred()  # type: ignore[method-assign]
+        self.manager.handle_request(self.alice, invite_request("alice", "bob", "c1"))
+        [call] = self.manager.calls()
+        self.assertIs(call.machine.phase(), Phase.CHECKING)
+        self.store.call_check = FakeStore().call_check  # type: ignore[method-assign]
+        forwarded = self.ring("c2")
+        [ringing] = [c for c in self.manager.calls() if c.caller_call_id == "c2"]
+        self.assertIs(ringing.machine.phase(), Phase.RINGING)
+        self.manager.handle_response(self.bob, answer(forwarded))
+        self.assertIs(ringing.machine.phase(), Phase.REPORTING)
+        self.manager.handle_request(self.alice, request_in("c1", "CANCEL", "alice", "bob"))
+        self.assertIs(call.machine.phase(), Phase.ENDED)
+        self.clock.advance(31)  # no outcome reported: recorded as failed
+        self.assertEqual((call.machine.phase(), ringing.machine.phase()), (Phase.ENDED, Phase.RECORDED))
+        self.clock.advance(33)
+        self.assertEqual((call.machine.phase(), ringing.machine.phase()), (Phase.CLOSED, Phase.CLOSED))
+        self.assertEqual(self.manager.calls(), [])
 
     def test_late_answer_after_cancel_still_gets_ack_and_bye(self) -> None:
         """The ended call sheds its INVITE; a 200 that crossed the CANCEL is still ACKed and BYEd in its dialog."""

@@ -24,7 +24,7 @@ from zope.interface import implementer
 from kerjostunt import tls
 from kerjostunt.server import web
 from kerjostunt.server.auth import NonceManager, make_portal
-from kerjostunt.server.calls import CallManager
+from kerjostunt.server.calls import CallManager, CallSettings
 from kerjostunt.server.probe import Observation, ObservationLog, ProbeFactory, ProbeTokens
 from kerjostunt.server.register import CHALLENGE_ALGORITHMS, RegisterHandler
 from kerjostunt.server.registrar import Registrar
@@ -173,8 +173,8 @@ class StuntServer(MultiService):
         )
         self.calls = CallManager(
             reactor, settings.domain, self.registrar, self.store, self.observations, self.count,
-            answer_timeout=settings.call_answer_timeout, outcome_timeout=settings.call_outcome_timeout,
-            invite_rate=settings.invite_rate, invite_burst=settings.invite_burst,
+            CallSettings(answer_timeout=settings.call_answer_timeout, outcome_timeout=settings.call_outcome_timeout,
+                         invite_rate=settings.invite_rate, invite_burst=settings.invite_burst),
         )
         _CallsService(self.calls).setServiceParent(self)  # stops before the store: outcomes get written
         self.router = SignalingRouter(self.registrar, self.register, self.calls)

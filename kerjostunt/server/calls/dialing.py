@@ -1,0 +1,85 @@
+"""When and where each side dials: the dial moments, the predictions, the candidates the server adds.
+
+Pure functions of what the server knows about both sides (round-trip times,
+probe samples, the offered SDP); the call machine puts their results into
+the forwarded INVITE, the 200 and the ACK (docs/protocol.rst, "Calls").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from twisted.logger import Logger
+
+from kerjostunt.wire import kerjo
+from kerjostunt.wire.prediction import UNKNOWN, NATDescription, Prediction, Sample, classify, predict
+from kerjostunt.wire.sdp import Candidate, SDPError, SessionDescription, candidate_priority, parse_sdp, validate_offer
+
+log = Logger(namespace="kerjostunt.server.calls")
+
+#: how many predicted ports each side gets (a window for sequential NATs)
+PREDICTION_WINDOW = 4
+#: a client's SDP may carry this many candidate lines; the server adds at most
+#: PREDICTION_WINDOW prflx and MAX_SRFLX srflx lines so every SDP stays <= 32
+MAX_OFFER_CANDIDATES = 16
+MAX_SRFLX = 12
+#: used when a connection's RTT has not been measured yet (seconds)
+DEFAULT_RTT = 0.100
+DIAL_MARGIN_MS = 30.0
+
+
+def dial_in_ms(rtt_a: float | None, rtt_b: float | None) -> tuple[int, int]:
+    """protocol.rst: both start max(ra, rb)/2 + 30 ms from now, each told relative to receipt."""
+    ra = (rtt_a if rtt_a is not None else DEFAULT_RTT) * 1000.0
+    rb = (rtt_b if rtt_b is not None else DEFAULT_RTT) * 1000.0
+    top = max(ra, rb)
+    return round((top - ra) / 2 + DIAL_MARGIN_MS), round((top - rb) / 2 + DIAL_MARGIN_MS)
+
+
+def format_endpoint(endpoint: tuple[str, int] | None) -> str | None:
+    """An attempt row's endpoint text (None stays None)."""
+    return None if endpoint is None else kerjo.format_endpoint(endpoint)
+
+
+def nat_header(prediction: Prediction) -> str:
+    """The ``X-Kerjo-NAT`` value that tells the other side about this one."""
+    return kerjo.format_nat(prediction.nat, prediction.confidence)
+
+
+def augmented(sd: SessionDescription, prediction: Prediction, public_ip: str) -> SessionDescription:
+    """The side's own SDP plus predicted (prflx) and public passive (srflx) candidates."""
+    punch = sd.punch_candidate
+    assert punch is not None and sd.punch_port is not None
+    extra = [
+        Candidate(f"p{i + 1}", 1, "TCP", candidate_priority("prflx", "so") - i, prediction.ip, port,
+                  "prflx", "so", raddr=punch.ip, rport=sd.punch_port)
+        for i, port in enumerate(prediction.ports[:PREDICTION_WINDOW])
+    ]
+    extra += [
+        Candidate(f"s{j + 1}", 1, "TCP", candidate_priority("srflx", "passive") - j, public_ip, c.port,
+                  "srflx", "passive", raddr=c.ip, rport=c.port)
+        for j, c in enumerate(sd.of_type("host", "passive")[:MAX_SRFLX])
+    ]
+    return sd.with_candidates(extra)
+
+
+def predict_for(user_id: str, sdp: SessionDescription, samples: Sequence[Sample], signaling_ip: str) -> Prediction:
+    """From the probes of exactly the SDP's punch port; else the signaling address, low confidence."""
+    punch = sdp.punch_port
+    assert punch is not None
+    if any(s.local_port == punch for s in samples):
+        try:
+            return predict(samples, local_port=punch, window=PREDICTION_WINDOW)
+        except Exception:
+            log.failure("Prediction failed for {user}", user=user_id)
+    nat = classify(samples) if samples else NATDescription(True, UNKNOWN, UNKNOWN, None, signaling_ip)
+    return Prediction(signaling_ip, (punch,), 0.1, nat)
+
+
+def parse_offer(body: bytes) -> SessionDescription:
+    """An offer or answer SDP the server will augment and pass on; SDPError if it cannot."""
+    sdp = parse_sdp(body)
+    validate_offer(sdp)
+    if len(sdp.candidates) > MAX_OFFER_CANDIDATES:
+        raise SDPError(f"at most {MAX_OFFER_CANDIDATES} candidates")
+    return sdp

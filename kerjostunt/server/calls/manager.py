@@ -1,0 +1,398 @@
+"""The call table: routing each call request and response to its call, and what calls need.
+
+``CallManager`` finds the call a message belongs to (the caller's leg by
+connection and Call-ID, the callee's leg by our Call-ID), answers what no
+call needs to see, limits how often one user may INVITE, keeps ended calls
+lingering for strays, and wires calls to the registrar, the store and the
+probe observations.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Concatenate, ParamSpec, cast
+
+from automat import NoTransition
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from kerjostunt.server.calls import messages
+from kerjostunt.server.calls.dialing import parse_offer, predict_for
+from kerjostunt.server.calls.machine import CALLEE, CALLER, Call, CallInputs, Phase
+from kerjostunt.server.calls.messages import tag_of, top_branch
+from kerjostunt.server.calls.seams import CallSettings, CallStore, Clock, Observations, Timer
+from kerjostunt.server.register import RequestError, user_of
+from kerjostunt.server.registrar import Registrar, SignalingConnection
+from kerjostunt.server.signaling import TokenBucket
+from kerjostunt.store.database import UnknownUser
+from kerjostunt.wire import kerjo
+from kerjostunt.wire.kerjo import OutcomeError, parse_outcome
+from kerjostunt.wire.prediction import Prediction
+from kerjostunt.wire.sdp import SDPError, SessionDescription
+from kerjostunt.wire.sip.headers import parse_uri
+from kerjostunt.wire.sip.message import Request, Response, make_response
+
+log = Logger(namespace="kerjostunt.server.calls")
+
+P = ParamSpec("P")
+
+
+def _content_type(message: Request | Response) -> str:
+    return (message.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+
+
+class CallManager:
+    """The call table and everything a call needs from the rest of the server."""
+
+    def __init__(
+        self,
+        clock: Clock,
+        domain: str,
+        registrar: Registrar,
+        store: CallStore,
+        observations: Observations,
+        counter: Callable[[str], None] = lambda what: None,
+        settings: CallSettings = CallSettings(),
+    ) -> None:
+        self._clock = clock
+        self.domain = domain
+        self.registrar = registrar
+        self.store = store
+        self.observations = observations
+        self._counter = counter
+        self._settings = settings
+        self._by_caller_leg: dict[tuple[SignalingConnection, str], Call] = {}
+        self._by_server_id: dict[str, Call] = {}
+        self._by_conn: dict[SignalingConnection, set[Call]] = {}
+        self._buckets: dict[str, TokenBucket] = {}
+        self._pending: set[Deferred[object]] = set()
+        # Ended calls in the order they ended: they all linger equally long, so
+        # one timer for the oldest does instead of one DelayedCall per call
+        # (6,400 of them in the reactor's heap at 200 calls/s).
+        self._lingering: deque[tuple[float, Call]] = deque()
+        self._linger_timer: Timer | None = None
+
+    # -- the router's interface ------------------------------------------------------
+
+    def handle_request(self, conn: SignalingConnection, request: Request) -> None:
+        try:
+            self._request(conn, request)
+        except RequestError as exc:
+            if request.method != "ACK":
+                conn.send(make_response(request, exc.code, exc.reason))
+        except Exception:
+            log.failure("Call handling failed for {method} from {peer}", method=request.method, peer=conn.peer)
+            self.count("internal_errors")
+            if request.method != "ACK":
+                conn.send(make_response(request, 500))
+
+    def handle_response(self, conn: SignalingConnection, response: Response) -> None:
+        try:
+            self._response(conn, response)
+        except Exception:
+            log.failure("Call handling failed for {code} from {peer}", code=response.code, peer=conn.peer)
+            self.count("internal_errors")
+
+    def connection_lost(self, conn: SignalingConnection) -> None:
+        for call in list(self._by_conn.pop(conn, ())):
+            if conn is call.caller_conn:
+                self.feed(call, CallInputs.caller_lost)
+            if conn is call.callee_conn:
+                self.feed(call, CallInputs.callee_lost)
+
+    def stop(self) -> Deferred[object]:
+        """Record what the calls in progress know, stop every timer (clean shutdown)."""
+        for call in list(self.calls()):
+            self.feed(call, CallInputs.forget)
+        self._lingering.clear()
+        if self._linger_timer is not None and self._linger_timer.active():
+            self._linger_timer.cancel()
+        self._linger_timer = None
+        return cast("Deferred[object]", DeferredList(list(self._pending), consumeErrors=True))
+
+    # -- what calls use (CallHost) -------------------------------------------------------
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
+
+    @property
+    def settings(self) -> CallSettings:
+        return self._settings
+
+    def count(self, what: str) -> None:
+        self._counter(what)
+
+    def calls(self) -> list[Call]:
+        return list(self._by_server_id.values())
+
+    def leg_added(self, call: Call, conn: SignalingConnection) -> None:
+        self._by_conn.setdefault(conn, set()).add(call)
+
+    def linger_from_now(self, call: Call) -> None:
+        """Forget ``call`` ``linger`` seconds from now."""
+        linger = self._settings.linger
+        self._lingering.append((self._clock.seconds() + linger, call))
+        if self._linger_timer is None:
+            self._linger_timer = self._clock.callLater(linger, self._linger_over)
+
+    def _linger_over(self) -> None:
+        self._linger_timer = None
+        now = self._clock.seconds()
+        lingering = self._lingering
+        while lingering and lingering[0][0] <= now:
+            _, call = lingering.popleft()
+            if call.machine.phase() is not Phase.CLOSED:
+                self.feed(call, CallInputs.forget)
+        if lingering:
+            self._linger_timer = self._clock.callLater(lingering[0][0] - now, self._linger_over)
+
+    def remove(self, call: Call) -> None:
+        self._by_caller_leg.pop((call.caller_conn, call.caller_call_id), None)
+        self._by_server_id.pop(call.server_call_id, None)
+        for conn in call.legs():
+            calls = self._by_conn.get(conn)
+            if calls is not None:
+                calls.discard(call)
+                if not calls:
+                    del self._by_conn[conn]
+
+    def answer_timed_out(self, call: Call) -> None:
+        self.feed(call, CallInputs.answer_timed_out)
+
+    def feed(self, call: Call, event: Callable[Concatenate[CallInputs, P], None],
+             *args: P.args, **kwargs: P.kwargs) -> None:
+        """Feed ``call`` the input ``event`` with its arguments: ``feed(call, CallInputs.cancel)``.
+
+        The input is named by its ``CallInputs`` method, so its arguments are
+        type-checked here and the log can name it (the machine's own bound
+        methods carry automat's generated names). One that the state ignores
+        is not an error; an exception is logged, so one call's bug never
+        reaches another call or the connection.
+        """
+        name = event.__name__
+        try:
+            getattr(call.machine, name)(*args, **kwargs)
+        except NoTransition:
+            log.debug("Call {id}: {event} ignored in {phase}", id=call.server_call_id, event=name,
+                      phase=call.machine.phase())
+        except Exception:
+            log.failure("Call {id}: {event} failed", id=call.server_call_id, event=name)
+            self.count("internal_errors")
+
+    def prediction_for(self, user_id: str, sdp: SessionDescription, conn: SignalingConnection) -> Prediction:
+        """From the probes of exactly the SDP's punch port; else the signaling address, low confidence."""
+        return predict_for(user_id, sdp, self.observations.samples(user_id), conn.peer[0])
+
+    def record(self, call: Call) -> None:
+        attempt = call.attempt()
+        when = self._clock.seconds()
+        # kerjostunt_calls_total{outcome, technique} reads these keys (metrics.py).
+        self.count(f"calls_{attempt['outcome']}_{attempt['technique'] or 'none'}")
+        # The one info line per call; the steps before it are debug (--log-level).
+        log.info("Call {caller} -> {callee}: {outcome} ({technique}), predicted {predicted}, actual {actual}",
+                 **attempt)
+        d = self.store.record_attempt(when=when, **attempt)
+        self._pending.add(d)
+
+        def done(result: object) -> object:
+            self._pending.discard(d)
+            return result
+
+        d.addBoth(done)
+        d.addCallback(lambda states: log.debug("STUNT states now {states}", states=states))
+        d.addErrback(lambda f: log.failure("Could not record call {id}", f, id=call.server_call_id))
+
+    # -- requests ----------------------------------------------------------------------
+
+    def _request(self, conn: SignalingConnection, request: Request) -> None:
+        if request.method == "INVITE":
+            self._invite(conn, request)
+            return
+        call, side = self._find(conn, request.call_id or "")
+        if call is None:
+            if request.method != "ACK":
+                conn.send(make_response(request, 481))
+            return
+        method = request.method
+        if method == "ACK":
+            return  # the caller's ACK of our 200 (or of an error) ends nothing
+        if method == "CANCEL":
+            if side != CALLER:
+                conn.send(make_response(request, 481))
+                return
+            conn.send(make_response(request, 200))
+            self.feed(call, CallInputs.cancel)
+        elif method == "BYE":
+            conn.send(make_response(request, 200, to_tag=None))
+            if call.machine.phase() in (Phase.CHECKING, Phase.RINGING):
+                self.feed(call, CallInputs.cancel if side == CALLER else CallInputs.callee_lost)
+            else:
+                self.feed(call, CallInputs.bye, side)
+        elif method == "INFO":
+            self._info(conn, request, call, side)
+        else:
+            conn.send(make_response(request, 405))
+
+    def _find(self, conn: SignalingConnection, call_id: str) -> tuple[Call | None, str]:
+        call = self._by_caller_leg.get((conn, call_id))
+        if call is not None and call.caller_conn is conn:
+            return call, CALLER
+        call = self._by_server_id.get(call_id)
+        if call is not None and call.callee_conn is conn:
+            return call, CALLEE
+        return None, ""
+
+    def _info(self, conn: SignalingConnection, request: Request, call: Call, side: str) -> None:
+        if _content_type(request) != kerjo.OUTCOME_CONTENT_TYPE:
+            response = make_response(request, 415)
+            response.headers.add("Accept", kerjo.OUTCOME_CONTENT_TYPE)
+            conn.send(response)
+            return
+        try:
+            outcome = parse_outcome(request.body)
+        except OutcomeError as exc:
+            conn.send(make_response(request, 400, f"Bad Request: {exc}"))
+            return
+        phase = call.machine.phase()
+        if phase not in (Phase.REPORTING, Phase.RECORDED):
+            conn.send(make_response(request, 481, "Call/Transaction Does Not Exist: not answered"))
+            return
+        conn.send(make_response(request, 200))
+        log.debug("Call {id}: {side} reports {outcome}", id=call.server_call_id, side=side, outcome=outcome.outcome)
+        if phase is Phase.REPORTING:
+            self.feed(call, CallInputs.report, side, outcome)
+
+    def _invite(self, conn: SignalingConnection, request: Request) -> None:
+        caller = self._caller(conn, request)
+        if not self._admit(caller):
+            self.count("invites_rate_limited")
+            response = make_response(request, 503, "Service Unavailable: too many calls")
+            response.headers.add("Retry-After", "1")
+            conn.send(response)
+            return
+        callee = self._target(request)
+        if callee == caller:
+            raise RequestError(482, "Loop Detected: calling yourself")
+        call_id = request.call_id or ""
+        if (conn, call_id) in self._by_caller_leg or call_id in self._by_server_id:
+            raise RequestError(482, "Loop Detected: Call-ID in use")
+        if _content_type(request) != "application/sdp":
+            raise RequestError(400, "Bad Request: application/sdp body required")
+        try:
+            sdp = parse_offer(request.body)
+        except SDPError as exc:
+            raise RequestError(400, f"Bad Request: {exc}") from None
+        call = Call(self, self.domain, conn, request, caller, callee, sdp)
+        self._by_caller_leg[(conn, call_id)] = call
+        self._by_server_id[call.server_call_id] = call
+        self.leg_added(call, conn)
+        self.count("invites")
+        conn.send(make_response(request, 100))
+        self._check(call)
+
+    def _caller(self, conn: SignalingConnection, request: Request) -> str:
+        """The caller, registered on this connection, starting a new dialog (no re-INVITE)."""
+        caller = user_of(request.headers.get("From"), self.domain)
+        binding = self.registrar.lookup(caller)
+        if caller not in conn.user_ids or binding is None or binding.connection is not conn:
+            raise RequestError(403, "Forbidden: not registered on this connection")
+        if tag_of(request.headers.get("To")) is not None:
+            call, _ = self._find(conn, request.call_id or "")
+            raise RequestError(488 if call else 481, "re-INVITE not supported" if call else None)
+        return caller
+
+    def _admit(self, caller: str) -> bool:
+        """The per-caller INVITE rate limit."""
+        bucket = self._buckets.get(caller)
+        if bucket is None:
+            # TokenBucket is typed against the IReactorTime interface; it uses seconds() only.
+            bucket = self._buckets[caller] = TokenBucket(
+                cast(IReactorTime, self._clock), self._settings.invite_rate, self._settings.invite_burst)
+        return bucket.take()
+
+    def _target(self, request: Request) -> str:
+        try:
+            uri = parse_uri(request.uri)
+        except ValueError:
+            raise RequestError(400, "Bad Request: unparsable Request-URI") from None
+        if uri.scheme.lower() not in ("sip", "sips"):
+            raise RequestError(416)
+        if not uri.user:  # the host is not checked: SIP tools put the server's IP there
+            raise RequestError(404, "Not Found: no user")
+        return uri.user
+
+    def _check(self, call: Call) -> None:
+        """404 / 403 / 480, in protocol.rst's order; the store answers later."""
+
+        def checked(verdict: str) -> None:
+            if call.machine.phase() is not Phase.CHECKING:
+                return
+            if verdict == "unknown":
+                self.feed(call, CallInputs.refused, 404, None)
+                return
+            if verdict != "ok":
+                self.feed(call, CallInputs.refused, 403, "Forbidden: no shared group")
+                return
+            binding = self.registrar.lookup(call.callee_id)
+            if binding is None:
+                self.feed(call, CallInputs.refused, 480, None)
+            else:
+                self.feed(call, CallInputs.checked, binding.connection)
+
+        def failed(failure: Failure) -> None:
+            if call.machine.phase() is not Phase.CHECKING:
+                return
+            if isinstance(failure.value, UnknownUser):
+                self.feed(call, CallInputs.refused, 404, None)
+                return
+            log.failure("Store failed checking call {caller} -> {callee}", failure,
+                        caller=call.caller_id, callee=call.callee_id)
+            self.count("store_errors")
+            self.feed(call, CallInputs.refused, 503, "Service Unavailable: user database", 5)
+
+        # One store round trip: callee exists, and shares a group with the caller.
+        d = self.store.call_check(call.caller_id, call.callee_id)
+        d.addCallbacks(checked, failed)
+        d.addErrback(lambda f: log.failure("Call check failed", f))
+
+    # -- responses ---------------------------------------------------------------------
+
+    def _response(self, conn: SignalingConnection, response: Response) -> None:
+        call_id = response.call_id or ""
+        call = self._by_server_id.get(call_id)
+        cseq = response.cseq
+        if call is not None and call.callee_conn is conn and cseq is not None and cseq[1] == "INVITE":
+            if top_branch(response) != call.invite_branch:
+                log.debug("Response with a foreign branch for call {id}", id=call_id)
+                return
+            self._invite_response(call, response)
+            return
+        # Answers to the CANCELs and BYEs the server sent, or strays.
+        log.debug("Absorbed {code} for {cseq} from {peer}", code=response.code, cseq=cseq, peer=conn.peer)
+
+    def _invite_response(self, call: Call, response: Response) -> None:
+        code = response.code
+        if code < 200:
+            if code != 100 and call.machine.phase() is Phase.RINGING:
+                call.caller_conn.send(messages.answer(call, call.invite, code, response.reason))
+            return
+        if code >= 300:
+            self.feed(call, CallInputs.rejected, response)
+            return
+        if call.machine.phase() is not Phase.RINGING:
+            self.feed(call, CallInputs.late_answer, response)
+            return
+        try:
+            if _content_type(response) != "application/sdp":
+                raise SDPError("no SDP")
+            sdp = parse_offer(response.body)
+        except SDPError as exc:
+            log.info("Call {id}: unusable answer from {callee}: {why}", id=call.server_call_id,
+                     callee=call.callee_id, why=str(exc))
+            self.feed(call, CallInputs.bad_answer, response)
+            return
+        self.feed(call, CallInputs.answered, response, sdp)

@@ -1,0 +1,87 @@
+"""What the calls need from the rest of the server, and their settings.
+
+Each collaborator is a ``typing.Protocol`` of exactly the methods the calls
+use, so the store, the probe service's observation log, the reactor and the
+test fakes satisfy it structurally and none of them is imported here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, TypedDict
+
+from twisted.internet.defer import Deferred
+
+from kerjostunt.wire.prediction import Sample
+
+
+class Timer(Protocol):
+    """A pending ``callLater`` (``IDelayedCall``), as much as the calls use."""
+
+    def active(self) -> bool: ...
+
+    def cancel(self) -> None: ...
+
+
+class Clock(Protocol):
+    """The reactor's ``IReactorTime``, as much as the calls use; a ``task.Clock`` in tests."""
+
+    def seconds(self) -> float: ...
+
+    def callLater(self, delay: float, callable: Callable[..., object], *args: object, **kw: object) -> Timer: ...
+
+
+class Attempt(TypedDict):
+    """One call's row in the attempts table: what ``CallStore.record_attempt`` takes besides ``when``."""
+
+    call_id: str
+    caller: str
+    callee: str
+    technique: str | None
+    outcome: str
+    predicted: str | None
+    actual: str | None
+    duration_ms: float | None
+
+
+class CallStore(Protocol):
+    """The store's asynchronous API as the calls use it (one round trip per INVITE, one per call)."""
+
+    def call_check(self, caller: str, callee: str) -> Deferred[str]:
+        """'unknown' (no such callee), 'no-group' (no group holds both) or 'ok'."""
+        ...
+
+    def record_attempt(
+        self,
+        call_id: str,
+        caller: str,
+        callee: str,
+        technique: str | None,
+        outcome: str,
+        predicted: str | None,
+        actual: str | None,
+        duration_ms: float | None,
+        when: float,
+    ) -> Deferred[Any]: ...
+
+
+class Observations(Protocol):
+    """The probe service's observation log: the samples a user's probes left."""
+
+    def samples(self, user_id: str) -> list[Sample]: ...
+
+
+@dataclass(frozen=True)
+class CallSettings:
+    """How long calls wait, linger, and how often one user may call."""
+
+    #: seconds the callee has for a final response to the forwarded INVITE
+    answer_timeout: float = 15.0
+    #: seconds after the dial moment within which the outcome must be reported
+    outcome_timeout: float = 30.0
+    #: seconds an ended call stays in the table to answer stray requests and responses
+    linger: float = 32.0
+    #: INVITEs per second one caller may send, and the burst allowed above it
+    invite_rate: float = 5.0
+    invite_burst: float = 20.0
