@@ -9,6 +9,7 @@ limits keep every module and function readable in one sitting.
 from __future__ import annotations
 
 import ast
+import re
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -124,3 +125,45 @@ class SizeTests(SynchronousTestCase):
                     if count > MAX_INIT_PARAMETERS:
                         problems.append(f"{module}.__init__ at line {node.lineno}: {count} parameters")
         self.assertEqual(problems, [])
+
+
+class DocsTests(SynchronousTestCase):
+    """README.rst and docs/ name modules that exist (a moved module must take its docs along)."""
+
+    PATH = re.compile(r"(?<![\w/.-])(?:kerjostunt/)?((?:client|server|wire|store)/[\w/]*\w(?:\.\w+)?/?)")
+    DOTTED = re.compile(r"(?<![\w.])kerjostunt(?:\.[a-z_]\w*)+")
+
+    def documents(self) -> Iterator[Path]:
+        root = PACKAGE.parent
+        yield root / "README.rst"
+        yield from sorted((root / "docs").glob("*.rst"))
+        yield root / "bench" / "README.rst"
+
+    def test_paths_exist(self) -> None:
+        missing = []
+        for doc in self.documents():
+            for match in self.PATH.finditer(doc.read_text()):
+                target = PACKAGE / match.group(1)
+                if not target.exists() and not target.with_suffix(".py").exists():
+                    missing.append(f"{doc.name}: {match.group(0)}")
+        self.assertEqual(missing, [])
+
+    def test_dotted_names_exist(self) -> None:
+        missing = []
+        for doc in self.documents():
+            for match in self.DOTTED.finditer(doc.read_text()):
+                if not self.resolves(match.group(0).split(".")):
+                    missing.append(f"{doc.name}: {match.group(0)}")
+        self.assertEqual(missing, [])
+
+    def resolves(self, parts: list[str]) -> bool:
+        """The longest module prefix exists, and what follows it is named in that module."""
+        if parts[-1] in ("sqlite", "pem", "log", "conf"):  # file names such as kerjostunt.sqlite
+            return True
+        for cut in range(len(parts), 0, -1):
+            base = PACKAGE.parent.joinpath(*parts[:cut])
+            module = base.with_suffix(".py") if base.with_suffix(".py").exists() else base / "__init__.py"
+            if module.exists():
+                rest = parts[cut:]
+                return not rest or re.search(rf"\b{re.escape(rest[0])}\b", module.read_text()) is not None
+        return False
