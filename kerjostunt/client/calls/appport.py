@@ -1,0 +1,167 @@
+"""
+The app-port and handshake glue of a call.
+
+Connections to the agent's *application port* (the ``passive`` candidate)
+are shared by every call, so the dialer of such a connection first sends one
+line naming the call (``KJ1 CALL <tag>``, the tag an HMAC of the call ID
+under the call's secret, so it reveals nothing to a stranger); the accepting
+agent uses it to pick the call's HandshakeFactory.  The punch port belongs to
+one call and needs no such line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet import defer, error
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from kerjostunt.client.handshake import HandshakeFactory, HandshakeProtocol
+
+if TYPE_CHECKING:
+    from kerjostunt.client.calls.race import Dialer
+
+log = Logger()
+
+PREAMBLE = b"KJ1 CALL "
+PREAMBLE_MAX = 100
+
+
+def call_tag(secret: bytes, call_id: str) -> bytes:
+    """Names a call on the shared app port without revealing its Call-ID."""
+    mac = hmac.new(secret, b"kerjostunt-1 call\0" + call_id.encode("utf-8"), hashlib.sha256)
+    return mac.hexdigest()[:32].encode("ascii")
+
+
+# -- handshakes ---------------------------------------------------------------------
+
+
+class _CallHandshakeProtocol(HandshakeProtocol):
+    """A HandshakeProtocol whose unobserved failures are not 'unhandled errors'.
+
+    ``punch()`` probes an accepted protocol with ``getattr(p, "handshake_done")``,
+    which creates an observer Deferred nobody consumes; a loser's failure on
+    it would be logged as an unhandled error.  The failure itself is
+    reported (and logged) through the observers that are used.
+    """
+
+    def _resolve(self, outcome: Any) -> None:
+        if isinstance(outcome, Failure):
+            for d in self._observers:
+                if not d.callbacks:
+                    d.addErrback(lambda _: None)
+        super()._resolve(outcome)
+
+
+class CallHandshakeFactory(HandshakeFactory):
+    protocol = _CallHandshakeProtocol  # type: ignore[assignment]
+
+    def buildProtocol(self, addr: Any) -> HandshakeProtocol:
+        return _CallHandshakeProtocol(self, addr)
+
+
+# -- app-port connections ----------------------------------------------------------
+
+
+class _PreambleProtocol(Protocol):
+    """Dialer side of an app-port connection: name the call, then run the handshake."""
+
+    def __init__(self, inner: Protocol, tag: bytes) -> None:
+        self.inner = inner
+        self.tag = tag
+
+    @property
+    def handshake_done(self) -> defer.Deferred:
+        return self.inner.handshake_done  # type: ignore[attr-defined, no-any-return]
+
+    def connectionMade(self) -> None:
+        self.transport.write(PREAMBLE + self.tag + b"\n")
+        self.inner.makeConnection(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.inner.dataReceived(data)
+
+    def connectionLost(self, reason: Failure = Failure(error.ConnectionDone())) -> None:
+        self.inner.connectionLost(reason)
+
+
+class _PreambleFactory(Factory):
+    def __init__(self, handshakes: HandshakeFactory, tag: bytes) -> None:
+        self.handshakes = handshakes
+        self.tag = tag
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        return _PreambleProtocol(self.handshakes.buildProtocol(addr), self.tag)
+
+
+class AppPortProtocol(Protocol):
+    """
+    Accepting side of the app port: read ``KJ1 CALL <tag>``, hand over to the call.
+
+    ``lookup(tag)`` returns the call's Dialer or None; a stranger, a bad
+    line or silence (``timeout``) closes the connection.
+    """
+
+    def __init__(self, lookup: Callable[[bytes], Dialer | None], clock: Any, timeout: float = 5.0) -> None:
+        self.lookup = lookup
+        self.clock = clock
+        self.timeout = timeout
+        self.inner: Protocol | None = None
+        self._buffer = b""
+        self._timer: Any = None
+
+    def connectionMade(self) -> None:
+        self._timer = self.clock.callLater(self.timeout, self._give_up, "no call named in time")
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.inner is not None:
+            self.inner.dataReceived(data)
+            return
+        self._buffer += data
+        line, sep, rest = self._buffer.partition(b"\n")
+        if not sep:
+            if len(self._buffer) > PREAMBLE_MAX:
+                self._give_up("preamble too long")
+            return
+        dialer = self.lookup(line[len(PREAMBLE):]) if line.startswith(PREAMBLE) else None
+        if dialer is None:
+            self._give_up("no such call")
+            return
+        self._cancel_timer()
+        peer = self.transport.getPeer()
+        inner = dialer.handshakes.buildProtocol(peer)
+        self.inner = inner
+        inner.makeConnection(self.transport)
+        dialer.accepted(inner, (peer.host, peer.port))
+        if rest:
+            inner.dataReceived(rest)
+
+    def connectionLost(self, reason: Failure = Failure(error.ConnectionDone())) -> None:
+        self._cancel_timer()
+        if self.inner is not None:
+            self.inner.connectionLost(reason)
+
+    def _give_up(self, why: str) -> None:
+        self._cancel_timer()
+        log.info("app port: dropping {peer}: {why}", peer=self.transport.getPeer(), why=why)
+        self.transport.abortConnection()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+
+class AppPortFactory(Factory):
+    def __init__(self, lookup: Callable[[bytes], Dialer | None], clock: Any) -> None:
+        self.lookup = lookup
+        self.clock = clock
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        return AppPortProtocol(self.lookup, self.clock)
+
