@@ -28,9 +28,10 @@ from kerjostunt.client.calls.appport import (
     CallHandshakeFactory,
     call_tag,
 )
+from kerjostunt.client.calls.base import CallAgent, CallBase
 from kerjostunt.client.calls.incoming import ACK_TIMEOUT, IncomingCall
 from kerjostunt.client.calls.outgoing import OutgoingCall
-from kerjostunt.client.calls.race import RETRY_JITTER, Dialer, DialResult
+from kerjostunt.client.calls.race import RETRY_JITTER, Dialer, DialerConfig, DialResult
 from kerjostunt.client.calls.setup import (
     CallSetup,
     ConnectFailed,
@@ -50,11 +51,14 @@ __all__ = [
     "RETRY_JITTER",
     "AppPortFactory",
     "AppPortProtocol",
+    "CallAgent",
+    "CallBase",
     "CallHandshakeFactory",
     "CallSetup",
     "ConnectFailed",
     "DialResult",
     "Dialer",
+    "DialerConfig",
     "IncomingCall",
     "OutgoingCall",
     "PeerConnection",

@@ -14,22 +14,30 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from twisted.internet import defer, error
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from kerjostunt.client.handshake import HandshakeFactory, HandshakeProtocol
 
-if TYPE_CHECKING:
-    from kerjostunt.client.calls.race import Dialer
-
 log = Logger()
 
 PREAMBLE = b"KJ1 CALL "
 PREAMBLE_MAX = 100
+
+
+class TaggedCall(Protocol):
+    """What the app port needs of the call a tag names (a call's Dialer)."""
+
+    @property
+    def handshakes(self) -> HandshakeFactory: ...
+
+    def accepted(self, protocol: Any, remote: tuple[str, int]) -> None: ...
 
 
 def call_tag(secret: bytes, call_id: str) -> bytes:
@@ -61,17 +69,17 @@ class _CallHandshakeProtocol(HandshakeProtocol):
 class CallHandshakeFactory(HandshakeFactory):
     protocol = _CallHandshakeProtocol  # type: ignore[assignment]
 
-    def buildProtocol(self, addr: Any) -> HandshakeProtocol:
+    def buildProtocol(self, addr: IAddress) -> HandshakeProtocol:
         return _CallHandshakeProtocol(self, addr)
 
 
 # -- app-port connections ----------------------------------------------------------
 
 
-class _PreambleProtocol(Protocol):
+class PreambleProtocol(TwistedProtocol):
     """Dialer side of an app-port connection: name the call, then run the handshake."""
 
-    def __init__(self, inner: Protocol, tag: bytes) -> None:
+    def __init__(self, inner: TwistedProtocol, tag: bytes) -> None:
         self.inner = inner
         self.tag = tag
 
@@ -90,16 +98,16 @@ class _PreambleProtocol(Protocol):
         self.inner.connectionLost(reason)
 
 
-class _PreambleFactory(Factory):
+class PreambleFactory(Factory):
     def __init__(self, handshakes: HandshakeFactory, tag: bytes) -> None:
         self.handshakes = handshakes
         self.tag = tag
 
-    def buildProtocol(self, addr: Any) -> Protocol:
-        return _PreambleProtocol(self.handshakes.buildProtocol(addr), self.tag)
+    def buildProtocol(self, addr: IAddress) -> PreambleProtocol:
+        return PreambleProtocol(self.handshakes.buildProtocol(addr), self.tag)
 
 
-class AppPortProtocol(Protocol):
+class AppPortProtocol(TwistedProtocol):
     """
     Accepting side of the app port: read ``KJ1 CALL <tag>``, hand over to the call.
 
@@ -107,13 +115,14 @@ class AppPortProtocol(Protocol):
     line or silence (``timeout``) closes the connection.
     """
 
-    def __init__(self, lookup: Callable[[bytes], Dialer | None], clock: Any, timeout: float = 5.0) -> None:
+    def __init__(self, lookup: Callable[[bytes], TaggedCall | None], clock: IReactorTime,
+                 timeout: float = 5.0) -> None:
         self.lookup = lookup
         self.clock = clock
         self.timeout = timeout
-        self.inner: Protocol | None = None
+        self.inner: TwistedProtocol | None = None
         self._buffer = b""
-        self._timer: Any = None
+        self._timer: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
         self._timer = self.clock.callLater(self.timeout, self._give_up, "no call named in time")
@@ -158,10 +167,10 @@ class AppPortProtocol(Protocol):
 
 
 class AppPortFactory(Factory):
-    def __init__(self, lookup: Callable[[bytes], Dialer | None], clock: Any) -> None:
+    def __init__(self, lookup: Callable[[bytes], TaggedCall | None], clock: IReactorTime) -> None:
         self.lookup = lookup
         self.clock = clock
 
-    def buildProtocol(self, addr: Any) -> Protocol:
+    def buildProtocol(self, addr: IAddress) -> AppPortProtocol:
         return AppPortProtocol(self.lookup, self.clock)
 

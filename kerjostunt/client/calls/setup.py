@@ -110,6 +110,7 @@ def outcome_body(outcome: str, technique: str, remote: Endpoint | None, elapsed_
 
 
 def user_of(name_addr: str | None) -> str | None:
+    """The user part of a From/To value, None when it does not parse."""
     try:
         return parse_name_addr(name_addr or "").uri.user
     except ValueError:
@@ -117,12 +118,14 @@ def user_of(name_addr: str | None) -> str | None:
 
 
 def tag_of(name_addr: str | None) -> str | None:
+    """The tag of a From/To value, None when absent or unparsable."""
     try:
         return parse_name_addr(name_addr or "").tag
     except ValueError:
         return None
 
 
-def _reason(failure: Failure) -> str:
+def reason_of(failure: Failure) -> str:
+    """A failure in a few words, for logs and the attempts' error list."""
     return failure.getErrorMessage() or failure.type.__name__
 

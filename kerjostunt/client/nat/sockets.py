@@ -20,21 +20,53 @@ from __future__ import annotations
 import errno
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet import error
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IAddress,
+    IDelayedCall,
     IListeningPort,
     IProtocolFactory,
+    IReadDescriptor,
     IReadWriteDescriptor,
+    IWriteDescriptor,
 )
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 log = Logger()
+
+
+
+class SocketReactor(Protocol):
+    """What the NAT techniques need of the reactor: time, and sockets made by hand.
+
+    IReactorTime, IReactorFDSet and IReactorSocket in one (the global
+    reactor provides them; tests pass a Clock-driven stand-in).
+    """
+
+    def seconds(self) -> float: ...
+
+    def callLater(self, delay: float, callable: Callable[..., object], *args: object,
+                  **kw: object) -> IDelayedCall: ...
+
+    def addWriter(self, writer: IWriteDescriptor) -> None: ...
+
+    def removeWriter(self, writer: IWriteDescriptor) -> None: ...
+
+    def removeReader(self, reader: IReadDescriptor) -> None: ...
+
+    def adoptStreamConnection(self, fileDescriptor: int, addressFamily: socket.AddressFamily,
+                              factory: IProtocolFactory) -> None: ...
+
+    def adoptStreamPort(self, fileDescriptor: int, addressFamily: socket.AddressFamily,
+                        factory: IProtocolFactory) -> IListeningPort: ...
+
+
+Endpoint = tuple[str, int]
 
 _IN_PROGRESS = {errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY, errno.EINTR}
 
@@ -244,6 +276,101 @@ def connect_from(
     state["waiter"] = waiter
     reactor.addWriter(waiter)
     return d
+
+
+class HeldConnect:
+    """
+    A non-blocking connect from a reusable local port (as ``connect_from``, but
+    the socket stays reachable: the birthday technique's hard side reads its
+    TCP state, and closes and redials it without a Deferred per attempt).
+
+    ``done(attempt, errno_code)`` is called once, never synchronously.
+    """
+
+    def __init__(self, reactor: SocketReactor, local: Endpoint, remote: Endpoint, ttl: int | None,
+                 done: Callable[[HeldConnect, int], None]) -> None:
+        self.reactor = reactor
+        self.remote = remote
+        self.sock: socket.socket | None = reusable_socket(local)
+        self.port = self.sock.getsockname()[1]
+        self.primed = ttl is not None
+        self.timer: Any = None
+        self._done: Callable[[HeldConnect, int], None] | None = done
+        self._waiter: _ConnectWaiter | None = None
+        sock = self.sock
+        default_ttl = None
+        try:
+            if ttl is not None:
+                level, option = _ttl_option(sock.family)
+                default_ttl = sock.getsockopt(level, option)
+                sock.setsockopt(level, option, ttl)
+            try:
+                code = sock.connect_ex(remote)
+            except OSError as e:
+                code = e.errno or errno.EINVAL
+            if default_ttl is not None:
+                sock.setsockopt(level, option, default_ttl)
+        except BaseException:
+            self.close()
+            raise
+        if code in (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY, errno.EINTR):
+            self._waiter = _ConnectWaiter(sock, self._finished)
+            reactor.addWriter(self._waiter)
+        else:
+            reactor.callLater(0, self._finished, code)
+
+    def tcp_state(self) -> int | None:
+        if self.sock is None:
+            return None
+        try:
+            return self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+        except OSError:
+            return None
+
+    def _finished(self, code: int) -> None:
+        done, self._done = self._done, None
+        self._unwatch()
+        if done is not None:
+            done(self, code)
+
+    def _unwatch(self) -> None:
+        if self._waiter is not None:
+            waiter, self._waiter = self._waiter, None
+            self.reactor.removeWriter(waiter)
+            self.reactor.removeReader(waiter)
+        if self.timer is not None:
+            if self.timer.active():
+                self.timer.cancel()
+            self.timer = None
+
+    def adopt(self, factory: IProtocolFactory) -> Any:
+        """Hand the connected socket to the reactor; the protocol, or None."""
+        sock, self.sock = self.sock, None
+        assert sock is not None
+        capture = _CapturingFactory(factory)
+        try:
+            self.reactor.adoptStreamConnection(sock.fileno(), sock.family, capture)
+        finally:
+            sock.close()  # the reactor holds its own duplicate
+        return capture.protocol
+
+    def close(self) -> None:
+        self._done = None
+        self._unwatch()
+        if self.sock is not None:
+            sock, self.sock = self.sock, None
+            sock.close()
+
+
+def error_name(code: int) -> str:
+    """A short name for a connect errno, as the failure texts count them."""
+    if code == errno.ECONNREFUSED:
+        return "refused"
+    if code in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+        return "unreachable"
+    if code == errno.ETIMEDOUT:
+        return "timed out"
+    return errno.errorcode.get(code, str(code)).lower()
 
 
 def listen_reusable(
