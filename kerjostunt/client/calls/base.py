@@ -11,9 +11,10 @@ fresh probe token), ``port_taken`` (the agent's prepared port, or None),
 from __future__ import annotations
 
 import socket
-from typing import Protocol
+from typing import Protocol, cast
 
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IDelayedCall, IProtocolFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -26,6 +27,7 @@ from kerjostunt.client.nat.sockets import SocketReactor, reusable_socket
 from kerjostunt.client.signaling import Registration, SignalingClientProtocol
 from kerjostunt.wire import kerjo
 from kerjostunt.wire.sdp import SessionDescription
+from kerjostunt.wire.sip.message import Response
 
 __all__ = ["CallAgent"]
 
@@ -132,7 +134,7 @@ class CallBase:
         """Output of ``port_taken``: the prepared port when it fits, else a fresh one probed now."""
         sig, registration = self.registered_sig, self.registration
         assert sig is not None
-        local_ip = sig.transport.getHost().host
+        local_ip = local_ip_of(sig)
         public_ip = registration.public_ip if registration is not None else None
         if prepared is not None and (prepared.local_ip, prepared.public_ip) == (local_ip, public_ip):
             self.local_ip, self.holder, self.punch_port = local_ip, prepared.holder, prepared.port
@@ -162,7 +164,7 @@ class CallBase:
 
     def bind_punch_port(self, sig: SignalingClientProtocol) -> None:
         """A fresh reusable port, held bound until the punch (and the call) ends."""
-        self.local_ip = sig.transport.getHost().host
+        self.local_ip = local_ip_of(sig)
         holder = reusable_socket((self.local_ip, 0))
         self.holder = holder
         self.punch_port = holder.getsockname()[1]
@@ -227,7 +229,17 @@ class CallBase:
             from_tag=from_tag, to_tag=to_tag,
             headers=[("Content-Type", kerjo.OUTCOME_CONTENT_TYPE)], body=body,
         )
-        d.addCallbacks(
-            lambda r: r.code == 200 or log.warn("call {call}: outcome answered {code}", call=self.call_id, code=r.code),
-            lambda f: log.warn("call {call}: outcome not acknowledged: {why}", call=self.call_id, why=reason_of(f)),
-        )
+        d.addCallbacks(self._reported, self._not_reported)
+
+    def _reported(self, response: Response) -> None:
+        if response.code != 200:
+            log.warn("call {call}: outcome answered {code}", call=self.call_id, code=response.code)
+
+    def _not_reported(self, failure: Failure) -> None:
+        log.warn("call {call}: outcome not acknowledged: {why}", call=self.call_id, why=reason_of(failure))
+
+
+def local_ip_of(sig: SignalingClientProtocol) -> str:
+    """Our address on the signaling connection: the punch port binds there."""
+    assert sig.transport is not None
+    return cast("IPv4Address | IPv6Address", sig.transport.getHost()).host

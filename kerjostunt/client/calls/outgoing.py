@@ -197,6 +197,7 @@ class OutgoingCall(CallBase):
                     cancel.headers.add(name, value)
         cseq = self.invite.cseq[0] if self.invite.cseq else 1
         cancel.headers.add("CSeq", f"{cseq} CANCEL")
+        assert sig.transport is not None
         sig.transport.write(cancel.to_bytes())
 
 

@@ -127,5 +127,5 @@ def tag_of(name_addr: str | None) -> str | None:
 
 def reason_of(failure: Failure) -> str:
     """A failure in a few words, for logs and the attempts' error list."""
-    return failure.getErrorMessage() or failure.type.__name__
+    return failure.getErrorMessage() or type(failure.value).__name__
 

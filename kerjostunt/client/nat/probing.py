@@ -14,11 +14,12 @@ KERJO-LOCAL-PORT attribute; see docs/probes.rst.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer
+from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -60,12 +61,17 @@ class _BindingClient(Protocol):
         #: fires (None) once the request is written: the next probe may start
         self.sent: defer.Deferred[None] = defer.Deferred()
 
+    def _tcp(self) -> ITCPTransport:
+        """The connection's transport (a TCP one: ``connect_from`` adopts a TCP socket)."""
+        assert self.transport is not None
+        return cast(ITCPTransport, self.transport)
+
     def _cancel(self, _: Any) -> None:
         if self.transport is not None:
-            self.transport.abortConnection()
+            self._tcp().abortConnection()
 
     def connectionMade(self) -> None:
-        self.transport.write(self._request)
+        self._tcp().write(self._request)
         if not self.sent.called:
             self.sent.callback(None)
 
@@ -83,7 +89,7 @@ class _BindingClient(Protocol):
             self._finish(Failure(e))
 
     def _finish(self, outcome: Any) -> None:
-        self.transport.loseConnection()
+        self._tcp().loseConnection()
         if self.result.called:
             return
         if isinstance(outcome, Failure):
@@ -167,7 +173,7 @@ def probe_from(reactor: Any, local_address: tuple[str, int],
         local_address = (local_address[0], holder.getsockname()[1])
 
     @defer.inlineCallbacks
-    def run():
+    def run() -> Generator[defer.Deferred[Any], Any, list[ProbeResult]]:
         started: list[tuple[tuple[str, int], defer.Deferred[ProbeResult]]] = []
         for server in servers:
             result, sent = _start_probe(reactor, local_address, server, username=username,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import error
-from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.interfaces import IAddress, IListeningPort, IProtocol, IProtocolFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -255,16 +255,20 @@ class _Punch:
             return
         log.debug("punch: closing the listener on {local}, it held a half-open connection from {remote}",
                   local=_describe(self.plan.local), remote=_describe(candidate))
-        closing = self.close_listener()
+        try:
+            closing = self.close_listener()
+        except Exception as e:
+            closing = fail(e)
         if closing is not None:
             closing.addErrback(lambda f: log.warn("punch: closing the listener failed: {why}",
                                                   why=f.getErrorMessage()))
 
     def close_listener(self) -> Deferred[None] | None:
+        """The Contest's cleanup: a listener still open is closed (the result waits for it)."""
         port, self.port = self.port, None
         if port is None:
             return None
-        return maybeDeferred(port.stopListening)
+        return port.stopListening()
 
     # Accepting ----------------------------------------------------------
 

@@ -41,17 +41,21 @@ log = Logger()
 
 
 
-class SocketReactor(Protocol):
-    """What the NAT techniques need of the reactor: time, and sockets made by hand.
-
-    IReactorTime, IReactorFDSet and IReactorSocket in one (the global
-    reactor provides them; tests pass a Clock-driven stand-in).
-    """
+class ReactorClock(Protocol):
+    """The part of IReactorTime a race uses (``task.Clock`` in tests)."""
 
     def seconds(self) -> float: ...
 
     def callLater(self, delay: float, callable: Callable[..., object], *args: object,
                   **kw: object) -> IDelayedCall: ...
+
+
+class SocketReactor(ReactorClock, Protocol):
+    """What the NAT techniques need of the reactor: time, and sockets made by hand.
+
+    IReactorTime, IReactorFDSet and IReactorSocket in one (the global
+    reactor provides them; tests pass a Clock-driven stand-in).
+    """
 
     def addWriter(self, writer: IWriteDescriptor) -> None: ...
 
@@ -107,9 +111,12 @@ def _ttl_option(family: socket.AddressFamily) -> tuple[int, int]:
 
 def _connect_error(code: int) -> Exception:
     """Twisted's connect error for an errno (ECONNREFUSED -> ConnectionRefusedError)."""
-    return error.getConnectError((code, errno.errorcode.get(code, str(code))))
+    exc: Exception = error.getConnectError(  # type: ignore[no-untyped-call]  # untyped in Twisted
+        (code, errno.errorcode.get(code, str(code))))
+    return exc
 
 
+@implementer(IProtocolFactory)
 class _CapturingFactory:
     """
     Passes buildProtocol through and remembers the protocol.
@@ -147,7 +154,7 @@ class _ConnectWaiter:
     def __init__(self, sock: socket.socket, done: Callable[[int], None]) -> None:
         self._sock = sock
         self._fd = sock.fileno()
-        self._done = done
+        self._done: Callable[[int], None] | None = done
 
     def fileno(self) -> int:
         return self._fd
@@ -177,14 +184,14 @@ class _ConnectWaiter:
 
 
 def connect_from(
-    reactor: Any,
+    reactor: SocketReactor,
     local: tuple[str, int],
     remote: tuple[str, int],
     protocol_factory: IProtocolFactory,
     *,
     timeout: float,
     ttl: int | None = None,
-) -> Deferred:
+) -> Deferred[Any]:
     """
     Connect to ``remote`` from the reusable local endpoint ``local``.
 
@@ -199,57 +206,15 @@ def connect_from(
     simultaneous open and all data leave with the normal TTL.
     """
     sock = reusable_socket(local)
-    family = sock.family
-    state: dict[str, Any] = {"waiter": None, "timer": None}
+    return _Connect(reactor, sock, protocol_factory).start(remote, timeout, ttl)
 
-    def cleanup(close: bool) -> None:
-        waiter = state["waiter"]
-        if waiter is not None:
-            state["waiter"] = None
-            reactor.removeWriter(waiter)
-            reactor.removeReader(waiter)
-        timer = state["timer"]
-        if timer is not None:
-            state["timer"] = None
-            if timer.active():
-                timer.cancel()
-        if close:
-            sock.close()
 
-    def cancel(d: Deferred) -> None:
-        cleanup(close=True)
-
-    d: Deferred = Deferred(cancel)
-
-    def fail(exc: Exception) -> None:
-        cleanup(close=True)
-        if not d.called:
-            d.errback(exc)
-
-    def connected(code: int) -> None:
-        if d.called:
-            return
-        if code != 0:
-            fail(_connect_error(code))
-            return
-        cleanup(close=False)
-        capture = _CapturingFactory(protocol_factory)
-        try:
-            reactor.adoptStreamConnection(sock.fileno(), family, capture)
-        except Exception as e:
-            sock.close()
-            d.errback(e)
-            return
-        # The reactor holds its own duplicate of the descriptor now.
-        sock.close()
-        if capture.protocol is None:
-            d.errback(error.ConnectError(string="factory refused the connection"))
-        else:
-            d.callback(capture.protocol)
-
+def _start_connect(sock: socket.socket, remote: tuple[str, int], ttl: int | None) -> int:
+    """connect_ex() with the first SYN's TTL set to ``ttl`` (and restored right after); the errno."""
     default_ttl = None
+    level = option = 0
     if ttl is not None:
-        level, option = _ttl_option(family)
+        level, option = _ttl_option(sock.family)
         default_ttl = sock.getsockopt(level, option)
         sock.setsockopt(level, option, ttl)
     try:
@@ -257,25 +222,74 @@ def connect_from(
     except OSError as e:
         code = e.errno or errno.EINVAL
     if default_ttl is not None:
-        level, option = _ttl_option(family)
         sock.setsockopt(level, option, default_ttl)
+    return code
 
-    if code == 0:
-        connected(0)
-        return d
-    if code not in _IN_PROGRESS:
-        fail(_connect_error(code))
-        return d
 
-    def timed_out() -> None:
-        state["timer"] = None
-        fail(error.TimeoutError(string=f"connect to {remote[0]}:{remote[1]}"))
+class _Connect:
+    """One ``connect_from``: the socket, what watches it, its timeout, the Deferred."""
 
-    state["timer"] = reactor.callLater(timeout, timed_out)
-    waiter = _ConnectWaiter(sock, connected)
-    state["waiter"] = waiter
-    reactor.addWriter(waiter)
-    return d
+    def __init__(self, reactor: SocketReactor, sock: socket.socket, factory: IProtocolFactory) -> None:
+        self.reactor = reactor
+        self.sock = sock
+        self.factory = factory
+        self.waiter: _ConnectWaiter | None = None
+        self.timer: IDelayedCall | None = None
+        self.result: Deferred[Any] = Deferred(lambda _: self._cleanup(close=True))
+
+    def start(self, remote: tuple[str, int], timeout: float, ttl: int | None) -> Deferred[Any]:
+        code = _start_connect(self.sock, remote, ttl)
+        if code == 0:
+            self._connected(0)
+        elif code not in _IN_PROGRESS:
+            self._fail(_connect_error(code))
+        else:
+            self.timer = self.reactor.callLater(timeout, self._timed_out, remote)
+            self.waiter = _ConnectWaiter(self.sock, self._connected)
+            self.reactor.addWriter(self.waiter)
+        return self.result
+
+    def _cleanup(self, close: bool) -> None:
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None:
+            self.reactor.removeWriter(waiter)
+            self.reactor.removeReader(waiter)
+        timer, self.timer = self.timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        if close:
+            self.sock.close()
+
+    def _fail(self, exc: Exception) -> None:
+        self._cleanup(close=True)
+        if not self.result.called:
+            self.result.errback(exc)
+
+    def _timed_out(self, remote: tuple[str, int]) -> None:
+        self.timer = None
+        self._fail(error.TimeoutError(string=f"connect to {remote[0]}:{remote[1]}"))  # type: ignore[no-untyped-call]
+
+    def _connected(self, code: int) -> None:
+        if self.result.called:
+            return
+        if code != 0:
+            self._fail(_connect_error(code))
+            return
+        self._cleanup(close=False)
+        sock = self.sock
+        capture = _CapturingFactory(self.factory)
+        try:
+            self.reactor.adoptStreamConnection(sock.fileno(), sock.family, capture)
+        except Exception as e:
+            sock.close()
+            self.result.errback(e)
+            return
+        # The reactor holds its own duplicate of the descriptor now.
+        sock.close()
+        if capture.protocol is None:
+            self.result.errback(error.ConnectError(string="factory refused the connection"))  # type: ignore[no-untyped-call]
+        else:
+            self.result.callback(capture.protocol)
 
 
 class HeldConnect:
@@ -298,18 +312,8 @@ class HeldConnect:
         self._done: Callable[[HeldConnect, int], None] | None = done
         self._waiter: _ConnectWaiter | None = None
         sock = self.sock
-        default_ttl = None
         try:
-            if ttl is not None:
-                level, option = _ttl_option(sock.family)
-                default_ttl = sock.getsockopt(level, option)
-                sock.setsockopt(level, option, ttl)
-            try:
-                code = sock.connect_ex(remote)
-            except OSError as e:
-                code = e.errno or errno.EINVAL
-            if default_ttl is not None:
-                sock.setsockopt(level, option, default_ttl)
+            code = _start_connect(sock, remote, ttl)
         except BaseException:
             self.close()
             raise
@@ -374,7 +378,7 @@ def error_name(code: int) -> str:
 
 
 def listen_reusable(
-    reactor: Any, local: tuple[str, int], factory: IProtocolFactory, backlog: int = 16
+    reactor: SocketReactor, local: tuple[str, int], factory: IProtocolFactory, backlog: int = 16
 ) -> IListeningPort:
     """
     Listen on ``local`` while outgoing sockets share the same port.
