@@ -101,7 +101,8 @@ class PreambleProtocol(TwistedProtocol):
         self.tag = tag
 
     @property
-    def handshake_done(self) -> defer.Deferred[TwistedProtocol]:
+    def handshake_done(self) -> defer.Deferred[Any]:
+        """The inner handshake's: the application protocol once it passed."""
         return self.inner.handshake_done
 
     def connectionMade(self) -> None:

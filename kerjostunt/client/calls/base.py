@@ -216,7 +216,7 @@ class CallBase:
         self.agent.call_ended(self)
 
     def _elapsed_ms(self) -> float:
-        return (self.dialer._elapsed() * 1000.0) if self.dialer else 0.0
+        return (self.dialer.elapsed() * 1000.0) if self.dialer else 0.0
 
     def report(self, sig: SignalingClientProtocol | None, body: bytes, from_tag: str | None, to_uri: str,
                to_tag: str | None) -> None:

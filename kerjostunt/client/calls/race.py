@@ -126,7 +126,7 @@ class Dialer:
         self.pending = 0
         self.errors: list[str] = []
         self._contest: Contest[DialResult] = Contest(reactor, cancelled=lambda: self.stop("cancelled"))
-        self._punch: defer.Deferred[PunchResult] | None = None
+        self._punch: defer.Deferred[PunchResult] | None = None  # the punch, once started
         self._lan_dialed = False
         self._life = _RaceMachine(self)
 
@@ -286,14 +286,11 @@ class Dialer:
         d.addCallbacks(self._technique_won, self._technique_failed, errbackArgs=("",))
 
     def _technique_won(self, result: PunchResult) -> None:
-        self._punch = None
         self.pending -= 1
-        self._life.win(DialResult(result.protocol, "stunt", result.technique, result.remote, self._elapsed()))
+        self._life.win(DialResult(result.protocol, "stunt", result.technique, result.remote, self.elapsed()))
 
     def _technique_failed(self, reason: Failure, prefix: str) -> None:
         """The punch (prefix ``punch: ``) or the birthday search (which names itself) gave up."""
-        if prefix:
-            self._punch = None
         if reason.check(defer.CancelledError):
             return
         why = reason.value.reason if isinstance(reason.value, PunchFailed) else reason_of(reason)
@@ -305,14 +302,15 @@ class Dialer:
 
         def ok(app: Any) -> None:
             self.pending -= 1
-            self._life.win(DialResult(app, outcome, technique, remote, self._elapsed()))
+            self._life.win(DialResult(app, outcome, technique, remote, self.elapsed()))
 
         def bad(reason: Failure) -> None:
             self._attempt_failed(f"{technique} {remote[0]}:{remote[1]}: {reason_of(reason)}")
 
         self._contest.contend(protocol, ok, bad)
 
-    def _elapsed(self) -> float:
+    def elapsed(self) -> float:
+        """Seconds since the dial moment (0 before it): the outcome's ``elapsed_ms``."""
         return max(0.0, self.reactor.seconds() - self.dial_at)
 
     # ending --------------------------------------------------------------------

@@ -19,10 +19,10 @@ from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
-from kerjostunt.client.nat.sockets import ReactorClock, abort_protocol
+from kerjostunt.client.nat.sockets import abort_protocol
 
 __all__ = ["Contest", "has_handshake"]
 
@@ -40,7 +40,7 @@ class Contest(Generic[T]):
     ``result`` calls ``cancelled`` (default: ``close``).
     """
 
-    def __init__(self, clock: ReactorClock, cancelled: Callable[[], None] | None = None) -> None:
+    def __init__(self, clock: IReactorTime, cancelled: Callable[[], None] | None = None) -> None:
         self.clock = clock
         self.over = False
         self._cancelled = cancelled

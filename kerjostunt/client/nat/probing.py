@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from twisted.internet import defer
-from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.interfaces import IAddress, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from kerjostunt.client.nat.sockets import connect_from, reusable_socket
+from kerjostunt.client.nat.sockets import SocketReactor, connect_from, reusable_socket
 from kerjostunt.wire import stun
 
 __all__ = ["ProbeResult", "ProbeError", "probe_from", "probe_one"]
@@ -106,19 +106,19 @@ class _OneShot(Factory):
     def __init__(self, proto: _BindingClient) -> None:
         self._proto = proto
 
-    def buildProtocol(self, addr: Any) -> _BindingClient:
+    def buildProtocol(self, addr: IAddress | None) -> _BindingClient:
         self._proto.factory = self
         return self._proto
 
 
-def probe_one(reactor: Any, local: tuple[str, int], server: tuple[str, int], *,
+def probe_one(reactor: SocketReactor, local: tuple[str, int], server: tuple[str, int], *,
               username: str | None, password: str | None,
               timeout: float = 5.0) -> defer.Deferred[ProbeResult]:
     """One Binding request to ``server`` from the (already chosen) local endpoint."""
     return _start_probe(reactor, local, server, username=username, password=password, timeout=timeout)[0]
 
 
-def _start_probe(reactor: Any, local: tuple[str, int], server: tuple[str, int], *,
+def _start_probe(reactor: SocketReactor, local: tuple[str, int], server: tuple[str, int], *,
                  username: str | None, password: str | None,
                  timeout: float) -> tuple[defer.Deferred[ProbeResult], defer.Deferred[None]]:
     """(the result, a Deferred that fires when the request is written or the probe ended)."""
@@ -146,7 +146,7 @@ def _start_probe(reactor: Any, local: tuple[str, int], server: tuple[str, int], 
     return d, client.sent
 
 
-def probe_from(reactor: Any, local_address: tuple[str, int],
+def probe_from(reactor: SocketReactor, local_address: tuple[str, int],
                servers: Sequence[tuple[str, int]], *, username: str | None,
                password: str | None, timeout: float = 5.0) -> defer.Deferred[list[ProbeResult]]:
     """Probe every server from ``local_address``, in the given order, pipelined.

@@ -32,12 +32,13 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from kerjostunt.client.nat.probing import ProbeResult
 
 __all__ = ["PreparedPort", "ReadyPort"]
 
@@ -51,7 +52,7 @@ class PreparedPort:
     holder: socket.socket
     local_ip: str
     port: int
-    results: list[Any]
+    results: list[ProbeResult]
     probed_at: float
     public_ip: str | None = field(default=None)
 

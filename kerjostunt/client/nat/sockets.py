@@ -20,7 +20,7 @@ from __future__ import annotations
 import errno
 import socket
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.internet import error
 from twisted.internet.defer import Deferred
@@ -28,10 +28,11 @@ from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
     IListeningPort,
+    IProtocol,
     IProtocolFactory,
-    IReadDescriptor,
+    IReactorFDSet,
+    IReactorTime,
     IReadWriteDescriptor,
-    IWriteDescriptor,
 )
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -41,33 +42,22 @@ log = Logger()
 
 
 
-class ReactorClock(Protocol):
-    """The part of IReactorTime a race uses (``task.Clock`` in tests)."""
-
-    def seconds(self) -> float: ...
-
-    def callLater(self, delay: float, callable: Callable[..., object], *args: object,
-                  **kw: object) -> IDelayedCall: ...
-
-
-class SocketReactor(ReactorClock, Protocol):
+class SocketReactor(IReactorTime, IReactorFDSet):
     """What the NAT techniques need of the reactor: time, and sockets made by hand.
 
-    IReactorTime, IReactorFDSet and IReactorSocket in one (the global
-    reactor provides them; tests pass a Clock-driven stand-in).
+    IReactorTime, IReactorFDSet and IReactorSocket's two adopt methods (the
+    global reactor provides all three).  An interface rather than a
+    typing.Protocol, so that Twisted's own time-taking APIs (``addTimeout``,
+    a HandshakeFactory's clock) accept it as it is.
     """
 
-    def addWriter(self, writer: IWriteDescriptor) -> None: ...
+    def adoptStreamConnection(fileDescriptor: int, addressFamily: socket.AddressFamily,
+                              factory: IProtocolFactory) -> None:
+        """IReactorSocket's, for any protocol factory (Twisted's stub asks for a ServerFactory)."""
 
-    def removeWriter(self, writer: IWriteDescriptor) -> None: ...
-
-    def removeReader(self, reader: IReadDescriptor) -> None: ...
-
-    def adoptStreamConnection(self, fileDescriptor: int, addressFamily: socket.AddressFamily,
-                              factory: IProtocolFactory) -> None: ...
-
-    def adoptStreamPort(self, fileDescriptor: int, addressFamily: socket.AddressFamily,
-                        factory: IProtocolFactory) -> IListeningPort: ...
+    def adoptStreamPort(fileDescriptor: int, addressFamily: socket.AddressFamily,
+                        factory: IProtocolFactory) -> IListeningPort:
+        """IReactorSocket's, for any protocol factory (Twisted's stub asks for a ServerFactory)."""
 
 
 Endpoint = tuple[str, int]
@@ -127,9 +117,9 @@ class _CapturingFactory:
 
     def __init__(self, wrapped: IProtocolFactory) -> None:
         self.wrapped = wrapped
-        self.protocol: Any = None
+        self.protocol: IProtocol | None = None
 
-    def buildProtocol(self, addr: IAddress) -> Any:
+    def buildProtocol(self, addr: IAddress) -> IProtocol | None:
         self.protocol = self.wrapped.buildProtocol(addr)
         return self.protocol
 
@@ -308,7 +298,7 @@ class HeldConnect:
         self.sock: socket.socket | None = reusable_socket(local)
         self.port = self.sock.getsockname()[1]
         self.primed = ttl is not None
-        self.timer: Any = None
+        self.timer: IDelayedCall | None = None
         self._done: Callable[[HeldConnect, int], None] | None = done
         self._waiter: _ConnectWaiter | None = None
         sock = self.sock
@@ -347,7 +337,7 @@ class HeldConnect:
                 self.timer.cancel()
             self.timer = None
 
-    def adopt(self, factory: IProtocolFactory) -> Any:
+    def adopt(self, factory: IProtocolFactory) -> IProtocol | None:
         """Hand the connected socket to the reactor; the protocol, or None."""
         sock, self.sock = self.sock, None
         assert sock is not None
@@ -395,7 +385,7 @@ def listen_reusable(
         sock.close()
 
 
-def abort_protocol(protocol: Any) -> None:
+def abort_protocol(protocol: object) -> None:
     """Drop a losing attempt's connection at once (no FIN handshake to wait for)."""
     transport = getattr(protocol, "transport", None)
     if transport is not None:
