@@ -18,6 +18,7 @@ from kerjostunt.client.calls import (
     AppPortProtocol,
     CallSetup,
     Dialer,
+    DialerConfig,
     build_offer,
     call_tag,
     dial_in_seconds,
@@ -112,7 +113,7 @@ class SetupTests(unittest.TestCase):
 class DialerPlanTests(unittest.TestCase):
     def dialer(self, setup: CallSetup, own_public: str) -> Dialer:
         return Dialer(Clock(), setup, Factory.forProtocol(Protocol), local_ip="10.0.0.5", punch_port=40000,
-                      own_public_ip=own_public, deadline=10.0, low_ttl=2)
+                      own_public_ip=own_public, config=DialerConfig(deadline=10.0, low_ttl=2))
 
     def test_punch_goes_to_predictions_best_first_then_the_punch_port(self) -> None:
         setup = _setup([
@@ -138,13 +139,13 @@ class DialerPlanTests(unittest.TestCase):
     def test_stop_before_the_dial_moment_fails_without_dialing(self) -> None:
         clock = Clock()
         dialer = Dialer(clock, _setup([]), Factory.forProtocol(Protocol), local_ip="127.0.0.1", punch_port=1,
-                        own_public_ip=None, deadline=1.0, low_ttl=None)
+                        own_public_ip=None, config=DialerConfig(deadline=1.0, low_ttl=None))
         d = dialer.start(0.5)
         dialer.stop("cancelled by the server")
         failure = self.failureResultOf(d, ConnectFailed)
         self.assertEqual(failure.value.reason, "cancelled by the server")
         clock.advance(1)
-        self.assertEqual(dialer.state, "done")
+        self.assertTrue(dialer.finished)
         self.assertEqual(clock.getDelayedCalls(), [])
 
 
@@ -159,7 +160,7 @@ class DialerPlanTests(unittest.TestCase):
             _setup([_cand("prflx", "so", "198.51.100.9", 40123)]),
             peer_nat="mapping=address-and-port-dependent; allocation=random; delta=none; confidence=0.05")
         dialer = Dialer(clock, setup, Factory.forProtocol(Protocol), local_ip="127.0.0.1", punch_port=1,
-                        own_public_ip=None, deadline=10.0, low_ttl=None)
+                        own_public_ip=None, config=DialerConfig(deadline=10.0, low_ttl=None))
         dialer.stunt_only = True  # no public endpoint to try either
         dialer.own_probes = [ProbeResult(("192.0.2.1", 3478), 1, "203.0.113.5", 31000),
                              ProbeResult(("192.0.2.1", 3479), 1, "203.0.113.5", 52011),
@@ -193,7 +194,7 @@ class AppPortTests(unittest.TestCase):
         clock = Clock()
         setup = _setup([], role="responder")
         dialer = Dialer(clock, setup, Factory.forProtocol(Protocol), local_ip="127.0.0.1", punch_port=1,
-                        own_public_ip=None, deadline=1.0, low_ttl=None)
+                        own_public_ip=None, config=DialerConfig(deadline=1.0, low_ttl=None))
         seen = []
         protocol, transport, _ = self.connect(lambda tag: seen.append(tag) or dialer)
         protocol.dataReceived(PREAMBLE + dialer.tag + b"\nKJ1 HELLO " + b"a" * 32 + b"\n")

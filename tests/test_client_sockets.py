@@ -73,7 +73,7 @@ class ReusableSocketTests(unittest.TestCase):
         try:
             s = reusable_socket(("::1", 0))
         except OSError as e:
-            raise unittest.SkipTest(f"no IPv6 loopback: {e}")
+            raise unittest.SkipTest(f"no IPv6 loopback: {e}") from None
         self.addCleanup(s.close)
         self.assertEqual(s.family, socket.AF_INET6)
 

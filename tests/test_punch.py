@@ -368,7 +368,7 @@ class PrimedRedialTests(unittest.TestCase):
             return d
 
         self.patch(punch_module, "connect_from", fake_connect_from)
-        self.patch(punch_module, "listen_reusable", lambda r, l, f: _FakePort())
+        self.patch(punch_module, "listen_reusable", lambda r, local, f: _FakePort())
         clock = MemoryReactorClock()
         plan = PunchPlan((LOOP, 1000), ((LOOP, 2000),), deadline=5, low_ttl=2)
         d = punch(clock, plan, AppFactory())

@@ -45,9 +45,8 @@ import math
 import os
 import random
 import resource
-import socket
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -55,16 +54,10 @@ from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from kerjostunt.client.nat.contest import Contest, has_handshake
 from kerjostunt.client.nat.punch import PunchFailed, PunchResult
-from kerjostunt.client.nat.sockets import (
-    _CapturingFactory,
-    _ConnectWaiter,
-    _ttl_option,
-    reusable_socket,
-)
-from kerjostunt.client.nat.sockets import (
-    abort_protocol as _drop,
-)
+from kerjostunt.client.nat.sockets import HeldConnect, SocketReactor, error_name
+from kerjostunt.client.nat.sockets import abort_protocol as _drop
 from kerjostunt.wire import kerjo
 from kerjostunt.wire.prediction import EI, RANDOM, NATDescription, Sample, classify
 
@@ -228,7 +221,7 @@ def plan_for_call(
     )
 
 
-def birthday(reactor: Any, plan: BirthdayPlan, protocol_factory: IProtocolFactory) -> Deferred:
+def birthday(reactor: SocketReactor, plan: BirthdayPlan, protocol_factory: IProtocolFactory) -> Deferred[PunchResult]:
     """
     Run one side of the birthday technique; fires with a ``PunchResult``
     (``technique='birthday'``) or fails with ``BirthdayFailed``.
@@ -238,102 +231,6 @@ def birthday(reactor: Any, plan: BirthdayPlan, protocol_factory: IProtocolFactor
     succeeded.  Cancelling the Deferred closes everything.
     """
     return _Birthday(reactor, plan, protocol_factory).start()
-
-
-# -- one connect attempt, with its socket at hand --------------------------------------
-
-
-class _Attempt:
-    """
-    A non-blocking connect from a reusable local port (as ``sockets.connect_from``,
-    but the socket stays reachable: the hard side reads its TCP state).
-
-    ``done(attempt, errno_code)`` is called once, never synchronously.
-    """
-
-    def __init__(self, reactor: Any, local: Endpoint, remote: Endpoint, ttl: int | None,
-                 done: Callable[[_Attempt, int], None]) -> None:
-        self.reactor = reactor
-        self.remote = remote
-        self.sock: socket.socket | None = reusable_socket(local)
-        self.port = self.sock.getsockname()[1]
-        self.primed = ttl is not None
-        self.timer: Any = None
-        self._done: Callable[[_Attempt, int], None] | None = done
-        self._waiter: _ConnectWaiter | None = None
-        sock = self.sock
-        default_ttl = None
-        try:
-            if ttl is not None:
-                level, option = _ttl_option(sock.family)
-                default_ttl = sock.getsockopt(level, option)
-                sock.setsockopt(level, option, ttl)
-            try:
-                code = sock.connect_ex(remote)
-            except OSError as e:
-                code = e.errno or errno.EINVAL
-            if default_ttl is not None:
-                sock.setsockopt(level, option, default_ttl)
-        except BaseException:
-            self.close()
-            raise
-        if code in (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY, errno.EINTR):
-            self._waiter = _ConnectWaiter(sock, self._finished)
-            reactor.addWriter(self._waiter)
-        else:
-            reactor.callLater(0, self._finished, code)
-
-    def tcp_state(self) -> int | None:
-        if self.sock is None:
-            return None
-        try:
-            return self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
-        except OSError:
-            return None
-
-    def _finished(self, code: int) -> None:
-        done, self._done = self._done, None
-        self._unwatch()
-        if done is not None:
-            done(self, code)
-
-    def _unwatch(self) -> None:
-        if self._waiter is not None:
-            waiter, self._waiter = self._waiter, None
-            self.reactor.removeWriter(waiter)
-            self.reactor.removeReader(waiter)
-        if self.timer is not None:
-            if self.timer.active():
-                self.timer.cancel()
-            self.timer = None
-
-    def adopt(self, factory: IProtocolFactory) -> Any:
-        """Hand the connected socket to the reactor; the protocol, or None."""
-        sock, self.sock = self.sock, None
-        assert sock is not None
-        capture = _CapturingFactory(factory)
-        try:
-            self.reactor.adoptStreamConnection(sock.fileno(), sock.family, capture)
-        finally:
-            sock.close()  # the reactor holds its own duplicate
-        return capture.protocol
-
-    def close(self) -> None:
-        self._done = None
-        self._unwatch()
-        if self.sock is not None:
-            sock, self.sock = self.sock, None
-            sock.close()
-
-
-def _error_name(code: int) -> str:
-    if code == errno.ECONNREFUSED:
-        return "refused"
-    if code in (errno.EHOSTUNREACH, errno.ENETUNREACH):
-        return "unreachable"
-    if code == errno.ETIMEDOUT:
-        return "timed out"
-    return errno.errorcode.get(code, str(code)).lower()
 
 
 def fd_budget(reserve: int = FD_RESERVE) -> int:
@@ -359,31 +256,29 @@ def fd_budget(reserve: int = FD_RESERVE) -> int:
 # -- the attempt ------------------------------------------------------------------------
 
 
-@dataclass
 class _Birthday:
-    reactor: Any
-    plan: BirthdayPlan
-    factory: IProtocolFactory
-    state: str = "idle"  # -> running -> finished
-    started: float = 0.0
-    result: Deferred = field(default=None)  # type: ignore[assignment]
-    attempts: int = 0
-    open: set = field(default_factory=set)
-    peak_open: int = 0
-    contenders: list = field(default_factory=list)
-    timers: list = field(default_factory=list)
-    errors: dict = field(default_factory=dict)
-    guesses: list = field(default_factory=list)
-    sprayed: bool = False
-    limit: int = 0
+    """One side of one attempt; its life is its Contest (open until won, failed or cancelled)."""
+
+    def __init__(self, reactor: SocketReactor, plan: BirthdayPlan, factory: IProtocolFactory) -> None:
+        self.reactor = reactor
+        self.plan = plan
+        self.factory = factory
+        self.contest: Contest[PunchResult] = Contest(reactor)
+        self.contest.on_close(self.close_all)
+        self.started = 0.0
+        self.attempts = 0
+        self.open: set[HeldConnect] = set()
+        self.peak_open = 0
+        self.errors: dict[str, int] = {}
+        self.guesses: list[int] = []
+        self.sprayed = False
+        self.limit = 0
 
     # starting ---------------------------------------------------------------
 
-    def start(self) -> Deferred:
-        self.result = Deferred(lambda d: self.teardown())
-        self.state = "running"
+    def start(self) -> Deferred[PunchResult]:
         self.started = self.reactor.seconds()
-        self._later(self.plan.deadline, self.expire)
+        self.contest.later(self.plan.deadline, self.expire)
         budget = fd_budget()
         if self.plan.role == HARD:
             self.limit = min(self.plan.sockets, budget)
@@ -391,23 +286,23 @@ class _Birthday:
             self.limit = min(self.plan.max_in_flight, budget)
             self.guesses = self.plan.guess_ports()
         if self.limit < 1:
-            self.finish(failure=BirthdayFailed(f"birthday ({self.plan.role}): no file descriptors to spare"))
-            return self.result
+            self.contest.lose(BirthdayFailed(f"birthday ({self.plan.role}): no file descriptors to spare"))
+            return self.contest.result
         begin = self.open_hard if self.plan.role == HARD else self.spray
         if self.plan.start_delay > 0:
-            self._later(self.plan.start_delay, begin)
+            self.contest.later(self.plan.start_delay, begin)
         else:
             begin()
-        return self.result
+        return self.contest.result
 
     def remaining(self) -> float:
         return self.started + self.plan.deadline - self.reactor.seconds()
 
     def _dial(self, local: Endpoint, remote: Endpoint, ttl: int | None,
-              done: Callable[[_Attempt, int], None]) -> tuple[_Attempt | None, int]:
+              done: Callable[[HeldConnect, int], None]) -> tuple[HeldConnect | None, int]:
         """A new attempt (and 0), or None and the errno that prevented it."""
         try:
-            attempt = _Attempt(self.reactor, local, remote, ttl, done)
+            attempt = HeldConnect(self.reactor, local, remote, ttl, done)
         except OSError as e:
             code = e.errno or errno.EINVAL
             self._note(code)
@@ -418,49 +313,50 @@ class _Birthday:
         return attempt, 0
 
     def _note(self, code: int) -> None:
-        name = _error_name(code)
+        name = error_name(code)
         self.errors[name] = self.errors.get(name, 0) + 1
 
     # the hard side ----------------------------------------------------------
 
     def open_hard(self) -> None:
-        if self.state != "running":
+        if self.contest.over:
             return
         for _ in range(self.limit):
             if self.dial_hard(0) is None:
                 break
         if not self.open:
-            self.finish(failure=BirthdayFailed(f"birthday (hard): could not open a socket ({self._errors()})"))
+            self.contest.lose(BirthdayFailed(f"birthday (hard): could not open a socket ({self._errors()})"))
             return
         log.debug("birthday (hard): {n} sockets dialing {peer}", n=len(self.open), peer=self.plan.peer)
 
-    def dial_hard(self, port: int) -> _Attempt | None:
+    def dial_hard(self, port: int) -> HeldConnect | None:
         """Dial the easy endpoint from ``port`` (0: a fresh one), primed when configured."""
-        if self.state != "running" or self.remaining() <= 0:
+        if self.contest.over or self.remaining() <= 0:
             return None
         attempt, _ = self._dial((self.plan.local[0], port), self.plan.peer, self.plan.low_ttl, self.hard_done)
         if attempt is None:
             if port:
-                self._later(self.plan.retry_interval, self.dial_hard, port)
+                self.contest.later(self.plan.retry_interval, self.dial_hard, port)
             return None
         attempt.timer = self.reactor.callLater(min(self.plan.cycle, self.remaining()), self.hard_cycle, attempt)
         return attempt
 
-    def hard_cycle(self, attempt: _Attempt) -> None:
+    def hard_cycle(self, attempt: HeldConnect) -> None:
         attempt.timer = None
-        if self.state != "running" or attempt not in self.open:
+        if self.contest.over or attempt not in self.open:
             return
         if attempt.tcp_state() == _TCP_SYN_RECV:
             # The peer's guess arrived: the final ACK is on its way.
-            attempt.timer = self.reactor.callLater(min(self.plan.cycle, max(self.remaining(), 0.0)), self.hard_cycle, attempt)
+            attempt.timer = self.reactor.callLater(
+                min(self.plan.cycle, max(self.remaining(), 0.0)), self.hard_cycle, attempt)
             return
         self.open.discard(attempt)
         attempt.close()
         self.dial_hard(attempt.port)
 
-    def hard_done(self, attempt: _Attempt, code: int) -> None:
+    def hard_done(self, attempt: HeldConnect, code: int) -> None:
         self.open.discard(attempt)
-        if self.state != "running":
+        if self.contest.over:
             attempt.close()
             return
         if code == 0:
@@ -472,12 +368,12 @@ class _Birthday:
             # The primed SYN died on the way, as meant; the mapping survives.
             self.dial_hard(attempt.port)
         else:
-            self._later(self.plan.retry_interval, self.dial_hard, attempt.port)
+            self.contest.later(self.plan.retry_interval, self.dial_hard, attempt.port)
 
     # the easy side ----------------------------------------------------------
 
     def spray(self) -> None:
-        if self.state != "running":
+        if self.contest.over:
             return
         ticks = max(1, int(self.plan.spray_time / self.plan.tick))
         per_tick = max(1, math.ceil(len(self.guesses) / ticks))
@@ -495,14 +391,14 @@ class _Birthday:
             attempt.timer = self.reactor.callLater(
                 min(self.plan.guess_timeout, self.remaining()), self.easy_missed, attempt)
         if self.guesses and self.remaining() > 0:
-            self._later(self.plan.tick, self.spray)
+            self.contest.later(self.plan.tick, self.spray)
         else:
             self.sprayed = True
             self.check_exhausted()
 
-    def easy_done(self, attempt: _Attempt, code: int) -> None:
+    def easy_done(self, attempt: HeldConnect, code: int) -> None:
         self.open.discard(attempt)
-        if self.state != "running":
+        if self.contest.over:
             attempt.close()
             return
         if code == 0:
@@ -512,7 +408,7 @@ class _Birthday:
         self._note(code)
         self.check_exhausted()
 
-    def easy_missed(self, attempt: _Attempt) -> None:
+    def easy_missed(self, attempt: HeldConnect) -> None:
         attempt.timer = None
         if attempt not in self.open:
             return
@@ -522,13 +418,13 @@ class _Birthday:
         self.check_exhausted()
 
     def check_exhausted(self) -> None:
-        if (self.state == "running" and self.plan.role == EASY and self.sprayed
-                and not self.open and not self.contenders):
-            self.finish(failure=BirthdayFailed(self._failure_text("all guesses missed")))
+        if (not self.contest.over and self.plan.role == EASY and self.sprayed
+                and not self.open and not self.contest.contenders):
+            self.contest.lose(BirthdayFailed(self._failure_text("all guesses missed")))
 
     # a connection -------------------------------------------------------------
 
-    def connected(self, attempt: _Attempt, redial: int | None) -> None:
+    def connected(self, attempt: HeldConnect, redial: int | None) -> None:
         remote = attempt.remote
         try:
             protocol = attempt.adopt(self.factory)
@@ -539,29 +435,24 @@ class _Birthday:
             if redial:
                 self.dial_hard(redial)
             return
-        done = getattr(protocol, "handshake_done", None)
-        if done is None:
+        if not has_handshake(protocol):
             self.won(protocol, protocol, remote)
             return
-        self.contenders.append(protocol)
-
         def ok(app: Any) -> None:
             self.won(protocol, app, remote)
 
         def bad(reason: Failure) -> None:
-            if protocol in self.contenders:
-                self.contenders.remove(protocol)
-            if self.state != "running":
+            if self.contest.over:
                 return
             self.errors["handshake failed"] = self.errors.get("handshake failed", 0) + 1
             if redial:
-                self._later(self.plan.retry_interval, self.dial_hard, redial)
+                self.contest.later(self.plan.retry_interval, self.dial_hard, redial)
             self.check_exhausted()
 
-        done.addCallbacks(ok, bad)
+        self.contest.contend(protocol, ok, bad)
 
     def won(self, wrapper: Any, app: Any, remote: Endpoint) -> None:
-        if self.state != "running":
+        if self.contest.over:
             _drop(wrapper)
             return
         result = PunchResult(
@@ -574,7 +465,7 @@ class _Birthday:
             role=self.plan.role, host=remote[0], port=remote[1], attempts=self.attempts,
             elapsed=result.elapsed, peak=self.peak_open,
         )
-        self.finish(result=result, keep=wrapper)
+        self.contest.win(result)
 
     # ending -------------------------------------------------------------------
 
@@ -590,33 +481,11 @@ class _Birthday:
                 f"{self.attempts} dials, {what}, at most {self.peak_open} open at once ({self._errors()})")
 
     def expire(self) -> None:
-        if self.state == "running":
-            self.finish(failure=BirthdayFailed(self._failure_text("no connection")))
+        if not self.contest.over:
+            self.contest.lose(BirthdayFailed(self._failure_text("no connection")))
 
-    def finish(self, result: PunchResult | None = None, failure: Exception | None = None,
-               keep: Any = None) -> None:
-        self.teardown(keep)
-        if self.result.called:
-            return
-        if failure is not None:
-            self.result.errback(failure)
-        else:
-            self.result.callback(result)
-
-    def teardown(self, keep: Any = None) -> None:
-        self.state = "finished"
-        for timer in self.timers:
-            if timer.active():
-                timer.cancel()
-        self.timers.clear()
-        for attempt in list(self.open):
+    def close_all(self) -> None:
+        """Every socket of the attempt, when it ends (won, failed, cancelled)."""
+        attempts, self.open = self.open, set()
+        for attempt in attempts:
             attempt.close()
-        self.open.clear()
-        for protocol in list(self.contenders):
-            if protocol is not keep:
-                _drop(protocol)
-        self.contenders.clear()
-
-    def _later(self, delay: float, f: Any, *args: Any) -> None:
-        self.timers = [t for t in self.timers if t.active()]
-        self.timers.append(self.reactor.callLater(delay, f, *args))

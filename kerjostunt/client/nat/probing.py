@@ -14,16 +14,17 @@ KERJO-LOCAL-PORT attribute; see docs/probes.rst.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IAddress, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from kerjostunt.client.nat.sockets import connect_from, reusable_socket
+from kerjostunt.client.nat.sockets import SocketReactor, connect_from, reusable_socket
 from kerjostunt.wire import stun
 
 __all__ = ["ProbeResult", "ProbeError", "probe_from", "probe_one"]
@@ -60,12 +61,17 @@ class _BindingClient(Protocol):
         #: fires (None) once the request is written: the next probe may start
         self.sent: defer.Deferred[None] = defer.Deferred()
 
+    def _tcp(self) -> ITCPTransport:
+        """The connection's transport (a TCP one: ``connect_from`` adopts a TCP socket)."""
+        assert self.transport is not None
+        return cast(ITCPTransport, self.transport)
+
     def _cancel(self, _: Any) -> None:
         if self.transport is not None:
-            self.transport.abortConnection()
+            self._tcp().abortConnection()
 
     def connectionMade(self) -> None:
-        self.transport.write(self._request)
+        self._tcp().write(self._request)
         if not self.sent.called:
             self.sent.callback(None)
 
@@ -83,7 +89,7 @@ class _BindingClient(Protocol):
             self._finish(Failure(e))
 
     def _finish(self, outcome: Any) -> None:
-        self.transport.loseConnection()
+        self._tcp().loseConnection()
         if self.result.called:
             return
         if isinstance(outcome, Failure):
@@ -100,19 +106,19 @@ class _OneShot(Factory):
     def __init__(self, proto: _BindingClient) -> None:
         self._proto = proto
 
-    def buildProtocol(self, addr: Any) -> _BindingClient:
+    def buildProtocol(self, addr: IAddress | None) -> _BindingClient:
         self._proto.factory = self
         return self._proto
 
 
-def probe_one(reactor: Any, local: tuple[str, int], server: tuple[str, int], *,
+def probe_one(reactor: SocketReactor, local: tuple[str, int], server: tuple[str, int], *,
               username: str | None, password: str | None,
               timeout: float = 5.0) -> defer.Deferred[ProbeResult]:
     """One Binding request to ``server`` from the (already chosen) local endpoint."""
     return _start_probe(reactor, local, server, username=username, password=password, timeout=timeout)[0]
 
 
-def _start_probe(reactor: Any, local: tuple[str, int], server: tuple[str, int], *,
+def _start_probe(reactor: SocketReactor, local: tuple[str, int], server: tuple[str, int], *,
                  username: str | None, password: str | None,
                  timeout: float) -> tuple[defer.Deferred[ProbeResult], defer.Deferred[None]]:
     """(the result, a Deferred that fires when the request is written or the probe ended)."""
@@ -140,7 +146,7 @@ def _start_probe(reactor: Any, local: tuple[str, int], server: tuple[str, int], 
     return d, client.sent
 
 
-def probe_from(reactor: Any, local_address: tuple[str, int],
+def probe_from(reactor: SocketReactor, local_address: tuple[str, int],
                servers: Sequence[tuple[str, int]], *, username: str | None,
                password: str | None, timeout: float = 5.0) -> defer.Deferred[list[ProbeResult]]:
     """Probe every server from ``local_address``, in the given order, pipelined.
@@ -167,7 +173,7 @@ def probe_from(reactor: Any, local_address: tuple[str, int],
         local_address = (local_address[0], holder.getsockname()[1])
 
     @defer.inlineCallbacks
-    def run():
+    def run() -> Generator[defer.Deferred[Any], Any, list[ProbeResult]]:
         started: list[tuple[tuple[str, int], defer.Deferred[ProbeResult]]] = []
         for server in servers:
             result, sent = _start_probe(reactor, local_address, server, username=username,

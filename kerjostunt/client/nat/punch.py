@@ -14,17 +14,19 @@ from __future__ import annotations
 
 import errno
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import error
-from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.interfaces import IAddress, IListeningPort, IProtocol, IProtocolFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
+from kerjostunt.client.nat.contest import Contest, has_handshake
+from kerjostunt.client.nat.sockets import SocketReactor, connect_from, listen_reusable
 from kerjostunt.client.nat.sockets import abort_protocol as _drop
-from kerjostunt.client.nat.sockets import connect_from, listen_reusable
 
 log = Logger()
 
@@ -84,7 +86,7 @@ class PunchFailed(Exception):
         self.reason = reason
 
 
-def punch(reactor: Any, plan: PunchPlan, protocol_factory: IProtocolFactory) -> Deferred:
+def punch(reactor: SocketReactor, plan: PunchPlan, protocol_factory: IProtocolFactory) -> Deferred[PunchResult]:
     """
     Punch a TCP connection according to ``plan``; fires with a PunchResult.
 
@@ -112,6 +114,7 @@ def _reason_text(reason: Failure | BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+@implementer(IProtocolFactory)
 class _AcceptFactory:
     """The listener's factory: every accepted connection is a contender."""
 
@@ -124,48 +127,42 @@ class _AcceptFactory:
     def doStop(self) -> None:
         pass
 
-    def buildProtocol(self, addr: Any) -> Any:
+    def buildProtocol(self, addr: IAddress) -> IProtocol | None:
         return self.owner.accepted(addr)
 
 
-@dataclass
 class _Punch:
-    reactor: Any
-    plan: PunchPlan
-    factory: IProtocolFactory
-    # Run-time state; "idle" -> "waiting" -> "running" -> "finished".
-    state: str = "idle"
-    attempts: int = 0
-    started: float = 0.0
-    result: Deferred = field(default=None)  # type: ignore[assignment]
-    port: IListeningPort | None = None
-    timers: list = field(default_factory=list)
-    dials: dict = field(default_factory=dict)
-    contenders: list = field(default_factory=list)
-    last_error: dict = field(default_factory=dict)
+    """One side's punch for one call; its life is its Contest (open until won, failed or cancelled)."""
+
+    def __init__(self, reactor: SocketReactor, plan: PunchPlan, factory: IProtocolFactory) -> None:
+        self.reactor = reactor
+        self.plan = plan
+        self.factory = factory
+        self.contest: Contest[PunchResult] = Contest(reactor)
+        self.contest.on_close(self.close_listener)
+        self.attempts = 0
+        self.started = 0.0
+        self.port: IListeningPort | None = None
+        self.dials: dict[Endpoint, Deferred[Any]] = {}
+        self.last_error: dict[Endpoint, str] = {}
 
     # Starting -----------------------------------------------------------
 
-    def start(self) -> Deferred:
-        self.result = Deferred(lambda d: self.cancel())
+    def start(self) -> Deferred[PunchResult]:
         now = self.reactor.seconds()
         if self.plan.start_at is not None and self.plan.start_at > now:
-            self.state = "waiting"
-            self._later(self.plan.start_at - now, self.begin)
+            self.contest.later(self.plan.start_at - now, self.begin)
         else:
             self.begin()
-        return self.result
+        return self.contest.result
 
     def begin(self) -> None:
-        if self.state == "finished":
-            return
-        self.state = "running"
         self.started = self.reactor.seconds()
-        self._later(self.plan.deadline, self.deadline_passed)
+        self.contest.later(self.plan.deadline, self.deadline_passed)
         try:
             self.port = listen_reusable(self.reactor, self.plan.local, _AcceptFactory(self))
         except OSError as e:
-            self.finish(failure=PunchFailed(f"cannot listen on {_describe(self.plan.local)}: {e}"))
+            self.contest.lose(PunchFailed(f"cannot listen on {_describe(self.plan.local)}: {e}"))
             return
         log.debug(
             "punching from {local} to {candidates}",
@@ -181,7 +178,7 @@ class _Punch:
         return self.started + self.plan.deadline - self.reactor.seconds()
 
     def dial(self, candidate: Endpoint, first: bool = False) -> None:
-        if self.state != "running" or candidate in self.dials:
+        if self.contest.over or candidate in self.dials:
             return
         remaining = self.remaining()
         if remaining <= 0:
@@ -203,7 +200,7 @@ class _Punch:
         except OSError as e:
             self.dial_failed(Failure(e), candidate, low)
             return
-        self.dials[candidate] = d
+        self.dials[candidate] = self.contest.track(d)
         technique = "low-ttl" if low else "simultaneous-open"
         d.addCallbacks(
             self.dialed,
@@ -226,7 +223,7 @@ class _Punch:
 
     def dial_failed(self, reason: Failure, candidate: Endpoint, low: bool) -> None:
         self.dials.pop(candidate, None)
-        if self.state != "running" or reason.check(CancelledError):
+        if self.contest.over or reason.check(CancelledError):
             return
         self.last_error[candidate] = _reason_text(reason)
         half_open = getattr(reason.value, "osError", None) == errno.EADDRNOTAVAIL
@@ -238,7 +235,7 @@ class _Punch:
         # SYN_SENT, since a listener's SYN-ACK carries an ISN the NAT's
         # conntrack has not seen and is dropped (docs/nat-lab.rst).
         delay = 0.0 if low or half_open else self.retry_delay()
-        self._later(delay, self.dial, candidate)
+        self.contest.later(delay, self.dial, candidate)
 
     def stop_listening(self, candidate: Endpoint) -> None:
         """Close the listener for the rest of the punch.
@@ -254,58 +251,65 @@ class _Punch:
         the peer's next SYN the same way (NAT lab), while our redial in
         SYN_SENT meets it as a simultaneous open.
         """
-        port, self.port = self.port, None
-        if port is None:
+        if self.port is None:
             return
         log.debug("punch: closing the listener on {local}, it held a half-open connection from {remote}",
                   local=_describe(self.plan.local), remote=_describe(candidate))
-        maybeDeferred(port.stopListening).addErrback(
-            lambda f: log.warn("punch: closing the listener failed: {why}", why=f.getErrorMessage()))
+        try:
+            closing = self.close_listener()
+        except Exception as e:
+            closing = fail(e)
+        if closing is not None:
+            closing.addErrback(lambda f: log.warn("punch: closing the listener failed: {why}",
+                                                  why=f.getErrorMessage()))
+
+    def close_listener(self) -> Deferred[None] | None:
+        """The Contest's cleanup: a listener still open is closed (the result waits for it)."""
+        port, self.port = self.port, None
+        if port is None:
+            return None
+        return port.stopListening()
 
     # Accepting ----------------------------------------------------------
 
-    def accepted(self, addr: Any) -> Any:
-        if self.state != "running":
+    def accepted(self, addr: IAddress) -> IProtocol | None:
+        if self.contest.over:
             return None
         protocol = self.factory.buildProtocol(addr)
         if protocol is None:
             return None
-        remote = (addr.host, addr.port)
-        if _has_handshake(protocol):
+        remote = _endpoint_of(addr)
+        if has_handshake(protocol):
             self.contend(protocol, remote, "accepted", redial=False)
         else:
             # The transport is attached only after buildProtocol returns.
-            self._later(0, self.contend, protocol, remote, "accepted", False)
+            self.contest.later(0, self.contend, protocol, remote, "accepted", False)
         return protocol
 
     # Choosing the winner --------------------------------------------------
 
     def contend(self, protocol: Any, remote: Endpoint, technique: str, redial: bool) -> None:
-        if self.state != "running":
+        if self.contest.over:
             _drop(protocol)
             return
-        if not _has_handshake(protocol):
+        if not has_handshake(protocol):
             self.won(protocol, protocol, remote, technique)
             return
-        done = protocol.handshake_done
-        self.contenders.append(protocol)
 
         def ok(app: Any) -> None:
             self.won(protocol, app, remote, technique)
 
         def bad(reason: Failure) -> None:
-            if protocol in self.contenders:
-                self.contenders.remove(protocol)
-            if self.state != "running":
+            if self.contest.over:
                 return
             self.last_error[remote] = f"handshake: {_reason_text(reason)}"
             if redial:
-                self._later(self.retry_delay(), self.dial, remote)
+                self.contest.later(self.retry_delay(), self.dial, remote)
 
-        done.addCallbacks(ok, bad)
+        self.contest.contend(protocol, ok, bad)
 
     def won(self, wrapper: Any, app: Any, remote: Endpoint, technique: str) -> None:
-        if self.state != "running":
+        if self.contest.over:
             _drop(wrapper)
             return
         if getattr(wrapper, "transport", None) is None:
@@ -324,10 +328,12 @@ class _Punch:
             attempts=self.attempts,
             elapsed=result.elapsed,
         )
-        self.finish(result=result, keep=wrapper)
+        # Fires only once the listener is really closed, so the caller can
+        # reuse the port and nothing of the punch outlives its result.
+        self.contest.win(result)
 
     def deadline_passed(self) -> None:
-        if self.state != "running":
+        if self.contest.over:
             return
         errors = "; ".join(
             f"{_describe(c)} {self.last_error.get(c, 'no answer')}" for c in self.plan.candidates
@@ -335,63 +341,14 @@ class _Punch:
         extra = {k: v for k, v in self.last_error.items() if k not in self.plan.candidates}
         if extra:
             errors += "; " + "; ".join(f"{_describe(k)} {v}" for k, v in extra.items())
-        self.finish(
-            failure=PunchFailed(
+        self.contest.lose(
+            PunchFailed(
                 f"no connection within {self.plan.deadline:g} s after "
                 f"{self.attempts} attempts from {_describe(self.plan.local)} ({errors})"
             )
         )
 
-    # Ending -------------------------------------------------------------
 
-    def cancel(self) -> None:
-        """Deferred canceller: the Deferred itself fails with CancelledError."""
-        self.teardown()
-
-    def finish(
-        self,
-        result: PunchResult | None = None,
-        failure: Exception | None = None,
-        keep: Any = None,
-    ) -> None:
-        stopped = self.teardown(keep)
-
-        def deliver(_: Any) -> None:
-            if self.result.called:
-                return
-            if failure is not None:
-                self.result.errback(failure)
-            else:
-                self.result.callback(result)
-
-        # Fire only once the listener is really closed, so the caller can
-        # reuse the port and nothing of the punch outlives its result.
-        stopped.addBoth(deliver)
-
-    def teardown(self, keep: Any = None) -> Deferred:
-        self.state = "finished"
-        for timer in self.timers:
-            if timer.active():
-                timer.cancel()
-        self.timers.clear()
-        for d in list(self.dials.values()):
-            d.cancel()
-        self.dials.clear()
-        for protocol in list(self.contenders):
-            if protocol is not keep:
-                _drop(protocol)
-        self.contenders.clear()
-        port, self.port = self.port, None
-        if port is None:
-            return succeed(None)
-        return maybeDeferred(port.stopListening)
-
-    def _later(self, delay: float, f: Any, *args: Any) -> None:
-        self.timers = [t for t in self.timers if t.active()]
-        self.timers.append(self.reactor.callLater(delay, f, *args))
-
-
-def _has_handshake(protocol: Any) -> bool:
-    """Without touching the attribute: ``handshake_done`` makes a new Deferred per access,
-    and one nobody consumes would be reported as an unhandled error when it fails."""
-    return hasattr(type(protocol), "handshake_done") or "handshake_done" in getattr(protocol, "__dict__", {})
+def _endpoint_of(addr: IAddress) -> Endpoint:
+    """(host, port) of an IPv4Address/IPv6Address."""
+    return (addr.host, addr.port)  # type: ignore[attr-defined]

@@ -32,12 +32,13 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from kerjostunt.client.nat.probing import ProbeResult
 
 __all__ = ["PreparedPort", "ReadyPort"]
 
@@ -51,7 +52,7 @@ class PreparedPort:
     holder: socket.socket
     local_ip: str
     port: int
-    results: list[Any]
+    results: list[ProbeResult]
     probed_at: float
     public_ip: str | None = field(default=None)
 
@@ -91,9 +92,9 @@ class ReadyPort:
         self.dependent_max_age = dependent_max_age
         self.settle = settle
         self._ready: PreparedPort | None = None
-        self._preparing: defer.Deferred | None = None
-        self._takers: list[defer.Deferred] = []
-        self._watchers: list[defer.Deferred] = []
+        self._preparing: defer.Deferred[PreparedPort | None] | None = None
+        self._takers: list[defer.Deferred[PreparedPort | None]] = []
+        self._watchers: list[defer.Deferred[None]] = []
         self._timer: IDelayedCall | None = None
         self._generation = 0  # bumped by clear(): a preparation started before it is discarded
         #: when the last preparation failed (no probe answered), None after a success
@@ -127,16 +128,16 @@ class ReadyPort:
             self._timer.cancel()
             self._timer = None
         if self._preparing is not None:
-            taker: defer.Deferred = defer.Deferred()
+            taker: defer.Deferred[PreparedPort | None] = defer.Deferred()
             self._takers.append(taker)
             return taker
         return defer.succeed(self._pop())
 
-    def when_ready(self) -> defer.Deferred:
+    def when_ready(self) -> defer.Deferred[None]:
         """Fires (with None) once the preparation under way, if any, has ended."""
         if self._preparing is None:
             return defer.succeed(None)
-        watcher: defer.Deferred = defer.Deferred()
+        watcher: defer.Deferred[None] = defer.Deferred()
         self._watchers.append(watcher)
         return watcher
 

@@ -26,8 +26,12 @@ from twisted.internet import error
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IAddress,
+    IDelayedCall,
     IListeningPort,
+    IProtocol,
     IProtocolFactory,
+    IReactorFDSet,
+    IReactorTime,
     IReadWriteDescriptor,
 )
 from twisted.logger import Logger
@@ -35,6 +39,28 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 log = Logger()
+
+
+
+class SocketReactor(IReactorTime, IReactorFDSet):
+    """What the NAT techniques need of the reactor: time, and sockets made by hand.
+
+    IReactorTime, IReactorFDSet and IReactorSocket's two adopt methods (the
+    global reactor provides all three).  An interface rather than a
+    typing.Protocol, so that Twisted's own time-taking APIs (``addTimeout``,
+    a HandshakeFactory's clock) accept it as it is.
+    """
+
+    def adoptStreamConnection(fileDescriptor: int, addressFamily: socket.AddressFamily,
+                              factory: IProtocolFactory) -> None:
+        """IReactorSocket's, for any protocol factory (Twisted's stub asks for a ServerFactory)."""
+
+    def adoptStreamPort(fileDescriptor: int, addressFamily: socket.AddressFamily,
+                        factory: IProtocolFactory) -> IListeningPort:
+        """IReactorSocket's, for any protocol factory (Twisted's stub asks for a ServerFactory)."""
+
+
+Endpoint = tuple[str, int]
 
 _IN_PROGRESS = {errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY, errno.EINTR}
 
@@ -75,9 +101,12 @@ def _ttl_option(family: socket.AddressFamily) -> tuple[int, int]:
 
 def _connect_error(code: int) -> Exception:
     """Twisted's connect error for an errno (ECONNREFUSED -> ConnectionRefusedError)."""
-    return error.getConnectError((code, errno.errorcode.get(code, str(code))))
+    exc: Exception = error.getConnectError(  # type: ignore[no-untyped-call]  # untyped in Twisted
+        (code, errno.errorcode.get(code, str(code))))
+    return exc
 
 
+@implementer(IProtocolFactory)
 class _CapturingFactory:
     """
     Passes buildProtocol through and remembers the protocol.
@@ -88,9 +117,9 @@ class _CapturingFactory:
 
     def __init__(self, wrapped: IProtocolFactory) -> None:
         self.wrapped = wrapped
-        self.protocol: Any = None
+        self.protocol: IProtocol | None = None
 
-    def buildProtocol(self, addr: IAddress) -> Any:
+    def buildProtocol(self, addr: IAddress) -> IProtocol | None:
         self.protocol = self.wrapped.buildProtocol(addr)
         return self.protocol
 
@@ -115,7 +144,7 @@ class _ConnectWaiter:
     def __init__(self, sock: socket.socket, done: Callable[[int], None]) -> None:
         self._sock = sock
         self._fd = sock.fileno()
-        self._done = done
+        self._done: Callable[[int], None] | None = done
 
     def fileno(self) -> int:
         return self._fd
@@ -145,14 +174,14 @@ class _ConnectWaiter:
 
 
 def connect_from(
-    reactor: Any,
+    reactor: SocketReactor,
     local: tuple[str, int],
     remote: tuple[str, int],
     protocol_factory: IProtocolFactory,
     *,
     timeout: float,
     ttl: int | None = None,
-) -> Deferred:
+) -> Deferred[Any]:
     """
     Connect to ``remote`` from the reusable local endpoint ``local``.
 
@@ -167,57 +196,15 @@ def connect_from(
     simultaneous open and all data leave with the normal TTL.
     """
     sock = reusable_socket(local)
-    family = sock.family
-    state: dict[str, Any] = {"waiter": None, "timer": None}
+    return _Connect(reactor, sock, protocol_factory).start(remote, timeout, ttl)
 
-    def cleanup(close: bool) -> None:
-        waiter = state["waiter"]
-        if waiter is not None:
-            state["waiter"] = None
-            reactor.removeWriter(waiter)
-            reactor.removeReader(waiter)
-        timer = state["timer"]
-        if timer is not None:
-            state["timer"] = None
-            if timer.active():
-                timer.cancel()
-        if close:
-            sock.close()
 
-    def cancel(d: Deferred) -> None:
-        cleanup(close=True)
-
-    d: Deferred = Deferred(cancel)
-
-    def fail(exc: Exception) -> None:
-        cleanup(close=True)
-        if not d.called:
-            d.errback(exc)
-
-    def connected(code: int) -> None:
-        if d.called:
-            return
-        if code != 0:
-            fail(_connect_error(code))
-            return
-        cleanup(close=False)
-        capture = _CapturingFactory(protocol_factory)
-        try:
-            reactor.adoptStreamConnection(sock.fileno(), family, capture)
-        except Exception as e:
-            sock.close()
-            d.errback(e)
-            return
-        # The reactor holds its own duplicate of the descriptor now.
-        sock.close()
-        if capture.protocol is None:
-            d.errback(error.ConnectError(string="factory refused the connection"))
-        else:
-            d.callback(capture.protocol)
-
+def _start_connect(sock: socket.socket, remote: tuple[str, int], ttl: int | None) -> int:
+    """connect_ex() with the first SYN's TTL set to ``ttl`` (and restored right after); the errno."""
     default_ttl = None
+    level = option = 0
     if ttl is not None:
-        level, option = _ttl_option(family)
+        level, option = _ttl_option(sock.family)
         default_ttl = sock.getsockopt(level, option)
         sock.setsockopt(level, option, ttl)
     try:
@@ -225,29 +212,163 @@ def connect_from(
     except OSError as e:
         code = e.errno or errno.EINVAL
     if default_ttl is not None:
-        level, option = _ttl_option(family)
         sock.setsockopt(level, option, default_ttl)
+    return code
 
-    if code == 0:
-        connected(0)
-        return d
-    if code not in _IN_PROGRESS:
-        fail(_connect_error(code))
-        return d
 
-    def timed_out() -> None:
-        state["timer"] = None
-        fail(error.TimeoutError(string=f"connect to {remote[0]}:{remote[1]}"))
+class _Connect:
+    """One ``connect_from``: the socket, what watches it, its timeout, the Deferred."""
 
-    state["timer"] = reactor.callLater(timeout, timed_out)
-    waiter = _ConnectWaiter(sock, connected)
-    state["waiter"] = waiter
-    reactor.addWriter(waiter)
-    return d
+    def __init__(self, reactor: SocketReactor, sock: socket.socket, factory: IProtocolFactory) -> None:
+        self.reactor = reactor
+        self.sock = sock
+        self.factory = factory
+        self.waiter: _ConnectWaiter | None = None
+        self.timer: IDelayedCall | None = None
+        self.result: Deferred[Any] = Deferred(lambda _: self._cleanup(close=True))
+
+    def start(self, remote: tuple[str, int], timeout: float, ttl: int | None) -> Deferred[Any]:
+        code = _start_connect(self.sock, remote, ttl)
+        if code == 0:
+            self._connected(0)
+        elif code not in _IN_PROGRESS:
+            self._fail(_connect_error(code))
+        else:
+            self.timer = self.reactor.callLater(timeout, self._timed_out, remote)
+            self.waiter = _ConnectWaiter(self.sock, self._connected)
+            self.reactor.addWriter(self.waiter)
+        return self.result
+
+    def _cleanup(self, close: bool) -> None:
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None:
+            self.reactor.removeWriter(waiter)
+            self.reactor.removeReader(waiter)
+        timer, self.timer = self.timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        if close:
+            self.sock.close()
+
+    def _fail(self, exc: Exception) -> None:
+        self._cleanup(close=True)
+        if not self.result.called:
+            self.result.errback(exc)
+
+    def _timed_out(self, remote: tuple[str, int]) -> None:
+        self.timer = None
+        self._fail(error.TimeoutError(string=f"connect to {remote[0]}:{remote[1]}"))  # type: ignore[no-untyped-call]
+
+    def _connected(self, code: int) -> None:
+        if self.result.called:
+            return
+        if code != 0:
+            self._fail(_connect_error(code))
+            return
+        self._cleanup(close=False)
+        sock = self.sock
+        capture = _CapturingFactory(self.factory)
+        try:
+            self.reactor.adoptStreamConnection(sock.fileno(), sock.family, capture)
+        except Exception as e:
+            sock.close()
+            self.result.errback(e)
+            return
+        # The reactor holds its own duplicate of the descriptor now.
+        sock.close()
+        if capture.protocol is None:
+            self.result.errback(error.ConnectError(string="factory refused the connection"))  # type: ignore[no-untyped-call]
+        else:
+            self.result.callback(capture.protocol)
+
+
+class HeldConnect:
+    """
+    A non-blocking connect from a reusable local port (as ``connect_from``, but
+    the socket stays reachable: the birthday technique's hard side reads its
+    TCP state, and closes and redials it without a Deferred per attempt).
+
+    ``done(attempt, errno_code)`` is called once, never synchronously.
+    """
+
+    def __init__(self, reactor: SocketReactor, local: Endpoint, remote: Endpoint, ttl: int | None,
+                 done: Callable[[HeldConnect, int], None]) -> None:
+        self.reactor = reactor
+        self.remote = remote
+        self.sock: socket.socket | None = reusable_socket(local)
+        self.port = self.sock.getsockname()[1]
+        self.primed = ttl is not None
+        self.timer: IDelayedCall | None = None
+        self._done: Callable[[HeldConnect, int], None] | None = done
+        self._waiter: _ConnectWaiter | None = None
+        sock = self.sock
+        try:
+            code = _start_connect(sock, remote, ttl)
+        except BaseException:
+            self.close()
+            raise
+        if code in (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY, errno.EINTR):
+            self._waiter = _ConnectWaiter(sock, self._finished)
+            reactor.addWriter(self._waiter)
+        else:
+            reactor.callLater(0, self._finished, code)
+
+    def tcp_state(self) -> int | None:
+        if self.sock is None:
+            return None
+        try:
+            return self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+        except OSError:
+            return None
+
+    def _finished(self, code: int) -> None:
+        done, self._done = self._done, None
+        self._unwatch()
+        if done is not None:
+            done(self, code)
+
+    def _unwatch(self) -> None:
+        if self._waiter is not None:
+            waiter, self._waiter = self._waiter, None
+            self.reactor.removeWriter(waiter)
+            self.reactor.removeReader(waiter)
+        if self.timer is not None:
+            if self.timer.active():
+                self.timer.cancel()
+            self.timer = None
+
+    def adopt(self, factory: IProtocolFactory) -> IProtocol | None:
+        """Hand the connected socket to the reactor; the protocol, or None."""
+        sock, self.sock = self.sock, None
+        assert sock is not None
+        capture = _CapturingFactory(factory)
+        try:
+            self.reactor.adoptStreamConnection(sock.fileno(), sock.family, capture)
+        finally:
+            sock.close()  # the reactor holds its own duplicate
+        return capture.protocol
+
+    def close(self) -> None:
+        self._done = None
+        self._unwatch()
+        if self.sock is not None:
+            sock, self.sock = self.sock, None
+            sock.close()
+
+
+def error_name(code: int) -> str:
+    """A short name for a connect errno, as the failure texts count them."""
+    if code == errno.ECONNREFUSED:
+        return "refused"
+    if code in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+        return "unreachable"
+    if code == errno.ETIMEDOUT:
+        return "timed out"
+    return errno.errorcode.get(code, str(code)).lower()
 
 
 def listen_reusable(
-    reactor: Any, local: tuple[str, int], factory: IProtocolFactory, backlog: int = 16
+    reactor: SocketReactor, local: tuple[str, int], factory: IProtocolFactory, backlog: int = 16
 ) -> IListeningPort:
     """
     Listen on ``local`` while outgoing sockets share the same port.
@@ -264,7 +385,7 @@ def listen_reusable(
         sock.close()
 
 
-def abort_protocol(protocol: Any) -> None:
+def abort_protocol(protocol: object) -> None:
     """Drop a losing attempt's connection at once (no FIN handshake to wait for)."""
     transport = getattr(protocol, "transport", None)
     if transport is not None:

@@ -1,0 +1,398 @@
+"""
+The connection race of one call: every technique at once, the first verified connection wins.
+
+The peer's host candidates on a shared LAN, its passive candidates, the
+punch and (between a random NAT and an easy one) the birthday search all
+start at the dial moment the server chose; each connection runs the per-call
+handshake, and the first to pass it is the call's connection.  The peer may
+reach our app port before that moment: such a connection contends too.
+
+The race's life is a state machine (``waiting`` for the dial moment ->
+``dialing`` -> ``done``); its bookkeeping (timers, connects in flight,
+contenders, the result fired once) is the ``Contest`` the punch and the
+birthday search use as well.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from automat import TypeMachineBuilder
+from twisted.internet import defer
+from twisted.internet.interfaces import IProtocolFactory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from kerjostunt.client.calls.appport import CallHandshakeFactory, PreambleFactory, call_tag
+from kerjostunt.client.calls.setup import CallSetup, ConnectFailed, Endpoint, reason_of
+from kerjostunt.client.nat import birthday
+from kerjostunt.client.nat.contest import Contest
+from kerjostunt.client.nat.probing import ProbeResult
+from kerjostunt.client.nat.punch import PunchFailed, PunchPlan, PunchResult, punch
+from kerjostunt.client.nat.sockets import SocketReactor, abort_protocol, connect_from
+from kerjostunt.wire.prediction import RANDOM, NATDescription
+from kerjostunt.wire.sdp import Candidate
+
+__all__ = ["RETRY_JITTER", "DialResult", "Dialer", "DialerConfig"]
+
+log = Logger()
+
+RETRY_JITTER = 0.2  # seconds added at random to each punch retry (PunchPlan.retry_jitter)
+
+
+@dataclass(frozen=True)
+class DialResult:
+    protocol: object
+    outcome: str
+    technique: str
+    remote: Endpoint
+    elapsed: float
+
+
+@dataclass(frozen=True)
+class DialerConfig:
+    """How long and how hard one call's race tries (the agent's punch settings)."""
+
+    #: seconds the punch (and the birthday search, at most birthday.WINDOW) may take
+    deadline: float = 10.0
+    #: TTL of the first SYN to each punch candidate (None: no priming)
+    low_ttl: int | None = 2
+    handshake_timeout: float = 5.0
+    direct_timeout: float = 3.0
+
+
+class _RaceInputs(Protocol):
+    """What happens to a race; the machine below says what each means in each state."""
+
+    def begin(self) -> None:
+        "The dial moment."
+
+    def contend(self, protocol: Any, remote: Endpoint, outcome: str, technique: str) -> None:
+        "A connection in handshake (dialed, or accepted on the app port)."
+
+    def check(self) -> None:
+        "An attempt ended without a winner: is anything left?"
+
+    def win(self, result: DialResult) -> None:
+        "A connection passed the handshake."
+
+    def fail(self, failure: ConnectFailed) -> None:
+        "Give up: every attempt failed, the safety net fired, or the call stopped."
+
+    def finished(self) -> bool:
+        "Has the race ended?"
+
+    def phase(self) -> str:
+        "The state's name (for agent.py's ``dialer.state`` until it asks ``finished``)."
+
+
+class Dialer:
+    """
+    All techniques of one call at once; the first verified connection wins.
+
+    ``result`` fires with a DialResult or fails with ConnectFailed naming
+    every attempt's last error.  ``stunt_only``: the peer's "use STUNT" flag
+    says its public endpoint is closed, so it is skipped; ``own_probes``:
+    this call's ProbeResults (the birthday roles).
+    """
+
+    def __init__(
+        self,
+        reactor: SocketReactor,
+        setup: CallSetup,
+        app_factory: IProtocolFactory,
+        *,
+        local_ip: str,
+        punch_port: int,
+        own_public_ip: str | None,
+        config: DialerConfig = DialerConfig(),
+        stunt_only: bool = False,
+        own_probes: Sequence[ProbeResult] = (),
+    ) -> None:
+        self.reactor = reactor
+        self.setup = setup
+        self.local_ip = local_ip
+        self.punch_port = punch_port
+        self.lan = setup.peer_public is not None and setup.peer_public == own_public_ip
+        self.config = config
+        self.stunt_only = stunt_only
+        self.own_probes = list(own_probes)
+        self.handshakes = CallHandshakeFactory(
+            setup.secret, setup.handshake_id, setup.role, app_factory, reactor, config.handshake_timeout)
+        self.tag = call_tag(setup.secret, setup.handshake_id)
+        self.dial_at = reactor.seconds()
+        self.pending = 0
+        self.errors: list[str] = []
+        self._contest: Contest[DialResult] = Contest(reactor, cancelled=lambda: self.stop("cancelled"))
+        self._punch: defer.Deferred[PunchResult] | None = None  # the punch, once started
+        self._lan_dialed = False
+        self._life = _RaceMachine(self)
+
+    @property
+    def result(self) -> defer.Deferred[DialResult]:
+        return self._contest.result
+
+    @property
+    def finished(self) -> bool:
+        """The race has ended (won, failed or stopped); an app-port connection now is dropped."""
+        return self._life.finished()
+
+    @property
+    def state(self) -> str:
+        """``waiting``, ``dialing`` or ``done``: read-only, for agent.py until it asks ``finished``."""
+        return self._life.phase()
+
+    # planning ------------------------------------------------------------------
+
+    def direct_candidates(self) -> list[tuple[Candidate, str]]:
+        """Passive candidates to connect to plainly: host ones only on a shared LAN."""
+        remote = self.setup.remote
+        plan: list[tuple[Candidate, str]] = []
+        if self.lan:
+            plan += [(c, "lan") for c in remote.of_type("host", "passive")]
+        if not self.stunt_only:
+            plan += [(c, "public") for c in remote.of_type("srflx", "passive")]
+        return plan
+
+    def punch_candidates(self) -> tuple[Endpoint, ...]:
+        """The predicted endpoints best first, then the peer's punch port itself."""
+        remote = self.setup.remote
+        ordered = sorted(remote.of_type("prflx"), key=lambda c: -c.priority)
+        so = remote.punch_candidate
+        if so is not None:
+            ordered.append(so)
+        seen: list[Endpoint] = []
+        for c in ordered:
+            if c.endpoint not in seen and c.port:
+                seen.append(c.endpoint)
+        return tuple(seen)
+
+    # the outside world -----------------------------------------------------------
+
+    def start(self, delay: float) -> defer.Deferred[DialResult]:
+        """Dial ``delay`` seconds from now; the peer's LAN candidates at once.
+
+        A connect inside our LAN needs no simultaneous open and takes no NAT
+        port, so it need not wait for the moment both SYNs leave together.
+        """
+        self.dial_at = self.reactor.seconds() + delay
+        self._contest.later(delay, self._life.begin)
+        for candidate, technique in self.direct_candidates():
+            if technique == "lan":
+                self._lan_dialed = True
+                self._dial_direct(candidate.endpoint, technique)
+        return self.result
+
+    def accepted(self, protocol: Any, remote: Endpoint) -> None:
+        """A connection the peer made to our app port, already in handshake."""
+        self._life.contend(protocol, remote, "direct", "lan" if self.lan else "public")
+
+    def stop(self, why: str) -> None:
+        """Abandon the call (CANCEL/BYE, timeout, agent stopping)."""
+        self._life.fail(ConnectFailed(why))
+
+    # dialing (outputs of the machine) ----------------------------------------------
+
+    def _dial_all(self) -> None:
+        """The dial moment: every technique, in the order that keeps the predictions true."""
+        log.debug("call {call}: dialing as {role}", call=self.setup.call_id, role=self.setup.role)
+        # Host candidates on our own LAN first (cheapest, and they take no
+        # NAT port).  Then the punch, before any connect that leaves through
+        # the NAT: a sequential NAT gives every new connection the next port,
+        # and the predicted window assumes the punch's SYNs are the first
+        # after the probes (NAT lab, test_sequential).
+        direct = self.direct_candidates()
+        for candidate, technique in direct:
+            if technique == "lan" and not self._lan_dialed:
+                self._dial_direct(candidate.endpoint, technique)
+        own_nat = birthday.describe_own(self.own_probes, self.local_ip)
+        peer_nat = birthday.parse_nat_header(self.setup.peer_nat)
+        hopeless = _both_random(own_nat, peer_nat)
+        if hopeless:
+            self.errors.append(f"punch: {hopeless}")
+        else:
+            self._start_punch()
+        for candidate, technique in direct:
+            if technique != "lan":
+                self._dial_direct(candidate.endpoint, technique)
+        # The birthday technique last: its hard side opens hundreds of
+        # sockets in this turn, which would delay the direct connects by
+        # tens of ms (NAT lab: random NAT to a public peer).
+        if not hopeless:
+            self._start_birthday(own_nat, peer_nat)
+        # A safety net: the punch ends at its deadline, handshakes at theirs.
+        self._contest.later(self.config.deadline + self.config.handshake_timeout + 1.0, self._give_up)
+        # Attempts that failed at once were counted; the machine looks at
+        # them only now that every technique has started.
+        self._life.check()
+
+    def _dial_direct(self, endpoint: Endpoint, technique: str) -> None:
+        self.pending += 1
+        try:
+            d = connect_from(
+                self.reactor, (self.local_ip, 0), endpoint,
+                PreambleFactory(self.handshakes, self.tag), timeout=self.config.direct_timeout,
+            )
+        except OSError as e:
+            self._attempt_failed(f"{technique} {endpoint[0]}:{endpoint[1]}: {e}")
+            return
+
+        def connected(protocol: Any) -> None:
+            self.pending -= 1  # the handshake takes over the count
+            self._life.contend(protocol, endpoint, "direct", technique)
+
+        def failed(reason: Failure) -> None:
+            if reason.check(defer.CancelledError):
+                return
+            self._attempt_failed(f"{technique} {endpoint[0]}:{endpoint[1]}: {reason_of(reason)}")
+
+        self._contest.track(d).addCallbacks(connected, failed)
+
+    def _start_punch(self) -> None:
+        candidates = self.punch_candidates()
+        if not candidates:
+            return
+        plan = PunchPlan(
+            local=(self.local_ip, self.punch_port),
+            candidates=candidates,
+            deadline=self.config.deadline,
+            low_ttl=self.config.low_ttl,
+            # Peers whose first SYNs missed each other (start skew of
+            # more than one one-way delay, NATs that answer RST) would
+            # otherwise retry in lockstep and miss every time.
+            retry_jitter=RETRY_JITTER,
+        )
+        self.pending += 1
+        self._punch = self._contest.track(punch(self.reactor, plan, self.handshakes))
+        self._punch.addCallbacks(self._technique_won, self._technique_failed, errbackArgs=("punch: ",))
+
+    def _start_birthday(self, own_nat: NATDescription | None, peer_nat: NATDescription | None) -> None:
+        """The birthday technique when one NAT is random and the other's mapping
+        endpoint-independent (birthday.py); it runs beside the punch."""
+        role, why = birthday.choose_role(own_nat, peer_nat)
+        candidates = self.punch_candidates()
+        if role is None or not candidates:
+            if why:
+                self.errors.append(f"birthday: {why}")
+            return
+        plan = birthday.plan_for_call(
+            role, local_ip=self.local_ip, punch_port=self.punch_port, peer_endpoint=candidates[0],
+            deadline=self.config.deadline, low_ttl=self.config.low_ttl,
+        )
+        self.pending += 1
+        d = self._contest.track(birthday.birthday(self.reactor, plan, self.handshakes))
+        d.addCallbacks(self._technique_won, self._technique_failed, errbackArgs=("",))
+
+    def _technique_won(self, result: PunchResult) -> None:
+        self.pending -= 1
+        self._life.win(DialResult(result.protocol, "stunt", result.technique, result.remote, self.elapsed()))
+
+    def _technique_failed(self, reason: Failure, prefix: str) -> None:
+        """The punch (prefix ``punch: ``) or the birthday search (which names itself) gave up."""
+        if reason.check(defer.CancelledError):
+            return
+        why = reason.value.reason if isinstance(reason.value, PunchFailed) else reason_of(reason)
+        self._attempt_failed(prefix + why)
+
+    def _watch(self, protocol: Any, remote: Endpoint, outcome: str, technique: str) -> None:
+        """A contender: it wins when its handshake passes."""
+        self.pending += 1
+
+        def ok(app: Any) -> None:
+            self.pending -= 1
+            self._life.win(DialResult(app, outcome, technique, remote, self.elapsed()))
+
+        def bad(reason: Failure) -> None:
+            self._attempt_failed(f"{technique} {remote[0]}:{remote[1]}: {reason_of(reason)}")
+
+        self._contest.contend(protocol, ok, bad)
+
+    def elapsed(self) -> float:
+        """Seconds since the dial moment (0 before it): the outcome's ``elapsed_ms``."""
+        return max(0.0, self.reactor.seconds() - self.dial_at)
+
+    # ending --------------------------------------------------------------------
+
+    def _attempt_failed(self, why: str) -> None:
+        self.pending -= 1
+        self.errors.append(why)
+        self._life.check()
+
+    def _check_exhausted(self) -> None:
+        if self.pending <= 0:
+            self._life.fail(ConnectFailed("all techniques failed: " + "; ".join(self.errors or ["nothing to dial"])))
+
+    def _give_up(self) -> None:
+        self._life.fail(ConnectFailed("no verified connection in time: " + "; ".join(self.errors or ["no answer"])))
+
+
+def _both_random(own: NATDescription | None, peer: NATDescription | None) -> str:
+    """Why punching cannot work, or "".
+
+    When both NATs draw a random port for every new connection, neither
+    side can know where to send its SYN and no SYN can match the other
+    NAT's mapping: punching would only wait out its deadline (10 s).
+    The direct attempts still run.
+    """
+    if own is not None and peer is not None and own.allocation == peer.allocation == RANDOM:
+        return "not tried: both NATs allocate ports at random"
+    return ""
+
+
+# -- the machine ---------------------------------------------------------------------
+
+_race = TypeMachineBuilder(_RaceInputs, Dialer)
+_waiting = _race.state("waiting")
+_dialing = _race.state("dialing")
+_done = _race.state("done")
+
+
+@_waiting.upon(_RaceInputs.begin).to(_dialing)
+def _begin(inputs: _RaceInputs, race: Dialer) -> None:
+    race._dial_all()
+
+
+@_waiting.upon(_RaceInputs.contend).loop()
+@_dialing.upon(_RaceInputs.contend).loop()
+def _contend(inputs: _RaceInputs, race: Dialer, protocol: Any, remote: Endpoint, outcome: str,
+             technique: str) -> None:
+    race._watch(protocol, remote, outcome, technique)
+
+
+@_done.upon(_RaceInputs.contend).loop()
+def _too_late(inputs: _RaceInputs, race: Dialer, protocol: Any, remote: Endpoint, outcome: str,
+              technique: str) -> None:
+    abort_protocol(protocol)
+
+
+@_dialing.upon(_RaceInputs.check).loop()
+def _check(inputs: _RaceInputs, race: Dialer) -> None:
+    race._check_exhausted()
+
+
+@_waiting.upon(_RaceInputs.win).to(_done)
+@_dialing.upon(_RaceInputs.win).to(_done)
+def _win(inputs: _RaceInputs, race: Dialer, result: DialResult) -> None:
+    race._contest.win(result)
+
+
+@_waiting.upon(_RaceInputs.fail).to(_done)
+@_dialing.upon(_RaceInputs.fail).to(_done)
+def _fail(inputs: _RaceInputs, race: Dialer, failure: ConnectFailed) -> None:
+    race._contest.lose(failure)
+
+
+# Before the dial moment nothing is exhausted; once done, nothing more happens.
+_dialing.upon(_RaceInputs.begin).loop().returns(None)
+_done.upon(_RaceInputs.begin).loop().returns(None)
+_waiting.upon(_RaceInputs.check).loop().returns(None)
+_done.upon(_RaceInputs.check).loop().returns(None)
+_done.upon(_RaceInputs.win).loop().returns(None)
+_done.upon(_RaceInputs.fail).loop().returns(None)
+for _state, _over in ((_waiting, False), (_dialing, False), (_done, True)):
+    _state.upon(_RaceInputs.finished).loop().returns(_over)
+    _state.upon(_RaceInputs.phase).loop().returns(_state.name)
+
+_RaceMachine = _race.build()

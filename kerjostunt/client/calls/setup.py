@@ -1,0 +1,131 @@
+"""
+What the server tells one side about a call, and what a call ends with.
+
+Pure helpers around the SIP messages of docs/protocol.rst ("Calls"): the
+call parameters read from the forwarded INVITE or the 200 OK, our SDP offer,
+the dial-in delay and the outcome body; the verified connection a call hands
+to the application, and the failure it reports instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from twisted.python.failure import Failure
+
+from kerjostunt.wire import kerjo
+from kerjostunt.wire.kerjo import Outcome
+from kerjostunt.wire.sdp import Candidate, SDPError, SessionDescription, candidate_priority, parse_sdp
+from kerjostunt.wire.sip.headers import parse_name_addr
+from kerjostunt.wire.sip.message import Request, Response
+
+Endpoint = tuple[str, int]
+
+
+# -- results ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PeerConnection:
+    """A verified connection to a peer; ``protocol`` is the application's."""
+
+    peer_id: str
+    protocol: object
+    technique: str
+    outcome: str  # 'direct' | 'stunt'
+    remote: tuple[str, int]
+    elapsed_ms: float
+
+
+class ConnectFailed(Exception):
+    """The peer could not be reached; ``code`` is the SIP status when there was one."""
+
+    def __init__(self, reason: str, code: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+
+
+# -- pure helpers ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CallSetup:
+    """What the server told one side about a call (headers plus the peer's SDP)."""
+
+    call_id: str
+    secret: bytes
+    role: str
+    peer_public: str | None
+    remote: SessionDescription
+    peer_nat: str | None = None  # X-Kerjo-NAT as sent (birthday.parse_nat_header)
+
+    @property
+    def handshake_id(self) -> str:
+        """The call ID both peers feed the handshake MAC.
+
+        The server is a back-to-back agent: each leg has its own SIP Call-ID
+        and neither peer learns the other's, so the shared per-call secret is
+        the only identifier both sides hold.
+        """
+        return hashlib.sha256(b"kerjostunt-1 call-id\0" + self.secret).hexdigest()[:32]
+
+
+def read_setup(message: Request | Response) -> CallSetup:
+    """The call parameters from the forwarded INVITE or the 200 OK; ValueError if unusable."""
+    call_id = message.headers.get("Call-ID")
+    if not call_id:
+        raise ValueError("no Call-ID")
+    headers = kerjo.parse_call_headers(message.headers.get)
+    try:
+        remote = parse_sdp(message.body)
+    except SDPError as e:
+        raise ValueError(f"bad SDP: {e}") from None
+    if remote.punch_candidate is None and not remote.of_type("prflx"):
+        raise ValueError("the peer's SDP has no punch candidate")
+    return CallSetup(call_id, headers.secret, headers.role.value, headers.peer_public, remote, headers.nat)
+
+
+def dial_in_seconds(message: Request | Response) -> float:
+    """``X-Kerjo-Dial-In`` (ms after receipt) in seconds, 0 when absent or odd."""
+    return kerjo.parse_dial_in(message.headers.get(kerjo.DIAL_IN))
+
+
+def build_offer(user: str, host_ip: str, punch_port: int, app_port: int | None) -> SessionDescription:
+    """Our SDP: the punch port (``so``) and, if we listen, the app port (``passive``)."""
+    candidates = [
+        Candidate("1", 1, "TCP", candidate_priority("host", "so"), host_ip, punch_port, "host", "so"),
+    ]
+    if app_port:
+        candidates.append(
+            Candidate("2", 1, "TCP", candidate_priority("host", "passive"), host_ip, app_port, "host", "passive")
+        )
+    return SessionDescription(user=user, host_ip=host_ip, candidates=candidates, punch_port=punch_port)
+
+
+def outcome_body(outcome: str, technique: str, remote: Endpoint | None, elapsed_ms: float) -> bytes:
+    """The INFO body of docs/protocol.rst ("Outcome")."""
+    return Outcome(outcome, technique, remote, int(round(elapsed_ms))).to_bytes()
+
+
+def user_of(name_addr: str | None) -> str | None:
+    """The user part of a From/To value, None when it does not parse."""
+    try:
+        return parse_name_addr(name_addr or "").uri.user
+    except ValueError:
+        return None
+
+
+def tag_of(name_addr: str | None) -> str | None:
+    """The tag of a From/To value, None when absent or unparsable."""
+    try:
+        return parse_name_addr(name_addr or "").tag
+    except ValueError:
+        return None
+
+
+def reason_of(failure: Failure) -> str:
+    """A failure in a few words, for logs and the attempts' error list."""
+    return failure.getErrorMessage() or type(failure.value).__name__
+
