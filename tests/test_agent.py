@@ -26,7 +26,7 @@ from kerjostunt.client.calls import (
     read_setup,
 )
 from kerjostunt.client.endpoint import PeerEndpoint
-from kerjostunt.client.signaling import RegistrationFailed, SignalingError
+from kerjostunt.client.signaling import Registration, RegistrationFailed, SignalingError
 from kerjostunt.tls import ensure_certificates
 from kerjostunt.wire.sdp import Candidate, candidate_priority, parse_sdp, validate_offer
 from kerjostunt.wire.sip.message import Headers, Response
@@ -202,8 +202,20 @@ class AppPortTests(unittest.TestCase):
 
 
 class FakeSignaling:
+    """A registered signaling connection whose REGISTER succeeds at once."""
+
     def __init__(self) -> None:
         self.disconnected: defer.Deferred = defer.Deferred()
+        self.transport = StringTransport()
+
+    def register(self, expires: int) -> defer.Deferred:
+        return defer.succeed(Registration("alice", "203.0.113.5", 4000, expires, None))
+
+    def ping(self) -> defer.Deferred:
+        return defer.Deferred()
+
+    def unregister(self) -> defer.Deferred:
+        return defer.succeed(None)
 
 
 class BackoffTests(unittest.TestCase):
@@ -222,20 +234,40 @@ class BackoffTests(unittest.TestCase):
 
     def test_reconnects_with_backoff_after_losing_the_server(self) -> None:
         clock = Clock()
-        agent = self.agent(clock)
+        agent = self.agent(clock, punch_port_max_age=0.0)
         attempts: list[float] = []
+        first = FakeSignaling()
 
-        def refuse(*args: Any, **kw: Any) -> defer.Deferred:
+        def connect(*args: Any, **kw: Any) -> defer.Deferred:
+            if not attempts:
+                attempts.append(clock.seconds())
+                return defer.succeed(first)
             attempts.append(clock.seconds())
             return defer.fail(SignalingError("connection refused"))
 
         self.patch(__import__("kerjostunt.tls", fromlist=["x"]), "client_options", lambda *a: None)
-        agent.connect_signaling = refuse
-        agent.state = "reconnecting"
-        agent._schedule_reconnect()
+        agent.connect_signaling = connect
+        self.successResultOf(agent.start())
+        self.assertTrue(agent.signaling_up)
+        first.disconnected.callback(None)  # the server went away
+        self.assertFalse(agent.signaling_up)
         for _ in range(40):
             clock.advance(1)
-        self.assertEqual(attempts, [1.0, 3.0, 7.0, 15.0, 31.0])
+        self.assertEqual(attempts, [0.0, 1.0, 3.0, 7.0, 15.0, 31.0])
+        self.successResultOf(agent.stop())
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_start_twice_fails(self) -> None:
+        clock = Clock()
+        agent = self.agent(clock, punch_port_max_age=0.0)
+        self.patch(__import__("kerjostunt.tls", fromlist=["x"]), "client_options", lambda *a: None)
+        agent.connect_signaling = lambda *a, **kw: defer.Deferred()
+        agent.start()
+        failure = self.failureResultOf(agent.start(), RuntimeError)
+        self.assertEqual(str(failure.value), "agent already starting")
+        agent.stop()
+        failure = self.failureResultOf(agent.connect("bob", Factory.forProtocol(Protocol)), ConnectFailed)
+        self.assertEqual(failure.value.reason, "the agent is stopped, not registered")
 
     def test_connect_before_start_fails(self) -> None:
         agent = self.agent(Clock())

@@ -9,13 +9,14 @@ server (INVITE, CANCEL, BYE, INFO) to the application.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
+from typing import Protocol as TypingProtocol
 
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IOpenSSLClientConnectionCreator, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -90,7 +91,7 @@ class Registration:
 @dataclass
 class _Transaction:
     request: Request
-    result: defer.Deferred
+    result: defer.Deferred[Response]
     timer: IDelayedCall | None = field(default=None, repr=False)
 
 
@@ -127,11 +128,11 @@ class SignalingClientProtocol(Protocol):
         self._register_call_id = secrets.token_hex(12) + "@kerjostunt"
         self._from_tag = new_tag()
         self._ping_sent_at: float | None = None
-        self._pong_waiters: list[defer.Deferred] = []
+        self._pong_waiters: list[defer.Deferred[float]] = []
         self.rtt: float | None = None
         self.registration: Registration | None = None
-        self.secured: defer.Deferred = defer.Deferred()
-        self.disconnected: defer.Deferred = defer.Deferred()
+        self.secured: defer.Deferred[SignalingClientProtocol] = defer.Deferred()
+        self.disconnected: defer.Deferred[None] = defer.Deferred()
         self.local: tuple[str, int] = ("0.0.0.0", 0)
 
     # -- Twisted ----------------------------------------------------------------
@@ -205,18 +206,18 @@ class SignalingClientProtocol(Protocol):
             h.add(name, value)
         return Request(method, uri, h, body)
 
-    def send_request(self, request: Request, timeout: float = TRANSACTION_TIMEOUT) -> defer.Deferred:
-        """Send; the Deferred fires with the final response (ACK: fires at once)."""
+    def send_request(self, request: Request, timeout: float = TRANSACTION_TIMEOUT) -> defer.Deferred[Response]:
+        """Send; the Deferred fires with the final response (ACK: fires at once, with None)."""
         self.transport.write(request.to_bytes())
         if request.method == "ACK":
-            return defer.succeed(None)
+            return defer.succeed(None)  # type: ignore[arg-type]  # an ACK has no response; callers ignore it
         key = _transaction_key(request)
         tx = _Transaction(request, defer.Deferred())
         tx.timer = self.clock.callLater(timeout, self._timeout, key)
         self._transactions[key] = tx
         return tx.result
 
-    def request(self, method: str, uri: str, **kwargs: Any) -> defer.Deferred:
+    def request(self, method: str, uri: str, **kwargs: Any) -> defer.Deferred[Response]:
         timeout = kwargs.pop("timeout", TRANSACTION_TIMEOUT)
         return self.send_request(self.build_request(method, uri, **kwargs), timeout)
 
@@ -230,7 +231,7 @@ class SignalingClientProtocol(Protocol):
     # -- registration -----------------------------------------------------------
 
     @defer.inlineCallbacks
-    def register(self, expires: int = 3600):  # type: ignore[no-untyped-def]
+    def register(self, expires: int = 3600) -> Generator[defer.Deferred[Response], Response, Registration]:
         """REGISTER, answering one digest challenge; fires with a Registration."""
         uri = f"sips:{self.domain}"
         contact = [("Contact", f"<sips:{self.user_id}@{self.local[0]}:{self.local[1]};transport=tls>;expires={expires}")]
@@ -246,12 +247,12 @@ class SignalingClientProtocol(Protocol):
         self.registration = self._registration(response, expires)
         return self.registration
 
-    def unregister(self) -> defer.Deferred:
+    def unregister(self) -> defer.Deferred[Response]:
         self.registration = None
         uri = f"sips:{self.domain}"
         d = self.request("REGISTER", uri, to=self.uri_of(self.user_id), call_id=self._register_call_id, headers=[("Contact", "*"), ("Expires", "0")])
 
-        def challenged(response: Response) -> Any:
+        def challenged(response: Response) -> Response | defer.Deferred[Response]:
             if response.code in (401, 407):
                 return self.request(
                     "REGISTER", uri, to=self.uri_of(self.user_id), call_id=self._register_call_id,
@@ -289,9 +290,9 @@ class SignalingClientProtocol(Protocol):
 
     # -- keepalive --------------------------------------------------------------
 
-    def ping(self) -> defer.Deferred:
+    def ping(self) -> defer.Deferred[float]:
         """Send a CRLFCRLF keepalive; fires with the round trip in seconds."""
-        d: defer.Deferred = defer.Deferred()
+        d: defer.Deferred[float] = defer.Deferred()
         self._pong_waiters.append(d)
         if self._ping_sent_at is None:
             self._ping_sent_at = self.clock.seconds()
@@ -301,11 +302,11 @@ class SignalingClientProtocol(Protocol):
     def _pong(self) -> None:
         if self._ping_sent_at is None:
             return
-        self.rtt = self.clock.seconds() - self._ping_sent_at
+        rtt = self.rtt = self.clock.seconds() - self._ping_sent_at
         self._ping_sent_at = None
         waiters, self._pong_waiters = self._pong_waiters, []
         for waiter in waiters:
-            waiter.callback(self.rtt)
+            waiter.callback(rtt)
 
     # -- what arrives -----------------------------------------------------------
 
@@ -319,7 +320,7 @@ class SignalingClientProtocol(Protocol):
             return
         self._finish(tx, response)
 
-    def _finish(self, tx: _Transaction, result: Any) -> None:
+    def _finish(self, tx: _Transaction, result: Response | Failure) -> None:
         self._transactions.pop(_transaction_key(tx.request), None)
         if tx.timer is not None and tx.timer.active():
             tx.timer.cancel()
@@ -357,21 +358,42 @@ def _transaction_key(message: Request | Response) -> tuple[str, str]:
     return parse_via(vias[0]).branch or "", cseq[1]
 
 
+class SignalingReactor(TypingProtocol):
+    """The reactor the signaling connection needs: IReactorTime here, TCP and names for HostnameEndpoint."""
+
+    def seconds(self) -> float: ...
+
+    def callLater(self, delay: float, callable: Callable[..., Any], *args: object, **kw: object) -> IDelayedCall: ...
+
+
+class ConnectSignaling(TypingProtocol):
+    """``connect_signaling``'s shape, for whoever replaces it (tests, a relay)."""
+
+    def __call__(
+        self,
+        reactor: SignalingReactor,
+        host: str,
+        port: int,
+        tls_options: IOpenSSLClientConnectionCreator,
+        protocol_factory: Callable[[], SignalingClientProtocol],
+    ) -> defer.Deferred[SignalingClientProtocol]: ...
+
+
 def connect_signaling(
-    reactor: Any,
+    reactor: SignalingReactor,
     host: str,
     port: int,
-    tls_options: Any,
+    tls_options: IOpenSSLClientConnectionCreator,
     protocol_factory: Callable[[], SignalingClientProtocol],
     *,
     timeout: float = 10.0,
     bind_address: tuple[str, int] | None = None,
-) -> defer.Deferred:
+) -> defer.Deferred[SignalingClientProtocol]:
     """Connect over TLS; fires once the handshake verified the server's certificate."""
     endpoint = wrapClientTLS(tls_options, HostnameEndpoint(reactor, host, port, timeout=timeout, bindAddress=bind_address))
     proto = protocol_factory()
 
-    def connected(_: Any) -> defer.Deferred:
+    def connected(_: object) -> defer.Deferred[SignalingClientProtocol]:
         proto.disconnected.addCallback(
             lambda _: proto.secured.called
             or proto.secured.errback(SignalingError("TLS handshake failed (is the server certificate trusted by --ca?)"))

@@ -16,19 +16,22 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer, task
+from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineReceiver
 
-from kerjostunt.client.agent import DEFAULT_PORT, ConnectFailed, PeerAgent, PeerConnection
+from kerjostunt.client.agent import DEFAULT_PORT, AgentReactor, ConnectFailed, PeerAgent, PeerConnection
+from kerjostunt.client.agentconfig import Ports, Timeouts
 from kerjostunt.client.cli.options import (
     DEFAULT_DOMAIN,
     add_credentials,
     add_domain,
     add_tls_hostname,
-    agent_account,
+    agent_config,
     read_password,
     server_address,
     start_logging,
@@ -109,16 +112,22 @@ def _prepare(args: argparse.Namespace) -> tuple[int, str | None]:
     return 0, password
 
 
-def _agent(reactor: Any, args: argparse.Namespace, password: str, **kwargs: Any) -> PeerAgent:
-    return PeerAgent(
-        reactor,
-        **agent_account(args, args.server, password),
-        listen_port=args.listen_port,
-        punch_deadline=args.punch_deadline,
-        low_ttl=args.low_ttl or None,
-        punch_port_max_age=args.punch_port_max_age,
-        **kwargs,
+def _agent(
+    reactor: AgentReactor,
+    args: argparse.Namespace,
+    password: str,
+    *,
+    accept_factory: IProtocolFactory | None = None,
+    on_peer: Callable[[PeerConnection], None] | None = None,
+) -> PeerAgent:
+    config = agent_config(
+        args, args.server, password,
+        ports=Ports(
+            listen_port=args.listen_port, low_ttl=args.low_ttl or None, punch_port_max_age=args.punch_port_max_age
+        ),
+        timeouts=Timeouts(punch_deadline=args.punch_deadline),
     )
+    return PeerAgent(reactor, config, accept_factory=accept_factory, on_peer=on_peer)
 
 
 def _say(line: str) -> None:

@@ -28,6 +28,7 @@ from twisted.internet import defer
 from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineOnlyReceiver
 
+from kerjostunt.client.agentconfig import Ports
 from kerjostunt.client.cli.options import (
     DEFAULT_DOMAIN,
     DEFAULT_WEB_PORT,
@@ -36,7 +37,7 @@ from kerjostunt.client.cli.options import (
     add_credentials,
     add_domain,
     add_tls_hostname,
-    agent_account,
+    agent_config,
     react_for_exit_code,
     server_and_password,
     web_url,
@@ -202,13 +203,8 @@ def run(  # type: ignore[no-untyped-def]
         return directory()
 
     def make_agent() -> PeerAgent:
-        return PeerAgent(
-            reactor,
-            **agent_account(args, (host, port), password),
-            accept_factory=manager.accept_factory,
-            on_peer=manager.peer_arrived,
-            listen_port=args.listen_port,
-        )
+        config = agent_config(args, (host, port), password, ports=Ports(listen_port=args.listen_port))
+        return PeerAgent(reactor, config, accept_factory=manager.accept_factory, on_peer=manager.peer_arrived)
 
     def on_event(event: Any) -> None:
         _name_connection(event, manager)
