@@ -53,6 +53,7 @@ from kerjostunt.client.directory import (
 from kerjostunt.client.manager import (
     CONNECTED,
     CONNECTING,
+    ManagerConfig,
     PeerListLoaded,
     PeerManager,
     PeerStateChanged,
@@ -219,8 +220,7 @@ def run(  # type: ignore[no-untyped-def]
         directory=directory_once_prefetched,
         agent=RestartingAgent(make_agent),
         app_factory_for=lambda peer_id: EchoFactory(args.user, say),
-        refresh_interval=args.refresh,
-        unreachable_retry=args.unreachable_retry,
+        config=ManagerConfig(refresh_interval=args.refresh, unreachable_retry=args.unreachable_retry),
         on_event=on_event,
     )
     say(f"joining {args.group} as {args.user}")

@@ -1,0 +1,166 @@
+"""The manager's view of the signaling connection, as a state machine.
+
+::
+
+    closed --open--> opening --opened--> open --settle/shut--> closing --closed--> closed
+      ^                 |  \\               |
+      +---open_failed---+   +----lost------+--> closed
+
+The seed's rule (architecture section 1) decides *when* to open and close
+(PeerManager._reconcile); this machine makes sure each decision is taken in
+a state where it means something: a second ``open`` while opening is
+nothing, a ``settle`` while opening waits for the open, a late
+``opened`` after ``lost`` is ignored. Dials go out only while ``open``.
+
+Every input returns None; ``RuleCore.state`` is the machine's record of its
+state for ``PeerManager.signaling``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from automat import TypeMachineBuilder
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+from kerjostunt.client.manager.events import SignalingState
+
+__all__ = ["RuleCore", "RuleHost", "SignalingRule", "new_rule"]
+
+
+class SignalingRule(Protocol):
+    def open(self, reason: str) -> None:
+        """Peers wait: open signaling (agent.start)."""
+
+    def opened(self, reason: str) -> None:
+        """agent.start succeeded."""
+
+    def open_failed(self, failure: Failure, reason: str) -> None:
+        """agent.start failed."""
+
+    def settle(self, reason: str) -> None:
+        """Every peer is done: close signaling (agent.stop)."""
+
+    def shut(self, reason: str, done: defer.Deferred[None]) -> None:
+        """The manager stops: close signaling if open or opening; ``done`` fires once closed."""
+
+    def closed(self, reason: str) -> None:
+        """agent.stop finished."""
+
+    def lost(self, reason: str) -> None:
+        """The agent's signaling connection went away under us."""
+
+    def dial_waiting(self) -> None:
+        """Dial the peers that wait, if signaling is open."""
+
+
+class RuleHost(Protocol):
+    """What the machine has the manager do."""
+
+    def start_agent(self, reason: str) -> None: ...
+
+    def signaling_opened(self, reason: str) -> None: ...
+
+    def signaling_failed(self, failure: Failure, reason: str) -> None: ...
+
+    def stop_agent(self, reason: str, done: defer.Deferred[None] | None) -> None: ...
+
+    def signaling_closed(self, reason: str) -> None: ...
+
+    def signaling_dropped(self, reason: str) -> None: ...
+
+    def dial_waiting(self) -> None: ...
+
+
+@dataclass
+class RuleCore:
+    host: RuleHost
+    state: SignalingState = SignalingState.CLOSED
+
+
+def _ignore(rule: SignalingRule, core: RuleCore, *args: object) -> None:
+    """An input that does not matter in this state."""
+
+
+def _already_closed(rule: SignalingRule, core: RuleCore, reason: str, done: defer.Deferred[None]) -> None:
+    done.callback(None)
+
+
+def _build() -> Callable[[RuleCore], SignalingRule]:
+    builder = TypeMachineBuilder(SignalingRule, RuleCore)
+    closed = builder.state("closed")
+    opening = builder.state("opening")
+    open_ = builder.state("open")
+    closing = builder.state("closing")
+    handled: set[tuple[object, Callable[..., None]]] = set()
+
+    def on(state: Any, an_input: Callable[..., None], target: Any = None) -> Any:
+        handled.add((state, an_input))
+        upon = state.upon(an_input)
+        return upon.loop() if target is None else upon.to(target)
+
+    @on(closed, SignalingRule.open, opening)
+    def start(rule: SignalingRule, core: RuleCore, reason: str) -> None:
+        core.state = SignalingState.OPENING
+        core.host.start_agent(reason)
+
+    @on(opening, SignalingRule.opened, open_)
+    def opened(rule: SignalingRule, core: RuleCore, reason: str) -> None:
+        core.state = SignalingState.OPEN
+        core.host.signaling_opened(reason)
+
+    @on(opening, SignalingRule.open_failed, closed)
+    def failed(rule: SignalingRule, core: RuleCore, failure: Failure, reason: str) -> None:
+        core.state = SignalingState.CLOSED
+        core.host.signaling_failed(failure, reason)
+
+    @on(open_, SignalingRule.settle, closing)
+    def settle(rule: SignalingRule, core: RuleCore, reason: str) -> None:
+        core.state = SignalingState.CLOSING
+        core.host.stop_agent(reason, None)
+
+    for state in (opening, open_):
+
+        @on(state, SignalingRule.shut, closing)
+        def shut(rule: SignalingRule, core: RuleCore, reason: str, done: defer.Deferred[None]) -> None:
+            core.state = SignalingState.CLOSING
+            core.host.stop_agent(reason, done)
+
+        @on(state, SignalingRule.lost, closed)
+        def lost(rule: SignalingRule, core: RuleCore, reason: str) -> None:
+            core.state = SignalingState.CLOSED
+            core.host.signaling_dropped(reason)
+
+    for state in (closed, closing):
+        on(state, SignalingRule.shut)(_already_closed)
+
+    @on(closing, SignalingRule.closed, closed)
+    def stopped(rule: SignalingRule, core: RuleCore, reason: str) -> None:
+        core.state = SignalingState.CLOSED
+        core.host.signaling_closed(reason)
+
+    @on(open_, SignalingRule.dial_waiting)
+    def dial(rule: SignalingRule, core: RuleCore) -> None:
+        core.host.dial_waiting()
+
+    every_input = [
+        SignalingRule.open, SignalingRule.opened, SignalingRule.open_failed, SignalingRule.settle,
+        SignalingRule.shut, SignalingRule.closed, SignalingRule.lost, SignalingRule.dial_waiting,
+    ]
+    for state in (closed, opening, open_, closing):
+        for an_input in every_input:
+            if (state, an_input) not in handled:
+                state.upon(an_input).loop()(_ignore)
+    return builder.build()
+
+
+_RULE = _build()
+
+
+def new_rule(host: RuleHost) -> tuple[SignalingRule, RuleCore]:
+    """A machine in ``closed`` for ``host``, and its core (``core.state`` for the public view)."""
+    core = RuleCore(host)
+    return _RULE(core), core
