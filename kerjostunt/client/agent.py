@@ -16,7 +16,8 @@ from collections.abc import Callable, Generator
 from typing import Any, Protocol, overload
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IListeningPort, IProtocolFactory
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IDelayedCall, IListeningPort, IProtocolFactory, IReactorTCP, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from typing_extensions import Unpack
@@ -42,25 +43,16 @@ from kerjostunt.client.signaling import (
     RegistrationFailed,
     SignalingClientProtocol,
     SignalingError,
-    SignalingReactor,
     connect_signaling,
 )
 from kerjostunt.wire.sip.message import Request
 
-__all__ = ["PeerAgent", "PeerConnection", "ConnectFailed", "DEFAULT_PORT", "AgentConfig", "AgentReactor"]
+__all__ = ["PeerAgent", "PeerConnection", "ConnectFailed", "DEFAULT_PORT", "AgentConfig"]
 
 log = Logger()
 
 TOKEN_MARGIN = 10.0  # re-REGISTER when the probe token has less left than this
 START_PROBE_WAIT = 2.0  # start() waits at most this long for the first punch port
-
-
-class AgentReactor(SignalingReactor, Protocol):
-    """The reactor as the agent uses it: IReactorTime, and IReactorTCP for the app port."""
-
-    def listenTCP(
-        self, port: int, factory: IProtocolFactory, backlog: int = 50, interface: str = ""
-    ) -> IListeningPort: ...
 
 
 class AgentCall(Protocol):
@@ -87,7 +79,7 @@ class PeerAgent:
     @overload
     def __init__(
         self,
-        reactor: AgentReactor,
+        reactor: IReactorTime,
         config: AgentConfig,
         *,
         accept_factory: IProtocolFactory | None = None,
@@ -98,7 +90,7 @@ class PeerAgent:
     @overload
     def __init__(
         self,
-        reactor: AgentReactor,
+        reactor: IReactorTime,
         *,
         accept_factory: IProtocolFactory | None = None,
         on_peer: Callable[[PeerConnection], None] | None = None,
@@ -108,7 +100,7 @@ class PeerAgent:
 
     def __init__(
         self,
-        reactor: AgentReactor,
+        reactor: IReactorTime,
         config: AgentConfig | None = None,
         *,
         accept_factory: IProtocolFactory | None = None,
@@ -172,7 +164,10 @@ class PeerAgent:
         listen_port = self.config.ports.listen_port
         if listen_port is not None:
             try:
-                self._app_port = self.reactor.listenTCP(listen_port, AppPortFactory(self._dialer_for_tag, self.reactor))
+                self._app_port = IReactorTCP(self.reactor).listenTCP(
+                    listen_port,
+                    AppPortFactory(self._dialer_for_tag, self.reactor),  # type: ignore[arg-type]  # stub: ServerFactory
+                )
             except Exception:
                 failure = Failure()
                 self._life.start_failed()
@@ -230,7 +225,7 @@ class PeerAgent:
     def _hang_up(self, sig: SignalingClientProtocol) -> defer.Deferred[None]:
         def close(_: object) -> defer.Deferred[None]:
             if not sig.disconnected.called:
-                sig.transport.loseConnection()
+                sig.hang_up()
             return sig.disconnected
 
         d = sig.unregister()
@@ -255,7 +250,11 @@ class PeerAgent:
     @property
     def app_port(self) -> int | None:
         """The port where peers can connect to us directly (the ``passive`` candidate)."""
-        return self._app_port.getHost().port if self._app_port is not None else None
+        if self._app_port is None:
+            return None
+        address = self._app_port.getHost()
+        assert isinstance(address, (IPv4Address, IPv6Address))
+        return address.port
 
     # -- signaling --------------------------------------------------------------------
 
@@ -271,22 +270,26 @@ class PeerAgent:
                 self.reactor, account.user_id, account.password, server.domain, self._on_request
             ),
         )
-        if self._life_core.refusal is not None:  # stopped meanwhile
-            sig.transport.loseConnection()
+        if self._stopped():
+            sig.hang_up()
             raise ConnectFailed("the agent stopped")
         try:
-            registration = yield sig.register(self.config.timeouts.register_expires)
+            registration: Registration = yield sig.register(self.config.timeouts.register_expires)
         except Exception:
             failure = Failure()
             if not sig.disconnected.called:
-                sig.transport.loseConnection()
+                sig.hang_up()
                 yield sig.disconnected  # nothing of a failed attempt outlives it
             failure.raiseException()
-        if self._life_core.refusal is not None:
-            sig.transport.loseConnection()
+        if self._stopped():
+            sig.hang_up()
             raise ConnectFailed("the agent stopped")
         self._life.registered(sig, registration)
         return registration
+
+    def _stopped(self) -> bool:
+        """Stopped while connecting: the attempt hangs up (only stopped refuses once started)."""
+        return self._life_core.refusal is not None
 
     def adopt(self, sig: SignalingClientProtocol, registration: Registration) -> None:
         """For the life machine: ``sig`` is registered; keep it alive and let waiting calls go."""
@@ -306,7 +309,7 @@ class PeerAgent:
         self._wake_up_waiters(None)
 
     def hang_up_stray(self, sig: SignalingClientProtocol) -> None:
-        sig.transport.loseConnection()
+        sig.hang_up()
 
     def _registered(self, registration: Registration) -> None:
         self.registration = registration
@@ -329,7 +332,7 @@ class PeerAgent:
             if isinstance(result, Failure):
                 log.warn("re-REGISTER failed ({why}); reconnecting", why=result.getErrorMessage())
                 if not sig.disconnected.called:
-                    sig.transport.loseConnection()
+                    sig.hang_up()
                 for d in waiters:
                     d.errback(result)
                 return
@@ -354,7 +357,7 @@ class PeerAgent:
         def dead(failure: Failure) -> None:
             if not sig.disconnected.called:
                 log.warn("no keepalive answer from the server; reconnecting")
-                sig.transport.abortConnection()
+                sig.abort()
 
         d.addCallbacks(lambda _: None, dead)
         self._later("keepalive", self.config.timeouts.keepalive_interval, self._keepalive)
@@ -442,7 +445,7 @@ class PeerAgent:
         if self.ready_port.max_age <= 0 or not self.signaling_up:
             return None
         sig, registration = yield self.fresh_registration()
-        local_ip = sig.transport.getHost().host
+        local_ip = sig.local_ip
         holder = reusable_socket((local_ip, 0))
         port = holder.getsockname()[1]
         try:
@@ -457,7 +460,7 @@ class PeerAgent:
 
     def probe_servers(self, sig: SignalingClientProtocol, offer: ProbeOffer) -> list[tuple[str, int]]:
         """The probe ports at the address we reach the server on, then the alternate IP."""
-        server_ip = sig.transport.getPeer().host
+        server_ip = sig.server_ip
         servers = [(server_ip, port) for port in offer.ports]
         if offer.alt_ip and offer.ports:
             servers.append((offer.alt_ip, offer.ports[0]))

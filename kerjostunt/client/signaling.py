@@ -11,12 +11,20 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 from typing import Protocol as TypingProtocol
 
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IOpenSSLClientConnectionCreator, IReactorTime
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHandshakeListener,
+    IOpenSSLClientConnectionCreator,
+    IReactorTime,
+    ITCPTransport,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -139,8 +147,7 @@ class SignalingClientProtocol(Protocol):
 
     def connectionMade(self) -> None:
         no_delay(self.transport)  # requests right after another one must not wait for its ACK
-        host = self.transport.getHost()
-        self.local = (host.host, host.port)
+        self.local = _ip_and_port(self._transport().getHost())
 
     def handshakeCompleted(self) -> None:
         if not self.secured.called:
@@ -160,17 +167,43 @@ class SignalingClientProtocol(Protocol):
             events = self._parser.feed(data)
         except SIPParseError as exc:
             log.warn("Server sent unparsable data ({reason}); closing", reason=exc.reason)
-            self.transport.loseConnection()
+            self.hang_up()
             return
         for event in events:
             if isinstance(event, KeepAlivePing):
-                self.transport.write(b"\r\n")
+                self._transport().write(b"\r\n")
             elif isinstance(event, KeepAlivePong):
                 self._pong()
             elif isinstance(event, Response):
                 self._response(event)
             else:
                 self._request(event)
+
+    # -- the connection ---------------------------------------------------------
+
+    def _transport(self) -> ITCPTransport:
+        """TLS over TCP, from ``connectionMade`` on (a TLS wrapper provides what its TCP transport does)."""
+        assert self.transport is not None, "not connected"
+        return cast(ITCPTransport, self.transport)
+
+    def hang_up(self) -> None:
+        """Close the connection cleanly (TLS close_notify, then FIN)."""
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def abort(self) -> None:
+        """Drop the connection at once (a silent, dead server)."""
+        self._transport().abortConnection()
+
+    @property
+    def local_ip(self) -> str:
+        """Our address on this connection: the interface the punch ports bind to."""
+        return _ip_and_port(self._transport().getHost())[0]
+
+    @property
+    def server_ip(self) -> str:
+        """The server's address as we reach it: its probe ports are there too."""
+        return _ip_and_port(self._transport().getPeer())[0]
 
     # -- requests we send -------------------------------------------------------
 
@@ -208,7 +241,7 @@ class SignalingClientProtocol(Protocol):
 
     def send_request(self, request: Request, timeout: float = TRANSACTION_TIMEOUT) -> defer.Deferred[Response]:
         """Send; the Deferred fires with the final response (ACK: fires at once, with None)."""
-        self.transport.write(request.to_bytes())
+        self._transport().write(request.to_bytes())
         if request.method == "ACK":
             return defer.succeed(None)  # type: ignore[arg-type]  # an ACK has no response; callers ignore it
         key = _transaction_key(request)
@@ -221,12 +254,20 @@ class SignalingClientProtocol(Protocol):
         timeout = kwargs.pop("timeout", TRANSACTION_TIMEOUT)
         return self.send_request(self.build_request(method, uri, **kwargs), timeout)
 
-    def respond(self, request: Request, code: int, *, headers: Iterable[tuple[str, str]] = (), body: bytes = b"", to_tag: str | None = None) -> None:
+    def respond(
+        self,
+        request: Request,
+        code: int,
+        *,
+        headers: Iterable[tuple[str, str]] = (),
+        body: bytes = b"",
+        to_tag: str | None = None,
+    ) -> None:
         response = make_response(request, code, to_tag=to_tag)
         for name, value in headers:
             response.headers.add(name, value)
         response.body = body
-        self.transport.write(response.to_bytes())
+        self._transport().write(response.to_bytes())
 
     # -- registration -----------------------------------------------------------
 
@@ -234,8 +275,11 @@ class SignalingClientProtocol(Protocol):
     def register(self, expires: int = 3600) -> Generator[defer.Deferred[Response], Response, Registration]:
         """REGISTER, answering one digest challenge; fires with a Registration."""
         uri = f"sips:{self.domain}"
-        contact = [("Contact", f"<sips:{self.user_id}@{self.local[0]}:{self.local[1]};transport=tls>;expires={expires}")]
-        response = yield self.request("REGISTER", uri, to=self.uri_of(self.user_id), call_id=self._register_call_id, headers=contact)
+        host, port = self.local
+        contact = [("Contact", f"<sips:{self.user_id}@{host}:{port};transport=tls>;expires={expires}")]
+        response = yield self.request(
+            "REGISTER", uri, to=self.uri_of(self.user_id), call_id=self._register_call_id, headers=contact
+        )
         if response.code in (401, 407):
             auth = self._authorization(response, "REGISTER", uri)
             response = yield self.request(
@@ -250,13 +294,14 @@ class SignalingClientProtocol(Protocol):
     def unregister(self) -> defer.Deferred[Response]:
         self.registration = None
         uri = f"sips:{self.domain}"
-        d = self.request("REGISTER", uri, to=self.uri_of(self.user_id), call_id=self._register_call_id, headers=[("Contact", "*"), ("Expires", "0")])
+        remove = [("Contact", "*"), ("Expires", "0")]
+        d = self.request("REGISTER", uri, to=self.uri_of(self.user_id), call_id=self._register_call_id, headers=remove)
 
         def challenged(response: Response) -> Response | defer.Deferred[Response]:
             if response.code in (401, 407):
                 return self.request(
                     "REGISTER", uri, to=self.uri_of(self.user_id), call_id=self._register_call_id,
-                    headers=[("Contact", "*"), ("Expires", "0"), ("Authorization", self._authorization(response, "REGISTER", uri))],
+                    headers=[*remove, ("Authorization", self._authorization(response, "REGISTER", uri))],
                 )
             return response
 
@@ -296,7 +341,7 @@ class SignalingClientProtocol(Protocol):
         self._pong_waiters.append(d)
         if self._ping_sent_at is None:
             self._ping_sent_at = self.clock.seconds()
-            self.transport.write(b"\r\n\r\n")
+            self._transport().write(b"\r\n\r\n")
         return d
 
     def _pong(self) -> None:
@@ -349,6 +394,12 @@ class SignalingClientProtocol(Protocol):
                 self.respond(request, 500)
 
 
+def _ip_and_port(address: IAddress) -> tuple[str, int]:
+    if isinstance(address, (IPv4Address, IPv6Address)):
+        return address.host, address.port
+    raise TypeError(f"signaling runs over TCP/IP, not {address!r}")
+
+
 def _transaction_key(message: Request | Response) -> tuple[str, str]:
     """(top Via branch, CSeq method); ValueError when either is missing."""
     vias = message.headers.get_all("Via")
@@ -358,20 +409,12 @@ def _transaction_key(message: Request | Response) -> tuple[str, str]:
     return parse_via(vias[0]).branch or "", cseq[1]
 
 
-class SignalingReactor(TypingProtocol):
-    """The reactor the signaling connection needs: IReactorTime here, TCP and names for HostnameEndpoint."""
-
-    def seconds(self) -> float: ...
-
-    def callLater(self, delay: float, callable: Callable[..., Any], *args: object, **kw: object) -> IDelayedCall: ...
-
-
 class ConnectSignaling(TypingProtocol):
     """``connect_signaling``'s shape, for whoever replaces it (tests, a relay)."""
 
     def __call__(
         self,
-        reactor: SignalingReactor,
+        reactor: IReactorTime,
         host: str,
         port: int,
         tls_options: IOpenSSLClientConnectionCreator,
@@ -380,7 +423,7 @@ class ConnectSignaling(TypingProtocol):
 
 
 def connect_signaling(
-    reactor: SignalingReactor,
+    reactor: IReactorTime,
     host: str,
     port: int,
     tls_options: IOpenSSLClientConnectionCreator,
@@ -390,14 +433,17 @@ def connect_signaling(
     bind_address: tuple[str, int] | None = None,
 ) -> defer.Deferred[SignalingClientProtocol]:
     """Connect over TLS; fires once the handshake verified the server's certificate."""
-    endpoint = wrapClientTLS(tls_options, HostnameEndpoint(reactor, host, port, timeout=timeout, bindAddress=bind_address))
+    tcp = HostnameEndpoint(reactor, host, port, timeout=timeout, bindAddress=bind_address)
+    endpoint = wrapClientTLS(tls_options, tcp)
     proto = protocol_factory()
 
     def connected(_: object) -> defer.Deferred[SignalingClientProtocol]:
-        proto.disconnected.addCallback(
-            lambda _: proto.secured.called
-            or proto.secured.errback(SignalingError("TLS handshake failed (is the server certificate trusted by --ca?)"))
-        )
+        def unsecured(_: None) -> None:
+            if not proto.secured.called:
+                why = "TLS handshake failed (is the server certificate trusted by --ca?)"
+                proto.secured.errback(SignalingError(why))
+
+        proto.disconnected.addCallback(unsecured)
         return proto.secured
 
     return endpoint.connect(Factory.forProtocol(lambda: proto)).addCallback(connected)

@@ -20,11 +20,11 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer, task
-from twisted.internet.interfaces import IProtocolFactory
+from twisted.internet.interfaces import IProtocolFactory, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineReceiver
 
-from kerjostunt.client.agent import DEFAULT_PORT, AgentReactor, ConnectFailed, PeerAgent, PeerConnection
+from kerjostunt.client.agent import DEFAULT_PORT, ConnectFailed, PeerAgent, PeerConnection
 from kerjostunt.client.agentconfig import Ports, Timeouts
 from kerjostunt.client.cli.options import (
     DEFAULT_DOMAIN,
@@ -113,7 +113,7 @@ def _prepare(args: argparse.Namespace) -> tuple[int, str | None]:
 
 
 def _agent(
-    reactor: AgentReactor,
+    reactor: IReactorTime,
     args: argparse.Namespace,
     password: str,
     *,

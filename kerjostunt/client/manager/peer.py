@@ -86,7 +86,8 @@ class PeerInputs(Protocol):
 class PeerHost(Protocol):
     """What a peer's machine has the manager do."""
 
-    unreachable_retry: float
+    @property
+    def unreachable_retry(self) -> float: ...
 
     def later(self, delay: float, f: Callable[..., object], *args: object) -> IDelayedCall: ...
 
@@ -189,10 +190,6 @@ class TrackedPeer:
 # -- the machine -----------------------------------------------------------------------
 
 
-def _ignore(inputs: PeerInputs, peer: TrackedPeer, *args: object) -> None:
-    """An input that does not matter in this state (a stale timer, a late dial result)."""
-
-
 def _build() -> Callable[[TrackedPeer], PeerInputs]:
     builder = TypeMachineBuilder(PeerInputs, TrackedPeer)
     new = builder.state("new")
@@ -201,67 +198,92 @@ def _build() -> Callable[[TrackedPeer], PeerInputs]:
     connected = builder.state("connected")
     backoff = builder.state("backoff")
     unreachable = builder.state("unreachable")
-    listed = (pending, connecting, connected, backoff, unreachable)
-    handled: set[tuple[object, Callable[..., None]]] = set()
+    every_state = (new, pending, connecting, connected, backoff, unreachable)
+    handled: set[tuple[object, object]] = set()
 
-    def on(state: Any, an_input: Callable[..., None], target: Any = None) -> Any:
-        handled.add((state, an_input))
-        upon = state.upon(an_input)
-        return upon.loop() if target is None or target is state else upon.to(target)
+    def mark(states: tuple[object, ...], an_input: object) -> None:
+        handled.update((state, an_input) for state in states)
 
-    on(new, PeerInputs.listed, pending)(lambda inputs, peer, detail: peer.enter(PeerState.PENDING, detail))
-    on(pending, PeerInputs.dial, connecting)(lambda inputs, peer, detail: peer.enter(PeerState.CONNECTING, detail))
-    on(pending, PeerInputs.courtesy, backoff)(
+    new.upon(PeerInputs.listed).to(pending)(lambda inputs, peer, detail: peer.enter(PeerState.PENDING, detail))
+    pending.upon(PeerInputs.dial).to(connecting)(
+        lambda inputs, peer, detail: peer.enter(PeerState.CONNECTING, detail)
+    )
+    pending.upon(PeerInputs.courtesy).to(backoff)(
         lambda inputs, peer, detail, delay: peer.wait(detail, delay, f"{peer.peer_id} did not call first")
     )
-    for state in (pending, connecting, backoff, unreachable):
-        on(state, PeerInputs.dial_failed)(lambda inputs, peer, failure: peer.host.judge_failure(peer, failure))
-    on(connecting, PeerInputs.back_off, backoff)(lambda inputs, peer, detail, delay: peer.wait(detail, delay))
+    connecting.upon(PeerInputs.back_off).to(backoff)(lambda inputs, peer, detail, delay: peer.wait(detail, delay))
+    mark((new, pending, connecting), PeerInputs.listed)
+    mark((pending,), PeerInputs.dial)
+    mark((pending,), PeerInputs.courtesy)
+    mark((connecting,), PeerInputs.back_off)
+
+    judging = (pending, connecting, backoff, unreachable)  # connected: an incoming connection came first
+    for state in judging:
+        state.upon(PeerInputs.dial_failed).loop()(
+            lambda inputs, peer, failure: peer.host.judge_failure(peer, failure)
+        )
+    mark(judging, PeerInputs.dial_failed)
     for state in (pending, connecting, backoff):
-        on(state, PeerInputs.give_up, unreachable)(lambda inputs, peer, by, detail: peer.mark_unreachable(by, detail))
+        state.upon(PeerInputs.give_up).to(unreachable)(
+            lambda inputs, peer, by, detail: peer.mark_unreachable(by, detail)
+        )
+    mark((pending, connecting, backoff), PeerInputs.give_up)
     for state in (pending, backoff):
-        on(state, PeerInputs.flagged, unreachable)(
+        state.upon(PeerInputs.flagged).to(unreachable)(
             lambda inputs, peer: peer.mark_unreachable("server", "flagged unreachable by the server")
         )
+    mark((pending, backoff), PeerInputs.flagged)
 
-    @on(unreachable, PeerInputs.unflagged, pending)
+    @unreachable.upon(PeerInputs.unflagged).to(pending)
     def unflagged(inputs: PeerInputs, peer: TrackedPeer, flag: str) -> None:
         # The server saw it reached since: try it now rather than in an hour.
         peer.cancel_timer()
         peer.failures = 0
         peer.enter(PeerState.PENDING, f"flag now {flag}")
 
-    @on(backoff, PeerInputs.backoff_over, pending)
+    @backoff.upon(PeerInputs.backoff_over).to(pending)
     def backoff_over(inputs: PeerInputs, peer: TrackedPeer, reason: str) -> None:
         peer.enter(PeerState.PENDING, "back-off over")
 
-    @on(unreachable, PeerInputs.retry_due, pending)
+    @unreachable.upon(PeerInputs.retry_due).to(pending)
     def retry(inputs: PeerInputs, peer: TrackedPeer) -> None:
         peer.retrying = True
         peer.enter(PeerState.PENDING, "long back-off over, retrying")
 
+    mark((unreachable,), PeerInputs.unflagged)
+    mark((backoff,), PeerInputs.backoff_over)
+    mark((unreachable,), PeerInputs.retry_due)
+
     for state in (new, pending, connecting, backoff, unreachable):
-        on(state, PeerInputs.connected, connected)(
+        state.upon(PeerInputs.connected).to(connected)(
             lambda inputs, peer, connection, incoming: peer.adopt(connection, incoming)
         )
-    on(connected, PeerInputs.connected)(
+    connected.upon(PeerInputs.connected).loop()(
         lambda inputs, peer, connection, incoming: peer.host.keep_one(peer, connection, incoming)
     )
-    for state in (new, *listed):
-        on(state, PeerInputs.dropped, pending)(lambda inputs, peer, detail: peer.enter(PeerState.PENDING, detail))
-        on(state, PeerInputs.dropped_while_dialing, connecting)(
+    mark(every_state, PeerInputs.connected)
+    for state in every_state:
+        drop = state.upon(PeerInputs.dropped)
+        (drop.loop() if state is pending else drop.to(pending))(
+            lambda inputs, peer, detail: peer.enter(PeerState.PENDING, detail)
+        )
+        redial = state.upon(PeerInputs.dropped_while_dialing)
+        (redial.loop() if state is connecting else redial.to(connecting))(
             lambda inputs, peer, detail: peer.enter(PeerState.CONNECTING, f"{detail}; a dial is under way")
         )
+    mark(every_state, PeerInputs.dropped)
+    mark(every_state, PeerInputs.dropped_while_dialing)
 
-    every_input = [
+    # Everything else is a stale timer or a late result: nothing happens.
+    every_input: list[Callable[..., None]] = [
         PeerInputs.listed, PeerInputs.dial, PeerInputs.courtesy, PeerInputs.dial_failed, PeerInputs.back_off,
         PeerInputs.give_up, PeerInputs.flagged, PeerInputs.unflagged, PeerInputs.backoff_over,
         PeerInputs.retry_due, PeerInputs.connected, PeerInputs.dropped, PeerInputs.dropped_while_dialing,
     ]
-    for state in (new, *listed):
+    for state in every_state:
         for an_input in every_input:
             if (state, an_input) not in handled:
-                state.upon(an_input).loop()(_ignore)
+                state.upon(an_input).loop().returns(None)
     return builder.build()
 
 

@@ -81,10 +81,6 @@ class RuleCore:
     state: SignalingState = SignalingState.CLOSED
 
 
-def _ignore(rule: SignalingRule, core: RuleCore, *args: object) -> None:
-    """An input that does not matter in this state."""
-
-
 def _already_closed(rule: SignalingRule, core: RuleCore, reason: str, done: defer.Deferred[None]) -> None:
     done.callback(None)
 
@@ -95,65 +91,64 @@ def _build() -> Callable[[RuleCore], SignalingRule]:
     opening = builder.state("opening")
     open_ = builder.state("open")
     closing = builder.state("closing")
-    handled: set[tuple[object, Callable[..., None]]] = set()
 
-    def on(state: Any, an_input: Callable[..., None], target: Any = None) -> Any:
-        handled.add((state, an_input))
-        upon = state.upon(an_input)
-        return upon.loop() if target is None else upon.to(target)
-
-    @on(closed, SignalingRule.open, opening)
+    @closed.upon(SignalingRule.open).to(opening)
     def start(rule: SignalingRule, core: RuleCore, reason: str) -> None:
         core.state = SignalingState.OPENING
         core.host.start_agent(reason)
 
-    @on(opening, SignalingRule.opened, open_)
+    @opening.upon(SignalingRule.opened).to(open_)
     def opened(rule: SignalingRule, core: RuleCore, reason: str) -> None:
         core.state = SignalingState.OPEN
         core.host.signaling_opened(reason)
 
-    @on(opening, SignalingRule.open_failed, closed)
+    @opening.upon(SignalingRule.open_failed).to(closed)
     def failed(rule: SignalingRule, core: RuleCore, failure: Failure, reason: str) -> None:
         core.state = SignalingState.CLOSED
         core.host.signaling_failed(failure, reason)
 
-    @on(open_, SignalingRule.settle, closing)
+    @open_.upon(SignalingRule.settle).to(closing)
     def settle(rule: SignalingRule, core: RuleCore, reason: str) -> None:
         core.state = SignalingState.CLOSING
         core.host.stop_agent(reason, None)
 
     for state in (opening, open_):
 
-        @on(state, SignalingRule.shut, closing)
+        @state.upon(SignalingRule.shut).to(closing)
         def shut(rule: SignalingRule, core: RuleCore, reason: str, done: defer.Deferred[None]) -> None:
             core.state = SignalingState.CLOSING
             core.host.stop_agent(reason, done)
 
-        @on(state, SignalingRule.lost, closed)
+        @state.upon(SignalingRule.lost).to(closed)
         def lost(rule: SignalingRule, core: RuleCore, reason: str) -> None:
             core.state = SignalingState.CLOSED
             core.host.signaling_dropped(reason)
 
     for state in (closed, closing):
-        on(state, SignalingRule.shut)(_already_closed)
+        state.upon(SignalingRule.shut).loop()(_already_closed)
 
-    @on(closing, SignalingRule.closed, closed)
+    @closing.upon(SignalingRule.closed).to(closed)
     def stopped(rule: SignalingRule, core: RuleCore, reason: str) -> None:
         core.state = SignalingState.CLOSED
         core.host.signaling_closed(reason)
 
-    @on(open_, SignalingRule.dial_waiting)
+    @open_.upon(SignalingRule.dial_waiting).loop()
     def dial(rule: SignalingRule, core: RuleCore) -> None:
         core.host.dial_waiting()
 
-    every_input = [
-        SignalingRule.open, SignalingRule.opened, SignalingRule.open_failed, SignalingRule.settle,
-        SignalingRule.shut, SignalingRule.closed, SignalingRule.lost, SignalingRule.dial_waiting,
+    # Everything else means nothing in that state (a second open, a late result).
+    nothing: list[tuple[Callable[..., None], tuple[Any, ...]]] = [
+        (SignalingRule.open, (opening, open_, closing)),
+        (SignalingRule.opened, (closed, open_, closing)),
+        (SignalingRule.open_failed, (closed, open_, closing)),
+        (SignalingRule.settle, (closed, opening, closing)),
+        (SignalingRule.closed, (closed, opening, open_)),
+        (SignalingRule.lost, (closed, closing)),
+        (SignalingRule.dial_waiting, (closed, opening, closing)),
     ]
-    for state in (closed, opening, open_, closing):
-        for an_input in every_input:
-            if (state, an_input) not in handled:
-                state.upon(an_input).loop()(_ignore)
+    for an_input, states in nothing:
+        for state in states:
+            state.upon(an_input).loop().returns(None)
     return builder.build()
 
 
