@@ -21,10 +21,12 @@ It runs until SIGTERM or SIGINT. See docs/peer-manager.rst.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any, TextIO
 
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IAddress, IReactorCore, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineOnlyReceiver
 
@@ -46,6 +48,7 @@ from kerjostunt.client.directory import (
     CertificateNotTrusted,
     DirectoryError,
     NotAMember,
+    PeerEntry,
     UnknownGroup,
     WrongPassword,
     fetch_peers,
@@ -53,6 +56,7 @@ from kerjostunt.client.directory import (
 from kerjostunt.client.manager import (
     CONNECTED,
     CONNECTING,
+    Event,
     ManagerConfig,
     PeerListLoaded,
     PeerManager,
@@ -60,6 +64,7 @@ from kerjostunt.client.manager import (
     RestartingAgent,
     SignalingChanged,
 )
+from kerjostunt.client.manager.watching import WatchedProtocol
 
 PROG = "kerjostunt join"
 FATAL = (WrongPassword, NotAMember, UnknownGroup, CertificateNotTrusted)
@@ -74,14 +79,42 @@ def register(subparsers: Any) -> None:
         "state and each signaling open/close on stdout. Runs until SIGTERM/SIGINT. "
         "The password is read from the first line of stdin.",
     )
-    parser.add_argument("--server", required=True, metavar="HOST[:PORT]", help="the signaling server (PORT default 5061)")
-    parser.add_argument("--web-port", type=_port, default=DEFAULT_WEB_PORT, help=f"HTTPS port of the trusted peers list (default {DEFAULT_WEB_PORT})")
+    parser.add_argument(
+        "--server",
+        required=True,
+        metavar="HOST[:PORT]",
+        help="the signaling server (PORT default 5061)",
+    )
+    parser.add_argument(
+        "--web-port",
+        type=_port,
+        default=DEFAULT_WEB_PORT,
+        help=f"HTTPS port of the trusted peers list (default {DEFAULT_WEB_PORT})",
+    )
     add_credentials(parser)
     add_tls_hostname(parser, "name to expect in the server's certificate (default: HOST)")
     add_domain(parser, f"SIP domain, the digest realm (default {DEFAULT_DOMAIN})")
-    parser.add_argument("--refresh", type=float, default=300.0, metavar="SECONDS", help="how often to reload the list (default 300)")
-    parser.add_argument("--unreachable-retry", type=float, default=3600.0, metavar="SECONDS", help="long back-off before retrying an unreachable peer (default 3600)")
-    parser.add_argument("--listen-port", type=int, default=0, metavar="PORT", help="application port for direct connections from peers (default: any)")
+    parser.add_argument(
+        "--refresh",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="how often to reload the list (default 300)",
+    )
+    parser.add_argument(
+        "--unreachable-retry",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="long back-off before retrying an unreachable peer (default 3600)",
+    )
+    parser.add_argument(
+        "--listen-port",
+        type=int,
+        default=0,
+        metavar="PORT",
+        help="application port for direct connections from peers (default: any)",
+    )
     parser.add_argument("group", metavar="GROUP")
     parser.set_defaults(func=run_command)
 
@@ -101,10 +134,10 @@ class EchoProtocol(LineOnlyReceiver):
         if self.peer_id is not None:
             return self.peer_id
         remote = self.transport.getPeer() if self.transport is not None else None
-        return f"{remote.host}:{remote.port}" if remote is not None and hasattr(remote, "port") else "?"
+        return f"{remote.host}:{remote.port}" if isinstance(remote, (IPv4Address, IPv6Address)) else "?"
 
     def connectionMade(self) -> None:
-        self.sendLine(f"hello from {self.user_id}".encode())
+        self.sendLine(f"hello from {self.user_id}".encode())  # type: ignore[no-untyped-call]  # unannotated in Twisted
 
     def lineReceived(self, line: bytes) -> None:
         text = line.rstrip(b"\r").decode("utf-8", "replace")
@@ -112,23 +145,24 @@ class EchoProtocol(LineOnlyReceiver):
             self._say(f"peer {self._who()} echoed: {text[6:]}")
             return
         self._say(f"peer {self._who()} says: {text}")
-        self.sendLine(b"echo: " + line.rstrip(b"\r"))
+        self.sendLine(b"echo: " + line.rstrip(b"\r"))  # type: ignore[no-untyped-call]  # unannotated in Twisted
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self._say(f"peer {self._who()} sent a line too long; closing")
-        self.transport.loseConnection()
+        if self.transport is not None:
+            self.transport.loseConnection()
 
 
-class EchoFactory(Factory):
+class EchoFactory(Factory[EchoProtocol]):
     def __init__(self, user_id: str, say: Callable[[str], None]) -> None:
         self.user_id = user_id
         self.say = say
 
-    def buildProtocol(self, addr: Any) -> EchoProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> EchoProtocol:
         return EchoProtocol(self.user_id, self.say)
 
 
-def describe(event: Any, manager: PeerManager) -> str | None:
+def describe(event: Event, manager: PeerManager) -> str | None:
     """One stdout line for a manager event (None: nothing worth a line)."""
     if isinstance(event, SignalingChanged):
         return f"signaling {'opened' if event.is_open else 'closed'} ({event.reason})"
@@ -137,37 +171,36 @@ def describe(event: Any, manager: PeerManager) -> str | None:
             return None
         listed = ", ".join(event.peers) or "none"
         return f"group {manager.group}: {len(event.peers)} peers ({listed})"
-    if isinstance(event, PeerStateChanged):
-        if event.new == CONNECTED:
-            line = f"peer {event.peer_id} connected"
-            if event.technique:
-                line += f" via {event.technique}"
-            return line + (" (incoming)" if event.incoming else "")
-        if event.new == CONNECTING:
-            return f"peer {event.peer_id} connecting" + (" through STUNT" if "STUNT" in event.detail else "")
-        line = f"peer {event.peer_id} {event.new}"
-        return f"{line}: {event.detail}" if event.detail else line
-    return None
+    # a PeerStateChanged
+    if event.new == CONNECTED:
+        line = f"peer {event.peer_id} connected"
+        if event.technique:
+            line += f" via {event.technique}"
+        return line + (" (incoming)" if event.incoming else "")
+    if event.new == CONNECTING:
+        return f"peer {event.peer_id} connecting" + (" through STUNT" if "STUNT" in event.detail else "")
+    line = f"peer {event.peer_id} {event.new}"
+    return f"{line}: {event.detail}" if event.detail else line
 
 
-def _name_connection(event: Any, manager: PeerManager) -> None:
+def _name_connection(event: Event, manager: PeerManager) -> None:
     """Tell the echo protocol of a new connection who is on the other end."""
     if isinstance(event, PeerStateChanged) and event.new == CONNECTED:
         connection = manager.connection_of(event.peer_id)
-        inner = getattr(getattr(connection, "protocol", None), "inner", None)
-        if isinstance(inner, EchoProtocol):
-            inner.peer_id = event.peer_id
+        watched = connection.protocol if connection is not None else None
+        if isinstance(watched, WatchedProtocol) and isinstance(watched.inner, EchoProtocol):
+            watched.inner.peer_id = event.peer_id
 
 
 @defer.inlineCallbacks
-def run(  # type: ignore[no-untyped-def]
-    reactor: Any,
+def run(
+    reactor: IReactorTime,
     args: argparse.Namespace,
     stdin: TextIO,
     stdout: TextIO,
     stderr: TextIO,
-    stopped: defer.Deferred | None = None,
-):
+    stopped: defer.Deferred[None] | None = None,
+) -> Generator[defer.Deferred[Any], Any, int]:
     """The command with reactor and streams passed in; runs until ``stopped`` fires.
 
     Without ``stopped`` it runs until the reactor shuts down (SIGTERM/SIGINT
@@ -185,11 +218,11 @@ def run(  # type: ignore[no-untyped-def]
         return 2
     base = web_url(host, args.web_port)
 
-    def directory() -> defer.Deferred:
+    def directory() -> defer.Deferred[list[PeerEntry]]:
         return fetch_peers(reactor, base, args.group, args.user, password, args.ca)
 
     # One fetch first: a wrong password or group is an error to report, not to retry forever.
-    first: list[Any] = []
+    first: list[list[PeerEntry]] = []
     try:
         first.append((yield directory()))
     except FATAL as e:
@@ -198,7 +231,7 @@ def run(  # type: ignore[no-untyped-def]
     except DirectoryError as e:
         say(f"peers list not loaded yet: {e}")
 
-    def directory_once_prefetched() -> defer.Deferred:
+    def directory_once_prefetched() -> defer.Deferred[list[PeerEntry]]:
         if first:
             return defer.succeed(first.pop())
         return directory()
@@ -207,7 +240,7 @@ def run(  # type: ignore[no-untyped-def]
         config = agent_config(args, (host, port), password, ports=Ports(listen_port=args.listen_port))
         return PeerAgent(reactor, config, accept_factory=manager.accept_factory, on_peer=manager.peer_arrived)
 
-    def on_event(event: Any) -> None:
+    def on_event(event: Event) -> None:
         _name_connection(event, manager)
         line = describe(event, manager)
         if line is not None:
@@ -227,7 +260,7 @@ def run(  # type: ignore[no-untyped-def]
     manager.start()
     if stopped is None:
         stopped = defer.Deferred()
-        reactor.addSystemEventTrigger("before", "shutdown", lambda: _stop(manager, say))
+        IReactorCore(reactor).addSystemEventTrigger("before", "shutdown", lambda: _stop(manager, say))
         yield stopped  # never fires: the reactor stops under us
         return 0
     yield stopped
@@ -235,7 +268,7 @@ def run(  # type: ignore[no-untyped-def]
     return 0
 
 
-def _stop(manager: PeerManager, say: Callable[[str], None]) -> defer.Deferred:
+def _stop(manager: PeerManager, say: Callable[[str], None]) -> defer.Deferred[None]:
     say("stopping")
     return manager.stop().addBoth(lambda _: say("stopped"))
 

@@ -161,7 +161,7 @@ def start_logging(verbose: bool) -> None:
 
 
 def react_for_exit_code(
-    run: Callable[..., defer.Deferred], args: argparse.Namespace, default: int
+    run: Callable[..., defer.Deferred[int]], args: argparse.Namespace, default: int
 ) -> int:
     """Run ``run(reactor, args, stdin, stdout, stderr)`` under ``task.react``; its result is the exit code.
 
