@@ -24,11 +24,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 from automat import TypeMachineBuilder
 from twisted.internet import defer
 from twisted.python.failure import Failure
+
+if TYPE_CHECKING:
+    from automat._typed import TypedState  # automat exports the builder, not its state type
 
 __all__ = ["LifeCore", "LifeHost", "SignalingLife", "build_life"]
 
@@ -115,6 +118,9 @@ _STOPPED = _refusing("the agent is stopped, not registered")
 _AVAILABLE = _refusing(None)
 
 
+_State: TypeAlias = "TypedState[SignalingLife, LifeCore]"
+
+
 class _StartImpl(Protocol):
     def __call__(self, life: SignalingLife, core: LifeCore, /, started: defer.Deferred[Any]) -> None: ...
 
@@ -124,10 +130,6 @@ def _already(name: str) -> _StartImpl:
         started.errback(RuntimeError(f"agent already {name}"))
 
     return refuse
-
-
-def _nothing(life: SignalingLife, core: LifeCore, *args: Any) -> None:
-    """An input that does not matter in this state (a late timer, a stale event)."""
 
 
 def _build() -> Callable[[LifeCore], SignalingLife]:
@@ -188,7 +190,13 @@ def _build() -> Callable[[LifeCore], SignalingLife]:
             _STOPPED(core)
             core.host.shut_down(stopped)
 
-    ignored: dict[Callable[..., None], tuple[Any, ...]] = {
+    _ignore_the_rest(idle, starting, up, reconnecting, stopped)
+    return builder.build()
+
+
+def _ignore_the_rest(idle: _State, starting: _State, up: _State, reconnecting: _State, stopped: _State) -> None:
+    """A late timer, a stale event: nothing happens."""
+    ignored: dict[Callable[..., None], tuple[_State, ...]] = {
         SignalingLife.start_failed: (idle, up, reconnecting, stopped),
         SignalingLife.lost: (idle, starting, reconnecting, stopped),
         SignalingLife.retry_due: (idle, starting, up, stopped),
@@ -197,8 +205,7 @@ def _build() -> Callable[[LifeCore], SignalingLife]:
     }
     for an_input, states in ignored.items():
         for state in states:
-            state.upon(an_input).loop()(_nothing)
-    return builder.build()
+            state.upon(an_input).loop().returns(None)
 
 
 _LIFE = _build()

@@ -287,11 +287,22 @@ def _status_error(code: int, body: bytes, group: str, user_id: str) -> Directory
     return DirectoryError(f"the server answered {code}: {_server_message(body)}")
 
 
+#: the Agent's failures that carry the failures underneath in ``reasons``
+_WRAPPERS = (
+    web_client.ResponseFailed,
+    web_client.RequestTransmissionFailed,
+    web_client.RequestGenerationFailed,
+    web_client.ResponseNeverReceived,
+)
+
+
 def _ssl_error(failure: Failure) -> Failure | None:
     """The OpenSSL error inside Agent's wrapped failures, if there is one."""
     if failure.check(SSL.Error):
         return failure
-    for inner in getattr(failure.value, "reasons", []) or []:
+    value = failure.value
+    wrapped = value.reasons if isinstance(value, _WRAPPERS) else []
+    for inner in wrapped or []:
         found = _ssl_error(inner)
         if found is not None:
             return found

@@ -206,7 +206,6 @@ def run(
     Without ``stopped`` it runs until the reactor shuts down (SIGTERM/SIGINT
     under ``task.react``) and stops the manager on the way out.
     """
-    from kerjostunt.client.agent import PeerAgent  # imported late: only `join` needs the agent
 
     def say(line: str) -> None:
         print(line, file=stdout, flush=True)
@@ -236,8 +235,32 @@ def run(
             return defer.succeed(first.pop())
         return directory()
 
+    manager = _manager(reactor, args, (host, port), password, directory_once_prefetched, say)
+    say(f"joining {args.group} as {args.user}")
+    manager.start()
+    if stopped is None:
+        stopped = defer.Deferred()
+        IReactorCore(reactor).addSystemEventTrigger("before", "shutdown", lambda: _stop(manager, say))
+        yield stopped  # never fires: the reactor stops under us
+        return 0
+    yield stopped
+    yield _stop(manager, say)
+    return 0
+
+
+def _manager(
+    reactor: IReactorTime,
+    args: argparse.Namespace,
+    server: tuple[str, int],
+    password: str,
+    directory: Callable[[], defer.Deferred[list[PeerEntry]]],
+    say: Callable[[str], None],
+) -> PeerManager:
+    """The peer manager over one fresh ``PeerAgent`` per signaling opening, saying every event."""
+    from kerjostunt.client.agent import PeerAgent  # imported late: only `join` needs the agent
+
     def make_agent() -> PeerAgent:
-        config = agent_config(args, (host, port), password, ports=Ports(listen_port=args.listen_port))
+        config = agent_config(args, server, password, ports=Ports(listen_port=args.listen_port))
         return PeerAgent(reactor, config, accept_factory=manager.accept_factory, on_peer=manager.peer_arrived)
 
     def on_event(event: Event) -> None:
@@ -250,22 +273,13 @@ def run(
         reactor,
         group=args.group,
         user_id=args.user,
-        directory=directory_once_prefetched,
+        directory=directory,
         agent=RestartingAgent(make_agent),
         app_factory_for=lambda peer_id: EchoFactory(args.user, say),
         config=ManagerConfig(refresh_interval=args.refresh, unreachable_retry=args.unreachable_retry),
         on_event=on_event,
     )
-    say(f"joining {args.group} as {args.user}")
-    manager.start()
-    if stopped is None:
-        stopped = defer.Deferred()
-        IReactorCore(reactor).addSystemEventTrigger("before", "shutdown", lambda: _stop(manager, say))
-        yield stopped  # never fires: the reactor stops under us
-        return 0
-    yield stopped
-    yield _stop(manager, say)
-    return 0
+    return manager
 
 
 def _stop(manager: PeerManager, say: Callable[[str], None]) -> defer.Deferred[None]:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 from automat import TypeMachineBuilder
 from twisted.internet import defer
@@ -36,6 +36,9 @@ from twisted.python.failure import Failure
 from kerjostunt.client.manager.events import DONE_STATES, PeerState, PeerStateChanged
 from kerjostunt.client.manager.seams import DirectoryEntry, ManagedConnection, peer_flag
 from kerjostunt.client.manager.watching import WatchedProtocol
+
+if TYPE_CHECKING:
+    from automat._typed import TypedState  # automat exports the builder, not its state type
 
 __all__ = ["PeerHost", "PeerInputs", "TrackedPeer"]
 
@@ -189,101 +192,128 @@ class TrackedPeer:
 
 # -- the machine -----------------------------------------------------------------------
 
+_State: TypeAlias = "TypedState[PeerInputs, TrackedPeer]"
 
-def _build() -> Callable[[TrackedPeer], PeerInputs]:
-    builder = TypeMachineBuilder(PeerInputs, TrackedPeer)
-    new = builder.state("new")
-    pending = builder.state("pending")
-    connecting = builder.state("connecting")
-    connected = builder.state("connected")
-    backoff = builder.state("backoff")
-    unreachable = builder.state("unreachable")
-    every_state = (new, pending, connecting, connected, backoff, unreachable)
-    handled: set[tuple[object, object]] = set()
 
-    def mark(states: tuple[object, ...], an_input: object) -> None:
-        handled.update((state, an_input) for state in states)
+@dataclass(frozen=True)
+class _States:
+    new: _State
+    pending: _State
+    connecting: _State
+    connected: _State
+    backoff: _State
+    unreachable: _State
+    #: (state, input) pairs given a transition so far; the rest are ignored
+    handled: set[tuple[object, object]] = field(default_factory=set)
 
-    new.upon(PeerInputs.listed).to(pending)(lambda inputs, peer, detail: peer.enter(PeerState.PENDING, detail))
-    pending.upon(PeerInputs.dial).to(connecting)(
+    @property
+    def every(self) -> tuple[_State, ...]:
+        return (self.new, self.pending, self.connecting, self.connected, self.backoff, self.unreachable)
+
+    def mark(self, states: tuple[_State, ...], an_input: object) -> None:
+        self.handled.update((state, an_input) for state in states)
+
+
+def _dialing(s: _States) -> None:
+    """Listed, dialed, the dial's outcome: back off or give up."""
+    s.new.upon(PeerInputs.listed).to(s.pending)(lambda inputs, peer, detail: peer.enter(PeerState.PENDING, detail))
+    s.pending.upon(PeerInputs.dial).to(s.connecting)(
         lambda inputs, peer, detail: peer.enter(PeerState.CONNECTING, detail)
     )
-    pending.upon(PeerInputs.courtesy).to(backoff)(
+    s.pending.upon(PeerInputs.courtesy).to(s.backoff)(
         lambda inputs, peer, detail, delay: peer.wait(detail, delay, f"{peer.peer_id} did not call first")
     )
-    connecting.upon(PeerInputs.back_off).to(backoff)(lambda inputs, peer, detail, delay: peer.wait(detail, delay))
-    mark((new, pending, connecting), PeerInputs.listed)
-    mark((pending,), PeerInputs.dial)
-    mark((pending,), PeerInputs.courtesy)
-    mark((connecting,), PeerInputs.back_off)
-
-    judging = (pending, connecting, backoff, unreachable)  # connected: an incoming connection came first
+    s.connecting.upon(PeerInputs.back_off).to(s.backoff)(
+        lambda inputs, peer, detail, delay: peer.wait(detail, delay)
+    )
+    s.mark((s.new,), PeerInputs.listed)
+    s.mark((s.pending,), PeerInputs.dial)
+    s.mark((s.pending,), PeerInputs.courtesy)
+    s.mark((s.connecting,), PeerInputs.back_off)
+    judging = (s.pending, s.connecting, s.backoff, s.unreachable)  # connected: an incoming connection came first
     for state in judging:
         state.upon(PeerInputs.dial_failed).loop()(
             lambda inputs, peer, failure: peer.host.judge_failure(peer, failure)
         )
-    mark(judging, PeerInputs.dial_failed)
-    for state in (pending, connecting, backoff):
-        state.upon(PeerInputs.give_up).to(unreachable)(
+    s.mark(judging, PeerInputs.dial_failed)
+    for state in (s.pending, s.connecting, s.backoff):
+        state.upon(PeerInputs.give_up).to(s.unreachable)(
             lambda inputs, peer, by, detail: peer.mark_unreachable(by, detail)
         )
-    mark((pending, connecting, backoff), PeerInputs.give_up)
-    for state in (pending, backoff):
-        state.upon(PeerInputs.flagged).to(unreachable)(
+    s.mark((s.pending, s.connecting, s.backoff), PeerInputs.give_up)
+
+
+def _waiting(s: _States) -> None:
+    """The server's flag, and the timers that end a back-off."""
+    for state in (s.pending, s.backoff):
+        state.upon(PeerInputs.flagged).to(s.unreachable)(
             lambda inputs, peer: peer.mark_unreachable("server", "flagged unreachable by the server")
         )
-    mark((pending, backoff), PeerInputs.flagged)
+    s.mark((s.pending, s.backoff), PeerInputs.flagged)
 
-    @unreachable.upon(PeerInputs.unflagged).to(pending)
+    @s.unreachable.upon(PeerInputs.unflagged).to(s.pending)
     def unflagged(inputs: PeerInputs, peer: TrackedPeer, flag: str) -> None:
         # The server saw it reached since: try it now rather than in an hour.
         peer.cancel_timer()
         peer.failures = 0
         peer.enter(PeerState.PENDING, f"flag now {flag}")
 
-    @backoff.upon(PeerInputs.backoff_over).to(pending)
+    @s.backoff.upon(PeerInputs.backoff_over).to(s.pending)
     def backoff_over(inputs: PeerInputs, peer: TrackedPeer, reason: str) -> None:
         peer.enter(PeerState.PENDING, "back-off over")
 
-    @unreachable.upon(PeerInputs.retry_due).to(pending)
+    @s.unreachable.upon(PeerInputs.retry_due).to(s.pending)
     def retry(inputs: PeerInputs, peer: TrackedPeer) -> None:
         peer.retrying = True
         peer.enter(PeerState.PENDING, "long back-off over, retrying")
 
-    mark((unreachable,), PeerInputs.unflagged)
-    mark((backoff,), PeerInputs.backoff_over)
-    mark((unreachable,), PeerInputs.retry_due)
+    s.mark((s.unreachable,), PeerInputs.unflagged)
+    s.mark((s.backoff,), PeerInputs.backoff_over)
+    s.mark((s.unreachable,), PeerInputs.retry_due)
 
-    for state in (new, pending, connecting, backoff, unreachable):
-        state.upon(PeerInputs.connected).to(connected)(
+
+def _connections(s: _States) -> None:
+    """A connection (from any state; a second one is a duplicate), and its loss."""
+    for state in (s.new, s.pending, s.connecting, s.backoff, s.unreachable):
+        state.upon(PeerInputs.connected).to(s.connected)(
             lambda inputs, peer, connection, incoming: peer.adopt(connection, incoming)
         )
-    connected.upon(PeerInputs.connected).loop()(
+    s.connected.upon(PeerInputs.connected).loop()(
         lambda inputs, peer, connection, incoming: peer.host.keep_one(peer, connection, incoming)
     )
-    mark(every_state, PeerInputs.connected)
-    for state in every_state:
+    s.mark(s.every, PeerInputs.connected)
+    for state in s.every:
         drop = state.upon(PeerInputs.dropped)
-        (drop.loop() if state is pending else drop.to(pending))(
+        (drop.loop() if state is s.pending else drop.to(s.pending))(
             lambda inputs, peer, detail: peer.enter(PeerState.PENDING, detail)
         )
         redial = state.upon(PeerInputs.dropped_while_dialing)
-        (redial.loop() if state is connecting else redial.to(connecting))(
+        (redial.loop() if state is s.connecting else redial.to(s.connecting))(
             lambda inputs, peer, detail: peer.enter(PeerState.CONNECTING, f"{detail}; a dial is under way")
         )
-    mark(every_state, PeerInputs.dropped)
-    mark(every_state, PeerInputs.dropped_while_dialing)
+    s.mark(s.every, PeerInputs.dropped)
+    s.mark(s.every, PeerInputs.dropped_while_dialing)
 
+
+def _build() -> Callable[[TrackedPeer], PeerInputs]:
+    builder = TypeMachineBuilder(PeerInputs, TrackedPeer)
+    state = builder.state
+    s = _States(
+        state("new"), state("pending"), state("connecting"), state("connected"), state("backoff"), state("unreachable")
+    )
+    _dialing(s)
+    _waiting(s)
+    _connections(s)
     # Everything else is a stale timer or a late result: nothing happens.
     every_input: list[Callable[..., None]] = [
         PeerInputs.listed, PeerInputs.dial, PeerInputs.courtesy, PeerInputs.dial_failed, PeerInputs.back_off,
         PeerInputs.give_up, PeerInputs.flagged, PeerInputs.unflagged, PeerInputs.backoff_over,
         PeerInputs.retry_due, PeerInputs.connected, PeerInputs.dropped, PeerInputs.dropped_while_dialing,
     ]
-    for state in every_state:
+    for each in s.every:
         for an_input in every_input:
-            if (state, an_input) not in handled:
-                state.upon(an_input).loop().returns(None)
+            if (each, an_input) not in s.handled:
+                each.upon(an_input).loop().returns(None)
     return builder.build()
 
 

@@ -20,13 +20,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 from automat import TypeMachineBuilder
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from kerjostunt.client.manager.events import SignalingState
+
+if TYPE_CHECKING:
+    from automat._typed import TypedState  # automat exports the builder, not its state type
 
 __all__ = ["RuleCore", "RuleHost", "SignalingRule", "new_rule"]
 
@@ -79,6 +82,9 @@ class RuleHost(Protocol):
 class RuleCore:
     host: RuleHost
     state: SignalingState = SignalingState.CLOSED
+
+
+_State: TypeAlias = "TypedState[SignalingRule, RuleCore]"
 
 
 def _already_closed(rule: SignalingRule, core: RuleCore, reason: str, done: defer.Deferred[None]) -> None:
@@ -136,8 +142,13 @@ def _build() -> Callable[[RuleCore], SignalingRule]:
     def dial(rule: SignalingRule, core: RuleCore) -> None:
         core.host.dial_waiting()
 
-    # Everything else means nothing in that state (a second open, a late result).
-    nothing: list[tuple[Callable[..., None], tuple[Any, ...]]] = [
+    _ignore_the_rest(closed, opening, open_, closing)
+    return builder.build()
+
+
+def _ignore_the_rest(closed: _State, opening: _State, open_: _State, closing: _State) -> None:
+    """Everything else means nothing in that state (a second open, a late result)."""
+    nothing: list[tuple[Callable[..., None], tuple[_State, ...]]] = [
         (SignalingRule.open, (opening, open_, closing)),
         (SignalingRule.opened, (closed, open_, closing)),
         (SignalingRule.open_failed, (closed, open_, closing)),
@@ -149,7 +160,6 @@ def _build() -> Callable[[RuleCore], SignalingRule]:
     for an_input, states in nothing:
         for state in states:
             state.upon(an_input).loop().returns(None)
-    return builder.build()
 
 
 _RULE = _build()
