@@ -13,6 +13,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
 from kerjostunt.client.agent import ConnectFailed, PeerAgent, PeerConnection
+from kerjostunt.client.agentconfig import Account, AgentConfig, Ports, ServerConfig, Timeouts
 from kerjostunt.client.calls import (
     PREAMBLE,
     AppPortProtocol,
@@ -273,6 +274,28 @@ class BackoffTests(unittest.TestCase):
         agent = self.agent(Clock())
         failure = self.failureResultOf(agent.connect("bob", Factory.forProtocol(Protocol)), ConnectFailed)
         self.assertIn("not registered", failure.value.reason)
+
+
+class ConfigTests(unittest.TestCase):
+    def test_the_flat_keywords_build_the_grouped_config(self) -> None:
+        config = AgentConfig.of(server=("stunt.example", 5062), user_id="alice", password="pw", domain="d",
+                                ca_path="ca.pem", listen_port=None, low_ttl=None, backoff_max=8.0,
+                                keepalive_interval=15.0)
+        self.assertEqual(config.server, ServerConfig("stunt.example", 5062, domain="d", ca_path="ca.pem"))
+        self.assertEqual(config.server.expected_name, "stunt.example")
+        self.assertEqual(config.account, Account("alice", "pw"))
+        self.assertNotIn("pw", repr(config))
+        self.assertEqual(config.ports, Ports(listen_port=None, low_ttl=None))
+        self.assertEqual(config.timeouts, Timeouts(keepalive_interval=15.0))
+        self.assertEqual(config.reconnect.maximum, 8.0)
+
+    def test_an_agent_from_either(self) -> None:
+        flat = PeerAgent(Clock(), server=("h", 1), user_id="a", password="x", domain=DOMAIN, ca_path="x",
+                         listen_port=None)
+        grouped = PeerAgent(Clock(), AgentConfig(ServerConfig("h", 1, domain=DOMAIN, ca_path="x"), Account("a", "x"),
+                                                 ports=Ports(listen_port=None)))
+        self.assertEqual(flat.config, grouped.config)
+        self.assertEqual((grouped.user_id, grouped.punch_deadline, grouped.low_ttl), ("a", 10.0, 2))
 
 
 class FakeAgent:
