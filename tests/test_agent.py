@@ -289,6 +289,11 @@ class ConfigTests(unittest.TestCase):
         self.assertEqual(config.timeouts, Timeouts(keepalive_interval=15.0))
         self.assertEqual(config.reconnect.maximum, 8.0)
 
+    def test_a_misspelt_keyword_is_refused(self) -> None:
+        with self.assertRaises(TypeError):
+            PeerAgent(Clock(), server=("h", 1), user_id="a", password="x", domain=DOMAIN, ca_path="x",
+                      listen_prot=7000)  # type: ignore[call-overload]
+
     def test_an_agent_from_either(self) -> None:
         flat = PeerAgent(Clock(), server=("h", 1), user_id="a", password="x", domain=DOMAIN, ca_path="x",
                          listen_port=None)

@@ -104,6 +104,9 @@ class AgentConfig:
     @classmethod
     def of(cls, **settings: Unpack[AgentSettings]) -> AgentConfig:
         """The config from ``PeerAgent``'s flat keyword names (the CLI's and earlier versions')."""
+        unknown = set(settings) - set(AgentSettings.__annotations__)
+        if unknown:
+            raise TypeError(f"unexpected PeerAgent settings: {', '.join(sorted(unknown))}")
         host, port = settings["server"]
         server = ServerConfig(
             host, port, domain=settings["domain"], ca_path=settings["ca_path"],
