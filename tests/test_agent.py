@@ -13,6 +13,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
 from kerjostunt.client.agent import ConnectFailed, PeerAgent, PeerConnection
+from kerjostunt.client.agentconfig import Account, AgentConfig, Ports, ServerConfig, Timeouts
 from kerjostunt.client.calls import (
     PREAMBLE,
     AppPortProtocol,
@@ -26,7 +27,7 @@ from kerjostunt.client.calls import (
     read_setup,
 )
 from kerjostunt.client.endpoint import PeerEndpoint
-from kerjostunt.client.signaling import RegistrationFailed, SignalingError
+from kerjostunt.client.signaling import Registration, RegistrationFailed, SignalingError
 from kerjostunt.tls import ensure_certificates
 from kerjostunt.wire.kerjo import Outcome, parse_outcome
 from kerjostunt.wire.sdp import Candidate, candidate_priority, parse_sdp, validate_offer
@@ -203,8 +204,20 @@ class AppPortTests(unittest.TestCase):
 
 
 class FakeSignaling:
+    """A registered signaling connection whose REGISTER succeeds at once."""
+
     def __init__(self) -> None:
         self.disconnected: defer.Deferred = defer.Deferred()
+        self.transport = StringTransport()
+
+    def register(self, expires: int) -> defer.Deferred:
+        return defer.succeed(Registration("alice", "203.0.113.5", 4000, expires, None))
+
+    def ping(self) -> defer.Deferred:
+        return defer.Deferred()
+
+    def unregister(self) -> defer.Deferred:
+        return defer.succeed(None)
 
 
 class BackoffTests(unittest.TestCase):
@@ -223,25 +236,72 @@ class BackoffTests(unittest.TestCase):
 
     def test_reconnects_with_backoff_after_losing_the_server(self) -> None:
         clock = Clock()
-        agent = self.agent(clock)
+        agent = self.agent(clock, punch_port_max_age=0.0)
         attempts: list[float] = []
+        first = FakeSignaling()
 
-        def refuse(*args: Any, **kw: Any) -> defer.Deferred:
+        def connect(*args: Any, **kw: Any) -> defer.Deferred:
+            if not attempts:
+                attempts.append(clock.seconds())
+                return defer.succeed(first)
             attempts.append(clock.seconds())
             return defer.fail(SignalingError("connection refused"))
 
         self.patch(__import__("kerjostunt.tls", fromlist=["x"]), "client_options", lambda *a: None)
-        agent.connect_signaling = refuse
-        agent.state = "reconnecting"
-        agent._schedule_reconnect()
+        agent.connect_signaling = connect
+        self.successResultOf(agent.start())
+        self.assertTrue(agent.signaling_up)
+        first.disconnected.callback(None)  # the server went away
+        self.assertFalse(agent.signaling_up)
         for _ in range(40):
             clock.advance(1)
-        self.assertEqual(attempts, [1.0, 3.0, 7.0, 15.0, 31.0])
+        self.assertEqual(attempts, [0.0, 1.0, 3.0, 7.0, 15.0, 31.0])
+        self.successResultOf(agent.stop())
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_start_twice_fails(self) -> None:
+        clock = Clock()
+        agent = self.agent(clock, punch_port_max_age=0.0)
+        self.patch(__import__("kerjostunt.tls", fromlist=["x"]), "client_options", lambda *a: None)
+        agent.connect_signaling = lambda *a, **kw: defer.Deferred()
+        agent.start()
+        failure = self.failureResultOf(agent.start(), RuntimeError)
+        self.assertEqual(str(failure.value), "agent already starting")
+        agent.stop()
+        failure = self.failureResultOf(agent.connect("bob", Factory.forProtocol(Protocol)), ConnectFailed)
+        self.assertEqual(failure.value.reason, "the agent is stopped, not registered")
 
     def test_connect_before_start_fails(self) -> None:
         agent = self.agent(Clock())
         failure = self.failureResultOf(agent.connect("bob", Factory.forProtocol(Protocol)), ConnectFailed)
         self.assertIn("not registered", failure.value.reason)
+
+
+class ConfigTests(unittest.TestCase):
+    def test_the_flat_keywords_build_the_grouped_config(self) -> None:
+        config = AgentConfig.of(server=("stunt.example", 5062), user_id="alice", password="pw", domain="d",
+                                ca_path="ca.pem", listen_port=None, low_ttl=None, backoff_max=8.0,
+                                keepalive_interval=15.0)
+        self.assertEqual(config.server, ServerConfig("stunt.example", 5062, domain="d", ca_path="ca.pem"))
+        self.assertEqual(config.server.expected_name, "stunt.example")
+        self.assertEqual(config.account, Account("alice", "pw"))
+        self.assertNotIn("pw", repr(config))
+        self.assertEqual(config.ports, Ports(listen_port=None, low_ttl=None))
+        self.assertEqual(config.timeouts, Timeouts(keepalive_interval=15.0))
+        self.assertEqual(config.reconnect.maximum, 8.0)
+
+    def test_a_misspelt_keyword_is_refused(self) -> None:
+        with self.assertRaises(TypeError):
+            PeerAgent(Clock(), server=("h", 1), user_id="a", password="x", domain=DOMAIN, ca_path="x",
+                      listen_prot=7000)  # type: ignore[call-overload]
+
+    def test_an_agent_from_either(self) -> None:
+        flat = PeerAgent(Clock(), server=("h", 1), user_id="a", password="x", domain=DOMAIN, ca_path="x",
+                         listen_port=None)
+        grouped = PeerAgent(Clock(), AgentConfig(ServerConfig("h", 1, domain=DOMAIN, ca_path="x"), Account("a", "x"),
+                                                 ports=Ports(listen_port=None)))
+        self.assertEqual(flat.config, grouped.config)
+        self.assertEqual((grouped.user_id, grouped.punch_deadline, grouped.low_ttl), ("a", 10.0, 2))
 
 
 class FakeAgent:

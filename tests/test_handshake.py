@@ -109,6 +109,27 @@ class StringTransportTests(unittest.TestCase):
         app = self.successResultOf(r.handshake_done)
         self.assertEqual(app.data, b"early data")
 
+    def test_one_byte_at_a_time(self):
+        """Lines split anywhere are put together; the app still gets only what follows."""
+        r, tr = wire(self.factory("responder"))
+        nonce_i = b"2" * 32
+        for byte in b"KJ1 HELLO " + nonce_i + b"\n":
+            r.dataReceived(bytes([byte]))
+        nonce_r = tr.value().split()[2]
+        mac_i = compute_mac(SECRET, "initiator", CALL, nonce_i, nonce_r)
+        for byte in b"KJ1 I " + mac_i + b"\nxy":
+            r.dataReceived(bytes([byte]))
+        app = self.successResultOf(r.handshake_done)
+        self.assertEqual(app.data, b"xy")
+
+    def test_nothing_after_a_failure_counts(self):
+        """A bad line and a good one in one segment: the connection failed at the first."""
+        r, tr = wire(self.factory("responder"))
+        r.dataReceived(b"GET / HTTP/1.1\nKJ1 HELLO " + b"3" * 32 + b"\n")
+        self.failureResultOf(r.handshake_done, HandshakeFailed)
+        self.assertEqual(tr.value(), b"")
+        self.assertTrue(tr.disconnecting or tr.disconnected)
+
     def test_wrong_secret_rejected_by_initiator(self):
         i, ti = wire(self.factory("initiator"))
         r, tr = wire(self.factory("responder", secret=b"another secret"))

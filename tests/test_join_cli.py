@@ -153,7 +153,7 @@ class JoinLoopbackTests(unittest.TestCase):
             for user, proc in procs.items():
                 print(f"--- {user}\n{proc.output}", file=sys.stderr)
             raise
-        for user, proc in procs.items():
+        for proc in procs.values():
             code = yield proc.stop()
             self.assertEqual(code, 0, proc.output)
             self.assertIn("stopped", proc.output)

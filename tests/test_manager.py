@@ -13,16 +13,19 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
+from kerjostunt.client.backoff import Backoff
+from kerjostunt.client.calls import ConnectFailed
 from kerjostunt.client.manager import (
     BACKOFF,
     CONNECTED,
     CONNECTING,
     UNREACHABLE,
+    ManagerConfig,
     PeerListLoaded,
     PeerManager,
     PeerStateChanged,
     SignalingChanged,
-    backoff_delay,
+    SignalingState,
 )
 
 
@@ -44,13 +47,6 @@ class Conn:
     outcome: str = "direct"
     remote: tuple[str, int] = ("198.51.100.7", 40000)
     elapsed_ms: float = 12.0
-
-
-class ConnectFailed(Exception):
-    def __init__(self, reason: str, code: int | None = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.code = code
 
 
 class App(Protocol):
@@ -117,11 +113,6 @@ class FakeAgent:
         self.last_dial(peer_id)[3].errback(ConnectFailed(reason))
 
 
-class NoHintAgent(FakeAgent):
-    def connect(self, peer_id: str, protocol_factory: Any, *, timeout: float = 20.0) -> defer.Deferred:  # type: ignore[override]
-        return super().connect(peer_id, protocol_factory, timeout=timeout)
-
-
 def drop(proto: Any) -> None:
     proto.connectionLost(Failure(ConnectionDone()))
 
@@ -134,7 +125,7 @@ class Harness:
         self.events: list[Any] = []
         self.directory_calls = 0
         self.apps: list[App] = []
-        kwargs.setdefault("random", lambda: 0.0)
+        random = kwargs.pop("random", lambda: 0.0)
         # Most tests look at one peer's rules: every dial at once, no courtesy
         # wait (DialPacingTests cover those two).
         kwargs.setdefault("max_dials", 100)
@@ -146,8 +137,9 @@ class Harness:
             directory=self.directory,
             agent=self.agent,
             app_factory_for=self.app_factory,
+            config=ManagerConfig(**kwargs),
+            random=random,
             on_event=self.events.append,
-            **kwargs,
         )
 
     def directory(self) -> defer.Deferred:
@@ -190,10 +182,10 @@ class SignalingRuleTests(unittest.TestCase):
         h.manager.start()
         h.agent.succeed("bob", "simultaneous-open")
         self.assertEqual(h.agent.stops, 0)
-        self.assertEqual(h.manager.signaling, "open")
+        self.assertEqual(h.manager.signaling, SignalingState.OPEN)
         h.agent.succeed("carol")
         self.assertEqual(h.agent.stops, 1)
-        self.assertEqual(h.manager.signaling, "closed")
+        self.assertEqual(h.manager.signaling, SignalingState.CLOSED)
         self.assertEqual(h.signaling_events()[-1], SignalingChanged(False, "all 2 peers done"))
         connected = [e for e in h.events if isinstance(e, PeerStateChanged) and e.new == CONNECTED]
         self.assertEqual(connected[0].technique, "simultaneous-open")
@@ -207,7 +199,7 @@ class SignalingRuleTests(unittest.TestCase):
             self.assertEqual(h.manager.state_of("carol"), CONNECTING)
             h.agent.fail("carol", "no route")
             self.assertEqual(h.agent.stops, 0 if attempt < 2 else 1)
-            h.clock.advance(h.manager.backoff_max)
+            h.clock.advance(h.manager.config.backoff_max)
         self.assertEqual(h.manager.state_of("carol"), UNREACHABLE)
         self.assertEqual(len(h.agent.dials_to("carol")), 3)
         self.assertEqual(h.signaling_events()[-1], SignalingChanged(False, "all 2 peers done"))
@@ -218,7 +210,7 @@ class SignalingRuleTests(unittest.TestCase):
         self.assertEqual(h.manager.state_of("bob"), UNREACHABLE)
         self.assertEqual(h.agent.dials_to("bob"), [])
         h.agent.succeed("carol")
-        self.assertEqual(h.manager.signaling, "closed")
+        self.assertEqual(h.manager.signaling, SignalingState.CLOSED)
         self.assertEqual(h.agent.stops, 1)
 
     def test_all_unreachable_never_opens(self) -> None:
@@ -238,7 +230,7 @@ class SignalingRuleTests(unittest.TestCase):
         h.manager.start()
         bob = h.agent.succeed("bob")
         h.agent.succeed("carol")
-        self.assertEqual(h.manager.signaling, "closed")
+        self.assertEqual(h.manager.signaling, SignalingState.CLOSED)
         drop(bob)
         self.assertTrue(h.apps[0].lost, "the application saw the loss too")
         self.assertEqual(h.agent.starts, 2)
@@ -253,7 +245,7 @@ class SignalingRuleTests(unittest.TestCase):
         h = make(self, "bob", refresh_interval=300.0)
         h.manager.start()
         h.agent.succeed("bob")
-        self.assertEqual(h.manager.signaling, "closed")
+        self.assertEqual(h.manager.signaling, SignalingState.CLOSED)
         h.entries.append(Entry("dave"))
         h.clock.advance(299)
         self.assertEqual(h.directory_calls, 1)
@@ -265,7 +257,7 @@ class SignalingRuleTests(unittest.TestCase):
         self.assertEqual(h.manager.state_of("dave"), CONNECTING)
         self.assertEqual(len(h.agent.dials_to("bob")), 1, "connected peers are left alone")
         h.agent.succeed("dave")
-        self.assertEqual(h.manager.signaling, "closed")
+        self.assertEqual(h.manager.signaling, SignalingState.CLOSED)
 
     def test_refresh_with_same_list_keeps_signaling_closed(self) -> None:
         h = make(self, "bob")
@@ -287,7 +279,7 @@ class SignalingRuleTests(unittest.TestCase):
         drop(bob)  # its loss is not a drop of a tracked peer
         self.assertEqual(h.agent.starts, 1)
         h.agent.succeed("carol")
-        self.assertEqual(h.manager.signaling, "closed")
+        self.assertEqual(h.manager.signaling, SignalingState.CLOSED)
 
     def test_flag_turning_unreachable_while_backing_off_counts_as_done(self) -> None:
         h = make(self, "bob")
@@ -297,7 +289,7 @@ class SignalingRuleTests(unittest.TestCase):
         h.entries = [Entry("alice"), Entry("bob", "unreachable")]
         h.manager.refresh()
         self.assertEqual(h.manager.state_of("bob"), UNREACHABLE)
-        self.assertEqual(h.manager.signaling, "closed")
+        self.assertEqual(h.manager.signaling, SignalingState.CLOSED)
 
     def test_offline_peer_is_dialed_and_absence_does_not_count(self) -> None:
         # The list's "online" is stale by nature: dial anyway. A 480 (not
@@ -308,10 +300,10 @@ class SignalingRuleTests(unittest.TestCase):
             self.assertEqual(len(h.agent.dials_to("bob")), attempt)
             h.agent.last_dial("bob")[3].errback(ConnectFailed("480 Temporarily Unavailable", code=480))
             self.assertEqual(h.manager.state_of("bob"), BACKOFF)
-            h.clock.advance(h.manager.backoff_max)
-        self.assertEqual(h.manager.signaling, "open", "an absent peer keeps signaling open")
+            h.clock.advance(h.manager.config.backoff_max)
+        self.assertEqual(h.manager.signaling, SignalingState.OPEN, "an absent peer keeps signaling open")
         h.agent.succeed("bob")
-        self.assertEqual(h.manager.signaling, "closed")
+        self.assertEqual(h.manager.signaling, SignalingState.CLOSED)
 
     def test_signaling_start_failure_is_retried_with_backoff(self) -> None:
         agent = FakeAgent()
@@ -327,7 +319,7 @@ class SignalingRuleTests(unittest.TestCase):
         self.assertEqual(agent.starts, 2)
         h.clock.advance(0.1)
         self.assertEqual(agent.starts, 3)
-        self.assertEqual(h.manager.signaling, "open")
+        self.assertEqual(h.manager.signaling, SignalingState.OPEN)
         self.assertEqual(len(agent.dials_to("bob")), 1)
 
     def test_directory_failure_at_start_is_retried(self) -> None:
@@ -398,6 +390,40 @@ class DialPacingTests(unittest.TestCase):
         self.assertEqual([d[0] for d in h.agent.dials], ["alice"])
 
 
+class SignalingLostTests(unittest.TestCase):
+    def test_lost_while_open_reopens_for_the_peers_waiting(self) -> None:
+        h = make(self, "bob")
+        h.manager.start()
+        self.assertEqual(h.manager.signaling, SignalingState.OPEN)
+        h.manager.signaling_lost("the server restarted")
+        self.assertEqual(h.signaling_events()[-2:], [
+            SignalingChanged(False, "the server restarted"),
+            SignalingChanged(True, "reconnecting after: the server restarted"),
+        ])
+        self.assertEqual(h.agent.starts, 2)
+
+    def test_lost_while_closed_is_nothing(self) -> None:
+        h = make(self, "bob")
+        h.manager.start()
+        h.agent.succeed("bob")
+        self.assertEqual(h.manager.signaling, SignalingState.CLOSED)
+        before = list(h.events)
+        h.manager.signaling_lost()
+        self.assertEqual(h.events, before)
+
+    def test_a_late_open_after_stop_is_ignored(self) -> None:
+        h = make(self, "bob")
+        opening: defer.Deferred = defer.Deferred()
+        h.agent.start = lambda: opening  # type: ignore[method-assign]
+        h.manager.start()
+        self.assertEqual(h.manager.signaling, SignalingState.OPENING)
+        self.successResultOf(h.manager.stop())
+        self.assertEqual(h.agent.stops, 1)
+        opening.callback("registration")
+        self.assertEqual(h.manager.signaling, SignalingState.CLOSED)
+        self.assertNotIn(SignalingChanged(True, "starting"), h.signaling_events())
+
+
 class StuntHintTests(unittest.TestCase):
     def test_stunt_flagged_peer_is_dialed_with_the_hint(self) -> None:
         h = make(self, Entry("bob", "stunt"), Entry("carol", "direct"), Entry("dave", "unknown"))
@@ -407,12 +433,6 @@ class StuntHintTests(unittest.TestCase):
         self.assertEqual(h.agent.last_dial("dave")[2], {"timeout": 20.0})
         detail = [e.detail for e in h.events if isinstance(e, PeerStateChanged) and e.peer_id == "bob" and e.new == CONNECTING]
         self.assertEqual(detail, ["dialing through STUNT"])
-
-    def test_agent_without_the_hint_is_dialed_plainly(self) -> None:
-        h = make(self, Entry("bob", "stunt"), agent=NoHintAgent())
-        self.assertFalse(h.manager.stunt_hint)
-        h.manager.start()
-        self.assertEqual(h.agent.last_dial("bob")[2], {"timeout": 20.0})
 
     def test_boolean_flag_means_stunt(self) -> None:
         h = make(self, Entry("bob", True))
@@ -449,7 +469,7 @@ class UnreachableRetryTests(unittest.TestCase):
         h.clock.advance(10)
         h.agent.fail("bob")
         self.assertEqual(h.manager.state_of("bob"), UNREACHABLE)
-        self.assertEqual(h.manager.signaling, "closed")
+        self.assertEqual(h.manager.signaling, SignalingState.CLOSED)
         h.clock.advance(999)
         self.assertEqual(len(h.agent.dials_to("bob")), 2)
         h.clock.advance(1)
@@ -467,19 +487,11 @@ class UnreachableRetryTests(unittest.TestCase):
 
 
 class BackoffTests(unittest.TestCase):
-    def test_delay_grows_and_is_capped(self) -> None:
-        delays = [backoff_delay(n, 1.0, 60.0, 0.5, 0.0) for n in range(1, 10)]
-        self.assertEqual(delays, [1, 2, 4, 8, 16, 32, 60, 60, 60])
-
-    def test_jitter_bounds(self) -> None:
-        for n in range(1, 12):
-            top = min(60.0, 2.0 ** (n - 1))
-            for i in range(100):
-                rnd = i / 100
-                d = backoff_delay(n, 1.0, 60.0, 0.5, rnd)
-                self.assertTrue(0.5 * top <= d <= top, (n, rnd, d))
-        self.assertEqual(backoff_delay(3, 1.0, 60.0, 0.5, 0.5), 3.0)
-        self.assertEqual(backoff_delay(10_000, 1.0, 60.0, 0.0, 0.3), 60.0)
+    def test_the_config_names_the_capped_backoff(self) -> None:
+        """Redials wait 1, 2, 4 ... up to the cap, with up to ``jitter`` taken off (tests/test_backoff.py)."""
+        backoff = ManagerConfig(backoff_base=1.0, backoff_max=60.0, jitter=0.5).backoff
+        self.assertEqual(backoff, Backoff.capped(1.0, 60.0, 0.5))
+        self.assertEqual([backoff.delay(n, 0.0) for n in range(9)], [1, 2, 4, 8, 16, 32, 60, 60, 60])
 
     def test_manager_waits_the_jittered_delay_between_dials(self) -> None:
         rolls = iter([0.0, 0.5, 0.9, 0.25])
@@ -495,7 +507,7 @@ class BackoffTests(unittest.TestCase):
             self.assertEqual(len(h.agent.dials_to("bob")), attempt)
             h.clock.advance(0.01)
             self.assertEqual(len(h.agent.dials_to("bob")), attempt + 1)
-        self.assertEqual(h.manager.signaling, "open", "backing off is not done")
+        self.assertEqual(h.manager.signaling, SignalingState.OPEN, "backing off is not done")
 
     def test_success_resets_the_count(self) -> None:
         h = make(self, "bob", max_failures=3)
@@ -522,10 +534,10 @@ class IncomingTests(unittest.TestCase):
     def test_incoming_counts_as_connected(self) -> None:
         h = make(self, Entry("bob", online=False))
         h.manager.start()
-        self.assertEqual(h.manager.signaling, "open")
+        self.assertEqual(h.manager.signaling, SignalingState.OPEN)
         self.incoming(h, "bob")
         self.assertEqual(h.manager.state_of("bob"), CONNECTED)
-        self.assertEqual(h.manager.signaling, "closed")
+        self.assertEqual(h.manager.signaling, SignalingState.CLOSED)
         event = [e for e in h.events if isinstance(e, PeerStateChanged) and e.new == CONNECTED][0]
         self.assertTrue(event.incoming)
         self.assertEqual(event.detail, "incoming, via simultaneous-open")
@@ -541,7 +553,7 @@ class IncomingTests(unittest.TestCase):
         h = make(self, "bob")
         h.manager.start()
         self.incoming(h, "bob")
-        self.assertEqual(h.manager.signaling, "closed")
+        self.assertEqual(h.manager.signaling, SignalingState.CLOSED)
         h.agent.fail("bob")
         self.assertEqual(h.manager.state_of("bob"), CONNECTED)
 
@@ -602,16 +614,16 @@ class OneShotAgent(FakeAgent):
     def __init__(self) -> None:
         super().__init__()
         OneShotAgent.made += 1
-        self.state = "idle"
+        self.started = self.stopped = False
 
     def start(self) -> defer.Deferred:
-        if self.state != "idle":
-            return defer.fail(RuntimeError(f"agent already {self.state}"))
-        self.state = "up"
+        if self.started:
+            return defer.fail(RuntimeError("agent already started"))
+        self.started = True
         return super().start()
 
     def stop(self) -> defer.Deferred:
-        self.state = "stopped"
+        self.stopped = True
         return super().stop()
 
 
@@ -631,11 +643,11 @@ class RestartingAgentTests(unittest.TestCase):
         self.assertEqual(len(made), 1)
         self.assertEqual(made[0].last_dial("bob")[2], {"timeout": 20.0, "prefer_stunt": True})
         bob = made[0].succeed("bob")
-        self.assertEqual(made[0].state, "stopped")
+        self.assertTrue(made[0].stopped)
         self.assertFalse(agent.signaling_up)
         drop(bob)
         self.assertEqual(len(made), 2)
-        self.assertEqual(h.manager.signaling, "open")
+        self.assertEqual(h.manager.signaling, SignalingState.OPEN)
         self.assertEqual(len(made[1].dials_to("bob")), 1)
 
     def test_connect_without_an_agent_fails(self) -> None:

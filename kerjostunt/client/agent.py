@@ -5,22 +5,26 @@ A peer: its signaling connection, and the peer-to-peer connections it makes and 
 (REGISTER with digest, answering keepalives and sending its own, re-REGISTER
 before expiry, reconnect with jittered exponential backoff), listens on an
 application port for direct connections from peers, and runs the call flows
-of ``calling.py``: ``connect(peer_id, factory)`` for an outgoing connection,
+of ``calls.py``: ``connect(peer_id, factory)`` for an outgoing connection,
 ``accept_factory``/``on_peer`` for incoming ones.  See docs/client.rst.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Generator
+from typing import Any, Protocol, overload
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IDelayedCall, IListeningPort, IProtocolFactory, IReactorTCP, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from typing_extensions import Unpack
 
 from kerjostunt import tls
+from kerjostunt.client.agentconfig import DEFAULT_PORT, AgentConfig, AgentSettings
+from kerjostunt.client.agentlife import build_life
 from kerjostunt.client.calls import (
     AppPortFactory,
     ConnectFailed,
@@ -29,10 +33,11 @@ from kerjostunt.client.calls import (
     OutgoingCall,
     PeerConnection,
 )
-from kerjostunt.client.nat.probing import probe_from
+from kerjostunt.client.nat.probing import ProbeResult, probe_from
 from kerjostunt.client.nat.readyport import PreparedPort, ReadyPort
 from kerjostunt.client.nat.sockets import reusable_socket
 from kerjostunt.client.signaling import (
+    ConnectSignaling,
     ProbeOffer,
     Registration,
     RegistrationFailed,
@@ -40,112 +45,148 @@ from kerjostunt.client.signaling import (
     SignalingError,
     connect_signaling,
 )
+from kerjostunt.wire.sip.message import Request
 
-__all__ = ["PeerAgent", "PeerConnection", "ConnectFailed", "DEFAULT_PORT"]
+__all__ = ["PeerAgent", "PeerConnection", "ConnectFailed", "DEFAULT_PORT", "AgentConfig"]
 
 log = Logger()
 
-DEFAULT_PORT = 5061
 TOKEN_MARGIN = 10.0  # re-REGISTER when the probe token has less left than this
 START_PROBE_WAIT = 2.0  # start() waits at most this long for the first punch port
+
+
+class AgentCall(Protocol):
+    """What the agent needs of a call (calls.py's OutgoingCall and IncomingCall)."""
+
+    call_id: str
+
+    def stop(self, why: str) -> None: ...
+
+    def peer_ended(self, request: Request) -> None: ...
 
 
 class PeerAgent:
     """A peer: keeps the signaling connection (connect, REGISTER with digest,
     answer keepalives, re-register before expiry, reconnect with jittered
-    exponential backoff), and makes/accepts peer-to-peer connections."""
+    exponential backoff), and makes/accepts peer-to-peer connections.
+
+    Built from an ``AgentConfig`` (agentconfig.py), or from its flat keyword
+    names: ``PeerAgent(reactor, server=(host, port), user_id=..., ...)``.
+    Its life (idle, starting, up, reconnecting, stopped) is the machine in
+    agentlife.py.
+    """
+
+    @overload
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        config: AgentConfig,
+        *,
+        accept_factory: IProtocolFactory | None = None,
+        on_peer: Callable[[PeerConnection], None] | None = None,
+        jitter: Callable[[], float] = random.random,
+    ) -> None: ...
+
+    @overload
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        *,
+        accept_factory: IProtocolFactory | None = None,
+        on_peer: Callable[[PeerConnection], None] | None = None,
+        jitter: Callable[[], float] = random.random,
+        **settings: Unpack[AgentSettings],
+    ) -> None: ...
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorTime,
+        config: AgentConfig | None = None,
         *,
-        server: tuple[str, int],
-        user_id: str,
-        password: str,
-        domain: str,
-        ca_path: str,
-        tls_hostname: str | None = None,
         accept_factory: IProtocolFactory | None = None,
         on_peer: Callable[[PeerConnection], None] | None = None,
-        listen_port: int | None = 0,
-        punch_deadline: float = 10.0,
-        low_ttl: int | None = 2,
-        register_expires: int = 3600,
-        keepalive_interval: float = 60.0,
-        keepalive_timeout: float = 30.0,
-        backoff_initial: float = 1.0,
-        backoff_max: float = 60.0,
-        probe_timeout: float = 5.0,
-        punch_port_max_age: float = 30.0,
         jitter: Callable[[], float] = random.random,
+        **settings: Any,
     ) -> None:
         self.reactor = reactor
-        self.server = server
-        self.user_id = user_id
-        self._password = password
-        self.domain = domain
-        self.ca_path = ca_path
-        self.tls_hostname = tls_hostname or server[0]
+        self.config = config if config is not None else AgentConfig.of(**settings)
         self.accept_factory = accept_factory
         self.on_peer = on_peer
-        self.listen_port = listen_port
-        self.punch_deadline = punch_deadline
-        #: TTL of the first SYN to each punch candidate: our NAT is hop 1, so 2 leaves it.
-        self.low_ttl = low_ttl
-        self.register_expires = register_expires
-        self.keepalive_interval = keepalive_interval
-        self.keepalive_timeout = keepalive_timeout
-        self.backoff_initial = backoff_initial
-        self.backoff_max = backoff_max
-        self.probe_timeout = probe_timeout
         self._jitter = jitter
         #: how to open the signaling connection (tests replace it)
-        self.connect_signaling = connect_signaling
+        self.connect_signaling: ConnectSignaling = connect_signaling
 
-        self.state = "idle"  # idle -> starting -> up <-> reconnecting -> stopped
+        self._life, self._life_core = build_life(self)
         self.signaling: SignalingClientProtocol | None = None
         self.registration: Registration | None = None
         self._registered_at = 0.0
-        self._refresh_waiters: list[defer.Deferred] = []
-        self._up_waiters: list[defer.Deferred] = []
+        self._refresh_waiters: list[defer.Deferred[Registration]] = []
+        self._up_waiters: list[defer.Deferred[None]] = []
         self._attempt = 0
-        self._timers: dict[str, Any] = {}
+        self._timers: dict[str, IDelayedCall] = {}
         self._app_port: IListeningPort | None = None
-        self._calls: dict[str, Any] = {}
+        self._calls: dict[str, AgentCall] = {}
         self._dialers: dict[bytes, Dialer] = {}
         #: the next call's punch port, probed while idle (readyport.py); max age 0 turns it off
-        self.ready_port = ReadyPort(reactor, self._prepare_punch_port, max_age=punch_port_max_age)
+        self.ready_port = ReadyPort(
+            reactor, self._prepare_punch_port, max_age=self.config.ports.punch_port_max_age
+        )
+
+    # -- what calls read (calls.py) -----------------------------------------------
+
+    @property
+    def user_id(self) -> str:
+        return self.config.account.user_id
+
+    @property
+    def punch_deadline(self) -> float:
+        return self.config.timeouts.punch_deadline
+
+    @property
+    def low_ttl(self) -> int | None:
+        """TTL of the first SYN to each punch candidate: our NAT is hop 1, so 2 leaves it."""
+        return self.config.ports.low_ttl
 
     # -- life ---------------------------------------------------------------------
 
-    def start(self) -> defer.Deferred:
+    def start(self) -> defer.Deferred[Registration]:
         """Connect and REGISTER once; fails clearly on a bad password or an untrusted server.
 
         Fires with the registration once the first punch port is probed too
         (readyport.py), so that the first ``connect`` does not wait for probes.
         """
-        if self.state != "idle":
-            return defer.fail(RuntimeError(f"agent already {self.state}"))
-        self.state = "starting"
-        if self.listen_port is not None:
+        started: defer.Deferred[Registration] = defer.Deferred()
+        self._life.start(started)
+        return started
+
+    def begin_start(self, started: defer.Deferred[Any]) -> None:
+        """For the life machine: listen on the app port, connect, REGISTER, wait for the first punch port."""
+        listen_port = self.config.ports.listen_port
+        if listen_port is not None:
             try:
-                self._app_port = self.reactor.listenTCP(
-                    self.listen_port, AppPortFactory(self._dialer_for_tag, self.reactor)
+                self._app_port = IReactorTCP(self.reactor).listenTCP(
+                    listen_port,
+                    AppPortFactory(self._dialer_for_tag, self.reactor),  # type: ignore[arg-type]  # stub: ServerFactory
                 )
-            except Exception as e:
-                self.state = "idle"
-                return defer.fail(e)
+            except Exception:
+                failure = Failure()
+                self._life.start_failed()
+                started.errback(failure)
+                return
 
         def failed(failure: Failure) -> Failure:
-            self.state = "idle"
-            self._stop_listening()
+            self._life.start_failed()
             return failure
 
         d = self._connect_and_register()
         d.addCallback(self._first_punch_port)
-        return d.addErrback(failed)
+        d.addErrback(failed)
+        d.chainDeferred(started)
 
-    def _first_punch_port(self, registration: Registration) -> defer.Deferred:
+    def abandon_start(self) -> None:
+        self._stop_listening()
+
+    def _first_punch_port(self, registration: Registration) -> defer.Deferred[Registration]:
         """The registration, once the first punch port is probed or START_PROBE_WAIT has passed.
 
         Probes take four round trips to the server; when the probe ports do
@@ -157,9 +198,14 @@ class PeerAgent:
         waited.addErrback(lambda f: f.trap(defer.TimeoutError))
         return waited.addCallback(lambda _: registration)
 
-    def stop(self) -> defer.Deferred:
+    def stop(self) -> defer.Deferred[None]:
         """Unregister and close signaling; established peer connections stay."""
-        self.state = "stopped"
+        stopped: defer.Deferred[None] = defer.Deferred()
+        self._life.stop(stopped)
+        return stopped
+
+    def shut_down(self, stopped: defer.Deferred[None]) -> None:
+        """For the life machine: abandon calls, cancel timers, unregister, close everything but peers."""
         self.ready_port.clear()
         for timer in self._timers.values():
             if timer.active():
@@ -168,17 +214,18 @@ class PeerAgent:
         for call in list(self._calls.values()):
             call.stop("the agent is stopping")
         self._wake_up_waiters(Failure(ConnectFailed("the agent stopped")))
-        stopping = [defer.maybeDeferred(self._stop_listening)]
+        stopping: list[defer.Deferred[Any]] = [defer.maybeDeferred(self._stop_listening)]
         sig, self.signaling = self.signaling, None
         self.registration = None
         if sig is not None and not sig.disconnected.called:
             stopping.append(self._hang_up(sig))
-        return defer.gatherResults(stopping, consumeErrors=True).addCallback(lambda _: None)
+        done: defer.Deferred[Any] = defer.gatherResults(stopping, consumeErrors=True)
+        done.addCallback(lambda _: None).chainDeferred(stopped)
 
-    def _hang_up(self, sig: SignalingClientProtocol) -> defer.Deferred:
-        def close(_: Any) -> defer.Deferred:
+    def _hang_up(self, sig: SignalingClientProtocol) -> defer.Deferred[None]:
+        def close(_: object) -> defer.Deferred[None]:
             if not sig.disconnected.called:
-                sig.transport.loseConnection()
+                sig.hang_up()
             return sig.disconnected
 
         d = sig.unregister()
@@ -186,7 +233,7 @@ class PeerAgent:
         d.addErrback(lambda f: log.info("unregistering failed: {why}", why=f.getErrorMessage()))
         return d.addBoth(close)
 
-    def _stop_listening(self) -> Any:
+    def _stop_listening(self) -> defer.Deferred[None] | None:
         port, self._app_port = self._app_port, None
         if port is not None:
             return port.stopListening()
@@ -203,46 +250,66 @@ class PeerAgent:
     @property
     def app_port(self) -> int | None:
         """The port where peers can connect to us directly (the ``passive`` candidate)."""
-        return self._app_port.getHost().port if self._app_port is not None else None
+        if self._app_port is None:
+            return None
+        address = self._app_port.getHost()
+        assert isinstance(address, (IPv4Address, IPv6Address))
+        return address.port
 
     # -- signaling --------------------------------------------------------------------
 
     @defer.inlineCallbacks
-    def _connect_and_register(self):  # type: ignore[no-untyped-def]
-        host, port = self.server
-        options = tls.client_options(self.ca_path, self.tls_hostname)
+    def _connect_and_register(self) -> Generator[defer.Deferred[Any], Any, Registration]:
+        """One attempt: connect over TLS, REGISTER; the life machine hears how it went."""
+        server = self.config.server
+        account = self.config.account
+        options = tls.client_options(server.ca_path, server.expected_name)
         sig = yield self.connect_signaling(
-            self.reactor, host, port, options,
-            lambda: SignalingClientProtocol(self.reactor, self.user_id, self._password, self.domain, self._on_request),
+            self.reactor, server.host, server.port, options,
+            lambda: SignalingClientProtocol(
+                self.reactor, account.user_id, account.password, server.domain, self._on_request
+            ),
         )
-        if self.state == "stopped":
-            sig.transport.loseConnection()
+        if self._stopped():
+            sig.hang_up()
             raise ConnectFailed("the agent stopped")
         try:
-            registration = yield sig.register(self.register_expires)
+            registration: Registration = yield sig.register(self.config.timeouts.register_expires)
         except Exception:
             failure = Failure()
             if not sig.disconnected.called:
-                sig.transport.loseConnection()
+                sig.hang_up()
                 yield sig.disconnected  # nothing of a failed attempt outlives it
             failure.raiseException()
-        if self.state == "stopped":
-            sig.transport.loseConnection()
+        if self._stopped():
+            sig.hang_up()
             raise ConnectFailed("the agent stopped")
+        self._life.registered(sig, registration)
+        return registration
+
+    def _stopped(self) -> bool:
+        """Stopped while connecting: the attempt hangs up (only stopped refuses once started)."""
+        return self._life_core.refusal is not None
+
+    def adopt(self, sig: SignalingClientProtocol, registration: Registration) -> None:
+        """For the life machine: ``sig`` is registered; keep it alive and let waiting calls go."""
         self.signaling = sig
         self._registered(registration)
         self._attempt = 0
-        self.state = "up"
         sig.disconnected.addCallback(lambda _: self._signaling_lost(sig))
-        self._later("keepalive", self.keepalive_interval, self._keepalive)
+        self._later("keepalive", self.config.timeouts.keepalive_interval, self._keepalive)
         if not self._calls:
             self.ready_port.refill(0)
+        server = self.config.server
         log.info(
             "registered as {user} at {host}:{port}, public address {ip}:{pport}",
-            user=self.user_id, host=host, port=port, ip=registration.public_ip, pport=registration.public_port,
+            user=self.user_id, host=server.host, port=server.port,
+            ip=registration.public_ip, pport=registration.public_port,
         )
         self._wake_up_waiters(None)
-        return registration
+
+    def hang_up_stray(self, sig: SignalingClientProtocol) -> None:
+        sig.hang_up()
 
     def _registered(self, registration: Registration) -> None:
         self.registration = registration
@@ -250,28 +317,30 @@ class PeerAgent:
         refresh = max(registration.expires * 0.8, min(registration.expires, 30))
         self._later("refresh", refresh, self._refresh_timer)
 
-    def _refresh(self) -> defer.Deferred:
+    def _refresh(self) -> defer.Deferred[Registration]:
         """Re-REGISTER on the same connection (expiry coming, or a fresh probe token)."""
         sig = self.signaling
         if sig is None or sig.disconnected.called:
             return defer.fail(ConnectFailed("not connected to the server"))
-        waiter: defer.Deferred = defer.Deferred()
+        waiter: defer.Deferred[Registration] = defer.Deferred()
         self._refresh_waiters.append(waiter)
         if len(self._refresh_waiters) > 1:
             return waiter  # one REGISTER in flight serves everyone
 
-        def done(result: Any) -> None:
+        def done(result: Registration | Failure) -> None:
             waiters, self._refresh_waiters = self._refresh_waiters, []
             if isinstance(result, Failure):
                 log.warn("re-REGISTER failed ({why}); reconnecting", why=result.getErrorMessage())
                 if not sig.disconnected.called:
-                    sig.transport.loseConnection()
-            else:
-                self._registered(result)
+                    sig.hang_up()
+                for d in waiters:
+                    d.errback(result)
+                return
+            self._registered(result)
             for d in waiters:
-                d.errback(result) if isinstance(result, Failure) else d.callback(result)
+                d.callback(result)
 
-        sig.register(self.register_expires).addBoth(done)
+        sig.register(self.config.timeouts.register_expires).addBoth(done)
         return waiter
 
     def _refresh_timer(self) -> None:
@@ -283,15 +352,15 @@ class PeerAgent:
         if sig is None or sig.disconnected.called:
             return
         d = sig.ping()
-        d.addTimeout(self.keepalive_timeout, self.reactor)
+        d.addTimeout(self.config.timeouts.keepalive_timeout, self.reactor)
 
         def dead(failure: Failure) -> None:
             if not sig.disconnected.called:
                 log.warn("no keepalive answer from the server; reconnecting")
-                sig.transport.abortConnection()
+                sig.abort()
 
         d.addCallbacks(lambda _: None, dead)
-        self._later("keepalive", self.keepalive_interval, self._keepalive)
+        self._later("keepalive", self.config.timeouts.keepalive_interval, self._keepalive)
 
     def _signaling_lost(self, sig: SignalingClientProtocol) -> None:
         if sig is not self.signaling:
@@ -303,65 +372,63 @@ class PeerAgent:
             if timer is not None and timer.active():
                 timer.cancel()
         for call in list(self._calls.values()):
-            if isinstance(call, OutgoingCall) and call.state in ("preparing", "inviting") or isinstance(call, IncomingCall) and call.state in ("preparing", "answered"):
+            if _waits_on_signaling(call):
                 call.stop("lost the signaling connection")
-        if self.state == "up":
-            log.warn("signaling connection lost; reconnecting")
-            self.state = "reconnecting"
-            self._schedule_reconnect()
+        self._life.lost()
+
+    def log_lost(self) -> None:
+        log.warn("signaling connection lost; reconnecting")
 
     def backoff_delay(self, attempt: int) -> float:
         """Exponential with full jitter around it: 0.5x..1.5x of min(max, initial * 2**attempt)."""
-        base = min(self.backoff_max, self.backoff_initial * (2 ** min(attempt, 30)))
-        return base * (0.5 + self._jitter())
+        return self.config.reconnect.delay(attempt, self._jitter())
 
-    def _schedule_reconnect(self) -> None:
+    def reconnect_later(self) -> None:
         delay = self.backoff_delay(self._attempt)
         self._attempt += 1
         log.info("reconnecting in {delay:.1f} s", delay=delay)
-        self._later("reconnect", delay, self._reconnect)
+        self._later("reconnect", delay, self._life.retry_due)
 
-    def _reconnect(self) -> None:
-        if self.state != "reconnecting":
-            return
+    def reconnect_now(self) -> None:
+        self._connect_and_register().addErrback(self._life.retry_failed)
 
-        def failed(failure: Failure) -> None:
-            if self.state != "reconnecting":
-                return
-            level = log.error if failure.check(RegistrationFailed) else log.warn
-            level("reconnecting failed: {why}", why=failure.getErrorMessage())
-            self._schedule_reconnect()
+    def log_retry_failure(self, failure: Failure) -> None:
+        level = log.error if failure.check(RegistrationFailed) else log.warn
+        level("reconnecting failed: {why}", why=failure.getErrorMessage())
 
-        self._connect_and_register().addErrback(failed)
+    def refill_ready_port(self) -> None:
+        if self.signaling_up:
+            self.ready_port.refill()  # only now: probes during a punch would move a sequential NAT on
 
-    def _wake_up_waiters(self, result: Any) -> None:
+    def _wake_up_waiters(self, result: Failure | None) -> None:
         waiters, self._up_waiters = self._up_waiters, []
         for d in waiters:
-            if isinstance(result, Failure):
+            if result is not None:
                 d.errback(result)
             else:
-                d.callback(result)
+                d.callback(None)
 
-    def fresh_registration(self) -> defer.Deferred:
+    def fresh_registration(self) -> defer.Deferred[tuple[SignalingClientProtocol, Registration]]:
         """(signaling, registration) with a probe token that is still good."""
-        if self.state in ("idle", "stopped"):
-            return defer.fail(ConnectFailed(f"the agent is {self.state}, not registered"))
+        refusal = self._life_core.refusal
+        if refusal is not None:
+            return defer.fail(ConnectFailed(refusal))
         if not self.signaling_up:
-            d: defer.Deferred = defer.Deferred()
+            d: defer.Deferred[None] = defer.Deferred()
             self._up_waiters.append(d)
             return d.addCallback(lambda _: self.fresh_registration())
-        registration = self.registration
-        assert registration is not None and self.signaling is not None
+        registration, sig = self.registration, self.signaling
+        assert registration is not None and sig is not None
         probe = registration.probe
         left = self._registered_at + (probe.expires if probe else 0) - self.reactor.seconds()
         if probe is not None and probe.expires and left < TOKEN_MARGIN:
             log.debug("probe token expires in {left:.0f} s: registering again", left=left)
-            return self._refresh().addCallback(lambda reg: (self.signaling, reg))
-        return defer.succeed((self.signaling, registration))
+            return self._refresh().addCallback(lambda reg: (sig, reg))
+        return defer.succeed((sig, registration))
 
     def probe_punch_port(
         self, sig: SignalingClientProtocol, registration: Registration | None, local: tuple[str, int]
-    ) -> defer.Deferred:
+    ) -> defer.Deferred[list[ProbeResult]]:
         """Probe ``local`` (a bound reusable port); fires with the results, [] when nothing to probe with."""
         offer = registration.probe if registration is not None else None
         if offer is None or not offer.ports:
@@ -369,16 +436,16 @@ class PeerAgent:
             return defer.succeed([])
         return probe_from(
             self.reactor, local, self.probe_servers(sig, offer),
-            username=offer.token, password=offer.password, timeout=self.probe_timeout,
+            username=offer.token, password=offer.password, timeout=self.config.timeouts.probe_timeout,
         )
 
     @defer.inlineCallbacks
-    def _prepare_punch_port(self):  # type: ignore[no-untyped-def]
+    def _prepare_punch_port(self) -> Generator[defer.Deferred[Any], Any, PreparedPort | None]:
         """For ReadyPort: a fresh reusable port, probed now, for the next call."""
         if self.ready_port.max_age <= 0 or not self.signaling_up:
             return None
         sig, registration = yield self.fresh_registration()
-        local_ip = sig.transport.getHost().host
+        local_ip = sig.local_ip
         holder = reusable_socket((local_ip, 0))
         port = holder.getsockname()[1]
         try:
@@ -393,21 +460,21 @@ class PeerAgent:
 
     def probe_servers(self, sig: SignalingClientProtocol, offer: ProbeOffer) -> list[tuple[str, int]]:
         """The probe ports at the address we reach the server on, then the alternate IP."""
-        server_ip = sig.transport.getPeer().host
+        server_ip = sig.server_ip
         servers = [(server_ip, port) for port in offer.ports]
         if offer.alt_ip and offer.ports:
             servers.append((offer.alt_ip, offer.ports[0]))
         return servers
 
-    def _later(self, name: str, delay: float, f: Callable[..., Any], *args: Any) -> None:
+    def _later(self, name: str, delay: float, f: Callable[[], object]) -> None:
         old = self._timers.pop(name, None)
         if old is not None and old.active():
             old.cancel()
-        self._timers[name] = self.reactor.callLater(delay, f, *args)
+        self._timers[name] = self.reactor.callLater(delay, f)
 
     # -- requests from the server -------------------------------------------------------
 
-    def _on_request(self, sig: SignalingClientProtocol, request: Any) -> None:
+    def _on_request(self, sig: SignalingClientProtocol, request: Request) -> None:
         method = request.method
         call = self._calls.get(request.call_id or "")
         if method == "INVITE":
@@ -428,11 +495,11 @@ class PeerAgent:
         else:
             sig.respond(request, 405, headers=[("Allow", "INVITE, ACK, CANCEL, BYE, INFO, OPTIONS")])
 
-    # -- calls (used by calling.py) ---------------------------------------------------
+    # -- calls (used by calls.py) ---------------------------------------------------
 
     def connect(
         self, peer_id: str, protocol_factory: IProtocolFactory, *, timeout: float = 20.0, prefer_stunt: bool = False
-    ) -> defer.Deferred:
+    ) -> defer.Deferred[PeerConnection]:
         """A verified connection to ``peer_id``; fails with ConnectFailed(reason).
 
         Every technique starts at the dial moment anyway; ``prefer_stunt`` (the
@@ -442,14 +509,14 @@ class PeerAgent:
             return defer.fail(ConnectFailed("cannot connect to ourselves"))
         return OutgoingCall(self, peer_id, protocol_factory, timeout, prefer_stunt).run()
 
-    def call_started(self, call: Any) -> None:
+    def call_started(self, call: AgentCall) -> None:
         self._calls[call.call_id] = call
 
-    def call_ended(self, call: Any) -> None:
+    def call_ended(self, call: AgentCall) -> None:
         if self._calls.get(call.call_id) is call:
             del self._calls[call.call_id]
-        if not self._calls and self.state == "up" and self.signaling_up:
-            self.ready_port.refill()  # only now: probes during a punch would move a sequential NAT on
+        if not self._calls:
+            self._life.calls_over()
 
     def dialer_started(self, dialer: Dialer) -> None:
         self._dialers[dialer.tag] = dialer
@@ -460,7 +527,7 @@ class PeerAgent:
 
     def _dialer_for_tag(self, tag: bytes) -> Dialer | None:
         dialer = self._dialers.get(tag)
-        return dialer if dialer is not None and dialer.state != "done" else None
+        return dialer if dialer is not None and not _dialer_done(dialer) else None
 
     def peer_accepted(self, connection: PeerConnection) -> None:
         log.info(
@@ -472,6 +539,25 @@ class PeerAgent:
                 self.on_peer(connection)
             except Exception:
                 log.failure("on_peer failed for {peer}", peer=connection.peer_id)
+
+
+def _waits_on_signaling(call: AgentCall) -> bool:
+    """Whether ``call`` still needs the signaling connection (not dialing yet).
+
+    The one place the agent reads a call's progress: calls.py keeps it as
+    ``state`` today; when calls get their own machine this becomes a
+    question asked of the call.
+    """
+    if isinstance(call, OutgoingCall):
+        return call.state in ("preparing", "inviting")
+    if isinstance(call, IncomingCall):
+        return call.state in ("preparing", "answered")
+    return False
+
+
+def _dialer_done(dialer: Dialer) -> bool:
+    """Whether ``dialer`` finished (won, failed or stopped); see ``_waits_on_signaling``."""
+    return dialer.state == "done"
 
 
 __all__ += ["SignalingError"]

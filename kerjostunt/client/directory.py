@@ -15,17 +15,20 @@ from __future__ import annotations
 import base64
 import json
 import secrets
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote, urlsplit
 
 from OpenSSL import SSL
 from twisted.internet import defer
 from twisted.internet import error as net_error
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web import client as web_client
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS, IResponse
 from zope.interface import implementer
@@ -113,8 +116,9 @@ class CAFilePolicy:
         except Exception as e:
             raise DirectoryError(f"CA file {self._ca_path} is not a PEM certificate: {e}") from None
 
-    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
-        return tls.client_options(self._ca_path, hostname.decode("ascii"))
+    def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
+        creator: IOpenSSLClientConnectionCreator = tls.client_options(self._ca_path, hostname.decode("ascii"))
+        return creator
 
 
 def peers_path(group: str, fmt: str = "json") -> str:
@@ -124,7 +128,7 @@ def peers_path(group: str, fmt: str = "json") -> str:
 
 
 def fetch_peers(
-    reactor: Any,
+    reactor: IReactorTime,
     base_url: str,
     group: str,
     user_id: str,
@@ -139,7 +143,7 @@ def fetch_peers(
 
 
 def fetch_peers_text(
-    reactor: Any,
+    reactor: IReactorTime,
     base_url: str,
     group: str,
     user_id: str,
@@ -162,8 +166,8 @@ def _parse_json(body: bytes) -> list[PeerEntry]:
 
 
 @defer.inlineCallbacks
-def _fetch(  # type: ignore[no-untyped-def]
-    reactor: Any,
+def _fetch(
+    reactor: IReactorTime,
     base_url: str,
     target: str,
     group: str,
@@ -171,14 +175,17 @@ def _fetch(  # type: ignore[no-untyped-def]
     password: str,
     ca_path: Path | str,
     timeout: float,
-):
+) -> Generator[defer.Deferred[Any], Any, bytes]:
     base = base_url.rstrip("/")
     if urlsplit(base).scheme != "https":
         raise DirectoryError(f"the server URL must be https://, not {base_url!r}")
     # One persistent connection for both requests, closed before returning,
     # so nothing is left open behind the caller.
-    pool = web_client.HTTPConnectionPool(reactor, persistent=True)
-    agent = web_client.Agent(reactor, CAFilePolicy(ca_path), connectTimeout=timeout, pool=pool)
+    # twisted.web.client is not annotated: its calls are untyped.
+    pool = web_client.HTTPConnectionPool(reactor, persistent=True)  # type: ignore[no-untyped-call]
+    agent = web_client.Agent(  # type: ignore[no-untyped-call]
+        reactor, CAFilePolicy(ca_path), connectTimeout=timeout, pool=pool
+    )
     url = (base + target).encode("ascii")
     try:
         response, body = yield _request(reactor, agent, url, None, timeout)
@@ -192,9 +199,9 @@ def _fetch(  # type: ignore[no-untyped-def]
     except Exception as e:
         raise _transport_error(Failure(e), base) from None
     finally:
-        yield pool.closeCachedConnections()
+        yield pool.closeCachedConnections()  # type: ignore[no-untyped-call]
     if response.code == 200:
-        return body
+        return bytes(body)
     raise _status_error(response.code, body, group, user_id)
 
 
@@ -219,7 +226,9 @@ def _answer(response: IResponse, user_id: str, password: str, target: str) -> by
 
 
 @defer.inlineCallbacks
-def _request(reactor: Any, agent: web_client.Agent, url: bytes, auth: bytes | None, timeout: float):  # type: ignore[no-untyped-def]
+def _request(
+    reactor: IReactorTime, agent: web_client.Agent, url: bytes, auth: bytes | None, timeout: float
+) -> Generator[defer.Deferred[Any], Any, tuple[IResponse, bytes]]:
     headers = Headers({b"user-agent": [b"kerjostunt-client"]})
     if auth is not None:
         headers.addRawHeader(b"authorization", auth)
@@ -240,7 +249,7 @@ class _BoundedBody(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self._size += len(data)
         if self._size > self._limit:
-            self.transport.stopProducing()
+            cast(IPushProducer, self.transport).stopProducing()  # the body's producer
             if not self._finished.called:
                 self._finished.errback(DirectoryError("the server's answer is too large"))
             return
@@ -249,7 +258,7 @@ class _BoundedBody(Protocol):
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         if self._finished.called:
             return
-        if reason.check(web_client.ResponseDone, web_client.PotentialDataLoss):
+        if reason.check(web_client.ResponseDone, PotentialDataLoss):
             self._finished.callback(b"".join(self._parts))
         else:
             self._finished.errback(reason)
@@ -257,7 +266,7 @@ class _BoundedBody(Protocol):
 
 def _read_body(response: IResponse) -> defer.Deferred[bytes]:
     finished: defer.Deferred[bytes] = defer.Deferred()
-    response.deliverBody(_BoundedBody(finished, MAX_BODY))
+    response.deliverBody(_BoundedBody(finished, MAX_BODY))  # type: ignore[no-untyped-call]  # unannotated in iweb
     return finished
 
 
@@ -278,11 +287,22 @@ def _status_error(code: int, body: bytes, group: str, user_id: str) -> Directory
     return DirectoryError(f"the server answered {code}: {_server_message(body)}")
 
 
+#: the Agent's failures that carry the failures underneath in ``reasons``
+_WRAPPERS = (
+    web_client.ResponseFailed,
+    web_client.RequestTransmissionFailed,
+    web_client.RequestGenerationFailed,
+    web_client.ResponseNeverReceived,
+)
+
+
 def _ssl_error(failure: Failure) -> Failure | None:
     """The OpenSSL error inside Agent's wrapped failures, if there is one."""
     if failure.check(SSL.Error):
         return failure
-    for inner in getattr(failure.value, "reasons", []) or []:
+    value = failure.value
+    wrapped = value.reasons if isinstance(value, _WRAPPERS) else []
+    for inner in wrapped or []:
         found = _ssl_error(inner)
         if found is not None:
             return found
@@ -304,6 +324,8 @@ def _transport_error(failure: Failure, base: str) -> DirectoryError:
 
 
 def _ssl_detail(failure: Failure) -> str:
+    if failure.value is None:
+        return "handshake failed"
     try:
         return "; ".join(str(item[2]) for item in failure.value.args[0]) or "handshake failed"
     except (IndexError, TypeError):

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
 from zope.interface import implementer
 
 if TYPE_CHECKING:
-    from kerjostunt.client.agent import PeerAgent
+    from kerjostunt.client.agent import PeerAgent, PeerConnection
 
 
 @implementer(IStreamClientEndpoint)
@@ -26,9 +26,9 @@ class PeerEndpoint:
         self.peer_id = peer_id
         self.timeout = timeout
 
-    def connect(self, protocolFactory: IProtocolFactory) -> Deferred:
-        def protocol_of(connection: Any) -> Any:
-            return connection.protocol
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        def protocol_of(connection: PeerConnection) -> IProtocol:
+            return IProtocol(connection.protocol)  # the application's protocol, as the factory built it
 
         d = self.agent.connect(self.peer_id, protocolFactory, timeout=self.timeout)
         return d.addCallback(protocol_of)

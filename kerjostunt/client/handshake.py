@@ -32,10 +32,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Protocol as TypingProtocol
 
+from automat import TypeMachineBuilder
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IAddress, IProtocolFactory
+from twisted.internet.interfaces import IAddress, IDelayedCall, IProtocol, IProtocolFactory, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -65,31 +67,55 @@ def _is_hex(value: bytes, length: int) -> bool:
     return len(value) == length and all(c in b"0123456789abcdef" for c in value)
 
 
+class _Steps(TypingProtocol):
+    """The handshake machine's inputs (every one returns None, so each may come from another's output)."""
+
+    def received(self, data: bytes) -> None:
+        """Bytes from the transport."""
+
+    def line(self, line: bytes) -> None:
+        """One complete handshake line (without its newline)."""
+
+    def answered(self) -> None:
+        """The responder sent its proof; now it waits for the initiator's."""
+
+    def proved(self, app: IProtocol) -> None:
+        """The other side proved itself and this connection is the chosen one; ``app`` takes it over."""
+
+    def fail(self, reason: str) -> None:
+        """Give up on this connection (bad line, wrong MAC, another one chosen, timeout)."""
+
+    def lost(self, reason: Failure | None) -> None:
+        """The transport closed."""
+
+
 class HandshakeProtocol(Protocol):
     """
     Runs the handshake, then forwards everything to the application protocol.
 
-    States: ``await_hello`` (responder), ``await_r`` (initiator),
-    ``await_i`` (responder), ``done``, ``failed``.  ``handshake_done`` fires
-    with the application protocol, or fails with HandshakeFailed.
+    States (the machine below): ``await_hello`` (responder), ``await_r``
+    (initiator), ``await_i`` (responder), ``done``, ``failed``.
+    ``handshake_done`` fires with the application protocol, or fails with
+    HandshakeFailed.
     """
 
     factory: HandshakeFactory
 
-    def __init__(self, factory: HandshakeFactory, addr: IAddress) -> None:
+    def __init__(self, factory: HandshakeFactory, addr: IAddress | None) -> None:
         self.factory = factory
         self.addr = addr
-        self._outcome: Any = None
-        self._observers: list[Deferred] = []
-        self.app: Protocol | None = None
-        self.state = "await_hello" if factory.role == "responder" else "await_r"
+        self._outcome: IProtocol | Failure | None = None
+        self._observers: list[Deferred[IProtocol]] = []
+        self.app: IProtocol | None = None
         self._buffer = b""
-        self._timer: Any = None
+        self._timer: IDelayedCall | None = None
         self._nonce_i = b""
         self._nonce_r = b""
+        machine = _RESPONDER if factory.role == "responder" else _INITIATOR
+        self._steps: _Steps = machine(self)
 
     @property
-    def handshake_done(self) -> Deferred:
+    def handshake_done(self) -> Deferred[IProtocol]:
         """
         A new Deferred per access: the application protocol, or HandshakeFailed.
 
@@ -97,7 +123,7 @@ class HandshakeProtocol(Protocol):
         about (a listener dropping a stranger) is logged once, not reported as
         an unhandled error.
         """
-        d: Deferred = Deferred()
+        d: Deferred[IProtocol] = Deferred()
         if self._outcome is None:
             self._observers.append(d)
         elif isinstance(self._outcome, Failure):
@@ -106,7 +132,7 @@ class HandshakeProtocol(Protocol):
             d.callback(self._outcome)
         return d
 
-    def _resolve(self, outcome: Any) -> None:
+    def _resolve(self, outcome: IProtocol | Failure) -> None:
         self._outcome = outcome
         observers, self._observers = self._observers, []
         for d in observers:
@@ -124,116 +150,116 @@ class HandshakeProtocol(Protocol):
             self._send(b"HELLO " + self._nonce_i)
 
     def dataReceived(self, data: bytes) -> None:
-        if self.state == "done":
-            assert self.app is not None
-            self.app.dataReceived(data)
-            return
-        if self.state == "failed":
-            return
-        self._buffer += data
-        while self.state not in ("done", "failed"):
-            line, sep, rest = self._buffer.partition(b"\n")
-            if not sep:
-                if len(self._buffer) > MAX_LINE:
-                    self._fail("handshake line too long")
-                return
-            self._buffer = rest
-            self._line(line)
-        if self.state == "done" and self._buffer:
-            rest, self._buffer = self._buffer, b""
-            assert self.app is not None
-            self.app.dataReceived(rest)
+        self._steps.received(data)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._cancel_timer()
-        if self.state == "done":
-            assert self.app is not None
-            self.app.connectionLost(reason)
+        self._steps.lost(reason)
+
+    # What the machine does ---------------------------------------------
+
+    def _take(self, data: bytes) -> None:
+        self._buffer += data
+        self._next_line()
+
+    def _next_line(self) -> None:
+        """Hand the machine the next complete line, if any (it handles it after the current step)."""
+        line, sep, rest = self._buffer.partition(b"\n")
+        if not sep:
+            if len(self._buffer) > MAX_LINE:
+                self._steps.fail("handshake line too long")
             return
-        if self.state != "failed":
-            self.state = "failed"
-            why = reason.getErrorMessage() if reason is not None else "unknown"
-            self._resolve(Failure(HandshakeFailed(f"connection lost during handshake: {why}")))
+        self._buffer = rest
+        self._steps.line(line)
 
-    # The handshake -----------------------------------------------------
-
-    def _line(self, line: bytes) -> None:
+    def _words(self, line: bytes) -> list[bytes] | None:
         parts = line.split(b" ")
         if len(parts) < 2 or parts[0] != MAGIC:
-            self._fail("not a kerjostunt handshake")
-            return
-        handler = {
-            "await_hello": self._on_hello,
-            "await_r": self._on_responder_proof,
-            "await_i": self._on_initiator_proof,
-        }[self.state]
-        handler(parts[1:])
+            self._steps.fail("not a kerjostunt handshake")
+            return None
+        return parts[1:]
 
-    def _on_hello(self, words: list[bytes]) -> None:
+    def _on_hello(self, line: bytes) -> None:
+        words = self._words(line)
+        if words is None:
+            return
         if len(words) != 2 or words[0] != b"HELLO" or not _is_hex(words[1], 32):
-            self._fail("expected HELLO")
+            self._steps.fail("expected HELLO")
             return
         self._nonce_i = words[1]
         self._nonce_r = self.factory.make_nonce()
-        mac = self._mac("responder")
-        self.state = "await_i"
-        self._send(b"R " + self._nonce_r + b" " + mac)
+        self._steps.answered()
 
-    def _on_responder_proof(self, words: list[bytes]) -> None:
+    def _send_proof(self) -> None:
+        self._send(b"R " + self._nonce_r + b" " + self._mac("responder"))
+        self._next_line()
+
+    def _on_responder_proof(self, line: bytes) -> None:
+        words = self._words(line)
+        if words is None:
+            return
         if len(words) != 3 or words[0] != b"R" or not _is_hex(words[1], 32):
-            self._fail("expected responder proof")
+            self._steps.fail("expected responder proof")
             return
         self._nonce_r = words[1]
         if not hmac.compare_digest(words[2], self._mac("responder")):
-            self._fail("responder does not know the call secret")
+            self._steps.fail("responder does not know the call secret")
             return
         if self.factory.chosen is not None:
-            self._fail("another connection to the peer was chosen")
+            self._steps.fail("another connection to the peer was chosen")
             return
         self._send(b"I " + self._mac("initiator"))
-        self._succeed()
+        self._choose()
 
-    def _on_initiator_proof(self, words: list[bytes]) -> None:
+    def _on_initiator_proof(self, line: bytes) -> None:
+        words = self._words(line)
+        if words is None:
+            return
         if len(words) != 2 or words[0] != b"I":
-            self._fail("expected initiator proof")
+            self._steps.fail("expected initiator proof")
             return
         if not hmac.compare_digest(words[1], self._mac("initiator")):
-            self._fail("initiator does not know the call secret")
+            self._steps.fail("initiator does not know the call secret")
             return
         if self.factory.chosen is not None:
-            self._fail("another connection to the peer was chosen")
+            self._steps.fail("another connection to the peer was chosen")
             return
-        self._succeed()
+        self._choose()
 
     def _mac(self, role: str) -> bytes:
         f = self.factory
         return compute_mac(f.secret, role, f.call_id, self._nonce_i, self._nonce_r)
 
     def _send(self, words: bytes) -> None:
+        assert self.transport is not None
         self.transport.write(MAGIC + b" " + words + b"\n")
 
-    def _succeed(self) -> None:
+    def _choose(self) -> None:
         self._cancel_timer()
-        app = self.factory.app_factory.buildProtocol(self.addr)
+        app = self.factory.app_factory.buildProtocol(self.addr)  # type: ignore[arg-type]  # None only in tests
         if app is None:
-            self._fail("application refused the connection")
+            self._steps.fail("application refused the connection")
             return
-        self.state = "done"
-        self.app = app
         self.factory.chosen = app
+        self._steps.proved(app)
+
+    def _hand_over(self, app: IProtocol) -> None:
+        """Done: ``app`` gets the transport, then whatever arrived after the last handshake line."""
+        self.app = app
         log.debug(
             "handshake done for call {call_id} as {role} with {peer}",
             call_id=self.factory.call_id,
             role=self.factory.role,
             peer=self.addr,
         )
+        assert self.transport is not None
         app.makeConnection(self.transport)
         self._resolve(app)
+        if self._buffer:
+            rest, self._buffer = self._buffer, b""
+            app.dataReceived(rest)
 
-    def _fail(self, reason: str) -> None:
-        if self.state in ("done", "failed"):
-            return
-        self.state = "failed"
+    def _give_up(self, reason: str) -> None:
         self._cancel_timer()
         log.info(
             "handshake for call {call_id} with {peer} failed: {reason}",
@@ -242,11 +268,16 @@ class HandshakeProtocol(Protocol):
             reason=reason,
         )
         self._resolve(Failure(HandshakeFailed(reason)))
-        self.transport.abortConnection()
+        assert self.transport is not None
+        self.transport.abortConnection()  # type: ignore[attr-defined]  # ITCPTransport, not ITransport
+
+    def _lost_early(self, reason: Failure | None) -> None:
+        why = reason.getErrorMessage() if reason is not None else "unknown"
+        self._resolve(Failure(HandshakeFailed(f"connection lost during handshake: {why}")))
 
     def _timed_out(self) -> None:
         self._timer = None
-        self._fail(f"no handshake within {self.factory.timeout} s")
+        self._steps.fail(f"no handshake within {self.factory.timeout} s")
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -254,7 +285,50 @@ class HandshakeProtocol(Protocol):
         self._timer = None
 
 
-class HandshakeFactory(Factory):
+def _build(first: str) -> Callable[[HandshakeProtocol], _Steps]:
+    """The machine for one role: the responder starts in ``await_hello``, the initiator in ``await_r``."""
+    builder = TypeMachineBuilder(_Steps, HandshakeProtocol)
+    if first == "await_hello":
+        await_hello = builder.state("await_hello")
+        await_r = builder.state("await_r")
+    else:
+        await_r = builder.state("await_r")
+        await_hello = builder.state("await_hello")
+    await_i = builder.state("await_i")
+    done = builder.state("done")
+    failed = builder.state("failed")
+    waiting = (await_hello, await_r, await_i)
+
+    for state in waiting:
+        state.upon(_Steps.received).loop()(lambda steps, p, data: p._take(data))
+        state.upon(_Steps.fail).to(failed)(lambda steps, p, reason: p._give_up(reason))
+        state.upon(_Steps.lost).to(failed)(lambda steps, p, reason: p._lost_early(reason))
+    await_hello.upon(_Steps.line).loop()(lambda steps, p, line: p._on_hello(line))
+    await_r.upon(_Steps.line).loop()(lambda steps, p, line: p._on_responder_proof(line))
+    await_i.upon(_Steps.line).loop()(lambda steps, p, line: p._on_initiator_proof(line))
+    await_hello.upon(_Steps.answered).to(await_i)(lambda steps, p: p._send_proof())
+    for state in (await_r, await_i):
+        state.upon(_Steps.proved).to(done)(lambda steps, p, app: p._hand_over(app))
+
+    @done.upon(_Steps.received).loop()
+    def forward(steps: _Steps, p: HandshakeProtocol, data: bytes) -> None:
+        assert p.app is not None
+        p.app.dataReceived(data)
+
+    @done.upon(_Steps.lost).loop()
+    def app_lost(steps: _Steps, p: HandshakeProtocol, reason: Failure | None) -> None:
+        assert p.app is not None
+        p.app.connectionLost(reason)  # type: ignore[arg-type]
+
+    for state in (done, failed):
+        state.upon(_Steps.fail).loop()(lambda steps, p, reason: None)
+        state.upon(_Steps.line).loop()(lambda steps, p, line: None)
+    failed.upon(_Steps.received).loop()(lambda steps, p, data: None)
+    failed.upon(_Steps.lost).loop()(lambda steps, p, reason: None)
+    return builder.build()
+
+
+class HandshakeFactory(Factory[HandshakeProtocol]):
     """
     Wraps the application's factory for one call.
 
@@ -263,15 +337,13 @@ class HandshakeFactory(Factory):
     connection as won only when its ``handshake_done`` fires.
     """
 
-    protocol = HandshakeProtocol  # type: ignore[assignment]
-
     def __init__(
         self,
         secret: bytes,
         call_id: str,
         role: str,
         app_factory: IProtocolFactory,
-        clock: Any,
+        clock: IReactorTime,
         timeout: float = 5.0,
     ) -> None:
         if role not in ROLES:
@@ -284,10 +356,14 @@ class HandshakeFactory(Factory):
         self.app_factory = app_factory
         self.clock = clock
         self.timeout = timeout
-        self.chosen: Protocol | None = None
+        self.chosen: IProtocol | None = None
 
     def make_nonce(self) -> bytes:
         return os.urandom(16).hex().encode("ascii")
 
-    def buildProtocol(self, addr: IAddress) -> HandshakeProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> HandshakeProtocol:
         return HandshakeProtocol(self, addr)
+
+
+_RESPONDER = _build("await_hello")
+_INITIATOR = _build("await_r")

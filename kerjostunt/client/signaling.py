@@ -9,13 +9,22 @@ server (INVITE, CANCEL, BYE, INFO) to the application.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
+from typing import Protocol as TypingProtocol
 
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHandshakeListener,
+    IOpenSSLClientConnectionCreator,
+    IReactorTime,
+    ITCPTransport,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -72,7 +81,7 @@ class Registration:
 @dataclass
 class _Transaction:
     request: Request
-    result: defer.Deferred
+    result: defer.Deferred[Response]
     timer: IDelayedCall | None = field(default=None, repr=False)
 
 
@@ -101,19 +110,18 @@ class SignalingClientProtocol(Protocol):
         self._register_call_id = secrets.token_hex(12) + "@kerjostunt"
         self._from_tag = new_tag()
         self._ping_sent_at: float | None = None
-        self._pong_waiters: list[defer.Deferred] = []
+        self._pong_waiters: list[defer.Deferred[float]] = []
         self.rtt: float | None = None
         self.registration: Registration | None = None
-        self.secured: defer.Deferred = defer.Deferred()
-        self.disconnected: defer.Deferred = defer.Deferred()
+        self.secured: defer.Deferred[SignalingClientProtocol] = defer.Deferred()
+        self.disconnected: defer.Deferred[None] = defer.Deferred()
         self.local: tuple[str, int] = ("0.0.0.0", 0)
 
     # -- Twisted ----------------------------------------------------------------
 
     def connectionMade(self) -> None:
         no_delay(self.transport)  # requests right after another one must not wait for its ACK
-        host = self.transport.getHost()
-        self.local = (host.host, host.port)
+        self.local = _ip_and_port(self._transport().getHost())
 
     def handshakeCompleted(self) -> None:
         if not self.secured.called:
@@ -133,17 +141,43 @@ class SignalingClientProtocol(Protocol):
             events = self._parser.feed(data)
         except SIPParseError as exc:
             log.warn("Server sent unparsable data ({reason}); closing", reason=exc.reason)
-            self.transport.loseConnection()
+            self.hang_up()
             return
         for event in events:
             if isinstance(event, KeepAlivePing):
-                self.transport.write(b"\r\n")
+                self._transport().write(b"\r\n")
             elif isinstance(event, KeepAlivePong):
                 self._pong()
             elif isinstance(event, Response):
                 self._response(event)
             else:
                 self._request(event)
+
+    # -- the connection ---------------------------------------------------------
+
+    def _transport(self) -> ITCPTransport:
+        """TLS over TCP, from ``connectionMade`` on (a TLS wrapper provides what its TCP transport does)."""
+        assert self.transport is not None, "not connected"
+        return cast(ITCPTransport, self.transport)
+
+    def hang_up(self) -> None:
+        """Close the connection cleanly (TLS close_notify, then FIN)."""
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def abort(self) -> None:
+        """Drop the connection at once (a silent, dead server)."""
+        self._transport().abortConnection()
+
+    @property
+    def local_ip(self) -> str:
+        """Our address on this connection: the interface the punch ports bind to."""
+        return _ip_and_port(self._transport().getHost())[0]
+
+    @property
+    def server_ip(self) -> str:
+        """The server's address as we reach it: its probe ports are there too."""
+        return _ip_and_port(self._transport().getPeer())[0]
 
     # -- requests we send -------------------------------------------------------
 
@@ -179,36 +213,47 @@ class SignalingClientProtocol(Protocol):
             h.add(name, value)
         return Request(method, uri, h, body)
 
-    def send_request(self, request: Request, timeout: float = TRANSACTION_TIMEOUT) -> defer.Deferred:
-        """Send; the Deferred fires with the final response (ACK: fires at once)."""
-        self.transport.write(request.to_bytes())
+    def send_request(self, request: Request, timeout: float = TRANSACTION_TIMEOUT) -> defer.Deferred[Response]:
+        """Send; the Deferred fires with the final response (ACK: fires at once, with None)."""
+        self._transport().write(request.to_bytes())
         if request.method == "ACK":
-            return defer.succeed(None)
+            return defer.succeed(None)  # type: ignore[arg-type]  # an ACK has no response; callers ignore it
         key = _transaction_key(request)
         tx = _Transaction(request, defer.Deferred())
         tx.timer = self.clock.callLater(timeout, self._timeout, key)
         self._transactions[key] = tx
         return tx.result
 
-    def request(self, method: str, uri: str, **kwargs: Any) -> defer.Deferred:
+    def request(self, method: str, uri: str, **kwargs: Any) -> defer.Deferred[Response]:
         timeout = kwargs.pop("timeout", TRANSACTION_TIMEOUT)
         return self.send_request(self.build_request(method, uri, **kwargs), timeout)
 
-    def respond(self, request: Request, code: int, *, headers: Iterable[tuple[str, str]] = (), body: bytes = b"", to_tag: str | None = None) -> None:
+    def respond(
+        self,
+        request: Request,
+        code: int,
+        *,
+        headers: Iterable[tuple[str, str]] = (),
+        body: bytes = b"",
+        to_tag: str | None = None,
+    ) -> None:
         response = make_response(request, code, to_tag=to_tag)
         for name, value in headers:
             response.headers.add(name, value)
         response.body = body
-        self.transport.write(response.to_bytes())
+        self._transport().write(response.to_bytes())
 
     # -- registration -----------------------------------------------------------
 
     @defer.inlineCallbacks
-    def register(self, expires: int = 3600):  # type: ignore[no-untyped-def]
+    def register(self, expires: int = 3600) -> Generator[defer.Deferred[Response], Response, Registration]:
         """REGISTER, answering one digest challenge; fires with a Registration."""
         uri = f"sips:{self.domain}"
-        contact = [("Contact", f"<sips:{self.user_id}@{self.local[0]}:{self.local[1]};transport=tls>;expires={expires}")]
-        response = yield self.request("REGISTER", uri, to=self.uri_of(self.user_id), call_id=self._register_call_id, headers=contact)
+        host, port = self.local
+        contact = [("Contact", f"<sips:{self.user_id}@{host}:{port};transport=tls>;expires={expires}")]
+        response = yield self.request(
+            "REGISTER", uri, to=self.uri_of(self.user_id), call_id=self._register_call_id, headers=contact
+        )
         if response.code in (401, 407):
             auth = self._authorization(response, "REGISTER", uri)
             response = yield self.request(
@@ -220,16 +265,17 @@ class SignalingClientProtocol(Protocol):
         self.registration = self._registration(response, expires)
         return self.registration
 
-    def unregister(self) -> defer.Deferred:
+    def unregister(self) -> defer.Deferred[Response]:
         self.registration = None
         uri = f"sips:{self.domain}"
-        d = self.request("REGISTER", uri, to=self.uri_of(self.user_id), call_id=self._register_call_id, headers=[("Contact", "*"), ("Expires", "0")])
+        remove = [("Contact", "*"), ("Expires", "0")]
+        d = self.request("REGISTER", uri, to=self.uri_of(self.user_id), call_id=self._register_call_id, headers=remove)
 
-        def challenged(response: Response) -> Any:
+        def challenged(response: Response) -> Response | defer.Deferred[Response]:
             if response.code in (401, 407):
                 return self.request(
                     "REGISTER", uri, to=self.uri_of(self.user_id), call_id=self._register_call_id,
-                    headers=[("Contact", "*"), ("Expires", "0"), ("Authorization", self._authorization(response, "REGISTER", uri))],
+                    headers=[*remove, ("Authorization", self._authorization(response, "REGISTER", uri))],
                 )
             return response
 
@@ -263,23 +309,23 @@ class SignalingClientProtocol(Protocol):
 
     # -- keepalive --------------------------------------------------------------
 
-    def ping(self) -> defer.Deferred:
+    def ping(self) -> defer.Deferred[float]:
         """Send a CRLFCRLF keepalive; fires with the round trip in seconds."""
-        d: defer.Deferred = defer.Deferred()
+        d: defer.Deferred[float] = defer.Deferred()
         self._pong_waiters.append(d)
         if self._ping_sent_at is None:
             self._ping_sent_at = self.clock.seconds()
-            self.transport.write(b"\r\n\r\n")
+            self._transport().write(b"\r\n\r\n")
         return d
 
     def _pong(self) -> None:
         if self._ping_sent_at is None:
             return
-        self.rtt = self.clock.seconds() - self._ping_sent_at
+        rtt = self.rtt = self.clock.seconds() - self._ping_sent_at
         self._ping_sent_at = None
         waiters, self._pong_waiters = self._pong_waiters, []
         for waiter in waiters:
-            waiter.callback(self.rtt)
+            waiter.callback(rtt)
 
     # -- what arrives -----------------------------------------------------------
 
@@ -293,7 +339,7 @@ class SignalingClientProtocol(Protocol):
             return
         self._finish(tx, response)
 
-    def _finish(self, tx: _Transaction, result: Any) -> None:
+    def _finish(self, tx: _Transaction, result: Response | Failure) -> None:
         self._transactions.pop(_transaction_key(tx.request), None)
         if tx.timer is not None and tx.timer.active():
             tx.timer.cancel()
@@ -322,6 +368,12 @@ class SignalingClientProtocol(Protocol):
                 self.respond(request, 500)
 
 
+def _ip_and_port(address: IAddress) -> tuple[str, int]:
+    if isinstance(address, (IPv4Address, IPv6Address)):
+        return address.host, address.port
+    raise TypeError(f"signaling runs over TCP/IP, not {address!r}")
+
+
 def _transaction_key(message: Request | Response) -> tuple[str, str]:
     """(top Via branch, CSeq method); ValueError when either is missing."""
     vias = message.headers.get_all("Via")
@@ -331,25 +383,41 @@ def _transaction_key(message: Request | Response) -> tuple[str, str]:
     return parse_via(vias[0]).branch or "", cseq[1]
 
 
+class ConnectSignaling(TypingProtocol):
+    """``connect_signaling``'s shape, for whoever replaces it (tests, a relay)."""
+
+    def __call__(
+        self,
+        reactor: IReactorTime,
+        host: str,
+        port: int,
+        tls_options: IOpenSSLClientConnectionCreator,
+        protocol_factory: Callable[[], SignalingClientProtocol],
+    ) -> defer.Deferred[SignalingClientProtocol]: ...
+
+
 def connect_signaling(
-    reactor: Any,
+    reactor: IReactorTime,
     host: str,
     port: int,
-    tls_options: Any,
+    tls_options: IOpenSSLClientConnectionCreator,
     protocol_factory: Callable[[], SignalingClientProtocol],
     *,
     timeout: float = 10.0,
     bind_address: tuple[str, int] | None = None,
-) -> defer.Deferred:
+) -> defer.Deferred[SignalingClientProtocol]:
     """Connect over TLS; fires once the handshake verified the server's certificate."""
-    endpoint = wrapClientTLS(tls_options, HostnameEndpoint(reactor, host, port, timeout=timeout, bindAddress=bind_address))
+    tcp = HostnameEndpoint(reactor, host, port, timeout=timeout, bindAddress=bind_address)
+    endpoint = wrapClientTLS(tls_options, tcp)
     proto = protocol_factory()
 
-    def connected(_: Any) -> defer.Deferred:
-        proto.disconnected.addCallback(
-            lambda _: proto.secured.called
-            or proto.secured.errback(SignalingError("TLS handshake failed (is the server certificate trusted by --ca?)"))
-        )
+    def connected(_: object) -> defer.Deferred[SignalingClientProtocol]:
+        def unsecured(_: None) -> None:
+            if not proto.secured.called:
+                why = "TLS handshake failed (is the server certificate trusted by --ca?)"
+                proto.secured.errback(SignalingError(why))
+
+        proto.disconnected.addCallback(unsecured)
         return proto.secured
 
     return endpoint.connect(Factory.forProtocol(lambda: proto)).addCallback(connected)

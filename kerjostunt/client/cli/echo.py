@@ -16,19 +16,23 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable, Generator
 from typing import Any
 
 from twisted.internet import defer, task
+from twisted.internet.interfaces import IAddress, IProtocolFactory, IReactorCore, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
 
 from kerjostunt.client.agent import DEFAULT_PORT, ConnectFailed, PeerAgent, PeerConnection
+from kerjostunt.client.agentconfig import Ports, Timeouts
 from kerjostunt.client.cli.options import (
     DEFAULT_DOMAIN,
     add_credentials,
     add_domain,
     add_tls_hostname,
-    agent_account,
+    agent_config,
     read_password,
     server_address,
     start_logging,
@@ -78,7 +82,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", "-v", action="store_true", help="log every step to stderr")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     server = subparsers.add_parser("echo-server", help="register and echo every line peers send")
     _common(server)
     server.set_defaults(func=run_echo_server)
@@ -109,16 +113,22 @@ def _prepare(args: argparse.Namespace) -> tuple[int, str | None]:
     return 0, password
 
 
-def _agent(reactor: Any, args: argparse.Namespace, password: str, **kwargs: Any) -> PeerAgent:
-    return PeerAgent(
-        reactor,
-        **agent_account(args, args.server, password),
-        listen_port=args.listen_port,
-        punch_deadline=args.punch_deadline,
-        low_ttl=args.low_ttl or None,
-        punch_port_max_age=args.punch_port_max_age,
-        **kwargs,
+def _agent(
+    reactor: IReactorTime,
+    args: argparse.Namespace,
+    password: str,
+    *,
+    accept_factory: IProtocolFactory | None = None,
+    on_peer: Callable[[PeerConnection], None] | None = None,
+) -> PeerAgent:
+    config = agent_config(
+        args, args.server, password,
+        ports=Ports(
+            listen_port=args.listen_port, low_ttl=args.low_ttl or None, punch_port_max_age=args.punch_port_max_age
+        ),
+        timeouts=Timeouts(punch_deadline=args.punch_deadline),
     )
+    return PeerAgent(reactor, config, accept_factory=accept_factory, on_peer=on_peer)
 
 
 def _say(line: str) -> None:
@@ -139,12 +149,12 @@ class Echo(LineReceiver):
     MAX_LENGTH = MAX_LINE
 
     def lineReceived(self, line: bytes) -> None:
-        self.sendLine(line)
+        self.sendLine(line)  # type: ignore[no-untyped-call]  # Twisted's LineReceiver has no annotations
 
 
 def run_echo_server(args: argparse.Namespace) -> int:
     code, password = _prepare(args)
-    if code:
+    if code or password is None:
         return code
     start_logging(args.verbose)
 
@@ -152,20 +162,19 @@ def run_echo_server(args: argparse.Namespace) -> int:
         _say(f"peer {connection.peer_id} connected via {connection.technique} from {_endpoint_text(connection.remote)}")
 
     @defer.inlineCallbacks
-    def main(reactor: Any):  # type: ignore[no-untyped-def]
+    def main(reactor: IReactorTime) -> Generator[defer.Deferred[Any], Any, None]:
         agent = _agent(reactor, args, password, accept_factory=Factory.forProtocol(Echo), on_peer=on_peer)
         try:
             registration = yield agent.start()
         except Exception as e:
             _say(f"failed: {e}")
-            raise SystemExit(1)
+            raise SystemExit(1) from None
         # SIGTERM/SIGINT stop the reactor; unregister before it goes.
-        reactor.addSystemEventTrigger("before", "shutdown", agent.stop)
+        IReactorCore(reactor).addSystemEventTrigger("before", "shutdown", agent.stop)
         _say(f"registered as {args.user}, public address {registration.public_ip}:{registration.public_port}")
         yield defer.Deferred()  # until stopped
 
-    task.react(main)
-    return 0  # not reached: react exits
+    task.react(main)  # exits
 
 
 # -- echo-client -----------------------------------------------------------------
@@ -179,26 +188,26 @@ class EchoCheck(LineReceiver):
 
     def __init__(self, message: bytes) -> None:
         self.message = message
-        self.echoed: defer.Deferred = defer.Deferred()
+        self.echoed: defer.Deferred[bytes] = defer.Deferred()
 
     def connectionMade(self) -> None:
-        self.sendLine(self.message)
+        self.sendLine(self.message)  # type: ignore[no-untyped-call]  # Twisted's LineReceiver has no annotations
 
     def lineReceived(self, line: bytes) -> None:
         if not self.echoed.called:
             self.echoed.callback(line.rstrip(b"\r"))
 
-    def connectionLost(self, reason: Any = None) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         if not self.echoed.called:
             self.echoed.errback(ConnectFailed("the peer closed the connection before echoing"))
 
 
-class EchoCheckFactory(Factory):
+class EchoCheckFactory(Factory[EchoCheck]):
     def __init__(self, message: bytes) -> None:
         self.message = message
         self.protocols: list[EchoCheck] = []
 
-    def buildProtocol(self, addr: Any) -> EchoCheck:
+    def buildProtocol(self, addr: IAddress | None) -> EchoCheck:
         protocol = EchoCheck(self.message)
         protocol.factory = self
         self.protocols.append(protocol)
@@ -210,12 +219,12 @@ def run_echo_client(args: argparse.Namespace) -> int:
     if "\n" in message or "\r" in message or not message:
         return _usage_error("--message must be one non-empty line")
     code, password = _prepare(args)
-    if code:
+    if code or password is None:
         return code
     start_logging(args.verbose)
 
     @defer.inlineCallbacks
-    def main(reactor: Any):  # type: ignore[no-untyped-def]
+    def main(reactor: IReactorTime) -> Generator[defer.Deferred[Any], Any, None]:
         agent = _agent(reactor, args, password)
         deadline = reactor.seconds() + args.timeout
         exit_code = 1
@@ -227,6 +236,7 @@ def run_echo_client(args: argparse.Namespace) -> int:
             took_ms = (reactor.seconds() - began) * 1000.0
             _say(f"connected to {args.peer} via {connection.technique} in {took_ms:.0f} ms")
             protocol = connection.protocol
+            assert isinstance(protocol, EchoCheck)
             echoed = protocol.echoed
             echoed.addTimeout(max(5.0, deadline - reactor.seconds()), reactor)
             try:
@@ -236,6 +246,7 @@ def run_echo_client(args: argparse.Namespace) -> int:
             if line != message.encode("utf-8"):
                 raise ConnectFailed(f"echo differs: sent {message!r}, got {line.decode('utf-8', 'replace')!r}")
             _say("echo ok")
+            assert protocol.transport is not None
             protocol.transport.loseConnection()
             exit_code = 0
         except ConnectFailed as e:
@@ -248,5 +259,4 @@ def run_echo_client(args: argparse.Namespace) -> int:
             pass
         raise SystemExit(exit_code)
 
-    task.react(main)
-    return 0  # not reached: react exits
+    task.react(main)  # exits

@@ -21,13 +21,16 @@ It runs until SIGTERM or SIGINT. See docs/peer-manager.rst.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any, TextIO
 
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IAddress, IReactorCore, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineOnlyReceiver
 
+from kerjostunt.client.agentconfig import Ports
 from kerjostunt.client.cli.options import (
     DEFAULT_DOMAIN,
     DEFAULT_WEB_PORT,
@@ -36,7 +39,7 @@ from kerjostunt.client.cli.options import (
     add_credentials,
     add_domain,
     add_tls_hostname,
-    agent_account,
+    agent_config,
     react_for_exit_code,
     server_and_password,
     web_url,
@@ -45,6 +48,7 @@ from kerjostunt.client.directory import (
     CertificateNotTrusted,
     DirectoryError,
     NotAMember,
+    PeerEntry,
     UnknownGroup,
     WrongPassword,
     fetch_peers,
@@ -52,12 +56,15 @@ from kerjostunt.client.directory import (
 from kerjostunt.client.manager import (
     CONNECTED,
     CONNECTING,
+    Event,
+    ManagerConfig,
     PeerListLoaded,
     PeerManager,
     PeerStateChanged,
     RestartingAgent,
     SignalingChanged,
 )
+from kerjostunt.client.manager.watching import WatchedProtocol
 
 PROG = "kerjostunt join"
 FATAL = (WrongPassword, NotAMember, UnknownGroup, CertificateNotTrusted)
@@ -72,14 +79,42 @@ def register(subparsers: Any) -> None:
         "state and each signaling open/close on stdout. Runs until SIGTERM/SIGINT. "
         "The password is read from the first line of stdin.",
     )
-    parser.add_argument("--server", required=True, metavar="HOST[:PORT]", help="the signaling server (PORT default 5061)")
-    parser.add_argument("--web-port", type=_port, default=DEFAULT_WEB_PORT, help=f"HTTPS port of the trusted peers list (default {DEFAULT_WEB_PORT})")
+    parser.add_argument(
+        "--server",
+        required=True,
+        metavar="HOST[:PORT]",
+        help="the signaling server (PORT default 5061)",
+    )
+    parser.add_argument(
+        "--web-port",
+        type=_port,
+        default=DEFAULT_WEB_PORT,
+        help=f"HTTPS port of the trusted peers list (default {DEFAULT_WEB_PORT})",
+    )
     add_credentials(parser)
     add_tls_hostname(parser, "name to expect in the server's certificate (default: HOST)")
     add_domain(parser, f"SIP domain, the digest realm (default {DEFAULT_DOMAIN})")
-    parser.add_argument("--refresh", type=float, default=300.0, metavar="SECONDS", help="how often to reload the list (default 300)")
-    parser.add_argument("--unreachable-retry", type=float, default=3600.0, metavar="SECONDS", help="long back-off before retrying an unreachable peer (default 3600)")
-    parser.add_argument("--listen-port", type=int, default=0, metavar="PORT", help="application port for direct connections from peers (default: any)")
+    parser.add_argument(
+        "--refresh",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="how often to reload the list (default 300)",
+    )
+    parser.add_argument(
+        "--unreachable-retry",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="long back-off before retrying an unreachable peer (default 3600)",
+    )
+    parser.add_argument(
+        "--listen-port",
+        type=int,
+        default=0,
+        metavar="PORT",
+        help="application port for direct connections from peers (default: any)",
+    )
     parser.add_argument("group", metavar="GROUP")
     parser.set_defaults(func=run_command)
 
@@ -99,10 +134,10 @@ class EchoProtocol(LineOnlyReceiver):
         if self.peer_id is not None:
             return self.peer_id
         remote = self.transport.getPeer() if self.transport is not None else None
-        return f"{remote.host}:{remote.port}" if remote is not None and hasattr(remote, "port") else "?"
+        return f"{remote.host}:{remote.port}" if isinstance(remote, (IPv4Address, IPv6Address)) else "?"
 
     def connectionMade(self) -> None:
-        self.sendLine(f"hello from {self.user_id}".encode())
+        self.sendLine(f"hello from {self.user_id}".encode())  # type: ignore[no-untyped-call]  # unannotated in Twisted
 
     def lineReceived(self, line: bytes) -> None:
         text = line.rstrip(b"\r").decode("utf-8", "replace")
@@ -110,23 +145,24 @@ class EchoProtocol(LineOnlyReceiver):
             self._say(f"peer {self._who()} echoed: {text[6:]}")
             return
         self._say(f"peer {self._who()} says: {text}")
-        self.sendLine(b"echo: " + line.rstrip(b"\r"))
+        self.sendLine(b"echo: " + line.rstrip(b"\r"))  # type: ignore[no-untyped-call]  # unannotated in Twisted
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self._say(f"peer {self._who()} sent a line too long; closing")
-        self.transport.loseConnection()
+        if self.transport is not None:
+            self.transport.loseConnection()
 
 
-class EchoFactory(Factory):
+class EchoFactory(Factory[EchoProtocol]):
     def __init__(self, user_id: str, say: Callable[[str], None]) -> None:
         self.user_id = user_id
         self.say = say
 
-    def buildProtocol(self, addr: Any) -> EchoProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> EchoProtocol:
         return EchoProtocol(self.user_id, self.say)
 
 
-def describe(event: Any, manager: PeerManager) -> str | None:
+def describe(event: Event, manager: PeerManager) -> str | None:
     """One stdout line for a manager event (None: nothing worth a line)."""
     if isinstance(event, SignalingChanged):
         return f"signaling {'opened' if event.is_open else 'closed'} ({event.reason})"
@@ -135,43 +171,41 @@ def describe(event: Any, manager: PeerManager) -> str | None:
             return None
         listed = ", ".join(event.peers) or "none"
         return f"group {manager.group}: {len(event.peers)} peers ({listed})"
-    if isinstance(event, PeerStateChanged):
-        if event.new == CONNECTED:
-            line = f"peer {event.peer_id} connected"
-            if event.technique:
-                line += f" via {event.technique}"
-            return line + (" (incoming)" if event.incoming else "")
-        if event.new == CONNECTING:
-            return f"peer {event.peer_id} connecting" + (" through STUNT" if "STUNT" in event.detail else "")
-        line = f"peer {event.peer_id} {event.new}"
-        return f"{line}: {event.detail}" if event.detail else line
-    return None
+    # a PeerStateChanged
+    if event.new == CONNECTED:
+        line = f"peer {event.peer_id} connected"
+        if event.technique:
+            line += f" via {event.technique}"
+        return line + (" (incoming)" if event.incoming else "")
+    if event.new == CONNECTING:
+        return f"peer {event.peer_id} connecting" + (" through STUNT" if "STUNT" in event.detail else "")
+    line = f"peer {event.peer_id} {event.new}"
+    return f"{line}: {event.detail}" if event.detail else line
 
 
-def _name_connection(event: Any, manager: PeerManager) -> None:
+def _name_connection(event: Event, manager: PeerManager) -> None:
     """Tell the echo protocol of a new connection who is on the other end."""
     if isinstance(event, PeerStateChanged) and event.new == CONNECTED:
         connection = manager.connection_of(event.peer_id)
-        inner = getattr(getattr(connection, "protocol", None), "inner", None)
-        if isinstance(inner, EchoProtocol):
-            inner.peer_id = event.peer_id
+        watched = connection.protocol if connection is not None else None
+        if isinstance(watched, WatchedProtocol) and isinstance(watched.inner, EchoProtocol):
+            watched.inner.peer_id = event.peer_id
 
 
 @defer.inlineCallbacks
-def run(  # type: ignore[no-untyped-def]
-    reactor: Any,
+def run(
+    reactor: IReactorTime,
     args: argparse.Namespace,
     stdin: TextIO,
     stdout: TextIO,
     stderr: TextIO,
-    stopped: defer.Deferred | None = None,
-):
+    stopped: defer.Deferred[None] | None = None,
+) -> Generator[defer.Deferred[Any], Any, int]:
     """The command with reactor and streams passed in; runs until ``stopped`` fires.
 
     Without ``stopped`` it runs until the reactor shuts down (SIGTERM/SIGINT
     under ``task.react``) and stops the manager on the way out.
     """
-    from kerjostunt.client.agent import PeerAgent  # imported late: only `join` needs the agent
 
     def say(line: str) -> None:
         print(line, file=stdout, flush=True)
@@ -183,11 +217,11 @@ def run(  # type: ignore[no-untyped-def]
         return 2
     base = web_url(host, args.web_port)
 
-    def directory() -> defer.Deferred:
+    def directory() -> defer.Deferred[list[PeerEntry]]:
         return fetch_peers(reactor, base, args.group, args.user, password, args.ca)
 
     # One fetch first: a wrong password or group is an error to report, not to retry forever.
-    first: list[Any] = []
+    first: list[list[PeerEntry]] = []
     try:
         first.append((yield directory()))
     except FATAL as e:
@@ -196,21 +230,40 @@ def run(  # type: ignore[no-untyped-def]
     except DirectoryError as e:
         say(f"peers list not loaded yet: {e}")
 
-    def directory_once_prefetched() -> defer.Deferred:
+    def directory_once_prefetched() -> defer.Deferred[list[PeerEntry]]:
         if first:
             return defer.succeed(first.pop())
         return directory()
 
-    def make_agent() -> PeerAgent:
-        return PeerAgent(
-            reactor,
-            **agent_account(args, (host, port), password),
-            accept_factory=manager.accept_factory,
-            on_peer=manager.peer_arrived,
-            listen_port=args.listen_port,
-        )
+    manager = _manager(reactor, args, (host, port), password, directory_once_prefetched, say)
+    say(f"joining {args.group} as {args.user}")
+    manager.start()
+    if stopped is None:
+        stopped = defer.Deferred()
+        IReactorCore(reactor).addSystemEventTrigger("before", "shutdown", lambda: _stop(manager, say))
+        yield stopped  # never fires: the reactor stops under us
+        return 0
+    yield stopped
+    yield _stop(manager, say)
+    return 0
 
-    def on_event(event: Any) -> None:
+
+def _manager(
+    reactor: IReactorTime,
+    args: argparse.Namespace,
+    server: tuple[str, int],
+    password: str,
+    directory: Callable[[], defer.Deferred[list[PeerEntry]]],
+    say: Callable[[str], None],
+) -> PeerManager:
+    """The peer manager over one fresh ``PeerAgent`` per signaling opening, saying every event."""
+    from kerjostunt.client.agent import PeerAgent  # imported late: only `join` needs the agent
+
+    def make_agent() -> PeerAgent:
+        config = agent_config(args, server, password, ports=Ports(listen_port=args.listen_port))
+        return PeerAgent(reactor, config, accept_factory=manager.accept_factory, on_peer=manager.peer_arrived)
+
+    def on_event(event: Event) -> None:
         _name_connection(event, manager)
         line = describe(event, manager)
         if line is not None:
@@ -220,26 +273,16 @@ def run(  # type: ignore[no-untyped-def]
         reactor,
         group=args.group,
         user_id=args.user,
-        directory=directory_once_prefetched,
+        directory=directory,
         agent=RestartingAgent(make_agent),
         app_factory_for=lambda peer_id: EchoFactory(args.user, say),
-        refresh_interval=args.refresh,
-        unreachable_retry=args.unreachable_retry,
+        config=ManagerConfig(refresh_interval=args.refresh, unreachable_retry=args.unreachable_retry),
         on_event=on_event,
     )
-    say(f"joining {args.group} as {args.user}")
-    manager.start()
-    if stopped is None:
-        stopped = defer.Deferred()
-        reactor.addSystemEventTrigger("before", "shutdown", lambda: _stop(manager, say))
-        yield stopped  # never fires: the reactor stops under us
-        return 0
-    yield stopped
-    yield _stop(manager, say)
-    return 0
+    return manager
 
 
-def _stop(manager: PeerManager, say: Callable[[str], None]) -> defer.Deferred:
+def _stop(manager: PeerManager, say: Callable[[str], None]) -> defer.Deferred[None]:
     say("stopping")
     return manager.stop().addBoth(lambda _: say("stopped"))
 

@@ -24,6 +24,8 @@ from twisted.logger import (
     textFileLogObserver,
 )
 
+from kerjostunt.client.agentconfig import Account, AgentConfig, Ports, ServerConfig, Timeouts
+
 DEFAULT_SIGNALING_PORT = 5061
 DEFAULT_WEB_PORT = 8443
 DEFAULT_DOMAIN = "kerjo.local"
@@ -129,16 +131,22 @@ def server_and_password(args: argparse.Namespace, stdin: TextIO) -> tuple[str, i
     return host, port, password
 
 
-def agent_account(args: argparse.Namespace, server: tuple[str, int], password: str) -> dict[str, Any]:
-    """The ``PeerAgent`` keyword arguments that come from the shared options."""
-    return {
-        "server": server,
-        "user_id": args.user,
-        "password": password,
-        "domain": args.domain,
-        "ca_path": args.ca,
-        "tls_hostname": args.tls_hostname,
-    }
+def agent_config(
+    args: argparse.Namespace,
+    server: tuple[str, int],
+    password: str,
+    *,
+    ports: Ports = Ports(),
+    timeouts: Timeouts = Timeouts(),
+) -> AgentConfig:
+    """The ``PeerAgent`` config from the shared options (server, account) and the command's own."""
+    host, port = server
+    return AgentConfig(
+        server=ServerConfig(host, port, domain=args.domain, ca_path=args.ca, tls_hostname=args.tls_hostname),
+        account=Account(args.user, password),
+        ports=ports,
+        timeouts=timeouts,
+    )
 
 
 def start_logging(verbose: bool) -> None:
@@ -153,7 +161,7 @@ def start_logging(verbose: bool) -> None:
 
 
 def react_for_exit_code(
-    run: Callable[..., defer.Deferred], args: argparse.Namespace, default: int
+    run: Callable[..., defer.Deferred[int]], args: argparse.Namespace, default: int
 ) -> int:
     """Run ``run(reactor, args, stdin, stdout, stderr)`` under ``task.react``; its result is the exit code.
 

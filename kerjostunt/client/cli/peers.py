@@ -39,10 +39,25 @@ def register(subparsers: Any) -> None:
         description="Print the members of GROUP with their 'use STUNT' flag, address and presence. "
         "The password is read from the first line of stdin.",
     )
-    parser.add_argument("--server", required=True, metavar="HOST[:PORT]", help="the signaling server (PORT is its signaling port; the list comes from --web-port)")
-    parser.add_argument("--web-port", type=_port, default=DEFAULT_WEB_PORT, help=f"HTTPS port of the server's web service (default {DEFAULT_WEB_PORT})")
+    parser.add_argument(
+        "--server",
+        required=True,
+        metavar="HOST[:PORT]",
+        help="the signaling server (PORT is its signaling port; the list comes from --web-port)",
+    )
+    parser.add_argument(
+        "--web-port",
+        type=_port,
+        default=DEFAULT_WEB_PORT,
+        help=f"HTTPS port of the server's web service (default {DEFAULT_WEB_PORT})",
+    )
     add_credentials(parser)
-    parser.add_argument("--format", choices=("table", "json", "text"), default="table", help="output format (default table; text is the trusted peers file)")
+    parser.add_argument(
+        "--format",
+        choices=("table", "json", "text"),
+        default="table",
+        help="output format (default table; text is the trusted peers file)",
+    )
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the server (default 30)")
     parser.add_argument("group", metavar="GROUP")
     parser.set_defaults(func=run_command)
