@@ -96,7 +96,7 @@ class OutgoingCallTests(CallTestCase):
         call = OutgoingCall(self.agent, "bob", Factory.forProtocol(Protocol), timeout=20.0)
         d = call.run()
         [invite] = self.written()
-        self.assertEqual((invite.method, call.state), ("INVITE", "inviting"))
+        self.assertEqual((invite.method, call.phase()), ("INVITE", "inviting"))
         return call, d, invite
 
     def answer(self, invite: Request) -> None:
@@ -112,7 +112,7 @@ class OutgoingCallTests(CallTestCase):
         self.failureResultOf(d, defer.CancelledError)
         [cancel] = self.written()
         self.assertEqual((cancel.method, cancel.call_id), ("CANCEL", invite.call_id))
-        self.assertEqual((call.state, call.holder), ("done", None))
+        self.assertEqual((call.phase(), call.holder), ("done", None))
         self.assertEqual(self.agent.ended, [call])
 
     def test_a_late_answer_after_the_end_is_ignored(self) -> None:
@@ -128,22 +128,22 @@ class OutgoingCallTests(CallTestCase):
         call, d, invite = self.invite()
         self.sig.dataReceived(make_response(invite, 486, to_tag="srv").to_bytes())
         self.assertEqual(self.failureResultOf(d, ConnectFailed).value.code, 486)
-        self.assertEqual(call.state, "done")
+        self.assertEqual(call.phase(), "done")
 
     def test_answer_acks_and_dials_at_the_moment(self) -> None:
         call, d, invite = self.invite()
         self.answer(invite)
         [ack] = self.written()
-        self.assertEqual((ack.method, call.state), ("ACK", "dialing"))
+        self.assertEqual((ack.method, call.phase()), ("ACK", "dialing"))
         [dialer] = self.agent.dialers
-        self.assertEqual(dialer.state, "waiting")
+        self.assertEqual(dialer.phase(), "waiting")
         self.assertAlmostEqual(dialer.dial_at, 0.1)
 
     def test_losing_signaling_while_dialing_keeps_dialing(self) -> None:
         call, d, invite = self.invite()
         self.answer(invite)
         call.signaling_lost()
-        self.assertEqual(call.state, "dialing")
+        self.assertEqual(call.phase(), "dialing")
         self.assertNoResult(d)
         call.stop("test over")
         self.failureResultOf(d, ConnectFailed)
@@ -163,7 +163,7 @@ class OutgoingCallTests(CallTestCase):
         self.assertEqual(info.method, "INFO")
         self.assertEqual(kerjo.parse_outcome(info.body).outcome, "failed")
         self.assertTrue(self.agent.dialers[0].finished)
-        self.assertEqual(call.state, "done")
+        self.assertEqual(call.phase(), "done")
 
     def test_cancelling_while_dialing_fails_with_the_reason(self) -> None:
         call, d, invite = self.invite()
@@ -183,7 +183,7 @@ class IncomingCallTests(CallTestCase):
         call = IncomingCall(self.agent, self.sig, self.invite())
         call.handle()
         [ok] = self.written()
-        self.assertEqual((ok.code, call.state), (200, "answered"))
+        self.assertEqual((ok.code, call.phase()), (200, "answered"))
         return call
 
     def test_no_accept_factory_is_603(self) -> None:
@@ -191,26 +191,26 @@ class IncomingCallTests(CallTestCase):
         call = IncomingCall(self.agent, self.sig, self.invite())
         call.handle()
         [refusal] = self.written()
-        self.assertEqual((refusal.code, call.state, self.agent.started), (603, "done", []))
+        self.assertEqual((refusal.code, call.phase(), self.agent.started), (603, "done", []))
 
     def test_ack_starts_the_race(self) -> None:
         call = self.answered()
         call.ack(Request("ACK", f"sips:alice@{DOMAIN}"))
-        self.assertEqual(call.state, "dialing")
+        self.assertEqual(call.phase(), "dialing")
         call.ack(Request("ACK", f"sips:alice@{DOMAIN}"))  # a retransmission changes nothing
         call.stop("test over")
 
     def test_losing_signaling_before_the_ack_stops_the_dialer(self) -> None:
         call = self.answered()
         call.signaling_lost()
-        self.assertEqual(call.state, "done")
+        self.assertEqual(call.phase(), "done")
         self.assertTrue(self.agent.dialers[0].finished)
         self.assertEqual(self.agent.ended, [call])
 
     def test_no_ack_in_time(self) -> None:
         call = self.answered()
         self.clock.advance(32)
-        self.assertEqual(call.state, "done")
+        self.assertEqual(call.phase(), "done")
 
     def test_stop_while_dialing_reports_the_failure(self) -> None:
         call = self.answered()
@@ -218,24 +218,24 @@ class IncomingCallTests(CallTestCase):
         call.peer_ended(Request("BYE", f"sips:alice@{DOMAIN}"))
         [info] = self.written()
         self.assertEqual(kerjo.parse_outcome(info.body).outcome, "failed")
-        self.assertEqual(call.state, "done")
+        self.assertEqual(call.phase(), "done")
 
     def test_cancel_while_preparing_is_487_and_the_late_registration_is_ignored(self) -> None:
         registering: defer.Deferred[Any] = defer.Deferred()
         self.agent.fresh_registration = lambda: registering  # type: ignore[method-assign]
         call = IncomingCall(self.agent, self.sig, self.invite())
         call.handle()
-        self.assertEqual(call.state, "preparing")
+        self.assertEqual(call.phase(), "preparing")
         call.cancelled(Request("CANCEL", f"sips:alice@{DOMAIN}"))
         [refusal] = self.written()
-        self.assertEqual((refusal.code, call.state), (487, "done"))
+        self.assertEqual((refusal.code, call.phase()), (487, "done"))
         registering.callback((self.sig, self.agent.registration))
         self.assertEqual((self.written(), call.holder, self.agent.dialers), ([], None, []))
 
     def test_cancel_after_the_answer_sends_no_487(self) -> None:
         call = self.answered()
         call.cancelled(Request("CANCEL", f"sips:alice@{DOMAIN}"))
-        self.assertEqual((self.written(), call.state), ([], "done"))
+        self.assertEqual((self.written(), call.phase()), ([], "done"))
 
 
 class _Handshaking:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Generator
-from typing import Any, Protocol, overload
+from typing import Any, cast, overload
 
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -27,6 +27,7 @@ from kerjostunt.client.agentconfig import DEFAULT_PORT, AgentConfig, AgentSettin
 from kerjostunt.client.agentlife import build_life
 from kerjostunt.client.calls import (
     AppPortFactory,
+    CallBase,
     ConnectFailed,
     Dialer,
     IncomingCall,
@@ -35,16 +36,16 @@ from kerjostunt.client.calls import (
 )
 from kerjostunt.client.nat.probing import ProbeResult, probe_from
 from kerjostunt.client.nat.readyport import PreparedPort, ReadyPort
-from kerjostunt.client.nat.sockets import reusable_socket
+from kerjostunt.client.nat.sockets import SocketReactor, reusable_socket
 from kerjostunt.client.signaling import (
     ConnectSignaling,
-    ProbeOffer,
     Registration,
     RegistrationFailed,
     SignalingClientProtocol,
     SignalingError,
     connect_signaling,
 )
+from kerjostunt.wire.kerjo import ProbeOffer
 from kerjostunt.wire.sip.message import Request
 
 __all__ = ["PeerAgent", "PeerConnection", "ConnectFailed", "DEFAULT_PORT", "AgentConfig"]
@@ -53,16 +54,6 @@ log = Logger()
 
 TOKEN_MARGIN = 10.0  # re-REGISTER when the probe token has less left than this
 START_PROBE_WAIT = 2.0  # start() waits at most this long for the first punch port
-
-
-class AgentCall(Protocol):
-    """What the agent needs of a call (calls.py's OutgoingCall and IncomingCall)."""
-
-    call_id: str
-
-    def stop(self, why: str) -> None: ...
-
-    def peer_ended(self, request: Request) -> None: ...
 
 
 class PeerAgent:
@@ -108,7 +99,9 @@ class PeerAgent:
         jitter: Callable[[], float] = random.random,
         **settings: Any,
     ) -> None:
-        self.reactor = reactor
+        # Calls and the NAT techniques need the reactor's sockets as well as its
+        # time (SocketReactor); the global reactor provides both.
+        self.reactor = cast(SocketReactor, reactor)
         self.config = config if config is not None else AgentConfig.of(**settings)
         self.accept_factory = accept_factory
         self.on_peer = on_peer
@@ -125,7 +118,7 @@ class PeerAgent:
         self._attempt = 0
         self._timers: dict[str, IDelayedCall] = {}
         self._app_port: IListeningPort | None = None
-        self._calls: dict[str, AgentCall] = {}
+        self._calls: dict[str, CallBase] = {}
         self._dialers: dict[bytes, Dialer] = {}
         #: the next call's punch port, probed while idle (readyport.py); max age 0 turns it off
         self.ready_port = ReadyPort(
@@ -372,8 +365,7 @@ class PeerAgent:
             if timer is not None and timer.active():
                 timer.cancel()
         for call in list(self._calls.values()):
-            if _waits_on_signaling(call):
-                call.stop("lost the signaling connection")
+            call.signaling_lost()  # a call already dialing goes on without it
         self._life.lost()
 
     def log_lost(self) -> None:
@@ -509,10 +501,10 @@ class PeerAgent:
             return defer.fail(ConnectFailed("cannot connect to ourselves"))
         return OutgoingCall(self, peer_id, protocol_factory, timeout, prefer_stunt).run()
 
-    def call_started(self, call: AgentCall) -> None:
+    def call_started(self, call: CallBase) -> None:
         self._calls[call.call_id] = call
 
-    def call_ended(self, call: AgentCall) -> None:
+    def call_ended(self, call: CallBase) -> None:
         if self._calls.get(call.call_id) is call:
             del self._calls[call.call_id]
         if not self._calls:
@@ -527,7 +519,7 @@ class PeerAgent:
 
     def _dialer_for_tag(self, tag: bytes) -> Dialer | None:
         dialer = self._dialers.get(tag)
-        return dialer if dialer is not None and not _dialer_done(dialer) else None
+        return dialer if dialer is not None and not dialer.finished else None
 
     def peer_accepted(self, connection: PeerConnection) -> None:
         log.info(
@@ -539,25 +531,6 @@ class PeerAgent:
                 self.on_peer(connection)
             except Exception:
                 log.failure("on_peer failed for {peer}", peer=connection.peer_id)
-
-
-def _waits_on_signaling(call: AgentCall) -> bool:
-    """Whether ``call`` still needs the signaling connection (not dialing yet).
-
-    The one place the agent reads a call's progress: calls.py keeps it as
-    ``state`` today; when calls get their own machine this becomes a
-    question asked of the call.
-    """
-    if isinstance(call, OutgoingCall):
-        return call.state in ("preparing", "inviting")
-    if isinstance(call, IncomingCall):
-        return call.state in ("preparing", "answered")
-    return False
-
-
-def _dialer_done(dialer: Dialer) -> bool:
-    """Whether ``dialer`` finished (won, failed or stopped); see ``_waits_on_signaling``."""
-    return dialer.state == "done"
 
 
 __all__ += ["SignalingError"]

@@ -74,7 +74,7 @@ def _ignore_handshake_failure(failure: Failure) -> None:
 class CallHandshakeFactory(HandshakeFactory):
     protocol = _CallHandshakeProtocol
 
-    def buildProtocol(self, addr: IAddress | None) -> HandshakeProtocol:  # type: ignore[override]
+    def buildProtocol(self, addr: IAddress | None) -> HandshakeProtocol:
         assert addr is not None
         return _CallHandshakeProtocol(self, addr)
 

@@ -27,7 +27,7 @@ from kerjostunt.client.nat.sockets import SocketReactor, reusable_socket
 from kerjostunt.client.signaling import Registration, SignalingClientProtocol
 from kerjostunt.wire import kerjo
 from kerjostunt.wire.sdp import SessionDescription
-from kerjostunt.wire.sip.message import Response
+from kerjostunt.wire.sip.message import Request, Response
 
 __all__ = ["CallAgent"]
 
@@ -113,10 +113,20 @@ class CallBase:
         self.registration: Registration | None = None
         self._timer: IDelayedCall | None = None
 
-    @property
-    def state(self) -> str:
-        """The call's state by name: read-only, for agent.py until it calls ``signaling_lost``."""
+    def phase(self) -> str:
+        """The machine's state by name, for logs and tests; decisions ask the machine instead."""
         return self._life.phase()
+
+    # what the agent asks of every call (each direction's machine answers) ------------
+
+    def stop(self, why: str) -> None:
+        raise NotImplementedError
+
+    def peer_ended(self, request: Request) -> None:
+        raise NotImplementedError
+
+    def signaling_lost(self) -> None:
+        raise NotImplementedError
 
     # getting the punch port ready --------------------------------------------------
 

@@ -139,9 +139,8 @@ class Dialer:
         """The race has ended (won, failed or stopped); an app-port connection now is dropped."""
         return self._life.finished()
 
-    @property
-    def state(self) -> str:
-        """``waiting``, ``dialing`` or ``done``: read-only, for agent.py until it asks ``finished``."""
+    def phase(self) -> str:
+        """The machine's state by name, for logs and tests; decisions ask the machine instead."""
         return self._life.phase()
 
     # planning ------------------------------------------------------------------
