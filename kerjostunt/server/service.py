@@ -11,13 +11,19 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IReactorCore,
+    IReactorTCP,
+    IStreamServerEndpoint,
+)
 from twisted.logger import FilteringLogObserver, Logger, LogLevel, LogLevelFilterPredicate, globalLogPublisher
 from zope.interface import implementer
 
@@ -31,10 +37,19 @@ from kerjostunt.server.registrar import Registrar
 from kerjostunt.server.router import SignalingRouter
 from kerjostunt.server.signaling import AdmittingTLSFactory, ConnectionLimits, SignalingFactory
 from kerjostunt.store import Database
-from kerjostunt.store.api import AsyncStore, StoreService
+from kerjostunt.store.api import AsyncStore, IStoreReactor, StoreService
 from kerjostunt.wire.prediction import classify
 
 log = Logger()
+
+
+class IServerReactor(IStoreReactor, IReactorCore, IReactorTCP):
+    """The reactor the server runs on: timers, threads, start-up hooks, TCP.
+
+    A typing-only combination of Twisted's interfaces (like Twisted's own
+    ``_IReactorCommon``): every real reactor provides them all; tests pass a
+    ``MemoryReactorClock`` or the real reactor.
+    """
 
 
 def filter_log_level(level: LogLevel) -> LogLevelFilterPredicate:
@@ -67,7 +82,7 @@ def filter_log_level(level: LogLevel) -> LogLevelFilterPredicate:
 GC_GEN0_THRESHOLD = 10_000  # CPython's default is 700
 
 
-def tune_gc(reactor: Any) -> None:
+def tune_gc(reactor: IReactorCore) -> None:
     """Make the cyclic garbage collector cheaper for a server holding many peers.
 
     Every REGISTER leaves a few dozen long-lived objects (connection, TLS
@@ -124,12 +139,12 @@ class PortRecordingEndpoint:
         self._endpoint = endpoint
         self.listening: Deferred[IListeningPort] = Deferred()
 
-    def listen(self, factory: Any) -> Deferred[IListeningPort]:
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
         def listened(port: IListeningPort) -> IListeningPort:
             self.listening.callback(port)
             return port
 
-        return self._endpoint.listen(factory).addCallback(listened)
+        return self._endpoint.listen(protocolFactory).addCallback(listened)
 
 
 class _CallsService(Service):
@@ -138,22 +153,22 @@ class _CallsService(Service):
     def __init__(self, calls: CallManager) -> None:
         self.calls = calls
 
-    def stopService(self) -> Deferred:
-        super().stopService()
+    def stopService(self) -> Deferred[None]:
+        super().stopService()  # type: ignore[no-untyped-call]
         return self.calls.stop()
 
 
 class StuntServer(MultiService):
     """Wires the pieces; holds references that tests and the web service use."""
 
-    def __init__(self, settings: ServerSettings, reactor: Any) -> None:
-        super().__init__()
+    def __init__(self, settings: ServerSettings, reactor: IServerReactor) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
         self.settings = settings
         self.reactor = reactor
         self.counters: Counter[str] = Counter()
         self.certificates = self._certificates()
         self.store = AsyncStore(Database(settings.db_url), reactor)
-        StoreService(self.store).setServiceParent(self)
+        StoreService(self.store).setServiceParent(self)  # type: ignore[no-untyped-call]
 
         self.registrar = Registrar(reactor)
         self.tokens = ProbeTokens(reactor, settings.probe_token_lifetime)
@@ -175,7 +190,8 @@ class StuntServer(MultiService):
             answer_timeout=settings.call_answer_timeout, outcome_timeout=settings.call_outcome_timeout,
             invite_rate=settings.invite_rate, invite_burst=settings.invite_burst,
         )
-        _CallsService(self.calls).setServiceParent(self)  # stops before the store: outcomes get written
+        # Stops before the store: outcomes get written.
+        _CallsService(self.calls).setServiceParent(self)  # type: ignore[no-untyped-call]
         self.router = SignalingRouter(self.registrar, self.register, self.calls)
         self.signaling = SignalingFactory(self.router, reactor, settings.limits, counter=self.count)
         tls_factory = AdmittingTLSFactory(
@@ -200,7 +216,7 @@ class StuntServer(MultiService):
             return tls.CertificatePaths(s.cert, s.key or s.cert, None)
         return tls.ensure_certificates(s.certs_dir, s.domain, s.cert_hosts)
 
-    def _listen(self, name: str, description: str, factory: Any) -> None:
+    def _listen(self, name: str, description: str, factory: IProtocolFactory) -> None:
         endpoint = PortRecordingEndpoint(serverFromString(self.reactor, description))
         service = StreamServerEndpointService(endpoint, factory)
         service._raiseSynchronously = True  # a busy port stops twistd with a clear error
@@ -209,7 +225,9 @@ class StuntServer(MultiService):
         self.ports[name] = endpoint.listening
 
     def _note_probe_port(self, port: IListeningPort, index: int) -> IListeningPort:
-        self.settings.probe_ports[index] = port.getHost().port
+        host = port.getHost()
+        if isinstance(host, (IPv4Address, IPv6Address)):  # a probe endpoint is TCP
+            self.settings.probe_ports[index] = host.port
         return port
 
     def _probe_factory(self) -> ProbeFactory:

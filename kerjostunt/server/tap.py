@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Any
+from typing import cast
 
 from twisted.application.service import IService
 from twisted.logger import InvalidLogLevelError, LogLevel
 from twisted.python import usage
 
-from kerjostunt.server.service import ServerSettings, StuntServer, filter_log_level, tune_gc
+from kerjostunt.server.service import IServerReactor, ServerSettings, StuntServer, filter_log_level, tune_gc
 from kerjostunt.server.signaling import ConnectionLimits
 
 
@@ -52,7 +52,7 @@ class Options(usage.Options):
     ]
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self["cert-host"] = []
 
     def opt_cert_host(self, name: str) -> None:
@@ -106,10 +106,14 @@ class Options(usage.Options):
         )
 
 
-def makeService(config: Options, reactor: Any = None) -> IService:
+def makeService(config: Options, reactor: IServerReactor | None = None) -> IService:
     """Build the whole server; twistd passes only ``config``."""
     if reactor is None:
-        from twisted.internet import reactor  # type: ignore[no-redef]
+        from twisted.internet import reactor as installed
+
+        # The installed reactor provides every interface IServerReactor names;
+        # its stub type lists only the common ones (no IReactorFromThreads).
+        reactor = cast(IServerReactor, installed)
     filter_log_level(config["log-level"])
     tune_gc(reactor)
     return StuntServer(config.settings(), reactor)

@@ -26,7 +26,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModu
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import StaticPool
 
-from kerjostunt.store.models import Attempt, Group, Membership, User
+from kerjostunt.store.models import Attempt, Base, Group, Membership, User
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 STUNT_STATES = ("unknown", "direct", "stunt", "unreachable")
@@ -41,9 +41,10 @@ RECENT_WINDOW = 24 * 3600.0
 # The per-REGISTER queries, built once and run through Core: an ORM Session and
 # building the statement each time cost several times the query itself
 # (docs/performance.rst).
-_USERS = User.__table__
-_MEMBERSHIPS = Membership.__table__
-_ATTEMPTS = Attempt.__table__
+# The Tables themselves (``Model.__table__`` is typed as any FromClause).
+_USERS = Base.metadata.tables[User.__tablename__]
+_MEMBERSHIPS = Base.metadata.tables[Membership.__tablename__]
+_ATTEMPTS = Base.metadata.tables[Attempt.__tablename__]
 _HA1_QUERIES = {
     algorithm: select(column).where(_USERS.c.user_id == bindparam("user_id"))
     for algorithm, column in (("MD5", _USERS.c.ha1_md5), ("SHA-256", _USERS.c.ha1_sha256))
@@ -152,7 +153,7 @@ class UserRecord:
     stunt_state: str
     public_ip: str | None
     public_port: int | None
-    nat: dict | None
+    nat: dict[str, Any] | None
     last_seen: float | None
     groups: tuple[str, ...]
 
@@ -596,10 +597,8 @@ class Database:
             text = json.dumps(dict(nat), sort_keys=True)
         except (TypeError, ValueError) as e:
             raise InvalidValue(f"NAT description is not JSON: {e}") from e
-        with self._session() as s, s.begin():
-            result = s.execute(
-                update(User).where(User.user_id == user_id).values(nat=text, last_seen=when)
-            )
+        with self.engine.begin() as c:
+            result = c.execute(update(_USERS).where(_USERS.c.user_id == user_id).values(nat=text, last_seen=when))
             if result.rowcount == 0:
                 raise UnknownUser(f"unknown user {user_id!r}")
 
