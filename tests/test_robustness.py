@@ -174,11 +174,11 @@ def generate_cases(rng: random.Random) -> list[Case]:
         cases.append(Case("bad Content-Length", payload, "closed"))
 
     # Not UTF-8: in the header section (fatal) and in a body (just bytes).
-    for i in range(30):
+    for _ in range(30):
         bad = rng.choice([b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"\x80\x80", b"\xf8\x88\x80\x80\x80"])
         payload = register_bytes(next(n)).replace(b"Expires: 3600", b"Expires: 36" + bad, 1)
         cases.append(Case("non-UTF-8 header", payload, "closed"))
-    for i in range(30):
+    for _ in range(30):
         cases.append(Case("non-UTF-8 body", register_bytes(next(n), body=b"\xff\xfe\x00" + rng.randbytes(40)), "answer"))
 
     # Well framed, wrong inside: answered (400/404/505...), the stream goes on.

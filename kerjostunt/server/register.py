@@ -167,9 +167,8 @@ class RegisterHandler:
         response = answer(request, 401)
         nonce = self._nonces.issue()
         for algorithm in self._algorithms:
-            response.headers.add(
-                "WWW-Authenticate", format_auth("Digest", challenge_params(self._domain, nonce, algorithm, stale), challenge=True)
-            )
+            params = challenge_params(self._domain, nonce, algorithm, stale)
+            response.headers.add("WWW-Authenticate", format_auth("Digest", params, challenge=True))
         self._count("challenges")
         conn.send(response)
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import (
     IListeningPort,
     IProtocolFactory,

@@ -46,9 +46,19 @@ class Options(usage.Options):
         ["web-port", None, 8443, "HTTPS port for the trusted peers list, /metrics and /health (0 = off).", _port],
         ["max-per-ip", None, 1000, "Concurrent signaling connections allowed from one IP.", int],
         ["register-timeout", None, 30.0, "Seconds a connection may stay unregistered.", float],
-        ["tls-groups", None, None, "TLS key-exchange groups the signaling port offers, in OpenSSL's list syntax (default: OpenSSL's, with the X25519MLKEM768 hybrid; X25519:P-256 saves about 8 KiB per connection, see docs/performance.rst)."],
-        ["log-level", None, "info", "Lowest level of the server's events written to the log: debug, info, warn, error or critical."],
-        ["digest-algorithms", None, "MD5,SHA-256", "Digest challenges offered, in order (MD5 first suits SIP tools such as sipp; our clients pick SHA-256)."],
+        [
+            "tls-groups", None, None,
+            "TLS key-exchange groups the signaling port offers, in OpenSSL's list syntax (default: OpenSSL's, "
+            "with the X25519MLKEM768 hybrid; X25519:P-256 saves about 8 KiB per connection, see docs/performance.rst).",
+        ],
+        [
+            "log-level", None, "info",
+            "Lowest level of the server's events written to the log: debug, info, warn, error or critical.",
+        ],
+        [
+            "digest-algorithms", None, "MD5,SHA-256",
+            "Digest challenges offered, in order (MD5 first suits SIP tools such as sipp; our clients pick SHA-256).",
+        ],
     ]
 
     def __init__(self) -> None:

@@ -37,9 +37,9 @@ from kerjostunt.server import metrics as metrics_module
 from kerjostunt.server.auth import NonceManager, SIPDigestCredentials, StoreDigestChecker, challenge_params
 from kerjostunt.server.registrar import Registrar
 from kerjostunt.server.signaling import AdmittingTLSFactory
-from kerjostunt.tcp import host_port
 from kerjostunt.store import NAME_RE, StoreError, UnknownGroup, UserRecord
 from kerjostunt.store.api import Store
+from kerjostunt.tcp import host_port
 from kerjostunt.wire.sip.digest import ALGORITHMS, ha1
 from kerjostunt.wire.sip.headers import format_auth, parse_auth
 
@@ -97,8 +97,10 @@ class LimitedChannel(http.HTTPChannel):
         return bool(getattr(self, "_HTTPChannel__first_line", 1))
 
     def _refuse(self, status: bytes) -> None:
-        noop: Callable[..., None] = lambda *args: None
-        self.lineReceived = self.rawDataReceived = self.dataReceived = noop  # type: ignore[method-assign]
+        def noop(*args: object) -> None:
+            """What is read after the refusal is ignored."""
+
+        self.lineReceived = self.rawDataReceived = self.dataReceived = noop  # type: ignore[method-assign, assignment]
         if self.transport is not None:
             self.transport.write(b"HTTP/1.1 " + status + b"\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
             self.transport.loseConnection()
