@@ -52,6 +52,10 @@ class IServerReactor(IStoreReactor, IReactorCore, IReactorTCP):
     """
 
 
+class _LevelFilter(FilteringLogObserver):
+    """The filter ``filter_log_level`` installs: a later call replaces it, not wraps it."""
+
+
 def filter_log_level(level: LogLevel) -> LogLevelFilterPredicate:
     """Stop kerjostunt's events below ``level`` before any log observer sees them.
 
@@ -65,15 +69,14 @@ def filter_log_level(level: LogLevel) -> LogLevelFilterPredicate:
     keep every event.
     """
     predicate = LogLevelFilterPredicate(defaultLogLevel=level)
-    filtered = FilteringLogObserver(globalLogPublisher, [predicate])
-    filtered._kerjostunt_level_filter = True  # type: ignore[attr-defined]
+    filtered = _LevelFilter(globalLogPublisher, [predicate])
     for name, module in list(sys.modules.items()):
         if module is None or not (name == "kerjostunt" or name.startswith("kerjostunt.")):
             continue
         for value in list(vars(module).values()):
             if isinstance(value, Logger) and (
                 value.observer is globalLogPublisher
-                or getattr(value.observer, "_kerjostunt_level_filter", False)
+                or isinstance(value.observer, _LevelFilter)
             ):
                 value.observer = filtered
     return predicate
