@@ -19,7 +19,7 @@ import hmac
 import json
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from twisted.cred import error as cred_error
 from twisted.cred import portal
@@ -49,6 +49,8 @@ if TYPE_CHECKING:
     from kerjostunt.server.service import StuntServer
 
 log = Logger()
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 # Bounds on what a client may send and how long it may take.
 MAX_REQUEST_LINE = 2048  # request line (so the URL) and each header line
@@ -427,21 +429,23 @@ class WebResource(resource.Resource):
 
     # -- plumbing
 
-    def _store(self, method: Callable[..., defer.Deferred[Any]], *args: Any) -> defer.Deferred[Any]:
+    def _store(
+        self, method: Callable[_P, defer.Deferred[_T]], *args: _P.args, **kwargs: _P.kwargs
+    ) -> defer.Deferred[_T]:
         """A store call whose answer fails with ``StoreTimeout`` after STORE_TIMEOUT.
 
         The store's own Deferred is not cancelled: its thread keeps running
         and ``AsyncStore`` keeps counting it as pending (so a shutdown still
         waits for it); only this request stops waiting.
         """
-        answer: defer.Deferred[Any] = defer.Deferred()
+        answer: defer.Deferred[_T] = defer.Deferred()
 
         def give_up() -> None:
             answer.errback(StoreTimeout(f"no answer from the database in {STORE_TIMEOUT:g} s"))
 
         timer = self.clock.callLater(STORE_TIMEOUT, give_up)
 
-        def done(outcome: Any) -> None:
+        def done(outcome: _T | Failure) -> None:
             if timer.active():
                 timer.cancel()
             if answer.called:
@@ -453,7 +457,7 @@ class WebResource(resource.Resource):
             else:
                 answer.callback(outcome)
 
-        defer.maybeDeferred(method, *args).addBoth(done)
+        defer.maybeDeferred(method, *args, **kwargs).addBoth(done)
         return answer
 
     def _failed(self, failure: Failure, request: server.Request) -> Reply:

@@ -468,3 +468,8 @@ class StoreService(Service):
     def stopService(self) -> Deferred[None]:
         super().stopService()  # type: ignore[no-untyped-call]
         return self.store.stop()
+
+
+def _conforms(store: AsyncStore) -> Store:
+    """Never called: mypy checks here that ``AsyncStore`` provides ``Store``."""
+    return store
