@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService, Service
+from twisted.application.service import IServiceCollection, MultiService, Service
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
@@ -21,7 +21,6 @@ from twisted.internet.interfaces import (
     IListeningPort,
     IProtocolFactory,
     IReactorCore,
-    IReactorTCP,
     IStreamServerEndpoint,
 )
 from twisted.logger import FilteringLogObserver, Logger, LogLevel, LogLevelFilterPredicate, globalLogPublisher
@@ -32,24 +31,16 @@ from kerjostunt.server import web
 from kerjostunt.server.auth import NonceManager, make_portal
 from kerjostunt.server.calls import CallManager
 from kerjostunt.server.probe import Observation, ObservationLog, ProbeFactory, ProbeTokens
+from kerjostunt.server.reactor import IServerReactor
 from kerjostunt.server.register import CHALLENGE_ALGORITHMS, RegisterHandler
 from kerjostunt.server.registrar import Registrar
 from kerjostunt.server.router import SignalingRouter
 from kerjostunt.server.signaling import AdmittingTLSFactory, ConnectionLimits, SignalingFactory
 from kerjostunt.store import Database
-from kerjostunt.store.api import AsyncStore, IStoreReactor, StoreService
+from kerjostunt.store.api import AsyncStore, StoreService
 from kerjostunt.wire.prediction import classify
 
 log = Logger()
-
-
-class IServerReactor(IStoreReactor, IReactorCore, IReactorTCP):
-    """The reactor the server runs on: timers, threads, start-up hooks, TCP.
-
-    A typing-only combination of Twisted's interfaces (like Twisted's own
-    ``_IReactorCommon``): every real reactor provides them all; tests pass a
-    ``MemoryReactorClock`` or the real reactor.
-    """
 
 
 class _LevelFilter(FilteringLogObserver):
@@ -156,6 +147,10 @@ class _CallsService(Service):
     def __init__(self, calls: CallManager) -> None:
         self.calls = calls
 
+    def setServiceParent(self, parent: IServiceCollection) -> None:
+        """Service's, typed (twisted.application carries no annotations)."""
+        super().setServiceParent(parent)  # type: ignore[no-untyped-call]
+
     def stopService(self) -> Deferred[None]:
         super().stopService()  # type: ignore[no-untyped-call]
         return self.calls.stop()
@@ -193,8 +188,7 @@ class StuntServer(MultiService):
             answer_timeout=settings.call_answer_timeout, outcome_timeout=settings.call_outcome_timeout,
             invite_rate=settings.invite_rate, invite_burst=settings.invite_burst,
         )
-        # Stops before the store: outcomes get written.
-        _CallsService(self.calls).setServiceParent(self)  # type: ignore[no-untyped-call]
+        _CallsService(self.calls).setServiceParent(self)  # stops before the store: outcomes get written
         self.router = SignalingRouter(self.registrar, self.register, self.calls)
         self.signaling = SignalingFactory(self.router, reactor, settings.limits, counter=self.count)
         tls_factory = AdmittingTLSFactory(
@@ -220,11 +214,12 @@ class StuntServer(MultiService):
         return tls.ensure_certificates(s.certs_dir, s.domain, s.cert_hosts)
 
     def _listen(self, name: str, description: str, factory: IProtocolFactory) -> None:
-        endpoint = PortRecordingEndpoint(serverFromString(self.reactor, description))
-        service = StreamServerEndpointService(endpoint, factory)
+        # twisted.application and endpoint parsing carry no annotations: the ignores.
+        endpoint = PortRecordingEndpoint(serverFromString(self.reactor, description))  # type: ignore[no-untyped-call]
+        service = StreamServerEndpointService(endpoint, factory)  # type: ignore[no-untyped-call]
         service._raiseSynchronously = True  # a busy port stops twistd with a clear error
-        service.setName(name)
-        service.setServiceParent(self)
+        service.setName(name)  # type: ignore[no-untyped-call]
+        service.setServiceParent(self)  # type: ignore[no-untyped-call]
         self.ports[name] = endpoint.listening
 
     def _note_probe_port(self, port: IListeningPort, index: int) -> IListeningPort:

@@ -10,7 +10,8 @@ from twisted.application.service import IService
 from twisted.logger import InvalidLogLevelError, LogLevel
 from twisted.python import usage
 
-from kerjostunt.server.service import IServerReactor, ServerSettings, StuntServer, filter_log_level, tune_gc
+from kerjostunt.server.reactor import IServerReactor
+from kerjostunt.server.service import ServerSettings, StuntServer, filter_log_level, tune_gc
 from kerjostunt.server.signaling import ConnectionLimits
 
 

@@ -472,14 +472,15 @@ class WebResource(resource.Resource):
         if gone:
             return  # the client left; there is nobody to answer
         request.setResponseCode(reply.code)
-        request.setHeader(b"content-type", reply.content_type)
-        request.setHeader(b"cache-control", b"no-store")
-        request.setHeader(b"x-content-type-options", b"nosniff")
+        headers = request.responseHeaders  # what Request.setHeader sets, typed
+        headers.setRawHeaders(b"content-type", [reply.content_type])
+        headers.setRawHeaders(b"cache-control", [b"no-store"])
+        headers.setRawHeaders(b"x-content-type-options", [b"nosniff"])
         for name, value in reply.headers:
-            request.responseHeaders.addRawHeader(name, value)
-        request.setHeader(b"content-length", str(len(reply.body)).encode())
-        request.write(reply.body)
-        request.finish()
+            headers.addRawHeader(name, value)
+        headers.setRawHeaders(b"content-length", [str(len(reply.body)).encode()])
+        request.write(reply.body)  # type: ignore[no-untyped-call]
+        request.finish()  # type: ignore[no-untyped-call]
 
 
 def _describe(error: BaseException | None) -> str:
