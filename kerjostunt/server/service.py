@@ -151,7 +151,7 @@ class _CallsService(Service):
         """Service's, typed (twisted.application carries no annotations)."""
         super().setServiceParent(parent)  # type: ignore[no-untyped-call]
 
-    def stopService(self) -> Deferred[None]:
+    def stopService(self) -> Deferred[object]:
         super().stopService()  # type: ignore[no-untyped-call]
         return self.calls.stop()
 
