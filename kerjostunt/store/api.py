@@ -12,6 +12,12 @@ new calls queue and then go over together, still one transaction each and in
 order; ``get_ha1`` lookups of a few milliseconds share one query, and
 ``record_seen`` is written behind, many rows per transaction
 (docs/decisions.rst).
+
+Server code depends on the ``typing.Protocol`` classes here, not on
+``AsyncStore``: ``Store`` (all of it), ``UsageRecorder`` (what registration
+and calls write down: last seen, NAT, attempts) and ``CallPolicy`` (may this
+caller ring that callee), so tests hand in fakes and the store can change
+below them.
 """
 
 from __future__ import annotations
