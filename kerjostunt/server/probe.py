@@ -17,20 +17,24 @@ import secrets
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 from typing import Protocol as TypingProtocol
 
 from automat import TypeMachineBuilder
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from kerjostunt.store import UnknownUser
 from kerjostunt.tcp import host_port
 from kerjostunt.wire import stun
 from kerjostunt.wire.prediction import Sample
 
-__all__ = ["ProbeTokens", "Observation", "ObservationLog", "ProbeLife", "ProbeProtocol", "ProbeFactory"]
+__all__ = ["ProbeTokens", "Observation", "ObservationLog", "ProbeLife", "ProbeProtocol", "ProbeFactory",
+           "UserDirectory"]
 
 _log = Logger(namespace="kerjostunt.server.probe")
 
@@ -43,6 +47,13 @@ class ProbeTokens:
 
     In memory only: they live for minutes, and a restarted server makes the
     peers re-register anyway.
+
+    A token is bound to the public IP its user registered from (REGISTER
+    calls ``registered_from`` before the token is issued): a probe with it
+    from any other address is refused, so a captured probe replayed from
+    elsewhere is not recorded against the user. Registering from a new
+    address revokes the tokens bound to the old one; unregistering revokes
+    them all (docs/probes.rst).
     """
 
     #: tokens kept per user; re-registering does not revoke the previous one
@@ -52,32 +63,52 @@ class ProbeTokens:
     def __init__(self, clock: IReactorTime, lifetime: float = 300.0) -> None:
         self._clock = clock
         self.lifetime = lifetime
-        self._tokens: dict[str, tuple[str, str, float]] = {}
+        self._tokens: dict[str, tuple[str, str, float, str | None]] = {}
         self._by_user: dict[str, deque[str]] = {}
+        self._registered: dict[str, str] = {}
+
+    def registered_from(self, user_id: str, ip: str) -> None:
+        """Bind the user's next tokens to ``ip``; drop those bound elsewhere."""
+        previous = self._registered.get(user_id)
+        self._registered[user_id] = _plain_ip(ip)
+        if previous is not None and previous != _plain_ip(ip):
+            self.revoke_user(user_id)
+            self._registered[user_id] = _plain_ip(ip)
 
     def issue(self, user_id: str) -> tuple[str, str]:
         """(token used as STUN USERNAME, password whose UTF-8 bytes are the key)."""
         self._prune()
         token = secrets.token_urlsafe(18)
         password = secrets.token_urlsafe(24)
-        self._tokens[token] = (user_id, password, self._clock.seconds() + self.lifetime)
+        bound = self._registered.get(user_id)
+        self._tokens[token] = (user_id, password, self._clock.seconds() + self.lifetime, bound)
         mine = self._by_user.setdefault(user_id, deque())
         mine.append(token)
         while len(mine) > self.per_user:
             self._tokens.pop(mine.popleft(), None)
         return token, password
 
-    def lookup(self, token: str) -> tuple[str, str] | None:
+    def lookup(self, token: str, source_ip: str | None = None) -> tuple[str, str] | None:
+        """(user, password) of a live token usable from ``source_ip``, else None.
+
+        A token issued without a binding (no ``registered_from``) works
+        from anywhere; ``source_ip`` None skips the check (tests of the
+        credentials alone).
+        """
         entry = self._tokens.get(token)
         if entry is None:
             return None
-        user_id, password, expires = entry
+        user_id, password, expires, bound = entry
         if self._clock.seconds() >= expires:
             self._drop(token)
+            return None
+        if bound is not None and source_ip is not None and _plain_ip(source_ip) != bound:
             return None
         return user_id, password
 
     def revoke_user(self, user_id: str) -> None:
+        """Every token of ``user_id`` stops working (unregistered, or deleted)."""
+        self._registered.pop(user_id, None)
         for token in self._by_user.pop(user_id, ()):
             self._tokens.pop(token, None)
 
@@ -103,7 +134,7 @@ class ProbeTokens:
         """
         now = self._clock.seconds()
         expired = []
-        for token, (_, _, exp) in self._tokens.items():
+        for token, (_, _, exp, _) in self._tokens.items():
             if now < exp:
                 break
             expired.append(token)
@@ -333,9 +364,9 @@ class ProbeProtocol(Protocol):
             token = username.decode("utf-8")
         except UnicodeDecodeError:
             raise _Reject(401, "Unauthorized") from None
-        found = self.factory.tokens.lookup(token)
+        found = self.factory.tokens.lookup(token, self._addresses()[0][0])
         if found is None:
-            _log.info("probe with unknown or expired token from {peer}", peer=self._peer())
+            _log.info("probe with an unknown, expired or foreign token from {peer}", peer=self._peer())
             raise _Reject(401, "Unauthorized")
         user_id, password = found
         key = stun.short_term_key(password)
@@ -361,7 +392,15 @@ class ProbeProtocol(Protocol):
                           server_ip=server_ip, server_port=server_port,
                           time=self.factory.clock.seconds())
         _log.debug("probe observation {obs!r}", obs=obs)
-        self.factory.log.add(obs)
+        users = self.factory.users
+        if users is None:
+            self.factory.log.add(obs)
+            return
+        # The user may have been deleted (``kerjostunt user del``, another
+        # process) since the token was issued: record only a user that exists.
+        users.get_user(user_id).addCallbacks(
+            lambda _: self.factory.log.add(obs), self.factory.user_unknown, errbackArgs=(obs,)
+        )
 
     # -- output
 
@@ -394,14 +433,25 @@ class ProbeProtocol(Protocol):
             self.transport.write(data)
 
 
+class UserDirectory(TypingProtocol):
+    """Who exists (``AsyncStore.get_user``: fails with ``UnknownUser`` for a deleted user)."""
+
+    def get_user(self, user_id: str) -> Deferred[Any]: ...
+
+
 class ProbeFactory(Factory):
-    """One per listening probe port."""
+    """One per listening probe port.
+
+    With ``users``, an authenticated probe is recorded only once its user is
+    known to exist; a deleted user's tokens are revoked at its first probe.
+    """
 
     protocol = ProbeProtocol  # type: ignore[assignment]  # the stub wants a factory function
 
     def __init__(self, clock: IReactorTime, tokens: ProbeTokens, log: ObservationLog, *,
                  other_address: tuple[str, int] | None = None, idle_timeout: float = 10.0,
-                 max_requests: int = 16, software: str = "kerjostunt") -> None:
+                 max_requests: int = 16, software: str = "kerjostunt",
+                 users: UserDirectory | None = None) -> None:
         self.clock = clock
         self.tokens = tokens
         self.log = log
@@ -409,6 +459,17 @@ class ProbeFactory(Factory):
         self.idle_timeout = idle_timeout
         self.max_requests = max_requests
         self.software = software
+        self.users = users
+
+    def user_unknown(self, failure: Failure, obs: Observation) -> None:
+        """The probe's user could not be confirmed: deleted (revoke), or the store failed (record anyway)."""
+        if failure.check(UnknownUser):
+            _log.info("probe for deleted user {user_id}: its tokens are revoked", user_id=obs.user_id)
+            self.tokens.revoke_user(obs.user_id)
+            return
+        _log.warn("could not check the user of a probe ({user_id}): {why}",
+                  user_id=obs.user_id, why=failure.getErrorMessage())
+        self.log.add(obs)
 
 
 # -- a probe connection's life -------------------------------------------------
