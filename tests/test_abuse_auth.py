@@ -1,0 +1,199 @@
+"""Issue 13 on real sockets: guessing throttled, digests not replayable, probes bound to their address.
+
+Clients connect from several loopback addresses (127.0.0.2, 127.0.0.3...:
+Linux routes all of 127/8 to lo) so "another address" is a real other
+source IP as the server sees it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.trial import unittest
+
+from kerjostunt import tls
+from kerjostunt.client.nat.probing import ProbeError, probe_from
+from kerjostunt.client.signaling import SignalingClientProtocol, connect_signaling
+from kerjostunt.server.probe import ObservationLog, ProbeFactory, ProbeTokens
+from kerjostunt.server.throttle import THROTTLED_COUNTER, GuessThrottle, ThrottleConfig
+from kerjostunt.store import UnknownUser
+from kerjostunt.wire.sip.digest import authorization
+from kerjostunt.wire.sip.headers import parse_auth
+
+from .support import DOMAIN, RunningServer, add_users, start_server
+
+
+@defer.inlineCallbacks
+def connect_from(case: unittest.TestCase, running: RunningServer, source: str, user: str, password: str):  # type: ignore[no-untyped-def]
+    """A signaling client whose TCP connection comes from ``source``."""
+    proto = yield connect_signaling(
+        reactor, running.host, running.port, tls.client_options(running.ca, "localhost"),
+        lambda: SignalingClientProtocol(reactor, user, password, DOMAIN, None),
+        bind_address=(source, 0),
+    )
+
+    def close() -> defer.Deferred[Any]:
+        if proto.disconnected.called:
+            return defer.succeed(None)
+        proto.transport.loseConnection()
+        return proto.disconnected
+
+    case.addCleanup(close)
+    return proto
+
+
+def _register(client: SignalingClientProtocol, auth: str | None = None, uri: str = f"sips:{DOMAIN}"):  # type: ignore[no-untyped-def]
+    headers = [("Contact", f"<sips:{client.user_id}@127.0.0.1:5000;transport=tls>")]
+    if auth is not None:
+        headers.append(("Authorization", auth))
+    return client.request("REGISTER", uri, to=client.uri_of(client.user_id), headers=headers)
+
+
+def _digest(challenge_response: Any, user: str, password: str, uri: str = f"sips:{DOMAIN}",
+            drop_qop: bool = False) -> str:
+    params = [p for s, p in map(parse_auth, challenge_response.headers.get_all("WWW-Authenticate"))
+              if s.lower() == "digest"][0]
+    if drop_qop:
+        params.pop("qop", None)
+    return authorization(params, user, password, "REGISTER", uri, "0badc0de")
+
+
+@defer.inlineCallbacks
+def attempt(case: unittest.TestCase, running: RunningServer, source: str, user: str, password: str):  # type: ignore[no-untyped-def]
+    """One full login (challenge, answer) from ``source``: the final response."""
+    client = yield connect_from(case, running, source, user, password)
+    challenge = yield _register(client)
+    response = yield _register(client, _digest(challenge, user, password))
+    return response
+
+
+class DigestReplayTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def setUp(self):  # type: ignore[no-untyped-def]
+        self.running = yield start_server(self)
+        add_users(self.running, {"alice": "wonderland"})
+
+    @defer.inlineCallbacks
+    def _captured(self):  # type: ignore[no-untyped-def]
+        """alice registers from 127.0.0.1; what an eavesdropper keeps of it."""
+        client = yield connect_from(self, self.running, "127.0.0.1", "alice", "wonderland")
+        challenge = yield _register(client)
+        auth = _digest(challenge, "alice", "wonderland")
+        ok = yield _register(client, auth)
+        self.assertEqual(ok.code, 200)
+        return auth
+
+    @defer.inlineCallbacks
+    def test_replayed_authorization_is_challenged_again(self):  # type: ignore[no-untyped-def]
+        auth = yield self._captured()
+        for source in ("127.0.0.1", "127.0.0.2"):  # the same address, and another one
+            thief = yield connect_from(self, self.running, source, "alice", "x")
+            response = yield _register(thief, auth)
+            self.assertEqual(response.code, 401, source)
+        self.assertEqual(self.running.server.counters["registrations"], 1)
+
+    @defer.inlineCallbacks
+    def test_digest_uri_must_name_the_request_uri(self):  # type: ignore[no-untyped-def]
+        client = yield connect_from(self, self.running, "127.0.0.1", "alice", "wonderland")
+        challenge = yield _register(client)
+        response = yield _register(client, _digest(challenge, "alice", "wonderland", uri="sips:elsewhere.example"))
+        self.assertEqual(response.code, 400)
+        # What sipp sends (sip: in the digest, sips: in the request line, a port on one side) is fine.
+        challenge = yield _register(client)
+        response = yield _register(client, _digest(challenge, "alice", "wonderland", uri=f"sip:{DOMAIN}"),
+                                   uri=f"sips:{DOMAIN}:5061")
+        self.assertEqual(response.code, 200)
+
+    @defer.inlineCallbacks
+    def test_answer_without_qop_is_refused(self):  # type: ignore[no-untyped-def]
+        client = yield connect_from(self, self.running, "127.0.0.1", "alice", "wonderland")
+        challenge = yield _register(client)
+        response = yield _register(client, _digest(challenge, "alice", "wonderland", drop_qop=True))
+        self.assertEqual(response.code, 400)
+        self.assertIsNone(self.running.server.registrar.lookup("alice"))
+
+
+class GuessingTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def setUp(self):  # type: ignore[no-untyped-def]
+        self.running = yield start_server(self)
+        add_users(self.running, {"alice": "wonderland"})
+        # Long locks, so that no lock runs out while the test runs (real time).
+        server = self.running.server
+        server.register.guard.throttle = GuessThrottle(reactor, ThrottleConfig(base_lock=600.0), server.count)
+
+    @defer.inlineCallbacks
+    def test_a_guessing_source_is_locked_out_and_alice_is_not(self):  # type: ignore[no-untyped-def]
+        for _ in range(6):
+            response = yield attempt(self, self.running, "127.0.0.2", "alice", "guess")
+            self.assertEqual((response.code, response.reason), (403, "Forbidden: wrong credentials"))
+        # Locked: even the right password is refused unchecked, with a Retry-After.
+        response = yield attempt(self, self.running, "127.0.0.2", "alice", "wonderland")
+        self.assertEqual((response.code, response.reason), (403, "Forbidden: too many failed attempts"))
+        self.assertEqual(response.headers.get("Retry-After"), "600")
+        response = yield attempt(self, self.running, "127.0.0.1", "alice", "wonderland")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(self.running.server.counters[THROTTLED_COUNTER], 1)
+        self.assertEqual(self.running.server.counters["auth_failures"], 6)
+
+    @defer.inlineCallbacks
+    def test_guesses_from_many_sources_lock_the_user_but_not_at_her_usual_address(self):  # type: ignore[no-untyped-def]
+        response = yield attempt(self, self.running, "127.0.0.1", "alice", "wonderland")
+        self.assertEqual(response.code, 200)
+        for n in range(2, 13):  # eleven sources, one guess each: no source lock, the user lock
+            response = yield attempt(self, self.running, f"127.0.0.{n}", "alice", "guess")
+            self.assertEqual(response.code, 403)
+        response = yield attempt(self, self.running, "127.0.0.20", "alice", "wonderland")
+        self.assertEqual(response.reason, "Forbidden: too many failed attempts")
+        response = yield attempt(self, self.running, "127.0.0.1", "alice", "wonderland")
+        self.assertEqual(response.code, 200)
+
+
+class _Users:
+    """A user directory in which only ``present`` exist."""
+
+    def __init__(self, present: set[str]) -> None:
+        self.present = present
+
+    def get_user(self, user_id: str) -> defer.Deferred[Any]:
+        if user_id in self.present:
+            return defer.succeed(user_id)
+        return defer.fail(UnknownUser(f"unknown user {user_id!r}"))
+
+
+class ProbeBindingTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.tokens = ProbeTokens(reactor)
+        self.observations = ObservationLog()
+        self.users = _Users({"alice"})
+        factory = ProbeFactory(reactor, self.tokens, self.observations, users=self.users)
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.servers = [("127.0.0.1", port.getHost().port)]
+        self.tokens.registered_from("alice", "127.0.0.1")  # what REGISTER does before the 200
+        self.token, self.password = self.tokens.issue("alice")
+
+    def _probe(self, source: str) -> defer.Deferred[Any]:
+        return probe_from(reactor, (source, 0), self.servers, username=self.token, password=self.password)
+
+    @defer.inlineCallbacks
+    def test_probe_from_the_registered_address_is_recorded(self):  # type: ignore[no-untyped-def]
+        results = yield self._probe("127.0.0.1")
+        self.assertEqual(results[0].mapped_ip, "127.0.0.1")
+        self.assertEqual([o.mapped_ip for o in self.observations.for_user("alice")], ["127.0.0.1"])
+
+    @defer.inlineCallbacks
+    def test_captured_probe_replayed_from_another_address_is_refused(self):  # type: ignore[no-untyped-def]
+        yield self.assertFailure(self._probe("127.0.0.2"), ProbeError)
+        self.assertEqual(self.observations.for_user("alice"), [])
+
+    @defer.inlineCallbacks
+    def test_deleted_users_probe_is_answered_not_recorded_and_revokes_its_tokens(self):  # type: ignore[no-untyped-def]
+        self.users.present.clear()  # kerjostunt user del alice, in another process
+        results = yield self._probe("127.0.0.1")
+        self.assertEqual(len(results), 1)  # answered (the token was good when sent)
+        self.assertEqual(self.observations.for_user("alice"), [])
+        self.assertIsNone(self.tokens.lookup(self.token))
+        yield self.assertFailure(self._probe("127.0.0.1"), ProbeError)
+        # No traceback was logged (trial fails a test that logs one).
