@@ -10,18 +10,24 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import defer, reactor
+from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from kerjostunt import tls
 from kerjostunt.client.nat.probing import ProbeError, probe_from
 from kerjostunt.client.signaling import SignalingClientProtocol, connect_signaling
+from kerjostunt.server.auth import NonceManager, make_portal
 from kerjostunt.server.probe import ObservationLog, ProbeFactory, ProbeTokens
+from kerjostunt.server.register import Protection, RegisterHandler
+from kerjostunt.server.registrar import Registrar
 from kerjostunt.server.throttle import THROTTLED_COUNTER, GuessThrottle, ThrottleConfig
 from kerjostunt.store import UnknownUser
-from kerjostunt.wire.sip.digest import authorization
+from kerjostunt.wire.sip.digest import authorization, ha1
 from kerjostunt.wire.sip.headers import parse_auth
+from kerjostunt.wire.sip.message import Headers, Request, Response
 
 from .support import DOMAIN, RunningServer, add_users, start_server
+from .test_registrar import FakeConnection
 
 
 @defer.inlineCallbacks
@@ -197,3 +203,66 @@ class ProbeBindingTests(unittest.TestCase):
         self.assertIsNone(self.tokens.lookup(self.token))
         yield self.assertFailure(self._probe("127.0.0.1"), ProbeError)
         # No traceback was logged (trial fails a test that logs one).
+
+
+class _Seen:
+    def record_seen(self, user_id: str, ip: str, port: int, when: float) -> defer.Deferred[None]:
+        return defer.succeed(None)
+
+    def record_nat(self, user_id: str, nat: Any, when: float) -> defer.Deferred[None]:
+        return defer.succeed(None)
+
+    def record_attempt(self, *args: Any, **kwargs: Any) -> defer.Deferred[None]:
+        return defer.succeed(None)
+
+
+class UnregisterRevokesTokensTests(unittest.TestCase):
+    """REGISTER with ``Protection(tokens=...)``: tokens bound to the address, dropped at ``Expires: 0``."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.tokens = ProbeTokens(self.clock)
+        stored = ha1("alice", DOMAIN, "pw", "SHA-256")
+        portal = make_portal(lambda user, alg: defer.succeed(stored if (user, alg) == ("alice", "SHA-256") else None))
+        self.issued: list[str] = []
+
+        def offer(user_id: str) -> list[tuple[str, str]]:
+            token, _ = self.tokens.issue(user_id)
+            self.issued.append(token)
+            return [("X-Test-Token", token)]
+
+        self.handler = RegisterHandler(
+            self.clock, DOMAIN, Registrar(self.clock), portal, NonceManager(self.clock), _Seen(), offer,
+            protection=Protection(tokens=self.tokens),
+        )
+        self.conn = FakeConnection(40000)
+        self.cseq = 0
+
+    def _send(self, headers: list[tuple[str, str]]) -> Response:
+        self.cseq += 1
+        request = Request("REGISTER", f"sips:{DOMAIN}", Headers([
+            ("Via", "SIP/2.0/TLS 192.0.2.1:40000;branch=z9hG4bK-1"),
+            ("From", f"<sips:alice@{DOMAIN}>;tag=a"), ("To", f"<sips:alice@{DOMAIN}>"),
+            ("Call-ID", "c1"), ("CSeq", f"{self.cseq} REGISTER"), *headers,
+        ]))
+        self.handler.handle(self.conn, request)
+        response = self.conn.sent[-1]
+        assert isinstance(response, Response)
+        return response
+
+    def _authenticated(self, headers: list[tuple[str, str]]) -> Response:
+        challenge = self._send(headers)
+        params = [p for _, p in map(parse_auth, challenge.headers.get_all("WWW-Authenticate"))
+                  if p.get("algorithm") == "SHA-256"][0]
+        auth = authorization(params, "alice", "pw", "REGISTER", f"sips:{DOMAIN}", "c0ffee")
+        return self._send([*headers, ("Authorization", auth)])
+
+    def test_tokens_follow_the_registration(self) -> None:
+        ok = self._authenticated([("Contact", "<sips:alice@192.0.2.1:40000;transport=tls>")])
+        self.assertEqual(ok.code, 200)
+        [token] = self.issued
+        self.assertIsNotNone(self.tokens.lookup(token, "192.0.2.1"))
+        self.assertIsNone(self.tokens.lookup(token, "198.51.100.66"))
+        gone = self._authenticated([("Contact", "*"), ("Expires", "0")])
+        self.assertEqual(gone.code, 200)
+        self.assertIsNone(self.tokens.lookup(token, "192.0.2.1"))
