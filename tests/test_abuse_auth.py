@@ -17,7 +17,7 @@ from kerjostunt import tls
 from kerjostunt.client.nat.probing import ProbeError, probe_from
 from kerjostunt.client.signaling import SignalingClientProtocol, connect_signaling
 from kerjostunt.server.auth import NonceManager, make_portal
-from kerjostunt.server.probe import ObservationLog, ProbeFactory, ProbeTokens
+from kerjostunt.server.probe import ObservationLog, ProbeFactory, ProbeTokens, nat_not_stored
 from kerjostunt.server.register import Protection, RegisterHandler
 from kerjostunt.server.registrar import Registrar
 from kerjostunt.server.throttle import THROTTLED_COUNTER, GuessThrottle, ThrottleConfig
@@ -157,14 +157,16 @@ class GuessingTests(unittest.TestCase):
 
 
 class _Users:
-    """A user directory in which only ``present`` exist."""
+    """A store in which only ``present`` exist (``record_nat`` as ``AsyncStore``'s)."""
 
     def __init__(self, present: set[str]) -> None:
         self.present = present
+        self.nats: list[str] = []
 
-    def get_user(self, user_id: str) -> defer.Deferred[Any]:
+    def record_nat(self, user_id: str, nat: Any, when: float) -> defer.Deferred[None]:
         if user_id in self.present:
-            return defer.succeed(user_id)
+            self.nats.append(user_id)
+            return defer.succeed(None)
         return defer.fail(UnknownUser(f"unknown user {user_id!r}"))
 
 
@@ -173,7 +175,10 @@ class ProbeBindingTests(unittest.TestCase):
         self.tokens = ProbeTokens(reactor)
         self.observations = ObservationLog()
         self.users = _Users({"alice"})
-        factory = ProbeFactory(reactor, self.tokens, self.observations, users=self.users)
+        # What StuntServer._observed does with each observation (with its errback).
+        self.observations.subscribe(lambda obs: self.users.record_nat(obs.user_id, {}, obs.time).addErrback(
+            nat_not_stored, obs.user_id, self.tokens, self.observations))
+        factory = ProbeFactory(reactor, self.tokens, self.observations)
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         self.servers = [("127.0.0.1", port.getHost().port)]
@@ -199,14 +204,18 @@ class ProbeBindingTests(unittest.TestCase):
         self.users.present.clear()  # kerjostunt user del alice, in another process
         results = yield self._probe("127.0.0.1")
         self.assertEqual(len(results), 1)  # answered (the token was good when sent)
-        self.assertEqual(self.observations.for_user("alice"), [])
+        self.assertEqual((self.observations.for_user("alice"), self.users.nats), ([], []))
         self.assertIsNone(self.tokens.lookup(self.token))
         yield self.assertFailure(self._probe("127.0.0.1"), ProbeError)
         # No traceback was logged (trial fails a test that logs one).
 
 
 class _Seen:
+    deleted = False
+
     def record_seen(self, user_id: str, ip: str, port: int, when: float) -> defer.Deferred[None]:
+        if self.deleted:
+            return defer.fail(UnknownUser(f"unknown user {user_id!r}"))
         return defer.succeed(None)
 
     def record_nat(self, user_id: str, nat: Any, when: float) -> defer.Deferred[None]:
@@ -231,8 +240,10 @@ class UnregisterRevokesTokensTests(unittest.TestCase):
             self.issued.append(token)
             return [("X-Test-Token", token)]
 
+        self.seen = _Seen()
+        self.registrar = Registrar(self.clock)
         self.handler = RegisterHandler(
-            self.clock, DOMAIN, Registrar(self.clock), portal, NonceManager(self.clock), _Seen(), offer,
+            self.clock, DOMAIN, self.registrar, portal, NonceManager(self.clock), self.seen, offer,
             protection=Protection(tokens=self.tokens),
         )
         self.conn = FakeConnection(40000)
@@ -266,3 +277,11 @@ class UnregisterRevokesTokensTests(unittest.TestCase):
         gone = self._authenticated([("Contact", "*"), ("Expires", "0")])
         self.assertEqual(gone.code, 200)
         self.assertIsNone(self.tokens.lookup(token, "192.0.2.1"))
+
+    def test_a_user_deleted_while_registering_loses_binding_and_tokens(self) -> None:
+        self.seen.deleted = True  # kerjostunt user del between the check and the write
+        ok = self._authenticated([("Contact", "<sips:alice@192.0.2.1:40000;transport=tls>")])
+        self.assertEqual(ok.code, 200)
+        self.assertIsNone(self.registrar.lookup("alice"))
+        self.assertIsNone(self.tokens.lookup(self.issued[0], "192.0.2.1"))
+        # Logged as one info line, no traceback (trial would fail the test).

@@ -17,12 +17,10 @@ import secrets
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 from typing import Protocol as TypingProtocol
 
 from automat import TypeMachineBuilder
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
@@ -34,7 +32,7 @@ from kerjostunt.wire import stun
 from kerjostunt.wire.prediction import Sample
 
 __all__ = ["ProbeTokens", "Observation", "ObservationLog", "ProbeLife", "ProbeProtocol", "ProbeFactory",
-           "UserDirectory"]
+           "nat_not_stored"]
 
 _log = Logger(namespace="kerjostunt.server.probe")
 
@@ -392,15 +390,7 @@ class ProbeProtocol(Protocol):
                           server_ip=server_ip, server_port=server_port,
                           time=self.factory.clock.seconds())
         _log.debug("probe observation {obs!r}", obs=obs)
-        users = self.factory.users
-        if users is None:
-            self.factory.log.add(obs)
-            return
-        # The user may have been deleted (``kerjostunt user del``, another
-        # process) since the token was issued: record only a user that exists.
-        users.get_user(user_id).addCallbacks(
-            lambda _: self.factory.log.add(obs), self.factory.user_unknown, errbackArgs=(obs,)
-        )
+        self.factory.log.add(obs)
 
     # -- output
 
@@ -433,25 +423,14 @@ class ProbeProtocol(Protocol):
             self.transport.write(data)
 
 
-class UserDirectory(TypingProtocol):
-    """Who exists (``AsyncStore.get_user``: fails with ``UnknownUser`` for a deleted user)."""
-
-    def get_user(self, user_id: str) -> Deferred[Any]: ...
-
-
 class ProbeFactory(Factory):
-    """One per listening probe port.
-
-    With ``users``, an authenticated probe is recorded only once its user is
-    known to exist; a deleted user's tokens are revoked at its first probe.
-    """
+    """One per listening probe port."""
 
     protocol = ProbeProtocol  # type: ignore[assignment]  # the stub wants a factory function
 
     def __init__(self, clock: IReactorTime, tokens: ProbeTokens, log: ObservationLog, *,
                  other_address: tuple[str, int] | None = None, idle_timeout: float = 10.0,
-                 max_requests: int = 16, software: str = "kerjostunt",
-                 users: UserDirectory | None = None) -> None:
+                 max_requests: int = 16, software: str = "kerjostunt") -> None:
         self.clock = clock
         self.tokens = tokens
         self.log = log
@@ -459,17 +438,22 @@ class ProbeFactory(Factory):
         self.idle_timeout = idle_timeout
         self.max_requests = max_requests
         self.software = software
-        self.users = users
 
-    def user_unknown(self, failure: Failure, obs: Observation) -> None:
-        """The probe's user could not be confirmed: deleted (revoke), or the store failed (record anyway)."""
-        if failure.check(UnknownUser):
-            _log.info("probe for deleted user {user_id}: its tokens are revoked", user_id=obs.user_id)
-            self.tokens.revoke_user(obs.user_id)
-            return
-        _log.warn("could not check the user of a probe ({user_id}): {why}",
-                  user_id=obs.user_id, why=failure.getErrorMessage())
-        self.log.add(obs)
+
+def nat_not_stored(failure: Failure, user_id: str, tokens: ProbeTokens, observations: ObservationLog) -> None:
+    """The errback of storing what a probe showed (``store.record_nat``).
+
+    The user may have been deleted since its token was issued (``kerjostunt
+    user del`` runs in another process, so the server learns it here):
+    its tokens are revoked and its observations forgotten, in one log line
+    and no traceback. Anything else is a real failure and logged as one.
+    """
+    if failure.check(UnknownUser):
+        _log.info("probe for deleted user {user_id}: its probe tokens are revoked", user_id=user_id)
+        tokens.revoke_user(user_id)
+        observations.forget(user_id)
+        return
+    _log.failure("Could not store NAT of {user}", failure, user=user_id)
 
 
 # -- a probe connection's life -------------------------------------------------

@@ -30,6 +30,7 @@ from kerjostunt.server.auth import (
 )
 from kerjostunt.server.registrar import Registrar, SignalingConnection
 from kerjostunt.server.throttle import GuessThrottle
+from kerjostunt.store import UnknownUser
 from kerjostunt.store.api import UsageRecorder
 from kerjostunt.wire.sip.headers import format_auth, parse_auth, parse_name_addr, parse_via
 from kerjostunt.wire.sip.message import Request, Response, make_response
@@ -268,9 +269,17 @@ class RegisterHandler:
         self._count("registrations")
         conn.send(response)
         now = self._clock.seconds()
-        self._seen.record_seen(user_id, conn.peer[0], conn.peer[1], now).addErrback(
-            lambda f: log.failure("Could not record {user} as seen", f, user=user_id)
-        )
+        self._seen.record_seen(user_id, conn.peer[0], conn.peer[1], now).addErrback(self._not_seen, user_id)
+
+    def _not_seen(self, failure: Failure, user_id: str) -> None:
+        """``record_seen`` failed: a user deleted meanwhile (``kerjostunt user del``) loses its binding."""
+        if failure.check(UnknownUser):
+            log.info("{user} was deleted while registering: binding and probe tokens dropped", user=user_id)
+            self._registrar.unbind(user_id)
+            if self._tokens is not None:
+                self._tokens.revoke_user(user_id)
+            return
+        log.failure("Could not record {user} as seen", failure, user=user_id)
 
     def _requested_binding(self, request: Request) -> tuple[str | None, int]:
         """(contact URI or None for a query, expires seconds) from Contact/Expires."""
