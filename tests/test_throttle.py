@@ -118,3 +118,34 @@ class FailureLogTests(unittest.TestCase):
     def test_flush_with_nothing_writes_nothing(self) -> None:
         self.throttle.log.flush()
         self.assertEqual(self.events, [])
+
+
+class PendingChecksTests(unittest.TestCase):
+    """Parallel guesses: checks in flight count once the source has failed."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.throttle = GuessThrottle(self.clock)
+
+    def test_a_first_wave_from_a_clean_source_passes(self) -> None:
+        # Twenty checks at once from a source with no failure yet: all run (an
+        # office behind one NAT re-registering after a restart must not be held
+        # up); the answers then lock the source.
+        for _ in range(20):
+            self.assertEqual(self.throttle.locked("alice", "198.51.100.7"), 0.0)
+            self.throttle.checking("alice", "198.51.100.7")
+        for _ in range(20):
+            self.throttle.checked("alice", "198.51.100.7")
+            self.throttle.failed("alice", "198.51.100.7")
+        self.assertGreater(self.throttle.locked("alice", "198.51.100.7"), 0.0)
+
+    def test_pending_checks_fill_the_free_failures(self) -> None:
+        self.throttle.failed("alice", "198.51.100.7")
+        allowed = 0
+        while self.throttle.locked("alice", "198.51.100.7") == 0.0:
+            self.throttle.checking("alice", "198.51.100.7")
+            allowed += 1
+        self.assertEqual(allowed, 4)  # five free failures, one already spent
+        # A right password elsewhere is not held up by them.
+        self.throttle.succeeded("bob", "203.0.113.5")
+        self.assertEqual(self.throttle.locked("bob", "203.0.113.5"), 0.0)

@@ -291,11 +291,15 @@ class AuthGuard:
         if wait > 0:
             return defer.fail(Throttled(wait))
 
+        self.throttle.checking(user, source)
+
         def good(result: Any) -> Any:
+            self.throttle.checked(user, source)
             self.throttle.succeeded(user, source)
             return result
 
         def bad(failure: Failure) -> Failure:
+            self.throttle.checked(user, source)
             if failure.check(error.UnauthorizedLogin) and not failure.check(Replayed):
                 self.throttle.failed(user, source, self.service)
             return failure

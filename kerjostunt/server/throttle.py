@@ -13,6 +13,10 @@ the right password from the user's usual address still works while a
 guesser elsewhere is locked out. (The per-source lock still applies there:
 a guesser behind the user's own NAT locks that address.)
 
+Checks still running count too, once a key has failed before: many
+parallel guesses from one source get the free ones, not one per
+connection.
+
 Failures are logged in aggregate, not one line each: the first failure of a
 source in an interval at once, the rest summed in one line per source when
 the interval is over (written at the next authentication event or
@@ -23,7 +27,7 @@ callers' own failure counters. Defaults and reasons: docs/protocol.rst.
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -77,13 +81,17 @@ class _Table:
         self._config = config
         self._entries: OrderedDict[str, _Failures] = OrderedDict()
 
-    def locked_for(self, key: str, now: float) -> float:
+    def locked_for(self, key: str, now: float, pending: int = 0) -> float:
+        """Seconds ``key`` is locked for; ``pending`` checks still running count as failures
+        once ``key`` has failed before (so parallel guesses cannot overshoot the free ones)."""
         entry = self._entries.get(key)
         if entry is None:
             return 0.0
         if now - entry.last > self._config.forget_after:
             del self._entries[key]
             return 0.0
+        if pending and entry.count + pending >= self._free:
+            return max(self._config.base_lock, entry.locked_until - now)
         return max(0.0, entry.locked_until - now)
 
     def fail(self, key: str, now: float) -> None:
@@ -190,6 +198,7 @@ class GuessThrottle:
         self._sources = _Table(self.config.free_per_source, self.config)
         self._users = _Table(self.config.free_per_user, self.config)
         self._trusted: OrderedDict[str, deque[str]] = OrderedDict()
+        self._pending: Counter[str] = Counter()
         self.log = FailureLog(clock, self.config)
 
     def locked(self, user: str, source: str) -> float:
@@ -200,12 +209,23 @@ class GuessThrottle:
         """
         self.log.tick()
         now = self._clock.seconds()
-        wait = self._sources.locked_for(source, now)
+        wait = self._sources.locked_for(source, now, self._pending["s " + source])
         if source not in self._trusted.get(user, ()):
-            wait = max(wait, self._users.locked_for(user, now))
+            wait = max(wait, self._users.locked_for(user, now, self._pending["u " + user]))
         if wait > 0:
             self._count(THROTTLED_COUNTER)
         return wait
+
+    def checking(self, user: str, source: str) -> None:
+        """A password check has started (``locked`` said 0): until ``checked``, it counts as pending."""
+        self._pending["s " + source] += 1
+        self._pending["u " + user] += 1
+
+    def checked(self, user: str, source: str) -> None:
+        for key in ("s " + source, "u " + user):
+            self._pending[key] -= 1
+            if self._pending[key] <= 0:
+                del self._pending[key]
 
     def failed(self, user: str, source: str, service: str = "sip") -> None:
         """A wrong password (or an unknown user) for ``user`` from ``source``."""
