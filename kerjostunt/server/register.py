@@ -152,7 +152,6 @@ class RegisterHandler:
         self._clock = clock
         self._domain = domain
         self._registrar = registrar
-        self._portal = portal
         self._nonces = nonces
         self._seen = seen
         self._extra_headers = extra_headers
