@@ -8,7 +8,7 @@ cost no memory; a nonce older than ``lifetime`` is answered with
 ``stale=true``. What is remembered is what replay protection needs: the
 nonce counts used (``NonceCounts``, for the nonces' short life). Logins go
 through ``AuthGuard``, which asks the ``GuessThrottle`` first. The rules and
-their defaults: docs/protocol.rst, "Authentication".
+their defaults: docs/protocol.rst, "Digest answers and password guessing".
 """
 
 from __future__ import annotations

@@ -22,7 +22,8 @@ source in an interval at once, the rest summed in one line per source when
 the interval is over (written at the next authentication event or
 ``flush``: no timer, so nothing is left on the reactor). Refusals are
 counted: ``auth_throttled`` (a login refused because locked) besides the
-callers' own failure counters. Defaults and reasons: docs/protocol.rst.
+callers' own failure counters. Defaults and reasons: docs/protocol.rst
+("Digest answers and password guessing") and docs/security-auth.rst.
 """
 
 from __future__ import annotations
