@@ -79,6 +79,8 @@ class AdminCommandTests(unittest.TestCase):
                                                    stdin="x\n"))
         self.assertIn("invalid user ID", self.error("user", "add", "bad/id", "--password-stdin",
                                                     stdin="x\n"))
+        for bad in ("bob\n", "bob\r", "b\x1bob"):  # issue 13: no trailing newline, no control characters
+            self.assertIn("invalid user ID", self.error("user", "add", bad, "--password-stdin", stdin="x\n"))
         self.assertIn("empty password", self.error("user", "add", "bob", "--password-stdin"))
         self.assertIn("password file", self.error("user", "add", "bob", "--password-file",
                                                   self.mktemp()))
@@ -201,6 +203,7 @@ class AdminCommandTests(unittest.TestCase):
         self.ok("group", "add", "g")
         self.assertIn("already exists", self.error("group", "add", "g"))
         self.assertIn("invalid group name", self.error("group", "add", "no good"))
+        self.assertIn("invalid group name", self.error("group", "add", "g2\n"))  # issue 13
         self.assertIn("unknown group 'h'", self.error("group", "join", "h", "alice"))
         self.assertIn("unknown user 'zed'", self.error("group", "join", "g", "alice", "zed"))
         self.assertIn("unknown group", self.error("group", "leave", "h", "alice"))

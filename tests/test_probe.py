@@ -65,6 +65,26 @@ class TokenTests(TestCase):
         self.assertIsNotNone(self.tokens.lookup(bob))
 
 
+    def test_bound_to_the_registered_address(self) -> None:
+        self.tokens.registered_from("alice", "203.0.113.7")
+        token, password = self.tokens.issue("alice")
+        self.assertEqual(self.tokens.lookup(token, "203.0.113.7"), ("alice", password))
+        self.assertEqual(self.tokens.lookup(token, "::ffff:203.0.113.7"), ("alice", password))
+        self.assertIsNone(self.tokens.lookup(token, "198.51.100.66"))
+        unbound, _ = self.tokens.issue("bob")  # never registered here: works from anywhere
+        self.assertIsNotNone(self.tokens.lookup(unbound, "198.51.100.66"))
+
+    def test_registering_from_a_new_address_revokes_the_old_tokens(self) -> None:
+        self.tokens.registered_from("alice", "203.0.113.7")
+        old, _ = self.tokens.issue("alice")
+        self.tokens.registered_from("alice", "203.0.113.7")  # a refresh from the same address
+        self.assertIsNotNone(self.tokens.lookup(old, "203.0.113.7"))
+        self.tokens.registered_from("alice", "192.0.2.9")
+        new, _ = self.tokens.issue("alice")
+        self.assertIsNone(self.tokens.lookup(old, "203.0.113.7"))
+        self.assertIsNotNone(self.tokens.lookup(new, "192.0.2.9"))
+
+
 class LogTests(TestCase):
     def test_bounded_and_listeners(self) -> None:
         log = ObservationLog(per_user=3)

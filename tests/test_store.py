@@ -112,7 +112,8 @@ class StoreTestsMixin:
         self.assertIn("alice", str(e))
 
     def test_invalid_names(self) -> None:
-        for bad in ["", " alice", "-x", ".x", "a b", "a/b", "ä", "a" * 65, "a:b", "a@b"]:
+        for bad in ["", " alice", "-x", ".x", "a b", "a/b", "ä", "a" * 65, "a:b", "a@b",
+                    "alice\n", "alice\r\n", "al\tice", "a\x00", "a\x7f", "\nalice"]:
             self.assertRaises(InvalidName, self.db.add_user, bad, REALM, password="p")
             self.assertRaises(InvalidName, self.db.add_group, bad)
         for good in ["a", "A9", "a" * 64, "x.y_z+w-1"]:

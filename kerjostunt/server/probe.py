@@ -26,11 +26,13 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from kerjostunt.store import UnknownUser
 from kerjostunt.tcp import host_port
 from kerjostunt.wire import stun
 from kerjostunt.wire.prediction import Sample
 
-__all__ = ["ProbeTokens", "Observation", "ObservationLog", "ProbeLife", "ProbeProtocol", "ProbeFactory"]
+__all__ = ["ProbeTokens", "Observation", "ObservationLog", "ProbeLife", "ProbeProtocol", "ProbeFactory",
+           "nat_not_stored"]
 
 _log = Logger(namespace="kerjostunt.server.probe")
 
@@ -43,6 +45,13 @@ class ProbeTokens:
 
     In memory only: they live for minutes, and a restarted server makes the
     peers re-register anyway.
+
+    A token is bound to the public IP its user registered from (REGISTER
+    calls ``registered_from`` before the token is issued): a probe with it
+    from any other address is refused, so a captured probe replayed from
+    elsewhere is not recorded against the user. Registering from a new
+    address revokes the tokens bound to the old one; unregistering revokes
+    them all (docs/probes.rst).
     """
 
     #: tokens kept per user; re-registering does not revoke the previous one
@@ -52,32 +61,52 @@ class ProbeTokens:
     def __init__(self, clock: IReactorTime, lifetime: float = 300.0) -> None:
         self._clock = clock
         self.lifetime = lifetime
-        self._tokens: dict[str, tuple[str, str, float]] = {}
+        self._tokens: dict[str, tuple[str, str, float, str | None]] = {}
         self._by_user: dict[str, deque[str]] = {}
+        self._registered: dict[str, str] = {}
+
+    def registered_from(self, user_id: str, ip: str) -> None:
+        """Bind the user's next tokens to ``ip``; drop those bound elsewhere."""
+        previous = self._registered.get(user_id)
+        self._registered[user_id] = _plain_ip(ip)
+        if previous is not None and previous != _plain_ip(ip):
+            self.revoke_user(user_id)
+            self._registered[user_id] = _plain_ip(ip)
 
     def issue(self, user_id: str) -> tuple[str, str]:
         """(token used as STUN USERNAME, password whose UTF-8 bytes are the key)."""
         self._prune()
         token = secrets.token_urlsafe(18)
         password = secrets.token_urlsafe(24)
-        self._tokens[token] = (user_id, password, self._clock.seconds() + self.lifetime)
+        bound = self._registered.get(user_id)
+        self._tokens[token] = (user_id, password, self._clock.seconds() + self.lifetime, bound)
         mine = self._by_user.setdefault(user_id, deque())
         mine.append(token)
         while len(mine) > self.per_user:
             self._tokens.pop(mine.popleft(), None)
         return token, password
 
-    def lookup(self, token: str) -> tuple[str, str] | None:
+    def lookup(self, token: str, source_ip: str | None = None) -> tuple[str, str] | None:
+        """(user, password) of a live token usable from ``source_ip``, else None.
+
+        A token issued without a binding (no ``registered_from``) works
+        from anywhere; ``source_ip`` None skips the check (tests of the
+        credentials alone).
+        """
         entry = self._tokens.get(token)
         if entry is None:
             return None
-        user_id, password, expires = entry
+        user_id, password, expires, bound = entry
         if self._clock.seconds() >= expires:
             self._drop(token)
+            return None
+        if bound is not None and source_ip is not None and _plain_ip(source_ip) != bound:
             return None
         return user_id, password
 
     def revoke_user(self, user_id: str) -> None:
+        """Every token of ``user_id`` stops working (unregistered, or deleted)."""
+        self._registered.pop(user_id, None)
         for token in self._by_user.pop(user_id, ()):
             self._tokens.pop(token, None)
 
@@ -103,7 +132,7 @@ class ProbeTokens:
         """
         now = self._clock.seconds()
         expired = []
-        for token, (_, _, exp) in self._tokens.items():
+        for token, (_, _, exp, _) in self._tokens.items():
             if now < exp:
                 break
             expired.append(token)
@@ -333,9 +362,9 @@ class ProbeProtocol(Protocol):
             token = username.decode("utf-8")
         except UnicodeDecodeError:
             raise _Reject(401, "Unauthorized") from None
-        found = self.factory.tokens.lookup(token)
+        found = self.factory.tokens.lookup(token, self._addresses()[0][0])
         if found is None:
-            _log.info("probe with unknown or expired token from {peer}", peer=self._peer())
+            _log.info("probe with an unknown, expired or foreign token from {peer}", peer=self._peer())
             raise _Reject(401, "Unauthorized")
         user_id, password = found
         key = stun.short_term_key(password)
@@ -409,6 +438,22 @@ class ProbeFactory(Factory):
         self.idle_timeout = idle_timeout
         self.max_requests = max_requests
         self.software = software
+
+
+def nat_not_stored(failure: Failure, user_id: str, tokens: ProbeTokens, observations: ObservationLog) -> None:
+    """The errback of storing what a probe showed (``store.record_nat``).
+
+    The user may have been deleted since its token was issued (``kerjostunt
+    user del`` runs in another process, so the server learns it here):
+    its tokens are revoked and its observations forgotten, in one log line
+    and no traceback. Anything else is a real failure and logged as one.
+    """
+    if failure.check(UnknownUser):
+        _log.info("probe for deleted user {user_id}: its probe tokens are revoked", user_id=user_id)
+        tokens.revoke_user(user_id)
+        observations.forget(user_id)
+        return
+    _log.failure("Could not store NAT of {user}", failure, user=user_id)
 
 
 # -- a probe connection's life -------------------------------------------------

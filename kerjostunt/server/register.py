@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
@@ -17,8 +19,18 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface
 
-from kerjostunt.server.auth import NonceManager, SIPDigestCredentials, challenge_params
+from kerjostunt.server.auth import (
+    AuthGuard,
+    NonceManager,
+    Replayed,
+    SIPDigestCredentials,
+    Throttled,
+    challenge_params,
+    sip_uri_matches,
+)
 from kerjostunt.server.registrar import Registrar, SignalingConnection
+from kerjostunt.server.throttle import GuessThrottle
+from kerjostunt.store import UnknownUser
 from kerjostunt.store.api import UsageRecorder
 from kerjostunt.wire.sip.headers import format_auth, parse_auth, parse_name_addr, parse_via
 from kerjostunt.wire.sip.message import Request, Response, make_response
@@ -38,6 +50,29 @@ MIN_EXPIRES = 60
 class ISIPUser(Interface):
     """Avatar interface: an authenticated user ID."""
 
+
+class ProbeTokenKeeper(Protocol):
+    """What REGISTER tells the probe tokens (``probe.ProbeTokens``)."""
+
+    def registered_from(self, user_id: str, ip: str) -> None:
+        """``user_id`` registers from ``ip``: tokens issued next accept probes from there only."""
+
+    def revoke_user(self, user_id: str) -> None:
+        """``user_id`` unregistered: its tokens stop working."""
+
+
+@dataclass(frozen=True)
+class Protection:
+    """REGISTER's defences beyond the digest itself.
+
+    ``throttle`` is the server's one ``GuessThrottle`` (shared with the
+    web); None gives the handler one of its own. ``tokens``, when given, are
+    bound to the address each user registers from and revoked when it
+    unregisters (docs/probes.rst).
+    """
+
+    throttle: GuessThrottle | None = None
+    tokens: ProbeTokenKeeper | None = None
 
 
 class RequestError(Exception):
@@ -111,16 +146,19 @@ class RegisterHandler:
         *,
         counter: Callable[[str], None] = lambda what: None,
         challenge_algorithms: Sequence[str] = CHALLENGE_ALGORITHMS,
+        protection: Protection = Protection(),
     ) -> None:
         self._algorithms = tuple(challenge_algorithms)
         self._clock = clock
         self._domain = domain
         self._registrar = registrar
-        self._portal = portal
         self._nonces = nonces
         self._seen = seen
         self._extra_headers = extra_headers
         self._count = counter
+        self.throttle = protection.throttle or GuessThrottle(clock, count=counter)
+        self.guard = AuthGuard(portal, self.throttle, "sip")
+        self._tokens = protection.tokens
 
     def handle(self, conn: SignalingConnection, request: Request) -> None:
         try:
@@ -137,11 +175,14 @@ class RegisterHandler:
         if creds.username != user_id:
             conn.send(answer(request, 403, "Forbidden: credentials for another user"))
             return
-        nonce_state = self._nonces.check(creds.nonce)
+        if not sip_uri_matches(creds.uri, request.uri):
+            conn.send(answer(request, 400, "Bad Request: digest uri is not the Request-URI"))
+            return
+        nonce_state = self._nonces.check(creds.nonce, conn.peer[0])
         if nonce_state != "ok":
             self._challenge(conn, request, stale=nonce_state == "stale")
             return
-        d = self._portal.login(creds, None, ISIPUser)
+        d = self.guard.login(creds, conn.peer[0], ISIPUser)
         d.addCallbacks(
             lambda result: self._authenticated(conn, request, result[1]),
             lambda failure: self._refused(conn, request, user_id, failure),
@@ -165,7 +206,7 @@ class RegisterHandler:
 
     def _challenge(self, conn: SignalingConnection, request: Request, stale: bool = False) -> None:
         response = answer(request, 401)
-        nonce = self._nonces.issue()
+        nonce = self._nonces.issue(conn.peer[0])
         for algorithm in self._algorithms:
             params = challenge_params(self._domain, nonce, algorithm, stale)
             response.headers.add("WWW-Authenticate", format_auth("Digest", params, challenge=True))
@@ -173,8 +214,17 @@ class RegisterHandler:
         conn.send(response)
 
     def _refused(self, conn: SignalingConnection, request: Request, user_id: str, failure: Failure) -> None:
+        if failure.check(Replayed):
+            self._count("digest_replays")
+            self._challenge(conn, request, stale=True)
+            return
+        if isinstance(failure.value, Throttled):
+            refusal = answer(request, 403, "Forbidden: too many failed attempts")
+            refusal.headers.add("Retry-After", str(max(1, round(failure.value.retry_after))))
+            conn.send(refusal)
+            return
         if failure.check(UnauthorizedLogin):
-            log.info("REGISTER for {user} from {peer}: wrong credentials", user=user_id, peer=conn.peer)
+            # Logged by the throttle, in aggregate (one line per source per interval).
             self._count("auth_failures")
             conn.send(answer(request, 403, "Forbidden: wrong credentials"))
             return
@@ -196,6 +246,8 @@ class RegisterHandler:
         set_vias(response, via_with_received(request, conn.peer))
         if expires == 0:
             self._registrar.unbind(user_id)
+            if self._tokens is not None:
+                self._tokens.revoke_user(user_id)
             response.headers.add("Expires", "0")
             conn.send(response)
             return
@@ -207,6 +259,8 @@ class RegisterHandler:
             conn.send(response)
             return
         self._registrar.bind(user_id, conn, contact, expires)
+        if self._tokens is not None:
+            self._tokens.registered_from(user_id, conn.peer[0])
         response.headers.add("Contact", f"{contact};expires={expires}")
         response.headers.add("Expires", str(expires))
         for name, value in self._extra_headers(user_id):
@@ -214,9 +268,17 @@ class RegisterHandler:
         self._count("registrations")
         conn.send(response)
         now = self._clock.seconds()
-        self._seen.record_seen(user_id, conn.peer[0], conn.peer[1], now).addErrback(
-            lambda f: log.failure("Could not record {user} as seen", f, user=user_id)
-        )
+        self._seen.record_seen(user_id, conn.peer[0], conn.peer[1], now).addErrback(self._not_seen, user_id)
+
+    def _not_seen(self, failure: Failure, user_id: str) -> None:
+        """``record_seen`` failed: a user deleted meanwhile (``kerjostunt user del``) loses its binding."""
+        if failure.check(UnknownUser):
+            log.info("{user} was deleted while registering: binding and probe tokens dropped", user=user_id)
+            self._registrar.unbind(user_id)
+            if self._tokens is not None:
+                self._tokens.revoke_user(user_id)
+            return
+        log.failure("Could not record {user} as seen", failure, user=user_id)
 
     def _requested_binding(self, request: Request) -> tuple[str | None, int]:
         """(contact URI or None for a query, expires seconds) from Contact/Expires."""

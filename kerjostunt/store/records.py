@@ -13,7 +13,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
+#: The one pattern of user IDs and group names, everywhere (store, CLI, web,
+#: imports). ``\A...\Z``, not ``^...$``: ``$`` also matches before a trailing
+#: newline, which let "alice\n" in and broke ``user list`` and the peers file.
+NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._+-]{0,63}\Z")
 STUNT_STATES = ("unknown", "direct", "stunt", "unreachable")
 OUTCOMES = ("direct", "stunt", "failed")
 HA1_ALGORITHMS = {"MD5": (hashlib.md5, 32), "SHA-256": (hashlib.sha256, 64)}
