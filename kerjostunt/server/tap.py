@@ -24,6 +24,23 @@ def _tcp(port: int, interface: str) -> str:
     return description
 
 
+WILDCARDS = frozenset({"", "0.0.0.0", "::", "0:0:0:0:0:0:0:0"})
+
+
+def probe_endpoints(ports: list[int], interface: str, alt_ip: str | None) -> list[str]:
+    """The probe listeners: on ``interface``, and on ``alt_ip`` unless a wildcard covers it.
+
+    A wildcard listener (no interface, ``0.0.0.0`` or ``::``) already
+    receives the alternate address's connections; an explicit listener on
+    the same port beside it fails with "Address already in use", so there
+    is one wildcard listener or explicit ones, never both.
+    """
+    endpoints = [_tcp(p, interface) for p in ports]
+    if alt_ip and interface.strip().lower() not in WILDCARDS:
+        endpoints += [_tcp(p, alt_ip) for p in ports]
+    return endpoints
+
+
 def _port(value: str) -> int:
     port = int(value)
     if not 0 <= port <= 65535:
@@ -96,9 +113,7 @@ class Options(usage.Options):
 
     def settings(self) -> ServerSettings:
         interface = self["interface"]
-        probe_endpoints = [_tcp(p, interface) for p in self["probe-ports"]]
-        if self["probe-alt-ip"] and interface:  # listening on all addresses covers the alt IP
-            probe_endpoints += [_tcp(p, self["probe-alt-ip"]) for p in self["probe-ports"]]
+        probes = probe_endpoints(self["probe-ports"], interface, self["probe-alt-ip"])
         return ServerSettings(
             domain=self["domain"],
             db_url=self["db"],
@@ -107,7 +122,7 @@ class Options(usage.Options):
             key=Path(self["key"]) if self["key"] else None,
             cert_hosts=list(self["cert-host"]),
             sip_endpoint=_tcp(self["port"], interface),
-            probe_endpoints=probe_endpoints,
+            probe_endpoints=probes,
             probe_ports=list(self["probe-ports"]),
             probe_alt_ip=self["probe-alt-ip"],
             web_endpoint=_tcp(self["web-port"], interface) if self["web-port"] else None,
