@@ -13,7 +13,6 @@ import struct
 import sys
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol as TypingProtocol
 from typing import TypeVar
 
@@ -25,10 +24,12 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from kerjostunt.server.limits import ConnectionLimits, GuardedTransport, OutputGuard, RefusalLog, TokenBucket
 from kerjostunt.tcp import host_port, no_delay
 from kerjostunt.wire.sip.message import Request, Response, make_response
-from kerjostunt.wire.sip.parser import KeepAlivePing, KeepAlivePong, Limits, SIPParseError, StreamParser
+from kerjostunt.wire.sip.parser import KeepAlivePing, KeepAlivePong, SIPParseError, StreamParser
 
+__all__ = ["AdmittingTLSFactory", "ConnectionLimits", "SignalingFactory", "SignalingProtocol", "TokenBucket"]
 log = Logger()
 _Message = TypeVar("_Message", Request, Response)
 
@@ -104,21 +105,6 @@ def kernel_rtt(transport: object) -> float | None:
     return rtt_from_tcp_info(info)
 
 
-@dataclass(frozen=True)
-class ConnectionLimits:
-    """Time and volume bounds for one signaling connection."""
-
-    handshake_timeout: float = 10.0      # TLS handshake must finish
-    register_timeout: float = 30.0       # a connection that never registers
-    idle_timeout: float = 900.0          # registered but silent (keepalives count)
-    partial_message_timeout: float = 20.0  # slow input: a message must complete
-    max_per_ip: int = 1000               # concurrent connections from one IP
-    requests_per_second: float = 20.0    # token bucket per connection
-    request_burst: float = 60.0
-    rtt_interval: float = 60.0           # server-initiated keepalive ping period
-    sip: Limits = Limits()
-
-
 class Router(TypingProtocol):
     """The part of the server that gives requests and responses meaning."""
 
@@ -127,26 +113,6 @@ class Router(TypingProtocol):
     def handle_response(self, connection: SignalingProtocol, response: Response) -> None: ...
 
     def connection_lost(self, connection: SignalingProtocol) -> None: ...
-
-
-class TokenBucket:
-    """Requests per second with a burst; cheap enough for every connection."""
-
-    __slots__ = ("_clock", "_rate", "_burst", "_tokens", "_stamp")
-
-    def __init__(self, clock: IReactorTime, rate: float, burst: float) -> None:
-        self._clock, self._rate, self._burst = clock, rate, burst
-        self._tokens = burst
-        self._stamp = clock.seconds()
-
-    def take(self) -> bool:
-        now = self._clock.seconds()
-        self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate)
-        self._stamp = now
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
-            return True
-        return False
 
 
 @implementer(IHandshakeListener)
@@ -164,6 +130,8 @@ class SignalingProtocol(Protocol):
         self.user_ids: set[str] = set()
         self._parser = StreamParser(self.limits.sip)
         self._bucket = TokenBucket(self._clock, self.limits.requests_per_second, self.limits.request_burst)
+        self._pings = TokenBucket(self._clock, self.limits.pings_per_second, self.limits.ping_burst)
+        self._guard: OutputGuard | None = None  # once connected: bounds what waits to be sent
         # One timer for the state (handshake, register, or, once registered,
         # both the idle limit and the keepalive pings), one for slow input.
         self._timer: IDelayedCall | None = None
@@ -204,10 +172,12 @@ class SignalingProtocol(Protocol):
 
     def await_registration(self) -> None:
         """Unregistered: the peer has ``register_timeout`` to REGISTER."""
+        self.factory.unregistered.add(self)
         self._arm(self.limits.register_timeout, "never registered")
 
     def await_activity(self) -> None:
         """Registered: one timer for the idle limit and the keepalive pings."""
+        self.factory.unregistered.discard(self)
         now = self._clock.seconds()
         self._last_activity = now
         if not has_kernel_rtt(self.transport):
@@ -231,6 +201,8 @@ class SignalingProtocol(Protocol):
         """Gone: no more timers, and the factory stops counting it."""
         self.closed = True
         self._cancel_timers()
+        if self._guard is not None:
+            self._guard.stop()
         self.factory.connection_closed(self)
 
 
@@ -241,6 +213,7 @@ class SignalingProtocol(Protocol):
     def connectionMade(self) -> None:
         self.factory.connection_opened(self)
         no_delay(self.transport)
+        self._guard_output()
         self._arm(self.limits.handshake_timeout, "TLS handshake")
         if not self.factory.tls:
             self.tls_ready()
@@ -276,7 +249,10 @@ class SignalingProtocol(Protocol):
     def _dispatch(self, event: Request | Response | KeepAlivePing | KeepAlivePong) -> None:
         if isinstance(event, KeepAlivePing):
             self._activity()
-            self._write(CRLF)
+            if self._pings.take():
+                self._write(CRLF)
+            else:  # RFC 5626 peers ping every ~30 s; a flood gets no answers
+                self.factory.count("pings_dropped")
         elif isinstance(event, KeepAlivePong):
             self._activity()
             self._pong_received()
@@ -324,6 +300,23 @@ class SignalingProtocol(Protocol):
     def _write(self, data: bytes) -> None:
         if self.transport is not None:
             self.transport.write(data)
+            if self._guard is not None:
+                self._guard.wrote()
+
+    def _guard_output(self) -> None:
+        """Bound the output buffer: stop reading from a peer that does not read (limits.py)."""
+        if self.transport is None:
+            return
+        transport: GuardedTransport = self.transport  # type: ignore[assignment]  # TLS or TCP: both pause
+        self._guard = OutputGuard(
+            self._clock, transport, self.limits.max_output_buffer, self.limits.write_stall_timeout,
+            self._output_aborted,
+        )
+        self._guard.attach()
+
+    def _output_aborted(self, why: str) -> None:
+        log.info("Closing {peer}: {why}", peer=self.peer, why=why)
+        self.factory.count("output_overflows")
 
     def close(self) -> None:
         """Close after flushing what was written (an error response, say)."""
@@ -455,6 +448,8 @@ class SignalingFactory(Factory):
         self.tls = tls
         self._per_ip: dict[str, int] = defaultdict(int)
         self.connections: set[SignalingProtocol] = set()
+        self.unregistered: set[SignalingProtocol] = set()  # handshaking or not registered yet
+        self.refusals = RefusalLog(clock, "signaling")
         self._counter = counter
 
     def count(self, what: str) -> None:
@@ -462,12 +457,21 @@ class SignalingFactory(Factory):
             self._counter(what)
 
     def admits(self, addr: IAddress | None) -> bool:
+        """Room for one more from this address? Refusals are logged in aggregate (RefusalLog)."""
         host = host_port(addr)[0]
-        if self._per_ip[host] >= self.limits.max_per_ip:
-            log.warn("Refusing connection from {host}: {n} already open", host=host, n=self._per_ip[host])
+        if self._per_ip.get(host, 0) >= self.limits.max_per_ip:
+            self.refusals.refused(host, f"{self.limits.max_per_ip} open from this IP")
             self.count("refused_per_ip")
             return False
+        if len(self.unregistered) >= self.limits.max_unregistered:
+            self.refusals.refused(host, f"{self.limits.max_unregistered} unregistered open")
+            self.count("refused_unregistered")
+            return False
         return True
+
+    def doStop(self) -> None:
+        self.refusals.flush()  # no summary timer outlives the listener
+        super().doStop()  # type: ignore[no-untyped-call]
 
     def buildProtocol(self, addr: IAddress | None) -> SignalingProtocol | None:
         return SignalingProtocol(self, addr) if self.admits(addr) else None
@@ -475,8 +479,10 @@ class SignalingFactory(Factory):
     def connection_opened(self, conn: SignalingProtocol) -> None:
         self._per_ip[conn.peer[0]] += 1
         self.connections.add(conn)
+        self.unregistered.add(conn)
 
     def connection_closed(self, conn: SignalingProtocol) -> None:
+        self.unregistered.discard(conn)
         if conn in self.connections:
             self.connections.discard(conn)
             self._per_ip[conn.peer[0]] -= 1
