@@ -89,8 +89,12 @@ class NonReader(Protocol):
         self.lost.callback(self.sent)
 
 
+@implementer(IHandshakeListener)
 class Trickler(Protocol):
-    """Plain TCP: writes ``data`` one byte per ``interval`` seconds (a slowloris)."""
+    """Writes ``data`` one byte per ``interval`` seconds (a slowloris), once TLS is up.
+
+    ``lost`` fires with how long the connection lived, from its TCP connect.
+    """
 
     def __init__(self, clock: IReactorTime, data: bytes, interval: float) -> None:
         self._clock, self._data, self._interval = clock, data, interval
@@ -100,6 +104,8 @@ class Trickler(Protocol):
 
     def connectionMade(self) -> None:
         self._started = self._clock.seconds()
+
+    def handshakeCompleted(self) -> None:
         self._drip()
 
     def _drip(self) -> None:

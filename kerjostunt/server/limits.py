@@ -58,6 +58,18 @@ class ConnectionLimits:
     sip: Limits = Limits()
 
 
+@dataclass(frozen=True)
+class WebLimits:
+    """Bounds of the HTTPS service's connections (docs/web.rst, docs/security.rst)."""
+
+    max_connections: int = 1024          # open at once, all IPs
+    max_per_ip: int = 32                 # open at once from one IP
+    idle_timeout: float = 30.0           # without a byte, TLS handshake included
+    header_timeout: float = 10.0         # a request's first byte to its last header line
+    max_output_buffer: int = MAX_OUTPUT_BUFFER
+    write_stall_timeout: float = WRITE_STALL_TIMEOUT
+
+
 class TokenBucket:
     """Requests per second with a burst; cheap enough for every connection."""
 
@@ -140,6 +152,7 @@ class OutputGuard:
         self._stall: IDelayedCall | None = None
         self.peak = 0  # the largest buffer seen after a write (tests, the bench)
         self.aborted = False
+        self._stopped = False  # the connection is gone: arm nothing any more
 
     def attach(self) -> None:
         self._transport.registerProducer(self, True)
@@ -161,7 +174,7 @@ class OutputGuard:
     # the protocol's side
 
     def paused(self) -> None:
-        if self._stall is None and not self.aborted:
+        if self._stall is None and not (self.aborted or self._stopped):
             self._stall = self._clock.callLater(self._stall_timeout, self._abort, "peer not reading")
 
     def resumed(self) -> None:
@@ -175,6 +188,7 @@ class OutputGuard:
             self._abort(f"output buffer over {self._max_buffer} bytes")
 
     def stop(self) -> None:
+        self._stopped = True
         self._cancel()
 
     def _cancel(self) -> None:
@@ -183,7 +197,7 @@ class OutputGuard:
         self._stall = None
 
     def _abort(self, why: str) -> None:
-        self._stall = None
+        self._cancel()  # from wrote(): the stall timer may still be armed
         if self.aborted:
             return
         self.aborted = True
