@@ -22,7 +22,15 @@ from zope.interface import implementer
 
 from kerjostunt import tls
 from kerjostunt.server import metrics as metrics_module
-from kerjostunt.server.limits import ConnectionLimits, RefusalLog, WebLimits, buffered_bytes
+from kerjostunt.server.limits import (
+    TRIM_AFTER_CLOSES,
+    TRIM_DELAY,
+    ConnectionLimits,
+    HeapTrimmer,
+    RefusalLog,
+    WebLimits,
+    buffered_bytes,
+)
 from kerjostunt.server.signaling import SignalingProtocol
 from kerjostunt.server.webchannel import LimitedChannel, WebSite
 
@@ -275,3 +283,18 @@ class RefusalLogTests(unittest.TestCase):
         clock.advance(60.0)
         self.assertEqual(sorted((e["host"], e["n"]) for e in lines()), [("192.0.2.1", 1000), ("198.51.100.2", 1)])
         self.assertEqual(clock.getDelayedCalls(), [])  # no refusal, no timer
+
+
+class HeapTrimmerTests(unittest.TestCase):
+    def test_a_flood_of_closes_makes_one_trim(self) -> None:
+        clock = Clock()
+        calls: list[int] = []
+        trimmer = HeapTrimmer(clock, lambda pad: calls.append(pad) or 1)
+        for _ in range(TRIM_AFTER_CLOSES - 1):
+            trimmer.closed()
+        self.assertEqual(clock.getDelayedCalls(), [])  # a few closes: nothing to give back
+        for _ in range(5000):
+            trimmer.closed()
+        clock.advance(TRIM_DELAY)
+        self.assertEqual(calls, [0])
+        self.assertEqual(clock.getDelayedCalls(), [])

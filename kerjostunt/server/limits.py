@@ -17,6 +17,8 @@ docs/security.rst lists every limit with its default.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +38,8 @@ log = Logger()
 MAX_OUTPUT_BUFFER = 1 << 20   # bytes a connection may have waiting to be sent
 WRITE_STALL_TIMEOUT = 60.0    # seconds a connection may keep its reader paused
 REFUSAL_LOG_INTERVAL = 60.0   # one summary line per refused source per interval
+TRIM_AFTER_CLOSES = 256       # closed connections that make a heap trim worth it
+TRIM_DELAY = 2.0              # seconds: a flood's closes coalesce into one trim
 
 
 @dataclass(frozen=True)
@@ -235,3 +239,53 @@ class RefusalLog:
                 n=sum(reasons.values()), what=self._what, host=host, interval=self._interval,
                 reasons=", ".join(f"{why} ({count})" for why, count in reasons.most_common()),
             )
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None elsewhere (musl, macOS)."""
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+    if trim is not None:
+        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+class HeapTrimmer:
+    """Gives the memory of a closed flood back to the system.
+
+    A connection's TLS state and buffers (about 40 KiB) are freed when it
+    closes, but glibc keeps freed heap pages mapped, so after 7,000
+    connections the server's RSS stayed up (issue 13). After
+    ``TRIM_AFTER_CLOSES`` closes, one ``malloc_trim(0)`` runs ``TRIM_DELAY``
+    later (the rest of the flood's closes coalesce into it). No-op without
+    glibc.
+    """
+
+    def __init__(self, clock: IReactorTime, trim: Callable[[int], int] | None = None) -> None:
+        self._clock = clock
+        self._trim = trim if trim is not None else _malloc_trim()
+        self._closes = 0
+        self._timer: IDelayedCall | None = None
+        self._stopped = False  # the listener stopped: late closes arm nothing
+        self.trims = 0
+
+    def closed(self) -> None:
+        self._closes += 1
+        if self._trim is not None and self._closes >= TRIM_AFTER_CLOSES and self._timer is None and not self._stopped:
+            self._timer = self._clock.callLater(TRIM_DELAY, self.trim)
+
+    def trim(self) -> None:
+        self._timer = None
+        self._closes = 0
+        if self._trim is not None:
+            self._trim(0)
+            self.trims += 1
+
+    def stop(self) -> None:
+        self._stopped = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None

@@ -8,9 +8,6 @@ per-connection limits.  What a request *means* is the router's business.
 
 from __future__ import annotations
 
-import socket
-import struct
-import sys
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Protocol as TypingProtocol
@@ -24,12 +21,30 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from kerjostunt.server.limits import ConnectionLimits, GuardedTransport, OutputGuard, RefusalLog, TokenBucket
+from kerjostunt.server.limits import (
+    ConnectionLimits,
+    GuardedTransport,
+    HeapTrimmer,
+    OutputGuard,
+    RefusalLog,
+    TokenBucket,
+)
+from kerjostunt.server.rtt import (
+    TCPI_MIN_RTT_OFFSET,
+    TCPI_RTT_OFFSET,
+    has_kernel_rtt,
+    kernel_rtt,
+    rtt_from_tcp_info,
+    tcp_socket_of,
+)
 from kerjostunt.tcp import host_port, no_delay
 from kerjostunt.wire.sip.message import Request, Response, make_response
 from kerjostunt.wire.sip.parser import KeepAlivePing, KeepAlivePong, SIPParseError, StreamParser
 
-__all__ = ["AdmittingTLSFactory", "ConnectionLimits", "SignalingFactory", "SignalingProtocol", "TokenBucket"]
+__all__ = [
+    "TCPI_MIN_RTT_OFFSET", "TCPI_RTT_OFFSET", "AdmittingTLSFactory", "ConnectionLimits", "SignalingFactory",
+    "SignalingProtocol", "TokenBucket", "kernel_rtt", "rtt_from_tcp_info", "tcp_socket_of",
+]
 log = Logger()
 _Message = TypeVar("_Message", Request, Response)
 
@@ -37,73 +52,6 @@ CRLF = b"\r\n"
 RTT_SAMPLES = 3            # round trips kept; the smallest is the estimate
 QUICK_PING_INTERVAL = 0.5  # between the first pings after registering
 PING_BYTES = b"\r\n\r\n"
-
-# Linux ``struct tcp_info`` (include/uapi/linux/tcp.h): the two RTT fields,
-# microseconds. tcpi_rtt (smoothed) has been there for ever; tcpi_min_rtt
-# since Linux 4.6, so a shorter struct means an older kernel.
-TCP_INFO_SIZE = 232
-_TCPI_RTT = struct.Struct("=I")
-TCPI_RTT_OFFSET = 68
-TCPI_MIN_RTT_OFFSET = 148
-_NO_SAMPLE = 0xFFFFFFFF  # tcpi_min_rtt before the kernel has a sample (~0U)
-
-
-def rtt_from_tcp_info(info: bytes) -> float | None:
-    """Seconds from a packed ``struct tcp_info``: tcpi_min_rtt, else tcpi_rtt.
-
-    The minimum is the path's base delay without queueing spikes, which is
-    what timing both peers' SYNs needs; the smoothed RTT stands in on
-    kernels too old to report it. None when neither holds a sample.
-    """
-    if len(info) >= TCPI_MIN_RTT_OFFSET + 4:
-        micros: int = _TCPI_RTT.unpack_from(info, TCPI_MIN_RTT_OFFSET)[0]
-        if 0 < micros < _NO_SAMPLE:
-            return micros / 1e6
-    if len(info) >= TCPI_RTT_OFFSET + 4:
-        micros = _TCPI_RTT.unpack_from(info, TCPI_RTT_OFFSET)[0]
-        if micros > 0:
-            return micros / 1e6
-    return None
-
-
-def tcp_socket_of(transport: object) -> socket.socket | None:
-    """The TCP socket under a transport (through the TLS wrapper), or None.
-
-    ``TLSMemoryBIOProtocol.getHandle`` gives the OpenSSL connection, so walk
-    down ``.transport`` to ``tcp.Server``; test transports have no socket.
-    """
-    for _ in range(4):
-        if transport is None:
-            return None
-        get_handle = getattr(transport, "getHandle", None)
-        handle = get_handle() if get_handle is not None else None
-        if isinstance(handle, socket.socket):
-            is_tcp = handle.family in (socket.AF_INET, socket.AF_INET6) and handle.type == socket.SOCK_STREAM
-            return handle if is_tcp else None
-        transport = getattr(transport, "transport", None)
-    return None
-
-
-# Other systems' TCP_INFO (FreeBSD, macOS's TCP_CONNECTION_INFO) have other layouts.
-_TCP_INFO: int | None = getattr(socket, "TCP_INFO", None) if sys.platform.startswith("linux") else None
-
-
-def has_kernel_rtt(transport: object) -> bool:
-    """Can ``kernel_rtt`` answer for this transport? (No system call: once per REGISTER.)"""
-    return _TCP_INFO is not None and tcp_socket_of(transport) is not None
-
-
-def kernel_rtt(transport: object) -> float | None:
-    """The kernel's RTT of the connection under ``transport`` (Linux TCP_INFO), or None."""
-    sock = tcp_socket_of(transport)
-    if _TCP_INFO is None or sock is None:
-        return None
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, TCP_INFO_SIZE)
-    except OSError:  # not TCP (a UNIX socket in tests), or closed
-        return None
-    return rtt_from_tcp_info(info)
-
 
 class Router(TypingProtocol):
     """The part of the server that gives requests and responses meaning."""
@@ -450,6 +398,7 @@ class SignalingFactory(Factory):
         self.connections: set[SignalingProtocol] = set()
         self.unregistered: set[SignalingProtocol] = set()  # handshaking or not registered yet
         self.refusals = RefusalLog(clock, "signaling")
+        self.trimmer = HeapTrimmer(clock)
         self._counter = counter
 
     def count(self, what: str) -> None:
@@ -471,6 +420,7 @@ class SignalingFactory(Factory):
 
     def doStop(self) -> None:
         self.refusals.flush()  # no summary timer outlives the listener
+        self.trimmer.stop()
         super().doStop()  # type: ignore[no-untyped-call]
 
     def buildProtocol(self, addr: IAddress | None) -> SignalingProtocol | None:
@@ -484,6 +434,7 @@ class SignalingFactory(Factory):
     def connection_closed(self, conn: SignalingProtocol) -> None:
         self.unregistered.discard(conn)
         if conn in self.connections:
+            self.trimmer.closed()
             self.connections.discard(conn)
             self._per_ip[conn.peer[0]] -= 1
             if self._per_ip[conn.peer[0]] <= 0:

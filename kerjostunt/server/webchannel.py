@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server
 
-from kerjostunt.server.limits import GuardedTransport, OutputGuard, RefusalLog, WebLimits
+from kerjostunt.server.limits import GuardedTransport, HeapTrimmer, OutputGuard, RefusalLog, WebLimits
 from kerjostunt.tcp import host_port
 
 log = Logger()
@@ -150,6 +150,7 @@ class WebSite(server.Site):
         self.per_ip: dict[str, int] = {}
         self.open = 0
         self.refusals = RefusalLog(clock, "web")
+        self.trimmer = HeapTrimmer(clock)
         self.count = count or (lambda what: None)
         self._idle_waiters: list[defer.Deferred[None]] = []
         self.noisy = False
@@ -167,6 +168,7 @@ class WebSite(server.Site):
 
     def doStop(self) -> None:
         self.refusals.flush()  # no summary timer outlives the listener
+        self.trimmer.stop()
         super().doStop()  # type: ignore[no-untyped-call]
 
     def buildProtocol(self, addr: IAddress | None) -> http.HTTPChannel | None:  # type: ignore[override]
@@ -182,6 +184,7 @@ class WebSite(server.Site):
 
     def connection_closed(self, host: str) -> None:
         self.open -= 1
+        self.trimmer.closed()
         left = self.per_ip.get(host, 0) - 1
         if left > 0:
             self.per_ip[host] = left
