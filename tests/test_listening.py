@@ -67,3 +67,15 @@ class WildcardWithAltIPTests(unittest.TestCase):
         # The alternate address reaches the wildcard listener.
         proto = yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", probe_a), Protocol())
         proto.transport.loseConnection()
+
+
+class LimitOptionTests(unittest.TestCase):
+    def test_defaults_and_values(self) -> None:
+        options = Options()
+        options.parseOptions([])
+        self.assertEqual(options.settings().limits.max_unregistered, 10_000)
+        self.assertEqual(options.settings().web_limits.max_connections, 1024)
+        options = Options()
+        options.parseOptions(["--max-unregistered", "50", "--web-max-connections", "7"])
+        self.assertEqual(options.settings().limits.max_unregistered, 50)
+        self.assertEqual(options.settings().web_limits.max_connections, 7)

@@ -10,9 +10,9 @@ from twisted.application.service import IService
 from twisted.logger import InvalidLogLevelError, LogLevel
 from twisted.python import usage
 
+from kerjostunt.server.limits import ConnectionLimits, WebLimits
 from kerjostunt.server.reactor import IServerReactor
 from kerjostunt.server.service import ServerSettings, StuntServer, filter_log_level, tune_gc
-from kerjostunt.server.signaling import ConnectionLimits
 
 
 def _tcp(port: int, interface: str) -> str:
@@ -64,6 +64,12 @@ class Options(usage.Options):
         ["web-port", None, 8443, "HTTPS port for the trusted peers list, /metrics and /health (0 = off).", _port],
         ["max-per-ip", None, 1000, "Concurrent signaling connections allowed from one IP.", int],
         ["register-timeout", None, 30.0, "Seconds a connection may stay unregistered.", float],
+        [
+            "max-unregistered", None, ConnectionLimits.max_unregistered,
+            "Signaling connections not (yet) registered allowed at once, from all IPs (TLS handshakes included).",
+            int,
+        ],
+        ["web-max-connections", None, WebLimits.max_connections, "HTTPS connections allowed at once.", int],
         [
             "tls-groups", None, None,
             "TLS key-exchange groups the signaling port offers, in OpenSSL's list syntax (default: OpenSSL's, "
@@ -128,7 +134,9 @@ class Options(usage.Options):
             web_endpoint=_tcp(self["web-port"], interface) if self["web-port"] else None,
             digest_algorithms=self["digest-algorithms"],
             tls_groups=self["tls-groups"] or None,
-            limits=ConnectionLimits(max_per_ip=self["max-per-ip"], register_timeout=self["register-timeout"]),
+            limits=ConnectionLimits(max_per_ip=self["max-per-ip"], register_timeout=self["register-timeout"],
+                                    max_unregistered=self["max-unregistered"]),
+            web_limits=WebLimits(max_connections=self["web-max-connections"]),
         )
 
 
