@@ -101,11 +101,13 @@ class Trickler(Protocol):
         self.lost: defer.Deferred[float] = defer.Deferred()
         self._started = 0.0
         self._call: IDelayedCall | None = None
+        self.shook = False  # TLS came up (a refused connection closes before)
 
     def connectionMade(self) -> None:
         self._started = self._clock.seconds()
 
     def handshakeCompleted(self) -> None:
+        self.shook = True
         self._drip()
 
     def _drip(self) -> None:

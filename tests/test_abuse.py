@@ -25,6 +25,7 @@ from kerjostunt.server import metrics as metrics_module
 from kerjostunt.server.limits import (
     TRIM_AFTER_CLOSES,
     TRIM_DELAY,
+    TRIM_MIN_INTERVAL,
     ConnectionLimits,
     HeapTrimmer,
     RefusalLog,
@@ -298,3 +299,10 @@ class HeapTrimmerTests(unittest.TestCase):
         clock.advance(TRIM_DELAY)
         self.assertEqual(calls, [0])
         self.assertEqual(clock.getDelayedCalls(), [])
+        # Steady churn: the next trim waits for the interval.
+        for _ in range(TRIM_AFTER_CLOSES):
+            trimmer.closed()
+        clock.advance(TRIM_DELAY)
+        self.assertEqual(calls, [0])
+        clock.advance(TRIM_MIN_INTERVAL)
+        self.assertEqual(calls, [0, 0])

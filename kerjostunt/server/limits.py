@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ WRITE_STALL_TIMEOUT = 60.0    # seconds a connection may keep its reader paused
 REFUSAL_LOG_INTERVAL = 60.0   # one summary line per refused source per interval
 TRIM_AFTER_CLOSES = 256       # closed connections that make a heap trim worth it
 TRIM_DELAY = 2.0              # seconds: a flood's closes coalesce into one trim
+TRIM_MIN_INTERVAL = 30.0      # seconds between trims: steady churn costs one collection per interval
 
 
 @dataclass(frozen=True)
@@ -260,8 +262,12 @@ class HeapTrimmer:
     closes, but glibc keeps freed heap pages mapped, so after 7,000
     connections the server's RSS stayed up (issue 13). After
     ``TRIM_AFTER_CLOSES`` closes, one ``malloc_trim(0)`` runs ``TRIM_DELAY``
-    later (the rest of the flood's closes coalesce into it). No-op without
-    glibc.
+    later (the rest of the flood's closes coalesce into it), and at most one
+    per ``TRIM_MIN_INTERVAL``. A full
+    ``gc.collect`` comes first: a closed connection's objects hold
+    reference cycles, and with the server's high first GC threshold
+    (``service.tune_gc``) an idle server would free them only much later.
+    No-op without glibc.
     """
 
     def __init__(self, clock: IReactorTime, trim: Callable[[int], int] | None = None) -> None:
@@ -270,17 +276,21 @@ class HeapTrimmer:
         self._closes = 0
         self._timer: IDelayedCall | None = None
         self._stopped = False  # the listener stopped: late closes arm nothing
+        self._last = float("-inf")
         self.trims = 0
 
     def closed(self) -> None:
         self._closes += 1
         if self._trim is not None and self._closes >= TRIM_AFTER_CLOSES and self._timer is None and not self._stopped:
-            self._timer = self._clock.callLater(TRIM_DELAY, self.trim)
+            wait = max(TRIM_DELAY, self._last + TRIM_MIN_INTERVAL - self._clock.seconds())
+            self._timer = self._clock.callLater(wait, self.trim)
 
     def trim(self) -> None:
         self._timer = None
         self._closes = 0
+        self._last = self._clock.seconds()
         if self._trim is not None:
+            gc.collect()
             self._trim(0)
             self.trims += 1
 
