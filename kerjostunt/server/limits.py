@@ -23,6 +23,7 @@ import gc
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.abstract import FileDescriptor
@@ -35,6 +36,7 @@ from zope.interface import implementer
 from kerjostunt.wire.sip.parser import Limits
 
 log = Logger()
+_Conn = TypeVar("_Conn")
 
 MAX_OUTPUT_BUFFER = 1 << 20   # bytes a connection may have waiting to be sent
 WRITE_STALL_TIMEOUT = 60.0    # seconds a connection may keep its reader paused
@@ -209,6 +211,47 @@ class OutputGuard:
         self.aborted = True
         self._on_abort(why)
         self._transport.abortConnection()
+
+
+class OldestFirst(Generic[_Conn]):
+    """Connections not registered yet, oldest first, in all and per source address.
+
+    When a table is full the server closes the oldest unregistered
+    connection rather than refuse the newcomer: idle connections from one
+    address (1,000 of them locked every user behind that address out for
+    as long as they lived) then cost the attacker a steady stream of new
+    connections, while a real peer registers within a few round trips.
+    Registered connections are never in here, so never evicted.
+    """
+
+    def __init__(self) -> None:
+        self._all: dict[_Conn, str] = {}
+        self._by_host: dict[str, dict[_Conn, None]] = {}
+
+    def add(self, conn: _Conn, host: str) -> None:
+        """Track ``conn``; one already tracked keeps its age."""
+        if conn not in self._all:
+            self._all[conn] = host
+            self._by_host.setdefault(host, {})[conn] = None
+
+    def discard(self, conn: _Conn) -> None:
+        host = self._all.pop(conn, None)
+        if host is not None:
+            of_host = self._by_host[host]
+            del of_host[conn]
+            if not of_host:
+                del self._by_host[host]
+
+    def oldest(self, host: str | None = None) -> _Conn | None:
+        """The oldest of ``host`` (of all when None), or None."""
+        table = self._all if host is None else self._by_host.get(host, {})
+        return next(iter(table), None)
+
+    def __len__(self) -> int:
+        return len(self._all)
+
+    def __contains__(self, conn: object) -> bool:
+        return conn in self._all
 
 
 class RefusalLog:

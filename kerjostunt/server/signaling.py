@@ -25,6 +25,7 @@ from kerjostunt.server.limits import (
     ConnectionLimits,
     GuardedTransport,
     HeapTrimmer,
+    OldestFirst,
     OutputGuard,
     RefusalLog,
     TokenBucket,
@@ -120,7 +121,7 @@ class SignalingProtocol(Protocol):
 
     def await_registration(self) -> None:
         """Unregistered: the peer has ``register_timeout`` to REGISTER."""
-        self.factory.unregistered.add(self)
+        self.factory.unregistered.add(self, self.peer[0])
         self._arm(self.limits.register_timeout, "never registered")
 
     def await_activity(self) -> None:
@@ -144,6 +145,13 @@ class SignalingProtocol(Protocol):
         self._cancel_timers()
         if self.transport is not None:
             self.transport.abortConnection()
+
+    def evict(self) -> None:
+        """Make room in a full table: its slot is free at once, the abort follows."""
+        log.info("Closing {peer}: oldest unregistered connection of a full table", peer=self.peer)
+        self.factory.count("evicted")
+        self.factory.connection_closed(self)
+        self.timed_out()
 
     def forget(self) -> None:
         """Gone: no more timers, and the factory stops counting it."""
@@ -396,7 +404,7 @@ class SignalingFactory(Factory):
         self.tls = tls
         self._per_ip: dict[str, int] = defaultdict(int)
         self.connections: set[SignalingProtocol] = set()
-        self.unregistered: set[SignalingProtocol] = set()  # handshaking or not registered yet
+        self.unregistered: OldestFirst[SignalingProtocol] = OldestFirst()  # handshaking or not registered yet
         self.refusals = RefusalLog(clock, "signaling")
         self.trimmer = HeapTrimmer(clock)
         self._counter = counter
@@ -408,14 +416,21 @@ class SignalingFactory(Factory):
     def admits(self, addr: IAddress | None) -> bool:
         """Room for one more from this address? Refusals are logged in aggregate (RefusalLog)."""
         host = host_port(addr)[0]
-        if self._per_ip.get(host, 0) >= self.limits.max_per_ip:
+        if self._per_ip.get(host, 0) >= self.limits.max_per_ip and not self._evict(self.unregistered.oldest(host)):
             self.refusals.refused(host, f"{self.limits.max_per_ip} open from this IP")
             self.count("refused_per_ip")
             return False
-        if len(self.unregistered) >= self.limits.max_unregistered:
+        if len(self.unregistered) >= self.limits.max_unregistered and not self._evict(self.unregistered.oldest()):
             self.refusals.refused(host, f"{self.limits.max_unregistered} unregistered open")
             self.count("refused_unregistered")
             return False
+        return True
+
+    def _evict(self, conn: SignalingProtocol | None) -> bool:
+        """A full table closes its oldest unregistered connection for the newcomer (limits.OldestFirst)."""
+        if conn is None:
+            return False
+        conn.evict()
         return True
 
     def doStop(self) -> None:
@@ -429,7 +444,7 @@ class SignalingFactory(Factory):
     def connection_opened(self, conn: SignalingProtocol) -> None:
         self._per_ip[conn.peer[0]] += 1
         self.connections.add(conn)
-        self.unregistered.add(conn)
+        self.unregistered.add(conn, conn.peer[0])
 
     def connection_closed(self, conn: SignalingProtocol) -> None:
         self.unregistered.discard(conn)
