@@ -66,12 +66,26 @@ class LimitedChannel(http.HTTPChannel):
     # -- the output guard: twisted.web's channel is the transport's producer itself
 
     def pauseProducing(self) -> None:
+        """The peer does not read: stop reading it, and stop answering what was read.
+
+        twisted.web pauses the socket only between requests, and it parses
+        the pipelined requests it has already read (its LineReceiver loop)
+        whatever the transport says, answering each: one read of
+        ``GET /metrics`` lines made megabytes of answers. LineReceiver's
+        ``paused`` stops that loop; the socket is paused in every case.
+        """
         self._guard.paused()
-        super().pauseProducing()  # type: ignore[no-untyped-call]  # stops reading when between requests
+        self.paused = True
+        super().pauseProducing()  # type: ignore[no-untyped-call]
+        if self.transport is not None:
+            cast(GuardedTransport, self.transport).pauseProducing()
 
     def resumeProducing(self) -> None:
         self._guard.resumed()
+        self.paused = False
         super().resumeProducing()  # type: ignore[no-untyped-call]
+        if self._buffer and not self._handlingRequest and self.transport is not None:
+            self.dataReceived(b"")  # parse the pipelined requests held while paused
 
     def write(self, data: bytes) -> None:
         super().write(data)  # type: ignore[no-untyped-call]
