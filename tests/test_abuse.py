@@ -318,3 +318,40 @@ class HeapTrimmerTests(unittest.TestCase):
         self.assertEqual(calls, [0])
         clock.advance(TRIM_MIN_INTERVAL)
         self.assertEqual(calls, [0, 0])
+
+
+class PromptCloseTests(unittest.TestCase):
+    """A producer on the transport must not delay a clean close (TLS waits for none to be registered)."""
+
+    timeout = 20
+    limits = ConnectionLimits(handshake_timeout=30.0)  # the "closing" fallback would take 30 s
+
+    @defer.inlineCallbacks
+    def setUp(self):  # type: ignore[no-untyped-def]
+        self.running, ports = yield start_loopback_server(
+            self, web_endpoint="tcp:0:interface=127.0.0.1", limits=self.limits
+        )
+        self.web_port = ports["web"].getHost().port
+
+    def connect(self, port: int, proto: Protocol) -> defer.Deferred[Protocol]:
+        options = tls.client_options(self.running.ca, "localhost")
+        return connectProtocol(wrapClientTLS(options, TCP4ClientEndpoint(reactor, "127.0.0.1", port)), proto)
+
+    @defer.inlineCallbacks
+    def test_fatal_sip_error_closes_at_once(self):  # type: ignore[no-untyped-def]
+        bad = options_request(1).replace(b"Content-Length: 0", b"Content-Length: 12abc")
+        proto = _Collector(bad)
+        yield self.connect(self.running.port, proto)
+        started = reactor.seconds()
+        yield proto.lost
+        self.assertIn(b"SIP/2.0 400", proto.received)
+        self.assertLess(reactor.seconds() - started, 5.0)
+
+    @defer.inlineCallbacks
+    def test_refused_web_request_closes_at_once(self):  # type: ignore[no-untyped-def]
+        proto = _Collector(b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\n\r\n", until=b"HTTP/1.1 414")
+        yield self.connect(self.web_port, proto)
+        started = reactor.seconds()
+        yield proto.lost
+        self.assertIn(b"HTTP/1.1 414", proto.received)
+        self.assertLess(reactor.seconds() - started, 5.0)

@@ -131,6 +131,8 @@ class GuardedTransport(TypingProtocol):
 
     def registerProducer(self, producer: IPushProducer, streaming: bool) -> None: ...
 
+    def unregisterProducer(self) -> None: ...
+
 
 @implementer(IPushProducer)
 class OutputGuard:
@@ -161,9 +163,18 @@ class OutputGuard:
         self.peak = 0  # the largest buffer seen after a write (tests, the bench)
         self.aborted = False
         self._stopped = False  # the connection is gone: arm nothing any more
+        self._attached = False
 
     def attach(self) -> None:
         self._transport.registerProducer(self, True)
+        self._attached = True
+
+    def detach(self) -> None:
+        """Before a clean close: Twisted's TLS sends its close alert only once no producer is registered."""
+        self.stop()
+        if self._attached:
+            self._attached = False
+            self._transport.unregisterProducer()
 
     # IPushProducer: the transport's side
 

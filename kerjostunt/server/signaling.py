@@ -277,6 +277,8 @@ class SignalingProtocol(Protocol):
     def close(self) -> None:
         """Close after flushing what was written (an error response, say)."""
         if self.transport is not None and not self.closed:
+            if self._guard is not None:
+                self._guard.detach()
             self.transport.loseConnection()
             # A peer that never reads must not hold the socket open for ever.
             self._arm(self.limits.handshake_timeout, "closing")

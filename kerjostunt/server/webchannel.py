@@ -140,7 +140,8 @@ class LimitedChannel(http.HTTPChannel):
         self.lineReceived = self.rawDataReceived = self.dataReceived = noop  # type: ignore[method-assign, assignment]
         if self.transport is not None:
             self.transport.write(b"HTTP/1.1 " + status + b"\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
-            self.transport.loseConnection()
+            self._guard.stop()
+            self.loseConnection()  # type: ignore[no-untyped-call]  # HTTPChannel's: unregisters itself as producer, or TLS never closes
 
 
 class WebSite(server.Site):
