@@ -227,8 +227,8 @@ class OutputGuard:
 class OldestFirst(Generic[_Conn]):
     """Connections not registered yet, oldest first, in all and per source address.
 
-    When a table is full the server closes the oldest unregistered
-    connection rather than refuse the newcomer: idle connections from one
+    When an address's table is full the server closes that address's oldest
+    unregistered connection rather than refuse the newcomer: idle connections from one
     address (1,000 of them locked every user behind that address out for
     as long as they lived) then cost the attacker a steady stream of new
     connections, while a real peer registers within a few round trips.

@@ -2,8 +2,9 @@
 
 This module frames bytes into messages, keeps each connection's life
 (handshake, unregistered, registered, closed) as an explicit state machine
-with its timers, answers keepalives, knows each peer's RTT, and enforces the per-IP and
-per-connection limits.  What a request *means* is the router's business.
+with its timers, answers keepalives, knows each peer's RTT (``rtt.py``), and enforces the
+per-IP and per-connection limits (the machinery and defaults: ``limits.py``).
+What a request *means* is the router's business.
 """
 
 from __future__ import annotations
@@ -422,14 +423,16 @@ class SignalingFactory(Factory):
             self.refusals.refused(host, f"{self.limits.max_per_ip} open from this IP")
             self.count("refused_per_ip")
             return False
-        if len(self.unregistered) >= self.limits.max_unregistered and not self._evict(self.unregistered.oldest()):
+        # All addresses together: refused, not evicted. In a reconnect storm the
+        # oldest are the handshakes closest to done; the refused ones retry.
+        if len(self.unregistered) >= self.limits.max_unregistered:
             self.refusals.refused(host, f"{self.limits.max_unregistered} unregistered open")
             self.count("refused_unregistered")
             return False
         return True
 
     def _evict(self, conn: SignalingProtocol | None) -> bool:
-        """A full table closes its oldest unregistered connection for the newcomer (limits.OldestFirst)."""
+        """A full per-IP table closes its oldest unregistered connection for the newcomer (limits.OldestFirst)."""
         if conn is None:
             return False
         conn.evict()
