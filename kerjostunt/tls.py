@@ -209,8 +209,17 @@ def set_groups(context: object, groups: str) -> None:
         raise ValueError(f"OpenSSL rejected the TLS groups {groups!r}")
 
 
+# TLS 1.2 suites the listeners accept: forward secret and AEAD only (no
+# CBC-SHA: Lucky13-style padding oracles and SHA-1 MACs). TLS 1.3 suites are
+# configured apart in OpenSSL and are all AEAD, so they stay OpenSSL's.
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL"
+
+
 def server_options(paths: CertificatePaths, groups: str | None = None) -> ssl.CertificateOptions:
     """TLS options for the signaling and web listeners (TLS 1.2 or later).
+
+    TLS 1.2 is offered with the ``TLS12_CIPHERS`` AEAD suites only; a client
+    that knows only CBC suites fails its handshake.
 
     ``groups`` None keeps OpenSSL's default key exchange (with OpenSSL 3.5+
     the post-quantum hybrid X25519MLKEM768 first); see docs/performance.rst
@@ -222,6 +231,7 @@ def server_options(paths: CertificatePaths, groups: str | None = None) -> ssl.Ce
         privateKey=cert.privateKey.original,
         certificate=cert.original,
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+        acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(TLS12_CIPHERS),  # type: ignore[no-untyped-call]
     )
     if groups:
         set_groups(options.getContext(), groups)  # the context every connection uses

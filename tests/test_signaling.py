@@ -298,6 +298,9 @@ class SignalingProtocolTests(unittest.TestCase):
         factory = SignalingFactory(self.router, self.clock, self.limits, tls=False)
         opened = [self.connect(factory=factory)[0] for _ in range(3)]
         self.assertNotIn(None, opened)
+        # Registered: a full table of unregistered ones would make room instead (tests.test_abuse).
+        for index, conn in enumerate(opened):
+            conn.bound(f"user{index}")
         self.assertIsNone(factory.buildProtocol(IPv4Address("TCP", "203.0.113.5", 6000)))
         # The TLS wrapper refuses before any handshake work.
         wrapper = AdmittingTLSFactory(tls.server_options(self._certs()), False, factory)

@@ -7,6 +7,11 @@ import stat
 from pathlib import Path
 
 from cryptography import x509
+from twisted.internet import defer, reactor, ssl
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.protocol import Factory, Protocol
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from kerjostunt import tls
@@ -108,3 +113,57 @@ class EnsureCertificatesTests(unittest.TestCase):
         self.assertEqual(self._negotiated_group(tls.server_options(paths, groups="X25519:P-256")), "x25519")
         self.assertEqual(self._negotiated_group(tls.server_options(paths, groups="P-256")), "secp256r1")
         self.assertRaises(ValueError, tls.server_options, paths, groups="no-such-group")
+
+
+class _Hello(Protocol):
+    """Says one line once TLS is up; records how the connection ended."""
+
+    def __init__(self) -> None:
+        self.done: defer.Deferred[bool] = defer.Deferred()
+        self.shook = False
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"hello\n")  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.shook = True
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        self.done.callback(self.shook)
+
+
+class _Echo(Protocol):
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[union-attr]
+
+
+class CipherTests(unittest.TestCase):
+    """TLS 1.2 offers AEAD suites only, on a real socket (issue 13)."""
+
+    def setUp(self) -> None:
+        self.dir = Path(self.mktemp())
+        paths = tls.ensure_certificates(self.dir, "example.test")
+        factory = TLSMemoryBIOFactory(tls.server_options(paths), False, Factory.forProtocol(_Echo))
+        self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(self.port.stopListening)
+
+    def _connect(self, ciphers: str) -> defer.Deferred[bool]:
+        options = ssl.CertificateOptions(
+            raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+            lowerMaximumSecurityTo=ssl.TLSVersion.TLSv1_2,
+            acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(ciphers),
+        )
+        proto = _Hello()
+        endpoint = wrapClientTLS(options, TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port))
+        return connectProtocol(endpoint, proto).addCallback(lambda _: proto.done)
+
+    @defer.inlineCallbacks
+    def test_cbc_sha_only_client_is_refused(self):  # type: ignore[no-untyped-def]
+        shook = yield self._connect("ECDHE-ECDSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA:ECDHE-ECDSA-AES128-SHA256")
+        self.assertFalse(shook)
+
+    @defer.inlineCallbacks
+    def test_aead_tls12_client_is_served(self):  # type: ignore[no-untyped-def]
+        shook = yield self._connect("ECDHE-ECDSA-AES128-GCM-SHA256")
+        self.assertTrue(shook)

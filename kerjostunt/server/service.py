@@ -30,6 +30,7 @@ from kerjostunt import tls
 from kerjostunt.server import web
 from kerjostunt.server.auth import NonceManager, make_portal
 from kerjostunt.server.calls import CallManager, CallSettings
+from kerjostunt.server.limits import WebLimits
 from kerjostunt.server.probe import Observation, ObservationLog, ProbeFactory, ProbeTokens
 from kerjostunt.server.reactor import IServerReactor
 from kerjostunt.server.register import CHALLENGE_ALGORITHMS, RegisterHandler
@@ -120,6 +121,7 @@ class ServerSettings:
     digest_algorithms: tuple[str, ...] = CHALLENGE_ALGORITHMS
     tls_groups: str | None = None  # None: OpenSSL's default key exchange
     limits: ConnectionLimits = field(default_factory=ConnectionLimits)
+    web_limits: WebLimits = field(default_factory=WebLimits)
     call_answer_timeout: float = 15.0
     call_outcome_timeout: float = 30.0
     invite_rate: float = 5.0

@@ -2,18 +2,15 @@
 
 This module frames bytes into messages, keeps each connection's life
 (handshake, unregistered, registered, closed) as an explicit state machine
-with its timers, answers keepalives, knows each peer's RTT, and enforces the per-IP and
-per-connection limits.  What a request *means* is the router's business.
+with its timers, answers keepalives, knows each peer's RTT (``rtt.py``), and enforces the
+per-IP and per-connection limits (the machinery and defaults: ``limits.py``).
+What a request *means* is the router's business.
 """
 
 from __future__ import annotations
 
-import socket
-import struct
-import sys
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol as TypingProtocol
 from typing import TypeVar
 
@@ -25,10 +22,31 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from kerjostunt.server.limits import (
+    ConnectionLimits,
+    GuardedTransport,
+    HeapTrimmer,
+    OldestFirst,
+    OutputGuard,
+    RefusalLog,
+    TokenBucket,
+)
+from kerjostunt.server.rtt import (
+    TCPI_MIN_RTT_OFFSET,
+    TCPI_RTT_OFFSET,
+    has_kernel_rtt,
+    kernel_rtt,
+    rtt_from_tcp_info,
+    tcp_socket_of,
+)
 from kerjostunt.tcp import host_port, no_delay
 from kerjostunt.wire.sip.message import Request, Response, make_response
-from kerjostunt.wire.sip.parser import KeepAlivePing, KeepAlivePong, Limits, SIPParseError, StreamParser
+from kerjostunt.wire.sip.parser import KeepAlivePing, KeepAlivePong, SIPParseError, StreamParser
 
+__all__ = [
+    "TCPI_MIN_RTT_OFFSET", "TCPI_RTT_OFFSET", "AdmittingTLSFactory", "ConnectionLimits", "SignalingFactory",
+    "SignalingProtocol", "TokenBucket", "kernel_rtt", "rtt_from_tcp_info", "tcp_socket_of",
+]
 log = Logger()
 _Message = TypeVar("_Message", Request, Response)
 
@@ -36,88 +54,6 @@ CRLF = b"\r\n"
 RTT_SAMPLES = 3            # round trips kept; the smallest is the estimate
 QUICK_PING_INTERVAL = 0.5  # between the first pings after registering
 PING_BYTES = b"\r\n\r\n"
-
-# Linux ``struct tcp_info`` (include/uapi/linux/tcp.h): the two RTT fields,
-# microseconds. tcpi_rtt (smoothed) has been there for ever; tcpi_min_rtt
-# since Linux 4.6, so a shorter struct means an older kernel.
-TCP_INFO_SIZE = 232
-_TCPI_RTT = struct.Struct("=I")
-TCPI_RTT_OFFSET = 68
-TCPI_MIN_RTT_OFFSET = 148
-_NO_SAMPLE = 0xFFFFFFFF  # tcpi_min_rtt before the kernel has a sample (~0U)
-
-
-def rtt_from_tcp_info(info: bytes) -> float | None:
-    """Seconds from a packed ``struct tcp_info``: tcpi_min_rtt, else tcpi_rtt.
-
-    The minimum is the path's base delay without queueing spikes, which is
-    what timing both peers' SYNs needs; the smoothed RTT stands in on
-    kernels too old to report it. None when neither holds a sample.
-    """
-    if len(info) >= TCPI_MIN_RTT_OFFSET + 4:
-        micros: int = _TCPI_RTT.unpack_from(info, TCPI_MIN_RTT_OFFSET)[0]
-        if 0 < micros < _NO_SAMPLE:
-            return micros / 1e6
-    if len(info) >= TCPI_RTT_OFFSET + 4:
-        micros = _TCPI_RTT.unpack_from(info, TCPI_RTT_OFFSET)[0]
-        if micros > 0:
-            return micros / 1e6
-    return None
-
-
-def tcp_socket_of(transport: object) -> socket.socket | None:
-    """The TCP socket under a transport (through the TLS wrapper), or None.
-
-    ``TLSMemoryBIOProtocol.getHandle`` gives the OpenSSL connection, so walk
-    down ``.transport`` to ``tcp.Server``; test transports have no socket.
-    """
-    for _ in range(4):
-        if transport is None:
-            return None
-        get_handle = getattr(transport, "getHandle", None)
-        handle = get_handle() if get_handle is not None else None
-        if isinstance(handle, socket.socket):
-            is_tcp = handle.family in (socket.AF_INET, socket.AF_INET6) and handle.type == socket.SOCK_STREAM
-            return handle if is_tcp else None
-        transport = getattr(transport, "transport", None)
-    return None
-
-
-# Other systems' TCP_INFO (FreeBSD, macOS's TCP_CONNECTION_INFO) have other layouts.
-_TCP_INFO: int | None = getattr(socket, "TCP_INFO", None) if sys.platform.startswith("linux") else None
-
-
-def has_kernel_rtt(transport: object) -> bool:
-    """Can ``kernel_rtt`` answer for this transport? (No system call: once per REGISTER.)"""
-    return _TCP_INFO is not None and tcp_socket_of(transport) is not None
-
-
-def kernel_rtt(transport: object) -> float | None:
-    """The kernel's RTT of the connection under ``transport`` (Linux TCP_INFO), or None."""
-    sock = tcp_socket_of(transport)
-    if _TCP_INFO is None or sock is None:
-        return None
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, TCP_INFO_SIZE)
-    except OSError:  # not TCP (a UNIX socket in tests), or closed
-        return None
-    return rtt_from_tcp_info(info)
-
-
-@dataclass(frozen=True)
-class ConnectionLimits:
-    """Time and volume bounds for one signaling connection."""
-
-    handshake_timeout: float = 10.0      # TLS handshake must finish
-    register_timeout: float = 30.0       # a connection that never registers
-    idle_timeout: float = 900.0          # registered but silent (keepalives count)
-    partial_message_timeout: float = 20.0  # slow input: a message must complete
-    max_per_ip: int = 1000               # concurrent connections from one IP
-    requests_per_second: float = 20.0    # token bucket per connection
-    request_burst: float = 60.0
-    rtt_interval: float = 60.0           # server-initiated keepalive ping period
-    sip: Limits = Limits()
-
 
 class Router(TypingProtocol):
     """The part of the server that gives requests and responses meaning."""
@@ -127,26 +63,6 @@ class Router(TypingProtocol):
     def handle_response(self, connection: SignalingProtocol, response: Response) -> None: ...
 
     def connection_lost(self, connection: SignalingProtocol) -> None: ...
-
-
-class TokenBucket:
-    """Requests per second with a burst; cheap enough for every connection."""
-
-    __slots__ = ("_clock", "_rate", "_burst", "_tokens", "_stamp")
-
-    def __init__(self, clock: IReactorTime, rate: float, burst: float) -> None:
-        self._clock, self._rate, self._burst = clock, rate, burst
-        self._tokens = burst
-        self._stamp = clock.seconds()
-
-    def take(self) -> bool:
-        now = self._clock.seconds()
-        self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate)
-        self._stamp = now
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
-            return True
-        return False
 
 
 @implementer(IHandshakeListener)
@@ -164,6 +80,8 @@ class SignalingProtocol(Protocol):
         self.user_ids: set[str] = set()
         self._parser = StreamParser(self.limits.sip)
         self._bucket = TokenBucket(self._clock, self.limits.requests_per_second, self.limits.request_burst)
+        self._pings = TokenBucket(self._clock, self.limits.pings_per_second, self.limits.ping_burst)
+        self._guard: OutputGuard | None = None  # once connected: bounds what waits to be sent
         # One timer for the state (handshake, register, or, once registered,
         # both the idle limit and the keepalive pings), one for slow input.
         self._timer: IDelayedCall | None = None
@@ -204,10 +122,12 @@ class SignalingProtocol(Protocol):
 
     def await_registration(self) -> None:
         """Unregistered: the peer has ``register_timeout`` to REGISTER."""
+        self.factory.unregistered.add(self, self.peer[0])
         self._arm(self.limits.register_timeout, "never registered")
 
     def await_activity(self) -> None:
         """Registered: one timer for the idle limit and the keepalive pings."""
+        self.factory.unregistered.discard(self)
         now = self._clock.seconds()
         self._last_activity = now
         if not has_kernel_rtt(self.transport):
@@ -227,10 +147,19 @@ class SignalingProtocol(Protocol):
         if self.transport is not None:
             self.transport.abortConnection()
 
+    def evict(self) -> None:
+        """Make room in a full table: its slot is free at once, the abort follows."""
+        log.info("Closing {peer}: oldest unregistered connection of a full table", peer=self.peer)
+        self.factory.count("evicted")
+        self.factory.connection_closed(self)
+        self.timed_out()
+
     def forget(self) -> None:
         """Gone: no more timers, and the factory stops counting it."""
         self.closed = True
         self._cancel_timers()
+        if self._guard is not None:
+            self._guard.stop()
         self.factory.connection_closed(self)
 
 
@@ -241,6 +170,7 @@ class SignalingProtocol(Protocol):
     def connectionMade(self) -> None:
         self.factory.connection_opened(self)
         no_delay(self.transport)
+        self._guard_output()
         self._arm(self.limits.handshake_timeout, "TLS handshake")
         if not self.factory.tls:
             self.tls_ready()
@@ -276,7 +206,10 @@ class SignalingProtocol(Protocol):
     def _dispatch(self, event: Request | Response | KeepAlivePing | KeepAlivePong) -> None:
         if isinstance(event, KeepAlivePing):
             self._activity()
-            self._write(CRLF)
+            if self._pings.take():
+                self._write(CRLF)
+            else:  # RFC 5626 peers ping every ~30 s; a flood gets no answers
+                self.factory.count("pings_dropped")
         elif isinstance(event, KeepAlivePong):
             self._activity()
             self._pong_received()
@@ -324,10 +257,29 @@ class SignalingProtocol(Protocol):
     def _write(self, data: bytes) -> None:
         if self.transport is not None:
             self.transport.write(data)
+            if self._guard is not None:
+                self._guard.wrote()
+
+    def _guard_output(self) -> None:
+        """Bound the output buffer: stop reading from a peer that does not read (limits.py)."""
+        if self.transport is None:
+            return
+        transport: GuardedTransport = self.transport  # type: ignore[assignment]  # TLS or TCP: both pause
+        self._guard = OutputGuard(
+            self._clock, transport, self.limits.max_output_buffer, self.limits.write_stall_timeout,
+            self._output_aborted,
+        )
+        self._guard.attach()
+
+    def _output_aborted(self, why: str) -> None:
+        log.info("Closing {peer}: {why}", peer=self.peer, why=why)
+        self.factory.count("output_overflows")
 
     def close(self) -> None:
         """Close after flushing what was written (an error response, say)."""
         if self.transport is not None and not self.closed:
+            if self._guard is not None:
+                self._guard.detach()
             self.transport.loseConnection()
             # A peer that never reads must not hold the socket open for ever.
             self._arm(self.limits.handshake_timeout, "closing")
@@ -455,6 +407,9 @@ class SignalingFactory(Factory):
         self.tls = tls
         self._per_ip: dict[str, int] = defaultdict(int)
         self.connections: set[SignalingProtocol] = set()
+        self.unregistered: OldestFirst[SignalingProtocol] = OldestFirst()  # handshaking or not registered yet
+        self.refusals = RefusalLog(clock, "signaling")
+        self.trimmer = HeapTrimmer(clock)
         self._counter = counter
 
     def count(self, what: str) -> None:
@@ -462,12 +417,31 @@ class SignalingFactory(Factory):
             self._counter(what)
 
     def admits(self, addr: IAddress | None) -> bool:
+        """Room for one more from this address? Refusals are logged in aggregate (RefusalLog)."""
         host = host_port(addr)[0]
-        if self._per_ip[host] >= self.limits.max_per_ip:
-            log.warn("Refusing connection from {host}: {n} already open", host=host, n=self._per_ip[host])
+        if self._per_ip.get(host, 0) >= self.limits.max_per_ip and not self._evict(self.unregistered.oldest(host)):
+            self.refusals.refused(host, f"{self.limits.max_per_ip} open from this IP")
             self.count("refused_per_ip")
             return False
+        # All addresses together: refused, not evicted. In a reconnect storm the
+        # oldest are the handshakes closest to done; the refused ones retry.
+        if len(self.unregistered) >= self.limits.max_unregistered:
+            self.refusals.refused(host, f"{self.limits.max_unregistered} unregistered open")
+            self.count("refused_unregistered")
+            return False
         return True
+
+    def _evict(self, conn: SignalingProtocol | None) -> bool:
+        """A full per-IP table closes its oldest unregistered connection for the newcomer (limits.OldestFirst)."""
+        if conn is None:
+            return False
+        conn.evict()
+        return True
+
+    def doStop(self) -> None:
+        self.refusals.flush()  # no summary timer outlives the listener
+        self.trimmer.stop()
+        super().doStop()  # type: ignore[no-untyped-call]
 
     def buildProtocol(self, addr: IAddress | None) -> SignalingProtocol | None:
         return SignalingProtocol(self, addr) if self.admits(addr) else None
@@ -475,9 +449,12 @@ class SignalingFactory(Factory):
     def connection_opened(self, conn: SignalingProtocol) -> None:
         self._per_ip[conn.peer[0]] += 1
         self.connections.add(conn)
+        self.unregistered.add(conn, conn.peer[0])
 
     def connection_closed(self, conn: SignalingProtocol) -> None:
+        self.unregistered.discard(conn)
         if conn in self.connections:
+            self.trimmer.closed()
             self.connections.discard(conn)
             self._per_ip[conn.peer[0]] -= 1
             if self._per_ip[conn.peer[0]] <= 0:

@@ -10,9 +10,9 @@ from twisted.application.service import IService
 from twisted.logger import InvalidLogLevelError, LogLevel
 from twisted.python import usage
 
+from kerjostunt.server.limits import ConnectionLimits, WebLimits
 from kerjostunt.server.reactor import IServerReactor
 from kerjostunt.server.service import ServerSettings, StuntServer, filter_log_level, tune_gc
-from kerjostunt.server.signaling import ConnectionLimits
 
 
 def _tcp(port: int, interface: str) -> str:
@@ -22,6 +22,23 @@ def _tcp(port: int, interface: str) -> str:
     if interface:
         description += ":interface=" + interface.replace(":", "\\:")
     return description
+
+
+WILDCARDS = frozenset({"", "0.0.0.0", "::", "0:0:0:0:0:0:0:0"})
+
+
+def probe_endpoints(ports: list[int], interface: str, alt_ip: str | None) -> list[str]:
+    """The probe listeners: on ``interface``, and on ``alt_ip`` unless a wildcard covers it.
+
+    A wildcard listener (no interface, ``0.0.0.0`` or ``::``) already
+    receives the alternate address's connections; an explicit listener on
+    the same port beside it fails with "Address already in use", so there
+    is one wildcard listener or explicit ones, never both.
+    """
+    endpoints = [_tcp(p, interface) for p in ports]
+    if alt_ip and interface.strip().lower() not in WILDCARDS:
+        endpoints += [_tcp(p, alt_ip) for p in ports]
+    return endpoints
 
 
 def _port(value: str) -> int:
@@ -47,6 +64,12 @@ class Options(usage.Options):
         ["web-port", None, 8443, "HTTPS port for the trusted peers list, /metrics and /health (0 = off).", _port],
         ["max-per-ip", None, 1000, "Concurrent signaling connections allowed from one IP.", int],
         ["register-timeout", None, 30.0, "Seconds a connection may stay unregistered.", float],
+        [
+            "max-unregistered", None, ConnectionLimits.max_unregistered,
+            "Signaling connections not (yet) registered allowed at once, from all IPs (TLS handshakes included).",
+            int,
+        ],
+        ["web-max-connections", None, WebLimits.max_connections, "HTTPS connections allowed at once.", int],
         [
             "tls-groups", None, None,
             "TLS key-exchange groups the signaling port offers, in OpenSSL's list syntax (default: OpenSSL's, "
@@ -96,9 +119,7 @@ class Options(usage.Options):
 
     def settings(self) -> ServerSettings:
         interface = self["interface"]
-        probe_endpoints = [_tcp(p, interface) for p in self["probe-ports"]]
-        if self["probe-alt-ip"] and interface:  # listening on all addresses covers the alt IP
-            probe_endpoints += [_tcp(p, self["probe-alt-ip"]) for p in self["probe-ports"]]
+        probes = probe_endpoints(self["probe-ports"], interface, self["probe-alt-ip"])
         return ServerSettings(
             domain=self["domain"],
             db_url=self["db"],
@@ -107,13 +128,15 @@ class Options(usage.Options):
             key=Path(self["key"]) if self["key"] else None,
             cert_hosts=list(self["cert-host"]),
             sip_endpoint=_tcp(self["port"], interface),
-            probe_endpoints=probe_endpoints,
+            probe_endpoints=probes,
             probe_ports=list(self["probe-ports"]),
             probe_alt_ip=self["probe-alt-ip"],
             web_endpoint=_tcp(self["web-port"], interface) if self["web-port"] else None,
             digest_algorithms=self["digest-algorithms"],
             tls_groups=self["tls-groups"] or None,
-            limits=ConnectionLimits(max_per_ip=self["max-per-ip"], register_timeout=self["register-timeout"]),
+            limits=ConnectionLimits(max_per_ip=self["max-per-ip"], register_timeout=self["register-timeout"],
+                                    max_unregistered=self["max-unregistered"]),
+            web_limits=WebLimits(max_connections=self["web-max-connections"]),
         )
 
 

@@ -7,8 +7,9 @@ Deferreds; a store failure or a store that does not answer in time is a
 503. Users authenticate with the same credentials as for REGISTER, through
 twisted.cred: HTTP Digest (RFC 7616, SHA-256 and MD5, checked against the
 stored HA1 exactly as REGISTER is) or Basic, which TLS makes acceptable and
-which is checked by computing the HA1 of the given password. Docs:
-docs/web.rst.
+which is checked by computing the HA1 of the given password. Which
+connections live (parsing limits, timeouts, counts, bounded output) is
+``webchannel.py``'s business. Docs: docs/web.rst.
 """
 
 from __future__ import annotations
@@ -26,20 +27,30 @@ from twisted.cred import portal
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import ICredentials, IUsernamePassword, UsernamePassword
 from twisted.internet import defer
-from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http, resource, server
+from twisted.web import resource, server
 from zope.interface import Interface, implementer
 
 from kerjostunt import tls
 from kerjostunt.server import metrics as metrics_module
 from kerjostunt.server.auth import NonceManager, SIPDigestCredentials, StoreDigestChecker, challenge_params
+from kerjostunt.server.limits import WebLimits
 from kerjostunt.server.registrar import Registrar
 from kerjostunt.server.signaling import AdmittingTLSFactory
+from kerjostunt.server.webchannel import (
+    IDLE_TIMEOUT,
+    MAX_BODY,
+    MAX_CONNECTIONS_PER_IP,
+    MAX_HEADER_BYTES,
+    MAX_HEADERS,
+    MAX_REQUEST_LINE,
+    LimitedChannel,
+    WebSite,
+)
 from kerjostunt.store import NAME_RE, StoreError, UnknownGroup, UserRecord
 from kerjostunt.store.api import Store
-from kerjostunt.tcp import host_port
 from kerjostunt.wire.sip.digest import ALGORITHMS, ha1
 from kerjostunt.wire.sip.headers import format_auth, parse_auth
 
@@ -52,108 +63,10 @@ log = Logger()
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
-# Bounds on what a client may send and how long it may take.
-MAX_REQUEST_LINE = 2048  # request line (so the URL) and each header line
-MAX_HEADER_BYTES = 8192  # request line plus all headers
-MAX_HEADERS = 40
-MAX_BODY = 0  # only GET and HEAD are served: no request body at all
-IDLE_TIMEOUT = 30.0  # seconds without a byte, TLS handshake included
-MAX_CONNECTIONS_PER_IP = 32
 STORE_TIMEOUT = 10.0  # a store call slower than this is answered 503
 
 JSON = b"application/json; charset=utf-8"
 TEXT = b"text/plain; charset=utf-8"
-
-
-# -- HTTP channel with limits ----------------------------------------------
-
-
-class LimitedChannel(http.HTTPChannel):
-    """twisted.web's channel with tighter limits and answers for breaking them."""
-
-    MAX_LENGTH = MAX_REQUEST_LINE
-    maxHeaders = MAX_HEADERS
-    totalHeadersSize = MAX_HEADER_BYTES
-
-    def connectionMade(self) -> None:
-        super().connectionMade()  # type: ignore[no-untyped-call]
-        self._peer_host = host_port(self.transport.getPeer() if self.transport is not None else None)[0]
-        self.factory.connection_opened(self._peer_host)
-
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        self.factory.connection_closed(self._peer_host)
-        super().connectionLost(reason)  # type: ignore[no-untyped-call]
-
-    def lineLengthExceeded(self, line: bytes) -> None:
-        # LineReceiver would just drop the connection; say why first.
-        status = b"414 URI Too Long" if self._in_request_line() else b"431 Request Header Fields Too Large"
-        self._refuse(status)
-
-    def allHeadersReceived(self) -> None:
-        super().allHeadersReceived()  # type: ignore[no-untyped-call]
-        # length is None for chunked bodies; both are refused before any is read.
-        if self.length is None or self.length > MAX_BODY:
-            self._refuse(b"413 Content Too Large")
-
-    def _in_request_line(self) -> bool:
-        return bool(getattr(self, "_HTTPChannel__first_line", 1))
-
-    def _refuse(self, status: bytes) -> None:
-        def noop(*args: object) -> None:
-            """What is read after the refusal is ignored."""
-
-        self.lineReceived = self.rawDataReceived = self.dataReceived = noop  # type: ignore[method-assign, assignment]
-        if self.transport is not None:
-            self.transport.write(b"HTTP/1.1 " + status + b"\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
-            self.transport.loseConnection()
-
-
-class WebSite(server.Site):
-    """A Site that counts connections per IP, so the TLS wrapper can refuse extras."""
-
-    protocol = LimitedChannel  # type: ignore[assignment]  # the stub wants a factory function
-
-    def __init__(self, root: resource.IResource, clock: IReactorTime, max_per_ip: int = MAX_CONNECTIONS_PER_IP) -> None:
-        super().__init__(root, timeout=IDLE_TIMEOUT, reactor=clock)  # type: ignore[no-untyped-call]
-        self.max_per_ip = max_per_ip
-        self.per_ip: dict[str, int] = {}
-        self._idle_waiters: list[defer.Deferred[None]] = []
-        self.noisy = False
-
-    def admits(self, addr: IAddress | None) -> bool:
-        return self.per_ip.get(host_port(addr)[0], 0) < self.max_per_ip
-
-    def buildProtocol(self, addr: IAddress | None) -> http.HTTPChannel | None:  # type: ignore[override]
-        # None refuses the connection (Factory's contract), which HTTPFactory's stub does not allow.
-        if not self.admits(addr):
-            return None
-        channel: http.HTTPChannel | None = super().buildProtocol(addr)  # type: ignore[no-untyped-call]
-        return channel
-
-    def connection_opened(self, host: str) -> None:
-        self.per_ip[host] = self.per_ip.get(host, 0) + 1
-
-    def connection_closed(self, host: str) -> None:
-        left = self.per_ip.get(host, 0) - 1
-        if left > 0:
-            self.per_ip[host] = left
-        else:
-            self.per_ip.pop(host, None)
-        if not self.per_ip:
-            waiters, self._idle_waiters = self._idle_waiters, []
-            for waiter in waiters:
-                waiter.callback(None)
-
-    def when_idle(self) -> defer.Deferred[None]:
-        """Fires once no connection is open (tests and graceful shutdowns wait on it)."""
-        if not self.per_ip:
-            return defer.succeed(None)
-        d: defer.Deferred[None] = defer.Deferred()
-        self._idle_waiters.append(d)
-        return d
-
-    def log(self, request: http.Request) -> None:
-        """No Apache-style access log; requests are logged as structured events."""
 
 
 # -- authentication through twisted.cred ----------------------------------
@@ -495,10 +408,11 @@ def make_site(
     domain: str,
     clock: IReactorTime,
     count: Callable[[str], None] | None = None,
+    limits: WebLimits = WebLimits(),
 ) -> WebSite:
     """The plain-HTTP site; ``tls_factory`` puts TLS around it."""
     root = WebResource(store=store, registrar=registrar, metrics=metrics, domain=domain, clock=clock, count=count)
-    return WebSite(root, clock)
+    return WebSite(root, clock, limits.max_per_ip, limits=limits, count=count)
 
 
 def registry_for(server: StuntServer) -> CollectorRegistry:
@@ -518,11 +432,18 @@ def tls_factory(server: StuntServer) -> AdmittingTLSFactory:
         domain=server.settings.domain,
         clock=server.reactor,
         count=server.count,
+        limits=server.settings.web_limits,
     )
     return AdmittingTLSFactory(tls.server_options(server.certificates), False, site)
 
 
 __all__ = [
+    "IDLE_TIMEOUT",
+    "MAX_BODY",
+    "MAX_CONNECTIONS_PER_IP",
+    "MAX_HEADERS",
+    "MAX_HEADER_BYTES",
+    "MAX_REQUEST_LINE",
     "LimitedChannel",
     "WebResource",
     "WebSite",
