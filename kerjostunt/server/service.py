@@ -31,9 +31,9 @@ from kerjostunt.server import web
 from kerjostunt.server.auth import NonceManager, make_portal
 from kerjostunt.server.calls import CallManager, CallSettings
 from kerjostunt.server.limits import WebLimits
-from kerjostunt.server.probe import Observation, ObservationLog, ProbeFactory, ProbeTokens
+from kerjostunt.server.probe import Observation, ObservationLog, ProbeFactory, ProbeTokens, nat_not_stored
 from kerjostunt.server.reactor import IServerReactor
-from kerjostunt.server.register import CHALLENGE_ALGORITHMS, RegisterHandler
+from kerjostunt.server.register import CHALLENGE_ALGORITHMS, Protection, RegisterHandler
 from kerjostunt.server.registrar import Registrar
 from kerjostunt.server.router import SignalingRouter
 from kerjostunt.server.signaling import AdmittingTLSFactory, ConnectionLimits, SignalingFactory
@@ -185,6 +185,7 @@ class StuntServer(MultiService):
             self._probe_headers,
             counter=self.count,
             challenge_algorithms=settings.digest_algorithms,
+            protection=Protection(tokens=self.tokens),
         )
         self.calls = CallManager(
             reactor, settings.domain, self.registrar, self.store, self.observations, self.count,
@@ -247,5 +248,5 @@ class StuntServer(MultiService):
         self.count("probes")
         nat = classify(self.observations.samples(observation.user_id))
         self.store.record_nat(observation.user_id, nat.to_dict(), observation.time).addErrback(
-            lambda f: log.failure("Could not store NAT of {user}", f, user=observation.user_id)
+            nat_not_stored, observation.user_id, self.tokens, self.observations
         )

@@ -35,10 +35,11 @@ from zope.interface import Interface, implementer
 
 from kerjostunt import tls
 from kerjostunt.server import metrics as metrics_module
-from kerjostunt.server.auth import NonceManager, SIPDigestCredentials, StoreDigestChecker, challenge_params
+from kerjostunt.server.auth import AuthGuard, NonceManager, SIPDigestCredentials, StoreDigestChecker, challenge_params
 from kerjostunt.server.limits import WebLimits
 from kerjostunt.server.registrar import Registrar
 from kerjostunt.server.signaling import AdmittingTLSFactory
+from kerjostunt.server.throttle import GuessThrottle
 from kerjostunt.server.webchannel import (
     IDLE_TIMEOUT,
     MAX_BODY,
@@ -51,6 +52,7 @@ from kerjostunt.server.webchannel import (
 )
 from kerjostunt.store import NAME_RE, StoreError, UnknownGroup, UserRecord
 from kerjostunt.store.api import Store
+from kerjostunt.tcp import host_port
 from kerjostunt.wire.sip.digest import ALGORITHMS, ha1
 from kerjostunt.wire.sip.headers import format_auth, parse_auth
 
@@ -147,7 +149,7 @@ class Unauthorized(Exception):
         self.stale = stale
 
 
-def parse_credentials(request: server.Request, realm: str, nonces: NonceManager) -> ICredentials:
+def parse_credentials(request: server.Request, realm: str, nonces: NonceManager, source: str = "") -> ICredentials:
     """The request's Authorization header as twisted.cred credentials.
 
     Raises ``Unauthorized`` when there is nothing usable, ``BadRequest`` for
@@ -177,15 +179,15 @@ def parse_credentials(request: server.Request, realm: str, nonces: NonceManager)
         raise Unauthorized("wrong realm")
     if creds.uri != request.uri.decode("ascii", "replace"):
         raise BadRequest("digest uri does not match the request")
-    verdict = nonces.check(creds.nonce)
+    verdict = nonces.check(creds.nonce, source)
     if verdict != "ok":
         raise Unauthorized(f"{verdict} nonce", stale=verdict == "stale")
     return creds
 
 
-def challenges(realm: str, nonces: NonceManager, stale: bool = False) -> list[str]:
+def challenges(realm: str, nonces: NonceManager, stale: bool = False, source: str = "") -> list[str]:
     """WWW-Authenticate values: Digest SHA-256, Digest MD5 (RFC 7616 3.7), then Basic."""
-    values = [format_auth("Digest", challenge_params(realm, nonces.issue(), a, stale)) for a in ALGORITHMS]
+    values = [format_auth("Digest", challenge_params(realm, nonces.issue(source), a, stale)) for a in ALGORITHMS]
     values.append(format_auth("Basic", {"realm": realm, "charset": "UTF-8"}))
     return values
 
@@ -255,6 +257,7 @@ class WebResource(resource.Resource):
         domain: str,
         clock: IReactorTime,
         count: Callable[[str], None] | None = None,
+        throttle: GuessThrottle | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.store = store
@@ -265,6 +268,7 @@ class WebResource(resource.Resource):
         self.nonces = NonceManager(clock)
         self.portal = make_web_portal(lambda user_id, algorithm: self._store(store.get_ha1, user_id, algorithm), domain)
         self._count = count or (lambda what: None)
+        self.guard = AuthGuard(self.portal, throttle or GuessThrottle(clock, count=self._count), "web")
 
     def render(self, request: server.Request) -> int:
         if request.method not in self.allowedMethods:
@@ -315,14 +319,17 @@ class WebResource(resource.Resource):
         fmt = request.args.get(b"format", [b"json"])[-1]
         if fmt not in (b"json", b"text"):
             return error_reply(400, "format must be json or text")
+        source = host_port(request.getClientAddress())[0]  # type: ignore[no-untyped-call]  # twisted.web
         try:
-            credentials = parse_credentials(request, self.realm, self.nonces)
-            _, user, _ = yield self.portal.login(credentials, None, IWebUser)
+            credentials = parse_credentials(request, self.realm, self.nonces, source)
+            _, user, _ = yield self.guard.login(credentials, source, IWebUser)
         except (Unauthorized, cred_error.UnauthorizedLogin, cred_error.UnhandledCredentials) as e:
             self._count("web_auth_failures")
             stale = isinstance(e, Unauthorized) and e.stale
-            log.info("web: 401 for {uri} ({why})", uri=request.uri, why=str(e))
-            headers = tuple((b"www-authenticate", v.encode()) for v in challenges(self.realm, self.nonces, stale))
+            # Debug only: wrong passwords are logged by the throttle, one line per source per interval.
+            log.debug("web: 401 for {uri} ({why})", uri=request.uri, why=str(e))
+            values = challenges(self.realm, self.nonces, stale, source)
+            headers = tuple((b"www-authenticate", v.encode()) for v in values)
             return error_reply(401, "authentication required", headers)
         except BadRequest as e:
             return error_reply(400, str(e))
@@ -409,9 +416,11 @@ def make_site(
     clock: IReactorTime,
     count: Callable[[str], None] | None = None,
     limits: WebLimits = WebLimits(),
+    throttle: GuessThrottle | None = None,
 ) -> WebSite:
     """The plain-HTTP site; ``tls_factory`` puts TLS around it."""
-    root = WebResource(store=store, registrar=registrar, metrics=metrics, domain=domain, clock=clock, count=count)
+    root = WebResource(store=store, registrar=registrar, metrics=metrics, domain=domain, clock=clock, count=count,
+                       throttle=throttle)
     return WebSite(root, clock, limits.max_per_ip, limits=limits, count=count)
 
 
@@ -433,6 +442,7 @@ def tls_factory(server: StuntServer) -> AdmittingTLSFactory:
         clock=server.reactor,
         count=server.count,
         limits=server.settings.web_limits,
+        throttle=server.register.throttle,  # one throttle: SIP and web failures add up
     )
     return AdmittingTLSFactory(tls.server_options(server.certificates), False, site)
 
