@@ -361,6 +361,10 @@ class FakeObservations:
     def samples(self, user_id: str) -> list[Sample]:
         return self.by_user.get(user_id, [])
 
+    def behind(self, public_ip: str) -> list[Sample]:
+        seen = [s for samples in self.by_user.values() for s in samples if s.mapped_ip == public_ip]
+        return sorted(seen, key=lambda s: s.time)
+
 
 def invite_request(caller: str, callee: str, call_id: str = "c1", punch: int = 40001, body: bytes | None = None) -> Request:
     h = Headers()

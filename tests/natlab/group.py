@@ -220,6 +220,9 @@ def summary(run: GroupRun) -> str:
     lines = [f"pairs {run.pairs_ok}/{len(run.joinable)}, mesh {mesh}, all signaling closed {closed}, "
              f"server CPU {run.server_cpu_s:.1f} s, techniques "
              + ", ".join(f"{t} {n}" for t, n in run.techniques.most_common())]
+    slowest = sorted(run.connected.items(), key=lambda kv: -kv[1])[:6]
+    if slowest:
+        lines.append("  slowest: " + ", ".join(f"{'-'.join(sorted(p))} {t:.1f} s" for p, t in slowest))
     if run.missing():
         lines.append("  missing: " + " ".join(run.missing()))
     if run.signaling_open:

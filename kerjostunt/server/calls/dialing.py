@@ -12,7 +12,16 @@ from collections.abc import Sequence
 from twisted.logger import Logger
 
 from kerjostunt.wire import kerjo
-from kerjostunt.wire.prediction import UNKNOWN, NATDescription, Prediction, Sample, classify, predict
+from kerjostunt.wire.prediction import (
+    RANDOM,
+    UNKNOWN,
+    NATDescription,
+    Prediction,
+    Sample,
+    classify,
+    predict,
+    wrap_port,
+)
 from kerjostunt.wire.sdp import Candidate, SDPError, SessionDescription, candidate_priority, parse_sdp, validate_offer
 
 log = Logger(namespace="kerjostunt.server.calls")
@@ -83,3 +92,38 @@ def parse_offer(body: bytes) -> SessionDescription:
     if len(sdp.candidates) > MAX_OFFER_CANDIDATES:
         raise SDPError(f"at most {MAX_OFFER_CANDIDATES} candidates")
     return sdp
+
+
+def shifted(prediction: Prediction, latest_port: int, unseen: int) -> Prediction:
+    """A sequential NAT's window counted from its newest observed port plus ``unseen`` mappings.
+
+    With ``latest_port`` the side's own newest mapping and nothing unseen,
+    this is the prediction itself.  With unseen mappings (other calls'
+    punches since the newest probe) the step below the estimate is kept
+    last, in case one of them never left.
+    """
+    d = prediction.nat.delta
+    if not d:
+        return prediction
+    start = latest_port + d * (1 + unseen)
+    steps = [0, 1, 2, -1] if unseen else list(range(PREDICTION_WINDOW))
+    ports: list[int] = []
+    for k in steps:
+        port = wrap_port(start + k * d)
+        if port not in ports:
+            ports.append(port)
+    return Prediction(prediction.ip, tuple(ports[:PREDICTION_WINDOW]), prediction.confidence, prediction.nat)
+
+
+def new_mappings(dialed: SessionDescription, prediction: Prediction) -> int:
+    """How many new connections a side opens through its NAT dialing these (augmented) candidates.
+
+    The punch dials each predicted endpoint and the punch port (not towards
+    a public or random peer: client/calls/race.py), the direct attempts each
+    public passive candidate; a sequential NAT gives each its own port.
+    """
+    direct = len(dialed.of_type("host", "passive")[:MAX_SRFLX])
+    nat = prediction.nat
+    if not nat.behind_nat or nat.allocation == RANDOM:
+        return direct
+    return direct + len(set(prediction.ports[:PREDICTION_WINDOW])) + 1

@@ -20,9 +20,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from kerjostunt.server.calls import messages
-from kerjostunt.server.calls.dialing import parse_offer, predict_for
+from kerjostunt.server.calls.dialing import new_mappings, parse_offer, predict_for, shifted
+from kerjostunt.server.calls.lanes import NATLanes, lane_of
 from kerjostunt.server.calls.machine import CALLEE, CALLER, Call, CallInputs, Phase
 from kerjostunt.server.calls.messages import tag_of, top_branch
+from kerjostunt.server.calls.pairs import PairBook
 from kerjostunt.server.calls.seams import CallSettings, CallStore, Clock, Observations, Timer
 from kerjostunt.server.register import RequestError, user_of
 from kerjostunt.server.registrar import Registrar, SignalingConnection
@@ -30,7 +32,7 @@ from kerjostunt.server.signaling import TokenBucket
 from kerjostunt.store.database import UnknownUser
 from kerjostunt.wire import kerjo
 from kerjostunt.wire.kerjo import OutcomeError, parse_outcome
-from kerjostunt.wire.prediction import Prediction
+from kerjostunt.wire.prediction import AD, APD, SEQUENTIAL, NATDescription, Prediction, classify, no_technique
 from kerjostunt.wire.sdp import SDPError, SessionDescription
 from kerjostunt.wire.sip.headers import parse_uri
 from kerjostunt.wire.sip.message import Request, Response, make_response
@@ -74,6 +76,8 @@ class CallManager:
         # (6,400 of them in the reactor's heap at 200 calls/s).
         self._lingering: deque[tuple[float, Call]] = deque()
         self._linger_timer: Timer | None = None
+        self.lanes = NATLanes(clock, settings.nat_dial_gap)
+        self.pairs = PairBook(clock)
 
     # -- the router's interface ------------------------------------------------------
 
@@ -133,7 +137,8 @@ class CallManager:
         self._by_conn.setdefault(conn, set()).add(call)
 
     def linger_from_now(self, call: Call) -> None:
-        """Forget ``call`` ``linger`` seconds from now."""
+        """Forget ``call`` ``linger`` seconds from now (and give up its turn at any NAT)."""
+        self.lanes.leave(call)
         linger = self._settings.linger
         self._lingering.append((self._clock.seconds() + linger, call))
         if self._linger_timer is None:
@@ -151,6 +156,7 @@ class CallManager:
             self._linger_timer = self._clock.callLater(lingering[0][0] - now, self._linger_over)
 
     def remove(self, call: Call) -> None:
+        self.lanes.leave(call)
         self._by_caller_leg.pop((call.caller_conn, call.caller_call_id), None)
         self._by_server_id.pop(call.server_call_id, None)
         for conn in call.legs():
@@ -184,8 +190,52 @@ class CallManager:
             self.count("internal_errors")
 
     def prediction_for(self, user_id: str, sdp: SessionDescription, conn: SignalingConnection) -> Prediction:
-        """From the probes of exactly the SDP's punch port; else the signaling address, low confidence."""
-        return predict_for(user_id, sdp, self.observations.samples(user_id), conn.peer[0])
+        """From the probes of exactly the SDP's punch port; else the signaling address, low confidence.
+
+        Behind a sequential, address-dependent NAT it counts from the NAT's
+        newest port, whichever of its hosts probed last, plus the mappings
+        the calls that dialed there since were going to open (lanes.py).
+        """
+        prediction = predict_for(user_id, sdp, self.observations.samples(user_id), conn.peer[0])
+        nat = self._nat_behind(prediction.nat, conn.peer[0])
+        key = lane_of(nat, conn.peer[0])
+        if key is None or nat.delta is None:
+            return prediction
+        latest = self.observations.behind(key)[-1]
+        prediction = Prediction(prediction.ip, prediction.ports, prediction.confidence, nat)
+        return shifted(prediction, latest.mapped_port, self.lanes.shift(key, latest.time))
+
+    def _nat_behind(self, own: NATDescription, public_ip: str) -> NATDescription:
+        """The NAT as all its hosts' probes show it, where one host's own are not conclusive.
+
+        Between one host's probes the others' connections take ports: its
+        own steps look random (seen in the NAT lab's group) where all of
+        them together step by the NAT's delta.
+        """
+        if not own.behind_nat or own.mapping not in (AD, APD) or own.allocation == SEQUENTIAL:
+            return own
+        samples = self.observations.behind(own.public_ip or public_ip)
+        if not samples:
+            return own
+        nat = classify(samples)
+        if nat.allocation != SEQUENTIAL:
+            return own
+        return NATDescription(True, own.mapping, SEQUENTIAL, nat.delta, own.public_ip or public_ip)
+
+    def dial_scheduled(self, call: Call, dial_caller_ms: int, dial_callee_ms: int) -> int:
+        """Both sides' dial moments are set: milliseconds to add to both, after earlier calls through a NAT.
+
+        Notes what each lane side opens there and ends the call's turn (lanes.py).
+        """
+        if not call.lanes:
+            return 0
+        assert call.caller_prediction is not None and call.callee_prediction is not None
+        assert call.callee_sdp is not None
+        dialed = {CALLER: new_mappings(call.callee_sdp, call.callee_prediction),
+                  CALLEE: new_mappings(call.caller_sdp, call.caller_prediction)}
+        mappings = {key: dialed[side] for side, key in call.lanes.items()}
+        at = self._clock.seconds() + max(dial_caller_ms, dial_callee_ms) / 1000.0
+        return round(self.lanes.dialing(call, at, mappings) * 1000.0)
 
     def record(self, call: Call) -> None:
         attempt = call.attempt()
@@ -195,6 +245,10 @@ class CallManager:
         # The one info line per call; the steps before it are debug (--log-level).
         log.info("Call {caller} -> {callee}: {outcome} ({technique}), predicted {predicted}, actual {actual}",
                  **attempt)
+        addresses = {call.caller_id: call.caller_conn.peer[0]}
+        if call.callee_conn is not None:
+            addresses[call.callee_id] = call.callee_conn.peer[0]
+        self.pairs.recorded(call.caller_id, call.callee_id, attempt["outcome"] != "failed", addresses)
         d = self.store.record_attempt(when=when, **attempt)
         self._pending.add(d)
 
@@ -339,9 +393,13 @@ class CallManager:
                 return
             binding = self.registrar.lookup(call.callee_id)
             if binding is None:
-                self.feed(call, CallInputs.refused, 480, None)
+                self._offline(call)
+            elif (why := self._no_technique(call, binding.connection)):
+                self.count("calls_no_technique")
+                self.feed(call, CallInputs.refused, 488, f"{kerjo.NO_TECHNIQUE_REASON}: {why}")
             else:
-                self.feed(call, CallInputs.checked, binding.connection)
+                call.lanes = self._lanes_of(call, binding.connection)
+                self.lanes.enter(call, tuple(call.lanes.values()), lambda: self._forward(call))
 
         def failed(failure: Failure) -> None:
             if call.machine.phase() is not Phase.CHECKING:
@@ -358,6 +416,44 @@ class CallManager:
         d = self.store.call_check(call.caller_id, call.callee_id)
         d.addCallbacks(checked, failed)
         d.addErrback(lambda f: log.failure("Call check failed", f))
+
+    def _no_technique(self, call: Call, callee_conn: SignalingConnection) -> str:
+        """Why no technique joins the two sides' NATs as their probes describe them, or ""."""
+        sides = []
+        for user, conn in ((call.caller_id, call.caller_conn), (call.callee_id, callee_conn)):
+            samples = self.observations.samples(user)
+            if not samples:
+                return ""
+            sides.append(self._nat_behind(classify(samples), conn.peer[0]))
+        return no_technique(*sides)
+
+    def _lanes_of(self, call: Call, callee_conn: SignalingConnection) -> dict[str, str]:
+        """side -> the NAT lane (public address) it dials through, for sides whose calls interfere."""
+        caller_ip, callee_ip = call.caller_conn.peer[0], callee_conn.peer[0]
+        if caller_ip == callee_ip:
+            return {}  # one LAN: host candidates, no punch, no NAT port taken
+        lanes: dict[str, str] = {}
+        for side, user, ip in ((CALLER, call.caller_id, caller_ip), (CALLEE, call.callee_id, callee_ip)):
+            samples = self.observations.samples(user)
+            key = lane_of(self._nat_behind(classify(samples), ip), ip) if samples else None
+            if key is not None:
+                lanes[side] = key
+        return lanes
+
+    def _forward(self, call: Call) -> None:
+        """The call's turn at its NATs (at once without one): forward it, if the callee is still there."""
+        if call.machine.phase() is not Phase.CHECKING:
+            return
+        binding = self.registrar.lookup(call.callee_id)
+        if binding is None:
+            self._offline(call)
+        else:
+            self.feed(call, CallInputs.checked, binding.connection)
+
+    def _offline(self, call: Call) -> None:
+        """480; saying so when the pair's calls failed since its last success (pairs.py)."""
+        gave_up = self.pairs.failed(call.caller_id, call.callee_id, call.caller_conn.peer[0]) > 0
+        self.feed(call, CallInputs.refused, 480, kerjo.PAIR_FAILED_REASON if gave_up else None)
 
     # -- responses ---------------------------------------------------------------------
 
