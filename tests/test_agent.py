@@ -129,7 +129,8 @@ class DialerPlanTests(unittest.TestCase):
         far = self.dialer(_setup(cands), "203.0.113.7").direct_candidates()
         self.assertEqual([(c.endpoint, t) for c, t in far], [(("198.51.100.9", 7000), "public")])
         near = self.dialer(_setup(cands, peer_public="203.0.113.7"), "203.0.113.7").direct_candidates()
-        self.assertEqual([t for _, t in near], ["lan", "public"])
+        # On one LAN the public candidates are our own NAT's address: skipped (issue 12).
+        self.assertEqual([t for _, t in near], ["lan"])
 
     def test_stunt_flag_skips_the_public_endpoint_but_not_the_lan(self) -> None:
         cands = [_cand("host", "passive", "10.0.0.9", 7000), _cand("srflx", "passive", "198.51.100.9", 7000)]

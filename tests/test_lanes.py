@@ -89,14 +89,16 @@ class NATLanesTests(unittest.TestCase):
 
 
 class ShiftedTests(unittest.TestCase):
-    def test_nothing_unseen_is_the_prediction_itself(self) -> None:
+    def test_nothing_unseen_starts_as_the_prediction_itself(self) -> None:
         p = Prediction("198.18.2.2", (20004, 20008, 20012, 20016), 0.8, SEQ)
-        self.assertEqual(shifted(p, 20000, 0).ports, p.ports)
+        self.assertEqual(shifted(p, 20000, 0).ports[:4], p.ports)
+        self.assertEqual(len(shifted(p, 20000, 0).ports), 8, "a lane's window is wider")
 
     def test_counts_from_the_nats_newest_port_and_the_unseen_mappings(self) -> None:
         p = Prediction("198.18.2.2", (20004, 20008, 20012, 20016), 0.8, SEQ)
         # Another host probed up to 20040, then a call there opened 3 mappings.
-        self.assertEqual(shifted(p, 20040, 3).ports, (20056, 20060, 20064, 20052))
+        self.assertEqual(shifted(p, 20040, 3).ports,
+                         (20056, 20060, 20064, 20068, 20072, 20076, 20080, 20052))
 
 
 def _sdp(host_passive: int) -> SessionDescription:

@@ -151,6 +151,10 @@ class Dialer:
         plan: list[tuple[Candidate, str]] = []
         if self.lan:
             plan += [(c, "lan") for c in remote.of_type("host", "passive")]
+        if self.lan and plan:
+            # Its public candidates are our own NAT's address: only a hairpin NAT would pass
+            # them, and a sequential NAT would give each a port another call was promised.
+            return plan
         if not self.stunt_only:
             plan += [(c, "public") for c in remote.of_type("srflx", "passive")]
         return plan

@@ -28,6 +28,11 @@ log = Logger(namespace="kerjostunt.server.calls")
 
 #: how many predicted ports each side gets (a window for sequential NATs)
 PREDICTION_WINDOW = 4
+#: the window behind a sequential NAT other hosts use too (lanes.py): their probes between a
+#: prediction and its punch move the counter on by a few steps (NAT lab group: 2-3 of d=4)
+LANE_WINDOW = 8
+#: at most this many candidate lines in an SDP (docs/protocol.rst)
+MAX_SDP_CANDIDATES = 32
 #: a client's SDP may carry this many candidate lines; the server adds at most
 #: PREDICTION_WINDOW prflx and MAX_SRFLX srflx lines so every SDP stays <= 32
 MAX_OFFER_CANDIDATES = 16
@@ -62,12 +67,13 @@ def augmented(sd: SessionDescription, prediction: Prediction, public_ip: str) ->
     extra = [
         Candidate(f"p{i + 1}", 1, "TCP", candidate_priority("prflx", "so") - i, prediction.ip, port,
                   "prflx", "so", raddr=punch.ip, rport=sd.punch_port)
-        for i, port in enumerate(prediction.ports[:PREDICTION_WINDOW])
+        for i, port in enumerate(prediction.ports[:LANE_WINDOW])
     ]
+    room = max(0, min(MAX_SRFLX, MAX_SDP_CANDIDATES - len(sd.candidates) - len(extra)))
     extra += [
         Candidate(f"s{j + 1}", 1, "TCP", candidate_priority("srflx", "passive") - j, public_ip, c.port,
                   "srflx", "passive", raddr=c.ip, rport=c.port)
-        for j, c in enumerate(sd.of_type("host", "passive")[:MAX_SRFLX])
+        for j, c in enumerate(sd.of_type("host", "passive")[:room])
     ]
     return sd.with_candidates(extra)
 
@@ -106,17 +112,17 @@ def shifted(prediction: Prediction, latest_port: int, unseen: int) -> Prediction
     if not d:
         return prediction
     start = latest_port + d * (1 + unseen)
-    steps = [0, 1, 2, -1] if unseen else list(range(PREDICTION_WINDOW))
+    steps = [*range(LANE_WINDOW - 1), -1] if unseen else list(range(LANE_WINDOW))
     ports: list[int] = []
     for k in steps:
         port = wrap_port(start + k * d)
         if port not in ports:
             ports.append(port)
-    return Prediction(prediction.ip, tuple(ports[:PREDICTION_WINDOW]), prediction.confidence, prediction.nat)
+    return Prediction(prediction.ip, tuple(ports), prediction.confidence, prediction.nat)
 
 
 def new_mappings(dialed: SessionDescription, prediction: Prediction) -> int:
-    """How many new connections a side opens through its NAT dialing these (augmented) candidates.
+    """How many new connections a side opens through its NAT dialing the other side (its SDP and prediction).
 
     The punch dials each predicted endpoint and the punch port (not towards
     a public or random peer: client/calls/race.py), the direct attempts each
@@ -126,4 +132,4 @@ def new_mappings(dialed: SessionDescription, prediction: Prediction) -> int:
     nat = prediction.nat
     if not nat.behind_nat or nat.allocation == RANDOM:
         return direct
-    return direct + len(set(prediction.ports[:PREDICTION_WINDOW])) + 1
+    return direct + len(set(prediction.ports[:LANE_WINDOW])) + 1

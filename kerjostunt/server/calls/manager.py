@@ -396,6 +396,9 @@ class CallManager:
                 self._offline(call)
             elif (why := self._no_technique(call, binding.connection)):
                 self.count("calls_no_technique")
+                # The pair's failure, known without a dial: its other side's 480s will say so.
+                self.pairs.recorded(call.caller_id, call.callee_id, False, {
+                    call.caller_id: call.caller_conn.peer[0], call.callee_id: binding.connection.peer[0]})
                 self.feed(call, CallInputs.refused, 488, f"{kerjo.NO_TECHNIQUE_REASON}: {why}")
             else:
                 call.lanes = self._lanes_of(call, binding.connection)
