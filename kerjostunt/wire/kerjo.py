@@ -47,6 +47,9 @@ PAIR_FAILED_REASON = "Temporarily Unavailable: offline, and your calls failed"
 #: The start of a 488's reason phrase when no technique can join the two NATs as the server's
 #: probes describe them (prediction.no_technique): the caller gives the pair up at once.
 NO_TECHNIQUE_REASON = "Not Acceptable Here: no technique joins these NATs"
+#: The reason phrase of a 491: the callee's own call to the caller waits for its turn at a NAT
+#: (server/calls/lanes.py) and will connect them.
+CROSSING_REASON = "Request Pending: the peer is calling you"
 
 Endpoint = tuple[str, int]
 #: how a parser reads one header: ``message.headers.get``

@@ -386,6 +386,13 @@ class PeerManager:
             delay = self._backoff(max(1, peer.failures))
             peer.life.back_off(f"failed without signaling ({reason}), again in {delay:.1f}s", delay)
             return
+        if code == 491:
+            # The peer's own call to us waits at the server and will connect us (or count on
+            # its side): look again later, counting nothing.
+            delay = self._backoff(1 + peer.absences)
+            peer.absences += 1
+            peer.life.back_off(f"the peer is calling us ({reason}), again in {delay:.1f}s", delay)
+            return
         if code == 488 and kerjo.NO_TECHNIQUE_REASON in reason:
             # The server knows both NATs: nothing would join them. Unreachable until something
             # changes (the long retry, the list), on both sides alike.

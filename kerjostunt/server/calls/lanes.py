@@ -87,6 +87,10 @@ class NATLanes:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    def calls(self) -> list[object]:
+        """The calls holding or waiting for a turn."""
+        return [*self._holding, *(t.call for t in self._waiting)]
+
     def enter(self, call: object, keys: tuple[str, ...], go: Callable[[], None]) -> bool:
         """Run ``go`` now if every lane of ``keys`` is free (True), else once they are (False)."""
         turn = _Turn(call, tuple(dict.fromkeys(keys)), go)

@@ -402,7 +402,11 @@ class CallManager:
                 self.feed(call, CallInputs.refused, 488, f"{kerjo.NO_TECHNIQUE_REASON}: {why}")
             else:
                 call.lanes = self._lanes_of(call, binding.connection)
-                self.lanes.enter(call, tuple(call.lanes.values()), lambda: self._forward(call))
+                if call.lanes and self._crossing(call):
+                    self.count("calls_crossing")
+                    self.feed(call, CallInputs.refused, 491, kerjo.CROSSING_REASON)
+                    return
+                self.lanes.enter(call, tuple(call.lanes.values()), lambda: self._when_quiet(call))
 
         def failed(failure: Failure) -> None:
             if call.machine.phase() is not Phase.CHECKING:
@@ -442,6 +446,30 @@ class CallManager:
             if key is not None:
                 lanes[side] = key
         return lanes
+
+    def _crossing(self, call: Call) -> bool:
+        """Is the callee's own call to the caller waiting for (or holding) a turn at a NAT?
+
+        Then that call will connect them: a second one the other way would
+        only take the NAT's turn and ports twice and end as a duplicate.
+        """
+        return any(isinstance(other, Call) and other.caller_id == call.callee_id
+                   and other.callee_id == call.caller_id for other in self.lanes.calls())
+
+    def _when_quiet(self, call: Call) -> None:
+        """The call's turn: forward it once its NATs have been quiet for ``nat_quiet`` seconds.
+
+        A probe through the NAT moments ago is often one of a burst (a host
+        probing its next punch port, one probe per server endpoint); a
+        prediction made in its middle is short by the rest of it.
+        """
+        now = self._clock.seconds()
+        recent = [samples[-1].time for key in call.lanes.values() if (samples := self.observations.behind(key))]
+        wait = max([0.0, *(t + self._settings.nat_quiet - now for t in recent)])
+        if wait > 0 and call.machine.phase() is Phase.CHECKING:
+            self._clock.callLater(wait, self._when_quiet, call)
+            return
+        self._forward(call)
 
     def _forward(self, call: Call) -> None:
         """The call's turn at its NATs (at once without one): forward it, if the callee is still there."""
