@@ -288,7 +288,8 @@ class ServerProcess:
         db = Database(self.db_url)
         try:
             db.upgrade()
-            rows = ({"user_id": user_id(i), "password": password_of(user_id(i)), "groups": GROUP} for i in range(self.users))
+            rows = ({"user_id": user_id(i), "password": password_of(user_id(i)), "groups": GROUP}
+                    for i in range(self.users))
             db.import_users(rows, DOMAIN)
         finally:
             db.close()
@@ -314,7 +315,7 @@ class ServerProcess:
         self.port, *probes = free_ports(3)
         self.probe_ports = (probes[0], probes[1])
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-        out = open(self.workdir / "server.stdout", "wb")
+        out = open(self.workdir / "server.stdout", "wb")  # noqa: SIM115 (the child holds it for its whole life)
         with affinity(self.cpus):
             self.proc = subprocess.Popen(self.command(), cwd=self.workdir, env=env, stdout=out,
                                          stderr=subprocess.STDOUT)
@@ -403,7 +404,7 @@ class Workers:
         self.messages: queue.Queue[tuple[int, dict[str, Any]]] = queue.Queue()
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
         for index, config in enumerate(configs):
-            err = open(workdir / f"worker{index}.stderr", "wb")
+            err = open(workdir / f"worker{index}.stderr", "wb")  # noqa: SIM115 (the worker holds it for its whole life)
             with affinity(cpus):
                 proc = subprocess.Popen(
                     [sys.executable, str(script), "--worker", json.dumps(config)],

@@ -22,6 +22,11 @@ error paths::
     alice = network.agent("alice")
     d = PeerEndpoint(alice, "bob").connect(ClientFactory())
     clock.advance(0)
+
+A ``PeerManager`` takes a ``MemoryAgent`` as its agent and
+``network.directory(group, user)`` as its directory; give the agent the
+manager's ``accept_factory`` and ``peer_arrived`` (tests/test_testing.py
+runs a whole group that way).
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.logger import Logger
 
 log = Logger()
@@ -215,7 +216,8 @@ def server_options(paths: CertificatePaths, groups: str | None = None) -> ssl.Ce
     the post-quantum hybrid X25519MLKEM768 first); see docs/performance.rst
     for what each choice costs per connection.
     """
-    cert = ssl.PrivateCertificate.loadPEM(paths.cert.read_bytes() + b"\n" + paths.key.read_bytes())
+    pem = paths.cert.read_bytes() + b"\n" + paths.key.read_bytes()
+    cert = ssl.PrivateCertificate.loadPEM(pem)  # type: ignore[no-untyped-call]
     options = ssl.CertificateOptions(
         privateKey=cert.privateKey.original,
         certificate=cert.original,
@@ -226,7 +228,7 @@ def server_options(paths: CertificatePaths, groups: str | None = None) -> ssl.Ce
     return options
 
 
-def client_options(ca_path: Path | str, hostname: str) -> ssl.IOpenSSLClientConnectionCreator:
+def client_options(ca_path: Path | str, hostname: str) -> IOpenSSLClientConnectionCreator:
     """Client TLS that verifies the server's name against ``ca_path`` (service_identity)."""
     authority = ssl.Certificate.loadPEM(Path(ca_path).read_bytes())
     return ssl.optionsForClientTLS(hostname, trustRoot=authority)

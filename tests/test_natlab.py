@@ -321,7 +321,7 @@ class AllocationTests(LabTestCase):
         steps = {b - a for a, b in zip(ports, ports[1:])}
         self.assertGreater(len(steps), 3, ports)  # no constant delta
         self.assertGreater(max(ports) - min(ports), 1000, ports)
-        self.assertLessEqual(sum(p == l for p, l in zip(ports, locals_)), 1)
+        self.assertLessEqual(sum(p == local for p, local in zip(ports, locals_)), 1)
 
     def test_two_peers_share_public_ip(self) -> None:
         lab = self.make_lab({"a": NATSpec()}, peers_per_nat={"a": 2})
@@ -376,8 +376,8 @@ class TTLTests(LabTestCase):
         # The server accepted exactly one connection: the TTL 3 one.
         server.terminate()
         out, _ = server.communicate(timeout=10)
-        accepted = [json.loads(l)["accepted"] for l in out.splitlines()
-                    if "accepted" in l]
+        accepted = [json.loads(line)["accepted"] for line in out.splitlines()
+                    if "accepted" in line]
         self.assertEqual(accepted, [[a1.nat_public_ip, 42003]])
 
 

@@ -238,6 +238,20 @@ class ProtocolTests(TestCase):
         self.assertEqual(len(self.responses(tr)), 2)
         self.assertTrue(tr.disconnecting)
 
+    def test_closing_answers_nothing_more(self) -> None:
+        """Once closing (here: over the limit), input is ignored and no idle timer runs."""
+        factory = ProbeFactory(self.clock, self.tokens, self.log, max_requests=1)
+        proto, tr = self.connect(factory)
+        proto.dataReceived(b"".join(stun.binding_request()[0] for _ in range(2)))
+        self.assertEqual(len(self.responses(tr)), 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        proto.dataReceived(stun.binding_request()[0])
+        self.assertEqual(tr.value(), b"")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        proto.connectionLost(None)
+        proto.dataReceived(stun.binding_request()[0])  # and after the loss too
+        self.assertEqual(tr.value(), b"")
+
     def test_idle_timeout(self) -> None:
         proto, tr = self.connect()
         self.clock.advance(9)

@@ -120,7 +120,7 @@ class BadInputTests(SynchronousTestCase):
 
     def test_missing_required_headers(self):
         for name in (b"Via", b"From", b"To", b"Call-ID", b"CSeq"):
-            head = b"\r\n".join(l for l in HEAD.split(b"\r\n") if not l.startswith(name + b":"))
+            head = b"\r\n".join(line for line in HEAD.split(b"\r\n") if not line.startswith(name + b":"))
             e = self.assertError(msg(head=head + b"\r\n"), 400, False, True)
             self.assertIn(name.decode(), e.reason)
 

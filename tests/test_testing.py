@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from random import Random
+
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from kerjostunt.client.calls import ConnectFailed
 from kerjostunt.client.endpoint import PeerEndpoint
+from kerjostunt.client.manager import PeerManager
 from kerjostunt.testing import TECHNIQUE, MemoryNetwork
 
 
@@ -89,3 +92,54 @@ class EndpointTests(SynchronousTestCase):
     def test_directory_lists_the_other_members(self) -> None:
         entries = self.successResultOf(self.network.directory("friends", "alice")())
         self.assertEqual([(e.user_id, e.online) for e in entries], [("bob", True)])
+
+
+class ManagerTests(SynchronousTestCase):
+    """A group of PeerManagers over one MemoryNetwork: the seed's signaling rule, without sockets.
+
+    Each manager gets its own seeded random source, so the jittered back-offs
+    (and so every run) are the same.
+    """
+
+    MEMBERS = ("alice", "bob", "carol")
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.network = MemoryNetwork(self.clock)
+        self.network.add_group("friends", *self.MEMBERS)
+        self.agents = {}
+        self.managers = {}
+        for user in self.MEMBERS:
+            agent = self.network.agent(user)
+            manager = PeerManager(self.clock, group="friends", user_id=user,
+                                  directory=self.network.directory("friends", user), agent=agent,
+                                  app_factory_for=lambda peer: Factory.forProtocol(Echo),
+                                  random=Random(user).random)
+            agent.accept_factory, agent.on_peer = manager.accept_factory, manager.peer_arrived
+            self.agents[user], self.managers[user] = agent, manager
+        for manager in self.managers.values():
+            manager.start()
+
+    def run_for(self, seconds: float) -> None:
+        for _ in range(int(seconds * 10)):
+            self.clock.advance(0.1)
+
+    def test_everyone_connects_then_hangs_up(self) -> None:
+        self.run_for(30)
+        for user, manager in self.managers.items():
+            self.assertTrue(manager.all_done(), (user, manager.states()))
+            self.assertEqual({str(s) for s in manager.states().values()}, {"connected"}, user)
+            self.assertFalse(self.agents[user].signaling_up, user)
+        self.assertEqual(len({frozenset(pair) for pair in self.network.calls}), 3)
+
+    def test_a_lost_connection_reopens_signaling(self) -> None:
+        self.run_for(30)
+        connection = self.managers["alice"].connection_of("bob")
+        assert connection is not None
+        connection.protocol.transport.loseConnection()  # type: ignore[attr-defined]
+        self.run_for(1)
+        self.assertEqual(self.agents["alice"].starts, 2)  # signaling reopened for the dropped peer
+        self.run_for(30)
+        self.assertTrue(self.managers["alice"].all_done())
+        self.assertFalse(self.agents["alice"].signaling_up)
+        self.assertEqual(self.agents["alice"].starts, 2)

@@ -481,4 +481,4 @@ class CredentialParsingTests(unittest.TestCase):
 
     def test_basic_is_parsed(self) -> None:
         creds = web.parse_credentials(self.request(basic("alice", "p:w")), DOMAIN, self.nonces)
-        self.assertEqual((creds.username, creds.password), ("alice", "p:w"))
+        self.assertEqual((creds.username, creds.password), (b"alice", b"p:w"))  # twisted.cred wants bytes

@@ -222,7 +222,7 @@ def describe_user(
     return lines
 
 
-def _describe_nat(nat: dict | None) -> str:
+def _describe_nat(nat: dict[str, Any] | None) -> str:
     if not nat:
         return "unknown"
     first = ("mapping", "allocation", "delta", "public_ip")

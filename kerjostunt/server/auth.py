@@ -12,14 +12,16 @@ from __future__ import annotations
 import hmac
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from hashlib import sha256
 from typing import Any
 
 from twisted.cred import error, portal
+from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import ICredentials
 from twisted.internet import defer
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
@@ -63,7 +65,7 @@ class NonceManager:
 class ISIPDigestCredentials(ICredentials):
     """A REGISTER's digest answer, checkable against a stored HA1."""
 
-    def check_ha1(ha1: str) -> bool:  # type: ignore[misc]
+    def check_ha1(ha1: str) -> bool:
         """True if the client's response matches this HA1."""
 
 
@@ -124,6 +126,7 @@ class SIPRealm:
         return interfaces[0], avatarId, lambda: None
 
 
+@implementer(ICredentialsChecker)
 class StoreDigestChecker:
     """Checks digest answers against the HA1 values in the store."""
 
@@ -134,8 +137,9 @@ class StoreDigestChecker:
         self._get_ha1 = get_ha1
 
     @defer.inlineCallbacks
-    def requestAvatarId(self, credentials: SIPDigestCredentials):  # type: ignore[no-untyped-def]
-        ha1 = yield self._get_ha1(credentials.username, credentials.algorithm)
+    def requestAvatarId(self, credentials: SIPDigestCredentials) -> Generator[Deferred[Any], Any, Any]:
+        # Any: ICredentialsChecker declares bytes avatar IDs; ours are str user IDs.
+        ha1: str | None = yield self._get_ha1(credentials.username, credentials.algorithm)
         if ha1 is None or not credentials.check_ha1(ha1):
             raise error.UnauthorizedLogin("bad credentials")
         return credentials.username

@@ -17,15 +17,20 @@ import secrets
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol as TypingProtocol
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.protocol import Factory, Protocol
+from automat import TypeMachineBuilder
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
+from kerjostunt.tcp import host_port
 from kerjostunt.wire import stun
 from kerjostunt.wire.prediction import Sample
 
-__all__ = ["ProbeTokens", "Observation", "ObservationLog", "ProbeProtocol", "ProbeFactory"]
+__all__ = ["ProbeTokens", "Observation", "ObservationLog", "ProbeLife", "ProbeProtocol", "ProbeFactory"]
 
 _log = Logger(namespace="kerjostunt.server.probe")
 
@@ -187,85 +192,123 @@ class _Reject(Exception):
         self.code, self.reason, self.unknown = code, reason, unknown or []
 
 
+class ProbeLife(TypingProtocol):
+    """The inputs of one probe connection's life.
+
+    waiting (built, not yet connected) -> serving (STUN requests answered in
+    order; the idle timer restarts with every read) -> closing (we asked the
+    transport to go: over the request limit, unframeable input, or idle) ->
+    closed (the transport is gone). Nothing is read once serving is over.
+    """
+
+    def connected(self) -> None:
+        """TCP is up: the idle timer starts."""
+
+    def received(self) -> bool:
+        """Bytes arrived: True while serving (the idle timer restarts), else False."""
+
+    def serving(self) -> bool:
+        """Is the connection still answering? (A query: no transition.)"""
+
+    def idle(self) -> None:
+        """No byte for ``idle_timeout`` seconds: abort the connection."""
+
+    def finish(self) -> None:
+        """Over the request limit or unframeable: close after what is written."""
+
+    def lost(self) -> None:
+        """The transport is gone."""
+
+
 class ProbeProtocol(Protocol):
     """One TCP connection: STUN messages back to back, answered in order.
 
-    Life: open -> serving (idle timer re-armed by every byte) -> closed, on
-    idle timeout, request limit, unframeable input, or the peer leaving.
+    Its life is the ``ProbeLife`` machine at the end of this module.
     """
 
     factory: ProbeFactory
+    transport: ITCPTransport | None  # a TCP connection (StringTransport in tests)
 
     def __init__(self) -> None:
         self._decoder = stun.StunStreamDecoder(stun.MAX_MESSAGE_SIZE)
         self._timer: IDelayedCall | None = None
         self._requests = 0
-        self._closing = False
-        self._closing_after = False
+        self._life = _ProbeLifeMachine(self)
 
-    # -- connection life
+    # -- Twisted callbacks
 
     def connectionMade(self) -> None:
-        self._arm()
+        self._life.connected()
 
-    def connectionLost(self, reason: object = None) -> None:
-        self._closing = True
-        self._disarm()
-
-    def _arm(self) -> None:
-        self._disarm()
-        self._timer = self.factory.clock.callLater(self.factory.idle_timeout, self._idle)
-
-    def _disarm(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-
-    def _idle(self) -> None:
-        self._timer = None
-        _log.debug("probe connection idle, closing {peer}", peer=self._peer())
-        self._close(abort=True)
-
-    def _close(self, abort: bool = False) -> None:
-        if self._closing:
-            return
-        self._closing = True
-        self._disarm()
-        if abort:
-            self.transport.abortConnection()
-        else:
-            self.transport.loseConnection()
-
-    def _peer(self) -> str:
-        p = self.transport.getPeer()
-        return f"{getattr(p, 'host', '?')}:{getattr(p, 'port', '?')}"
-
-    # -- input
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._life.lost()
 
     def dataReceived(self, data: bytes) -> None:
-        if self._closing:
+        if not self._life.received():
             return
-        self._arm()
         try:
             frames = self._decoder.feed_frames(data)
         except stun.STUNError as e:
             _log.info("closing probe connection from {peer}: {why}", peer=self._peer(), why=str(e))
-            frames = []
-            self._closing_after = True
-        else:
-            self._closing_after = False
+            self._life.finish()
+            return
         for frame in frames:
-            if self._closing:
+            if not self._life.serving():
                 return
             self._requests += 1
             if self._requests > self.factory.max_requests:
                 _log.info("probe connection from {peer} exceeded {n} requests",
                           peer=self._peer(), n=self.factory.max_requests)
-                self._close()
+                self._life.finish()
                 return
             self._handle(frame)
-        if self._closing_after:
-            self._close()
+
+    # -- what the life's transitions do
+
+    def arm(self) -> None:
+        """(Re)start the idle timer."""
+        self.disarm()
+        self._timer = self.factory.clock.callLater(self.factory.idle_timeout, self._idle)
+
+    def disarm(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def abort(self) -> None:
+        """Idle: drop the connection without waiting for buffered writes."""
+        _log.debug("probe connection idle, closing {peer}", peer=self._peer())
+        self.disarm()
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def close(self) -> None:
+        """Close once what is written has gone out."""
+        self.disarm()
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def _idle(self) -> None:
+        self._timer = None
+        self._life.idle()
+
+    def _peer(self) -> str:
+        """For the log: the peer's address as the transport has it."""
+        peer = self.transport.getPeer() if self.transport is not None else None
+        if isinstance(peer, (IPv4Address, IPv6Address)):
+            return f"{peer.host}:{peer.port}"
+        return "?:?"
+
+    def _addresses(self) -> tuple[tuple[str, int], tuple[str, int]]:
+        """(peer, host) of the connection, IPv4-mapped IPv6 read as IPv4."""
+        if self.transport is None:
+            return ("?", 0), ("?", 0)
+        (peer_ip, peer_port), (host_ip, host_port_) = (
+            host_port(self.transport.getPeer()), host_port(self.transport.getHost())
+        )
+        return (_plain_ip(peer_ip), peer_port), (_plain_ip(host_ip), host_port_)
+
+    # -- input
 
     def _handle(self, frame: bytes) -> None:
         msg_type, _, tid = stun.peek_header(frame)
@@ -324,10 +367,10 @@ class ProbeProtocol(Protocol):
                 local_port = stun.decode_local_port(value)
             except stun.STUNError:
                 local_port = None
-        peer, host = self.transport.getPeer(), self.transport.getHost()
+        (mapped_ip, mapped_port), (server_ip, server_port) = self._addresses()
         obs = Observation(user_id=user_id, local_port=local_port,
-                          mapped_ip=_plain_ip(peer.host), mapped_port=peer.port,
-                          server_ip=_plain_ip(host.host), server_port=host.port,
+                          mapped_ip=mapped_ip, mapped_port=mapped_port,
+                          server_ip=server_ip, server_port=server_port,
                           time=self.factory.clock.seconds())
         _log.debug("probe observation {obs!r}", obs=obs)
         self.factory.log.add(obs)
@@ -335,17 +378,16 @@ class ProbeProtocol(Protocol):
     # -- output
 
     def _answer(self, msg: stun.StunMessage, key: tuple[bytes, bool] | None) -> None:
-        peer, host = self.transport.getPeer(), self.transport.getHost()
-        mapped = (_plain_ip(peer.host), peer.port)
+        mapped, origin = self._addresses()
         tid = msg.transaction_id
         attrs = [(stun.XOR_MAPPED_ADDRESS, stun.encode_xor_address(mapped, tid)),
                  (stun.MAPPED_ADDRESS, stun.encode_address(mapped))]
         if self.factory.other_address is not None:
             attrs.append((stun.RESPONSE_ORIGIN,
-                          stun.encode_address((_plain_ip(host.host), host.port))))
+                          stun.encode_address(origin)))
             attrs.append((stun.OTHER_ADDRESS, stun.encode_address(self.factory.other_address)))
         attrs.append((stun.SOFTWARE, self.factory.software.encode("utf-8")))
-        self.transport.write(stun.encode(
+        self._write(stun.encode(
             stun.BINDING_SUCCESS, tid, attrs,
             integrity_key=key[0] if key else None,
             integrity_sha256=key[1] if key else False))
@@ -357,13 +399,17 @@ class ProbeProtocol(Protocol):
         if unknown:
             attrs.append((stun.UNKNOWN_ATTRIBUTES, stun.encode_unknown_attributes(unknown)))
         attrs.append((stun.SOFTWARE, self.factory.software.encode("utf-8")))
-        self.transport.write(stun.encode(error_type, tid, attrs))
+        self._write(stun.encode(error_type, tid, attrs))
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
 
 
 class ProbeFactory(Factory):
     """One per listening probe port."""
 
-    protocol = ProbeProtocol
+    protocol = ProbeProtocol  # type: ignore[assignment]  # the stub wants a factory function
 
     def __init__(self, clock: IReactorTime, tokens: ProbeTokens, log: ObservationLog, *,
                  other_address: tuple[str, int] | None = None, idle_timeout: float = 10.0,
@@ -375,3 +421,54 @@ class ProbeFactory(Factory):
         self.idle_timeout = idle_timeout
         self.max_requests = max_requests
         self.software = software
+
+
+# -- a probe connection's life -------------------------------------------------
+
+_life = TypeMachineBuilder(ProbeLife, ProbeProtocol)
+_waiting = _life.state("waiting")
+_serving = _life.state("serving")
+_closing = _life.state("closing")
+_closed = _life.state("closed")
+
+
+@_waiting.upon(ProbeLife.connected).to(_serving)
+def _start(life: ProbeLife, probe: ProbeProtocol) -> None:
+    probe.arm()
+
+
+@_waiting.upon(ProbeLife.received).to(_serving)
+@_serving.upon(ProbeLife.received).loop()
+def _read(life: ProbeLife, probe: ProbeProtocol) -> bool:
+    probe.arm()
+    return True
+
+
+@_serving.upon(ProbeLife.idle).to(_closing)
+def _abort(life: ProbeLife, probe: ProbeProtocol) -> None:
+    probe.abort()
+
+
+@_serving.upon(ProbeLife.finish).to(_closing)
+def _close(life: ProbeLife, probe: ProbeProtocol) -> None:
+    probe.close()
+
+
+@_waiting.upon(ProbeLife.lost).to(_closed)
+@_serving.upon(ProbeLife.lost).to(_closed)
+@_closing.upon(ProbeLife.lost).to(_closed)
+@_closed.upon(ProbeLife.lost).loop()
+def _gone(life: ProbeLife, probe: ProbeProtocol) -> None:
+    probe.disarm()
+
+
+_waiting.upon(ProbeLife.serving).loop().returns(False)
+_serving.upon(ProbeLife.serving).loop().returns(True)
+for _over in (_closing, _closed):
+    _over.upon(ProbeLife.received).loop().returns(False)
+    _over.upon(ProbeLife.serving).loop().returns(False)
+    _over.upon(ProbeLife.connected).loop().returns(None)
+    _over.upon(ProbeLife.idle).loop().returns(None)
+    _over.upon(ProbeLife.finish).loop().returns(None)
+
+_ProbeLifeMachine = _life.build()

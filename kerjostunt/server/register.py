@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from typing import Protocol as TypingProtocol
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -21,6 +19,7 @@ from zope.interface import Interface
 
 from kerjostunt.server.auth import NonceManager, SIPDigestCredentials, challenge_params
 from kerjostunt.server.registrar import Registrar, SignalingConnection
+from kerjostunt.store.api import UsageRecorder
 from kerjostunt.wire.sip.headers import format_auth, parse_auth, parse_name_addr, parse_via
 from kerjostunt.wire.sip.message import Request, Response, make_response
 
@@ -39,9 +38,6 @@ MIN_EXPIRES = 60
 class ISIPUser(Interface):
     """Avatar interface: an authenticated user ID."""
 
-
-class SeenRecorder(TypingProtocol):
-    def record_seen(self, user_id: str, ip: str, port: int, when: float) -> Deferred: ...
 
 
 class RequestError(Exception):
@@ -110,7 +106,7 @@ class RegisterHandler:
         registrar: Registrar,
         portal: Portal,
         nonces: NonceManager,
-        seen: SeenRecorder,
+        seen: UsageRecorder,
         extra_headers: Callable[[str], list[tuple[str, str]]] = lambda user_id: [],
         *,
         counter: Callable[[str], None] = lambda what: None,
@@ -171,9 +167,8 @@ class RegisterHandler:
         response = answer(request, 401)
         nonce = self._nonces.issue()
         for algorithm in self._algorithms:
-            response.headers.add(
-                "WWW-Authenticate", format_auth("Digest", challenge_params(self._domain, nonce, algorithm, stale), challenge=True)
-            )
+            params = challenge_params(self._domain, nonce, algorithm, stale)
+            response.headers.add("WWW-Authenticate", format_auth("Digest", params, challenge=True))
         self._count("challenges")
         conn.send(response)
 

@@ -78,7 +78,8 @@ class Registrar:
             if old.connection is not connection:
                 old.connection.unbound(user_id)
                 log.info("{user} moved to a new connection {peer}", user=user_id, peer=connection.peer)
-        binding = Binding(user_id, connection, contact, now + expires, old.registered_at if old and old.connection is connection else now)
+        registered_at = old.registered_at if old and old.connection is connection else now
+        binding = Binding(user_id, connection, contact, now + expires, registered_at)
         binding.timer = self._clock.callLater(expires, self._expire, user_id, connection)
         self._bindings[user_id] = binding
         connection.bound(user_id)

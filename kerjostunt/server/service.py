@@ -11,13 +11,18 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService, Service
+from twisted.application.service import IServiceCollection, MultiService, Service
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IReactorCore,
+    IStreamServerEndpoint,
+)
 from twisted.logger import FilteringLogObserver, Logger, LogLevel, LogLevelFilterPredicate, globalLogPublisher
 from zope.interface import implementer
 
@@ -26,6 +31,7 @@ from kerjostunt.server import web
 from kerjostunt.server.auth import NonceManager, make_portal
 from kerjostunt.server.calls import CallManager, CallSettings
 from kerjostunt.server.probe import Observation, ObservationLog, ProbeFactory, ProbeTokens
+from kerjostunt.server.reactor import IServerReactor
 from kerjostunt.server.register import CHALLENGE_ALGORITHMS, RegisterHandler
 from kerjostunt.server.registrar import Registrar
 from kerjostunt.server.router import SignalingRouter
@@ -36,6 +42,10 @@ from kerjostunt.wire.kerjo import ProbeOffer
 from kerjostunt.wire.prediction import classify
 
 log = Logger()
+
+
+class _LevelFilter(FilteringLogObserver):
+    """The filter ``filter_log_level`` installs: a later call replaces it, not wraps it."""
 
 
 def filter_log_level(level: LogLevel) -> LogLevelFilterPredicate:
@@ -51,15 +61,14 @@ def filter_log_level(level: LogLevel) -> LogLevelFilterPredicate:
     keep every event.
     """
     predicate = LogLevelFilterPredicate(defaultLogLevel=level)
-    filtered = FilteringLogObserver(globalLogPublisher, [predicate])
-    filtered._kerjostunt_level_filter = True  # type: ignore[attr-defined]
+    filtered = _LevelFilter(globalLogPublisher, [predicate])
     for name, module in list(sys.modules.items()):
         if module is None or not (name == "kerjostunt" or name.startswith("kerjostunt.")):
             continue
         for value in list(vars(module).values()):
             if isinstance(value, Logger) and (
                 value.observer is globalLogPublisher
-                or getattr(value.observer, "_kerjostunt_level_filter", False)
+                or isinstance(value.observer, _LevelFilter)
             ):
                 value.observer = filtered
     return predicate
@@ -68,7 +77,7 @@ def filter_log_level(level: LogLevel) -> LogLevelFilterPredicate:
 GC_GEN0_THRESHOLD = 10_000  # CPython's default is 700
 
 
-def tune_gc(reactor: Any) -> None:
+def tune_gc(reactor: IReactorCore) -> None:
     """Make the cyclic garbage collector cheaper for a server holding many peers.
 
     Every REGISTER leaves a few dozen long-lived objects (connection, TLS
@@ -125,12 +134,12 @@ class PortRecordingEndpoint:
         self._endpoint = endpoint
         self.listening: Deferred[IListeningPort] = Deferred()
 
-    def listen(self, factory: Any) -> Deferred[IListeningPort]:
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
         def listened(port: IListeningPort) -> IListeningPort:
             self.listening.callback(port)
             return port
 
-        return self._endpoint.listen(factory).addCallback(listened)
+        return self._endpoint.listen(protocolFactory).addCallback(listened)
 
 
 class _CallsService(Service):
@@ -139,22 +148,26 @@ class _CallsService(Service):
     def __init__(self, calls: CallManager) -> None:
         self.calls = calls
 
-    def stopService(self) -> Deferred:
-        super().stopService()
+    def setServiceParent(self, parent: IServiceCollection) -> None:
+        """Service's, typed (twisted.application carries no annotations)."""
+        super().setServiceParent(parent)  # type: ignore[no-untyped-call]
+
+    def stopService(self) -> Deferred[object]:
+        super().stopService()  # type: ignore[no-untyped-call]
         return self.calls.stop()
 
 
 class StuntServer(MultiService):
     """Wires the pieces; holds references that tests and the web service use."""
 
-    def __init__(self, settings: ServerSettings, reactor: Any) -> None:
-        super().__init__()
+    def __init__(self, settings: ServerSettings, reactor: IServerReactor) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
         self.settings = settings
         self.reactor = reactor
         self.counters: Counter[str] = Counter()
         self.certificates = self._certificates()
         self.store = AsyncStore(Database(settings.db_url), reactor)
-        StoreService(self.store).setServiceParent(self)
+        StoreService(self.store).setServiceParent(self)  # type: ignore[no-untyped-call]
 
         self.registrar = Registrar(reactor)
         self.tokens = ProbeTokens(reactor, settings.probe_token_lifetime)
@@ -201,16 +214,19 @@ class StuntServer(MultiService):
             return tls.CertificatePaths(s.cert, s.key or s.cert, None)
         return tls.ensure_certificates(s.certs_dir, s.domain, s.cert_hosts)
 
-    def _listen(self, name: str, description: str, factory: Any) -> None:
-        endpoint = PortRecordingEndpoint(serverFromString(self.reactor, description))
-        service = StreamServerEndpointService(endpoint, factory)
+    def _listen(self, name: str, description: str, factory: IProtocolFactory) -> None:
+        # twisted.application and endpoint parsing carry no annotations: the ignores.
+        endpoint = PortRecordingEndpoint(serverFromString(self.reactor, description))  # type: ignore[no-untyped-call]
+        service = StreamServerEndpointService(endpoint, factory)  # type: ignore[no-untyped-call]
         service._raiseSynchronously = True  # a busy port stops twistd with a clear error
-        service.setName(name)
-        service.setServiceParent(self)
+        service.setName(name)  # type: ignore[no-untyped-call]
+        service.setServiceParent(self)  # type: ignore[no-untyped-call]
         self.ports[name] = endpoint.listening
 
     def _note_probe_port(self, port: IListeningPort, index: int) -> IListeningPort:
-        self.settings.probe_ports[index] = port.getHost().port
+        host = port.getHost()
+        if isinstance(host, (IPv4Address, IPv6Address)):  # a probe endpoint is TCP
+            self.settings.probe_ports[index] = host.port
         return port
 
     def _probe_factory(self) -> ProbeFactory:

@@ -12,23 +12,25 @@ import socket
 import struct
 import sys
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 from typing import Protocol as TypingProtocol
+from typing import TypeVar
 
-from automat import MethodicalMachine
-from twisted.internet.interfaces import IAddress, IDelayedCall, IHandshakeListener, IReactorTime
+from automat import TypeMachineBuilder
+from twisted.internet.interfaces import IAddress, IDelayedCall, IHandshakeListener, IReactorTime, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from kerjostunt.tcp import no_delay
+from kerjostunt.tcp import host_port, no_delay
 from kerjostunt.wire.sip.message import Request, Response, make_response
 from kerjostunt.wire.sip.parser import KeepAlivePing, KeepAlivePong, Limits, SIPParseError, StreamParser
 
 log = Logger()
+_Message = TypeVar("_Message", Request, Response)
 
 CRLF = b"\r\n"
 RTT_SAMPLES = 3            # round trips kept; the smallest is the estimate
@@ -53,17 +55,17 @@ def rtt_from_tcp_info(info: bytes) -> float | None:
     kernels too old to report it. None when neither holds a sample.
     """
     if len(info) >= TCPI_MIN_RTT_OFFSET + 4:
-        (micros,) = _TCPI_RTT.unpack_from(info, TCPI_MIN_RTT_OFFSET)
+        micros: int = _TCPI_RTT.unpack_from(info, TCPI_MIN_RTT_OFFSET)[0]
         if 0 < micros < _NO_SAMPLE:
             return micros / 1e6
     if len(info) >= TCPI_RTT_OFFSET + 4:
-        (micros,) = _TCPI_RTT.unpack_from(info, TCPI_RTT_OFFSET)
+        micros = _TCPI_RTT.unpack_from(info, TCPI_RTT_OFFSET)[0]
         if micros > 0:
             return micros / 1e6
     return None
 
 
-def tcp_socket_of(transport: Any) -> socket.socket | None:
+def tcp_socket_of(transport: object) -> socket.socket | None:
     """The TCP socket under a transport (through the TLS wrapper), or None.
 
     ``TLSMemoryBIOProtocol.getHandle`` gives the OpenSSL connection, so walk
@@ -85,12 +87,12 @@ def tcp_socket_of(transport: Any) -> socket.socket | None:
 _TCP_INFO: int | None = getattr(socket, "TCP_INFO", None) if sys.platform.startswith("linux") else None
 
 
-def has_kernel_rtt(transport: Any) -> bool:
+def has_kernel_rtt(transport: object) -> bool:
     """Can ``kernel_rtt`` answer for this transport? (No system call: once per REGISTER.)"""
     return _TCP_INFO is not None and tcp_socket_of(transport) is not None
 
 
-def kernel_rtt(transport: Any) -> float | None:
+def kernel_rtt(transport: object) -> float | None:
     """The kernel's RTT of the connection under ``transport`` (Linux TCP_INFO), or None."""
     sock = tcp_socket_of(transport)
     if _TCP_INFO is None or sock is None:
@@ -151,13 +153,14 @@ class TokenBucket:
 class SignalingProtocol(Protocol):
     """One peer's signaling connection."""
 
-    _machine = MethodicalMachine()
+    # TLSMemoryBIOProtocol in service (an ITLSTransport), TCP in tests.
+    transport: ITCPTransport | None
 
-    def __init__(self, factory: SignalingFactory, address: IAddress) -> None:
+    def __init__(self, factory: SignalingFactory, address: IAddress | None) -> None:
         self.factory = factory
         self._clock = factory.clock
         self.limits = factory.limits
-        self.peer: tuple[str, int] = (getattr(address, "host", "?"), getattr(address, "port", 0))
+        self.peer: tuple[str, int] = host_port(address)
         self.user_ids: set[str] = set()
         self._parser = StreamParser(self.limits.sip)
         self._bucket = TokenBucket(self._clock, self.limits.requests_per_second, self.limits.request_burst)
@@ -173,51 +176,38 @@ class SignalingProtocol(Protocol):
         # looks at it (no cancel + callLater per message).
         self._last_activity = 0.0
         self.closed = False
+        self._life = _ConnectionLifeMachine(self)
 
-    # -- the connection's life ------------------------------------------------
+    # -- inputs of the connection's life (the machine is at the end of this module)
 
-    @_machine.state(initial=True)
-    def handshaking(self) -> None:
-        """TCP is up; the TLS handshake has to finish in time."""
-
-    @_machine.state()
-    def unregistered(self) -> None:
-        """TLS is up; the peer has to REGISTER in time."""
-
-    @_machine.state()
-    def registered(self) -> None:
-        """At least one user is bound to this connection."""
-
-    @_machine.state()
-    def closed_state(self) -> None:
-        """Gone; nothing more is sent or processed."""
-
-    @_machine.input()
     def tls_ready(self) -> None:
         """The TLS handshake completed."""
+        self._life.tls_ready()
 
-    @_machine.input()
     def user_bound(self) -> None:
         """The registrar bound a user to this connection."""
+        self._life.user_bound()
 
-    @_machine.input()
     def last_user_unbound(self) -> None:
         """No user is bound here any more."""
+        self._life.last_user_unbound()
 
-    @_machine.input()
     def timed_out(self) -> None:
         """The current state's timer ran out."""
+        self._life.timed_out()
 
-    @_machine.input()
     def lost(self) -> None:
         """The transport is gone."""
+        self._life.lost()
 
-    @_machine.output()
-    def _await_registration(self) -> None:
+    # -- what the life's transitions do
+
+    def await_registration(self) -> None:
+        """Unregistered: the peer has ``register_timeout`` to REGISTER."""
         self._arm(self.limits.register_timeout, "never registered")
 
-    @_machine.output()
-    def _await_activity(self) -> None:
+    def await_activity(self) -> None:
+        """Registered: one timer for the idle limit and the keepalive pings."""
         now = self._clock.seconds()
         self._last_activity = now
         if not has_kernel_rtt(self.transport):
@@ -231,34 +221,20 @@ class SignalingProtocol(Protocol):
             self._timer.cancel()
         self._timer = self._clock.callLater(0.0, self._registered_tick)
 
-    @_machine.output()
-    def _drop(self) -> None:
+    def drop(self) -> None:
+        """Timed out: abort the transport (``lost`` follows)."""
         self._cancel_timers()
         if self.transport is not None:
             self.transport.abortConnection()
 
-    @_machine.output()
-    def _forget(self) -> None:
+    def forget(self) -> None:
+        """Gone: no more timers, and the factory stops counting it."""
         self.closed = True
         self._cancel_timers()
         self.factory.connection_closed(self)
 
-    handshaking.upon(tls_ready, enter=unregistered, outputs=[_await_registration])
-    handshaking.upon(timed_out, enter=closed_state, outputs=[_drop])
-    handshaking.upon(lost, enter=closed_state, outputs=[_forget])
-    unregistered.upon(user_bound, enter=registered, outputs=[_await_activity])
-    unregistered.upon(last_user_unbound, enter=unregistered, outputs=[])
-    unregistered.upon(timed_out, enter=closed_state, outputs=[_drop])
-    unregistered.upon(lost, enter=closed_state, outputs=[_forget])
-    registered.upon(user_bound, enter=registered, outputs=[])
-    registered.upon(last_user_unbound, enter=unregistered, outputs=[_await_registration])
-    registered.upon(timed_out, enter=closed_state, outputs=[_drop])
-    registered.upon(lost, enter=closed_state, outputs=[_forget])
-    closed_state.upon(tls_ready, enter=closed_state, outputs=[])
-    closed_state.upon(user_bound, enter=closed_state, outputs=[])
-    closed_state.upon(last_user_unbound, enter=closed_state, outputs=[])
-    closed_state.upon(timed_out, enter=closed_state, outputs=[])
-    closed_state.upon(lost, enter=closed_state, outputs=[_forget])
+
+    # -- the connection's life ------------------------------------------------
 
     # -- Twisted callbacks ------------------------------------------------------
 
@@ -283,7 +259,7 @@ class SignalingProtocol(Protocol):
             return
         # feed_events never raises: errors come in stream order, a fatal one last.
         for event in self._parser.feed_events(data):
-            if self.closed:
+            if self._closed_by_handler():
                 return
             if isinstance(event, SIPParseError):
                 self._reject(event)
@@ -291,12 +267,16 @@ class SignalingProtocol(Protocol):
                 self._dispatch(event)
         self._track_partial()
 
+    def _closed_by_handler(self) -> bool:
+        """Did handling an earlier message of this read close the connection?"""
+        return self.closed
+
     # -- what arrived -----------------------------------------------------------
 
     def _dispatch(self, event: Request | Response | KeepAlivePing | KeepAlivePong) -> None:
         if isinstance(event, KeepAlivePing):
             self._activity()
-            self.transport.write(CRLF)
+            self._write(CRLF)
         elif isinstance(event, KeepAlivePong):
             self._activity()
             self._pong_received()
@@ -314,7 +294,7 @@ class SignalingProtocol(Protocol):
             self._activity()
             self._safely(self.factory.router.handle_response, event)
 
-    def _safely(self, handler: Any, message: Request | Response) -> None:
+    def _safely(self, handler: Callable[[SignalingProtocol, _Message], None], message: _Message) -> None:
         """A bug in one handler answers 500 to that request, never kills the reactor loop."""
         try:
             handler(self, message)
@@ -338,8 +318,12 @@ class SignalingProtocol(Protocol):
     # -- sending ----------------------------------------------------------------
 
     def send(self, message: Request | Response) -> None:
-        if not self.closed and self.transport is not None:
-            self.transport.write(message.to_bytes())
+        if not self.closed:
+            self._write(message.to_bytes())
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
 
     def close(self) -> None:
         """Close after flushing what was written (an error response, say)."""
@@ -392,7 +376,7 @@ class SignalingProtocol(Protocol):
             return
         if now >= self._next_ping:
             self._ping_sent_at = now
-            self.transport.write(PING_BYTES)
+            self._write(PING_BYTES)
             # Liveness (and RTT samples where the kernel has none): one ping
             # per rtt_interval, after the quick ones if any are due.
             self._quick_pings = max(0, self._quick_pings - 1)
@@ -463,7 +447,7 @@ class SignalingFactory(Factory):
         limits: ConnectionLimits = ConnectionLimits(),
         *,
         tls: bool = True,
-        counter: Any = None,
+        counter: Callable[[str], None] | None = None,
     ) -> None:
         self.router = router
         self.clock = clock
@@ -477,15 +461,15 @@ class SignalingFactory(Factory):
         if self._counter is not None:
             self._counter(what)
 
-    def admits(self, addr: IAddress) -> bool:
-        host = getattr(addr, "host", "?")
+    def admits(self, addr: IAddress | None) -> bool:
+        host = host_port(addr)[0]
         if self._per_ip[host] >= self.limits.max_per_ip:
             log.warn("Refusing connection from {host}: {n} already open", host=host, n=self._per_ip[host])
             self.count("refused_per_ip")
             return False
         return True
 
-    def buildProtocol(self, addr: IAddress) -> SignalingProtocol | None:  # type: ignore[override]
+    def buildProtocol(self, addr: IAddress | None) -> SignalingProtocol | None:
         return SignalingProtocol(self, addr) if self.admits(addr) else None
 
     def connection_opened(self, conn: SignalingProtocol) -> None:
@@ -514,7 +498,79 @@ class AdmittingTLSFactory(TLSMemoryBIOFactory):
     protocol = TLSMemoryBIOProtocol
     wrappedFactory: SignalingFactory
 
-    def buildProtocol(self, addr: IAddress):  # type: ignore[no-untyped-def]
+    def buildProtocol(self, addr: IAddress | None) -> TLSMemoryBIOProtocol | None:  # type: ignore[override]
+        # None refuses the connection (Factory's contract), which WrappingFactory's stub does not allow.
         if not self.wrappedFactory.admits(addr):
             return None
         return super().buildProtocol(addr)
+
+
+# -- a signaling connection's life ---------------------------------------------
+
+
+class ConnectionLife(TypingProtocol):
+    """The inputs of one signaling connection's life.
+
+    handshaking (TCP up, TLS must finish in time) -> unregistered (TLS up,
+    the peer must REGISTER in time) <-> registered (at least one user bound;
+    idle limit and keepalives) -> closed (nothing more is sent or processed).
+    A timeout in any open state aborts the transport; its loss then forgets
+    the connection.
+    """
+
+    def tls_ready(self) -> None:
+        """The TLS handshake completed."""
+
+    def user_bound(self) -> None:
+        """The registrar bound a user to this connection."""
+
+    def last_user_unbound(self) -> None:
+        """No user is bound here any more."""
+
+    def timed_out(self) -> None:
+        """The current state's timer ran out."""
+
+    def lost(self) -> None:
+        """The transport is gone."""
+
+
+_life = TypeMachineBuilder(ConnectionLife, SignalingProtocol)
+_handshaking = _life.state("handshaking")
+_unregistered = _life.state("unregistered")
+_registered = _life.state("registered")
+_closed = _life.state("closed")
+
+
+@_handshaking.upon(ConnectionLife.tls_ready).to(_unregistered)
+@_registered.upon(ConnectionLife.last_user_unbound).to(_unregistered)
+def _await_registration(life: ConnectionLife, conn: SignalingProtocol) -> None:
+    conn.await_registration()
+
+
+@_unregistered.upon(ConnectionLife.user_bound).to(_registered)
+def _await_activity(life: ConnectionLife, conn: SignalingProtocol) -> None:
+    conn.await_activity()
+
+
+@_handshaking.upon(ConnectionLife.timed_out).to(_closed)
+@_unregistered.upon(ConnectionLife.timed_out).to(_closed)
+@_registered.upon(ConnectionLife.timed_out).to(_closed)
+def _drop(life: ConnectionLife, conn: SignalingProtocol) -> None:
+    conn.drop()
+
+
+@_handshaking.upon(ConnectionLife.lost).to(_closed)
+@_unregistered.upon(ConnectionLife.lost).to(_closed)
+@_registered.upon(ConnectionLife.lost).to(_closed)
+@_closed.upon(ConnectionLife.lost).loop()
+def _forget(life: ConnectionLife, conn: SignalingProtocol) -> None:
+    conn.forget()
+
+
+_unregistered.upon(ConnectionLife.last_user_unbound).loop().returns(None)
+_registered.upon(ConnectionLife.user_bound).loop().returns(None)
+for _input in (ConnectionLife.tls_ready, ConnectionLife.user_bound, ConnectionLife.last_user_unbound,
+               ConnectionLife.timed_out):
+    _closed.upon(_input).loop().returns(None)
+
+_ConnectionLifeMachine = _life.build()

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Any
+from typing import cast
 
 from twisted.application.service import IService
 from twisted.logger import InvalidLogLevelError, LogLevel
 from twisted.python import usage
 
+from kerjostunt.server.reactor import IServerReactor
 from kerjostunt.server.service import ServerSettings, StuntServer, filter_log_level, tune_gc
 from kerjostunt.server.signaling import ConnectionLimits
 
@@ -46,13 +47,23 @@ class Options(usage.Options):
         ["web-port", None, 8443, "HTTPS port for the trusted peers list, /metrics and /health (0 = off).", _port],
         ["max-per-ip", None, 1000, "Concurrent signaling connections allowed from one IP.", int],
         ["register-timeout", None, 30.0, "Seconds a connection may stay unregistered.", float],
-        ["tls-groups", None, None, "TLS key-exchange groups the signaling port offers, in OpenSSL's list syntax (default: OpenSSL's, with the X25519MLKEM768 hybrid; X25519:P-256 saves about 8 KiB per connection, see docs/performance.rst)."],
-        ["log-level", None, "info", "Lowest level of the server's events written to the log: debug, info, warn, error or critical."],
-        ["digest-algorithms", None, "MD5,SHA-256", "Digest challenges offered, in order (MD5 first suits SIP tools such as sipp; our clients pick SHA-256)."],
+        [
+            "tls-groups", None, None,
+            "TLS key-exchange groups the signaling port offers, in OpenSSL's list syntax (default: OpenSSL's, "
+            "with the X25519MLKEM768 hybrid; X25519:P-256 saves about 8 KiB per connection, see docs/performance.rst).",
+        ],
+        [
+            "log-level", None, "info",
+            "Lowest level of the server's events written to the log: debug, info, warn, error or critical.",
+        ],
+        [
+            "digest-algorithms", None, "MD5,SHA-256",
+            "Digest challenges offered, in order (MD5 first suits SIP tools such as sipp; our clients pick SHA-256).",
+        ],
     ]
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self["cert-host"] = []
 
     def opt_cert_host(self, name: str) -> None:
@@ -106,10 +117,14 @@ class Options(usage.Options):
         )
 
 
-def makeService(config: Options, reactor: Any = None) -> IService:
+def makeService(config: Options, reactor: IServerReactor | None = None) -> IService:
     """Build the whole server; twistd passes only ``config``."""
     if reactor is None:
-        from twisted.internet import reactor  # type: ignore[no-redef]
+        from twisted.internet import reactor as installed
+
+        # The installed reactor provides every interface IServerReactor names;
+        # its stub type lists only the common ones (no IReactorFromThreads).
+        reactor = cast(IServerReactor, installed)
     filter_log_level(config["log-level"])
     tune_gc(reactor)
     return StuntServer(config.settings(), reactor)

@@ -2,7 +2,7 @@
 
 One leaf resource dispatches on the path, so every answer (errors
 included) is a small JSON or text body we chose, never a Twisted error page
-or a traceback. The database is reached only through ``AsyncStore``
+or a traceback. The database is reached only through the ``Store``
 Deferreds; a store failure or a store that does not answer in time is a
 503. Users authenticate with the same credentials as for REGISTER, through
 twisted.cred: HTTP Digest (RFC 7616, SHA-256 and MD5, checked against the
@@ -17,13 +17,14 @@ import base64
 import binascii
 import hmac
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from twisted.cred import error as cred_error
 from twisted.cred import portal
-from twisted.cred.credentials import IUsernamePassword, UsernamePassword
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import ICredentials, IUsernamePassword, UsernamePassword
 from twisted.internet import defer
 from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.logger import Logger
@@ -37,7 +38,8 @@ from kerjostunt.server.auth import NonceManager, SIPDigestCredentials, StoreDige
 from kerjostunt.server.registrar import Registrar
 from kerjostunt.server.signaling import AdmittingTLSFactory
 from kerjostunt.store import NAME_RE, StoreError, UnknownGroup, UserRecord
-from kerjostunt.store.api import AsyncStore
+from kerjostunt.store.api import Store
+from kerjostunt.tcp import host_port
 from kerjostunt.wire.sip.digest import ALGORITHMS, ha1
 from kerjostunt.wire.sip.headers import format_auth, parse_auth
 
@@ -47,6 +49,8 @@ if TYPE_CHECKING:
     from kerjostunt.server.service import StuntServer
 
 log = Logger()
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 # Bounds on what a client may send and how long it may take.
 MAX_REQUEST_LINE = 2048  # request line (so the URL) and each header line
@@ -72,13 +76,13 @@ class LimitedChannel(http.HTTPChannel):
     totalHeadersSize = MAX_HEADER_BYTES
 
     def connectionMade(self) -> None:
-        super().connectionMade()
-        self._peer_host = getattr(self.transport.getPeer(), "host", "?")
+        super().connectionMade()  # type: ignore[no-untyped-call]
+        self._peer_host = host_port(self.transport.getPeer() if self.transport is not None else None)[0]
         self.factory.connection_opened(self._peer_host)
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self.factory.connection_closed(self._peer_host)
-        super().connectionLost(reason)
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]
 
     def lineLengthExceeded(self, line: bytes) -> None:
         # LineReceiver would just drop the connection; say why first.
@@ -86,7 +90,7 @@ class LimitedChannel(http.HTTPChannel):
         self._refuse(status)
 
     def allHeadersReceived(self) -> None:
-        super().allHeadersReceived()
+        super().allHeadersReceived()  # type: ignore[no-untyped-call]
         # length is None for chunked bodies; both are refused before any is read.
         if self.length is None or self.length > MAX_BODY:
             self._refuse(b"413 Content Too Large")
@@ -95,29 +99,36 @@ class LimitedChannel(http.HTTPChannel):
         return bool(getattr(self, "_HTTPChannel__first_line", 1))
 
     def _refuse(self, status: bytes) -> None:
-        noop: Callable[..., None] = lambda *args: None
-        self.lineReceived = self.rawDataReceived = self.dataReceived = noop  # type: ignore[method-assign]
-        self.transport.write(b"HTTP/1.1 " + status + b"\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
-        self.transport.loseConnection()
+        def noop(*args: object) -> None:
+            """What is read after the refusal is ignored."""
+
+        self.lineReceived = self.rawDataReceived = self.dataReceived = noop  # type: ignore[method-assign, assignment]
+        if self.transport is not None:
+            self.transport.write(b"HTTP/1.1 " + status + b"\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+            self.transport.loseConnection()
 
 
 class WebSite(server.Site):
     """A Site that counts connections per IP, so the TLS wrapper can refuse extras."""
 
-    protocol = LimitedChannel
+    protocol = LimitedChannel  # type: ignore[assignment]  # the stub wants a factory function
 
     def __init__(self, root: resource.IResource, clock: IReactorTime, max_per_ip: int = MAX_CONNECTIONS_PER_IP) -> None:
-        super().__init__(root, timeout=IDLE_TIMEOUT, reactor=clock)
+        super().__init__(root, timeout=IDLE_TIMEOUT, reactor=clock)  # type: ignore[no-untyped-call]
         self.max_per_ip = max_per_ip
         self.per_ip: dict[str, int] = {}
         self._idle_waiters: list[defer.Deferred[None]] = []
         self.noisy = False
 
-    def admits(self, addr: IAddress) -> bool:
-        return self.per_ip.get(getattr(addr, "host", "?"), 0) < self.max_per_ip
+    def admits(self, addr: IAddress | None) -> bool:
+        return self.per_ip.get(host_port(addr)[0], 0) < self.max_per_ip
 
-    def buildProtocol(self, addr: IAddress):  # type: ignore[no-untyped-def]
-        return super().buildProtocol(addr) if self.admits(addr) else None
+    def buildProtocol(self, addr: IAddress | None) -> http.HTTPChannel | None:  # type: ignore[override]
+        # None refuses the connection (Factory's contract), which HTTPFactory's stub does not allow.
+        if not self.admits(addr):
+            return None
+        channel: http.HTTPChannel | None = super().buildProtocol(addr)  # type: ignore[no-untyped-call]
+        return channel
 
     def connection_opened(self, host: str) -> None:
         self.per_ip[host] = self.per_ip.get(host, 0) + 1
@@ -141,7 +152,7 @@ class WebSite(server.Site):
         self._idle_waiters.append(d)
         return d
 
-    def log(self, request: server.Request) -> None:
+    def log(self, request: http.Request) -> None:
         """No Apache-style access log; requests are logged as structured events."""
 
 
@@ -168,6 +179,7 @@ class WebRealm:
         return IWebUser, WebUser(avatarId), lambda: None
 
 
+@implementer(ICredentialsChecker)
 class StoreHA1PasswordChecker:
     """Basic auth: H(user:realm:password) of the given password against the stored HA1.
 
@@ -183,11 +195,12 @@ class StoreHA1PasswordChecker:
         self._realm = realm
 
     @defer.inlineCallbacks
-    def requestAvatarId(self, credentials: UsernamePassword):  # type: ignore[no-untyped-def]
+    def requestAvatarId(self, credentials: IUsernamePassword) -> Generator[defer.Deferred[Any], Any, Any]:
+        # Any: ICredentialsChecker declares bytes avatar IDs; ours are str user IDs.
         user_id = _text(credentials.username)
         password = _text(credentials.password)
         for algorithm in ALGORITHMS:
-            stored = yield self._get_ha1(user_id, algorithm)
+            stored: str | None = yield self._get_ha1(user_id, algorithm)
             if stored:
                 mine = ha1(user_id, self._realm, password, algorithm)
                 if hmac.compare_digest(mine.encode(), stored.encode()):
@@ -221,7 +234,7 @@ class Unauthorized(Exception):
         self.stale = stale
 
 
-def parse_credentials(request: server.Request, realm: str, nonces: NonceManager) -> Any:
+def parse_credentials(request: server.Request, realm: str, nonces: NonceManager) -> ICredentials:
     """The request's Authorization header as twisted.cred credentials.
 
     Raises ``Unauthorized`` when there is nothing usable, ``BadRequest`` for
@@ -239,7 +252,7 @@ def parse_credentials(request: server.Request, realm: str, nonces: NonceManager)
             username, colon, password = decoded.partition(":")
             if not colon or not username:
                 raise ValueError("no user:password")
-            return UsernamePassword(username, password)
+            return UsernamePassword(username.encode("utf-8"), password.encode("utf-8"))
         if scheme == "digest":
             _, params = parse_auth(text)
             creds = SIPDigestCredentials.from_params(request.method.decode("ascii"), params)
@@ -323,14 +336,14 @@ class WebResource(resource.Resource):
     def __init__(
         self,
         *,
-        store: AsyncStore,
+        store: Store,
         registrar: Registrar,
         metrics: CollectorRegistry,
         domain: str,
         clock: IReactorTime,
         count: Callable[[str], None] | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.store = store
         self.registrar = registrar
         self.metrics = metrics
@@ -340,14 +353,14 @@ class WebResource(resource.Resource):
         self.portal = make_web_portal(lambda user_id, algorithm: self._store(store.get_ha1, user_id, algorithm), domain)
         self._count = count or (lambda what: None)
 
-    def render(self, request: server.Request) -> Any:
+    def render(self, request: server.Request) -> int:
         if request.method not in self.allowedMethods:
             reply = error_reply(405, "only GET and HEAD", ((b"allow", b"GET, HEAD"),))
             self._send(reply, request, [])
             return server.NOT_DONE_YET
         return self.render_GET(request)
 
-    def render_GET(self, request: server.Request) -> Any:
+    def render_GET(self, request: server.Request) -> int:
         self._count("web_requests")
         gone: list[bool] = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
@@ -357,22 +370,22 @@ class WebResource(resource.Resource):
         d.addErrback(lambda f: log.failure("web: could not answer {uri}", f, uri=request.uri))
         return server.NOT_DONE_YET
 
-    def dispatch(self, request: server.Request) -> Reply | defer.Deferred[Reply]:
-        segments = list(request.postpath)
+    def dispatch(self, request: server.Request) -> defer.Deferred[Reply]:
+        segments = list(request.postpath or ())
         if segments and segments[-1] == b"":
             segments.pop()  # a trailing slash
         if segments == [b"health"]:
             return self.health()
         if segments == [b"metrics"]:
-            return Reply(200, metrics_module.render(self.metrics), metrics_module.CONTENT_TYPE.encode())
+            return defer.succeed(Reply(200, metrics_module.render(self.metrics), metrics_module.CONTENT_TYPE.encode()))
         if len(segments) == 4 and segments[:2] == [b"v1", b"groups"] and segments[3] == b"peers":
             return self.peers(request, segments[2].decode("utf-8", "replace"))
-        return error_reply(404, "no such resource")
+        return defer.succeed(error_reply(404, "no such resource"))
 
     # -- /health
 
     @defer.inlineCallbacks
-    def health(self):  # type: ignore[no-untyped-def]
+    def health(self) -> Generator[defer.Deferred[Any], Any, Reply]:
         document = {"status": "ok", "registered": len(self.registrar), "store": "ok"}
         try:
             # The cheapest real query there is: proves the pool and the database answer.
@@ -385,7 +398,7 @@ class WebResource(resource.Resource):
     # -- /v1/groups/GROUP/peers
 
     @defer.inlineCallbacks
-    def peers(self, request: server.Request, group: str):  # type: ignore[no-untyped-def]
+    def peers(self, request: server.Request, group: str) -> Generator[defer.Deferred[Any], Any, Reply]:
         fmt = request.args.get(b"format", [b"json"])[-1]
         if fmt not in (b"json", b"text"):
             return error_reply(400, "format must be json or text")
@@ -416,21 +429,23 @@ class WebResource(resource.Resource):
 
     # -- plumbing
 
-    def _store(self, method: Callable[..., defer.Deferred[Any]], *args: Any) -> defer.Deferred[Any]:
+    def _store(
+        self, method: Callable[_P, defer.Deferred[_T]], *args: _P.args, **kwargs: _P.kwargs
+    ) -> defer.Deferred[_T]:
         """A store call whose answer fails with ``StoreTimeout`` after STORE_TIMEOUT.
 
         The store's own Deferred is not cancelled: its thread keeps running
         and ``AsyncStore`` keeps counting it as pending (so a shutdown still
         waits for it); only this request stops waiting.
         """
-        answer: defer.Deferred[Any] = defer.Deferred()
+        answer: defer.Deferred[_T] = defer.Deferred()
 
         def give_up() -> None:
             answer.errback(StoreTimeout(f"no answer from the database in {STORE_TIMEOUT:g} s"))
 
         timer = self.clock.callLater(STORE_TIMEOUT, give_up)
 
-        def done(outcome: Any) -> None:
+        def done(outcome: _T | Failure) -> None:
             if timer.active():
                 timer.cancel()
             if answer.called:
@@ -442,7 +457,7 @@ class WebResource(resource.Resource):
             else:
                 answer.callback(outcome)
 
-        defer.maybeDeferred(method, *args).addBoth(done)
+        defer.maybeDeferred(method, *args, **kwargs).addBoth(done)
         return answer
 
     def _failed(self, failure: Failure, request: server.Request) -> Reply:
@@ -457,23 +472,24 @@ class WebResource(resource.Resource):
         if gone:
             return  # the client left; there is nobody to answer
         request.setResponseCode(reply.code)
-        request.setHeader(b"content-type", reply.content_type)
-        request.setHeader(b"cache-control", b"no-store")
-        request.setHeader(b"x-content-type-options", b"nosniff")
+        headers = request.responseHeaders  # what Request.setHeader sets, typed
+        headers.setRawHeaders(b"content-type", [reply.content_type])
+        headers.setRawHeaders(b"cache-control", [b"no-store"])
+        headers.setRawHeaders(b"x-content-type-options", [b"nosniff"])
         for name, value in reply.headers:
-            request.responseHeaders.addRawHeader(name, value)
-        request.setHeader(b"content-length", str(len(reply.body)).encode())
-        request.write(reply.body)
-        request.finish()
+            headers.addRawHeader(name, value)
+        headers.setRawHeaders(b"content-length", [str(len(reply.body)).encode()])
+        request.write(reply.body)  # type: ignore[no-untyped-call]
+        request.finish()  # type: ignore[no-untyped-call]
 
 
-def _describe(error: BaseException) -> str:
+def _describe(error: BaseException | None) -> str:
     return str(error) or type(error).__name__
 
 
 def make_site(
     *,
-    store: AsyncStore,
+    store: Store,
     registrar: Registrar,
     metrics: CollectorRegistry,
     domain: str,

@@ -1,6 +1,9 @@
 """The user database: blocking ``Database`` for the CLI, ``AsyncStore`` for the server.
 
-Nothing outside this package imports SQLAlchemy.
+Nothing outside this package imports SQLAlchemy. ``records`` holds the names,
+records, errors and rules (no SQL); ``queries`` the prebuilt statements;
+``users`` and ``usage`` the operations ``Database`` combines; ``api`` the
+async door and the ``Store`` / ``UsageRecorder`` / ``CallPolicy`` protocols.
 """
 
 from kerjostunt.store.database import (

@@ -12,16 +12,22 @@ new calls queue and then go over together, still one transaction each and in
 order; ``get_ha1`` lookups of a few milliseconds share one query, and
 ``record_seen`` is written behind, many rows per transaction
 (docs/decisions.rst).
+
+Server code depends on the ``typing.Protocol`` classes here, not on
+``AsyncStore``: ``Store`` (all of it), ``UsageRecorder`` (what registration
+and calls write down: last seen, NAT, attempts) and ``CallPolicy`` (may this
+caller ring that callee), so tests hand in fakes and the store can change
+below them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -49,6 +55,83 @@ HA1_BATCH = 100  # lookups that go at once without waiting
 _Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 
 
+class IStoreReactor(IReactorFromThreads, IReactorTime):
+    """What the store needs of a reactor: results back from the pool, and timers.
+
+    A typing-only combination of Twisted's interfaces (as Twisted's own
+    ``_IReactorCommon``); every real reactor provides both.
+    """
+
+
+class UsageRecorder(Protocol):
+    """Where the server writes down what peers did: seen, NAT, call attempts.
+
+    The registration and call code depend on this, not on ``AsyncStore``,
+    so they can be tested against a list in memory and the store can change
+    below them. Each Deferred fires once the row is written, or fails with a
+    ``StoreError``; callers log a failure and carry on.
+    """
+
+    def record_seen(self, user_id: str, ip: str, port: int, when: float) -> Deferred[None]:
+        """The user registered from ``ip:port`` at ``when`` (its last-seen address)."""
+        ...
+
+    def record_nat(self, user_id: str, nat: Mapping[str, Any], when: float) -> Deferred[None]:
+        """The user's NAT as the probes classified it (``NATDescription.to_dict()``)."""
+        ...
+
+    def record_attempt(
+        self,
+        call_id: str,
+        caller: str,
+        callee: str,
+        technique: str | None,
+        outcome: str,
+        predicted: str | None,
+        actual: str | None,
+        duration_ms: float | None,
+        when: float,
+    ) -> Deferred[dict[str, str]]:
+        """One call's outcome; fires with both peers' new STUNT states (user ID -> state)."""
+        ...
+
+
+class CallPolicy(Protocol):
+    """The question a call asks the store before ringing the callee."""
+
+    def call_check(self, caller: str, callee: str) -> Deferred[str]:
+        """``"ok"``, ``"unknown"`` (no such callee) or ``"no-group"`` (no group holds both)."""
+        ...
+
+
+class Store(UsageRecorder, CallPolicy, Protocol):
+    """The server's whole view of the database: ``AsyncStore``'s API.
+
+    Server modules take this (or the smaller ``UsageRecorder`` /
+    ``CallPolicy``), never the concrete class.
+    """
+
+    def get_ha1(self, user_id: str, algorithm: str) -> Deferred[str | None]: ...
+
+    def get_user(self, user_id: str) -> Deferred[UserRecord]: ...
+
+    def list_users(self) -> Deferred[list[UserRecord]]: ...
+
+    def list_groups(self) -> Deferred[dict[str, list[str]]]: ...
+
+    def groups_of(self, user_id: str) -> Deferred[list[str]]: ...
+
+    def share_group(self, a: str, b: str) -> Deferred[bool]: ...
+
+    def is_member(self, group: str, user_id: str) -> Deferred[bool]: ...
+
+    def group_members(self, group: str) -> Deferred[list[UserRecord]]: ...
+
+    def set_stunt_state(self, user_id: str, state: str) -> Deferred[None]: ...
+
+    def recent_attempts(self, user_id: str, limit: int = 20) -> Deferred[list[AttemptRecord]]: ...
+
+
 def _run_batch(database: Database, calls: list[_Call]) -> list[tuple[bool, Any]]:
     """In the pool thread: each call on its own, its result or its Failure."""
     results: list[tuple[bool, Any]] = []
@@ -64,7 +147,7 @@ class _Gathered:
     """Calls held back to share one hand-off: sent ``delay`` seconds after the
     first, or at once when ``size`` have gathered (``send`` gets them all)."""
 
-    def __init__(self, clock: Any, delay: float, size: int, send: Callable[[list[Any]], None]) -> None:
+    def __init__(self, clock: IReactorTime, delay: float, size: int, send: Callable[[list[Any]], None]) -> None:
         self._clock, self._delay, self._size, self._send = clock, delay, size, send
         self._items: list[tuple[Any, Deferred[Any]]] = []
         self._timer: IDelayedCall | None = None
@@ -108,13 +191,13 @@ class AsyncStore:
     def __init__(
         self,
         database: Database,
-        reactor: Any,
+        reactor: IStoreReactor,
         threadpool: ThreadPool | None = None,
-        clock: Any = None,
+        clock: IReactorTime | None = None,
     ) -> None:
         self.database = database
         self._reactor = reactor
-        self._clock = clock or reactor  # the write-behind timer; a Clock in tests
+        self._clock: IReactorTime = clock or reactor  # the write-behind timer; a Clock in tests
         size = SQLITE_THREADS if database.is_sqlite else OTHER_THREADS
         if threadpool is None:
             threadpool = ThreadPool(minthreads=1, maxthreads=size, name="kerjostunt-store")
@@ -386,8 +469,13 @@ class StoreService(Service):
         if self._upgrade:
             self.store.database.upgrade()
         self.store.start()
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
 
     def stopService(self) -> Deferred[None]:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]
         return self.store.stop()
+
+
+def _conforms(store: AsyncStore) -> Store:
+    """Never called: mypy checks here that ``AsyncStore`` provides ``Store``."""
+    return store

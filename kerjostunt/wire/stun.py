@@ -26,6 +26,7 @@ import hmac
 import ipaddress
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 __all__ = [
@@ -256,7 +257,8 @@ def encode_local_port(port: int) -> bytes:
 def decode_local_port(value: bytes) -> int:
     if len(value) not in (2, 4):
         raise STUNError("bad KERJO-LOCAL-PORT length")
-    return struct.unpack("!H", value[:2])[0]
+    port: int = struct.unpack("!H", value[:2])[0]
+    return port
 
 
 # --- messages -------------------------------------------------------------
@@ -315,7 +317,7 @@ def peek_header(data: bytes) -> tuple[int, int, bytes]:
     return msg_type, length, tid
 
 
-def _walk(data: bytes):
+def _walk(data: bytes) -> Iterator[tuple[int, bytes, int]]:
     """Yield (type, value, offset of attribute start) over the body."""
     offset = HEADER_LENGTH
     end = len(data)

@@ -29,7 +29,7 @@ from kerjostunt.server.calls.seams import CallSettings, CallStore, Clock, Observ
 from kerjostunt.server.register import RequestError, user_of
 from kerjostunt.server.registrar import Registrar, SignalingConnection
 from kerjostunt.server.signaling import TokenBucket
-from kerjostunt.store.database import UnknownUser
+from kerjostunt.store import UnknownUser
 from kerjostunt.wire import kerjo
 from kerjostunt.wire.kerjo import OutcomeError, parse_outcome
 from kerjostunt.wire.prediction import AD, APD, SEQUENTIAL, NATDescription, Prediction, classify, no_technique

@@ -6,7 +6,7 @@ db=URL ...``) is there for writing new revisions.
 """
 
 from alembic import context
-from sqlalchemy import create_engine
+from sqlalchemy import Connection, create_engine
 from sqlalchemy.pool import NullPool
 
 from kerjostunt.store.models import Base
@@ -20,7 +20,7 @@ def _url() -> str:
     return url or config.get_main_option("sqlalchemy.url") or "sqlite:///kerjostunt.sqlite"
 
 
-def _run(connection) -> None:
+def _run(connection: Connection) -> None:
     # Batch mode lets later revisions ALTER tables on SQLite too.
     context.configure(
         connection=connection,

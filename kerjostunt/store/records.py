@@ -1,0 +1,215 @@
+"""What the store holds and the rules on it, without SQL.
+
+Names, states and outcomes, the records the store hands out, its errors,
+the "use STUNT" flag rule and the checks on credentials and import rows.
+``kerjostunt.store.database`` writes and reads them with SQLAlchemy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
+STUNT_STATES = ("unknown", "direct", "stunt", "unreachable")
+OUTCOMES = ("direct", "stunt", "failed")
+HA1_ALGORITHMS = {"MD5": (hashlib.md5, 32), "SHA-256": (hashlib.sha256, 64)}
+
+# The "unreachable" rule looks at this many of the user's latest attempts,
+# no older than this window (seconds) before the attempt being recorded.
+RECENT_ATTEMPTS = 3
+RECENT_WINDOW = 24 * 3600.0
+
+IMPORT_COLUMNS = frozenset({"user_id", "password", "ha1_md5", "ha1_sha256", "groups"})
+_HEX_RE = re.compile(r"^[0-9a-f]+$")
+
+
+class StoreError(Exception):
+    """Base of every error the store reports."""
+
+
+class UnknownUser(StoreError):
+    pass
+
+
+class UnknownGroup(StoreError):
+    pass
+
+
+class Duplicate(StoreError):
+    pass
+
+
+class InvalidName(StoreError):
+    pass
+
+
+class InvalidValue(StoreError):
+    """A value other than a name is not acceptable (HA1, state, outcome...)."""
+
+
+class StoreUnavailable(StoreError):
+    """The database could not be reached or failed (an outage, a bad URL)."""
+
+
+class ImportRowError(StoreError):
+    def __init__(self, row: int, message: str) -> None:
+        super().__init__(f"row {row}: {message}")
+        self.row = row
+        self.detail = message
+
+
+@dataclass(frozen=True)
+class UserRecord:
+    user_id: str
+    realm: str
+    stunt_state: str
+    public_ip: str | None
+    public_port: int | None
+    nat: dict[str, Any] | None
+    last_seen: float | None
+    groups: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    id: int
+    call_id: str
+    caller: str
+    callee: str
+    technique: str | None
+    outcome: str
+    predicted: str | None
+    actual: str | None
+    duration_ms: float | None
+    when: float
+
+
+def next_states(
+    outcome: str,
+    caller_state: str,
+    callee_state: str,
+    callee_recent: Sequence[str],
+) -> tuple[str, str]:
+    """The "use STUNT" flag rule: (caller, callee) states after an attempt.
+
+    ``callee_recent`` holds the outcomes of the callee's latest attempts
+    (``RECENT_ATTEMPTS`` of them within ``RECENT_WINDOW``, as caller or
+    callee), the one being recorded included. Kept in one place so the
+    policy is easy to change; docs/admin.rst describes it.
+    """
+    if outcome == "direct":
+        return caller_state, "direct"
+    if outcome == "stunt":
+        return ("direct" if caller_state == "direct" else "stunt"), "stunt"
+    if callee_recent and all(o == "failed" for o in callee_recent):
+        return caller_state, "unreachable"
+    return caller_state, callee_state
+
+
+def ha1(algorithm: str, user_id: str, realm: str, password: str) -> str:
+    """HA1 = H(user:realm:password) as lowercase hex (RFC 7616)."""
+    hasher = HA1_ALGORITHMS[algorithm][0]
+    return hasher(f"{user_id}:{realm}:{password}".encode()).hexdigest()
+
+
+def check_name(name: object, what: str = "name") -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise InvalidName(
+            f"invalid {what} {name!r}: 1-64 characters of A-Z a-z 0-9 . _ + -, "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def check_ha1(value: str | None, algorithm: str) -> str | None:
+    if value is None or value == "":
+        return None
+    length = HA1_ALGORITHMS[algorithm][1]
+    value = value.strip().lower()
+    if len(value) != length or not _HEX_RE.match(value):
+        raise InvalidValue(f"{algorithm} HA1 must be {length} hex digits")
+    return value
+
+
+def credential_columns(
+    user_id: str,
+    realm: str,
+    password: str | None,
+    ha1_md5: str | None,
+    ha1_sha256: str | None,
+) -> dict[str, str | None]:
+    if password is not None and (ha1_md5 or ha1_sha256):
+        raise InvalidValue("give either a password or HA1 values, not both")
+    if password is not None:
+        if password == "":
+            raise InvalidValue("empty password")
+        return {
+            "ha1_md5": ha1("MD5", user_id, realm, password),
+            "ha1_sha256": ha1("SHA-256", user_id, realm, password),
+        }
+    md5 = check_ha1(ha1_md5, "MD5")
+    sha = check_ha1(ha1_sha256, "SHA-256")
+    if md5 is None and sha is None:
+        raise InvalidValue("a password or at least one HA1 is needed")
+    return {"ha1_md5": md5, "ha1_sha256": sha}
+
+
+def import_row(
+    number: int, row: Mapping[str, str | None], realm: str
+) -> tuple[dict[str, Any], list[str]]:
+    """Validate one CSV row; return the users-table values and its groups."""
+    if None in row:
+        raise ImportRowError(number, "more fields than the header has columns")
+    unknown = sorted(set(row) - IMPORT_COLUMNS)
+    if unknown:
+        raise ImportRowError(
+            number,
+            f"unknown column {unknown[0]!r} (expected user_id, password, "
+            "ha1_md5, ha1_sha256, groups)",
+        )
+
+    def value(column: str) -> str:
+        return (row.get(column) or "").strip()
+
+    user_id = value("user_id")
+    if not user_id:
+        raise ImportRowError(number, "column user_id: empty or missing")
+    if not NAME_RE.match(user_id):
+        raise ImportRowError(number, f"column user_id: invalid user ID {user_id!r}")
+    password = row.get("password") or None  # passwords are taken verbatim
+    md5, sha = value("ha1_md5") or None, value("ha1_sha256") or None
+    if password is not None and (md5 or sha):
+        raise ImportRowError(number, "column password: give a password or HA1s, not both")
+    if password is None and md5 is None and sha is None:
+        raise ImportRowError(number, "column password: no password, ha1_md5 or ha1_sha256")
+    try:
+        if password is not None:
+            creds = credential_columns(user_id, realm, password, None, None)
+        else:
+            creds = {"ha1_md5": check_ha1(md5, "MD5")}
+            try:
+                creds["ha1_sha256"] = check_ha1(sha, "SHA-256")
+            except InvalidValue as e:
+                raise ImportRowError(number, f"column ha1_sha256: {e}") from e
+    except InvalidValue as e:
+        column = "password" if password is not None else "ha1_md5"
+        raise ImportRowError(number, f"column {column}: {e}") from e
+    groups = list(dict.fromkeys(value("groups").split()))
+    for g in groups:
+        if not NAME_RE.match(g):
+            raise ImportRowError(number, f"column groups: invalid group name {g!r}")
+    user = {
+        "user_id": user_id,
+        "realm": realm,
+        "stunt_state": "unknown",
+        "public_ip": None,
+        "public_port": None,
+        "nat": None,
+        "last_seen": None,
+        **creds,
+    }
+    return user, groups

@@ -1,0 +1,171 @@
+"""What the server records about its peers: last seen, NAT, call attempts, flags."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import or_, select, update
+
+from kerjostunt.store.models import Attempt
+from kerjostunt.store.queries import (
+    ATTEMPT_INSERT,
+    LOCK_STATES,
+    RECENT_OUTCOMES,
+    SEEN_UPDATE,
+    STATE_UPDATE,
+    USERS,
+    EngineBound,
+    chunks,
+    translated,
+)
+from kerjostunt.store.records import (
+    OUTCOMES,
+    RECENT_WINDOW,
+    STUNT_STATES,
+    AttemptRecord,
+    InvalidValue,
+    UnknownUser,
+    next_states,
+)
+
+
+class UsageLog(EngineBound):
+    """The ``Database`` operations that record usage (``AsyncStore`` offers them as ``UsageRecorder``)."""
+
+    @translated
+    def record_seen(self, user_id: str, ip: str, port: int, when: float) -> None:
+        with self.engine.begin() as c:
+            result = c.execute(SEEN_UPDATE, {"b_user_id": user_id, "b_ip": ip, "b_port": int(port), "b_when": when})
+            if result.rowcount == 0:
+                raise UnknownUser(f"unknown user {user_id!r}")
+
+    @translated
+    def record_seen_many(self, rows: Sequence[tuple[str, str, int, float]]) -> list[str]:
+        """``record_seen`` for many ``(user_id, ip, port, when)`` rows in one
+        transaction, in order; returns the user IDs that do not exist.
+
+        The server's write-behind (``AsyncStore.record_seen``) gathers a
+        REGISTER's worth of these per 100 ms: one commit instead of one each.
+        """
+        if not rows:
+            return []
+        params = [
+            {"b_user_id": user_id, "b_ip": ip, "b_port": int(port), "b_when": when}
+            for user_id, ip, port, when in rows
+        ]
+        with self.engine.begin() as c:
+            result = c.execute(SEEN_UPDATE, params)
+            if self.engine.dialect.supports_sane_multi_rowcount and result.rowcount == len(params):
+                return []
+            wanted = list(dict.fromkeys(row[0] for row in rows))
+            found: set[str] = set()
+            for chunk in chunks(wanted):
+                found.update(c.execute(select(USERS.c.user_id).where(USERS.c.user_id.in_(chunk))).scalars())
+        return [user_id for user_id in wanted if user_id not in found]
+
+    @translated
+    def record_nat(self, user_id: str, nat: Mapping[str, Any], when: float) -> None:
+        try:
+            text = json.dumps(dict(nat), sort_keys=True)
+        except (TypeError, ValueError) as e:
+            raise InvalidValue(f"NAT description is not JSON: {e}") from e
+        with self.engine.begin() as c:
+            result = c.execute(update(USERS).where(USERS.c.user_id == user_id).values(nat=text, last_seen=when))
+            if result.rowcount == 0:
+                raise UnknownUser(f"unknown user {user_id!r}")
+
+    @translated
+    def record_attempt(
+        self,
+        call_id: str,
+        caller: str,
+        callee: str,
+        technique: str | None,
+        outcome: str,
+        predicted: str | None,
+        actual: str | None,
+        duration_ms: float | None,
+        when: float,
+    ) -> dict[str, str]:
+        """Store one attempt and apply the flag rule (``next_states``).
+
+        The attempt is stored even if a user has been deleted meanwhile;
+        the returned ``{user_id: state}`` holds the users that still exist.
+        """
+        if outcome not in OUTCOMES:
+            raise InvalidValue(f"outcome must be one of {', '.join(OUTCOMES)}")
+        # Core, not an ORM Session: once per call, and the Session cost several
+        # times the SQL (docs/performance.rst).
+        with self.engine.begin() as c:
+            c.execute(
+                ATTEMPT_INSERT,
+                {
+                    "call_id": call_id,
+                    "caller": caller,
+                    "callee": callee,
+                    "technique": technique,
+                    "outcome": outcome,
+                    "predicted": predicted,
+                    "actual": actual,
+                    "duration_ms": duration_ms,
+                    "at": when,
+                },
+            )
+            # Lock both rows, in a fixed order, so concurrent outcomes for the
+            # same user (PostgreSQL, several workers) apply one after another.
+            locked = {
+                row.user_id: row.stunt_state
+                for row in c.execute(LOCK_STATES, {"user_ids": sorted({caller, callee})})
+            }
+            recent = c.execute(
+                RECENT_OUTCOMES, {"user_id": callee, "since": when - RECENT_WINDOW, "until": when}
+            ).scalars().all()
+            new_caller, new_callee = next_states(
+                outcome,
+                locked.get(caller, "unknown"),
+                locked.get(callee, "unknown"),
+                list(recent),
+            )
+            states: dict[str, str] = {}
+            for user_id, state in ((caller, new_caller), (callee, new_callee)):
+                if user_id in locked:
+                    states[user_id] = state
+            for user_id, state in states.items():
+                if state != locked[user_id]:
+                    c.execute(STATE_UPDATE, {"b_user_id": user_id, "b_state": state})
+            return states
+
+    @translated
+    def set_stunt_state(self, user_id: str, state: str) -> None:
+        if state not in STUNT_STATES:
+            raise InvalidValue(f"state must be one of {', '.join(STUNT_STATES)}")
+        with self._session() as s, s.begin():
+            self._user(s, user_id).stunt_state = state
+
+    @translated
+    def recent_attempts(self, user_id: str, limit: int = 20) -> list[AttemptRecord]:
+        """The user's latest attempts, as caller or callee, newest first."""
+        with self._session() as s:
+            rows = s.scalars(
+                select(Attempt)
+                .where(or_(Attempt.caller == user_id, Attempt.callee == user_id))
+                .order_by(Attempt.at.desc(), Attempt.id.desc())
+                .limit(limit)
+            )
+            return [
+                AttemptRecord(
+                    id=a.id,
+                    call_id=a.call_id,
+                    caller=a.caller,
+                    callee=a.callee,
+                    technique=a.technique,
+                    outcome=a.outcome,
+                    predicted=a.predicted,
+                    actual=a.actual,
+                    duration_ms=a.duration_ms,
+                    when=a.at,
+                )
+                for a in rows
+            ]
