@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from twisted.internet import defer, task
 
-from tests.natlab.group import GroupRun, run_group, stamp, summary
+from tests.natlab.group import LARGE_SITES, SITES, GroupRun, run_group, stamp, summary
 from tests.natlab.lab import lab_unavailable
 
 HEADER = ["run", "pairs", "full mesh", "all signaling closed", "server CPU", "techniques"]
@@ -58,13 +58,15 @@ def run(reactor: Any, args: argparse.Namespace) -> Any:
     base = Path(tempfile.mkdtemp(prefix="kerjostunt-bench-group-"))
     rows, runs = [], []
     for i in range(1, args.runs + 1):
-        result = yield run_group(reactor, base / f"run{i}", deadline=args.deadline)
+        sites = LARGE_SITES if args.large else SITES
+        result = yield run_group(reactor, base / f"run{i}", deadline=args.deadline, sites=sites)
         runs.append(result)
         rows.append(row(i, result, args.deadline))
         print(f"[run {i}/{args.runs}] {summary(result)}", file=sys.stderr, flush=True)
         (base / f"run{i}" / "members.json").write_text(json.dumps(result.outputs, indent=1))
-    print(f"12 peers of one group over 5 sites, 20 ms one-way per access link, "
-          f"{args.runs} runs, {stamp()} (logs in {base})\n")
+    size = "40 peers of one group over 5 sites (20 behind one NAT)" if args.large else \
+        "12 peers of one group over 5 sites"
+    print(f"{size}, 20 ms one-way per access link, {args.runs} runs, {stamp()} (logs in {base})\n")
     print(table(rows))
 
 
@@ -73,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="runs, each in a fresh lab (default 3)")
     parser.add_argument("--deadline", type=float, default=150.0,
                         help="seconds a run may take from starting the members (default 150)")
+    parser.add_argument("--large", action="store_true",
+                        help="40 peers: 20 behind a preserving NAT, 8 behind the sequential one, 6 behind the "
+                             "RST one, 5 behind the random one, and the public host")
     args = parser.parse_args(argv)
     reason = lab_unavailable()
     if reason:

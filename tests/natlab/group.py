@@ -53,7 +53,14 @@ SITES: dict[str, tuple[NATSpec, int]] = {
     "c": (NATSpec("preserving", inbound="rst"), 2),
     "d": (NATSpec("random", inbound="rst"), 1),
 }
-#: pairs of sites no technique joins (random <-> sequential)
+#: the issue's larger group: 40 peers, 20 of them behind one NAT (bench/group.py --large)
+LARGE_SITES: dict[str, tuple[NATSpec, int]] = {
+    "a": (NATSpec("preserving", inbound="drop"), 20),
+    "b": (NATSpec("sequential", delta=4, inbound="drop"), 8),
+    "c": (NATSpec("preserving", inbound="rst"), 6),
+    "d": (NATSpec("random", inbound="rst"), 5),
+}
+#: pairs of sites no technique joins (random <-> sequential; hosts of one site share a LAN)
 UNJOINABLE_SITES = {frozenset({"b", "d"})}
 
 CONNECTED_RE = re.compile(r"^peer (\S+) connected(?: via (\S+))?", re.M)
