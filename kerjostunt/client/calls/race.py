@@ -223,7 +223,7 @@ class Dialer:
         # The birthday technique last: its hard side opens hundreds of
         # sockets in this turn, which would delay the direct connects by
         # tens of ms (NAT lab: random NAT to a public peer).
-        skip_birthday = skip_punch or _reversed(own_nat, peer_nat)
+        skip_birthday = skip_punch or _reversed(own_nat, peer_nat, self.peer_unnatted(peer_nat))
         if skip_birthday:
             if skip_birthday != skip_punch:
                 self.errors.append(f"birthday: {skip_birthday}")
@@ -248,9 +248,16 @@ class Dialer:
         techniques = {technique for _, technique in direct}
         if self.lan and "lan" in techniques:
             return "not tried: the peer is on our LAN"
-        if peer_nat is not None and not peer_nat.behind_nat and not self.stunt_only and "public" in techniques:
+        if self.peer_unnatted(peer_nat) and not self.stunt_only and "public" in techniques:
             return "not tried: the peer has a public address, dialed directly"
         return ""
+
+    def peer_unnatted(self, peer_nat: NATDescription | None) -> bool:
+        """The peer has no NAT: its own punch address is the public one the server sees it at."""
+        if peer_nat is not None and not peer_nat.behind_nat:
+            return True
+        punch = self.setup.remote.punch_candidate
+        return punch is not None and self.setup.peer_public is not None and punch.ip == self.setup.peer_public
 
     def _dial_direct(self, endpoint: Endpoint, technique: str) -> None:
         self.pending += 1
@@ -358,15 +365,17 @@ def _hopeless(own: NATDescription | None, peer: NATDescription | None) -> str:
     return f"not tried: {why}" if why else ""
 
 
-def _reversed(own: NATDescription | None, peer: NATDescription | None) -> str:
+def _reversed(own: NATDescription | None, peer: NATDescription | None, peer_unnatted: bool) -> str:
     """Why the birthday search is not needed, or "": one side has a public address.
 
     The side behind the NAT dials the public one (``public`` technique, one
     connect); seen before: a public peer and a random NAT met by birthday
     with 512 sockets and 2,048 guesses where that one connect did.
     """
-    if own is not None and not own.behind_nat and peer is not None and peer.behind_nat:
+    if own is not None and not own.behind_nat and not peer_unnatted:
         return "not tried: the peer's NAT dials our public address"
+    if peer_unnatted and (own is None or own.behind_nat):
+        return "not tried: the peer has a public address"
     return ""
 
 
