@@ -9,6 +9,8 @@ pairs whose calls failed.  All on a ``Clock``.
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
@@ -26,7 +28,7 @@ from kerjostunt.wire.prediction import (
     Sample,
     classify,
 )
-from kerjostunt.wire.sdp import Candidate, SessionDescription, candidate_priority
+from kerjostunt.wire.sdp import Candidate, SessionDescription, candidate_priority, parse_sdp
 
 SEQ = NATDescription(True, APD, SEQUENTIAL, 4, "198.18.2.2")
 
@@ -145,3 +147,69 @@ class PairBookTests(unittest.TestCase):
         book.recorded("a", "b", False, ips)
         clock.advance(101)
         self.assertEqual(book.failed("a", "b", "1.1.1.1"), 0, "forgotten after memory seconds")
+
+
+class CallManagerLaneTests(unittest.SynchronousTestCase):
+    """The call table: two hosts behind one sequential NAT call two peers; a random NAT meets it."""
+
+    def setUp(self) -> None:
+        from kerjostunt.server.calls import CallManager
+        from kerjostunt.server.registrar import Registrar
+        from tests.support import DOMAIN
+        from tests.test_calls import FakeConn, FakeObservations, FakeStore
+
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.registrar = Registrar(self.clock)
+        self.observations = FakeObservations()
+        store = FakeStore()
+        store.users = {"a1", "a2", "b1", "b2", "d1"}
+        self.manager = CallManager(self.clock, DOMAIN, self.registrar, store, self.observations)
+        self.conns = {}
+        for user, ip, port in (("b1", "198.18.2.2", 4001), ("b2", "198.18.2.2", 4002),
+                               ("a1", "198.18.1.2", 5001), ("a2", "198.18.1.2", 5002), ("d1", "198.18.4.2", 6001)):
+            conn = self.conns[user] = FakeConn(user, ip, port, rtt=0.04)
+            self.registrar.bind(user, conn, f"<sips:{user}@x>", 3600)
+        # b1 and b2 probed through one sequential NAT (d=4), turn about; the a's are preserving.
+        ports = iter(range(20000, 20100, 4))
+        for t, user in enumerate(["b1", "b2", "b1", "b2"]):
+            self.observations.by_user.setdefault(user, []).extend(
+                Sample(40001, "198.18.2.2", next(ports), f"198.18.0.1{k}", 3478, 990.0 + t) for k in (0, 1))
+        for user in ("a1", "a2"):
+            self.observations.by_user[user] = [Sample(50001, "198.18.1.2", 50001, f"198.18.0.1{k}", 3478, 990.0)
+                                               for k in (0, 1)]
+        self.observations.by_user["d1"] = [Sample(40001, "198.18.4.2", p, f"198.18.0.1{k}", 3478 + k, 990.0 + k)
+                                           for k, p in enumerate((43797, 11165, 55521))]
+
+    def invite(self, caller: str, callee: str, call_id: str) -> None:
+        from tests.test_calls import invite_request
+
+        request = invite_request(caller, callee, call_id)
+        self.manager.handle_request(self.conns[caller], request)
+
+    def invites_to(self, user: str) -> list[Any]:
+        return [m for m in self.conns[user].sent if getattr(m, "method", None) == "INVITE"]
+
+    def test_calls_through_one_sequential_nat_take_turns(self) -> None:
+        from tests.test_calls import answer
+
+        self.invite("b1", "a1", "c1")
+        self.invite("b2", "a2", "c2")
+        self.clock.advance(0.3)  # the NAT has been quiet long enough
+        self.assertEqual((len(self.invites_to("a1")), len(self.invites_to("a2"))), (1, 0))
+        first = parse_sdp(self.invites_to("a1")[0].body)
+        self.assertEqual([c.port for c in first.of_type("prflx")][:2], [20032, 20036])  # the NAT's newest port was b2's 20028
+        self.manager.handle_response(self.conns["a1"], answer(self.invites_to("a1")[0], punch=50001))
+        # b1's turn ended with its answer: b2's call goes, counted past b1's mappings.
+        self.clock.advance(0.3)
+        self.assertEqual(len(self.invites_to("a2")), 1)
+        second = [c.port for c in parse_sdp(self.invites_to("a2")[0].body).of_type("prflx")]
+        self.assertGreater(second[0], 20032 + 4)
+        self.assertEqual(len(second), 8)
+
+    def test_random_facing_sequential_is_refused_before_anyone_dials(self) -> None:
+        self.invite("d1", "b1", "c3")
+        final = self.conns["d1"].sent[-1]
+        self.assertEqual(final.code, 488)  # type: ignore[union-attr]
+        self.assertIn("no technique joins these NATs", final.reason)  # type: ignore[union-attr]
+        self.assertEqual(self.invites_to("b1"), [])

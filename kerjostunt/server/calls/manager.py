@@ -78,6 +78,9 @@ class CallManager:
         self._linger_timer: Timer | None = None
         self.lanes = NATLanes(clock, settings.nat_dial_gap)
         self.pairs = PairBook(clock)
+        # calls whose turn at a NAT waits for it to go quiet: the timer, and since when
+        self._quiet: dict[Call, Timer] = {}
+        self._quiet_since: dict[Call, float] = {}
 
     # -- the router's interface ------------------------------------------------------
 
@@ -157,6 +160,10 @@ class CallManager:
 
     def remove(self, call: Call) -> None:
         self.lanes.leave(call)
+        self._quiet_since.pop(call, None)
+        timer = self._quiet.pop(call, None)
+        if timer is not None and timer.active():
+            timer.cancel()
         self._by_caller_leg.pop((call.caller_conn, call.caller_call_id), None)
         self._by_server_id.pop(call.server_call_id, None)
         for conn in call.legs():
@@ -394,14 +401,14 @@ class CallManager:
             binding = self.registrar.lookup(call.callee_id)
             if binding is None:
                 self._offline(call)
-            elif (why := self._no_technique(call, binding.connection)):
+            elif (why := no_technique(*(nats := self._nats_of(call, binding.connection)))):
                 self.count("calls_no_technique")
                 # The pair's failure, known without a dial: its other side's 480s will say so.
                 self.pairs.recorded(call.caller_id, call.callee_id, False, {
                     call.caller_id: call.caller_conn.peer[0], call.callee_id: binding.connection.peer[0]})
                 self.feed(call, CallInputs.refused, 488, f"{kerjo.NO_TECHNIQUE_REASON}: {why}")
             else:
-                call.lanes = self._lanes_of(call, binding.connection)
+                call.lanes = self._lanes_of(call, binding.connection, nats)
                 if call.lanes and self._crossing(call):
                     self.count("calls_crossing")
                     self.feed(call, CallInputs.refused, 491, kerjo.CROSSING_REASON)
@@ -424,25 +431,23 @@ class CallManager:
         d.addCallbacks(checked, failed)
         d.addErrback(lambda f: log.failure("Call check failed", f))
 
-    def _no_technique(self, call: Call, callee_conn: SignalingConnection) -> str:
-        """Why no technique joins the two sides' NATs as their probes describe them, or ""."""
-        sides = []
+    def _nats_of(self, call: Call, callee_conn: SignalingConnection) -> tuple[NATDescription | None, ...]:
+        """Both sides' NATs as their probes (and their NATs' other hosts') describe them; None: no probes."""
+        sides: list[NATDescription | None] = []
         for user, conn in ((call.caller_id, call.caller_conn), (call.callee_id, callee_conn)):
             samples = self.observations.samples(user)
-            if not samples:
-                return ""
-            sides.append(self._nat_behind(classify(samples), conn.peer[0]))
-        return no_technique(*sides)
+            sides.append(self._nat_behind(classify(samples), conn.peer[0]) if samples else None)
+        return tuple(sides)
 
-    def _lanes_of(self, call: Call, callee_conn: SignalingConnection) -> dict[str, str]:
+    def _lanes_of(self, call: Call, callee_conn: SignalingConnection,
+                  nats: tuple[NATDescription | None, ...]) -> dict[str, str]:
         """side -> the NAT lane (public address) it dials through, for sides whose calls interfere."""
         caller_ip, callee_ip = call.caller_conn.peer[0], callee_conn.peer[0]
         if caller_ip == callee_ip:
             return {}  # one LAN: host candidates, no punch, no NAT port taken
         lanes: dict[str, str] = {}
-        for side, user, ip in ((CALLER, call.caller_id, caller_ip), (CALLEE, call.callee_id, callee_ip)):
-            samples = self.observations.samples(user)
-            key = lane_of(self._nat_behind(classify(samples), ip), ip) if samples else None
+        for side, nat, ip in ((CALLER, nats[0], caller_ip), (CALLEE, nats[1], callee_ip)):
+            key = lane_of(nat, ip)
             if key is not None:
                 lanes[side] = key
         return lanes
@@ -463,12 +468,16 @@ class CallManager:
         probing its next punch port, one probe per server endpoint); a
         prediction made in its middle is short by the rest of it.
         """
+        self._quiet.pop(call, None)
         now = self._clock.seconds()
+        since = self._quiet_since.setdefault(call, now)
         recent = [samples[-1].time for key in call.lanes.values() if (samples := self.observations.behind(key))]
         wait = max([0.0, *(t + self._settings.nat_quiet - now for t in recent)])
-        if wait > 0 and call.machine.phase() is Phase.CHECKING:
-            self._clock.callLater(wait, self._when_quiet, call)
+        # A NAT that never goes quiet does not hold the call for more than a few quiet periods.
+        if wait > 0 and now - since < 5 * self._settings.nat_quiet and call.machine.phase() is Phase.CHECKING:
+            self._quiet[call] = self._clock.callLater(wait, self._when_quiet, call)
             return
+        self._quiet_since.pop(call, None)
         self._forward(call)
 
     def _forward(self, call: Call) -> None:
