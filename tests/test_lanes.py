@@ -112,14 +112,15 @@ def _sdp(host_passive: int) -> SessionDescription:
 
 class NewMappingsTests(unittest.TestCase):
     def test_punch_endpoints_plus_direct_ones(self) -> None:
-        peer = Prediction("198.18.1.2", (41000,), 0.95, NATDescription(True, EI, PRESERVING, None, "198.18.1.2"))
-        self.assertEqual(new_mappings(_sdp(1), peer), 3)  # its predicted port, its punch port, its app port
+        # A preserving NAT looks like no NAT from the server's probes: the SDP's punch address tells.
+        peer = Prediction("198.18.1.2", (41000,), 0.95, NATDescription(False, EI, PRESERVING, None, "198.18.1.2"))
+        self.assertEqual(new_mappings(_sdp(1), peer, "198.18.1.2"), 3)  # its predicted port, punch port, app port
 
     def test_no_punch_towards_a_public_or_random_peer(self) -> None:
-        public = Prediction("198.18.100.10", (41000,), 0.95, NATDescription(False, EI, PRESERVING, None, "x"))
-        self.assertEqual(new_mappings(_sdp(1), public), 1)
+        public = Prediction("10.1.0.11", (41000,), 0.95, NATDescription(False, EI, PRESERVING, None, "x"))
+        self.assertEqual(new_mappings(_sdp(1), public, "10.1.0.11"), 1)
         random = Prediction("198.18.4.2", (41000,), 0.05, NATDescription(True, APD, RANDOM, None, "x"))
-        self.assertEqual(new_mappings(_sdp(2), random), 2)
+        self.assertEqual(new_mappings(_sdp(2), random, "198.18.4.2"), 2)
 
 
 class ClassifyBusyNATTests(unittest.TestCase):
@@ -204,7 +205,7 @@ class CallManagerLaneTests(unittest.SynchronousTestCase):
         self.clock.advance(0.3)
         self.assertEqual(len(self.invites_to("a2")), 1)
         second = [c.port for c in parse_sdp(self.invites_to("a2")[0].body).of_type("prflx")]
-        self.assertGreater(second[0], 20032 + 4)
+        self.assertEqual(second[0], 20028 + 4 * (1 + 3))  # b1's punch and app-port dials
         self.assertEqual(len(second), 8)
 
     def test_random_facing_sequential_is_refused_before_anyone_dials(self) -> None:

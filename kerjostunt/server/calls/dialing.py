@@ -121,15 +121,17 @@ def shifted(prediction: Prediction, latest_port: int, unseen: int) -> Prediction
     return Prediction(prediction.ip, tuple(ports), prediction.confidence, prediction.nat)
 
 
-def new_mappings(dialed: SessionDescription, prediction: Prediction) -> int:
+def new_mappings(dialed: SessionDescription, prediction: Prediction, public_ip: str) -> int:
     """How many new connections a side opens through its NAT dialing the other side (its SDP and prediction).
 
     The punch dials each predicted endpoint and the punch port (not towards
-    a public or random peer: client/calls/race.py), the direct attempts each
-    public passive candidate; a sequential NAT gives each its own port.
+    a peer without NAT, whose punch address is the public one, nor towards
+    a random NAT: client/calls/race.py), the direct attempts each public
+    passive candidate; a sequential NAT gives each its own port.  (From the
+    server's probes alone a preserving NAT looks like no NAT.)
     """
     direct = len(dialed.of_type("host", "passive")[:MAX_SRFLX])
-    nat = prediction.nat
-    if not nat.behind_nat or nat.allocation == RANDOM:
+    punch = dialed.punch_candidate
+    if (punch is not None and punch.ip == public_ip) or prediction.nat.allocation == RANDOM:
         return direct
     return direct + len(set(prediction.ports[:LANE_WINDOW])) + 1

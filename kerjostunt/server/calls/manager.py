@@ -237,9 +237,9 @@ class CallManager:
         if not call.lanes:
             return 0
         assert call.caller_prediction is not None and call.callee_prediction is not None
-        assert call.callee_sdp is not None
-        dialed = {CALLER: new_mappings(call.callee_sdp, call.callee_prediction),
-                  CALLEE: new_mappings(call.caller_sdp, call.caller_prediction)}
+        assert call.callee_sdp is not None and call.callee_conn is not None
+        dialed = {CALLER: new_mappings(call.callee_sdp, call.callee_prediction, call.callee_conn.peer[0]),
+                  CALLEE: new_mappings(call.caller_sdp, call.caller_prediction, call.caller_conn.peer[0])}
         mappings = {key: dialed[side] for side, key in call.lanes.items()}
         at = self._clock.seconds() + max(dial_caller_ms, dial_callee_ms) / 1000.0
         return round(self.lanes.dialing(call, at, mappings) * 1000.0)
