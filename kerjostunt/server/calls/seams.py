@@ -93,4 +93,4 @@ class CallSettings:
     #: NAT, so that their SYNs take its ports in the order the predictions assumed (lanes.py)
     nat_dial_gap: float = 0.1
     #: seconds a sequential NAT must have shown no new probe before a call's turn there goes on
-    nat_quiet: float = 0.2
+    nat_quiet: float = 0.1
