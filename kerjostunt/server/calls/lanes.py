@@ -59,6 +59,8 @@ class _Lane:
     holder: object | None = None
     #: no call may dial through this NAT before this moment (the previous one's dial + gap)
     next_dial: float = 0.0
+    #: when the last turn here ended (probes before it were in that turn's predictions)
+    released: float = 0.0
     #: (dial moment, new mappings its side opened there), oldest first
     dialed: deque[tuple[float, int]] = field(default_factory=deque)
 
@@ -86,6 +88,11 @@ class NATLanes:
 
     def waiting(self) -> int:
         return len(self._waiting)
+
+    def released(self, key: str) -> float:
+        """When the last turn at ``key`` ended (0: never)."""
+        lane = self._lanes.get(key)
+        return 0.0 if lane is None else lane.released
 
     def calls(self) -> list[object]:
         """The calls holding or waiting for a turn."""
@@ -131,6 +138,7 @@ class NATLanes:
             lane = self._lanes.get(key)
             if lane is not None and lane.holder is call:
                 lane.holder = None
+                lane.released = self.clock.seconds()
         self._wake()
 
     def shift(self, key: str, since: float) -> int:

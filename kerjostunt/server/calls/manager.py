@@ -471,7 +471,9 @@ class CallManager:
         self._quiet.pop(call, None)
         now = self._clock.seconds()
         since = self._quiet_since.setdefault(call, now)
-        recent = [samples[-1].time for key in call.lanes.values() if (samples := self.observations.behind(key))]
+        # Probes before the previous turn ended were in its predictions already (its callee's, mostly).
+        recent = [samples[-1].time for key in call.lanes.values()
+                  if (samples := self.observations.behind(key)) and samples[-1].time > self.lanes.released(key)]
         wait = max([0.0, *(t + self._settings.nat_quiet - now for t in recent)])
         # A NAT that never goes quiet does not hold the call for more than a few quiet periods.
         if wait > 0 and now - since < 5 * self._settings.nat_quiet and call.machine.phase() is Phase.CHECKING:
