@@ -163,7 +163,7 @@ class CallManagerLaneTests(unittest.SynchronousTestCase):
         self.clock.advance(1000)
         self.registrar = Registrar(self.clock)
         self.observations = FakeObservations()
-        store = FakeStore()
+        self.store = store = FakeStore()
         store.users = {"a1", "a2", "b1", "b2", "d1"}
         self.manager = CallManager(self.clock, DOMAIN, self.registrar, store, self.observations)
         self.conns = {}
@@ -214,3 +214,6 @@ class CallManagerLaneTests(unittest.SynchronousTestCase):
         self.assertEqual(final.code, 488)  # type: ignore[union-attr]
         self.assertIn("no technique joins these NATs", final.reason)  # type: ignore[union-attr]
         self.assertEqual(self.invites_to("b1"), [])
+        # Recorded as the pair's failed attempt, as a dial would have been.
+        self.assertEqual([(a["caller"], a["callee"], a["outcome"]) for a in self.store.attempts],
+                         [("d1", "b1", "failed")])

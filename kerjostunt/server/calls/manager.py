@@ -25,7 +25,7 @@ from kerjostunt.server.calls.lanes import NATLanes, lane_of
 from kerjostunt.server.calls.machine import CALLEE, CALLER, Call, CallInputs, Phase
 from kerjostunt.server.calls.messages import tag_of, top_branch
 from kerjostunt.server.calls.pairs import PairBook
-from kerjostunt.server.calls.seams import CallSettings, CallStore, Clock, Observations, Timer
+from kerjostunt.server.calls.seams import Attempt, CallSettings, CallStore, Clock, Observations, Timer
 from kerjostunt.server.register import RequestError, user_of
 from kerjostunt.server.registrar import Registrar, SignalingConnection
 from kerjostunt.server.signaling import TokenBucket
@@ -256,6 +256,9 @@ class CallManager:
         if call.callee_conn is not None:
             addresses[call.callee_id] = call.callee_conn.peer[0]
         self.pairs.recorded(call.caller_id, call.callee_id, attempt["outcome"] != "failed", addresses)
+        self._store_attempt(call, when, attempt)
+
+    def _store_attempt(self, call: Call, when: float, attempt: Attempt) -> None:
         d = self.store.record_attempt(when=when, **attempt)
         self._pending.add(d)
 
@@ -402,11 +405,7 @@ class CallManager:
             if binding is None:
                 self._offline(call)
             elif (why := no_technique(*(nats := self._nats_of(call, binding.connection)))):
-                self.count("calls_no_technique")
-                # The pair's failure, known without a dial: its other side's 480s will say so.
-                self.pairs.recorded(call.caller_id, call.callee_id, False, {
-                    call.caller_id: call.caller_conn.peer[0], call.callee_id: binding.connection.peer[0]})
-                self.feed(call, CallInputs.refused, 488, f"{kerjo.NO_TECHNIQUE_REASON}: {why}")
+                self._no_technique(call, binding.connection, why)
             else:
                 call.lanes = self._lanes_of(call, binding.connection, nats)
                 if call.lanes and self._crossing(call):
@@ -430,6 +429,18 @@ class CallManager:
         d = self.store.call_check(call.caller_id, call.callee_id)
         d.addCallbacks(checked, failed)
         d.addErrback(lambda f: log.failure("Call check failed", f))
+
+    def _no_technique(self, call: Call, callee_conn: SignalingConnection, why: str) -> None:
+        """488: no technique joins the two NATs. Recorded as the pair's failed attempt, as a dial would be."""
+        self.count("calls_no_technique")
+        self.pairs.recorded(call.caller_id, call.callee_id, False, {
+            call.caller_id: call.caller_conn.peer[0], call.callee_id: callee_conn.peer[0]})
+        log.info("Call {caller} -> {callee}: failed (no technique: {why})", caller=call.caller_id,
+                 callee=call.callee_id, why=why)
+        self._store_attempt(call, self._clock.seconds(), {
+            "call_id": call.server_call_id, "caller": call.caller_id, "callee": call.callee_id,
+            "technique": "none", "outcome": "failed", "predicted": None, "actual": None, "duration_ms": 0.0})
+        self.feed(call, CallInputs.refused, 488, f"{kerjo.NO_TECHNIQUE_REASON}: {why}")
 
     def _nats_of(self, call: Call, callee_conn: SignalingConnection) -> tuple[NATDescription | None, ...]:
         """Both sides' NATs as their probes (and their NATs' other hosts') describe them; None: no probes."""
