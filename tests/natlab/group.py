@@ -93,7 +93,6 @@ class GroupRun:
     closed_at: dict[str, float | None] = field(default_factory=dict)
     techniques: Counter[str] = field(default_factory=Counter)
     unreachable: list[str] = field(default_factory=list)
-    warnings: Counter[str] = field(default_factory=Counter)
     server_cpu_s: float = 0.0
     duration: float = 0.0
     outputs: dict[str, str] = field(default_factory=dict)
@@ -158,18 +157,6 @@ class _Watcher:
             self.result.outputs[me] = proc.output
             self.result.techniques.update(m[2] or "?" for m in CONNECTED_RE.finditer(out))
             self.result.unreachable += [f"{me}->{m[1]}: {m[2]}" for m in UNREACHABLE_RE.finditer(out)]
-            for line in proc.stderr.splitlines():
-                w = _warning_kind(line)
-                if w:
-                    self.result.warnings[w] += 1
-
-
-def _warning_kind(line: str) -> str | None:
-    """A short class of a logged failure, for the run's summary."""
-    for needle in ("punch: no connection", "birthday", "480", "all guesses missed", "timed out"):
-        if needle in line:
-            return needle
-    return None
 
 
 def build_lab(sites: dict[str, tuple[NATSpec, int]] = SITES, public: bool = True) -> Lab:
