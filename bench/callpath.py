@@ -74,6 +74,9 @@ class Observations:
     def samples(self, user_id: str) -> list[Any]:
         return []
 
+    def behind(self, public_ip: str) -> list[Any]:
+        return []
+
 
 class Conn:
     """A registered peer's connection as the server sees it: bytes in through a parser, bytes out."""

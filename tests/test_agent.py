@@ -129,7 +129,8 @@ class DialerPlanTests(unittest.TestCase):
         far = self.dialer(_setup(cands), "203.0.113.7").direct_candidates()
         self.assertEqual([(c.endpoint, t) for c, t in far], [(("198.51.100.9", 7000), "public")])
         near = self.dialer(_setup(cands, peer_public="203.0.113.7"), "203.0.113.7").direct_candidates()
-        self.assertEqual([t for _, t in near], ["lan", "public"])
+        # On one LAN the public candidates are our own NAT's address: skipped (issue 12).
+        self.assertEqual([t for _, t in near], ["lan"])
 
     def test_stunt_flag_skips_the_public_endpoint_but_not_the_lan(self) -> None:
         cands = [_cand("host", "passive", "10.0.0.9", 7000), _cand("srflx", "passive", "198.51.100.9", 7000)]
@@ -171,6 +172,52 @@ class DialerPlanTests(unittest.TestCase):
         failure = self.failureResultOf(d, ConnectFailed)
         self.assertIn("both NATs allocate ports at random", failure.value.reason)
         self.assertIsNone(dialer._punch)
+
+    def started(self, setup: CallSetup, own_public: str | None, probes: list[Any]) -> tuple[Dialer, Clock]:
+        clock = Clock()
+        dialer = Dialer(clock, setup, Factory.forProtocol(Protocol), local_ip="127.0.0.1", punch_port=1,
+                        own_public_ip=own_public, config=DialerConfig(deadline=10.0, low_ttl=None))
+        dialer.own_probes = probes
+        dialer.start(0.03).addErrback(lambda f: f.trap(ConnectFailed))  # every attempt fails here
+        clock.advance(0.03)
+        return dialer, clock
+
+    def test_random_facing_sequential_is_not_punched(self) -> None:
+        """Issue 12: neither side can predict the other's port; no 10 s punch, no birthday."""
+        import dataclasses
+
+        from kerjostunt.client.nat.probing import ProbeResult
+
+        setup = dataclasses.replace(
+            _setup([_cand("prflx", "so", "198.51.100.9", 40123)]),
+            peer_nat="mapping=address-and-port-dependent; allocation=random; delta=none; confidence=0.05")
+        own = [ProbeResult(("192.0.2.1", 3478), 1, "203.0.113.5", 20000),
+               ProbeResult(("192.0.2.1", 3479), 1, "203.0.113.5", 20004),
+               ProbeResult(("192.0.2.2", 3478), 1, "203.0.113.5", 20008)]
+        dialer, _ = self.started(setup, None, own)
+        self.assertIsNone(dialer._punch)
+        self.assertIn("punch: not tried: a random NAT facing an address-dependent one", "; ".join(dialer.errors))
+        dialer.stop("done")
+
+    def test_a_lan_peer_and_a_public_peer_are_not_punched(self) -> None:
+        """Issue 12: a punch there would only take NAT ports; the direct connects do."""
+        import dataclasses
+
+        lan = _setup([_cand("host", "passive", "10.0.0.9", 7000), _cand("prflx", "so", "203.0.113.7", 40123)],
+                     peer_public="203.0.113.7")
+        dialer, _ = self.started(lan, "203.0.113.7", [])
+        self.assertIsNone(dialer._punch)
+        self.assertIn("punch: not tried: the peer is on our LAN", dialer.errors)
+        dialer.stop("done")
+        # The peer's own punch address is the public one the server sees: no NAT.
+        sdp = build_offer("bob", "198.51.100.9", 40001, None).with_candidates(
+            [_cand("srflx", "passive", "198.51.100.9", 7000)])
+        public = dataclasses.replace(CallSetup("c1@x", SECRET, "initiator", "198.51.100.9", sdp),
+                                     peer_nat="mapping=endpoint-independent; allocation=preserving")
+        dialer, _ = self.started(public, "203.0.113.7", [])
+        self.assertIsNone(dialer._punch)
+        self.assertIn("punch: not tried: the peer has a public address, dialed directly", dialer.errors)
+        dialer.stop("done")
 
 
 class AppPortTests(unittest.TestCase):

@@ -27,6 +27,7 @@ from kerjostunt.client.manager import (
     SignalingChanged,
     SignalingState,
 )
+from kerjostunt.wire import kerjo
 
 
 @dataclass(frozen=True)
@@ -304,6 +305,24 @@ class SignalingRuleTests(unittest.TestCase):
         self.assertEqual(h.manager.signaling, SignalingState.OPEN, "an absent peer keeps signaling open")
         h.agent.succeed("bob")
         self.assertEqual(h.manager.signaling, SignalingState.CLOSED)
+
+    def test_offline_after_the_pair_failed_counts_as_given_up(self) -> None:
+        # Issue 12: the peer gave the pair up and closed its signaling; the
+        # server's 480 says the pair's calls failed. Not an absence: the pair
+        # is unreachable on this side too, and signaling closes.
+        h = make(self, "bob", "carol")
+        h.manager.start()
+        h.agent.succeed("carol")
+        reason = f"480 {kerjo.PAIR_FAILED_REASON}"
+        h.agent.last_dial("bob")[3].errback(ConnectFailed(reason, code=480))
+        self.assertEqual(h.manager.state_of("bob"), UNREACHABLE)
+        self.assertEqual(len(h.agent.dials_to("bob")), 1)
+        self.assertEqual(h.manager.signaling, SignalingState.CLOSED)
+        self.assertIn("the pair failed", h.states_of("bob") and [e.detail for e in h.events
+                      if isinstance(e, PeerStateChanged) and e.new == UNREACHABLE][-1])
+        # Not called again until the long retry.
+        h.clock.advance(h.manager.config.unreachable_retry - 1)
+        self.assertEqual(len(h.agent.dials_to("bob")), 1)
 
     def test_signaling_start_failure_is_retried_with_backoff(self) -> None:
         agent = FakeAgent()

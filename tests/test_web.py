@@ -132,7 +132,7 @@ class AccessRuleTests(WebTestCase):
         self.assertEqual(document["group"], "friends")
         self.assertEqual([p["user_id"] for p in document["peers"]], ["alice", "bob"])
         self.assertEqual(
-            set(document["peers"][0]), {"user_id", "use_stunt", "ip", "port", "nat", "online", "last_seen"}
+            set(document["peers"][0]), {"user_id", "use_stunt", "pair", "ip", "port", "nat", "online", "last_seen"}
         )
 
     @defer.inlineCallbacks
@@ -250,8 +250,27 @@ class FormatAndFlagTests(WebTestCase):
             yield store.record_attempt(f"f{n}", "alice", "bob", "low-ttl", "failed", None, None, None, 2000.0 + n)
         peers = yield self.fetch()
         self.assertEqual(peers["bob"]["use_stunt"], "unreachable")
+        self.assertEqual(peers["bob"]["pair"], {"latest": "failed", "failures": 3})
         text = yield self.fetch("text")
         self.assertIn("bob - unreachable\n", text)
+
+    @defer.inlineCallbacks
+    def test_a_flag_from_other_pairs_is_not_this_pairs(self):  # type: ignore[no-untyped-def]
+        # Issue 12: bob's calls with carol failed (say her NAT is random, his
+        # sequential), so bob's own flag says unreachable; to alice, who
+        # never called him, he is worth a call, and once they connected he
+        # is STUNT-reachable for her.
+        store = self.web.server.store
+        for n in range(3):
+            yield store.record_attempt(f"f{n}", "carol", "bob", None, "failed", None, None, None, 2000.0 + n)
+        self.assertEqual((yield store.get_user("bob")).stunt_state, "unreachable")
+        peers = yield self.fetch()
+        self.assertEqual((peers["bob"]["use_stunt"], peers["bob"]["pair"]), ("unknown", None))
+        yield store.record_attempt("ok", "alice", "bob", "simultaneous-open", "stunt", None, None, 100.0, 3000.0)
+        yield store.record_attempt("f3", "carol", "bob", None, "failed", None, None, None, 3001.0)
+        peers = yield self.fetch()
+        self.assertEqual(peers["bob"]["use_stunt"], "stunt")
+        self.assertEqual(peers["bob"]["pair"], {"latest": "stunt", "failures": 0})
 
     @defer.inlineCallbacks
     def test_nat_and_address_come_from_the_store(self):  # type: ignore[no-untyped-def]

@@ -165,10 +165,17 @@ class ObservationLog:
     def __init__(self, per_user: int = 32) -> None:
         self.per_user = per_user
         self._by_user: dict[str, deque[Observation]] = {}
+        # The observations seen through each public address: with a
+        # sequential NAT every host behind it moves one port counter, so the
+        # calls' scheduling (calls/lanes.py) reads the NAT's allocation and
+        # latest port from all of them, not only from the caller's own.
+        self._by_ip: dict[str, deque[Observation]] = {}
         self._listeners: list[Callable[[Observation], None]] = []
 
     def add(self, obs: Observation) -> None:
         self._by_user.setdefault(obs.user_id, deque(maxlen=self.per_user)).append(obs)
+        if obs.local_port is not None:
+            self._by_ip.setdefault(obs.mapped_ip, deque(maxlen=2 * self.per_user)).append(obs)
         for listener in list(self._listeners):
             try:
                 listener(obs)
@@ -180,6 +187,11 @@ class ObservationLog:
 
     def forget(self, user_id: str) -> None:
         self._by_user.pop(user_id, None)
+
+    def behind(self, public_ip: str) -> list[Sample]:
+        """The recent samples of every user seen at ``public_ip`` (one NAT), oldest first."""
+        return [Sample(o.local_port, o.mapped_ip, o.mapped_port, o.server_ip, o.server_port, o.time)
+                for o in self._by_ip.get(public_ip, ()) if o.local_port is not None]
 
     def subscribe(self, callback: Callable[[Observation], None]) -> None:
         self._listeners.append(callback)

@@ -50,7 +50,7 @@ from kerjostunt.server.webchannel import (
     LimitedChannel,
     WebSite,
 )
-from kerjostunt.store import NAME_RE, StoreError, UnknownGroup, UserRecord
+from kerjostunt.store import NAME_RE, PairOutcome, StoreError, UnknownGroup, UserRecord, pair_flag
 from kerjostunt.store.api import Store
 from kerjostunt.tcp import host_port
 from kerjostunt.wire.sip.digest import ALGORITHMS, ha1
@@ -211,16 +211,25 @@ def error_reply(code: int, message: str, headers: tuple[tuple[bytes, bytes], ...
     return json_reply(code, {"error": message}, headers)
 
 
-def peer_document(record: UserRecord, registrar: Registrar) -> dict[str, Any]:
+def peer_document(record: UserRecord, registrar: Registrar, pair: PairOutcome | None = None,
+                  asker: str | None = None) -> dict[str, Any]:
     """One list entry. A peer online now is shown at the address of its live
-    signaling connection; otherwise at the last public address stored."""
+    signaling connection; otherwise at the last public address stored.
+
+    ``use_stunt`` is the flag as the asking member's pair with the peer
+    shows it (``store.pair_flag``); ``pair`` is that pair's record:
+    ``{"latest": outcome, "failures": failed calls since its last
+    success}``, or None when they never called (issue 12).
+    """
     binding = registrar.lookup(record.user_id)
     ip, port = record.public_ip, record.public_port
     if binding is not None:
         ip, port = binding.public_address
+    own = record.user_id == asker
     return {
         "user_id": record.user_id,
-        "use_stunt": record.stunt_state,
+        "use_stunt": record.stunt_state if own else pair_flag(record.stunt_state, pair),
+        "pair": None if pair is None else {"latest": pair.latest, "failures": pair.failures},
         "ip": ip,
         "port": port,
         "nat": record.nat,
@@ -342,7 +351,9 @@ class WebResource(resource.Resource):
             records = yield self._store(self.store.group_members, group)
         except UnknownGroup:
             return error_reply(404, f"unknown group {group!r}")
-        documents = [peer_document(r, self.registrar) for r in records]
+        # The pair's record as far back as its last 500 calls go: a failure stays until a call succeeds.
+        pairs = yield self._store(self.store.pair_outcomes, user.user_id, 0.0)
+        documents = [peer_document(r, self.registrar, pairs.get(r.user_id), user.user_id) for r in records]
         if fmt == b"text":
             return Reply(200, peers_text(group, documents).encode("utf-8"), TEXT)
         return json_reply(200, {"group": group, "peers": documents})

@@ -9,6 +9,7 @@ async door and the ``Store`` / ``UsageRecorder`` / ``CallPolicy`` protocols.
 from kerjostunt.store.database import (
     NAME_RE,
     OUTCOMES,
+    RECENT_WINDOW,
     STUNT_STATES,
     AttemptRecord,
     Database,
@@ -16,17 +17,20 @@ from kerjostunt.store.database import (
     ImportRowError,
     InvalidName,
     InvalidValue,
+    PairOutcome,
     StoreError,
     StoreUnavailable,
     UnknownGroup,
     UnknownUser,
     UserRecord,
     next_states,
+    pair_flag,
 )
 
 __all__ = [
     "NAME_RE",
     "OUTCOMES",
+    "RECENT_WINDOW",
     "STUNT_STATES",
     "AttemptRecord",
     "Database",
@@ -34,10 +38,12 @@ __all__ = [
     "ImportRowError",
     "InvalidName",
     "InvalidValue",
+    "PairOutcome",
     "StoreError",
     "StoreUnavailable",
     "UnknownGroup",
     "UnknownUser",
     "UserRecord",
     "next_states",
+    "pair_flag",
 ]

@@ -38,6 +38,7 @@ from kerjostunt.store.database import (
     AttemptRecord,
     Database,
     InvalidValue,
+    PairOutcome,
     StoreError,
     UnknownUser,
     UserRecord,
@@ -130,6 +131,8 @@ class Store(UsageRecorder, CallPolicy, Protocol):
     def set_stunt_state(self, user_id: str, state: str) -> Deferred[None]: ...
 
     def recent_attempts(self, user_id: str, limit: int = 20) -> Deferred[list[AttemptRecord]]: ...
+
+    def pair_outcomes(self, user_id: str, since: float) -> Deferred[dict[str, PairOutcome]]: ...
 
 
 def _run_batch(database: Database, calls: list[_Call]) -> list[tuple[bool, Any]]:
@@ -393,6 +396,9 @@ class AsyncStore:
 
     def recent_attempts(self, user_id: str, limit: int = 20) -> Deferred[list[AttemptRecord]]:
         return self.run(Database.recent_attempts, user_id, limit)
+
+    def pair_outcomes(self, user_id: str, since: float) -> Deferred[dict[str, PairOutcome]]:
+        return self.run(Database.pair_outcomes, user_id, since)
 
     # -- internals -----------------------------------------------------
 

@@ -33,6 +33,7 @@ from kerjostunt.store.records import (
     ImportRowError,
     InvalidName,
     InvalidValue,
+    PairOutcome,
     StoreError,
     StoreUnavailable,
     UnknownGroup,
@@ -41,6 +42,7 @@ from kerjostunt.store.records import (
     check_name,
     ha1,
     next_states,
+    pair_flag,
 )
 from kerjostunt.store.usage import UsageLog
 from kerjostunt.store.users import UsersAndGroups
@@ -56,6 +58,8 @@ __all__ = [
     "STUNT_STATES",
     "AttemptRecord",
     "Database",
+    "PairOutcome",
+    "pair_flag",
     "Duplicate",
     "ImportRowError",
     "InvalidName",

@@ -78,6 +78,32 @@ class UserRecord:
 
 
 @dataclass(frozen=True)
+class PairOutcome:
+    """How one pair's calls went: the latest outcome, and the failures since its last success."""
+
+    latest: str
+    failures: int
+
+
+def pair_flag(flag: str, pair: PairOutcome | None) -> str:
+    """A peer's "use STUNT" flag as one member of its pair sees it (the trusted peers list, issue 12).
+
+    The stored flag is the peer's, from its latest attempts with anyone: in
+    a group, failures with one peer (say a random NAT it cannot be joined
+    with) flagged it unreachable for every other.  So the pair's own record
+    decides: ``RECENT_ATTEMPTS`` failures in a row since its last success
+    make it ``unreachable`` for this member; a peer flagged unreachable by
+    others is ``stunt`` for a member it connected with last, ``unknown``
+    (worth a call) for one it never tried.
+    """
+    if pair is not None and pair.failures >= RECENT_ATTEMPTS:
+        return "unreachable"
+    if flag != "unreachable":
+        return flag
+    return "stunt" if pair is not None and pair.failures == 0 else "unknown"
+
+
+@dataclass(frozen=True)
 class AttemptRecord:
     id: int
     call_id: str

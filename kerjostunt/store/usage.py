@@ -26,6 +26,7 @@ from kerjostunt.store.records import (
     STUNT_STATES,
     AttemptRecord,
     InvalidValue,
+    PairOutcome,
     UnknownUser,
     next_states,
 )
@@ -143,6 +144,36 @@ class UsageLog(EngineBound):
             raise InvalidValue(f"state must be one of {', '.join(STUNT_STATES)}")
         with self._session() as s, s.begin():
             self._user(s, user_id).stunt_state = state
+
+    @translated
+    def pair_outcomes(self, user_id: str, since: float, limit: int = 500) -> dict[str, PairOutcome]:
+        """Each peer's pair with ``user_id``: its latest outcome and the failures since its last success.
+
+        From the attempts between them (either direction) since ``since``,
+        newest ``limit`` of the user's; a peer without attempts is absent.
+        The trusted peers list shows each pair from the asking user's point
+        of view with it (``server/web.py``, issue 12).
+        """
+        with self._session() as s:
+            rows = s.execute(
+                select(Attempt.caller, Attempt.callee, Attempt.outcome)
+                .where(or_(Attempt.caller == user_id, Attempt.callee == user_id), Attempt.at >= since)
+                .order_by(Attempt.at.desc(), Attempt.id.desc())
+                .limit(limit)
+            ).all()
+        pairs: dict[str, PairOutcome] = {}
+        settled: set[str] = set()
+        for caller, callee, outcome in rows:  # newest first
+            other = callee if caller == user_id else caller
+            if other not in pairs:
+                pairs[other] = PairOutcome(outcome, 0)
+            if other in settled:
+                continue
+            if outcome == "failed":
+                pairs[other] = PairOutcome(pairs[other].latest, pairs[other].failures + 1)
+            else:
+                settled.add(other)
+        return pairs
 
     @translated
     def recent_attempts(self, user_id: str, limit: int = 20) -> list[AttemptRecord]:

@@ -40,6 +40,17 @@ MAX_OUTCOME_BYTES = 1024
 #: a larger dial-in is a server bug, not a plan (seconds)
 MAX_DIAL_IN = 10.0
 
+#: The reason phrase of a 480 when the callee is offline and its calls with the caller failed since
+#: their last success (the callee gave the pair up and closed its signaling): the caller counts it
+#: as the pair's failure, not as an absence (issue 12, docs/protocol.rst).
+PAIR_FAILED_REASON = "Temporarily Unavailable: offline, and your calls failed"
+#: The start of a 488's reason phrase when no technique can join the two NATs as the server's
+#: probes describe them (prediction.no_technique): the caller gives the pair up at once.
+NO_TECHNIQUE_REASON = "Not Acceptable Here: no technique joins these NATs"
+#: The reason phrase of a 491: the callee's own call to the caller waits for its turn at a NAT
+#: (server/calls/lanes.py) and will connect them.
+CROSSING_REASON = "Request Pending: the peer is calling you"
+
 Endpoint = tuple[str, int]
 #: how a parser reads one header: ``message.headers.get``
 HeaderGetter = Callable[[str], "str | None"]

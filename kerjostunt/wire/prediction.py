@@ -28,11 +28,12 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from math import gcd
 from typing import Any
 
 __all__ = ["Sample", "NATDescription", "Prediction", "classify", "predict",
            "EI", "AD", "APD", "UNKNOWN", "PRESERVING", "SEQUENTIAL", "RANDOM",
-           "MAX_DELTA", "MAX_MULTIPLE"]
+           "MAX_DELTA", "MAX_MULTIPLE", "wrap_port", "no_technique"]
 
 EI = "endpoint-independent"
 AD = "address-dependent"
@@ -44,8 +45,12 @@ RANDOM = "random"
 
 #: larger steps are not believed to be a NAT's allocation delta
 MAX_DELTA = 128
-#: a step of k*d with 1 <= k <= MAX_MULTIPLE counts as d plus other hosts' ports
-MAX_MULTIPLE = 8
+#: a step of k*d with 1 <= k <= MAX_MULTIPLE counts as d plus other hosts' ports.  In a group
+#: (issue 12) a dozen hosts behind one sequential NAT probe and punch between one host's probes:
+#: steps of 10-40 d were seen, and with 8 the NAT was taken for a random one (and the birthday
+#: search then sprayed 2,560 connections through it).  A random NAT's step is a positive multiple
+#: of d below 64 d about once in a thousand.
+MAX_MULTIPLE = 64
 #: NATs wrap their port range; predictions past 1..65535 wrap into [PORT_MIN, 65535]
 PORT_MIN = 1024
 
@@ -177,6 +182,13 @@ def _delta(steps: list[int]) -> tuple[int | None, float]:
 
     d = max(sorted(counts), key=rank)
     share = sum(_consistent(s, d) for s in steps) / len(steps)
+    # Other hosts' connections between ours make every step a different
+    # multiple of d (16, 24 for d=4): their common divisor is the delta then.
+    g = gcd(*candidates)
+    if g != d and share < 1.0:
+        g_share = sum(_consistent(s, g) for s in steps) / len(steps)
+        if g_share > share:
+            return g, g_share
     return d, share
 
 
@@ -227,11 +239,15 @@ def classify(samples: Sequence[Sample]) -> NATDescription:
     return _analyse(samples)[0]
 
 
-def _wrap(port: int) -> int:
+def wrap_port(port: int) -> int:
+    """A port counted past 1..65535 wrapped into [PORT_MIN, 65535], as NATs wrap their range."""
     if 1 <= port <= 65535:
         return port
     span = 65536 - PORT_MIN
     return (port - PORT_MIN) % span + PORT_MIN
+
+
+_wrap = wrap_port
 
 
 def _dedupe(ports: list[int], window: int) -> tuple[int, ...]:
@@ -288,3 +304,22 @@ def predict(samples: Sequence[Sample], local_port: int | None = None,
     base = observed if observed is not None else m
     ports = [base] + [_wrap(base + k) for k in range(1, max(1, window))]
     return Prediction(ip, _dedupe(ports, window), 0.3, nat)
+
+
+def no_technique(a: NATDescription | None, b: NATDescription | None) -> str:
+    """Why no NAT traversal technique can join peers behind these two NATs, or "" (unknown: try).
+
+    A random NAT's mapping cannot be predicted; a SYN can only match it if
+    the other side's NAT maps endpoint-independently (the birthday search).
+    Both random, or random facing an address-dependent (e.g. sequential)
+    NAT: a punch would only wait out its deadline.  A direct connection to
+    a public endpoint is another matter (the callers still try theirs).
+    """
+    if a is None or b is None or not a.behind_nat or not b.behind_nat:
+        return ""
+    if a.allocation == b.allocation == RANDOM:
+        return "both NATs allocate ports at random"
+    for random_side, other in ((a, b), (b, a)):
+        if random_side.allocation == RANDOM and other.mapping in (AD, APD):
+            return "a random NAT facing an address-dependent one (no port to predict on either side)"
+    return ""

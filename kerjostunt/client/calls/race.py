@@ -32,7 +32,7 @@ from kerjostunt.client.nat.contest import Contest
 from kerjostunt.client.nat.probing import ProbeResult
 from kerjostunt.client.nat.punch import PunchFailed, PunchPlan, PunchResult, punch
 from kerjostunt.client.nat.sockets import SocketReactor, abort_protocol, connect_from
-from kerjostunt.wire.prediction import RANDOM, NATDescription
+from kerjostunt.wire.prediction import NATDescription, no_technique
 from kerjostunt.wire.sdp import Candidate
 
 __all__ = ["RETRY_JITTER", "DialResult", "Dialer", "DialerConfig"]
@@ -151,6 +151,10 @@ class Dialer:
         plan: list[tuple[Candidate, str]] = []
         if self.lan:
             plan += [(c, "lan") for c in remote.of_type("host", "passive")]
+        if self.lan and plan:
+            # Its public candidates are our own NAT's address: only a hairpin NAT would pass
+            # them, and a sequential NAT would give each a port another call was promised.
+            return plan
         if not self.stunt_only:
             plan += [(c, "public") for c in remote.of_type("srflx", "passive")]
         return plan
@@ -208,9 +212,9 @@ class Dialer:
                 self._dial_direct(candidate.endpoint, technique)
         own_nat = birthday.describe_own(self.own_probes, self.local_ip)
         peer_nat = birthday.parse_nat_header(self.setup.peer_nat)
-        hopeless = _both_random(own_nat, peer_nat)
-        if hopeless:
-            self.errors.append(f"punch: {hopeless}")
+        skip_punch = self._needless(peer_nat, direct) or _hopeless(own_nat, peer_nat)
+        if skip_punch:
+            self.errors.append(f"punch: {skip_punch}")
         else:
             self._start_punch()
         for candidate, technique in direct:
@@ -219,13 +223,41 @@ class Dialer:
         # The birthday technique last: its hard side opens hundreds of
         # sockets in this turn, which would delay the direct connects by
         # tens of ms (NAT lab: random NAT to a public peer).
-        if not hopeless:
+        skip_birthday = skip_punch or _reversed(own_nat, peer_nat, self.peer_unnatted(peer_nat))
+        if skip_birthday:
+            if skip_birthday != skip_punch:
+                self.errors.append(f"birthday: {skip_birthday}")
+        else:
             self._start_birthday(own_nat, peer_nat)
         # A safety net: the punch ends at its deadline, handshakes at theirs.
         self._contest.later(self.config.deadline + self.config.handshake_timeout + 1.0, self._give_up)
         # Attempts that failed at once were counted; the machine looks at
         # them only now that every technique has started.
         self._life.check()
+
+    def _needless(self, peer_nat: NATDescription | None, direct: list[tuple[Candidate, str]]) -> str:
+        """Why a punch (and a birthday search) would only cost NAT ports here, or "".
+
+        A peer on our LAN is dialed on its host candidates: a punch towards
+        our own NAT's public address needs a hairpin NAT, and through a
+        sequential NAT each of its SYNs would take a port another call was
+        promised (NAT lab, issue 12).  A peer with a public address whose
+        endpoint is open is dialed directly: one outbound connect, the
+        connection reversal, instead of a punch from behind our NAT.
+        """
+        techniques = {technique for _, technique in direct}
+        if self.lan and "lan" in techniques:
+            return "not tried: the peer is on our LAN"
+        if self.peer_unnatted(peer_nat) and not self.stunt_only and "public" in techniques:
+            return "not tried: the peer has a public address, dialed directly"
+        return ""
+
+    def peer_unnatted(self, peer_nat: NATDescription | None) -> bool:
+        """The peer has no NAT: its own punch address is the public one the server sees it at."""
+        if peer_nat is not None and not peer_nat.behind_nat:
+            return True
+        punch = self.setup.remote.punch_candidate
+        return punch is not None and self.setup.peer_public is not None and punch.ip == self.setup.peer_public
 
     def _dial_direct(self, endpoint: Endpoint, technique: str) -> None:
         self.pending += 1
@@ -327,16 +359,23 @@ class Dialer:
         self._life.fail(ConnectFailed("no verified connection in time: " + "; ".join(self.errors or ["no answer"])))
 
 
-def _both_random(own: NATDescription | None, peer: NATDescription | None) -> str:
-    """Why punching cannot work, or "".
+def _hopeless(own: NATDescription | None, peer: NATDescription | None) -> str:
+    """Why punching cannot work (prediction.no_technique), or "". The direct attempts still run."""
+    why = no_technique(own, peer)
+    return f"not tried: {why}" if why else ""
 
-    When both NATs draw a random port for every new connection, neither
-    side can know where to send its SYN and no SYN can match the other
-    NAT's mapping: punching would only wait out its deadline (10 s).
-    The direct attempts still run.
+
+def _reversed(own: NATDescription | None, peer: NATDescription | None, peer_unnatted: bool) -> str:
+    """Why the birthday search is not needed, or "": one side has a public address.
+
+    The side behind the NAT dials the public one (``public`` technique, one
+    connect); seen before: a public peer and a random NAT met by birthday
+    with 512 sockets and 2,048 guesses where that one connect did.
     """
-    if own is not None and peer is not None and own.allocation == peer.allocation == RANDOM:
-        return "not tried: both NATs allocate ports at random"
+    if own is not None and not own.behind_nat and not peer_unnatted:
+        return "not tried: the peer's NAT dials our public address"
+    if peer_unnatted and (own is None or own.behind_nat):
+        return "not tried: the peer has a public address"
     return ""
 
 

@@ -45,6 +45,7 @@ from kerjostunt.client.manager.peer import TrackedPeer
 from kerjostunt.client.manager.rule import new_rule
 from kerjostunt.client.manager.seams import DirectoryEntry, ManagedAgent, ManagedConnection, ManagerClock
 from kerjostunt.client.manager.watching import WatchedProtocol, WatchingFactory, close_protocol
+from kerjostunt.wire import kerjo
 
 __all__ = ["OFFLINE_CODES", "ManagerConfig", "PeerManager"]
 
@@ -69,9 +70,9 @@ class ManagerConfig:
     #: failed dials in a row before a peer counts as unreachable
     max_failures: int = 5
     connect_timeout: float = 20.0
-    #: one call at a time by default: concurrent calls from behind a sequential NAT take ports
-    #: out of each other's predicted windows
-    max_dials: int = 1
+    #: calls at once: the server orders the calls through one sequential NAT (its NAT lanes),
+    #: so concurrent calls no longer take ports out of each other's predicted windows
+    max_dials: int = 8
     #: a peer with a lower user ID gets this long to call us first, so two members starting
     #: together make one call, not two crossing ones
     courtesy_delay: float = 3.0
@@ -384,6 +385,25 @@ class PeerManager:
             # its own). Wait, but do not count it towards "unreachable".
             delay = self._backoff(max(1, peer.failures))
             peer.life.back_off(f"failed without signaling ({reason}), again in {delay:.1f}s", delay)
+            return
+        if code == 491:
+            # The peer's own call to us waits at the server and will connect us (or count on
+            # its side): look again later, counting nothing.
+            delay = self._backoff(1 + peer.absences)
+            peer.absences += 1
+            peer.life.back_off(f"the peer is calling us ({reason}), again in {delay:.1f}s", delay)
+            return
+        if code == 488 and kerjo.NO_TECHNIQUE_REASON in reason:
+            # The server knows both NATs: nothing would join them. Unreachable until something
+            # changes (the long retry, the list), on both sides alike.
+            peer.failures += 1
+            peer.life.give_up("server", reason)
+            return
+        if code in OFFLINE_CODES and kerjo.PAIR_FAILED_REASON in reason:
+            # Offline because it gave the pair up after failed calls: the pair is unreachable
+            # until something changes (the long retry, the list), as on the other side.
+            peer.failures += 1
+            peer.life.give_up("server", f"the pair failed and the peer is offline ({reason})")
             return
         if code in OFFLINE_CODES and not peer.retrying:
             # Not registered right now: absent, not unreachable. When it comes

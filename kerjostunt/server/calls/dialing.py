@@ -12,13 +12,27 @@ from collections.abc import Sequence
 from twisted.logger import Logger
 
 from kerjostunt.wire import kerjo
-from kerjostunt.wire.prediction import UNKNOWN, NATDescription, Prediction, Sample, classify, predict
+from kerjostunt.wire.prediction import (
+    RANDOM,
+    UNKNOWN,
+    NATDescription,
+    Prediction,
+    Sample,
+    classify,
+    predict,
+    wrap_port,
+)
 from kerjostunt.wire.sdp import Candidate, SDPError, SessionDescription, candidate_priority, parse_sdp, validate_offer
 
 log = Logger(namespace="kerjostunt.server.calls")
 
 #: how many predicted ports each side gets (a window for sequential NATs)
 PREDICTION_WINDOW = 4
+#: the window behind a sequential NAT other hosts use too (lanes.py): their probes between a
+#: prediction and its punch move the counter on by a few steps (NAT lab group: 2-3 of d=4)
+LANE_WINDOW = 8
+#: at most this many candidate lines in an SDP (docs/protocol.rst)
+MAX_SDP_CANDIDATES = 32
 #: a client's SDP may carry this many candidate lines; the server adds at most
 #: PREDICTION_WINDOW prflx and MAX_SRFLX srflx lines so every SDP stays <= 32
 MAX_OFFER_CANDIDATES = 16
@@ -53,12 +67,13 @@ def augmented(sd: SessionDescription, prediction: Prediction, public_ip: str) ->
     extra = [
         Candidate(f"p{i + 1}", 1, "TCP", candidate_priority("prflx", "so") - i, prediction.ip, port,
                   "prflx", "so", raddr=punch.ip, rport=sd.punch_port)
-        for i, port in enumerate(prediction.ports[:PREDICTION_WINDOW])
+        for i, port in enumerate(prediction.ports[:LANE_WINDOW])
     ]
+    room = max(0, min(MAX_SRFLX, MAX_SDP_CANDIDATES - len(sd.candidates) - len(extra)))
     extra += [
         Candidate(f"s{j + 1}", 1, "TCP", candidate_priority("srflx", "passive") - j, public_ip, c.port,
                   "srflx", "passive", raddr=c.ip, rport=c.port)
-        for j, c in enumerate(sd.of_type("host", "passive")[:MAX_SRFLX])
+        for j, c in enumerate(sd.of_type("host", "passive")[:room])
     ]
     return sd.with_candidates(extra)
 
@@ -83,3 +98,40 @@ def parse_offer(body: bytes) -> SessionDescription:
     if len(sdp.candidates) > MAX_OFFER_CANDIDATES:
         raise SDPError(f"at most {MAX_OFFER_CANDIDATES} candidates")
     return sdp
+
+
+def shifted(prediction: Prediction, latest_port: int, unseen: int) -> Prediction:
+    """A sequential NAT's window counted from its newest observed port plus ``unseen`` mappings.
+
+    With ``latest_port`` the side's own newest mapping and nothing unseen,
+    this is the prediction itself.  With unseen mappings (other calls'
+    punches since the newest probe) the step below the estimate is kept
+    last, in case one of them never left.
+    """
+    d = prediction.nat.delta
+    if not d:
+        return prediction
+    start = latest_port + d * (1 + unseen)
+    steps = [*range(LANE_WINDOW - 1), -1] if unseen else list(range(LANE_WINDOW))
+    ports: list[int] = []
+    for k in steps:
+        port = wrap_port(start + k * d)
+        if port not in ports:
+            ports.append(port)
+    return Prediction(prediction.ip, tuple(ports), prediction.confidence, prediction.nat)
+
+
+def new_mappings(dialed: SessionDescription, prediction: Prediction, public_ip: str) -> int:
+    """How many new connections a side opens through its NAT dialing the other side (its SDP and prediction).
+
+    The punch dials each predicted endpoint and the punch port (not towards
+    a peer without NAT, whose punch address is the public one, nor towards
+    a random NAT: client/calls/race.py), the direct attempts each public
+    passive candidate; a sequential NAT gives each its own port.  (From the
+    server's probes alone a preserving NAT looks like no NAT.)
+    """
+    direct = len(dialed.of_type("host", "passive")[:MAX_SRFLX])
+    punch = dialed.punch_candidate
+    if (punch is not None and punch.ip == public_ip) or prediction.nat.allocation == RANDOM:
+        return direct
+    return direct + len(set(prediction.ports[:LANE_WINDOW])) + 1

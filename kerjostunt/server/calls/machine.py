@@ -113,6 +113,8 @@ class CallHost(Protocol):
 
     def record(self, call: Call) -> None: ...
 
+    def dial_scheduled(self, call: Call, dial_caller_ms: int, dial_callee_ms: int) -> int: ...
+
     def linger_from_now(self, call: Call) -> None: ...
 
     def remove(self, call: Call) -> None: ...
@@ -154,6 +156,8 @@ class Call:
         self._cseq = {CALLER: 0, CALLEE: 1}
         self._answer_timer: Timer | None = None
         self._outcome_timer: Timer | None = None
+        #: side -> the sequential NAT (public address) whose turn the call takes (lanes.py)
+        self.lanes: dict[str, str] = {}
         self.machine: CallInputs = CallMachine(self)
 
     def legs(self) -> list[SignalingConnection]:
@@ -185,6 +189,8 @@ class Call:
         self.callee_tag = tag_of(response.headers.get("To"))
         self.callee_prediction = self.host.prediction_for(self.callee_id, sdp, self.callee_conn)
         dial_caller, dial_callee = dial_in_ms(self.caller_conn.rtt, self.callee_conn.rtt)
+        later = self.host.dial_scheduled(self, dial_caller, dial_callee)  # after earlier calls via a NAT
+        dial_caller, dial_callee = dial_caller + later, dial_callee + later
         peer = peer_headers(self.secret, Role.INITIATOR, self.callee_prediction, self.callee_conn.peer[0])
         body = augmented(sdp, self.callee_prediction, self.callee_conn.peer[0]).to_bytes()
         ok = messages.ok(self, self.invite, peer, dial_caller, body)

@@ -20,17 +20,19 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from kerjostunt.server.calls import messages
-from kerjostunt.server.calls.dialing import parse_offer, predict_for
+from kerjostunt.server.calls.dialing import new_mappings, parse_offer, predict_for, shifted
+from kerjostunt.server.calls.lanes import NATLanes, lane_of
 from kerjostunt.server.calls.machine import CALLEE, CALLER, Call, CallInputs, Phase
 from kerjostunt.server.calls.messages import tag_of, top_branch
-from kerjostunt.server.calls.seams import CallSettings, CallStore, Clock, Observations, Timer
+from kerjostunt.server.calls.pairs import PairBook
+from kerjostunt.server.calls.seams import Attempt, CallSettings, CallStore, Clock, Observations, Timer
 from kerjostunt.server.register import RequestError, user_of
 from kerjostunt.server.registrar import Registrar, SignalingConnection
 from kerjostunt.server.signaling import TokenBucket
 from kerjostunt.store import UnknownUser
 from kerjostunt.wire import kerjo
 from kerjostunt.wire.kerjo import OutcomeError, parse_outcome
-from kerjostunt.wire.prediction import Prediction
+from kerjostunt.wire.prediction import AD, APD, SEQUENTIAL, NATDescription, Prediction, classify, no_technique
 from kerjostunt.wire.sdp import SDPError, SessionDescription
 from kerjostunt.wire.sip.headers import parse_uri
 from kerjostunt.wire.sip.message import Request, Response, make_response
@@ -74,6 +76,11 @@ class CallManager:
         # (6,400 of them in the reactor's heap at 200 calls/s).
         self._lingering: deque[tuple[float, Call]] = deque()
         self._linger_timer: Timer | None = None
+        self.lanes = NATLanes(clock, settings.nat_dial_gap)
+        self.pairs = PairBook(clock)
+        # calls whose turn at a NAT waits for it to go quiet: the timer, and since when
+        self._quiet: dict[Call, Timer] = {}
+        self._quiet_since: dict[Call, float] = {}
 
     # -- the router's interface ------------------------------------------------------
 
@@ -133,7 +140,8 @@ class CallManager:
         self._by_conn.setdefault(conn, set()).add(call)
 
     def linger_from_now(self, call: Call) -> None:
-        """Forget ``call`` ``linger`` seconds from now."""
+        """Forget ``call`` ``linger`` seconds from now (and give up its turn at any NAT)."""
+        self.lanes.leave(call)
         linger = self._settings.linger
         self._lingering.append((self._clock.seconds() + linger, call))
         if self._linger_timer is None:
@@ -151,6 +159,11 @@ class CallManager:
             self._linger_timer = self._clock.callLater(lingering[0][0] - now, self._linger_over)
 
     def remove(self, call: Call) -> None:
+        self.lanes.leave(call)
+        self._quiet_since.pop(call, None)
+        timer = self._quiet.pop(call, None)
+        if timer is not None and timer.active():
+            timer.cancel()
         self._by_caller_leg.pop((call.caller_conn, call.caller_call_id), None)
         self._by_server_id.pop(call.server_call_id, None)
         for conn in call.legs():
@@ -184,8 +197,52 @@ class CallManager:
             self.count("internal_errors")
 
     def prediction_for(self, user_id: str, sdp: SessionDescription, conn: SignalingConnection) -> Prediction:
-        """From the probes of exactly the SDP's punch port; else the signaling address, low confidence."""
-        return predict_for(user_id, sdp, self.observations.samples(user_id), conn.peer[0])
+        """From the probes of exactly the SDP's punch port; else the signaling address, low confidence.
+
+        Behind a sequential, address-dependent NAT it counts from the NAT's
+        newest port, whichever of its hosts probed last, plus the mappings
+        the calls that dialed there since were going to open (lanes.py).
+        """
+        prediction = predict_for(user_id, sdp, self.observations.samples(user_id), conn.peer[0])
+        nat = self._nat_behind(prediction.nat, conn.peer[0])
+        key = lane_of(nat, conn.peer[0])
+        if key is None or nat.delta is None:
+            return prediction
+        latest = self.observations.behind(key)[-1]
+        prediction = Prediction(prediction.ip, prediction.ports, prediction.confidence, nat)
+        return shifted(prediction, latest.mapped_port, self.lanes.shift(key, latest.time))
+
+    def _nat_behind(self, own: NATDescription, public_ip: str) -> NATDescription:
+        """The NAT as all its hosts' probes show it, where one host's own are not conclusive.
+
+        Between one host's probes the others' connections take ports: its
+        own steps look random (seen in the NAT lab's group) where all of
+        them together step by the NAT's delta.
+        """
+        if not own.behind_nat or own.mapping not in (AD, APD) or own.allocation == SEQUENTIAL:
+            return own
+        samples = self.observations.behind(own.public_ip or public_ip)
+        if not samples:
+            return own
+        nat = classify(samples)
+        if nat.allocation != SEQUENTIAL:
+            return own
+        return NATDescription(True, own.mapping, SEQUENTIAL, nat.delta, own.public_ip or public_ip)
+
+    def dial_scheduled(self, call: Call, dial_caller_ms: int, dial_callee_ms: int) -> int:
+        """Both sides' dial moments are set: milliseconds to add to both, after earlier calls through a NAT.
+
+        Notes what each lane side opens there and ends the call's turn (lanes.py).
+        """
+        if not call.lanes:
+            return 0
+        assert call.caller_prediction is not None and call.callee_prediction is not None
+        assert call.callee_sdp is not None and call.callee_conn is not None
+        dialed = {CALLER: new_mappings(call.callee_sdp, call.callee_prediction, call.callee_conn.peer[0]),
+                  CALLEE: new_mappings(call.caller_sdp, call.caller_prediction, call.caller_conn.peer[0])}
+        mappings = {key: dialed[side] for side, key in call.lanes.items()}
+        at = self._clock.seconds() + max(dial_caller_ms, dial_callee_ms) / 1000.0
+        return round(self.lanes.dialing(call, at, mappings) * 1000.0)
 
     def record(self, call: Call) -> None:
         attempt = call.attempt()
@@ -195,6 +252,13 @@ class CallManager:
         # The one info line per call; the steps before it are debug (--log-level).
         log.info("Call {caller} -> {callee}: {outcome} ({technique}), predicted {predicted}, actual {actual}",
                  **attempt)
+        addresses = {call.caller_id: call.caller_conn.peer[0]}
+        if call.callee_conn is not None:
+            addresses[call.callee_id] = call.callee_conn.peer[0]
+        self.pairs.recorded(call.caller_id, call.callee_id, attempt["outcome"] != "failed", addresses)
+        self._store_attempt(call, when, attempt)
+
+    def _store_attempt(self, call: Call, when: float, attempt: Attempt) -> None:
         d = self.store.record_attempt(when=when, **attempt)
         self._pending.add(d)
 
@@ -339,9 +403,16 @@ class CallManager:
                 return
             binding = self.registrar.lookup(call.callee_id)
             if binding is None:
-                self.feed(call, CallInputs.refused, 480, None)
+                self._offline(call)
+            elif (why := no_technique(*(nats := self._nats_of(call, binding.connection)))):
+                self._no_technique(call, binding.connection, why)
             else:
-                self.feed(call, CallInputs.checked, binding.connection)
+                call.lanes = self._lanes_of(call, binding.connection, nats)
+                if call.lanes and self._crossing(call):
+                    self.count("calls_crossing")
+                    self.feed(call, CallInputs.refused, 491, kerjo.CROSSING_REASON)
+                    return
+                self.lanes.enter(call, tuple(call.lanes.values()), lambda: self._when_quiet(call))
 
         def failed(failure: Failure) -> None:
             if call.machine.phase() is not Phase.CHECKING:
@@ -358,6 +429,84 @@ class CallManager:
         d = self.store.call_check(call.caller_id, call.callee_id)
         d.addCallbacks(checked, failed)
         d.addErrback(lambda f: log.failure("Call check failed", f))
+
+    def _no_technique(self, call: Call, callee_conn: SignalingConnection, why: str) -> None:
+        """488: no technique joins the two NATs. Recorded as the pair's failed attempt, as a dial would be."""
+        self.count("calls_no_technique")
+        self.pairs.recorded(call.caller_id, call.callee_id, False, {
+            call.caller_id: call.caller_conn.peer[0], call.callee_id: callee_conn.peer[0]})
+        log.info("Call {caller} -> {callee}: failed (no technique: {why})", caller=call.caller_id,
+                 callee=call.callee_id, why=why)
+        self._store_attempt(call, self._clock.seconds(), {
+            "call_id": call.server_call_id, "caller": call.caller_id, "callee": call.callee_id,
+            "technique": "none", "outcome": "failed", "predicted": None, "actual": None, "duration_ms": 0.0})
+        self.feed(call, CallInputs.refused, 488, f"{kerjo.NO_TECHNIQUE_REASON}: {why}")
+
+    def _nats_of(self, call: Call, callee_conn: SignalingConnection) -> tuple[NATDescription | None, ...]:
+        """Both sides' NATs as their probes (and their NATs' other hosts') describe them; None: no probes."""
+        sides: list[NATDescription | None] = []
+        for user, conn in ((call.caller_id, call.caller_conn), (call.callee_id, callee_conn)):
+            samples = self.observations.samples(user)
+            sides.append(self._nat_behind(classify(samples), conn.peer[0]) if samples else None)
+        return tuple(sides)
+
+    def _lanes_of(self, call: Call, callee_conn: SignalingConnection,
+                  nats: tuple[NATDescription | None, ...]) -> dict[str, str]:
+        """side -> the NAT lane (public address) it dials through, for sides whose calls interfere."""
+        caller_ip, callee_ip = call.caller_conn.peer[0], callee_conn.peer[0]
+        if caller_ip == callee_ip:
+            return {}  # one LAN: host candidates, no punch, no NAT port taken
+        lanes: dict[str, str] = {}
+        for side, nat, ip in ((CALLER, nats[0], caller_ip), (CALLEE, nats[1], callee_ip)):
+            key = lane_of(nat, ip)
+            if key is not None:
+                lanes[side] = key
+        return lanes
+
+    def _crossing(self, call: Call) -> bool:
+        """Is the callee's own call to the caller waiting for (or holding) a turn at a NAT?
+
+        Then that call will connect them: a second one the other way would
+        only take the NAT's turn and ports twice and end as a duplicate.
+        """
+        return any(isinstance(other, Call) and other.caller_id == call.callee_id
+                   and other.callee_id == call.caller_id for other in self.lanes.calls())
+
+    def _when_quiet(self, call: Call) -> None:
+        """The call's turn: forward it once its NATs have been quiet for ``nat_quiet`` seconds.
+
+        A probe through the NAT moments ago is often one of a burst (a host
+        probing its next punch port, one probe per server endpoint); a
+        prediction made in its middle is short by the rest of it.
+        """
+        self._quiet.pop(call, None)
+        now = self._clock.seconds()
+        since = self._quiet_since.setdefault(call, now)
+        # Probes before the previous turn ended were in its predictions already (its callee's, mostly).
+        recent = [samples[-1].time for key in call.lanes.values()
+                  if (samples := self.observations.behind(key)) and samples[-1].time > self.lanes.released(key)]
+        wait = max([0.0, *(t + self._settings.nat_quiet - now for t in recent)])
+        # A NAT that never goes quiet does not hold the call for more than a few quiet periods.
+        if wait > 0 and now - since < 5 * self._settings.nat_quiet and call.machine.phase() is Phase.CHECKING:
+            self._quiet[call] = self._clock.callLater(wait, self._when_quiet, call)
+            return
+        self._quiet_since.pop(call, None)
+        self._forward(call)
+
+    def _forward(self, call: Call) -> None:
+        """The call's turn at its NATs (at once without one): forward it, if the callee is still there."""
+        if call.machine.phase() is not Phase.CHECKING:
+            return
+        binding = self.registrar.lookup(call.callee_id)
+        if binding is None:
+            self._offline(call)
+        else:
+            self.feed(call, CallInputs.checked, binding.connection)
+
+    def _offline(self, call: Call) -> None:
+        """480; saying so when the pair's calls failed since its last success (pairs.py)."""
+        gave_up = self.pairs.failed(call.caller_id, call.callee_id, call.caller_conn.peer[0]) > 0
+        self.feed(call, CallInputs.refused, 480, kerjo.PAIR_FAILED_REASON if gave_up else None)
 
     # -- responses ---------------------------------------------------------------------
 

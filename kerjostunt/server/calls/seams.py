@@ -71,6 +71,10 @@ class Observations(Protocol):
 
     def samples(self, user_id: str) -> list[Sample]: ...
 
+    def behind(self, public_ip: str) -> list[Sample]:
+        """The recent samples of every user seen at ``public_ip`` (one NAT), oldest first."""
+        ...
+
 
 @dataclass(frozen=True)
 class CallSettings:
@@ -85,3 +89,8 @@ class CallSettings:
     #: INVITEs per second one caller may send, and the burst allowed above it
     invite_rate: float = 5.0
     invite_burst: float = 20.0
+    #: seconds between the dial moments of two calls through one sequential, address-dependent
+    #: NAT, so that their SYNs take its ports in the order the predictions assumed (lanes.py)
+    nat_dial_gap: float = 0.1
+    #: seconds a sequential NAT must have shown no new probe before a call's turn there goes on
+    nat_quiet: float = 0.1
