@@ -23,7 +23,7 @@ the interval is over (written at the next authentication event or
 ``flush``: no timer, so nothing is left on the reactor). Refusals are
 counted: ``auth_throttled`` (a login refused because locked) besides the
 callers' own failure counters. Defaults and reasons: docs/protocol.rst
-("Digest answers and password guessing") and docs/security-auth.rst.
+("Digest answers and password guessing") and docs/security.rst ("Accounts, digests and probe tokens").
 """
 
 from __future__ import annotations
