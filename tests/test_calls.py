@@ -9,6 +9,7 @@ told; unit tests drive ``CallManager`` with fake connections, a fake store and
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from typing import Any
 
 from twisted.internet import defer
@@ -364,6 +365,11 @@ class FakeObservations:
     def behind(self, public_ip: str) -> list[Sample]:
         seen = [s for samples in self.by_user.values() for s in samples if s.mapped_ip == public_ip]
         return sorted(seen, key=lambda s: s.time)
+
+    def last_probe_behind(self, public_ip: str, excluding: Collection[str]) -> float | None:
+        times = [s.time for user, samples in self.by_user.items() if user not in excluding
+                 for s in samples if s.mapped_ip == public_ip]
+        return max(times) if times else None
 
 
 def invite_request(caller: str, callee: str, call_id: str = "c1", punch: int = 40001, body: bytes | None = None) -> Request:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import ipaddress
 import secrets
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Protocol as TypingProtocol
 
@@ -192,6 +192,11 @@ class ObservationLog:
         """The recent samples of every user seen at ``public_ip`` (one NAT), oldest first."""
         return [Sample(o.local_port, o.mapped_ip, o.mapped_port, o.server_ip, o.server_port, o.time)
                 for o in self._by_ip.get(public_ip, ()) if o.local_port is not None]
+
+    def last_probe_behind(self, public_ip: str, excluding: Collection[str]) -> float | None:
+        """When a user not in ``excluding`` last probed through ``public_ip`` (None: not lately)."""
+        times = [o.time for o in self._by_ip.get(public_ip, ()) if o.user_id not in excluding]
+        return max(times) if times else None
 
     def subscribe(self, callback: Callable[[Observation], None]) -> None:
         self._listeners.append(callback)

@@ -475,16 +475,21 @@ class CallManager:
     def _when_quiet(self, call: Call) -> None:
         """The call's turn: forward it once its NATs have been quiet for ``nat_quiet`` seconds.
 
-        A probe through the NAT moments ago is often one of a burst (a host
-        probing its next punch port, one probe per server endpoint); a
-        prediction made in its middle is short by the rest of it.
+        A probe through the NAT moments ago by another host is often one of a
+        burst (a host probing its next punch port, one probe per server
+        endpoint); a prediction made in its middle is short by the rest of it.
+        The call's own peers' probes do not hold it (a single pair through a
+        sequential NAT would wait a quiet period on every call).
         """
         self._quiet.pop(call, None)
         now = self._clock.seconds()
         since = self._quiet_since.setdefault(call, now)
         # Probes before the previous turn ended were in its predictions already (its callee's, mostly).
-        recent = [samples[-1].time for key in call.lanes.values()
-                  if (samples := self.observations.behind(key)) and samples[-1].time > self.lanes.released(key)]
+        # The two peers' own probes are not a burst in progress: the caller probed its punch port
+        # before it called, the callee probes only once the INVITE reaches it.
+        own = (call.caller_id, call.callee_id)
+        recent = [t for key in call.lanes.values()
+                  if (t := self.observations.last_probe_behind(key, own)) is not None and t > self.lanes.released(key)]
         wait = max([0.0, *(t + self._settings.nat_quiet - now for t in recent)])
         # A NAT that never goes quiet does not hold the call for more than a few quiet periods.
         if wait > 0 and now - since < 5 * self._settings.nat_quiet and call.machine.phase() is Phase.CHECKING:

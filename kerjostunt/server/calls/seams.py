@@ -7,7 +7,7 @@ test fakes satisfy it structurally and none of them is imported here.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Protocol, TypedDict
 
@@ -73,6 +73,10 @@ class Observations(Protocol):
 
     def behind(self, public_ip: str) -> list[Sample]:
         """The recent samples of every user seen at ``public_ip`` (one NAT), oldest first."""
+        ...
+
+    def last_probe_behind(self, public_ip: str, excluding: Collection[str]) -> float | None:
+        """When a user not in ``excluding`` last probed through ``public_ip``."""
         ...
 
 
