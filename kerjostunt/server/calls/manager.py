@@ -478,16 +478,16 @@ class CallManager:
         A probe through the NAT moments ago by another host is often one of a
         burst (a host probing its next punch port, one probe per server
         endpoint); a prediction made in its middle is short by the rest of it.
-        The call's own peers' probes do not hold it (a single pair through a
-        sequential NAT would wait a quiet period on every call).
+        The caller's own probes do not hold it (a caller behind a sequential
+        NAT would otherwise wait a quiet period on every call).
         """
         self._quiet.pop(call, None)
         now = self._clock.seconds()
         since = self._quiet_since.setdefault(call, now)
         # Probes before the previous turn ended were in its predictions already (its callee's, mostly).
-        # The two peers' own probes are not a burst in progress: the caller probed its punch port
-        # before it called, the callee probes only once the INVITE reaches it.
-        own = (call.caller_id, call.callee_id)
+        # The caller's own probes are no burst in progress: it probed its punch port before it
+        # called. (The callee's may be: an idle agent probes its next punch port in the background.)
+        own = (call.caller_id,)
         recent = [t for key in call.lanes.values()
                   if (t := self.observations.last_probe_behind(key, own)) is not None and t > self.lanes.released(key)]
         wait = max([0.0, *(t + self._settings.nat_quiet - now for t in recent)])
