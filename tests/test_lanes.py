@@ -208,6 +208,20 @@ class CallManagerLaneTests(unittest.SynchronousTestCase):
         self.assertEqual(second[0], 20028 + 4 * (1 + 3))  # b1's punch and app-port dials
         self.assertEqual(len(second), 8)
 
+    def test_two_hosts_behind_one_random_nat_are_forwarded(self) -> None:
+        """One public address is one LAN: host candidates join them, so no 488 (the 40-peer run)."""
+        from tests.test_calls import FakeConn
+
+        self.store.users.add("d2")
+        conn = self.conns["d2"] = FakeConn("d2", "198.18.4.2", 6002, rtt=0.04)
+        self.registrar.bind("d2", conn, "<sips:d2@x>", 3600)
+        self.observations.by_user["d2"] = [Sample(40001, "198.18.4.2", p, f"198.18.0.1{k}", 3478 + k, 990.0 + k)
+                                           for k, p in enumerate((31797, 2165, 45521))]
+        self.invite("d1", "d2", "c4")
+        self.clock.advance(0.3)
+        self.assertEqual(len(self.invites_to("d2")), 1)
+        self.assertNotIn(488, [getattr(m, "code", None) for m in self.conns["d1"].sent])
+
     def test_random_facing_sequential_is_refused_before_anyone_dials(self) -> None:
         self.invite("d1", "b1", "c3")
         final = self.conns["d1"].sent[-1]

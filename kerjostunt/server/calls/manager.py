@@ -404,7 +404,8 @@ class CallManager:
             binding = self.registrar.lookup(call.callee_id)
             if binding is None:
                 self._offline(call)
-            elif (why := no_technique(*(nats := self._nats_of(call, binding.connection)))):
+            elif why := self._why_unjoinable(call, binding.connection,
+                                             nats := self._nats_of(call, binding.connection)):
                 self._no_technique(call, binding.connection, why)
             else:
                 call.lanes = self._lanes_of(call, binding.connection, nats)
@@ -441,6 +442,14 @@ class CallManager:
             "call_id": call.server_call_id, "caller": call.caller_id, "callee": call.callee_id,
             "technique": "none", "outcome": "failed", "predicted": None, "actual": None, "duration_ms": 0.0})
         self.feed(call, CallInputs.refused, 488, f"{kerjo.NO_TECHNIQUE_REASON}: {why}")
+
+    def _why_unjoinable(self, call: Call, callee_conn: SignalingConnection,
+                        nats: tuple[NATDescription | None, ...]) -> str:
+        """Why no technique can join the two NATs, or "": peers behind one public address are
+        on one LAN (host candidates join them, whatever their NAT does outside)."""
+        if call.caller_conn.peer[0] == callee_conn.peer[0]:
+            return ""
+        return no_technique(*nats)
 
     def _nats_of(self, call: Call, callee_conn: SignalingConnection) -> tuple[NATDescription | None, ...]:
         """Both sides' NATs as their probes (and their NATs' other hosts') describe them; None: no probes."""
