@@ -28,6 +28,16 @@ COMMAND_MODULES: list[str] = [
     "kerjostunt.client.cli.join",
 ]
 
+#: a peer's commands, by name: ``kerjostunt join`` imports only its own module.  The admin
+#: commands pull in SQLAlchemy and Alembic (0.4 s of CPU), and a dozen peers started at
+#: once on a small machine wait for each other's imports (the NAT lab's group).
+PEER_COMMANDS: dict[str, str] = {
+    "peers": "kerjostunt.client.cli.peers",
+    "echo-server": "kerjostunt.client.cli.echo",
+    "echo-client": "kerjostunt.client.cli.echo",
+    "join": "kerjostunt.client.cli.join",
+}
+
 PROG = "kerjostunt"
 
 
@@ -37,21 +47,24 @@ def fail(message: str) -> int:
     return 1
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Every command's parser, or only ``command``'s when it is a peer's command."""
     parser = argparse.ArgumentParser(
         prog=PROG, description="kerjostunt admin and client commands"
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
-    for name in COMMAND_MODULES:
+    modules = [PEER_COMMANDS[command]] if command in PEER_COMMANDS else COMMAND_MODULES
+    for name in modules:
         importlib.import_module(name).register(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(args_list[0] if args_list else None)
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(args_list)
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
         return e.code if isinstance(e.code, int) else 2
     func = getattr(args, "func", None)

@@ -222,6 +222,28 @@ class CallManagerLaneTests(unittest.SynchronousTestCase):
         self.assertEqual(len(self.invites_to("d2")), 1)
         self.assertNotIn(488, [getattr(m, "code", None) for m in self.conns["d1"].sent])
 
+    def test_host_of_a_crowded_preserving_nat_is_judged_by_all_its_hosts(self) -> None:
+        """a3's own probes collided with a1's and a2's ports (they look random); its NAT keeps ports."""
+        from tests.test_calls import FakeConn
+
+        self.store.users.add("a3")
+        conn = self.conns["a3"] = FakeConn("a3", "198.18.1.2", 5003, rtt=0.04)
+        self.registrar.bind("a3", conn, "<sips:a3@x>", 3600)
+        for user, local in (("a1", 50003), ("a2", 50005), ("a1", 50007), ("a2", 50009)):
+            self.observations.by_user[user] += [Sample(local, "198.18.1.2", local, f"198.18.0.1{k}", 3478, 991.0)
+                                                for k in (0, 1)]
+        self.observations.by_user["a3"] = [
+            Sample(local, "198.18.1.2", mapped, f"198.18.0.1{k}", 3478, 992.0 + i)
+            for i, (local, mapped) in enumerate(((40001, 61234), (40001, 40001), (41001, 23456)))
+            for k in (0, 1)]
+        self.invite("a3", "b1", "c5")
+        self.clock.advance(0.3)
+        self.assertNotIn(488, [getattr(m, "code", None) for m in self.conns["a3"].sent])
+        forwarded = self.invites_to("b1")
+        self.assertEqual(len(forwarded), 1)
+        prflx = [c.port for c in parse_sdp(forwarded[0].body).of_type("prflx")]
+        self.assertEqual(prflx[0], 40001, "the punch port itself first: the NAT keeps ports")
+
     def test_random_facing_sequential_is_refused_before_anyone_dials(self) -> None:
         self.invite("d1", "b1", "c3")
         final = self.conns["d1"].sent[-1]

@@ -52,6 +52,16 @@ class ClassifyTests(TestCase):
         self.assertGreaterEqual(p.confidence, 0.8)
         self.assertEqual(predict(s, local_port=45000).ports[0], 45000)
 
+    def test_crowded_preserving_nat_collides_now_and_then(self) -> None:
+        """Another host probed from the same local port first: the newest mapping got some other port."""
+        s = series([(40001, [40001, 40001]), (40517, [40517, 40517]), (41000, [52345, 41000])])
+        self.assertEqual(classify(s).allocation, PRESERVING)
+        self.assertEqual(predict(s).ports[0], 41000)
+
+    def test_one_kept_port_of_two_is_not_preserving_when_the_newest_moved(self) -> None:
+        s = series([(40001, [40001, 40001]), (41000, [43123, 43123])])
+        self.assertNotEqual(classify(s).allocation, PRESERVING)
+
     def test_not_behind_nat_with_local_ip(self) -> None:
         s = series([(40001, [40001, 40001])], ip=PUBLIC, local_ip=PUBLIC)
         nat = classify(s)

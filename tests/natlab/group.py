@@ -91,6 +91,8 @@ class GroupRun:
     connected: dict[frozenset[str], float] = field(default_factory=dict)
     #: member -> when its signaling was last seen to close (None: open at the end)
     closed_at: dict[str, float | None] = field(default_factory=dict)
+    #: member -> when it first printed ``signaling opened`` (its start-up, imports included)
+    opened_at: dict[str, float] = field(default_factory=dict)
     techniques: Counter[str] = field(default_factory=Counter)
     unreachable: list[str] = field(default_factory=list)
     server_cpu_s: float = 0.0
@@ -119,6 +121,14 @@ class GroupRun:
             return None
         return max(t for t in self.closed_at.values() if t is not None)
 
+    def milestones(self) -> str:
+        """When the last member had opened its signaling, and the first and the median pair connected."""
+        times = sorted(self.connected.values())
+        opened = f"{max(self.opened_at.values()):.1f} s" if self.opened_at else "-"
+        first = f"{times[0]:.1f} s" if times else "-"
+        half = f"{times[len(times) // 2]:.1f} s" if times else "-"
+        return f"all signaling opened {opened}, first pair {first}, median pair {half}"
+
     def missing(self) -> list[str]:
         return sorted("-".join(sorted(p)) for p in self.joinable if p not in self.connected)
 
@@ -138,6 +148,8 @@ class _Watcher:
             for m in CONNECTED_RE.finditer(out):
                 self.seen[me].add(m[1])
             states = SIGNALING_RE.findall(out)
+            if states and me not in self.result.opened_at:
+                self.result.opened_at[me] = now - self.started
             closed = bool(states) and states[-1][0] == "closed"
             if closed and self.result.closed_at.get(me) is None:
                 self.result.closed_at[me] = now - self.started
@@ -214,6 +226,7 @@ def summary(run: GroupRun) -> str:
     lines = [f"pairs {run.pairs_ok}/{len(run.joinable)}, mesh {mesh}, all signaling closed {closed}, "
              f"server CPU {run.server_cpu_s:.1f} s, techniques "
              + ", ".join(f"{t} {n}" for t, n in run.techniques.most_common())]
+    lines.append("  " + run.milestones())
     slowest = sorted(run.connected.items(), key=lambda kv: -kv[1])[:6]
     if slowest:
         lines.append("  slowest: " + ", ".join(f"{'-'.join(sorted(p))} {t:.1f} s" for p, t in slowest))

@@ -253,11 +253,15 @@ class Dialer:
         return ""
 
     def peer_unnatted(self, peer_nat: NATDescription | None) -> bool:
-        """The peer has no NAT: its own punch address is the public one the server sees it at."""
-        if peer_nat is not None and not peer_nat.behind_nat:
-            return True
+        """The peer has no NAT: its own punch address is the public one the server sees it at.
+
+        The addresses decide where both are known: a preserving NAT whose
+        mappings all kept their ports looks like no NAT in the probes.
+        """
         punch = self.setup.remote.punch_candidate
-        return punch is not None and self.setup.peer_public is not None and punch.ip == self.setup.peer_public
+        if punch is not None and self.setup.peer_public is not None:
+            return punch.ip == self.setup.peer_public
+        return peer_nat is not None and not peer_nat.behind_nat
 
     def _dial_direct(self, endpoint: Endpoint, technique: str) -> None:
         self.pending += 1

@@ -8,6 +8,7 @@ the forwarded INVITE, the 200 and the ACK (docs/protocol.rst, "Calls").
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 from twisted.logger import Logger
 
@@ -84,11 +85,38 @@ def predict_for(user_id: str, sdp: SessionDescription, samples: Sequence[Sample]
     assert punch is not None
     if any(s.local_port == punch for s in samples):
         try:
-            return predict(samples, local_port=punch, window=PREDICTION_WINDOW)
+            return behind_nat_per_sdp(predict(samples, local_port=punch, window=PREDICTION_WINDOW), sdp)
         except Exception:
             log.failure("Prediction failed for {user}", user=user_id)
     nat = classify(samples) if samples else NATDescription(True, UNKNOWN, UNKNOWN, None, signaling_ip)
     return Prediction(signaling_ip, (punch,), 0.1, nat)
+
+
+def preserved(prediction: Prediction, nat: NATDescription, sdp: SessionDescription) -> Prediction:
+    """The prediction for a side whose NAT keeps ports (seen from all its hosts), not its own few probes.
+
+    The punch port itself first, then the mapping its probes got (a
+    collision with another host gives some other port).
+    """
+    punch = sdp.punch_port
+    assert punch is not None
+    ports = tuple(dict.fromkeys([punch, *prediction.ports]))[:PREDICTION_WINDOW]
+    return Prediction(prediction.ip, ports, max(prediction.confidence, 0.85), nat)
+
+
+def behind_nat_per_sdp(prediction: Prediction, sdp: SessionDescription) -> Prediction:
+    """A side whose punch address is not the public one is behind a NAT, whatever its probes suggest.
+
+    The server sees no local address in the probes: a preserving NAT whose
+    every mapping kept its port looks like no NAT.  Taken for a public host,
+    its peers only dialed it directly (the 40-peer run: every call from the
+    sequential site to such a host behind an RST NAT failed).
+    """
+    punch = sdp.punch_candidate
+    if prediction.nat.behind_nat or punch is None or punch.ip == prediction.ip:
+        return prediction
+    nat = replace(prediction.nat, behind_nat=True)
+    return Prediction(prediction.ip, prediction.ports, min(prediction.confidence, 0.9), nat)
 
 
 def parse_offer(body: bytes) -> SessionDescription:

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from kerjostunt.server.calls import messages
-from kerjostunt.server.calls.dialing import new_mappings, parse_offer, predict_for, shifted
+from kerjostunt.server.calls.dialing import new_mappings, parse_offer, predict_for, preserved, shifted
 from kerjostunt.server.calls.lanes import NATLanes, lane_of
 from kerjostunt.server.calls.machine import CALLEE, CALLER, Call, CallInputs, Phase
 from kerjostunt.server.calls.messages import tag_of, top_branch
@@ -32,7 +32,16 @@ from kerjostunt.server.signaling import TokenBucket
 from kerjostunt.store import UnknownUser
 from kerjostunt.wire import kerjo
 from kerjostunt.wire.kerjo import OutcomeError, parse_outcome
-from kerjostunt.wire.prediction import AD, APD, SEQUENTIAL, NATDescription, Prediction, classify, no_technique
+from kerjostunt.wire.prediction import (
+    AD,
+    APD,
+    PRESERVING,
+    SEQUENTIAL,
+    NATDescription,
+    Prediction,
+    classify,
+    no_technique,
+)
 from kerjostunt.wire.sdp import SDPError, SessionDescription
 from kerjostunt.wire.sip.headers import parse_uri
 from kerjostunt.wire.sip.message import Request, Response, make_response
@@ -205,6 +214,8 @@ class CallManager:
         """
         prediction = predict_for(user_id, sdp, self.observations.samples(user_id), conn.peer[0])
         nat = self._nat_behind(prediction.nat, conn.peer[0])
+        if nat.allocation == PRESERVING and prediction.nat.allocation != PRESERVING:
+            return preserved(prediction, nat, sdp)
         key = lane_of(nat, conn.peer[0])
         if key is None or nat.delta is None:
             return prediction
@@ -217,17 +228,23 @@ class CallManager:
 
         Between one host's probes the others' connections take ports: its
         own steps look random (seen in the NAT lab's group) where all of
-        them together step by the NAT's delta.
+        them together step by the NAT's delta.  And in a crowded preserving
+        NAT one host's probe now and then collides with another's and gets
+        some other port: its own few mappings look random, all the hosts'
+        together keep their ports (the lab's 20-host site).
         """
-        if not own.behind_nat or own.mapping not in (AD, APD) or own.allocation == SEQUENTIAL:
+        if not own.behind_nat or own.allocation in (SEQUENTIAL, PRESERVING):
             return own
-        samples = self.observations.behind(own.public_ip or public_ip)
+        ip = own.public_ip or public_ip
+        samples = self.observations.behind(ip)
         if not samples:
             return own
         nat = classify(samples)
-        if nat.allocation != SEQUENTIAL:
+        if nat.allocation == PRESERVING:
+            return NATDescription(True, nat.mapping, PRESERVING, None, ip)
+        if nat.allocation != SEQUENTIAL or own.mapping not in (AD, APD):
             return own
-        return NATDescription(True, own.mapping, SEQUENTIAL, nat.delta, own.public_ip or public_ip)
+        return NATDescription(True, own.mapping, SEQUENTIAL, nat.delta, ip)
 
     def dial_scheduled(self, call: Call, dial_caller_ms: int, dial_callee_ms: int) -> int:
         """Both sides' dial moments are set: milliseconds to add to both, after earlier calls through a NAT.
