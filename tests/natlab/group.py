@@ -96,8 +96,6 @@ class GroupRun:
     techniques: Counter[str] = field(default_factory=Counter)
     unreachable: list[str] = field(default_factory=list)
     server_cpu_s: float = 0.0
-    #: CPU seconds of all members together (on the lab's shared cores: what start-up contends for)
-    members_cpu_s: float = 0.0
     duration: float = 0.0
     outputs: dict[str, str] = field(default_factory=dict)
 
@@ -214,7 +212,6 @@ def run_group(reactor: Any, workdir: Path, *, deadline: float = 150.0,
             watcher.poll(reactor.seconds())
         result.duration = reactor.seconds() - started
         result.server_cpu_s = cpu_seconds(server.transport.pid) - cpu0
-        result.members_cpu_s = sum(cpu_seconds(p.transport.pid) for p in procs.values() if p.transport)
         watcher.finish()
         return result
     finally:
@@ -227,7 +224,7 @@ def summary(run: GroupRun) -> str:
     mesh = "-" if run.mesh_s is None else f"{run.mesh_s:.1f} s"
     closed = "-" if run.all_closed_s is None else f"{run.all_closed_s:.1f} s"
     lines = [f"pairs {run.pairs_ok}/{len(run.joinable)}, mesh {mesh}, all signaling closed {closed}, "
-             f"server CPU {run.server_cpu_s:.1f} s, members' CPU {run.members_cpu_s:.1f} s, techniques "
+             f"server CPU {run.server_cpu_s:.1f} s, techniques "
              + ", ".join(f"{t} {n}" for t, n in run.techniques.most_common())]
     lines.append("  " + run.milestones())
     slowest = sorted(run.connected.items(), key=lambda kv: -kv[1])[:6]

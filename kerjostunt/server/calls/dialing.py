@@ -12,7 +12,6 @@ from dataclasses import replace
 
 from twisted.logger import Logger
 
-from kerjostunt.server.calls.lanes import WIDEST
 from kerjostunt.wire import kerjo
 from kerjostunt.wire.prediction import (
     RANDOM,
@@ -66,25 +65,18 @@ def augmented(sd: SessionDescription, prediction: Prediction, public_ip: str) ->
     """The side's own SDP plus predicted (prflx) and public passive (srflx) candidates."""
     punch = sd.punch_candidate
     assert punch is not None and sd.punch_port is not None
-    passive = sd.of_type("host", "passive")
     extra = [
         Candidate(f"p{i + 1}", 1, "TCP", candidate_priority("prflx", "so") - i, prediction.ip, port,
                   "prflx", "so", raddr=punch.ip, rport=sd.punch_port)
-        for i, port in enumerate(prediction.ports[:prflx_room(sd)])
+        for i, port in enumerate(prediction.ports[:LANE_WINDOW])
     ]
     room = max(0, min(MAX_SRFLX, MAX_SDP_CANDIDATES - len(sd.candidates) - len(extra)))
     extra += [
         Candidate(f"s{j + 1}", 1, "TCP", candidate_priority("srflx", "passive") - j, public_ip, c.port,
                   "srflx", "passive", raddr=c.ip, rport=c.port)
-        for j, c in enumerate(passive[:room])
+        for j, c in enumerate(sd.of_type("host", "passive")[:room])
     ]
     return sd.with_candidates(extra)
-
-
-def prflx_room(sd: SessionDescription) -> int:
-    """How many predicted ports fit in the forwarded SDP: a wide window, less room for one srflx."""
-    free = MAX_SDP_CANDIDATES - len(sd.candidates) - min(1, len(sd.of_type("host", "passive")))
-    return max(1, min(WIDEST, free))
 
 
 def predict_for(user_id: str, sdp: SessionDescription, samples: Sequence[Sample], signaling_ip: str) -> Prediction:
@@ -136,7 +128,7 @@ def parse_offer(body: bytes) -> SessionDescription:
     return sdp
 
 
-def shifted(prediction: Prediction, latest_port: int, unseen: int, window: int = LANE_WINDOW) -> Prediction:
+def shifted(prediction: Prediction, latest_port: int, unseen: int) -> Prediction:
     """A sequential NAT's window counted from its newest observed port plus ``unseen`` mappings.
 
     With ``latest_port`` the side's own newest mapping and nothing unseen,
@@ -148,7 +140,7 @@ def shifted(prediction: Prediction, latest_port: int, unseen: int, window: int =
     if not d:
         return prediction
     start = latest_port + d * (1 + unseen)
-    steps = [*range(window - 1), -1] if unseen else list(range(window))
+    steps = [*range(LANE_WINDOW - 1), -1] if unseen else list(range(LANE_WINDOW))
     ports: list[int] = []
     for k in steps:
         port = wrap_port(start + k * d)
@@ -170,4 +162,4 @@ def new_mappings(dialed: SessionDescription, prediction: Prediction, public_ip: 
     punch = dialed.punch_candidate
     if (punch is not None and punch.ip == public_ip) or prediction.nat.allocation == RANDOM:
         return direct
-    return direct + len(set(prediction.ports[:prflx_room(dialed)])) + 1
+    return direct + len(set(prediction.ports[:LANE_WINDOW])) + 1

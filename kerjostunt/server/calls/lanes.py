@@ -19,19 +19,7 @@ that NAT starts from the NAT's newest observed port, from any of its hosts,
 plus the mappings of the calls that dial there after that observation
 (``shift``).  Calls that cannot interfere (both behind one NAT, on their
 LAN; endpoint-independent, preserving, random or no NAT) take no lane and
-run in parallel.
-
-A call whose *other* side's port is known exactly (no NAT, an
-endpoint-independent or a preserving NAT) takes no turn either: it goes
-at once with a *wide* window instead (``wide_window``), as wide as the
-calls in flight through the NAT may move its counter.  That side dials a
-known endpoint, so the peer's SYNs to the whole window cost nothing but
-packets, and overlapping windows of concurrent calls do not disturb each
-other (each SYN matches only its own call's mapping).  Its dial moment is
-still noted (``opened``/``dialed``), so later predictions count past it.
-In the 40-peer group every call of the sequential site went through one
-lane: 216 turns of about 0.25 s, and calls queued past the client's 20 s
-timeout.  docs/decisions.rst has the measurements.
+run in parallel.  docs/decisions.rst has the measurements.
 """
 
 from __future__ import annotations
@@ -43,18 +31,14 @@ from dataclasses import dataclass, field
 from twisted.logger import Logger
 
 from kerjostunt.server.calls.seams import Clock
-from kerjostunt.wire.prediction import AD, APD, EI, PRESERVING, SEQUENTIAL, UNKNOWN, NATDescription
+from kerjostunt.wire.prediction import AD, APD, SEQUENTIAL, UNKNOWN, NATDescription
 
-__all__ = ["NATLanes", "exactly_known", "lane_of"]
+__all__ = ["NATLanes", "lane_of"]
 
 log = Logger(namespace="kerjostunt.server.calls")
 
 #: how long a lane remembers the mappings of a call that dialed (seconds)
 MEMORY = 120.0
-#: a wide window: this many steps, plus PER_CALL for each call in flight through the NAT, at most WIDEST
-NARROWEST = 8
-PER_CALL = 4
-WIDEST = 24
 
 
 def lane_of(nat: NATDescription | None, public_ip: str) -> str | None:
@@ -70,11 +54,6 @@ def lane_of(nat: NATDescription | None, public_ip: str) -> str | None:
     return nat.public_ip or public_ip
 
 
-def exactly_known(nat: NATDescription | None) -> bool:
-    """Is the port this side's NAT gives its punch known before it dials (no NAT, EI or preserving)?"""
-    return nat is not None and (not nat.behind_nat or nat.mapping == EI or nat.allocation == PRESERVING)
-
-
 @dataclass
 class _Lane:
     holder: object | None = None
@@ -84,8 +63,6 @@ class _Lane:
     released: float = 0.0
     #: (dial moment, new mappings its side opened there), oldest first
     dialed: deque[tuple[float, int]] = field(default_factory=deque)
-    #: calls going through this NAT without a turn (wide windows), not dialed yet
-    in_flight: set[object] = field(default_factory=set)
 
 
 @dataclass
@@ -104,7 +81,6 @@ class NATLanes:
         self._lanes: dict[str, _Lane] = {}
         self._waiting: list[_Turn] = []
         self._holding: dict[object, _Turn] = {}
-        self._flying: dict[object, tuple[str, ...]] = {}
 
     def busy(self, key: str) -> bool:
         lane = self._lanes.get(key)
@@ -135,25 +111,6 @@ class NATLanes:
         log.debug("Call waits for its turn at NAT {keys} ({n} waiting)", keys=turn.keys, n=len(self._waiting))
         return False
 
-    def opened(self, call: object, keys: tuple[str, ...]) -> None:
-        """``call`` goes through these NATs now, without a turn (its peer's port is known)."""
-        for key in keys:
-            self._lane(key).in_flight.add(call)
-        self._flying[call] = tuple(dict.fromkeys((*self._flying.get(call, ()), *keys)))
-
-    def wide_window(self, key: str) -> int:
-        """The window for a call through ``key`` without a turn: the calls in flight move its counter."""
-        lane = self._lanes.get(key)
-        others = 0 if lane is None else max(0, len(lane.in_flight) - 1)  # the asking call is one of them
-        return min(WIDEST, NARROWEST + PER_CALL * others)
-
-    def dialed(self, call: object, at: float, mappings: dict[str, int]) -> None:
-        """A call without a turn dials at ``at``: its mappings count for later predictions."""
-        for key in self._flying.pop(call, ()):
-            lane = self._lane(key)
-            lane.in_flight.discard(call)
-            lane.dialed.append((at, mappings.get(key, 0)))
-
     def dialing(self, call: object, at: float, mappings: dict[str, int]) -> float:
         """``call`` is to dial at ``at``: the seconds to add so it dials after the previous ones.
 
@@ -173,8 +130,6 @@ class NATLanes:
 
     def leave(self, call: object) -> None:
         """``call`` ended or has its dial moment: its lanes are free, the next waiting calls go."""
-        for key in self._flying.pop(call, ()):
-            self._lane(key).in_flight.discard(call)
         self._waiting = [t for t in self._waiting if t.call is not call]
         turn = self._holding.pop(call, None)
         if turn is None:

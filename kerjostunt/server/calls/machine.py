@@ -109,8 +109,7 @@ class CallHost(Protocol):
 
     def leg_added(self, call: Call, conn: SignalingConnection) -> None: ...
 
-    def prediction_for(self, user_id: str, sdp: SessionDescription, conn: SignalingConnection,
-                       wide: bool = False) -> Prediction: ...
+    def prediction_for(self, user_id: str, sdp: SessionDescription, conn: SignalingConnection) -> Prediction: ...
 
     def record(self, call: Call) -> None: ...
 
@@ -159,8 +158,6 @@ class Call:
         self._outcome_timer: Timer | None = None
         #: side -> the sequential NAT (public address) whose turn the call takes (lanes.py)
         self.lanes: dict[str, str] = {}
-        #: side -> the sequential NAT it goes through without a turn, with a wide window (lanes.py)
-        self.wide: dict[str, str] = {}
         self.machine: CallInputs = CallMachine(self)
 
     def legs(self) -> list[SignalingConnection]:
@@ -172,8 +169,7 @@ class Call:
         """The INVITE to the callee, with the caller's SDP augmented by its prediction."""
         self.callee_conn = callee_conn
         self.host.leg_added(self, callee_conn)
-        self.caller_prediction = self.host.prediction_for(self.caller_id, self.caller_sdp, self.caller_conn,
-                                                         wide=CALLER in self.wide)
+        self.caller_prediction = self.host.prediction_for(self.caller_id, self.caller_sdp, self.caller_conn)
         peer = peer_headers(self.secret, Role.RESPONDER, self.caller_prediction, self.caller_conn.peer[0])
         body = augmented(self.caller_sdp, self.caller_prediction, self.caller_conn.peer[0]).to_bytes()
         self.forwarded = messages.forwarded_invite(self, peer, body)
@@ -191,8 +187,7 @@ class Call:
         assert self.callee_conn is not None
         self.callee_sdp = sdp
         self.callee_tag = tag_of(response.headers.get("To"))
-        self.callee_prediction = self.host.prediction_for(self.callee_id, sdp, self.callee_conn,
-                                                         wide=CALLEE in self.wide)
+        self.callee_prediction = self.host.prediction_for(self.callee_id, sdp, self.callee_conn)
         dial_caller, dial_callee = dial_in_ms(self.caller_conn.rtt, self.callee_conn.rtt)
         later = self.host.dial_scheduled(self, dial_caller, dial_callee)  # after earlier calls via a NAT
         dial_caller, dial_callee = dial_caller + later, dial_callee + later

@@ -20,15 +20,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from kerjostunt.server.calls import messages
-from kerjostunt.server.calls.dialing import (
-    LANE_WINDOW,
-    new_mappings,
-    parse_offer,
-    predict_for,
-    preserved,
-    shifted,
-)
-from kerjostunt.server.calls.lanes import NATLanes, exactly_known, lane_of
+from kerjostunt.server.calls.dialing import new_mappings, parse_offer, predict_for, preserved, shifted
+from kerjostunt.server.calls.lanes import NATLanes, lane_of
 from kerjostunt.server.calls.machine import CALLEE, CALLER, Call, CallInputs, Phase
 from kerjostunt.server.calls.messages import tag_of, top_branch
 from kerjostunt.server.calls.pairs import PairBook
@@ -212,15 +205,12 @@ class CallManager:
             log.failure("Call {id}: {event} failed", id=call.server_call_id, event=name)
             self.count("internal_errors")
 
-    def prediction_for(self, user_id: str, sdp: SessionDescription, conn: SignalingConnection,
-                       wide: bool = False) -> Prediction:
+    def prediction_for(self, user_id: str, sdp: SessionDescription, conn: SignalingConnection) -> Prediction:
         """From the probes of exactly the SDP's punch port; else the signaling address, low confidence.
 
         Behind a sequential, address-dependent NAT it counts from the NAT's
         newest port, whichever of its hosts probed last, plus the mappings
-        the calls that dialed there since were going to open (lanes.py);
-        ``wide``: a call without a turn there, its window as wide as the
-        calls in flight through that NAT may move the counter.
+        the calls that dialed there since were going to open (lanes.py).
         """
         prediction = predict_for(user_id, sdp, self.observations.samples(user_id), conn.peer[0])
         nat = self._nat_behind(prediction.nat, conn.peer[0])
@@ -231,8 +221,7 @@ class CallManager:
             return prediction
         latest = self.observations.behind(key)[-1]
         prediction = Prediction(prediction.ip, prediction.ports, prediction.confidence, nat)
-        window = self.lanes.wide_window(key) if wide else LANE_WINDOW
-        return shifted(prediction, latest.mapped_port, self.lanes.shift(key, latest.time), window)
+        return shifted(prediction, latest.mapped_port, self.lanes.shift(key, latest.time))
 
     def _nat_behind(self, own: NATDescription, public_ip: str) -> NATDescription:
         """The NAT as all its hosts' probes show it, where one host's own are not conclusive.
@@ -262,15 +251,14 @@ class CallManager:
 
         Notes what each lane side opens there and ends the call's turn (lanes.py).
         """
-        if not call.lanes and not call.wide:
+        if not call.lanes:
             return 0
         assert call.caller_prediction is not None and call.callee_prediction is not None
         assert call.callee_sdp is not None and call.callee_conn is not None
         dialed = {CALLER: new_mappings(call.callee_sdp, call.callee_prediction, call.callee_conn.peer[0]),
                   CALLEE: new_mappings(call.caller_sdp, call.caller_prediction, call.caller_conn.peer[0])}
-        at = self._clock.seconds() + max(dial_caller_ms, dial_callee_ms) / 1000.0
-        self.lanes.dialed(call, at, {key: dialed[side] for side, key in call.wide.items()})
         mappings = {key: dialed[side] for side, key in call.lanes.items()}
+        at = self._clock.seconds() + max(dial_caller_ms, dial_callee_ms) / 1000.0
         return round(self.lanes.dialing(call, at, mappings) * 1000.0)
 
     def record(self, call: Call) -> None:
@@ -437,8 +425,7 @@ class CallManager:
                                              nats := self._nats_of(call, binding.connection)):
                 self._no_technique(call, binding.connection, why)
             else:
-                call.lanes, call.wide = self._lanes_of(call, binding.connection, nats)
-                self.lanes.opened(call, tuple(call.wide.values()))
+                call.lanes = self._lanes_of(call, binding.connection, nats)
                 if call.lanes and self._crossing(call):
                     self.count("calls_crossing")
                     self.feed(call, CallInputs.refused, 491, kerjo.CROSSING_REASON)
@@ -490,21 +477,17 @@ class CallManager:
         return tuple(sides)
 
     def _lanes_of(self, call: Call, callee_conn: SignalingConnection,
-                  nats: tuple[NATDescription | None, ...]) -> tuple[dict[str, str], dict[str, str]]:
-        """side -> the NAT lane (public address) it dials through, for sides whose calls interfere:
-        those that take a turn there, and those that go at once with a wide window (the other
-        side's port is known exactly: lanes.py)."""
+                  nats: tuple[NATDescription | None, ...]) -> dict[str, str]:
+        """side -> the NAT lane (public address) it dials through, for sides whose calls interfere."""
         caller_ip, callee_ip = call.caller_conn.peer[0], callee_conn.peer[0]
         if caller_ip == callee_ip:
-            return {}, {}  # one LAN: host candidates, no punch, no NAT port taken
+            return {}  # one LAN: host candidates, no punch, no NAT port taken
         lanes: dict[str, str] = {}
-        wide: dict[str, str] = {}
-        sides = ((CALLER, nats[0], caller_ip, nats[1]), (CALLEE, nats[1], callee_ip, nats[0]))
-        for side, nat, ip, other in sides:
+        for side, nat, ip in ((CALLER, nats[0], caller_ip), (CALLEE, nats[1], callee_ip)):
             key = lane_of(nat, ip)
             if key is not None:
-                (wide if exactly_known(other) else lanes)[side] = key
-        return lanes, wide
+                lanes[side] = key
+        return lanes
 
     def _crossing(self, call: Call) -> bool:
         """Is the callee's own call to the caller waiting for (or holding) a turn at a NAT?
