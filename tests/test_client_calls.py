@@ -124,6 +124,18 @@ class OutgoingCallTests(CallTestCase):
         self.assertEqual(self.written(), [])  # no ACK, no dialing
         self.assertEqual(self.agent.dialers, [])
 
+    def test_queued_call_counts_its_timeout_from_the_notice(self) -> None:
+        """The server holds the call for a turn at a NAT (182): 20 s from the notice, not from the INVITE."""
+        call, d, invite = self.invite()
+        self.clock.advance(15.0)
+        self.sig.dataReceived(make_response(invite, 182, "Queued").to_bytes())
+        self.clock.advance(15.0)
+        self.assertNoResult(d)
+        self.assertEqual(call.phase(), "inviting")
+        self.clock.advance(5.0)
+        failure = self.failureResultOf(d, ConnectFailed)
+        self.assertEqual((failure.value.code, failure.value.reason), (408, "no connection to bob within 40 s"))
+
     def test_error_answer_fails_with_its_code(self) -> None:
         call, d, invite = self.invite()
         self.sig.dataReceived(make_response(invite, 486, to_tag="srv").to_bytes())

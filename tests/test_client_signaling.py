@@ -47,6 +47,20 @@ class TransactionTests(unittest.TestCase):
         self.clock.advance(5)
         self.failureResultOf(result)
 
+    def test_queued_restarts_the_timeout_and_is_heard(self) -> None:
+        """``182 Queued``: the server holds the INVITE on purpose (a turn at a NAT)."""
+        heard: list[int] = []
+        invite = self.proto.build_request("INVITE", "sips:bob@kerjo.test")
+        result = self.proto.send_request(invite, timeout=5, on_provisional=lambda r: heard.append(r.code))
+        self.clock.advance(4)
+        self.proto.dataReceived(make_response(invite, 182, "Queued").to_bytes())
+        self.clock.advance(4)
+        self.assertNoResult(result)
+        self.proto.dataReceived(make_response(invite, 100).to_bytes())
+        self.clock.advance(1)
+        self.failureResultOf(result)
+        self.assertEqual(heard, [182, 100])
+
     def test_server_ping_answered_with_pong(self) -> None:
         self.transport.clear()
         self.proto.dataReceived(b"\r\n\r\n")

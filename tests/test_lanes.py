@@ -208,6 +208,23 @@ class CallManagerLaneTests(unittest.SynchronousTestCase):
         self.assertEqual(second[0], 20028 + 4 * (1 + 3))  # b1's punch and app-port dials
         self.assertEqual(len(second), 8)
 
+    def test_a_call_waiting_for_its_turn_hears_queued(self) -> None:
+        """182 Queued at once and every queued_notice seconds while it waits; none once it went."""
+        from tests.test_calls import answer
+
+        self.invite("b1", "a1", "c1")
+        self.invite("b2", "a2", "c2")
+        queued = [m for m in self.conns["b2"].sent if getattr(m, "code", None) == 182]
+        self.assertEqual(len(queued), 1)
+        self.assertEqual([m for m in self.conns["b1"].sent if getattr(m, "code", None) == 182], [])
+        self.clock.advance(10.0)
+        self.assertEqual(len([m for m in self.conns["b2"].sent if getattr(m, "code", None) == 182]), 2)
+        self.manager.handle_response(self.conns["a1"], answer(self.invites_to("a1")[0], punch=50001))
+        self.clock.advance(0.3)
+        self.assertEqual(len(self.invites_to("a2")), 1)
+        self.clock.advance(30.0)
+        self.assertEqual(len([m for m in self.conns["b2"].sent if getattr(m, "code", None) == 182]), 2)
+
     def test_two_hosts_behind_one_random_nat_are_forwarded(self) -> None:
         """One public address is one LAN: host candidates join them, so no 488 (the 40-peer run)."""
         from tests.test_calls import FakeConn

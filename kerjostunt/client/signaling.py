@@ -41,6 +41,8 @@ from kerjostunt.wire.sip.parser import KeepAlivePing, KeepAlivePong, SIPParseErr
 log = Logger()
 
 TRANSACTION_TIMEOUT = 32.0  # RFC 3261 Timer B
+#: the server holds the request on purpose (a call waiting for its turn at a NAT)
+QUEUED = 182
 
 
 class SignalingError(Exception):
@@ -83,6 +85,8 @@ class _Transaction:
     request: Request
     result: defer.Deferred[Response]
     timer: IDelayedCall | None = field(default=None, repr=False)
+    timeout: float = TRANSACTION_TIMEOUT
+    on_provisional: Callable[[Response], None] | None = field(default=None, repr=False)
 
 
 @implementer(IHandshakeListener)
@@ -213,13 +217,18 @@ class SignalingClientProtocol(Protocol):
             h.add(name, value)
         return Request(method, uri, h, body)
 
-    def send_request(self, request: Request, timeout: float = TRANSACTION_TIMEOUT) -> defer.Deferred[Response]:
-        """Send; the Deferred fires with the final response (ACK: fires at once, with None)."""
+    def send_request(self, request: Request, timeout: float = TRANSACTION_TIMEOUT,
+                     on_provisional: Callable[[Response], None] | None = None) -> defer.Deferred[Response]:
+        """Send; the Deferred fires with the final response (ACK: fires at once, with None).
+
+        ``on_provisional`` hears every 1xx; a ``182 Queued`` also restarts
+        the ``timeout`` (the server holds the request on purpose).
+        """
         self._transport().write(request.to_bytes())
         if request.method == "ACK":
             return defer.succeed(None)  # type: ignore[arg-type]  # an ACK has no response; callers ignore it
         key = _transaction_key(request)
-        tx = _Transaction(request, defer.Deferred())
+        tx = _Transaction(request, defer.Deferred(), timeout=timeout, on_provisional=on_provisional)
         tx.timer = self.clock.callLater(timeout, self._timeout, key)
         self._transactions[key] = tx
         return tx.result
@@ -335,9 +344,22 @@ class SignalingClientProtocol(Protocol):
         except ValueError:
             return
         tx = self._transactions.get(key)
-        if tx is None or response.code < 200:
+        if tx is None:
+            return
+        if response.code < 200:
+            self._provisional(key, tx, response)
             return
         self._finish(tx, response)
+
+    def _provisional(self, key: tuple[str, str], tx: _Transaction, response: Response) -> None:
+        if response.code == QUEUED and tx.timer is not None and tx.timer.active():
+            tx.timer.cancel()
+            tx.timer = self.clock.callLater(tx.timeout, self._timeout, key)
+        if tx.on_provisional is not None:
+            try:
+                tx.on_provisional(response)
+            except Exception:
+                log.failure("Handling {code} to {method} failed", code=response.code, method=tx.request.method)
 
     def _finish(self, tx: _Transaction, result: Response | Failure) -> None:
         self._transactions.pop(_transaction_key(tx.request), None)

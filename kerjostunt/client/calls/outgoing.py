@@ -30,7 +30,7 @@ from kerjostunt.client.calls.setup import (
     tag_of,
 )
 from kerjostunt.client.nat.readyport import PreparedPort
-from kerjostunt.client.signaling import Registration, SignalingClientProtocol
+from kerjostunt.client.signaling import QUEUED, Registration, SignalingClientProtocol
 from kerjostunt.wire.sip.message import Request, Response
 
 __all__ = ["OutgoingCall"]
@@ -38,6 +38,8 @@ __all__ = ["OutgoingCall"]
 log = Logger()
 
 LOST_SIGNALING = "lost the signaling connection"
+#: at most this many seconds of timeout a call gains by ``182 Queued`` (the turns of a crowded NAT)
+MAX_QUEUED = 120.0
 
 
 class _OutgoingInputs(PreparingInputs, Protocol):
@@ -74,6 +76,8 @@ class OutgoingCall(CallBase):
         self.timeout = timeout
         self.prefer_stunt = prefer_stunt
         self.invite: Request | None = None
+        #: seconds of timeout added by ``182 Queued`` so far
+        self.queued_for = 0.0
         self.sig: SignalingClientProtocol | None = None
         self.to_tag: str | None = None
         self.result: defer.Deferred[PeerConnection] = defer.Deferred(
@@ -101,7 +105,7 @@ class OutgoingCall(CallBase):
 
     def _timed_out(self) -> None:
         self._timer = None
-        self.stop(f"no connection to {self.peer_id} within {self.timeout:g} s", code=408)
+        self.stop(f"no connection to {self.peer_id} within {self.timeout + self.queued_for:g} s", code=408)
 
     # outputs -------------------------------------------------------------------------
 
@@ -123,8 +127,18 @@ class OutgoingCall(CallBase):
             ],
             body=self.offer(sig).to_bytes(),
         )
-        d = sig.send_request(self.invite, timeout=self.timeout + 1.0)
+        d = sig.send_request(self.invite, timeout=self.timeout + 1.0, on_provisional=self._provisional)
         d.addCallback(self._life.answered).addErrback(self._life.failed)
+
+    def _provisional(self, response: Response) -> None:
+        """``182 Queued``: the server holds the call for its turn at a NAT; the timeout counts from now."""
+        if response.code != QUEUED or self._timer is None or not self._timer.active():
+            return
+        if self.queued_for >= MAX_QUEUED:
+            return
+        self.queued_for += self.timeout
+        self._timer.reset(self.timeout)
+        log.debug("call {call}: queued at the server ({why})", call=self.call_id, why=response.reason)
 
     def _answered(self, response: Response) -> None:
         if response.code != 200:

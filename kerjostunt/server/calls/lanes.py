@@ -94,6 +94,10 @@ class NATLanes:
         lane = self._lanes.get(key)
         return 0.0 if lane is None else lane.released
 
+    def is_waiting(self, call: object) -> bool:
+        """Is ``call`` waiting for its turn (not holding one, not gone)?"""
+        return any(t.call is call for t in self._waiting)
+
     def calls(self) -> list[object]:
         """The calls holding or waiting for a turn."""
         return [*self._holding, *(t.call for t in self._waiting)]

@@ -90,6 +90,8 @@ class CallManager:
         # calls whose turn at a NAT waits for it to go quiet: the timer, and since when
         self._quiet: dict[Call, Timer] = {}
         self._quiet_since: dict[Call, float] = {}
+        # calls told ``182 Queued`` while they wait for a turn: the next notice
+        self._notices: dict[Call, Timer] = {}
 
     # -- the router's interface ------------------------------------------------------
 
@@ -169,6 +171,9 @@ class CallManager:
 
     def remove(self, call: Call) -> None:
         self.lanes.leave(call)
+        notice = self._notices.pop(call, None)
+        if notice is not None and notice.active():
+            notice.cancel()
         self._quiet_since.pop(call, None)
         timer = self._quiet.pop(call, None)
         if timer is not None and timer.active():
@@ -430,7 +435,8 @@ class CallManager:
                     self.count("calls_crossing")
                     self.feed(call, CallInputs.refused, 491, kerjo.CROSSING_REASON)
                     return
-                self.lanes.enter(call, tuple(call.lanes.values()), lambda: self._when_quiet(call))
+                if not self.lanes.enter(call, tuple(call.lanes.values()), lambda: self._when_quiet(call)):
+                    self._queued(call)
 
         def failed(failure: Failure) -> None:
             if call.machine.phase() is not Phase.CHECKING:
@@ -497,6 +503,20 @@ class CallManager:
         """
         return any(isinstance(other, Call) and other.caller_id == call.callee_id
                    and other.callee_id == call.caller_id for other in self.lanes.calls())
+
+    def _queued(self, call: Call) -> None:
+        """``182 Queued`` to a caller whose call waits for its turn at a NAT, again every ``queued_notice`` s.
+
+        The caller's client counts its connect timeout from the latest
+        one: in a large group the sequential site's calls queue for longer
+        than that timeout, and each one that gave up and called again
+        waited its turn twice (the 40-peer run).
+        """
+        self._notices.pop(call, None)
+        if not self.lanes.is_waiting(call) or call.machine.phase() is not Phase.CHECKING:
+            return
+        call.caller_conn.send(make_response(call.invite, 182, "Queued: waiting for a turn at a NAT"))
+        self._notices[call] = self._clock.callLater(self._settings.queued_notice, self._queued, call)
 
     def _when_quiet(self, call: Call) -> None:
         """The call's turn: forward it once its NATs have been quiet for ``nat_quiet`` seconds.

@@ -98,3 +98,5 @@ class CallSettings:
     nat_dial_gap: float = 0.1
     #: seconds a sequential NAT must have shown no new probe before a call's turn there goes on
     nat_quiet: float = 0.1
+    #: a caller waiting for its turn at a NAT hears ``182 Queued`` this often (seconds)
+    queued_notice: float = 10.0
