@@ -475,7 +475,9 @@ class CallManagerUnitTests(unittest.SynchronousTestCase):
         self.assertEqual(ports, [61024 + 2 * k for k in range(8)])
         self.assertEqual([c.foundation for c in parse_sdp(ok.body).of_type("prflx")], [f"p{i}" for i in range(1, 9)])
         srflx = parse_sdp(ok.body).of_type("srflx")
-        self.assertEqual([(s.ip, s.port, s.raddr) for s in srflx], [("198.51.100.9", 7001, "192.168.1.9")])
+        # bob's LAN address is not alice's: its host candidates and their raddr are not passed on.
+        self.assertEqual([(s.ip, s.port, s.raddr) for s in srflx], [("198.51.100.9", 7001, None)])
+        self.assertEqual(parse_sdp(ok.body).of_type("host"), [])
 
     def test_outcome_timeout_records_failed_30s_after_dial(self) -> None:
         forwarded, ok, _ = self.connect()

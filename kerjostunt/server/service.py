@@ -7,6 +7,8 @@ builds a ``StuntServer``; tests build one directly on port 0.
 from __future__ import annotations
 
 import gc
+import ipaddress
+import re
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -128,6 +130,28 @@ class ServerSettings:
     invite_burst: float = 20.0
 
 
+def server_addresses(settings: ServerSettings) -> frozenset[str]:
+    """The addresses the server is known at: a candidate naming one is never forwarded.
+
+    The interfaces its endpoints bind (a wildcard names none), the probes'
+    other address, and the domain and certificate names that are addresses.
+    """
+    found: set[str] = set()
+    names = [settings.domain, *settings.cert_hosts, settings.probe_alt_ip or ""]
+    for description in [settings.sip_endpoint, *settings.probe_endpoints, settings.web_endpoint or ""]:
+        for part in re.split(r"(?<!\\):", description):  # IPv6 colons are escaped
+            if part.startswith("interface="):
+                names.append(part[len("interface="):].replace("\\", ""))
+    for name in names:
+        try:
+            address = ipaddress.ip_address(name.strip("[]"))
+        except ValueError:
+            continue
+        if not address.is_unspecified:
+            found.add(str(address))
+    return frozenset(found)
+
+
 @implementer(IStreamServerEndpoint)
 class PortRecordingEndpoint:
     """Wraps an endpoint so the server can tell which port it really got (port 0 in tests)."""
@@ -190,7 +214,8 @@ class StuntServer(MultiService):
         self.calls = CallManager(
             reactor, settings.domain, self.registrar, self.store, self.observations, self.count,
             CallSettings(answer_timeout=settings.call_answer_timeout, outcome_timeout=settings.call_outcome_timeout,
-                         invite_rate=settings.invite_rate, invite_burst=settings.invite_burst),
+                         invite_rate=settings.invite_rate, invite_burst=settings.invite_burst,
+                         server_addresses=server_addresses(settings)),
         )
         _CallsService(self.calls).setServiceParent(self)  # stops before the store: outcomes get written
         self.router = SignalingRouter(self.registrar, self.register, self.calls)

@@ -18,7 +18,7 @@ from automat import TypeMachineBuilder
 from twisted.logger import Logger
 
 from kerjostunt.server.calls import messages
-from kerjostunt.server.calls.dialing import augmented, dial_in_ms, format_endpoint
+from kerjostunt.server.calls.dialing import augmented, dial_in_ms, format_endpoint, scope_between
 from kerjostunt.server.calls.messages import peer_headers, tag_of
 from kerjostunt.server.calls.seams import Attempt, CallSettings, Clock, Timer
 from kerjostunt.server.registrar import SignalingConnection
@@ -171,7 +171,8 @@ class Call:
         self.host.leg_added(self, callee_conn)
         self.caller_prediction = self.host.prediction_for(self.caller_id, self.caller_sdp, self.caller_conn)
         peer = peer_headers(self.secret, Role.RESPONDER, self.caller_prediction, self.caller_conn.peer[0])
-        body = augmented(self.caller_sdp, self.caller_prediction, self.caller_conn.peer[0]).to_bytes()
+        scope = scope_between(self.caller_conn.peer[0], callee_conn.peer[0], self.host.settings.server_addresses)
+        body = augmented(self.caller_sdp, self.caller_prediction, self.caller_conn.peer[0], scope).to_bytes()
         self.forwarded = messages.forwarded_invite(self, peer, body)
         callee_conn.send(self.forwarded)
         self._answer_timer = self.host.clock.callLater(self.host.settings.answer_timeout, self._answer_timeout)
@@ -192,7 +193,8 @@ class Call:
         later = self.host.dial_scheduled(self, dial_caller, dial_callee)  # after earlier calls via a NAT
         dial_caller, dial_callee = dial_caller + later, dial_callee + later
         peer = peer_headers(self.secret, Role.INITIATOR, self.callee_prediction, self.callee_conn.peer[0])
-        body = augmented(sdp, self.callee_prediction, self.callee_conn.peer[0]).to_bytes()
+        scope = scope_between(self.callee_conn.peer[0], self.caller_conn.peer[0], self.host.settings.server_addresses)
+        body = augmented(sdp, self.callee_prediction, self.callee_conn.peer[0], scope).to_bytes()
         ok = messages.ok(self, self.invite, peer, dial_caller, body)
         ack = messages.to_callee(self, "ACK", 1, self.callee_tag, dial_in=dial_callee)
         self.caller_conn.send(ok)

@@ -98,3 +98,5 @@ class CallSettings:
     nat_dial_gap: float = 0.1
     #: seconds a sequential NAT must have shown no new probe before a call's turn there goes on
     nat_quiet: float = 0.1
+    #: the server's own addresses: never forwarded as a candidate (wire/candidates.py)
+    server_addresses: frozenset[str] = frozenset()
