@@ -254,13 +254,22 @@ class Call:
     def note_report(self, side: str, outcome: Outcome) -> bool:
         """Keep the side's first report; True when the reports so far decide the call.
 
-        The caller's report decides (its elapsed time is the call's time to
-        connect; a callee reached before its own dial moment reports ~0), or
-        both reports; the outcome timer records a lone callee report.
+        Both reports decide. A caller's success (its elapsed time is the
+        call's time to connect; a callee reached before its own dial moment
+        reports ~0) waits ``report_grace`` more for the callee's own word:
+        only its own report moves the callee's flag (issue 13), and it comes
+        within milliseconds of the caller's. The outcome timer records a lone
+        report.
         """
         self.reports.setdefault(side, outcome)
         caller = self.reports.get(CALLER)
-        return (caller is not None and caller.success) or len(self.reports) == 2
+        if len(self.reports) == 2:
+            return True
+        if side == CALLER and caller is not None and caller.success:
+            self._stop_outcome_timer()
+            self._outcome_timer = self.host.clock.callLater(self.host.settings.report_grace,
+                                                            self.machine.outcome_timed_out)
+        return False
 
     def record(self) -> None:
         self._stop_outcome_timer()
@@ -280,9 +289,12 @@ class Call:
             outcome, technique, actual = "failed", "none", None
             elapsed = max((r.elapsed_ms for r in self.reports.values() if r.elapsed_ms is not None), default=None)
         predicted = dialed.endpoints()[0] if dialed is not None and dialed.ports else None
+        # Whose own report says what the row says: one side's claim moves only its own flag.
+        users = {CALLER: self.caller_id, CALLEE: self.callee_id}
+        witnesses = tuple(users[side] for side, r in self.reports.items() if r.success == (success is not None))
         return {"call_id": self.server_call_id, "caller": self.caller_id, "callee": self.callee_id,
                 "technique": technique, "outcome": outcome, "predicted": format_endpoint(predicted),
-                "actual": format_endpoint(actual), "duration_ms": elapsed}
+                "actual": format_endpoint(actual), "duration_ms": elapsed, "witnesses": witnesses}
 
     # -- the end ---------------------------------------------------------------------
 
