@@ -297,6 +297,46 @@ class RefusalLog:
             )
 
 
+class PerSourceCap:
+    """Open connections per source address, at most ``max_per_ip`` each; refusals in aggregate.
+
+    The probe ports had no such bound: 9,000 trickled connections from one
+    address stayed open (issue 13). One table serves every probe port, so
+    the cap is per address over all of them.
+    """
+
+    def __init__(self, clock: IReactorTime, what: str, max_per_ip: int,
+                 counter: Callable[[str], None] | None = None) -> None:
+        self.max_per_ip = max_per_ip
+        self.refusals = RefusalLog(clock, what)
+        self._open: dict[str, int] = {}
+        self._counter = counter
+
+    def admit(self, host: str) -> bool:
+        """Room for one more from ``host``? If so it is counted until ``release``."""
+        count = self._open.get(host, 0)
+        if count >= self.max_per_ip:
+            self.refusals.refused(host, f"{self.max_per_ip} open from this IP")
+            if self._counter is not None:
+                self._counter("refused_probe_per_ip")
+            return False
+        self._open[host] = count + 1
+        return True
+
+    def release(self, host: str) -> None:
+        count = self._open.get(host, 0) - 1
+        if count > 0:
+            self._open[host] = count
+        else:
+            self._open.pop(host, None)
+
+    def open_from(self, host: str) -> int:
+        return self._open.get(host, 0)
+
+    def stop(self) -> None:
+        self.refusals.flush()
+
+
 def _malloc_trim() -> Callable[[int], int] | None:
     """glibc's ``malloc_trim``, or None elsewhere (musl, macOS)."""
     name = ctypes.util.find_library("c")

@@ -32,7 +32,7 @@ from kerjostunt import tls
 from kerjostunt.server import web
 from kerjostunt.server.auth import NonceManager, make_portal
 from kerjostunt.server.calls import CallManager, CallSettings
-from kerjostunt.server.limits import WebLimits
+from kerjostunt.server.limits import PerSourceCap, WebLimits
 from kerjostunt.server.probe import Observation, ObservationLog, ProbeFactory, ProbeTokens, nat_not_stored
 from kerjostunt.server.reactor import IServerReactor
 from kerjostunt.server.register import CHALLENGE_ALGORITHMS, Protection, RegisterHandler
@@ -119,6 +119,8 @@ class ServerSettings:
     probe_ports: list[int] = field(default_factory=lambda: [3478, 3479])
     probe_alt_ip: str | None = None
     probe_token_lifetime: float = 300.0
+    #: open probe connections from one address, over all probe ports (docs/security.rst)
+    probe_max_per_ip: int = 64
     web_endpoint: str | None = "tcp:8443"
     digest_algorithms: tuple[str, ...] = CHALLENGE_ALGORITHMS
     tls_groups: str | None = None  # None: OpenSSL's default key exchange
@@ -224,6 +226,7 @@ class StuntServer(MultiService):
             tls.server_options(self.certificates, groups=settings.tls_groups), False, self.signaling
         )
         self.ports: dict[str, Deferred[IListeningPort]] = {}
+        self.probe_cap = PerSourceCap(reactor, "probe", settings.probe_max_per_ip, counter=self.count)
         self._listen("sip", settings.sip_endpoint, tls_factory)
         for index, endpoint in enumerate(settings.probe_endpoints):
             self._listen(f"probe{index}", endpoint, self._probe_factory())
@@ -261,7 +264,7 @@ class StuntServer(MultiService):
         other = None
         if self.settings.probe_alt_ip:
             other = (self.settings.probe_alt_ip, self.settings.probe_ports[-1])
-        return ProbeFactory(self.reactor, self.tokens, self.observations, other_address=other)
+        return ProbeFactory(self.reactor, self.tokens, self.observations, other_address=other, per_ip=self.probe_cap)
 
     def _probe_headers(self, user_id: str) -> list[tuple[str, str]]:
         token, password = self.tokens.issue(user_id)
