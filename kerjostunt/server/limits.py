@@ -23,15 +23,17 @@ import gc
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.abstract import FileDescriptor
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ITransport
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOProtocol
-from zope.interface import implementer
+from twisted.python.failure import Failure
+from zope.interface import directlyProvides, implementer, providedBy
 
 from kerjostunt.wire.sip.parser import Limits
 
@@ -335,6 +337,64 @@ class PerSourceCap:
 
     def stop(self) -> None:
         self.refusals.flush()
+
+
+class LazyTLSProtocol(TLSMemoryBIOProtocol):
+    """TLS whose OpenSSL connection is made when the peer's first byte arrives, not at accept.
+
+    ``TLSMemoryBIOProtocol`` creates its ``SSL`` object and runs a first
+    ``do_handshake`` in ``makeConnection``: about 17 KiB for the object and
+    its memory BIOs and 28 KiB more of read and handshake buffers, for every
+    TCP connection, before the peer has said anything. 7,000 connections that
+    never send a ClientHello cost 48 KiB each (issue 13). A server speaks
+    second in TLS, so nothing is lost by waiting: the counting, timers and
+    admission (the wrapped protocol's ``connectionMade``) still happen at
+    accept, and a connection that never sends a byte costs only its Python
+    objects until its handshake timeout closes it (docs/security.rst).
+
+    Relies on ``TLSMemoryBIOProtocol`` internals (``_tlsConnection``,
+    ``factory._creatorCallable``, ``_lostTLSConnection``);
+    ``tests.test_pretls`` holds them to their meaning.
+    """
+
+    _tlsConnection: Any
+
+    def makeConnection(self, transport: ITransport) -> None:
+        """``TLSMemoryBIOProtocol.makeConnection`` without the OpenSSL connection and handshake."""
+        self._tlsConnection = None
+        self._appSendBuffer = []
+        for interface in providedBy(transport):
+            directlyProvides(self, interface)
+        Protocol.makeConnection(self, transport)  # type: ignore[no-untyped-call]
+        self.factory.registerProtocol(self)  # type: ignore[no-untyped-call]
+        if self._connectWrapped:
+            ProtocolWrapper.makeConnection(self, transport)  # type: ignore[no-untyped-call]
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._tlsConnection is None:
+            if self._aborted or self._lostTLSConnection:
+                return
+            self._tlsConnection = self.factory._creatorCallable(self)
+        super().dataReceived(data)  # type: ignore[no-untyped-call]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._tlsConnection is None:
+            self._lostTLSConnection = True  # nothing to shut down or read out
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]
+
+    def _shutdownTLS(self) -> None:
+        if self._tlsConnection is None:
+            if self.transport is not None:
+                self.transport.loseConnection()  # what OpenSSL does before any negotiation
+            return
+        super()._shutdownTLS()  # type: ignore[no-untyped-call]
+
+    def _write(self, data: bytes) -> None:
+        if self._tlsConnection is None:
+            if not self._lostTLSConnection:
+                self._bufferedWrite(data)  # type: ignore[no-untyped-call]  # sent after the handshake
+            return
+        super()._write(data)  # type: ignore[no-untyped-call]
 
 
 def _malloc_trim() -> Callable[[int], int] | None:

@@ -26,6 +26,7 @@ from kerjostunt.server.limits import (
     ConnectionLimits,
     GuardedTransport,
     HeapTrimmer,
+    LazyTLSProtocol,
     OldestFirst,
     OutputGuard,
     RefusalLog,
@@ -472,7 +473,7 @@ class AdmittingTLSFactory(TLSMemoryBIOFactory):
     iteration only cost CPU, memory and latency (docs/performance.rst).
     """
 
-    protocol = TLSMemoryBIOProtocol
+    protocol = LazyTLSProtocol  # OpenSSL's state at the first byte, not at accept (issue 13)
     wrappedFactory: SignalingFactory
 
     def buildProtocol(self, addr: IAddress | None) -> TLSMemoryBIOProtocol | None:  # type: ignore[override]
