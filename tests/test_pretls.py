@@ -76,6 +76,21 @@ class LazyUnitTests(unittest.TestCase):
         self.assertIsNone(proto._tlsConnection)
         self.assertEqual(self.signaling.connections, set())
 
+    def test_stalled_handshakes_past_the_limit_close_the_oldest(self) -> None:
+        counts: list[str] = []
+        self.signaling._counter = counts.append
+        self.factory.pending_handshakes.limit = 3
+        conns = [self.connect() for _ in range(5)]
+        for proto, _ in conns:
+            proto.dataReceived(b"\x16\x03\x01\x02\x00")  # a ClientHello's record header, then nothing
+        self.assertEqual([t.disconnecting for _, t in conns], [True, True, False, False, False])
+        self.assertEqual(counts.count("evicted_handshakes"), 2)
+        self.assertEqual(len(self.factory.pending_handshakes), 3)
+        conns[4][0].connectionLost(Failure(ConnectionError()))
+        self.assertEqual(len(self.factory.pending_handshakes), 2)
+        self.clock.advance(60)  # handshake timeouts, and the refusals' one summary: no timer left
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_a_write_before_the_handshake_waits_for_it(self) -> None:
         proto, transport = self.connect()
         proto.write(b"hello")
@@ -103,3 +118,5 @@ class LazyOnSocketsTests(unittest.TestCase):
         self.assertEqual(len(done), 1)       # alice's
         self.assertEqual(len(pending), 20)  # accepted in order: all before alice
         self.assertEqual(len(pending) + len(done), len(conns))
+        # alice's handshake is done: not pending; the silent ones never started one.
+        self.assertEqual(len(running.server.signaling_tls.pending_handshakes), 0)

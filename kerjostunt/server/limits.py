@@ -45,6 +45,7 @@ WRITE_STALL_TIMEOUT = 60.0    # seconds a connection may keep its reader paused
 REFUSAL_LOG_INTERVAL = 60.0   # one summary line per refused source per interval
 TRIM_AFTER_CLOSES = 256       # closed connections that make a heap trim worth it
 TRIM_DELAY = 2.0              # seconds: a flood's closes coalesce into one trim
+MAX_PENDING_HANDSHAKES = 2_000  # per TLS listener: connections mid-handshake holding OpenSSL state
 TRIM_MIN_INTERVAL = 30.0      # seconds between trims: steady churn costs one collection per interval
 
 
@@ -339,6 +340,46 @@ class PerSourceCap:
         self.refusals.flush()
 
 
+class PendingHandshakes:
+    """The connections of one TLS listener that hold OpenSSL state but have not finished
+    their handshake, at most ``limit``: a newcomer past it closes the oldest.
+
+    ``LazyTLSProtocol`` makes a connection that never speaks cheap; one that
+    sends five bytes of a ClientHello and stalls still costs its OpenSSL state
+    (about 50 KiB) until its handshake timeout. A real handshake finishes
+    within a round trip or two, so the oldest pending one is the stalled one:
+    7,000 of them held 485 MiB for 10 s; now at most ``limit`` do.
+    """
+
+    def __init__(self, limit: int = MAX_PENDING_HANDSHAKES,
+                 evicted: Callable[[str], None] | None = None) -> None:
+        self.limit = limit
+        self._table: OldestFirst[LazyTLSProtocol] = OldestFirst()
+        self._evicted = evicted
+
+    def started(self, conn: LazyTLSProtocol) -> None:
+        self._table.add(conn, "")
+        while len(self._table) > self.limit:
+            oldest = self._table.oldest()
+            if oldest is None or oldest is conn:
+                break
+            self._table.discard(oldest)
+            if self._evicted is not None:
+                self._evicted(_host_of(oldest))
+            oldest.abortConnection()  # type: ignore[no-untyped-call]
+
+    def ended(self, conn: LazyTLSProtocol) -> None:
+        self._table.discard(conn)
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+
+def _host_of(conn: LazyTLSProtocol) -> str:
+    peer = conn.transport.getPeer() if conn.transport is not None else None
+    return str(getattr(peer, "host", "?"))
+
+
 class LazyTLSProtocol(TLSMemoryBIOProtocol):
     """TLS whose OpenSSL connection is made when the peer's first byte arrives, not at accept.
 
@@ -359,6 +400,10 @@ class LazyTLSProtocol(TLSMemoryBIOProtocol):
 
     _tlsConnection: Any
 
+    def _pending(self) -> PendingHandshakes | None:
+        table = getattr(self.factory, "pending_handshakes", None)
+        return table if isinstance(table, PendingHandshakes) else None
+
     def makeConnection(self, transport: ITransport) -> None:
         """``TLSMemoryBIOProtocol.makeConnection`` without the OpenSSL connection and handshake."""
         self._tlsConnection = None
@@ -375,9 +420,21 @@ class LazyTLSProtocol(TLSMemoryBIOProtocol):
             if self._aborted or self._lostTLSConnection:
                 return
             self._tlsConnection = self.factory._creatorCallable(self)
+            pending = self._pending()
+            if pending is not None:
+                pending.started(self)
         super().dataReceived(data)  # type: ignore[no-untyped-call]
 
+    def _checkHandshakeStatus(self) -> None:
+        super()._checkHandshakeStatus()  # type: ignore[no-untyped-call]
+        pending = self._pending()
+        if self._handshakeDone and pending is not None:
+            pending.ended(self)
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        pending = self._pending()
+        if pending is not None:
+            pending.ended(self)
         if self._tlsConnection is None:
             self._lostTLSConnection = True  # nothing to shut down or read out
         super().connectionLost(reason)  # type: ignore[no-untyped-call]

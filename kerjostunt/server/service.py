@@ -225,6 +225,7 @@ class StuntServer(MultiService):
         tls_factory = AdmittingTLSFactory(
             tls.server_options(self.certificates, groups=settings.tls_groups), False, self.signaling
         )
+        self.signaling_tls = tls_factory
         self.ports: dict[str, Deferred[IListeningPort]] = {}
         self.probe_cap = PerSourceCap(reactor, "probe", settings.probe_max_per_ip, counter=self.count)
         self._listen("sip", settings.sip_endpoint, tls_factory)
