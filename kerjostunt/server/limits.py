@@ -366,7 +366,7 @@ class PendingHandshakes:
             self._table.discard(oldest)
             if self._evicted is not None:
                 self._evicted(_host_of(oldest))
-            oldest.abortConnection()  # type: ignore[no-untyped-call]
+            oldest.evict()
 
     def ended(self, conn: LazyTLSProtocol) -> None:
         self._table.discard(conn)
@@ -424,6 +424,13 @@ class LazyTLSProtocol(TLSMemoryBIOProtocol):
             if pending is not None:
                 pending.started(self)
         super().dataReceived(data)  # type: ignore[no-untyped-call]
+
+    def evict(self) -> None:
+        """Abort, and free the OpenSSL state now: the reactor's ``connectionLost`` comes only after
+        this read batch, which may hold thousands of new handshakes (epoll hands them over at once)."""
+        self.abortConnection()  # type: ignore[no-untyped-call]
+        self._tlsConnection = None
+        self._lostTLSConnection = True
 
     def _checkHandshakeStatus(self) -> None:
         super()._checkHandshakeStatus()  # type: ignore[no-untyped-call]
