@@ -12,6 +12,8 @@ Attacks, each bounded in count and in time (``--duration``), loopback only:
 ``web-pipeline``    2 HTTPS connections pipeline ``GET /metrics`` and never read
 ``web-slowloris``   N HTTPS connections (30 per source IP) send a request one byte per 10 s
 ``no-tls``          N TCP connections to the signaling port that never start TLS
+``stalled-hello``   N TCP connections that send the first 5 bytes of a ClientHello, then nothing
+``probe-trickle``   N TCP connections from one IP to a probe port, one byte of a request every 3 s
 ``ping-flood``      1 TLS connection sends keepalive pings as fast as it can
 
 Usage: ``python3 bench/abuse.py [--duration 25] [--connections 500] [--only ATTACK]``.
@@ -116,6 +118,8 @@ class Bench:
             "web-pipeline": self.web_pipeline,
             "web-slowloris": self.web_slowloris,
             "no-tls": self.no_tls,
+            "stalled-hello": self.stalled_hello,
+            "probe-trickle": self.probe_trickle,
             "ping-flood": self.ping_flood,
         }
 
@@ -273,23 +277,44 @@ class Bench:
         return go()
 
     def no_tls(self, row: Row) -> Any:
+        return self.raw_flood(row, self.server.port, b"", "no ClientHello", "server closed all")
+
+    def stalled_hello(self, row: Row) -> Any:
+        # A TLS handshake record header: the server now holds OpenSSL state for it.
+        return self.raw_flood(row, self.server.port, b"\x16\x03\x01\x02\x00", "5 bytes of a ClientHello",
+                              "server closed all", interval=0.0)
+
+    def probe_trickle(self, row: Row) -> Any:
+        from kerjostunt.wire import stun
+
+        request = stun.binding_request()[0]
+        return self.raw_flood(row, self.server.probe_ports[0], request, "1 byte / 3 s of a STUN request",
+                              "server closed all", sources=1, interval=3.0)
+
+    def raw_flood(self, row: Row, port: int, data: bytes, what: str, ended: str, *,
+                  sources: int | None = None, interval: float = 60.0) -> Any:
+        """N plain TCP connections sending ``data`` (first byte at once, the rest one per ``interval``)."""
         from twisted.internet import defer
         from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
-        from tests.abusers import Trickler
+        from tests.abusers import RawTrickler
+
+        count = self.args.connections
+        spread = sources or common.sources_for(count, 900)  # under --max-per-ip: no eviction
 
         @defer.inlineCallbacks
         def go() -> Generator[Any, Any, None]:
-            protos = [Trickler(self.reactor, b"", 60.0) for _ in range(self.args.connections)]
+            protos = [RawTrickler(self.reactor, data, interval) for _ in range(count)]
             connects = []
             for i, proto in enumerate(protos):
-                source = (common.source_address(i, 4), 0)
-                endpoint = TCP4ClientEndpoint(self.reactor, "127.0.0.1", self.server.port, bindAddress=source)
+                source = (common.source_address(i, spread), 0)
+                endpoint = TCP4ClientEndpoint(self.reactor, "127.0.0.1", port, bindAddress=source)
                 connects.append(connectProtocol(endpoint, proto))
             results = yield defer.DeferredList(connects, consumeErrors=True)
             up = sum(1 for ok, _ in results if ok)
-            yield self.until([p.lost for p in protos], row, "server closed all")
-            row.sent = f"{up} TCP conns, no ClientHello"
+            yield self.until([p.lost for p in protos], row, ended)
+            each = (max(row.rss, default=row.before) - row.before) / max(1, up)
+            row.sent = f"{up} TCP conns from {spread} IPs, {what} (peak {each:.1f} KiB each)"
             self.close_all(protos)
 
         return go()

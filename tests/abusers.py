@@ -120,3 +120,36 @@ class Trickler(Protocol):
         if self._call is not None and self._call.active():
             self._call.cancel()
         self.lost.callback(self._clock.seconds() - self._started)
+
+
+class RawTrickler(Protocol):
+    """Plain TCP: writes the first byte of ``data`` at once, then one per ``interval`` seconds
+    (``interval`` 0: all of it at once).
+
+    Empty ``data``: a connection that never says anything (no TLS at all).
+    ``lost`` fires with how long the connection lived.
+    """
+
+    def __init__(self, clock: IReactorTime, data: bytes, interval: float) -> None:
+        self._clock, self._data, self._interval = clock, data, interval
+        self.lost: defer.Deferred[float] = defer.Deferred()
+        self._started = 0.0
+        self._call: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        self._started = self._clock.seconds()
+        self._drip()
+
+    def _drip(self) -> None:
+        if not self._data:
+            return
+        size = len(self._data) if self._interval <= 0 else 1
+        self.transport.write(self._data[:size])  # type: ignore[union-attr]
+        self._data = self._data[size:]
+        if self._data:
+            self._call = self._clock.callLater(self._interval, self._drip)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self.lost.callback(self._clock.seconds() - self._started)

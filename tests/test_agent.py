@@ -121,8 +121,14 @@ class DialerPlanTests(unittest.TestCase):
             _cand("prflx", "so", "198.51.100.9", 40004, other=100),
             _cand("prflx", "so", "198.51.100.9", 40003, other=200),
         ])
+        # The peer's own punch port comes last; its 10.0.0.9 is another LAN's address: not dialed.
         self.assertEqual(self.dialer(setup, "203.0.113.7").punch_candidates(),
-                         (("198.51.100.9", 40003), ("198.51.100.9", 40004), ("10.0.0.9", 40001)))
+                         (("198.51.100.9", 40003), ("198.51.100.9", 40004)))
+        sdp = build_offer("bob", "198.51.100.9", 40001, None).with_candidates(
+            [_cand("prflx", "so", "198.51.100.9", 40003)])
+        public = CallSetup("c1@x", SECRET, "initiator", "198.51.100.9", sdp)
+        self.assertEqual(self.dialer(public, "203.0.113.7").punch_candidates(),
+                         (("198.51.100.9", 40003), ("198.51.100.9", 40001)))
 
     def test_host_passive_candidates_only_on_a_shared_lan(self) -> None:
         cands = [_cand("host", "passive", "10.0.0.9", 7000), _cand("srflx", "passive", "198.51.100.9", 7000)]

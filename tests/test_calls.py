@@ -169,7 +169,8 @@ class CallFlowTests(unittest.TestCase):
         self.assertEqual([a.outcome for a in attempts], ["direct"])
 
     @defer.inlineCallbacks
-    def test_failed_outcomes_mark_callee_unreachable(self):  # type: ignore[no-untyped-def]
+    def test_failed_outcomes_with_one_peer_leave_the_flag(self):  # type: ignore[no-untyped-def]
+        """Issue 13: one peer's failures (true or not) decide that pair only (store.records)."""
         c = yield self.call()
         yield self.peers["alice"].report(c["invite"].call_id, "bob", "outcome=failed\ntechnique=none\nelapsed_ms=10000\n")
         yield self.server.store._when_idle()
@@ -177,7 +178,9 @@ class CallFlowTests(unittest.TestCase):
         yield self.peers["bob"].report(c["forwarded"].call_id, "alice", "outcome=failed\ntechnique=none\n")
         yield self.server.store._when_idle()
         bob = yield self.server.store.get_user("bob")
-        self.assertEqual(bob.stunt_state, "unreachable")
+        self.assertEqual(bob.stunt_state, "unknown")
+        pairs = yield self.server.store.pair_outcomes("alice", 0.0)
+        self.assertEqual(pairs["bob"].failures, 1)
         self.assertEqual(self.server.counters["calls_failed_none"], 1)
 
     @defer.inlineCallbacks
@@ -475,7 +478,9 @@ class CallManagerUnitTests(unittest.SynchronousTestCase):
         self.assertEqual(ports, [61024 + 2 * k for k in range(8)])
         self.assertEqual([c.foundation for c in parse_sdp(ok.body).of_type("prflx")], [f"p{i}" for i in range(1, 9)])
         srflx = parse_sdp(ok.body).of_type("srflx")
-        self.assertEqual([(s.ip, s.port, s.raddr) for s in srflx], [("198.51.100.9", 7001, "192.168.1.9")])
+        # bob's LAN address is not alice's: its host candidates and their raddr are not passed on.
+        self.assertEqual([(s.ip, s.port, s.raddr) for s in srflx], [("198.51.100.9", 7001, None)])
+        self.assertEqual(parse_sdp(ok.body).of_type("host"), [])
 
     def test_outcome_timeout_records_failed_30s_after_dial(self) -> None:
         forwarded, ok, _ = self.connect()
@@ -582,13 +587,33 @@ class CallManagerUnitTests(unittest.SynchronousTestCase):
         self.assertEqual(self.bob.last().method, "CANCEL")  # type: ignore[union-attr]
         self.assertEqual(self.clock.getDelayedCalls(), self.registrar_timers())
 
-    def succeed(self, call_id: str) -> Request:
-        """Connect ``call_id`` and have the caller report success: recorded, now lingering."""
+    def succeed(self, call_id: str, callee_reports: bool = True) -> Request:
+        """Connect ``call_id`` and have both sides report success: recorded, now lingering."""
         forwarded, _, _ = self.connect(call_id)
         self.manager.handle_request(self.alice, request_in(call_id, "INFO", "alice", "bob",
                                                            b"outcome=stunt\ntechnique=low-ttl\nremote=198.51.100.9:50001\n",
                                                            OUTCOME_TYPE))
+        if callee_reports:
+            self.manager.handle_request(self.bob, request_in(
+                forwarded.call_id or "", "INFO", "bob", "alice",
+                b"outcome=stunt\ntechnique=low-ttl\nremote=203.0.113.7:40001\n", OUTCOME_TYPE))
         return forwarded
+
+    def test_a_callers_success_waits_briefly_for_the_callees_word(self) -> None:
+        """Issue 13: only bob's own report may move bob's flag, so it is worth a moment's wait."""
+        self.succeed("c1", callee_reports=False)
+        self.assertEqual(self.store.attempts, [])
+        self.clock.advance(2.0)
+        self.assertEqual([(a["outcome"], a["witnesses"]) for a in self.store.attempts], [("stunt", ("alice",))])
+        self.succeed("c2")
+        self.assertEqual(self.store.attempts[-1]["witnesses"], ("alice", "bob"))
+
+    def test_a_lone_failure_report_is_only_its_senders(self) -> None:
+        forwarded, ok, _ = self.connect("c1")
+        self.manager.handle_request(self.alice, request_in("c1", "INFO", "alice", "bob",
+                                                           b"outcome=failed\ntechnique=none\n", OUTCOME_TYPE))
+        self.clock.advance(40)
+        self.assertEqual([(a["outcome"], a["witnesses"]) for a in self.store.attempts], [("failed", ("alice",))])
 
     def test_lingering_calls_share_one_timer_and_are_forgotten_in_order(self) -> None:
         self.succeed("c1")

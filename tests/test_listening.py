@@ -79,3 +79,11 @@ class LimitOptionTests(unittest.TestCase):
         options.parseOptions(["--max-unregistered", "50", "--web-max-connections", "7"])
         self.assertEqual(options.settings().limits.max_unregistered, 50)
         self.assertEqual(options.settings().web_limits.max_connections, 7)
+
+    def test_probe_max_per_ip(self) -> None:
+        options = Options()
+        options.parseOptions([])
+        self.assertEqual(options.settings().probe_max_per_ip, 64)
+        options = Options()
+        options.parseOptions(["--probe-max-per-ip", "5"])
+        self.assertEqual(options.settings().probe_max_per_ip, 5)

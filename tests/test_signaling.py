@@ -317,7 +317,7 @@ class SignalingProtocolTests(unittest.TestCase):
         factory = SignalingFactory(self.router, self.clock, self.limits, tls=True)
         wrapper = AdmittingTLSFactory(tls.server_options(self._certs()), False, factory)
         proto = wrapper.buildProtocol(IPv4Address("TCP", "203.0.113.7", 6000))
-        self.assertIs(type(proto), TLSMemoryBIOProtocol)
+        self.assertIsInstance(proto, TLSMemoryBIOProtocol)  # LazyTLSProtocol: a plain one, made lazily
         self.assertFalse(hasattr(proto, "_aggregator"))
 
     def _certs(self):  # type: ignore[no-untyped-def]

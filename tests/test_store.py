@@ -25,6 +25,7 @@ from kerjostunt.store import (
     next_states,
 )
 from kerjostunt.store.database import RECENT_WINDOW
+from kerjostunt.store.records import RecentAttempt
 
 REALM = "kerjo.local"
 DAY = 24 * 3600.0
@@ -264,10 +265,10 @@ class StoreTestsMixin:
     # -- attempts and the flag rule ---------------------------------------
 
     def attempt(self, caller: str, callee: str, outcome: str, when: float,
-                technique: str | None = None) -> dict[str, str]:
+                technique: str | None = None, witnesses: tuple[str, ...] | None = None) -> dict[str, str]:
         return self.db.record_attempt(
             f"call-{when}", caller, callee, technique, outcome,
-            "198.51.100.1:5000", "198.51.100.1:5001", 12.5, when,
+            "198.51.100.1:5000", "198.51.100.1:5001", 12.5, when, witnesses,
         )
 
     def test_direct_outcome_marks_callee_direct(self) -> None:
@@ -284,9 +285,37 @@ class StoreTestsMixin:
         self.assertEqual(self.db.get_user("a").stunt_state, "stunt")
         self.assertEqual(self.db.get_user("c").stunt_state, "direct")
 
-    def test_single_failure_makes_callee_unreachable(self) -> None:
-        self.users("a", "b")
-        self.assertEqual(self.attempt("a", "b", "failed", 100.0), {"a": "unknown", "b": "unreachable"})
+    def test_failures_with_two_peers_make_callee_unreachable(self) -> None:
+        self.users("a", "b", "c")
+        self.assertEqual(self.attempt("a", "b", "failed", 100.0), {"a": "unknown", "b": "unknown"})
+        self.assertEqual(self.attempt("c", "b", "failed", 101.0), {"c": "unknown", "b": "unreachable"})
+
+    def test_one_attacker_does_not_make_a_user_unreachable(self) -> None:
+        """Issue 13: three false ``failed`` reports from one peer only decide that pair's view."""
+        self.users("mallory", "bob")
+        for n in range(3):
+            self.assertEqual(self.attempt("mallory", "bob", "failed", 100.0 + n, witnesses=("bob", "mallory"))["bob"],
+                             "unknown")
+        self.assertEqual(self.db.get_user("bob").stunt_state, "unknown")
+        self.assertEqual(self.db.pair_outcomes("mallory", 0.0)["bob"].failures, 3)  # the pair's own record
+
+    def test_one_sides_report_never_moves_the_others_flag(self) -> None:
+        self.users("a", "b", "c")
+        # Only the callers reported failed; bob never said so himself.
+        self.attempt("a", "b", "failed", 100.0, witnesses=("a",))
+        self.assertEqual(self.attempt("c", "b", "failed", 101.0, witnesses=("c",))["b"], "unknown")
+        # A claimed success moves only the claimant's own flag, too.
+        self.assertEqual(self.attempt("a", "b", "direct", 102.0, witnesses=("a",))["b"], "unknown")
+        self.assertEqual(self.attempt("a", "b", "stunt", 103.0, witnesses=("a",)), {"a": "stunt", "b": "unknown"})
+        self.assertEqual(self.attempt("a", "b", "stunt", 104.0, witnesses=("b",)), {"a": "stunt", "b": "stunt"})
+        # Nobody reported (the outcome timer): nobody's flag moves.
+        self.users("d")
+        self.assertEqual(self.attempt("d", "c", "direct", 105.0, witnesses=()), {"d": "unknown", "c": "unknown"})
+
+    def test_bobs_own_failures_with_two_peers_count(self) -> None:
+        self.users("a", "b", "c")
+        self.attempt("a", "b", "failed", 100.0, witnesses=("b",))
+        self.assertEqual(self.attempt("c", "b", "failed", 101.0, witnesses=("b",))["b"], "unreachable")
 
     def test_failure_after_recent_success_changes_nothing(self) -> None:
         self.users("a", "b", "c")
@@ -298,16 +327,17 @@ class StoreTestsMixin:
         self.assertEqual(self.attempt("b", "d", "failed", 301.0)["d"], "unknown")
 
     def test_only_the_last_three_attempts_count(self) -> None:
-        self.users("a", "b")
+        self.users("a", "b", "c")
         self.attempt("a", "b", "stunt", 100.0)
         self.assertEqual(self.attempt("a", "b", "failed", 101.0)["b"], "stunt")
-        self.assertEqual(self.attempt("a", "b", "failed", 102.0)["b"], "stunt")
+        self.assertEqual(self.attempt("c", "b", "failed", 102.0)["b"], "stunt")
         self.assertEqual(self.attempt("a", "b", "failed", 103.0)["b"], "unreachable")
 
     def test_success_older_than_window_does_not_count(self) -> None:
-        self.users("a", "b")
+        self.users("a", "b", "c")
         self.attempt("a", "b", "direct", 100.0)
-        states = self.attempt("a", "b", "failed", 100.0 + RECENT_WINDOW + 1)
+        self.attempt("a", "b", "failed", 100.0 + RECENT_WINDOW + 1)
+        states = self.attempt("c", "b", "failed", 100.0 + RECENT_WINDOW + 2)
         self.assertEqual(states["b"], "unreachable")
 
     def test_attempt_for_deleted_user_is_kept(self) -> None:
@@ -432,17 +462,25 @@ class NextStatesTests(unittest.TestCase):
     """The flag rule as a pure function."""
 
     def test_rule(self) -> None:
+        def r(outcome: str, partner: str = "p", own: bool = True) -> RecentAttempt:
+            return RecentAttempt(outcome, partner, own)
+
         cases = [
-            (("direct", "unknown", "unreachable", ["direct"]), ("unknown", "direct")),
-            (("direct", "stunt", "stunt", ["direct"]), ("stunt", "direct")),
-            (("stunt", "unknown", "unknown", ["stunt"]), ("stunt", "stunt")),
-            (("stunt", "unreachable", "direct", ["stunt"]), ("stunt", "stunt")),
-            (("stunt", "direct", "unknown", ["stunt"]), ("direct", "stunt")),
-            (("failed", "stunt", "direct", ["failed"]), ("stunt", "unreachable")),
-            (("failed", "stunt", "direct", ["failed", "failed", "failed"]),
-             ("stunt", "unreachable")),
-            (("failed", "stunt", "direct", ["failed", "stunt", "failed"]), ("stunt", "direct")),
+            (("direct", "unknown", "unreachable", [r("direct")]), ("unknown", "direct")),
+            (("direct", "stunt", "stunt", [r("direct")]), ("stunt", "direct")),
+            (("stunt", "unknown", "unknown", [r("stunt")]), ("stunt", "stunt")),
+            (("stunt", "unreachable", "direct", [r("stunt")]), ("stunt", "stunt")),
+            (("stunt", "direct", "unknown", [r("stunt")]), ("direct", "stunt")),
+            (("failed", "stunt", "direct", [r("failed")]), ("stunt", "direct")),  # one peer
+            (("failed", "stunt", "direct", [r("failed", "p"), r("failed", "q")]), ("stunt", "unreachable")),
+            (("failed", "stunt", "direct", [r("failed", "p"), r("failed", "p"), r("failed", "p")]),
+             ("stunt", "direct")),
+            (("failed", "stunt", "direct", [r("failed", "p"), r("failed", "q", own=False)]), ("stunt", "direct")),
+            (("failed", "stunt", "direct", [r("failed", "p"), r("stunt", "q"), r("failed", "s")]),
+             ("stunt", "direct")),
             (("failed", "unknown", "unknown", []), ("unknown", "unknown")),
         ]
         for args, expected in cases:
             self.assertEqual(next_states(*args), expected, args)
+        self.assertEqual(next_states("direct", "unknown", "stunt", [], callee_reported=False), ("unknown", "stunt"))
+        self.assertEqual(next_states("stunt", "unknown", "unknown", [], caller_reported=False), ("unknown", "stunt"))

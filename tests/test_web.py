@@ -261,8 +261,9 @@ class FormatAndFlagTests(WebTestCase):
         # never called him, he is worth a call, and once they connected he
         # is STUNT-reachable for her.
         store = self.web.server.store
-        for n in range(3):
-            yield store.record_attempt(f"f{n}", "carol", "bob", None, "failed", None, None, None, 2000.0 + n)
+        for n in range(3):  # with two peers: one alone decides only its own pair (issue 13)
+            yield store.record_attempt(f"f{n}", ("carol", "dave")[n % 2], "bob", None, "failed", None, None, None,
+                                       2000.0 + n)
         self.assertEqual((yield store.get_user("bob")).stunt_state, "unreachable")
         peers = yield self.fetch()
         self.assertEqual((peers["bob"]["use_stunt"], peers["bob"]["pair"]), ("unknown", None))
@@ -271,6 +272,23 @@ class FormatAndFlagTests(WebTestCase):
         peers = yield self.fetch()
         self.assertEqual(peers["bob"]["use_stunt"], "stunt")
         self.assertEqual(peers["bob"]["pair"], {"latest": "stunt", "failures": 0})
+
+    @defer.inlineCallbacks
+    def test_one_attackers_failures_stay_in_its_pair(self):  # type: ignore[no-untyped-def]
+        """Issue 13: three ``failed`` outcomes from one peer (carol, in another group), reported
+        by both sides of each call even, do not make bob unreachable in alice's list."""
+        store = self.web.server.store
+        for n in range(3):
+            yield store.record_attempt(f"f{n}", "carol", "bob", None, "failed", None, None, None, 2000.0 + n,
+                                       ("bob", "carol"))
+        self.assertEqual((yield store.get_user("bob")).stunt_state, "unknown")
+        peers = yield self.fetch()
+        self.assertEqual(peers["bob"]["use_stunt"], "unknown")
+        # Nor do a caller's failures that bob never reported, from two peers.
+        for n, caller in enumerate(("carol", "dave", "carol")):
+            yield store.record_attempt(f"g{n}", caller, "bob", None, "failed", None, None, None, 3000.0 + n,
+                                       (caller,))
+        self.assertEqual((yield self.fetch())["bob"]["use_stunt"], "unknown")
 
     @defer.inlineCallbacks
     def test_nat_and_address_come_from_the_store(self):  # type: ignore[no-untyped-def]

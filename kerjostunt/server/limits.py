@@ -23,15 +23,17 @@ import gc
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.abstract import FileDescriptor
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ITransport
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOProtocol
-from zope.interface import implementer
+from twisted.python.failure import Failure
+from zope.interface import directlyProvides, implementer, providedBy
 
 from kerjostunt.wire.sip.parser import Limits
 
@@ -43,6 +45,7 @@ WRITE_STALL_TIMEOUT = 60.0    # seconds a connection may keep its reader paused
 REFUSAL_LOG_INTERVAL = 60.0   # one summary line per refused source per interval
 TRIM_AFTER_CLOSES = 256       # closed connections that make a heap trim worth it
 TRIM_DELAY = 2.0              # seconds: a flood's closes coalesce into one trim
+MAX_PENDING_HANDSHAKES = 2_000  # per TLS listener: connections mid-handshake holding OpenSSL state
 TRIM_MIN_INTERVAL = 30.0      # seconds between trims: steady churn costs one collection per interval
 
 
@@ -295,6 +298,167 @@ class RefusalLog:
                 n=sum(reasons.values()), what=self._what, host=host, interval=self._interval,
                 reasons=", ".join(f"{why} ({count})" for why, count in reasons.most_common()),
             )
+
+
+class PerSourceCap:
+    """Open connections per source address, at most ``max_per_ip`` each; refusals in aggregate.
+
+    The probe ports had no such bound: 9,000 trickled connections from one
+    address stayed open (issue 13). One table serves every probe port, so
+    the cap is per address over all of them.
+    """
+
+    def __init__(self, clock: IReactorTime, what: str, max_per_ip: int,
+                 counter: Callable[[str], None] | None = None) -> None:
+        self.max_per_ip = max_per_ip
+        self.refusals = RefusalLog(clock, what)
+        self._open: dict[str, int] = {}
+        self._counter = counter
+
+    def admit(self, host: str) -> bool:
+        """Room for one more from ``host``? If so it is counted until ``release``."""
+        count = self._open.get(host, 0)
+        if count >= self.max_per_ip:
+            self.refusals.refused(host, f"{self.max_per_ip} open from this IP")
+            if self._counter is not None:
+                self._counter("refused_probe_per_ip")
+            return False
+        self._open[host] = count + 1
+        return True
+
+    def release(self, host: str) -> None:
+        count = self._open.get(host, 0) - 1
+        if count > 0:
+            self._open[host] = count
+        else:
+            self._open.pop(host, None)
+
+    def open_from(self, host: str) -> int:
+        return self._open.get(host, 0)
+
+    def stop(self) -> None:
+        self.refusals.flush()
+
+
+class PendingHandshakes:
+    """The connections of one TLS listener that hold OpenSSL state but have not finished
+    their handshake, at most ``limit``: a newcomer past it closes the oldest.
+
+    ``LazyTLSProtocol`` makes a connection that never speaks cheap; one that
+    sends five bytes of a ClientHello and stalls still costs its OpenSSL state
+    (about 50 KiB) until its handshake timeout. A real handshake finishes
+    within a round trip or two, so the oldest pending one is the stalled one:
+    7,000 of them held 485 MiB for 10 s; now at most ``limit`` do.
+    """
+
+    def __init__(self, limit: int = MAX_PENDING_HANDSHAKES,
+                 evicted: Callable[[str], None] | None = None) -> None:
+        self.limit = limit
+        self._table: OldestFirst[LazyTLSProtocol] = OldestFirst()
+        self._evicted = evicted
+
+    def started(self, conn: LazyTLSProtocol) -> None:
+        self._table.add(conn, "")
+        while len(self._table) > self.limit:
+            oldest = self._table.oldest()
+            if oldest is None or oldest is conn:
+                break
+            self._table.discard(oldest)
+            if self._evicted is not None:
+                self._evicted(_host_of(oldest))
+            oldest.evict()
+
+    def ended(self, conn: LazyTLSProtocol) -> None:
+        self._table.discard(conn)
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+
+def _host_of(conn: LazyTLSProtocol) -> str:
+    peer = conn.transport.getPeer() if conn.transport is not None else None
+    return str(getattr(peer, "host", "?"))
+
+
+class LazyTLSProtocol(TLSMemoryBIOProtocol):
+    """TLS whose OpenSSL connection is made when the peer's first byte arrives, not at accept.
+
+    ``TLSMemoryBIOProtocol`` creates its ``SSL`` object and runs a first
+    ``do_handshake`` in ``makeConnection``: about 17 KiB for the object and
+    its memory BIOs and 28 KiB more of read and handshake buffers, for every
+    TCP connection, before the peer has said anything. 7,000 connections that
+    never send a ClientHello cost 48 KiB each (issue 13). A server speaks
+    second in TLS, so nothing is lost by waiting: the counting, timers and
+    admission (the wrapped protocol's ``connectionMade``) still happen at
+    accept, and a connection that never sends a byte costs only its Python
+    objects until its handshake timeout closes it (docs/security.rst).
+
+    Relies on ``TLSMemoryBIOProtocol`` internals (``_tlsConnection``,
+    ``factory._creatorCallable``, ``_lostTLSConnection``);
+    ``tests.test_pretls`` holds them to their meaning.
+    """
+
+    _tlsConnection: Any
+
+    def _pending(self) -> PendingHandshakes | None:
+        table = getattr(self.factory, "pending_handshakes", None)
+        return table if isinstance(table, PendingHandshakes) else None
+
+    def makeConnection(self, transport: ITransport) -> None:
+        """``TLSMemoryBIOProtocol.makeConnection`` without the OpenSSL connection and handshake."""
+        self._tlsConnection = None
+        self._appSendBuffer = []
+        for interface in providedBy(transport):
+            directlyProvides(self, interface)
+        Protocol.makeConnection(self, transport)  # type: ignore[no-untyped-call]
+        self.factory.registerProtocol(self)  # type: ignore[no-untyped-call]
+        if self._connectWrapped:
+            ProtocolWrapper.makeConnection(self, transport)  # type: ignore[no-untyped-call]
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._tlsConnection is None:
+            if self._aborted or self._lostTLSConnection:
+                return
+            self._tlsConnection = self.factory._creatorCallable(self)
+            pending = self._pending()
+            if pending is not None:
+                pending.started(self)
+        super().dataReceived(data)  # type: ignore[no-untyped-call]
+
+    def evict(self) -> None:
+        """Abort, and free the OpenSSL state now: the reactor's ``connectionLost`` comes only after
+        this read batch, which may hold thousands of new handshakes (epoll hands them over at once)."""
+        self.abortConnection()  # type: ignore[no-untyped-call]
+        self._tlsConnection = None
+        self._lostTLSConnection = True
+
+    def _checkHandshakeStatus(self) -> None:
+        super()._checkHandshakeStatus()  # type: ignore[no-untyped-call]
+        pending = self._pending()
+        if self._handshakeDone and pending is not None:
+            pending.ended(self)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        pending = self._pending()
+        if pending is not None:
+            pending.ended(self)
+        if self._tlsConnection is None:
+            self._lostTLSConnection = True  # nothing to shut down or read out
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]
+
+    def _shutdownTLS(self) -> None:
+        if self._tlsConnection is None:
+            if self.transport is not None:
+                self.transport.loseConnection()  # what OpenSSL does before any negotiation
+            return
+        super()._shutdownTLS()  # type: ignore[no-untyped-call]
+
+    def _write(self, data: bytes) -> None:
+        if self._tlsConnection is None:
+            if not self._lostTLSConnection:
+                self._bufferedWrite(data)  # type: ignore[no-untyped-call]  # sent after the handshake
+            return
+        super()._write(data)  # type: ignore[no-untyped-call]
 
 
 def _malloc_trim() -> Callable[[int], int] | None:

@@ -21,11 +21,12 @@ from typing import Protocol as TypingProtocol
 
 from automat import TypeMachineBuilder
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from kerjostunt.server.limits import PerSourceCap
 from kerjostunt.store import UnknownUser
 from kerjostunt.tcp import host_port
 from kerjostunt.wire import stun
@@ -230,22 +231,28 @@ class ProbeLife(TypingProtocol):
     """The inputs of one probe connection's life.
 
     waiting (built, not yet connected) -> serving (STUN requests answered in
-    order; the idle timer restarts with every read) -> closing (we asked the
-    transport to go: over the request limit, unframeable input, or idle) ->
-    closed (the transport is gone). Nothing is read once serving is over.
+    order; the deadline moves on with every whole request answered, never
+    with bytes alone, and never past ``max_lifetime``) -> closing (we asked
+    the transport to go: over the request limit, unframeable input, or past
+    the deadline) -> closed (the transport is gone). Nothing is read once
+    serving is over.
     """
 
     def connected(self) -> None:
         """TCP is up: the idle timer starts."""
 
     def received(self) -> bool:
-        """Bytes arrived: True while serving (the idle timer restarts), else False."""
+        """Bytes arrived: True while serving, else False. The deadline stays: one byte
+        every few seconds used to keep a connection open for ever (issue 13)."""
+
+    def answered(self) -> None:
+        """A whole request was answered: the next one has ``idle_timeout`` again."""
 
     def serving(self) -> bool:
         """Is the connection still answering? (A query: no transition.)"""
 
     def idle(self) -> None:
-        """No byte for ``idle_timeout`` seconds: abort the connection."""
+        """No whole request for ``idle_timeout`` seconds (or ``max_lifetime`` reached): abort."""
 
     def finish(self) -> None:
         """Over the request limit or unframeable: close after what is written."""
@@ -267,6 +274,8 @@ class ProbeProtocol(Protocol):
         self._decoder = stun.StunStreamDecoder(stun.MAX_MESSAGE_SIZE)
         self._timer: IDelayedCall | None = None
         self._requests = 0
+        self._opened_at: float | None = None
+        self.source: str | None = None  # admitted by the factory's per-IP cap; released when lost
         self._life = _ProbeLifeMachine(self)
 
     # -- Twisted callbacks
@@ -296,13 +305,25 @@ class ProbeProtocol(Protocol):
                 self._life.finish()
                 return
             self._handle(frame)
+            self._life.answered()
 
     # -- what the life's transitions do
 
     def arm(self) -> None:
-        """(Re)start the idle timer."""
+        """(Re)start the deadline: ``idle_timeout`` from now, at most ``max_lifetime`` after opening."""
         self.disarm()
-        self._timer = self.factory.clock.callLater(self.factory.idle_timeout, self._idle)
+        now = self.factory.clock.seconds()
+        if self._opened_at is None:
+            self._opened_at = now
+        delay = min(self.factory.idle_timeout, self._opened_at + self.factory.max_lifetime - now)
+        self._timer = self.factory.clock.callLater(max(0.0, delay), self._idle)
+
+    def release(self) -> None:
+        """Gone: its slot in the per-IP table is free again."""
+        self.disarm()
+        source, self.source = self.source, None
+        if source is not None and self.factory.per_ip is not None:
+            self.factory.per_ip.release(source)
 
     def disarm(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -310,8 +331,8 @@ class ProbeProtocol(Protocol):
         self._timer = None
 
     def abort(self) -> None:
-        """Idle: drop the connection without waiting for buffered writes."""
-        _log.debug("probe connection idle, closing {peer}", peer=self._peer())
+        """Past the deadline: drop the connection without waiting for buffered writes."""
+        _log.debug("probe connection past its deadline, closing {peer}", peer=self._peer())
         self.disarm()
         if self.transport is not None:
             self.transport.abortConnection()
@@ -447,7 +468,8 @@ class ProbeFactory(Factory):
 
     def __init__(self, clock: IReactorTime, tokens: ProbeTokens, log: ObservationLog, *,
                  other_address: tuple[str, int] | None = None, idle_timeout: float = 10.0,
-                 max_requests: int = 16, software: str = "kerjostunt") -> None:
+                 max_requests: int = 16, software: str = "kerjostunt", per_ip: PerSourceCap | None = None,
+                 max_lifetime: float = 30.0) -> None:
         self.clock = clock
         self.tokens = tokens
         self.log = log
@@ -455,6 +477,24 @@ class ProbeFactory(Factory):
         self.idle_timeout = idle_timeout
         self.max_requests = max_requests
         self.software = software
+        #: open connections per source address, shared by every probe port (None: unbounded)
+        self.per_ip = per_ip
+        self.max_lifetime = max_lifetime
+
+    def buildProtocol(self, addr: IAddress | None) -> ProbeProtocol | None:  # type: ignore[override]
+        """A connection over the per-IP cap is closed at once (logged in aggregate)."""
+        source = _plain_ip(host_port(addr)[0])
+        if self.per_ip is not None and not self.per_ip.admit(source):
+            return None
+        protocol = ProbeProtocol()
+        protocol.factory = self
+        protocol.source = source if self.per_ip is not None else None
+        return protocol
+
+    def doStop(self) -> None:
+        if self.per_ip is not None:
+            self.per_ip.stop()  # the refusal summary now, and no timer left behind
+        super().doStop()  # type: ignore[no-untyped-call]
 
 
 def nat_not_stored(failure: Failure, user_id: str, tokens: ProbeTokens, observations: ObservationLog) -> None:
@@ -488,10 +528,17 @@ def _start(life: ProbeLife, probe: ProbeProtocol) -> None:
 
 
 @_waiting.upon(ProbeLife.received).to(_serving)
-@_serving.upon(ProbeLife.received).loop()
-def _read(life: ProbeLife, probe: ProbeProtocol) -> bool:
+def _first_read(life: ProbeLife, probe: ProbeProtocol) -> bool:
     probe.arm()
     return True
+
+
+_serving.upon(ProbeLife.received).loop().returns(True)
+
+
+@_serving.upon(ProbeLife.answered).loop()
+def _answered(life: ProbeLife, probe: ProbeProtocol) -> None:
+    probe.arm()
 
 
 @_serving.upon(ProbeLife.idle).to(_closing)
@@ -509,7 +556,7 @@ def _close(life: ProbeLife, probe: ProbeProtocol) -> None:
 @_closing.upon(ProbeLife.lost).to(_closed)
 @_closed.upon(ProbeLife.lost).loop()
 def _gone(life: ProbeLife, probe: ProbeProtocol) -> None:
-    probe.disarm()
+    probe.release()
 
 
 _waiting.upon(ProbeLife.serving).loop().returns(False)
@@ -519,6 +566,7 @@ for _over in (_closing, _closed):
     _over.upon(ProbeLife.serving).loop().returns(False)
     _over.upon(ProbeLife.connected).loop().returns(None)
     _over.upon(ProbeLife.idle).loop().returns(None)
+    _over.upon(ProbeLife.answered).loop().returns(None)
     _over.upon(ProbeLife.finish).loop().returns(None)
 
 _ProbeLifeMachine = _life.build()

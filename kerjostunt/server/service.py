@@ -7,6 +7,8 @@ builds a ``StuntServer``; tests build one directly on port 0.
 from __future__ import annotations
 
 import gc
+import ipaddress
+import re
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -30,7 +32,7 @@ from kerjostunt import tls
 from kerjostunt.server import web
 from kerjostunt.server.auth import NonceManager, make_portal
 from kerjostunt.server.calls import CallManager, CallSettings
-from kerjostunt.server.limits import WebLimits
+from kerjostunt.server.limits import PerSourceCap, WebLimits
 from kerjostunt.server.probe import Observation, ObservationLog, ProbeFactory, ProbeTokens, nat_not_stored
 from kerjostunt.server.reactor import IServerReactor
 from kerjostunt.server.register import CHALLENGE_ALGORITHMS, Protection, RegisterHandler
@@ -117,6 +119,8 @@ class ServerSettings:
     probe_ports: list[int] = field(default_factory=lambda: [3478, 3479])
     probe_alt_ip: str | None = None
     probe_token_lifetime: float = 300.0
+    #: open probe connections from one address, over all probe ports (docs/security.rst)
+    probe_max_per_ip: int = 64
     web_endpoint: str | None = "tcp:8443"
     digest_algorithms: tuple[str, ...] = CHALLENGE_ALGORITHMS
     tls_groups: str | None = None  # None: OpenSSL's default key exchange
@@ -126,6 +130,28 @@ class ServerSettings:
     call_outcome_timeout: float = 30.0
     invite_rate: float = 5.0
     invite_burst: float = 20.0
+
+
+def server_addresses(settings: ServerSettings) -> frozenset[str]:
+    """The addresses the server is known at: a candidate naming one is never forwarded.
+
+    The interfaces its endpoints bind (a wildcard names none), the probes'
+    other address, and the domain and certificate names that are addresses.
+    """
+    found: set[str] = set()
+    names = [settings.domain, *settings.cert_hosts, settings.probe_alt_ip or ""]
+    for description in [settings.sip_endpoint, *settings.probe_endpoints, settings.web_endpoint or ""]:
+        for part in re.split(r"(?<!\\):", description):  # IPv6 colons are escaped
+            if part.startswith("interface="):
+                names.append(part[len("interface="):].replace("\\", ""))
+    for name in names:
+        try:
+            address = ipaddress.ip_address(name.strip("[]"))
+        except ValueError:
+            continue
+        if not address.is_unspecified:
+            found.add(str(address))
+    return frozenset(found)
 
 
 @implementer(IStreamServerEndpoint)
@@ -190,7 +216,8 @@ class StuntServer(MultiService):
         self.calls = CallManager(
             reactor, settings.domain, self.registrar, self.store, self.observations, self.count,
             CallSettings(answer_timeout=settings.call_answer_timeout, outcome_timeout=settings.call_outcome_timeout,
-                         invite_rate=settings.invite_rate, invite_burst=settings.invite_burst),
+                         invite_rate=settings.invite_rate, invite_burst=settings.invite_burst,
+                         server_addresses=server_addresses(settings)),
         )
         _CallsService(self.calls).setServiceParent(self)  # stops before the store: outcomes get written
         self.router = SignalingRouter(self.registrar, self.register, self.calls)
@@ -198,7 +225,9 @@ class StuntServer(MultiService):
         tls_factory = AdmittingTLSFactory(
             tls.server_options(self.certificates, groups=settings.tls_groups), False, self.signaling
         )
+        self.signaling_tls = tls_factory
         self.ports: dict[str, Deferred[IListeningPort]] = {}
+        self.probe_cap = PerSourceCap(reactor, "probe", settings.probe_max_per_ip, counter=self.count)
         self._listen("sip", settings.sip_endpoint, tls_factory)
         for index, endpoint in enumerate(settings.probe_endpoints):
             self._listen(f"probe{index}", endpoint, self._probe_factory())
@@ -236,7 +265,7 @@ class StuntServer(MultiService):
         other = None
         if self.settings.probe_alt_ip:
             other = (self.settings.probe_alt_ip, self.settings.probe_ports[-1])
-        return ProbeFactory(self.reactor, self.tokens, self.observations, other_address=other)
+        return ProbeFactory(self.reactor, self.tokens, self.observations, other_address=other, per_ip=self.probe_cap)
 
     def _probe_headers(self, user_id: str) -> list[tuple[str, str]]:
         token, password = self.tokens.issue(user_id)

@@ -15,8 +15,17 @@ from typing import Protocol as TypingProtocol
 from typing import TypeVar
 
 from automat import TypeMachineBuilder
-from twisted.internet.interfaces import IAddress, IDelayedCall, IHandshakeListener, IReactorTime, ITCPTransport
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHandshakeListener,
+    IOpenSSLServerConnectionCreator,
+    IProtocolFactory,
+    IReactorTime,
+    ITCPTransport,
+)
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import ContextFactory
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
@@ -26,8 +35,10 @@ from kerjostunt.server.limits import (
     ConnectionLimits,
     GuardedTransport,
     HeapTrimmer,
+    LazyTLSProtocol,
     OldestFirst,
     OutputGuard,
+    PendingHandshakes,
     RefusalLog,
     TokenBucket,
 )
@@ -472,8 +483,23 @@ class AdmittingTLSFactory(TLSMemoryBIOFactory):
     iteration only cost CPU, memory and latency (docs/performance.rst).
     """
 
-    protocol = TLSMemoryBIOProtocol
+    protocol = LazyTLSProtocol  # OpenSSL's state at the first byte, not at accept (issue 13)
     wrappedFactory: SignalingFactory
+
+    def __init__(self, options: IOpenSSLServerConnectionCreator | ContextFactory, client: bool,
+                 wrapped: IProtocolFactory) -> None:
+        super().__init__(options, client, wrapped)
+        refusals = getattr(wrapped, "refusals", None)
+        counter = getattr(wrapped, "count", None)
+
+        def evicted(host: str) -> None:
+            if isinstance(refusals, RefusalLog):
+                refusals.refused(host, "oldest of the pending TLS handshakes")
+            if callable(counter):
+                counter("evicted_handshakes")
+
+        #: connections mid-handshake holding OpenSSL state (``limits.PendingHandshakes``)
+        self.pending_handshakes = PendingHandshakes(evicted=evicted)
 
     def buildProtocol(self, addr: IAddress | None) -> TLSMemoryBIOProtocol | None:  # type: ignore[override]
         # None refuses the connection (Factory's contract), which WrappingFactory's stub does not allow.

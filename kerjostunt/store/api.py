@@ -92,8 +92,12 @@ class UsageRecorder(Protocol):
         actual: str | None,
         duration_ms: float | None,
         when: float,
+        witnesses: Sequence[str] | None = None,
     ) -> Deferred[dict[str, str]]:
-        """One call's outcome; fires with both peers' new STUNT states (user ID -> state)."""
+        """One call's outcome; fires with both peers' new STUNT states (user ID -> state).
+
+        ``witnesses``: whose own report agrees with the outcome (None: both).
+        """
         ...
 
 
@@ -383,10 +387,11 @@ class AsyncStore:
         actual: str | None,
         duration_ms: float | None,
         when: float,
+        witnesses: Sequence[str] | None = None,
     ) -> Deferred[dict[str, str]]:
         return self._submit(
             Database.record_attempt,
-            (call_id, caller, callee, technique, outcome, predicted, actual, duration_ms, when),
+            (call_id, caller, callee, technique, outcome, predicted, actual, duration_ms, when, witnesses),
             {},
             flush_seen=False,  # it reads states and attempts, which record_seen does not write
         )

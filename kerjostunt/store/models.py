@@ -74,6 +74,8 @@ class Attempt(Base):
     actual: Mapped[str | None] = mapped_column(String(255))
     duration_ms: Mapped[float | None] = mapped_column(Float)
     at: Mapped[float] = mapped_column(Float)
+    #: whose own report agrees with ``outcome`` (comma-separated user IDs; NULL: rows from before 0002)
+    witnesses: Mapped[str | None] = mapped_column(String(140), nullable=True)
 
     __table_args__ = (
         Index("ix_attempts_caller_at", "caller", "at"),

@@ -78,7 +78,7 @@ LOCK_STATES = (
     .with_for_update()
 )
 RECENT_OUTCOMES = (
-    select(ATTEMPTS.c.outcome)
+    select(ATTEMPTS.c.outcome, ATTEMPTS.c.caller, ATTEMPTS.c.callee, ATTEMPTS.c.witnesses)
     .where(
         or_(ATTEMPTS.c.caller == bindparam("user_id"), ATTEMPTS.c.callee == bindparam("user_id")),
         ATTEMPTS.c.at >= bindparam("since"),

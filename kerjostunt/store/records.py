@@ -25,6 +25,10 @@ HA1_ALGORITHMS = {"MD5": (hashlib.md5, 32), "SHA-256": (hashlib.sha256, 64)}
 # no older than this window (seconds) before the attempt being recorded.
 RECENT_ATTEMPTS = 3
 RECENT_WINDOW = 24 * 3600.0
+#: ... and those attempts must be with at least this many different peers: one peer
+#: (an attacker calling and reporting ``failed``, or a pair no technique joins) only
+#: decides its own pair's view (``pair_flag``), never the flag everyone else sees.
+UNREACHABLE_PARTNERS = 2
 
 IMPORT_COLUMNS = frozenset({"user_id", "password", "ha1_md5", "ha1_sha256", "groups"})
 _HEX_RE = re.compile(r"^[0-9a-f]+$")
@@ -117,26 +121,53 @@ class AttemptRecord:
     when: float
 
 
+@dataclass(frozen=True)
+class RecentAttempt:
+    """One of a user's recent attempts, as the flag rule sees it."""
+
+    outcome: str
+    #: the other user of the attempt
+    partner: str
+    #: the user's own report is part of the outcome (rows from before reports were kept: True)
+    own: bool = True
+
+
 def next_states(
     outcome: str,
     caller_state: str,
     callee_state: str,
-    callee_recent: Sequence[str],
+    callee_recent: Sequence[RecentAttempt],
+    *,
+    caller_reported: bool = True,
+    callee_reported: bool = True,
 ) -> tuple[str, str]:
     """The "use STUNT" flag rule: (caller, callee) states after an attempt.
 
-    ``callee_recent`` holds the outcomes of the callee's latest attempts
-    (``RECENT_ATTEMPTS`` of them within ``RECENT_WINDOW``, as caller or
-    callee), the one being recorded included. Kept in one place so the
-    policy is easy to change; docs/admin.rst describes it.
+    ``callee_recent`` holds the callee's latest attempts (``RECENT_ATTEMPTS``
+    of them within ``RECENT_WINDOW``, as caller or callee), the one being
+    recorded included. ``*_reported``: that side's own report agrees with the
+    outcome. A user's flag moves only on its own report: one side alone never
+    sets the other's (issue 13: three false ``failed`` reports made bob
+    ``unreachable`` in every group's list). ``unreachable`` also needs the
+    user's own ``failed`` in each recent attempt, with at least
+    ``UNREACHABLE_PARTNERS`` different peers. Kept in one place so the policy
+    is easy to change; docs/admin.rst describes it.
     """
     if outcome == "direct":
-        return caller_state, "direct"
+        return caller_state, "direct" if callee_reported else callee_state
     if outcome == "stunt":
-        return ("direct" if caller_state == "direct" else "stunt"), "stunt"
-    if callee_recent and all(o == "failed" for o in callee_recent):
+        caller_new = ("direct" if caller_state == "direct" else "stunt") if caller_reported else caller_state
+        return caller_new, "stunt" if callee_reported else callee_state
+    if (callee_reported and callee_recent
+            and all(r.outcome == "failed" and r.own for r in callee_recent)
+            and len({r.partner for r in callee_recent}) >= UNREACHABLE_PARTNERS):
         return caller_state, "unreachable"
     return caller_state, callee_state
+
+
+def witnessed(witnesses: str | None, user_id: str) -> bool:
+    """Is ``user_id`` among an attempt row's ``witnesses`` (NULL: a row from before they were kept)?"""
+    return witnesses is None or user_id in witnesses.split(",")
 
 
 def ha1(algorithm: str, user_id: str, realm: str, password: str) -> str:

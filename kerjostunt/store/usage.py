@@ -27,8 +27,10 @@ from kerjostunt.store.records import (
     AttemptRecord,
     InvalidValue,
     PairOutcome,
+    RecentAttempt,
     UnknownUser,
     next_states,
+    witnessed,
 )
 
 
@@ -89,11 +91,15 @@ class UsageLog(EngineBound):
         actual: str | None,
         duration_ms: float | None,
         when: float,
+        witnesses: Sequence[str] | None = None,
     ) -> dict[str, str]:
         """Store one attempt and apply the flag rule (``next_states``).
 
-        The attempt is stored even if a user has been deleted meanwhile;
-        the returned ``{user_id: state}`` holds the users that still exist.
+        ``witnesses``: the users whose own report agrees with ``outcome``
+        (None: both, as for an operator's import); a user's flag moves only
+        on its own report. The attempt is stored even if a user has been
+        deleted meanwhile; the returned ``{user_id: state}`` holds the users
+        that still exist.
         """
         if outcome not in OUTCOMES:
             raise InvalidValue(f"outcome must be one of {', '.join(OUTCOMES)}")
@@ -112,6 +118,7 @@ class UsageLog(EngineBound):
                     "actual": actual,
                     "duration_ms": duration_ms,
                     "at": when,
+                    "witnesses": None if witnesses is None else ",".join(sorted(set(witnesses))),
                 },
             )
             # Lock both rows, in a fixed order, so concurrent outcomes for the
@@ -120,14 +127,19 @@ class UsageLog(EngineBound):
                 row.user_id: row.stunt_state
                 for row in c.execute(LOCK_STATES, {"user_ids": sorted({caller, callee})})
             }
-            recent = c.execute(
-                RECENT_OUTCOMES, {"user_id": callee, "since": when - RECENT_WINDOW, "until": when}
-            ).scalars().all()
+            recent = [
+                RecentAttempt(row.outcome, row.caller if row.callee == callee else row.callee,
+                              witnessed(row.witnesses, callee))
+                for row in c.execute(
+                    RECENT_OUTCOMES, {"user_id": callee, "since": when - RECENT_WINDOW, "until": when})
+            ]
             new_caller, new_callee = next_states(
                 outcome,
                 locked.get(caller, "unknown"),
                 locked.get(callee, "unknown"),
-                list(recent),
+                recent,
+                caller_reported=witnesses is None or caller in witnesses,
+                callee_reported=witnesses is None or callee in witnesses,
             )
             states: dict[str, str] = {}
             for user_id, state in ((caller, new_caller), (callee, new_callee)):

@@ -204,6 +204,7 @@ class CallBase:
             own_public_ip=registration.public_ip if registration is not None else None,
             config=DialerConfig(deadline=self.agent.punch_deadline, low_ttl=self.agent.low_ttl),
             stunt_only=stunt_only, own_probes=self.probe_results,
+            server_ip=server_ip_of(self.registered_sig),
         )
         self.agent.dialer_started(self.dialer)
         return self.dialer
@@ -253,3 +254,11 @@ def local_ip_of(sig: SignalingClientProtocol) -> str:
     """Our address on the signaling connection: the punch port binds there."""
     assert sig.transport is not None
     return cast("IPv4Address | IPv6Address", sig.transport.getHost()).host
+
+
+def server_ip_of(sig: SignalingClientProtocol | None) -> str | None:
+    """The server's address as we connected to it: never a candidate we dial."""
+    if sig is None or sig.transport is None:
+        return None
+    peer = sig.transport.getPeer()
+    return peer.host if isinstance(peer, (IPv4Address, IPv6Address)) else None

@@ -16,7 +16,7 @@ birthday search use as well.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from automat import TypeMachineBuilder
@@ -32,8 +32,9 @@ from kerjostunt.client.nat.contest import Contest
 from kerjostunt.client.nat.probing import ProbeResult
 from kerjostunt.client.nat.punch import PunchFailed, PunchPlan, PunchResult, punch
 from kerjostunt.client.nat.sockets import SocketReactor, abort_protocol, connect_from
+from kerjostunt.wire.candidates import Scope, is_loopback, screen
 from kerjostunt.wire.prediction import NATDescription, no_technique
-from kerjostunt.wire.sdp import Candidate
+from kerjostunt.wire.sdp import Candidate, SessionDescription
 
 __all__ = ["RETRY_JITTER", "DialResult", "Dialer", "DialerConfig"]
 
@@ -61,6 +62,20 @@ class DialerConfig:
     low_ttl: int | None = 2
     handshake_timeout: float = 5.0
     direct_timeout: float = 3.0
+
+
+def screened(setup: CallSetup, scope: Scope) -> SessionDescription:
+    """The peer's SDP without the candidates we must not dial, each refusal logged.
+
+    The server drops the same ones (server/calls/dialing.py); a client checks
+    again because a server bug, or a server that lies, must not make it
+    connect to its own loopback, a metadata address or its LAN.
+    """
+    kept, refused = screen(setup.remote.candidates, scope)
+    if refused:
+        log.warn("call {call}: not dialing {count} candidate(s) of the peer: {which}", call=setup.call_id,
+                 count=len(refused), which=", ".join(f"{c.ip}:{c.port} {c.typ} ({why})" for c, why in refused[:8]))
+    return replace(setup.remote, candidates=kept)
 
 
 class _RaceInputs(Protocol):
@@ -110,12 +125,20 @@ class Dialer:
         config: DialerConfig = DialerConfig(),
         stunt_only: bool = False,
         own_probes: Sequence[ProbeResult] = (),
+        server_ip: str | None = None,
     ) -> None:
         self.reactor = reactor
         self.setup = setup
         self.local_ip = local_ip
         self.punch_port = punch_port
         self.lan = setup.peer_public is not None and setup.peer_public == own_public_ip
+        #: the peer's candidates we may dial (wire/candidates.py), whatever the server sent;
+        #: loopback only when our server is on this host (a local fact, not what it said)
+        self.remote = screened(setup, Scope(
+            same_network=self.lan,
+            local=is_loopback(server_ip or local_ip),
+            own=frozenset([server_ip]) if server_ip else frozenset(),
+        ))
         self.config = config
         self.stunt_only = stunt_only
         self.own_probes = list(own_probes)
@@ -147,7 +170,7 @@ class Dialer:
 
     def direct_candidates(self) -> list[tuple[Candidate, str]]:
         """Passive candidates to connect to plainly: host ones only on a shared LAN."""
-        remote = self.setup.remote
+        remote = self.remote
         plan: list[tuple[Candidate, str]] = []
         if self.lan:
             plan += [(c, "lan") for c in remote.of_type("host", "passive")]
@@ -161,7 +184,7 @@ class Dialer:
 
     def punch_candidates(self) -> tuple[Endpoint, ...]:
         """The predicted endpoints best first, then the peer's punch port itself."""
-        remote = self.setup.remote
+        remote = self.remote
         ordered = sorted(remote.of_type("prflx"), key=lambda c: -c.priority)
         so = remote.punch_candidate
         if so is not None:
@@ -258,7 +281,7 @@ class Dialer:
         The addresses decide where both are known: a preserving NAT whose
         mappings all kept their ports looks like no NAT in the probes.
         """
-        punch = self.setup.remote.punch_candidate
+        punch = self.remote.punch_candidate
         if punch is not None and self.setup.peer_public is not None:
             return punch.ip == self.setup.peer_public
         return peer_nat is not None and not peer_nat.behind_nat

@@ -13,6 +13,7 @@ from dataclasses import replace
 from twisted.logger import Logger
 
 from kerjostunt.wire import kerjo
+from kerjostunt.wire.candidates import Scope, is_loopback, screen
 from kerjostunt.wire.prediction import (
     RANDOM,
     UNKNOWN,
@@ -61,22 +62,51 @@ def nat_header(prediction: Prediction) -> str:
     return kerjo.format_nat(prediction.nat, prediction.confidence)
 
 
-def augmented(sd: SessionDescription, prediction: Prediction, public_ip: str) -> SessionDescription:
-    """The side's own SDP plus predicted (prflx) and public passive (srflx) candidates."""
+def augmented(sd: SessionDescription, prediction: Prediction, public_ip: str,
+              scope: Scope | None = None) -> SessionDescription:
+    """The side's own SDP plus predicted (prflx) and public passive (srflx) candidates.
+
+    With a ``scope`` (who receives it), only what the other side may dial
+    (``wire.candidates``): the rest is dropped, and a dropped host address
+    is not named in ``raddr`` or ``o=`` either.
+    """
     punch = sd.punch_candidate
     assert punch is not None and sd.punch_port is not None
+    own, refused = screen(sd.candidates, scope) if scope is not None else (list(sd.candidates), [])
+    hidden = {c.ip for c, _ in refused}
+
+    def based(candidate: Candidate, ip: str, port: int) -> Candidate:
+        return candidate if ip in hidden else replace(candidate, raddr=ip, rport=port)
+
     extra = [
-        Candidate(f"p{i + 1}", 1, "TCP", candidate_priority("prflx", "so") - i, prediction.ip, port,
-                  "prflx", "so", raddr=punch.ip, rport=sd.punch_port)
+        based(Candidate(f"p{i + 1}", 1, "TCP", candidate_priority("prflx", "so") - i, prediction.ip, port,
+                        "prflx", "so"), punch.ip, sd.punch_port)
         for i, port in enumerate(prediction.ports[:LANE_WINDOW])
     ]
     room = max(0, min(MAX_SRFLX, MAX_SDP_CANDIDATES - len(sd.candidates) - len(extra)))
     extra += [
-        Candidate(f"s{j + 1}", 1, "TCP", candidate_priority("srflx", "passive") - j, public_ip, c.port,
-                  "srflx", "passive", raddr=c.ip, rport=c.port)
+        based(Candidate(f"s{j + 1}", 1, "TCP", candidate_priority("srflx", "passive") - j, public_ip, c.port,
+                        "srflx", "passive"), c.ip, c.port)
         for j, c in enumerate(sd.of_type("host", "passive")[:room])
     ]
-    return sd.with_candidates(extra)
+    if scope is not None:
+        extra, dropped = screen(extra, scope)
+        refused += dropped
+    if refused:
+        log.info("Not forwarding {count} candidate(s) of {user}: {which}", count=len(refused), user=sd.user,
+                 which=", ".join(f"{c.ip}:{c.port} {c.typ} ({why})" for c, why in refused[:8]))
+    host_ip = public_ip if sd.host_ip in hidden else sd.host_ip
+    return replace(sd, host_ip=host_ip, candidates=own + extra)
+
+
+def scope_between(from_ip: str, to_ip: str, server_addresses: frozenset[str]) -> Scope:
+    """The candidate rule's view of one side's SDP on its way to the other.
+
+    One public address for both: one LAN (private host candidates pass);
+    that address on loopback: one host (loopback passes too).
+    """
+    same = from_ip == to_ip
+    return Scope(same_network=same, local=same and is_loopback(from_ip), own=server_addresses)
 
 
 def predict_for(user_id: str, sdp: SessionDescription, samples: Sequence[Sample], signaling_ip: str) -> Prediction:

@@ -18,7 +18,7 @@ from automat import TypeMachineBuilder
 from twisted.logger import Logger
 
 from kerjostunt.server.calls import messages
-from kerjostunt.server.calls.dialing import augmented, dial_in_ms, format_endpoint
+from kerjostunt.server.calls.dialing import augmented, dial_in_ms, format_endpoint, scope_between
 from kerjostunt.server.calls.messages import peer_headers, tag_of
 from kerjostunt.server.calls.seams import Attempt, CallSettings, Clock, Timer
 from kerjostunt.server.registrar import SignalingConnection
@@ -171,7 +171,8 @@ class Call:
         self.host.leg_added(self, callee_conn)
         self.caller_prediction = self.host.prediction_for(self.caller_id, self.caller_sdp, self.caller_conn)
         peer = peer_headers(self.secret, Role.RESPONDER, self.caller_prediction, self.caller_conn.peer[0])
-        body = augmented(self.caller_sdp, self.caller_prediction, self.caller_conn.peer[0]).to_bytes()
+        scope = scope_between(self.caller_conn.peer[0], callee_conn.peer[0], self.host.settings.server_addresses)
+        body = augmented(self.caller_sdp, self.caller_prediction, self.caller_conn.peer[0], scope).to_bytes()
         self.forwarded = messages.forwarded_invite(self, peer, body)
         callee_conn.send(self.forwarded)
         self._answer_timer = self.host.clock.callLater(self.host.settings.answer_timeout, self._answer_timeout)
@@ -192,7 +193,8 @@ class Call:
         later = self.host.dial_scheduled(self, dial_caller, dial_callee)  # after earlier calls via a NAT
         dial_caller, dial_callee = dial_caller + later, dial_callee + later
         peer = peer_headers(self.secret, Role.INITIATOR, self.callee_prediction, self.callee_conn.peer[0])
-        body = augmented(sdp, self.callee_prediction, self.callee_conn.peer[0]).to_bytes()
+        scope = scope_between(self.callee_conn.peer[0], self.caller_conn.peer[0], self.host.settings.server_addresses)
+        body = augmented(sdp, self.callee_prediction, self.callee_conn.peer[0], scope).to_bytes()
         ok = messages.ok(self, self.invite, peer, dial_caller, body)
         ack = messages.to_callee(self, "ACK", 1, self.callee_tag, dial_in=dial_callee)
         self.caller_conn.send(ok)
@@ -252,13 +254,22 @@ class Call:
     def note_report(self, side: str, outcome: Outcome) -> bool:
         """Keep the side's first report; True when the reports so far decide the call.
 
-        The caller's report decides (its elapsed time is the call's time to
-        connect; a callee reached before its own dial moment reports ~0), or
-        both reports; the outcome timer records a lone callee report.
+        Both reports decide. A caller's success (its elapsed time is the
+        call's time to connect; a callee reached before its own dial moment
+        reports ~0) waits ``report_grace`` more for the callee's own word:
+        only its own report moves the callee's flag (issue 13), and it comes
+        within milliseconds of the caller's. The outcome timer records a lone
+        report.
         """
         self.reports.setdefault(side, outcome)
         caller = self.reports.get(CALLER)
-        return (caller is not None and caller.success) or len(self.reports) == 2
+        if len(self.reports) == 2:
+            return True
+        if side == CALLER and caller is not None and caller.success:
+            self._stop_outcome_timer()
+            self._outcome_timer = self.host.clock.callLater(self.host.settings.report_grace,
+                                                            self.machine.outcome_timed_out)
+        return False
 
     def record(self) -> None:
         self._stop_outcome_timer()
@@ -278,9 +289,12 @@ class Call:
             outcome, technique, actual = "failed", "none", None
             elapsed = max((r.elapsed_ms for r in self.reports.values() if r.elapsed_ms is not None), default=None)
         predicted = dialed.endpoints()[0] if dialed is not None and dialed.ports else None
+        # Whose own report says what the row says: one side's claim moves only its own flag.
+        users = {CALLER: self.caller_id, CALLEE: self.callee_id}
+        witnesses = tuple(users[side] for side, r in self.reports.items() if r.success == (success is not None))
         return {"call_id": self.server_call_id, "caller": self.caller_id, "callee": self.callee_id,
                 "technique": technique, "outcome": outcome, "predicted": format_endpoint(predicted),
-                "actual": format_endpoint(actual), "duration_ms": elapsed}
+                "actual": format_endpoint(actual), "duration_ms": elapsed, "witnesses": witnesses}
 
     # -- the end ---------------------------------------------------------------------
 

@@ -463,7 +463,8 @@ class CallManager:
                  callee=call.callee_id, why=why)
         self._store_attempt(call, self._clock.seconds(), {
             "call_id": call.server_call_id, "caller": call.caller_id, "callee": call.callee_id,
-            "technique": "none", "outcome": "failed", "predicted": None, "actual": None, "duration_ms": 0.0})
+            "technique": "none", "outcome": "failed", "predicted": None, "actual": None, "duration_ms": 0.0,
+            "witnesses": ()})  # the pair's NATs, not either user: no global flag moves
         self.feed(call, CallInputs.refused, 488, f"{kerjo.NO_TECHNIQUE_REASON}: {why}")
 
     def _why_unjoinable(self, call: Call, callee_conn: SignalingConnection,

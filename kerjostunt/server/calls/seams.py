@@ -43,6 +43,8 @@ class Attempt(TypedDict):
     predicted: str | None
     actual: str | None
     duration_ms: float | None
+    #: the users whose own report agrees with ``outcome``: only their flags may move (issue 13)
+    witnesses: tuple[str, ...]
 
 
 class CallStore(Protocol):
@@ -63,6 +65,7 @@ class CallStore(Protocol):
         actual: str | None,
         duration_ms: float | None,
         when: float,
+        witnesses: tuple[str, ...] | None = None,
     ) -> Deferred[Any]: ...
 
 
@@ -100,3 +103,7 @@ class CallSettings:
     nat_quiet: float = 0.1
     #: a caller waiting for its turn at a NAT hears ``182 Queued`` this often (seconds)
     queued_notice: float = 10.0
+    #: seconds a caller's success waits for the callee's own report before it is recorded
+    report_grace: float = 2.0
+    #: the server's own addresses: never forwarded as a candidate (wire/candidates.py)
+    server_addresses: frozenset[str] = frozenset()
