@@ -152,6 +152,10 @@ class Store(UsageRecorder, CallPolicy, Protocol):
 
     def pair_outcomes(self, user_id: str, since: float) -> Deferred[dict[str, PairOutcome]]: ...
 
+    def health(self) -> StoreHealth:
+        """Are writes going through, and how many records wait (no database call)."""
+        ...
+
 
 class StoreStopped(StoreError):
     """A call arrived after ``AsyncStore.stop``."""
