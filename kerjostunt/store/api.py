@@ -339,7 +339,6 @@ class AsyncStore:
         if self._gate.failing_since is None:
             self.log.warn("Store writes failing, retrying with back-off: {why}", why=reason)
         self._gate.failed(reason)
-        self._count("store_write_retries")
         if self._stopping:
             self._gate.cancel()
             queued, self._write.queue = self._write.queue, []
@@ -347,9 +346,10 @@ class AsyncStore:
             return
         now = self._clock.seconds()
         late = [job for job in jobs if job.kind == WRITE and now - job.started > RETRY_TOTAL]
+        self._write.queue[:0] = [job for job in jobs if job not in late]
         for job in late:
             job.waiter.errback(failure)
-        self._write.queue[:0] = [job for job in jobs if job not in late]
+        self._count("store_write_retries")  # last: whatever it calls sees the queue in order
 
     def _save(self, jobs: list[Job], failure: Failure) -> None:
         """Stopping while the database fails: usage records to the pending file, the rest fail."""
@@ -573,7 +573,7 @@ class StoreService(Service):
 
     def startService(self) -> None:
         for warning in self.store.database.secure_files():  # before SQLite makes -wal and -shm like it
-            self.store.log.warn("{warning}", warning=warning)
+            self.store.log.warn("{problem}", problem=warning)
         if self._upgrade:
             self.store.database.upgrade()
         self.store.start()

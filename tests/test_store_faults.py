@@ -1,0 +1,361 @@
+"""Issue 13, database faults: a locked SQLite file, a store that never answers, a clean stop meanwhile.
+
+The lock is real: a second sqlite3 connection (as another process, a backup
+or an import, would) holds ``BEGIN IMMEDIATE`` on the server's file. The
+store's retry timers run on a ``Clock``; its thread pool and SQLite are
+real, so each try that meets the lock costs one real busy timeout
+(``BUSY_TIMEOUT``, a quarter second).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import stat
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+from twisted.web.test.requesthelper import DummyRequest
+
+from kerjostunt.server import metrics, web
+from kerjostunt.server.auth import NonceManager, make_portal
+from kerjostunt.server.deadline import STORE_DEADLINE
+from kerjostunt.server.register import STORE_RETRY_AFTER, RegisterHandler
+from kerjostunt.server.registrar import Registrar
+from kerjostunt.store import Database, StoreBusy
+from kerjostunt.store import api as store_api
+from kerjostunt.store.api import BUSY_TIMEOUT, HA1_WINDOW, SEEN_DELAY, AsyncStore, StoreService
+from kerjostunt.store.lanes import RETRY_FIRST, StoreHealth
+from kerjostunt.wire.sip.digest import authorization
+from kerjostunt.wire.sip.headers import parse_auth
+from kerjostunt.wire.sip.message import Headers, Request, Response
+
+from .support import DOMAIN, add_users, connect_client, start_server
+from .test_registrar import FakeConnection
+from .test_store import REALM, md5_ha1
+
+
+class Events:
+    """A ``counter`` for the store: each name's next occurrence as a Deferred."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+        self._waiting: dict[str, list[defer.Deferred[None]]] = {}
+
+    def __call__(self, what: str) -> None:
+        self.seen.append(what)
+        for d in self._waiting.pop(what, []):
+            d.callback(None)
+
+    def next(self, what: str) -> defer.Deferred[None]:
+        d: defer.Deferred[None] = defer.Deferred()
+        self._waiting.setdefault(what, []).append(d)
+        return d
+
+
+class Lock:
+    """Another connection holding SQLite's write lock on ``path`` (``BEGIN IMMEDIATE``)."""
+
+    def __init__(self, path: str) -> None:
+        self._conn: sqlite3.Connection | None = sqlite3.connect(path, isolation_level=None)
+        self._conn.execute("BEGIN IMMEDIATE")
+
+    def release(self) -> None:
+        if self._conn is not None:
+            self._conn.execute("COMMIT")
+            self._conn.close()
+            self._conn = None
+
+
+class LockedDatabaseTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.path = os.path.abspath(self.mktemp() + ".sqlite")
+        self.url = f"sqlite:///{self.path}"
+        setup = Database(self.url)
+        setup.upgrade()
+        for user in ("a", "b"):
+            setup.add_user(user, REALM, password="pw")
+        setup.close()
+        self.pending = Path(self.path + ".pending.jsonl")
+
+    def store(self, clock: Clock | None = None) -> tuple[AsyncStore, Clock, Events]:
+        clock = clock or Clock()
+        events = Events()
+        store = AsyncStore(Database(self.url, busy_timeout=BUSY_TIMEOUT), reactor, clock=clock, counter=events)
+        store.start()
+        self.addCleanup(store.stop)
+        return store, clock, events
+
+    def lock(self) -> Lock:
+        lock = Lock(self.path)
+        self.addCleanup(lock.release)
+        return lock
+
+    def attempts(self) -> list[str]:
+        check = Database(self.url)
+        try:
+            return [a.call_id for a in check.recent_attempts("b", limit=100)]
+        finally:
+            check.close()
+
+    def report(self, store: AsyncStore, call_id: str = "c1") -> defer.Deferred[dict[str, str]]:
+        return store.record_attempt(call_id, "a", "b", "direct", "direct", None, None, 12.0, 100.0)
+
+    @defer.inlineCallbacks
+    def test_an_outcome_reported_during_the_lock_is_written_after_it(self):  # type: ignore[no-untyped-def]
+        store, clock, events = self.store()
+        lock = self.lock()
+        reported = self.report(store)
+        yield events.next("store_write_retries")  # it met the lock, and waits
+        self.assertFalse(reported.called)
+        health = store.health()
+        self.assertEqual((health.writing, health.waiting), (False, 1))
+        self.assertIn("database is locked", health.reason or "")
+        # What a REGISTER needs still answers, on the read lane's own connection.
+        ha1 = store.get_ha1("a", "MD5")
+        clock.advance(HA1_WINDOW)
+        self.assertEqual((yield ha1), md5_ha1("a", REALM, "pw"))
+        self.assertEqual(self.attempts(), [])
+        lock.release()
+        clock.advance(RETRY_FIRST)
+        states = yield reported
+        self.assertEqual(states, {"a": "unknown", "b": "direct"})
+        self.assertEqual(self.attempts(), ["c1"])
+        self.assertEqual(store.health(), StoreHealth(True, None, 0.0, 0))
+        self.assertFalse(self.pending.exists())
+
+    @defer.inlineCallbacks
+    def test_writes_stay_in_order_across_the_retries(self):  # type: ignore[no-untyped-def]
+        store, clock, events = self.store()
+        lock = self.lock()
+        first = self.report(store, "c1")
+        yield events.next("store_write_retries")
+        later = [self.report(store, f"c{i}") for i in range(2, 5)]
+        clock.advance(RETRY_FIRST)  # a second try, still locked: one busy timeout for the batch
+        yield events.next("store_write_retries")
+        self.assertEqual(store.health().waiting, 4)
+        lock.release()
+        clock.advance(2 * RETRY_FIRST)
+        yield defer.gatherResults([first, *later])
+        self.assertEqual(self.attempts(), ["c4", "c3", "c2", "c1"])  # newest first, all there
+
+    @defer.inlineCallbacks
+    def test_an_ordinary_write_gives_up_after_its_total(self):  # type: ignore[no-untyped-def]
+        self.patch(store_api, "RETRY_TOTAL", 0.5)
+        store, clock, events = self.store()
+        self.lock()
+        added = store.add_group("g")
+        yield events.next("store_write_retries")
+        clock.advance(1.0)  # the next try comes past the total
+        yield self.assertFailure(added, StoreBusy)
+
+    @defer.inlineCallbacks
+    def test_a_clean_stop_keeps_the_outcome_and_the_next_start_writes_it(self):  # type: ignore[no-untyped-def]
+        store, clock, events = self.store()
+        lock = self.lock()
+        reported = self.report(store)
+        seen = store.record_seen("a", "192.0.2.7", 4444, 99.0)
+        clock.advance(SEEN_DELAY)
+        yield events.next("store_write_retries")
+        yield store.stop()
+        self.assertEqual((yield reported), {})  # kept, states not known
+        self.assertIsNone((yield seen))
+        self.assertEqual(events.seen.count("store_records_saved"), 2)
+        lines = [json.loads(line) for line in self.pending.read_text().splitlines()]
+        self.assertEqual([line["op"] for line in lines], ["record_attempt", "record_seen_many"])
+        self.assertEqual(stat.S_IMODE(self.pending.stat().st_mode), 0o600)
+        self.assertEqual(self.attempts(), [])
+        lock.release()
+
+        # The next start (what twistd does): the file is read back, written, removed.
+        restarted = AsyncStore(Database(self.url, busy_timeout=BUSY_TIMEOUT), reactor)
+        service = StoreService(restarted)
+        service.startService()
+        self.assertFalse(self.pending.exists())
+        user = yield restarted.get_user("a")  # behind the replayed writes, in order
+        self.assertEqual((user.public_ip, user.public_port, user.last_seen), ("192.0.2.7", 4444, 99.0))
+        yield service.stopService()
+        self.assertEqual(self.attempts(), ["c1"])
+
+    @defer.inlineCallbacks
+    def test_past_the_memory_bound_records_go_to_the_pending_file(self):  # type: ignore[no-untyped-def]
+        self.patch(store_api, "MAX_KEPT", 1)
+        store, _clock, events = self.store()
+        self.lock()
+        kept = self.report(store, "c1")
+        yield events.next("store_write_retries")
+        spilled = self.report(store, "c2")
+        self.assertTrue(spilled.called)  # written to the file at once
+        self.assertEqual((yield spilled), {})
+        self.assertEqual([json.loads(line)["args"][0] for line in self.pending.read_text().splitlines()], ["c2"])
+        self.assertEqual(store.health().waiting, 1)
+        self.assertFalse(kept.called)
+
+    def test_unreadable_pending_lines_are_set_aside_not_replayed(self) -> None:
+        good = {"op": "record_nat", "args": ["a", {"mapping": "endpoint-independent"}, 5.0], "kwargs": {}}
+        self.pending.write_text(json.dumps(good) + "\nnot json\n" + json.dumps({"op": "delete_user", "args": ["a"]}) + "\n")
+        store, _clock, events = self.store()
+        self.assertEqual(store.replay_pending(), 1)
+        self.assertFalse(self.pending.exists())
+        rejected = Path(str(self.pending) + ".rejected").read_text().splitlines()
+        self.assertEqual(len(rejected), 2)
+        self.assertIn("delete_user", rejected[1])
+        self.flushLoggedErrors()
+
+    @defer.inlineCallbacks
+    def test_database_files_are_made_private_at_start(self):  # type: ignore[no-untyped-def]
+        os.chmod(self.path, 0o644)
+        self.pending.write_text("")
+        os.chmod(self.pending, 0o644)
+        service = StoreService(AsyncStore(Database(self.url), reactor))
+        service.startService()
+        yield service.stopService()
+        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
+        fresh = os.path.abspath(self.mktemp() + ".sqlite")
+        old = os.umask(0o022)
+        try:
+            service = StoreService(AsyncStore(Database(f"sqlite:///{fresh}"), reactor))
+            service.startService()  # the server still creates its database on first start
+        finally:
+            os.umask(old)
+        yield service.stopService()
+        self.assertEqual(stat.S_IMODE(os.stat(fresh).st_mode), 0o600)
+
+
+class RegisterWhileLockedTests(unittest.TestCase):
+    """The whole server on loopback while another connection holds the write lock."""
+
+    @defer.inlineCallbacks
+    def test_register_answers_and_its_last_seen_is_written_after(self):  # type: ignore[no-untyped-def]
+        running = yield start_server(self)
+        add_users(running, {"alice": "wonderland"})
+        lock = Lock(running.db_url[len("sqlite:///"):])
+        self.addCleanup(lock.release)
+        client = yield connect_client(self, running, "alice", "wonderland")
+        registration = yield client.register()  # 200 OK: the read lane is not behind the lock
+        self.assertEqual(registration.public_ip, "127.0.0.1")
+        lock.release()
+        user = yield running.server.store.get_user("alice")  # queued behind the retried write
+        self.assertEqual((user.public_ip, user.public_port), ("127.0.0.1", client.local[1]))
+
+
+class NeverAnswers:
+    """A store whose credentials look-up never answers (a hung database)."""
+
+    def __init__(self) -> None:
+        self.calls: list[defer.Deferred[str | None]] = []
+
+    def get_ha1(self, user_id: str, algorithm: str) -> defer.Deferred[str | None]:
+        d: defer.Deferred[str | None] = defer.Deferred()
+        self.calls.append(d)
+        return d
+
+
+class RegisterDeadlineTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.store = NeverAnswers()
+        self.counts: list[str] = []
+        self.handler = RegisterHandler(
+            self.clock, DOMAIN, Registrar(self.clock), make_portal(self.store.get_ha1), NonceManager(self.clock),
+            _NoUsage(), counter=self.counts.append,
+        )
+        self.conn = FakeConnection(40000)
+
+    def send(self, cseq: int, auth: str | None = None) -> None:
+        headers = [
+            ("Via", "SIP/2.0/TLS 192.0.2.1:40000;branch=z9hG4bK-1"),
+            ("From", f"<sips:alice@{DOMAIN}>;tag=a"), ("To", f"<sips:alice@{DOMAIN}>"),
+            ("Call-ID", "c1"), ("CSeq", f"{cseq} REGISTER"),
+            ("Contact", "<sips:alice@192.0.2.1:40000;transport=tls>"),
+        ]
+        if auth is not None:
+            headers.append(("Authorization", auth))
+        self.handler.handle(self.conn, Request("REGISTER", f"sips:{DOMAIN}", Headers(headers)))
+
+    def test_a_register_the_store_cannot_answer_gets_503_with_retry_after(self) -> None:
+        self.send(1)
+        challenge = self.conn.sent[-1]
+        assert isinstance(challenge, Response)
+        params = [p for _, p in map(parse_auth, challenge.headers.get_all("WWW-Authenticate"))
+                  if p.get("algorithm") == "SHA-256"][0]
+        self.send(2, authorization(params, "alice", "pw", "REGISTER", f"sips:{DOMAIN}", "c0ffee"))
+        self.assertEqual(len(self.conn.sent), 1)  # waiting for the store
+        self.clock.advance(STORE_DEADLINE - 0.01)
+        self.assertEqual(len(self.conn.sent), 1)
+        self.clock.advance(0.01)
+        answer = self.conn.sent[-1]
+        assert isinstance(answer, Response)
+        self.assertEqual((answer.code, answer.headers.get("Retry-After")), (503, str(STORE_RETRY_AFTER)))
+        self.assertIn("register_store_unavailable", self.counts)
+        # The store's late answer changes nothing: no second response, no traceback.
+        self.store.calls[0].callback(None)
+        self.assertEqual(len(self.conn.sent), 2)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class _NoUsage:
+    def record_seen(self, *args: Any) -> defer.Deferred[None]:
+        raise AssertionError("not registered")
+
+    def record_nat(self, *args: Any) -> defer.Deferred[None]:
+        raise AssertionError("not registered")
+
+    def record_attempt(self, *args: Any, **kwargs: Any) -> defer.Deferred[None]:
+        raise AssertionError("not registered")
+
+
+class HealthStore:
+    """A store whose writes fail or not, as ``health`` says; reads answer (or never)."""
+
+    def __init__(self) -> None:
+        self.state = StoreHealth(True, None, 0.0, 0)
+        self.answer: Callable[[], defer.Deferred[str | None]] = lambda: defer.succeed(None)
+
+    def health(self) -> StoreHealth:
+        return self.state
+
+    def get_ha1(self, user_id: str, algorithm: str) -> defer.Deferred[str | None]:
+        return self.answer()
+
+
+class HealthTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.store = HealthStore()
+        self.resource = web.WebResource(
+            store=self.store,  # type: ignore[arg-type]
+            registrar=Registrar(self.clock), metrics=metrics.make_registry({}, process=False),
+            domain=DOMAIN, clock=self.clock,
+        )
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        request = DummyRequest([b"health"])
+        request.uri = b"/health"
+        self.resource.render(request)
+        if not request.finished:
+            self.clock.advance(web.HEALTH_TIMEOUT)
+        self.assertEqual(request.finished, 1)
+        return request.responseCode, json.loads(b"".join(request.written))
+
+    def test_degraded_while_writes_fail_then_ok(self) -> None:
+        self.store.state = StoreHealth(False, "database error: database is locked", 12.3, 7)
+        code, document = self.health()
+        self.assertEqual((code, document["status"], document["waiting_records"]), (200, "degraded", 7))
+        self.assertEqual(document["reason"], "writes failing for 12 s: database error: database is locked")
+        self.store.state = StoreHealth(True, None, 0.0, 0)
+        code, document = self.health()
+        self.assertEqual((code, document["status"]), (200, "ok"))
+        self.assertNotIn("reason", document)
+
+    def test_degraded_within_a_second_when_reads_do_not_answer(self) -> None:
+        self.store.answer = defer.Deferred
+        self.assertLess(web.HEALTH_TIMEOUT, 1.0)
+        code, document = self.health()
+        self.assertEqual((code, document["status"]), (503, "degraded"))
+        self.assertIn("no answer from the database", document["reason"])
