@@ -35,6 +35,7 @@ from kerjostunt.wire.sip.digest import authorization
 from kerjostunt.wire.sip.headers import parse_auth
 from kerjostunt.wire.sip.message import Headers, Request, Response
 
+from .callsupport import offer, online
 from .support import DOMAIN, add_users, connect_client, start_server
 from .test_registrar import FakeConnection
 from .test_store import REALM, md5_ha1
@@ -359,3 +360,78 @@ class HealthTests(unittest.TestCase):
         code, document = self.health()
         self.assertEqual((code, document["status"]), (503, "degraded"))
         self.assertIn("no answer from the database", document["reason"])
+
+
+class OutcomeWhileLockedTests(unittest.TestCase):
+    """A real call's outcomes, acknowledged with 200 while another connection holds the write lock."""
+
+    @defer.inlineCallbacks
+    def setUp(self):  # type: ignore[no-untyped-def]
+        self.running = yield start_server(self)
+        add_users(self.running, {"alice": "wonderland", "bob": "builder"})
+        self.peers = yield online(self, self.running, {"alice": "wonderland", "bob": "builder"})
+        self.store = self.running.server.store
+        self.events = Events()
+        counter = self.store._count
+
+        def count(what: str) -> None:
+            counter(what)
+            self.events(what)
+
+        self.patch(self.store, "_count", count)
+        self.path = self.running.db_url[len("sqlite:///"):]
+
+    @defer.inlineCallbacks
+    def call_reported_while_locked(self):  # type: ignore[no-untyped-def]
+        """A call, the lock taken, both outcomes reported (200 each); fires once the write met the lock."""
+        alice, bob = self.peers["alice"], self.peers["bob"]
+        port_a, _ = yield alice.probe()
+        invite, final = alice.invite("bob", offer("alice", port_a, [7000]))
+        forwarded = yield bob.next("INVITE")
+        port_b, _ = yield bob.probe()
+        bob.answer(forwarded, 200, offer("bob", port_b, [7001]))
+        ok = yield final
+        yield bob.next("ACK")
+        alice.ack(invite, ok)
+        yield self.store._when_idle()  # the call's own writes (last seen, NAT) are in
+        lock = Lock(self.path)
+        self.addCleanup(lock.release)
+        retried = self.events.next("store_write_retries")
+        body = "outcome=stunt\ntechnique=simultaneous-open\nremote=127.0.0.1:{}\nelapsed_ms=183\n"
+        r1 = yield alice.report(invite.call_id, "bob", body.format(port_b))
+        r2 = yield bob.report(forwarded.call_id, "alice", body.format(port_a))
+        self.assertEqual((r1.code, r2.code), (200, 200))  # acknowledged
+        yield retried
+        self.assertFalse(self.store.health().writing)
+        return lock, invite.call_id
+
+    def attempts(self) -> list[tuple[str, str]]:
+        check = Database(self.running.db_url)
+        try:
+            return [(a.outcome, a.technique or "") for a in check.recent_attempts("bob")]
+        finally:
+            check.close()
+
+    @defer.inlineCallbacks
+    def test_the_outcome_is_in_the_database_once_the_lock_is_released(self):  # type: ignore[no-untyped-def]
+        lock, _ = yield self.call_reported_while_locked()
+        self.assertEqual(self.attempts(), [])
+        lock.release()
+        bob = yield self.store.get_user("bob")  # in the write lane, behind the retried outcome
+        self.assertEqual(bob.stunt_state, "stunt")
+        self.assertEqual(self.attempts(), [("stunt", "simultaneous-open")])
+        self.assertTrue(self.store.health().writing)
+
+    @defer.inlineCallbacks
+    def test_a_clean_stop_during_the_lock_keeps_the_outcome_for_the_next_start(self):  # type: ignore[no-untyped-def]
+        lock, _ = yield self.call_reported_while_locked()
+        yield self.running.server.stopService()
+        pending = Path(self.path + ".pending.jsonl")
+        self.assertEqual([json.loads(line)["op"] for line in pending.read_text().splitlines()], ["record_attempt"])
+        lock.release()
+        self.assertEqual(self.attempts(), [])
+        service = StoreService(AsyncStore(Database(self.running.db_url, busy_timeout=BUSY_TIMEOUT), reactor))
+        service.startService()  # what the next twistd start does
+        yield service.stopService()
+        self.assertEqual(self.attempts(), [("stunt", "simultaneous-open")])
+        self.assertFalse(pending.exists())
