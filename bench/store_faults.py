@@ -167,7 +167,7 @@ def run(args: argparse.Namespace, server: common.ServerProcess, web_port: int): 
 
     codes = sorted({code for _, code in registers})
     statuses = sorted({f"{code} {doc['status']}" for _, code, doc in checks})
-    reasons = sorted({doc.get("reason", "") for _, _, doc in checks if doc.get("reason")})
+    reasons = [doc["reason"] for _, _, doc in checks if doc.get("reason")]
     common.print_table(f"another process holds the SQLite write lock for {args.lock:g} s", [
         ("REGISTER ms before the lock", summary(before)),
         ("REGISTERs during the lock", len(registers)),

@@ -10,7 +10,7 @@ connection between threads, so there reads stay in the write lane.)
 
 A write that fails with ``StoreBusy`` (locked, busy, disconnected) is not
 failed back to its caller: the batch stops there, the gate closes for a
-back-off (0.1 s doubling to 5 s) and the calls not done go back to the
+back-off (0.1 s doubling to 1 s) and the calls not done go back to the
 front of the queue, in order. While the gate is closed no write holds the
 thread, so one stuck database costs one busy timeout per back-off, not one
 per call. Ordinary writes give up after ``RETRY_TOTAL``; usage records
@@ -34,7 +34,7 @@ from kerjostunt.store.records import StoreBusy
 READ, WRITE, USAGE = "read", "write", "usage"
 
 RETRY_FIRST = 0.1  # seconds before the first retry of a busy write
-RETRY_MAX = 5.0  # the longest pause between two tries
+RETRY_MAX = 1.0  # the longest pause between two tries: a released lock is noticed within a second
 RETRY_TOTAL = 30.0  # an ordinary write fails after trying this long; usage records never
 MAX_KEPT = 100_000  # usage rows waiting in memory; beyond, new ones go to the pending file
 
