@@ -291,6 +291,8 @@ class AsyncStore:
             d.addBoth(self._released, rows)
         job = Job((function, args, kwargs), d, kind, self._clock.seconds(), rows)
         target = lane or self._write
+        if target is self._write and kind == READ and self._gate.closed:
+            target = self._read  # while writes fail, a read is not held behind them (lanes.py)
         target.queue.append(job)
         self._pump(target)
         return d
@@ -347,6 +349,9 @@ class AsyncStore:
         now = self._clock.seconds()
         late = [job for job in jobs if job.kind == WRITE and now - job.started > RETRY_TOTAL]
         self._write.queue[:0] = [job for job in jobs if job not in late]
+        if self._read is not self._write:  # reads need not wait for the lock: they see what is stored
+            self._read.queue += [job for job in self._write.queue if job.kind == READ]
+            self._write.queue = [job for job in self._write.queue if job.kind != READ]
         for job in late:
             job.waiter.errback(failure)
         self._count("store_write_retries")  # last: whatever it calls sees the queue in order

@@ -13,7 +13,10 @@ failed back to its caller: the batch stops there, the gate closes for a
 back-off (0.1 s doubling to 1 s) and the calls not done go back to the
 front of the queue, in order. While the gate is closed no write holds the
 thread, so one stuck database costs one busy timeout per back-off, not one
-per call. Ordinary writes give up after ``RETRY_TOTAL``; usage records
+per call. While it is closed, the other reads move to the read lane too
+(the web's peers list, the admin-type look-ups): they see what is stored
+rather than wait for writes that cannot be made. Ordinary writes give up
+after ``RETRY_TOTAL``; usage records
 (``pending.USAGE_OPS``: outcomes, last seen, NAT) never do: they wait in
 memory, up to ``MAX_KEPT`` rows, beyond that in the pending file, and a
 stop saves what is left there (``store/pending.py``).
