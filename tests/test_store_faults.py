@@ -441,3 +441,45 @@ class OutcomeWhileLockedTests(unittest.TestCase):
         yield service.stopService()
         self.assertEqual(self.attempts(), [("stunt", "simultaneous-open")])
         self.assertFalse(pending.exists())
+
+
+POSTGRES_URL = os.environ.get("KERJOSTUNT_TEST_POSTGRES_URL", "")
+
+
+class PostgresLockTests(unittest.TestCase):
+    """The same retry on PostgreSQL: another transaction holds the users' rows (``lock_timeout``)."""
+
+    if not POSTGRES_URL:
+        skip = "KERJOSTUNT_TEST_POSTGRES_URL is not set (run .ci/start-postgres and export the URL it prints)"
+
+    def setUp(self) -> None:
+        setup = Database(POSTGRES_URL)
+        with setup.engine.begin() as c:
+            c.exec_driver_sql("DROP SCHEMA public CASCADE")
+            c.exec_driver_sql("CREATE SCHEMA public")
+        setup.upgrade()
+        for user in ("a", "b"):
+            setup.add_user(user, REALM, password="pw")
+        self.setup = setup
+        self.addCleanup(setup.close)
+
+    @defer.inlineCallbacks
+    def test_an_outcome_waits_for_the_rows_and_is_written_after(self):  # type: ignore[no-untyped-def]
+        clock, events = Clock(), Events()
+        store = AsyncStore(Database(POSTGRES_URL, busy_timeout=BUSY_TIMEOUT), reactor, clock=clock, counter=events)
+        store.start()
+        self.addCleanup(store.stop)
+        holder = self.setup.engine.connect()
+        self.addCleanup(holder.close)
+        transaction = holder.begin()
+        holder.exec_driver_sql("SELECT user_id FROM users WHERE user_id IN ('a', 'b') FOR UPDATE")
+        reported = store.record_attempt("c1", "a", "b", "direct", "direct", None, None, 12.0, 100.0)
+        yield events.next("store_write_retries")
+        self.assertIn("lock timeout", store.health().reason or "")
+        ha1 = store.get_ha1("a", "MD5")
+        clock.advance(HA1_WINDOW)
+        self.assertEqual((yield ha1), md5_ha1("a", REALM, "pw"))
+        transaction.commit()
+        clock.advance(RETRY_FIRST)
+        self.assertEqual((yield reported), {"a": "unknown", "b": "direct"})
+        self.assertEqual([a.call_id for a in self.setup.recent_attempts("b")], ["c1"])
