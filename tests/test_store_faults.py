@@ -201,6 +201,18 @@ class LockedDatabaseTests(unittest.TestCase):
         self.assertEqual(store.health().waiting, 1)
         self.assertFalse(kept.called)
 
+    @defer.inlineCallbacks
+    def test_a_pending_file_beyond_the_bound_is_replayed_whole(self):  # type: ignore[no-untyped-def]
+        self.patch(store_api, "MAX_KEPT", 1)
+        lines = [{"op": "record_attempt", "args": [f"c{i}", "a", "b", None, "failed", None, None, 1.0, 100.0 + i],
+                  "kwargs": {}} for i in range(3)]
+        self.pending.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        store, _clock, _events = self.store()
+        self.assertEqual(store.replay_pending(), 3)
+        self.assertFalse(self.pending.exists())  # none went back to the file
+        yield store.stop()
+        self.assertEqual(self.attempts(), ["c2", "c1", "c0"])
+
     def test_unreadable_pending_lines_are_set_aside_not_replayed(self) -> None:
         good = {"op": "record_nat", "args": ["a", {"mapping": "endpoint-independent"}, 5.0], "kwargs": {}}
         self.pending.write_text(json.dumps(good) + "\nnot json\n" + json.dumps({"op": "delete_user", "args": ["a"]}) + "\n")

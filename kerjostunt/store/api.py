@@ -42,7 +42,6 @@ from kerjostunt.store.database import (
     PairOutcome,
     StoreBusy,
     StoreError,
-    StoreUnavailable,
     UnknownUser,
     UserRecord,
 )
@@ -58,8 +57,10 @@ from kerjostunt.store.lanes import (
     Lane,
     StoreHealth,
     run_batch,
+    save,
+    spill,
 )
-from kerjostunt.store.pending import USAGE_OPS, Keeper, Record
+from kerjostunt.store.pending import Keeper
 
 _T = TypeVar("_T")
 
@@ -230,7 +231,8 @@ class AsyncStore:
             if self._gate.closed:
                 self._gate.cancel()
                 queued, self._write.queue = self._write.queue, []
-                self._save(queued, Failure(StoreStopped(f"the store stopped while writes failed: {self._gate.reason}")))
+                why = StoreStopped(f"the store stopped while writes failed: {self._gate.reason}")
+                save(self._keeper, queued, Failure(why))
             self._when_idle().addCallback(lambda _: self._shutdown())
         return d
 
@@ -243,7 +245,9 @@ class AsyncStore:
         their order) and remove the file; how many. ``StoreService`` calls it."""
         records = self._keeper.take()
         for record in records:
-            d = self._submit(getattr(Database, record.op), record.args, record.kwargs, flush_seen=False, kind=USAGE)
+            # Not spilled back past the bound: the file's records are in memory already.
+            d = self._submit(getattr(Database, record.op), record.args, record.kwargs, flush_seen=False, kind=USAGE,
+                             bounded=False)
             d.addErrback(self._not_replayed, record.op)
         return len(records)
 
@@ -273,14 +277,15 @@ class AsyncStore:
         then: Callable[[Any], Any] | None = None,
         kind: str = READ,
         lane: Lane | None = None,
+        bounded: bool = True,
     ) -> Deferred[_T]:
         if self._stopping:
             return fail(StoreStopped("the store is stopping"))
         if flush_seen:
             self._seen.flush()
         rows = len(args[0]) if kind == USAGE and function.__name__ == "record_seen_many" else 1
-        if kind == USAGE and self._kept + rows > MAX_KEPT:
-            return self._spill(function, args, kwargs, then)
+        if kind == USAGE and bounded and self._kept + rows > MAX_KEPT:
+            return spill(self._keeper, (function, args, kwargs), then)
         self._pending += 1
         d: Deferred[_T] = Deferred()
         if then is not None:
@@ -344,7 +349,7 @@ class AsyncStore:
         if self._stopping:
             self._gate.cancel()
             queued, self._write.queue = self._write.queue, []
-            self._save(jobs + queued, failure)
+            save(self._keeper, jobs + queued, failure)
             return
         now = self._clock.seconds()
         late = [job for job in jobs if job.kind == WRITE and now - job.started > RETRY_TOTAL]
@@ -355,34 +360,6 @@ class AsyncStore:
         for job in late:
             job.waiter.errback(failure)
         self._count("store_write_retries")  # last: whatever it calls sees the queue in order
-
-    def _save(self, jobs: list[Job], failure: Failure) -> None:
-        """Stopping while the database fails: usage records to the pending file, the rest fail."""
-        usage = [job for job in jobs if job.kind == USAGE]
-        for job in jobs:
-            if job.kind != USAGE:
-                job.waiter.errback(failure)
-        if not usage:
-            return
-        records = [Record(job.call[0].__name__, job.call[1], job.call[2]) for job in usage]
-        if self._keeper.keep(records, "at stop"):
-            for job in usage:
-                job.waiter.callback(USAGE_OPS[job.call[0].__name__])
-        else:
-            for job in usage:
-                job.waiter.errback(failure)
-
-    def _spill(
-        self, function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-        then: Callable[[Any], Any] | None,
-    ) -> Deferred[Any]:
-        """More usage rows wait than ``MAX_KEPT``: this one goes to the pending file now."""
-        kept = self._keeper.keep([Record(function.__name__, args, kwargs)], "over the in-memory bound")
-        d: Deferred[Any] = succeed(USAGE_OPS[function.__name__]) if kept else fail(
-            StoreUnavailable("the database is failing and the pending file cannot be written"))
-        if then is not None:
-            d.addBoth(then)
-        return d
 
     def _released(self, result: _T, rows: int) -> _T:
         self._kept -= rows

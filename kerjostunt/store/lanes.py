@@ -28,11 +28,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
-from kerjostunt.store.records import StoreBusy
+from kerjostunt.store.pending import USAGE_OPS, Keeper, Record
+from kerjostunt.store.records import StoreBusy, StoreUnavailable
 
 READ, WRITE, USAGE = "read", "write", "usage"
 
@@ -81,6 +82,35 @@ def run_batch(database: Any, calls: list[_Call], stop_when_busy: bool) -> list[t
         except BaseException:
             results.append((False, Failure()))
     return results
+
+
+def save(keeper: Keeper, jobs: list[Job], failure: Failure) -> None:
+    """Stopping while the database fails: usage records to the pending file
+    (their callers get ``USAGE_OPS``' results), the other calls fail."""
+    usage = [job for job in jobs if job.kind == USAGE]
+    for job in jobs:
+        if job.kind != USAGE:
+            job.waiter.errback(failure)
+    if not usage:
+        return
+    if keeper.keep([Record(job.call[0].__name__, job.call[1], job.call[2]) for job in usage], "at stop"):
+        for job in usage:
+            job.waiter.callback(USAGE_OPS[job.call[0].__name__])
+    else:
+        for job in usage:
+            job.waiter.errback(failure)
+
+
+def spill(keeper: Keeper, call: _Call, then: Callable[[Any], Any] | None) -> Deferred[Any]:
+    """More usage rows wait than ``MAX_KEPT``: this one goes to the pending file now."""
+    function, args, kwargs = call
+    if keeper.keep([Record(function.__name__, args, kwargs)], "over the in-memory bound"):
+        d: Deferred[Any] = succeed(USAGE_OPS[function.__name__])
+    else:
+        d = fail(StoreUnavailable("the database is failing and the pending file cannot be written"))
+    if then is not None:
+        d.addBoth(then)
+    return d
 
 
 @dataclass(frozen=True)
