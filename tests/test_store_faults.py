@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 from twisted.web.test.requesthelper import DummyRequest
 
@@ -27,6 +29,8 @@ from kerjostunt.server.auth import NonceManager, make_portal
 from kerjostunt.server.deadline import STORE_DEADLINE
 from kerjostunt.server.register import STORE_RETRY_AFTER, RegisterHandler
 from kerjostunt.server.registrar import Registrar
+from kerjostunt.server.router import SignalingRouter
+from kerjostunt.server.signaling import ConnectionLimits, SignalingFactory
 from kerjostunt.store import Database, StoreBusy
 from kerjostunt.store import api as store_api
 from kerjostunt.store.api import BUSY_TIMEOUT, HA1_WINDOW, SEEN_DELAY, AsyncStore, StoreService
@@ -34,10 +38,10 @@ from kerjostunt.store.lanes import RETRY_FIRST, StoreHealth
 from kerjostunt.wire.sip.digest import authorization
 from kerjostunt.wire.sip.headers import parse_auth
 from kerjostunt.wire.sip.message import Headers, Request, Response
+from kerjostunt.wire.sip.parser import StreamParser
 
 from .callsupport import offer, online
 from .support import DOMAIN, add_users, connect_client, start_server
-from .test_registrar import FakeConnection
 from .test_store import REALM, md5_ha1
 
 
@@ -275,46 +279,54 @@ class NeverAnswers:
 
 
 class RegisterDeadlineTests(unittest.TestCase):
+    """A REGISTER on a signaling connection (StringTransport, Clock) whose store never answers."""
+
     def setUp(self) -> None:
         self.clock = Clock()
         self.store = NeverAnswers()
         self.counts: list[str] = []
-        self.handler = RegisterHandler(
-            self.clock, DOMAIN, Registrar(self.clock), make_portal(self.store.get_ha1), NonceManager(self.clock),
+        registrar = Registrar(self.clock)
+        handler = RegisterHandler(
+            self.clock, DOMAIN, registrar, make_portal(self.store.get_ha1), NonceManager(self.clock),
             _NoUsage(), counter=self.counts.append,
         )
-        self.conn = FakeConnection(40000)
+        factory = SignalingFactory(SignalingRouter(registrar, handler), self.clock, ConnectionLimits(), tls=False)
+        self.proto = factory.buildProtocol(IPv4Address("TCP", "192.0.2.1", 40000))
+        self.transport = StringTransport()
+        self.proto.makeConnection(self.transport)
 
-    def send(self, cseq: int, auth: str | None = None) -> None:
+    def send(self, cseq: int, auth: str | None = None) -> list[Response]:
         headers = [
             ("Via", "SIP/2.0/TLS 192.0.2.1:40000;branch=z9hG4bK-1"),
             ("From", f"<sips:alice@{DOMAIN}>;tag=a"), ("To", f"<sips:alice@{DOMAIN}>"),
             ("Call-ID", "c1"), ("CSeq", f"{cseq} REGISTER"),
-            ("Contact", "<sips:alice@192.0.2.1:40000;transport=tls>"),
+            ("Contact", "<sips:alice@192.0.2.1:40000;transport=tls>"), ("Content-Length", "0"),
         ]
         if auth is not None:
             headers.append(("Authorization", auth))
-        self.handler.handle(self.conn, Request("REGISTER", f"sips:{DOMAIN}", Headers(headers)))
+        self.proto.dataReceived(Request("REGISTER", f"sips:{DOMAIN}", Headers(headers)).to_bytes())
+        return self.responses()
+
+    def responses(self) -> list[Response]:
+        return [m for m in StreamParser().feed(self.transport.value()) if isinstance(m, Response)]
 
     def test_a_register_the_store_cannot_answer_gets_503_with_retry_after(self) -> None:
-        self.send(1)
-        challenge = self.conn.sent[-1]
-        assert isinstance(challenge, Response)
+        [challenge] = self.send(1)
+        self.assertEqual(challenge.code, 401)
         params = [p for _, p in map(parse_auth, challenge.headers.get_all("WWW-Authenticate"))
                   if p.get("algorithm") == "SHA-256"][0]
         self.send(2, authorization(params, "alice", "pw", "REGISTER", f"sips:{DOMAIN}", "c0ffee"))
-        self.assertEqual(len(self.conn.sent), 1)  # waiting for the store
+        self.assertEqual(len(self.responses()), 1)  # waiting for the store
         self.clock.advance(STORE_DEADLINE - 0.01)
-        self.assertEqual(len(self.conn.sent), 1)
+        self.assertEqual(len(self.responses()), 1)
         self.clock.advance(0.01)
-        answer = self.conn.sent[-1]
-        assert isinstance(answer, Response)
+        answer = self.responses()[-1]
         self.assertEqual((answer.code, answer.headers.get("Retry-After")), (503, str(STORE_RETRY_AFTER)))
         self.assertIn("register_store_unavailable", self.counts)
+        self.assertFalse(self.transport.disconnecting)  # the peer may try again on this connection
         # The store's late answer changes nothing: no second response, no traceback.
         self.store.calls[0].callback(None)
-        self.assertEqual(len(self.conn.sent), 2)
-        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(len(self.responses()), 2)
 
 
 class _NoUsage:
