@@ -6,6 +6,7 @@ import hashlib
 import io
 import os
 import shutil
+import stat
 import subprocess
 import sys
 
@@ -23,6 +24,7 @@ class AdminCommandTests(unittest.TestCase):
     def setUp(self) -> None:
         self.path = os.path.abspath(self.mktemp() + ".sqlite")
         self.url = f"sqlite:///{self.path}"
+        self.ok("group", "list", "--create")  # a database to work on (mode 0600)
 
     def run_cli(self, *argv: str, stdin: str = "") -> tuple[int, str, str]:
         out, err = io.StringIO(), io.StringIO()
@@ -57,8 +59,10 @@ class AdminCommandTests(unittest.TestCase):
     # -- users -------------------------------------------------------------
 
     def test_add_user_from_stdin_on_a_fresh_file(self) -> None:
+        self.path = os.path.abspath(self.mktemp() + ".sqlite")
+        self.url = f"sqlite:///{self.path}"
         self.assertFalse(os.path.exists(self.path))
-        out = self.ok("user", "add", "alice", "--password-stdin", stdin="s3cret\nignored\n")
+        out = self.ok("user", "add", "alice", "--password-stdin", "--create", stdin="s3cret\nignored\n")
         self.assertIn("alice", out)
         self.assertEqual(
             self.database().get_ha1("alice", "MD5"), md5_ha1("alice", "kerjo.local", "s3cret")
@@ -212,8 +216,45 @@ class AdminCommandTests(unittest.TestCase):
         self.assertEqual(self.database().list_groups(), {"g": []})
 
     def test_unusable_database(self) -> None:
-        err = self.error("user", "list", "--db", "sqlite:////nonexistent-dir/x.sqlite")
-        self.assertIn("database error", err)
+        err = self.error("user", "list", "--create", "--db", "sqlite:////nonexistent-dir/x.sqlite")
+        self.assertIn("cannot create database file /nonexistent-dir/x.sqlite", err)
+
+    def test_a_missing_database_is_not_created_without_create(self) -> None:
+        moved = self.path + ".moved"
+        os.rename(self.path, moved)
+        for argv in (("user", "list"), ("user", "add", "bob", "--password-stdin"), ("group", "add", "g")):
+            err = self.error(*argv, stdin="pw\n")
+            self.assertEqual(err, f"kerjostunt: error: no database at {self.path} (give --create to make a new one)\n")
+        self.assertFalse(os.path.exists(self.path))
+        # A relative --db names the absolute path it looked for.
+        relative = os.path.relpath(self.path)
+        err = self.error("user", "list", "--db", f"sqlite:///{relative}")
+        self.assertIn(f"no database at {self.path} ", err)
+
+    def test_database_files_are_private(self) -> None:
+        self.add("alice")
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(self.path + suffix):
+                self.assertEqual(stat.S_IMODE(os.stat(self.path + suffix).st_mode), 0o600, suffix)
+        os.chmod(self.path, 0o644)
+        code, out, err = self.run_cli("user", "list")
+        self.assertEqual((code, out.split()), (0, ["alice", "unknown", "-"]))
+        self.assertEqual(err, f"kerjostunt: warning: {self.path} was mode 0644, now 0600: it holds password hashes\n")
+        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
+
+    def test_a_new_database_is_private_whatever_the_umask(self) -> None:
+        self.path = os.path.abspath(self.mktemp() + ".sqlite")
+        self.url = f"sqlite:///{self.path}"
+        old = os.umask(0o022)
+        self.addCleanup(os.umask, old)
+        self.add_created("alice")
+        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
+        wal = self.path + "-wal"
+        if os.path.exists(wal):
+            self.assertEqual(stat.S_IMODE(os.stat(wal).st_mode), 0o600)
+
+    def add_created(self, user: str) -> None:
+        self.ok("user", "add", user, "--password-stdin", "--create", stdin="pw\n")
 
 
 class ConsoleScriptTests(unittest.TestCase):
@@ -230,7 +271,11 @@ class ConsoleScriptTests(unittest.TestCase):
 
     def check(self, command: list[str]) -> None:
         db = "sqlite:///" + os.path.abspath(self.mktemp() + ".sqlite")
-        r = self.run_process(command, "user", "add", "alice", "--password-stdin", "--db", db,
+        r = self.run_process(command, "user", "list", "--db", db)
+        self.assertEqual(r.returncode, 1)
+        self.assertEqual(r.stderr, f"kerjostunt: error: no database at {db[len('sqlite:///'):]} "
+                                   "(give --create to make a new one)\n")
+        r = self.run_process(command, "user", "add", "alice", "--password-stdin", "--create", "--db", db,
                              stdin="pw\n")
         self.assertEqual((r.returncode, r.stderr), (0, ""))
         r = self.run_process(command, "user", "add", "alice", "--password-stdin", "--db", db,

@@ -193,7 +193,8 @@ class AsyncStoreTests(unittest.TestCase):
         results = yield gatherResults(checks)
         self.assertEqual(results, ["no-group"] * 9)
         yield self.assertFailure(missing, UnknownUser)  # an error stays with its own call
-        self.assertEqual(len(hand_offs), 2)  # the first alone, the rest together
+        # call_check goes in the read lane (the first alone, the rest together), get_user in the write lane
+        self.assertEqual(len(hand_offs), 3)
 
     @inlineCallbacks
     def test_ha1_lookups_of_a_few_milliseconds_share_one_query(self):

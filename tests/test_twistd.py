@@ -119,6 +119,7 @@ class TwistdTests(unittest.TestCase):
         # before the services start, so look once the server has answered.)
         db = self.dir / "kerjostunt.sqlite"
         self.assertTrue(db.exists(), self.twistd.output)
+        self.assertEqual(stat.S_IMODE(os.stat(db).st_mode), 0o600)  # it holds every HA1
         with sqlite3.connect(db) as conn:
             tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             self.assertTrue({"alembic_version", "users", "groups", "memberships"} <= tables, tables)

@@ -22,6 +22,7 @@ from kerjostunt.server import metrics, web
 from kerjostunt.server.auth import NonceManager
 from kerjostunt.server.registrar import Registrar
 from kerjostunt.server.service import StuntServer
+from kerjostunt.store.lanes import StoreHealth
 from kerjostunt.wire.sip.digest import authorization, choose_challenge
 from kerjostunt.wire.sip.headers import parse_auth
 
@@ -356,14 +357,15 @@ class MetricsAndHealthTests(WebTestCase):
     def test_health(self):  # type: ignore[no-untyped-def]
         answer = yield get(self, f"{self.web.url}/health")
         self.assertEqual(answer.code, 200)
-        self.assertEqual(answer.json(), {"status": "ok", "registered": 0, "store": "ok"})
+        self.assertEqual(answer.json(), {"status": "ok", "registered": 0, "store": "ok", "waiting_records": 0})
 
     @defer.inlineCallbacks
     def test_stopped_store_gives_503_not_a_traceback(self):  # type: ignore[no-untyped-def]
         yield self.web.server.store.stop()
         answer = yield get(self, f"{self.web.url}/health")
         self.assertEqual(answer.code, 503)
-        self.assertEqual(answer.json()["status"], "unavailable")
+        self.assertEqual(answer.json()["status"], "degraded")
+        self.assertEqual(answer.json()["reason"], "the database does not answer: the store is stopping")
         answer = yield get(self, self.peers_url(), basic("alice", USERS["alice"]))
         self.assertEqual(answer.code, 503)
         self.assertEqual(answer.headers.getRawHeaders(b"retry-after"), [b"10"])
@@ -446,6 +448,9 @@ class HangingStore:
         self.calls.append(d)
         return d
 
+    def health(self) -> StoreHealth:
+        return StoreHealth(True, None, 0.0, 0)
+
 
 class StoreTimeoutTests(unittest.TestCase):
     def setUp(self) -> None:
@@ -471,11 +476,13 @@ class StoreTimeoutTests(unittest.TestCase):
         health = self.render(b"/health")
         peers = self.render(b"/v1/groups/friends/peers", basic("alice", "pw"))
         self.assertEqual((health.finished, peers.finished), (0, 0))
-        self.clock.advance(web.STORE_TIMEOUT)
+        self.clock.advance(web.HEALTH_TIMEOUT)  # /health answers within a second
+        self.assertEqual((health.responseCode, health.finished, peers.finished), (503, 1, 0))
+        self.assertEqual(json.loads(b"".join(health.written))["status"], "degraded")
+        self.clock.advance(web.STORE_TIMEOUT - web.HEALTH_TIMEOUT)
         for request in (health, peers):
             self.assertEqual(request.responseCode, 503)
             self.assertEqual(request.finished, 1)
-        self.assertEqual(json.loads(b"".join(health.written))["status"], "unavailable")
         # The late answers are dropped quietly: nothing is written twice.
         for call in self.store.calls:
             call.callback(None)

@@ -1,8 +1,11 @@
 """Admin commands: ``kerjostunt user ...`` and ``kerjostunt group ...``.
 
-Each command opens the database, runs the migrations (so a fresh SQLite file
-works), does one thing and closes it. Store errors become one-line messages
-and exit code 1; see docs/admin.rst.
+Each command opens the database, runs the migrations, does one thing and
+closes it. A SQLite file that is not there is an error unless ``--create``
+is given (a database moved away must not be replaced by an empty one); a
+new file is made mode 0600, an existing one readable by others is made so
+with a warning. Store errors become one-line messages and exit code 1; see
+docs/admin.rst.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from kerjostunt.cli import fail
+from kerjostunt.cli import PROG, fail
 from kerjostunt.store.database import (
     AttemptRecord,
     Database,
@@ -49,6 +52,10 @@ def _db_options(parser: argparse.ArgumentParser, domain: bool = False) -> None:
         "--db", default=DEFAULT_DB, metavar="URL",
         help=f"SQLAlchemy database URL (default {DEFAULT_DB})",
     )
+    parser.add_argument(
+        "--create", action="store_true",
+        help="make a new SQLite database if there is none at --db (otherwise that is an error)",
+    )
     if domain:
         parser.add_argument(
             "--domain", default=DEFAULT_DOMAIN,
@@ -76,6 +83,10 @@ def _with_database(command: Command) -> Callable[[argparse.Namespace], int]:
         except StoreError as e:
             return fail(str(e))
         try:
+            if not database.exists() and not args.create:
+                return fail(f"no database at {database.path} (give --create to make a new one)")
+            for warning in database.secure_files():  # before SQLite makes -wal and -shm like it
+                print(f"{PROG}: warning: {warning}", file=sys.stderr)
             database.upgrade()
             return command(args, database)
         except (StoreError, _InputError) as e:

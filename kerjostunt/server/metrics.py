@@ -52,6 +52,11 @@ KNOWN_COUNTERS: dict[str, tuple[str, str]] = {
     "refused_per_ip": ("refused_connections", "Signaling connections refused by the per-IP limit."),
     "web_requests": ("web_requests", "HTTPS requests handled by the web service."),
     "web_auth_failures": ("web_auth_failures", "HTTPS requests with missing or wrong credentials."),
+    "store_write_retries": ("store_write_retries", "Store writes that found the database busy and wait to be retried."),
+    "store_records_saved": ("store_records_saved", "Usage records put in the pending file (not yet in the database)."),
+    "store_records_lost": ("store_records_lost", "Usage records neither the database nor the pending file took."),
+    "register_store_unavailable": (
+        "register_store_unavailable", "REGISTERs answered 503: the user database failed or did not answer in time."),
 }
 
 CALLS_PREFIX = "calls_"
@@ -78,10 +83,12 @@ class ServerCollector:
         *,
         registered: Callable[[], int] = lambda: 0,
         connections: Callable[[], int] = lambda: 0,
+        store_waiting: Callable[[], int] = lambda: 0,
     ) -> None:
         self._counters = counters
         self._registered = registered
         self._connections = connections
+        self._store_waiting = store_waiting
 
     def collect(self) -> Iterator[Metric]:
         yield GaugeMetricFamily(
@@ -89,6 +96,10 @@ class ServerCollector:
         )
         yield GaugeMetricFamily(
             f"{PREFIX}_signaling_connections", "Open TLS signaling connections.", value=self._connections()
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_store_waiting_records", "Usage records (outcomes, last seen, NAT) waiting in memory to be "
+            "written.", value=self._store_waiting(),
         )
         # A copy: scrapes run on the reactor thread today, but a copy costs
         # little and keeps iteration safe if that ever changes.
@@ -118,10 +129,12 @@ def make_registry(
     registered: Callable[[], int] = lambda: 0,
     connections: Callable[[], int] = lambda: 0,
     process: bool = True,
+    store_waiting: Callable[[], int] = lambda: 0,
 ) -> CollectorRegistry:
     """A private registry with the server collector (and process metrics)."""
     registry = CollectorRegistry()
-    registry.register(ServerCollector(counters, registered=registered, connections=connections))
+    registry.register(ServerCollector(counters, registered=registered, connections=connections,
+                                      store_waiting=store_waiting))
     if process:
         ProcessCollector(namespace=PREFIX, registry=registry)
     return registry

@@ -28,9 +28,10 @@ from kerjostunt.server.auth import (
     challenge_params,
     sip_uri_matches,
 )
+from kerjostunt.server.deadline import STORE_DEADLINE, within
 from kerjostunt.server.registrar import Registrar, SignalingConnection
 from kerjostunt.server.throttle import GuessThrottle
-from kerjostunt.store import UnknownUser
+from kerjostunt.store import StoreError, UnknownUser
 from kerjostunt.store.api import UsageRecorder
 from kerjostunt.wire.sip.headers import format_auth, parse_auth, parse_name_addr, parse_via
 from kerjostunt.wire.sip.message import Request, Response, make_response
@@ -45,6 +46,10 @@ CHALLENGE_ALGORITHMS = ("MD5", "SHA-256")
 DEFAULT_EXPIRES = 3600
 MAX_EXPIRES = 7200
 MIN_EXPIRES = 60
+#: seconds a peer is told to wait when the user database cannot answer
+STORE_RETRY_AFTER = 5
+#: seconds between two log lines about REGISTERs the database could not answer
+STORE_LOG_INTERVAL = 10.0
 
 
 class ISIPUser(Interface):
@@ -68,11 +73,14 @@ class Protection:
     ``throttle`` is the server's one ``GuessThrottle`` (shared with the
     web); None gives the handler one of its own. ``tokens``, when given, are
     bound to the address each user registers from and revoked when it
-    unregisters (docs/probes.rst).
+    unregisters (docs/probes.rst). ``store_deadline``: seconds the
+    credentials may take before the answer is 503 with Retry-After (a
+    locked or hung database, docs/security.rst).
     """
 
     throttle: GuessThrottle | None = None
     tokens: ProbeTokenKeeper | None = None
+    store_deadline: float = STORE_DEADLINE
 
 
 class RequestError(Exception):
@@ -159,6 +167,9 @@ class RegisterHandler:
         self.throttle = protection.throttle or GuessThrottle(clock, count=counter)
         self.guard = AuthGuard(portal, self.throttle, "sip")
         self._tokens = protection.tokens
+        self._store_deadline = protection.store_deadline
+        self._store_failures = 0  # REGISTERs answered 503 since the last log line about them
+        self._store_logged = float("-inf")
 
     def handle(self, conn: SignalingConnection, request: Request) -> None:
         try:
@@ -182,7 +193,7 @@ class RegisterHandler:
         if nonce_state != "ok":
             self._challenge(conn, request, stale=nonce_state == "stale")
             return
-        d = self.guard.login(creds, conn.peer[0], ISIPUser)
+        d = within(self._clock, self._store_deadline, self.guard.login(creds, conn.peer[0], ISIPUser))
         d.addCallbacks(
             lambda result: self._authenticated(conn, request, result[1]),
             lambda failure: self._refused(conn, request, user_id, failure),
@@ -228,10 +239,23 @@ class RegisterHandler:
             self._count("auth_failures")
             conn.send(answer(request, 403, "Forbidden: wrong credentials"))
             return
-        log.failure("Cannot check credentials of {user}", failure, user=user_id)
+        if failure.check(StoreError):
+            self._store_unavailable(failure)
+        else:
+            log.failure("Cannot check credentials of {user}", failure, user=user_id)
         response = answer(request, 503, "Service Unavailable: user database")
-        response.headers.add("Retry-After", "5")
+        response.headers.add("Retry-After", str(STORE_RETRY_AFTER))
         conn.send(response)
+
+    def _store_unavailable(self, failure: Failure) -> None:
+        """Counted, and one warning per ``STORE_LOG_INTERVAL`` (not one per REGISTER)."""
+        self._count("register_store_unavailable")
+        self._store_failures += 1
+        now = self._clock.seconds()
+        if now - self._store_logged >= STORE_LOG_INTERVAL:
+            log.warn("Answered {n} REGISTER(s) 503, the user database failed: {why}",
+                     n=self._store_failures, why=failure.getErrorMessage())
+            self._store_failures, self._store_logged = 0, now
 
     def _authenticated(self, conn: SignalingConnection, request: Request, user_id: str) -> None:
         try:

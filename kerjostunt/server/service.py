@@ -40,7 +40,7 @@ from kerjostunt.server.registrar import Registrar
 from kerjostunt.server.router import SignalingRouter
 from kerjostunt.server.signaling import AdmittingTLSFactory, ConnectionLimits, SignalingFactory
 from kerjostunt.store import Database
-from kerjostunt.store.api import AsyncStore, StoreService
+from kerjostunt.store.api import BUSY_TIMEOUT, AsyncStore, StoreService
 from kerjostunt.wire.kerjo import ProbeOffer
 from kerjostunt.wire.prediction import classify
 
@@ -194,7 +194,9 @@ class StuntServer(MultiService):
         self.reactor = reactor
         self.counters: Counter[str] = Counter()
         self.certificates = self._certificates()
-        self.store = AsyncStore(Database(settings.db_url), reactor)
+        # A short busy timeout: a write another process holds locked is retried
+        # later (store/lanes.py), not waited for on the store's one thread.
+        self.store = AsyncStore(Database(settings.db_url, busy_timeout=BUSY_TIMEOUT), reactor, counter=self.count)
         StoreService(self.store).setServiceParent(self)  # type: ignore[no-untyped-call]
 
         self.registrar = Registrar(reactor)

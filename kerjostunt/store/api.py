@@ -23,11 +23,12 @@ below them.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReactorTime
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -39,22 +40,40 @@ from kerjostunt.store.database import (
     Database,
     InvalidValue,
     PairOutcome,
+    StoreBusy,
     StoreError,
     UnknownUser,
     UserRecord,
 )
+from kerjostunt.store.lanes import (
+    MAX_KEPT,
+    READ,
+    RETRY_TOTAL,
+    USAGE,
+    WRITE,
+    Gate,
+    Gathered,
+    Job,
+    Lane,
+    StoreHealth,
+    run_batch,
+    save,
+    spill,
+)
+from kerjostunt.store.pending import Keeper
 
 _T = TypeVar("_T")
 
 SQLITE_THREADS = 1  # SQLite serializes writes anyway; one worker avoids lock waits
 OTHER_THREADS = 4
+READ_THREADS = 1  # the read lane's own thread (lanes.py), when the database allows one
+#: seconds a server's statement waits for another process's lock before the
+#: write is retried later (lanes.py) instead of holding the store's thread
+BUSY_TIMEOUT = 0.25
 SEEN_DELAY = 0.1  # seconds a record_seen may wait to share a transaction
 SEEN_BATCH = 100  # rows that are written at once without waiting
 HA1_WINDOW = 0.002  # seconds a get_ha1 waits for others to share its query
 HA1_BATCH = 100  # lookups that go at once without waiting
-
-_Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
-
 
 class IStoreReactor(IReactorFromThreads, IReactorTime):
     """What the store needs of a reactor: results back from the pool, and timers.
@@ -138,44 +157,9 @@ class Store(UsageRecorder, CallPolicy, Protocol):
 
     def pair_outcomes(self, user_id: str, since: float) -> Deferred[dict[str, PairOutcome]]: ...
 
-
-def _run_batch(database: Database, calls: list[_Call]) -> list[tuple[bool, Any]]:
-    """In the pool thread: each call on its own, its result or its Failure."""
-    results: list[tuple[bool, Any]] = []
-    for function, args, kwargs in calls:
-        try:
-            results.append((True, function(database, *args, **kwargs)))
-        except BaseException:
-            results.append((False, Failure()))
-    return results
-
-
-class _Gathered:
-    """Calls held back to share one hand-off: sent ``delay`` seconds after the
-    first, or at once when ``size`` have gathered (``send`` gets them all)."""
-
-    def __init__(self, clock: IReactorTime, delay: float, size: int, send: Callable[[list[Any]], None]) -> None:
-        self._clock, self._delay, self._size, self._send = clock, delay, size, send
-        self._items: list[tuple[Any, Deferred[Any]]] = []
-        self._timer: IDelayedCall | None = None
-
-    def add(self, item: Any) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        self._items.append((item, d))
-        if len(self._items) >= self._size:
-            self.flush()
-        elif self._timer is None:
-            self._timer = self._clock.callLater(self._delay, self.flush)
-        return d
-
-    def flush(self) -> None:
-        if self._timer is not None:
-            if self._timer.active():
-                self._timer.cancel()
-            self._timer = None
-        if self._items:
-            items, self._items = self._items, []
-            self._send(items)
+    def health(self) -> StoreHealth:
+        """Are writes going through, and how many records wait (no database call)."""
+        ...
 
 
 class StoreStopped(StoreError):
@@ -186,11 +170,14 @@ class AsyncStore:
     """Every ``Database`` method, returning a Deferred.
 
     Calls are queued to the pool in order, at most one batch per pool
-    thread in flight. ``stop`` writes what ``record_seen`` holds back and
-    waits for everything already queued, so no write is lost on a clean
-    shutdown. Calls that read or write a user's row (all but ``get_ha1``,
-    ``call_check`` and ``record_attempt``) first send the held-back
-    ``record_seen`` rows, so they see them.
+    thread in flight; ``get_ha1`` and ``call_check`` go in a read lane of
+    their own, and busy writes are retried (``store/lanes.py``). ``stop``
+    writes what ``record_seen`` holds back and waits for everything already
+    queued, so no write is lost on a clean shutdown; usage records the
+    database does not take then go to the pending file, read back by
+    ``replay_pending`` at the next start. Calls that read or write a user's
+    row (all but ``get_ha1``, ``call_check`` and ``record_attempt``) first
+    send the held-back ``record_seen`` rows, so they see them.
     """
 
     log = Logger()
@@ -201,20 +188,26 @@ class AsyncStore:
         reactor: IStoreReactor,
         threadpool: ThreadPool | None = None,
         clock: IReactorTime | None = None,
+        counter: Callable[[str], None] = lambda what: None,
+        pending: Path | None = None,
     ) -> None:
         self.database = database
         self._reactor = reactor
-        self._clock: IReactorTime = clock or reactor  # the write-behind timer; a Clock in tests
+        self._clock: IReactorTime = clock or reactor  # write-behind and retry timers; a Clock in tests
+        self._count = counter
         size = SQLITE_THREADS if database.is_sqlite else OTHER_THREADS
+        reads = READ_THREADS if database.concurrent else 0
         if threadpool is None:
-            threadpool = ThreadPool(minthreads=1, maxthreads=size, name="kerjostunt-store")
+            threadpool = ThreadPool(minthreads=1, maxthreads=size + reads, name="kerjostunt-store")
         self._pool = threadpool
-        self._slots = max(1, min(size, threadpool.max))
-        self._in_flight = 0
-        self._queue: list[tuple[_Call, Deferred[Any]]] = []
+        self._write = Lane(max(1, min(size, threadpool.max)))
+        self._read = Lane(reads) if reads and threadpool.max > self._write.slots else self._write
+        self._gate = Gate(self._clock, lambda: self._pump(self._write))
+        self._keeper = Keeper(pending if pending is not None else database.pending_path, counter)
+        self._kept = 0  # usage rows queued or in flight
         self._holding = False  # results being delivered: new calls wait to go together
-        self._seen = _Gathered(self._clock, SEEN_DELAY, SEEN_BATCH, self._write_seen)
-        self._ha1 = _Gathered(self._clock, HA1_WINDOW, HA1_BATCH, self._look_up_ha1)
+        self._seen = Gathered(self._clock, SEEN_DELAY, SEEN_BATCH, self._write_seen)
+        self._ha1 = Gathered(self._clock, HA1_WINDOW, HA1_BATCH, self._look_up_ha1)
         self._pending = 0
         self._idle_waiters: list[Deferred[None]] = []
         self._stopping = False
@@ -225,7 +218,11 @@ class AsyncStore:
         self._pool.start()
 
     def stop(self) -> Deferred[None]:
-        """Refuse new calls, finish queued ones, stop the pool, close the DB."""
+        """Refuse new calls, finish queued ones, stop the pool, close the DB.
+
+        While writes are failing nothing queued is tried again: usage
+        records go to the pending file, other writes fail.
+        """
         d: Deferred[None] = Deferred()
         if self._closed:
             d.callback(None)
@@ -235,16 +232,44 @@ class AsyncStore:
             self._seen.flush()
             self._ha1.flush()
             self._stopping = True
+            if self._gate.closed:
+                self._gate.cancel()
+                queued, self._write.queue = self._write.queue, []
+                why = StoreStopped(f"the store stopped while writes failed: {self._gate.reason}")
+                save(self._keeper, queued, Failure(why))
             self._when_idle().addCallback(lambda _: self._shutdown())
         return d
+
+    def health(self) -> StoreHealth:
+        """Are writes going through, and how many usage rows wait (no database call)."""
+        return self._gate.health(self._kept)
+
+    def replay_pending(self) -> int:
+        """Queue the records a previous run left in the pending file (first, in
+        their order) and remove the file; how many. ``StoreService`` calls it."""
+        records = self._keeper.take()
+        for record in records:
+            # Not spilled back past the bound: the file's records are in memory already.
+            d = self._submit(getattr(Database, record.op), record.args, record.kwargs, flush_seen=False, kind=USAGE,
+                             bounded=False)
+            d.addErrback(self._not_replayed, record.op)
+        return len(records)
+
+    def _not_replayed(self, failure: Failure, op: str) -> None:
+        self.log.warn("A pending {op} could not be written: {why}", op=op, why=failure.getErrorMessage())
 
     def run(self, function: Callable[..., _T], *args: Any, **kwargs: Any) -> Deferred[_T]:
         """Run ``function(database, *args, **kwargs)`` in the pool.
 
         For work that needs several ``Database`` calls together, and for
-        tests. Held-back ``record_seen`` rows are written first.
+        tests. Held-back ``record_seen`` rows are written first. A failure
+        is not retried (``_write`` is for writes).
         """
         return self._submit(function, args, kwargs)
+
+    def _write_call(self, function: Callable[..., _T], *args: Any) -> Deferred[_T]:
+        """A write: retried while the database is busy, for ``RETRY_TOTAL`` at most."""
+        return self._submit(function, args, {}, kind=WRITE)
 
     def _submit(
         self,
@@ -254,43 +279,95 @@ class AsyncStore:
         *,
         flush_seen: bool = True,
         then: Callable[[Any], Any] | None = None,
+        kind: str = READ,
+        lane: Lane | None = None,
+        bounded: bool = True,
     ) -> Deferred[_T]:
         if self._stopping:
             return fail(StoreStopped("the store is stopping"))
         if flush_seen:
             self._seen.flush()
+        rows = len(args[0]) if kind == USAGE and function.__name__ == "record_seen_many" else 1
+        if kind == USAGE and bounded and self._kept + rows > MAX_KEPT:
+            return spill(self._keeper, (function, args, kwargs), then)
         self._pending += 1
         d: Deferred[_T] = Deferred()
         if then is not None:
             d.addBoth(then)  # before _finished: stop() fires only after it
         d.addBoth(self._finished)
-        self._queue.append(((function, args, kwargs), d))
-        self._pump()
+        if kind == USAGE:
+            self._kept += rows
+            d.addBoth(self._released, rows)
+        job = Job((function, args, kwargs), d, kind, self._clock.seconds(), rows)
+        target = lane or self._write
+        if target is self._write and kind == READ and self._gate.closed:
+            target = self._read  # while writes fail, a read is not held behind them (lanes.py)
+        target.queue.append(job)
+        self._pump(target)
         return d
 
-    def _pump(self) -> None:
-        """Hand everything queued to a free pool thread, as one batch."""
-        if self._holding or not self._queue or self._in_flight >= self._slots:
+    def _pump(self, lane: Lane) -> None:
+        """Hand everything queued in ``lane`` to a free pool thread, as one batch."""
+        if self._holding or not lane.queue or lane.in_flight >= lane.slots:
             return
-        batch, self._queue = self._queue, []
-        self._in_flight += 1
-        done = deferToThreadPool(self._reactor, self._pool, _run_batch, self.database, [c for c, _ in batch])
-        done.addBoth(self._deliver, [d for _, d in batch])
+        if lane is self._write and self._gate.closed:
+            return
+        batch, lane.queue = lane.queue, []
+        lane.in_flight += 1
+        calls = [job.call for job in batch]
+        done = deferToThreadPool(self._reactor, self._pool, run_batch, self.database, calls, lane is self._write)
+        done.addBoth(self._deliver, batch, lane)
 
-    def _deliver(self, results: list[tuple[bool, Any]] | Failure, waiters: list[Deferred[Any]]) -> None:
-        self._in_flight -= 1
+    def _deliver(self, results: list[tuple[bool | None, Any]] | Failure, batch: list[Job], lane: Lane) -> None:
+        lane.in_flight -= 1
+        if isinstance(results, Failure):  # the pool itself failed
+            results = [(False, results)] * len(batch)
+        again = [job for job, (ok, value) in zip(batch, results, strict=True)
+                 if ok is None or (ok is False and job.kind != READ and value.check(StoreBusy))]
+        busy = next((value for ok, value in results if ok is False and value.check(StoreBusy)), None)
         self._holding = True  # calls made by the callbacks below go together
         try:
-            for index, waiter in enumerate(waiters):
-                if isinstance(results, Failure):  # the pool itself failed
-                    waiter.errback(results)
-                elif results[index][0]:
-                    waiter.callback(results[index][1])
+            if again:
+                self._again(again, busy or Failure(StoreBusy("database busy")))
+            elif lane is self._write and any(ok for ok, _ in results):
+                self._gate.succeeded()
+            retried = {id(job) for job in again}
+            for job, (ok, value) in zip(batch, results, strict=True):
+                if id(job) in retried:
+                    continue
+                if ok:
+                    job.waiter.callback(value)
                 else:
-                    waiter.errback(results[index][1])
+                    job.waiter.errback(value)
         finally:
             self._holding = False
-        self._pump()
+        self._pump(self._write)
+        self._pump(self._read)
+
+    def _again(self, jobs: list[Job], failure: Failure) -> None:
+        """Busy: back to the front of the queue after a back-off, or saved when stopping."""
+        reason = failure.getErrorMessage()
+        if self._gate.failing_since is None:
+            self.log.warn("Store writes failing, retrying with back-off: {why}", why=reason)
+        self._gate.failed(reason)
+        if self._stopping:
+            self._gate.cancel()
+            queued, self._write.queue = self._write.queue, []
+            save(self._keeper, jobs + queued, failure)
+            return
+        now = self._clock.seconds()
+        late = [job for job in jobs if job.kind == WRITE and now - job.started > RETRY_TOTAL]
+        self._write.queue[:0] = [job for job in jobs if job not in late]
+        if self._read is not self._write:  # reads need not wait for the lock: they see what is stored
+            self._read.queue += [job for job in self._write.queue if job.kind == READ]
+            self._write.queue = [job for job in self._write.queue if job.kind != READ]
+        for job in late:
+            job.waiter.errback(failure)
+        self._count("store_write_retries")  # last: whatever it calls sees the queue in order
+
+    def _released(self, result: _T, rows: int) -> _T:
+        self._kept -= rows
+        return result
 
     # -- Database methods ---------------------------------------------
 
@@ -305,13 +382,13 @@ class AsyncStore:
         ha1_md5: str | None = None,
         ha1_sha256: str | None = None,
     ) -> Deferred[None]:
-        return self.run(Database.add_user, user_id, realm, password, ha1_md5, ha1_sha256)
+        return self._write_call(Database.add_user, user_id, realm, password, ha1_md5, ha1_sha256)
 
     def set_password(self, user_id: str, realm: str, password: str) -> Deferred[None]:
-        return self.run(Database.set_password, user_id, realm, password)
+        return self._write_call(Database.set_password, user_id, realm, password)
 
     def delete_user(self, user_id: str) -> Deferred[None]:
-        return self.run(Database.delete_user, user_id)
+        return self._write_call(Database.delete_user, user_id)
 
     def get_user(self, user_id: str) -> Deferred[UserRecord]:
         return self.run(Database.get_user, user_id)
@@ -331,19 +408,19 @@ class AsyncStore:
     def import_users(
         self, rows: Iterable[Mapping[str, str | None]], realm: str
     ) -> Deferred[int]:
-        return self.run(Database.import_users, list(rows), realm)
+        return self._write_call(Database.import_users, list(rows), realm)
 
     def add_group(self, name: str) -> Deferred[None]:
-        return self.run(Database.add_group, name)
+        return self._write_call(Database.add_group, name)
 
     def delete_group(self, name: str) -> Deferred[None]:
-        return self.run(Database.delete_group, name)
+        return self._write_call(Database.delete_group, name)
 
     def join_group(self, name: str, user_ids: Sequence[str]) -> Deferred[None]:
-        return self.run(Database.join_group, name, list(user_ids))
+        return self._write_call(Database.join_group, name, list(user_ids))
 
     def leave_group(self, name: str, user_ids: Sequence[str]) -> Deferred[None]:
-        return self.run(Database.leave_group, name, list(user_ids))
+        return self._write_call(Database.leave_group, name, list(user_ids))
 
     def list_groups(self) -> Deferred[dict[str, list[str]]]:
         return self.run(Database.list_groups)
@@ -355,7 +432,7 @@ class AsyncStore:
         return self.run(Database.share_group, a, b)
 
     def call_check(self, caller: str, callee: str) -> Deferred[str]:
-        return self._submit(Database.call_check, (caller, callee), {}, flush_seen=False)
+        return self._submit(Database.call_check, (caller, callee), {}, flush_seen=False, lane=self._read)
 
     def is_member(self, group: str, user_id: str) -> Deferred[bool]:
         return self.run(Database.is_member, group, user_id)
@@ -374,7 +451,7 @@ class AsyncStore:
     def record_nat(
         self, user_id: str, nat: Mapping[str, Any], when: float
     ) -> Deferred[None]:
-        return self.run(Database.record_nat, user_id, dict(nat), when)
+        return self._submit(Database.record_nat, (user_id, dict(nat), when), {}, kind=USAGE)
 
     def record_attempt(
         self,
@@ -394,10 +471,11 @@ class AsyncStore:
             (call_id, caller, callee, technique, outcome, predicted, actual, duration_ms, when, witnesses),
             {},
             flush_seen=False,  # it reads states and attempts, which record_seen does not write
+            kind=USAGE,
         )
 
     def set_stunt_state(self, user_id: str, state: str) -> Deferred[None]:
-        return self.run(Database.set_stunt_state, user_id, state)
+        return self._write_call(Database.set_stunt_state, user_id, state)
 
     def recent_attempts(self, user_id: str, limit: int = 20) -> Deferred[list[AttemptRecord]]:
         return self.run(Database.recent_attempts, user_id, limit)
@@ -417,7 +495,8 @@ class AsyncStore:
                 else:
                     waiter.callback(result[index])
 
-        self._submit(Database.get_ha1_many, ([key for key, _ in wanted],), {}, flush_seen=False, then=fan_out)
+        self._submit(Database.get_ha1_many, ([key for key, _ in wanted],), {}, flush_seen=False, then=fan_out,
+                     lane=self._read)
 
     def _write_seen(self, rows: list[tuple[tuple[str, str, int, float], Deferred[None]]]) -> None:
         """The held-back ``record_seen`` rows, as one transaction."""
@@ -432,7 +511,8 @@ class AsyncStore:
                 else:
                     waiter.callback(None)
 
-        self._submit(Database.record_seen_many, ([row for row, _ in rows],), {}, flush_seen=False, then=fan_out)
+        self._submit(Database.record_seen_many, ([row for row, _ in rows],), {}, flush_seen=False, then=fan_out,
+                     kind=USAGE)
 
     def _finished(self, result: _T) -> _T:
         self._pending -= 1
@@ -469,7 +549,9 @@ class StoreService(Service):
     ``startService`` runs the Alembic upgrade synchronously: twistd calls it
     before the reactor runs, so no request is ever served against an old
     schema, and a failing upgrade stops the start with a clear error instead
-    of a half-working server. ``stopService`` waits for queued writes.
+    of a half-working server. It makes the database's files private (0600,
+    a warning for each that was not) and queues the records a previous run
+    left in the pending file. ``stopService`` waits for queued writes.
     """
 
     def __init__(self, store: AsyncStore, upgrade: bool = True) -> None:
@@ -477,9 +559,12 @@ class StoreService(Service):
         self._upgrade = upgrade
 
     def startService(self) -> None:
+        for warning in self.store.database.secure_files():  # before SQLite makes -wal and -shm like it
+            self.store.log.warn("{problem}", problem=warning)
         if self._upgrade:
             self.store.database.upgrade()
         self.store.start()
+        self.store.replay_pending()
         super().startService()  # type: ignore[no-untyped-call]
 
     def stopService(self) -> Deferred[None]:

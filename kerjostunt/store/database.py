@@ -9,6 +9,8 @@ this module's exceptions.
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ from kerjostunt.store.records import (
     InvalidName,
     InvalidValue,
     PairOutcome,
+    StoreBusy,
     StoreError,
     StoreUnavailable,
     UnknownGroup,
@@ -64,6 +67,7 @@ __all__ = [
     "ImportRowError",
     "InvalidName",
     "InvalidValue",
+    "StoreBusy",
     "StoreError",
     "StoreUnavailable",
     "UnknownGroup",
@@ -76,6 +80,15 @@ __all__ = [
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
+#: seconds a statement waits for another connection's lock (SQLite's busy
+#: timeout, PostgreSQL's ``lock_timeout``) unless told otherwise: an
+#: operator's command may well wait for a server's write
+CLI_BUSY_TIMEOUT = 30.0
+#: the files of a SQLite database besides itself
+SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")
+PENDING_SUFFIX = ".pending.jsonl"
+PRIVATE = 0o600
+
 
 class Database(UsersAndGroups, UsageLog):
     """One SQLAlchemy engine and the operations on users, groups and attempts.
@@ -85,7 +98,7 @@ class Database(UsersAndGroups, UsageLog):
     engine and keeps the schema current.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, busy_timeout: float = CLI_BUSY_TIMEOUT) -> None:
         try:
             parsed = make_url(url)
         except ArgumentError as e:
@@ -95,12 +108,24 @@ class Database(UsersAndGroups, UsageLog):
             parsed = parsed.set(drivername="postgresql+psycopg2")
         self.url = url
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
+        #: the SQLite file (absolute), None for ``:memory:`` and other databases
+        self.path: Path | None = None
+        #: can two threads use the database at once (own connections)? Not an
+        #: in-memory SQLite database: its threads share one connection
+        self.concurrent = True
         kwargs: dict[str, Any] = {"pool_pre_ping": True}
         if self.is_sqlite:
-            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": busy_timeout}
             if parsed.database in (None, "", ":memory:"):
                 # One shared connection, or each thread would see its own empty db.
                 kwargs["poolclass"] = StaticPool
+                self.concurrent = False
+            else:
+                self.path = Path(parsed.database).absolute()
+        elif parsed.get_backend_name() == "postgresql":
+            # A row another transaction holds fails the statement instead of
+            # holding the store's thread for as long as that transaction lasts.
+            kwargs["connect_args"] = {"options": f"-c lock_timeout={max(1, round(busy_timeout * 1000))}"}
         try:
             self.engine: Engine = create_engine(parsed, **kwargs)
         except (ArgumentError, NoSuchModuleError, ImportError) as e:
@@ -112,7 +137,11 @@ class Database(UsersAndGroups, UsageLog):
 
     @translated
     def upgrade(self) -> None:
-        """Bring the schema to the latest Alembic revision (idempotent)."""
+        """Bring the schema to the latest Alembic revision (idempotent).
+
+        A SQLite file that does not exist yet is created first, mode 0600.
+        """
+        self.create_file()
         config = Config()
         config.set_main_option("script_location", str(MIGRATIONS_DIR))
         with self.engine.begin() as connection:
@@ -121,6 +150,58 @@ class Database(UsersAndGroups, UsageLog):
 
     def close(self) -> None:
         self.engine.dispose()
+
+    # -- files -----------------------------------------------------------
+
+    def exists(self) -> bool:
+        """Is there a database to open? False only for a SQLite file that is not there."""
+        return self.path is None or self.path.exists()
+
+    @property
+    def pending_path(self) -> Path | None:
+        """Where the server keeps usage records it could not write (``store/pending.py``).
+
+        Next to a SQLite file; in the working directory for other
+        databases; None for an in-memory one (nowhere to keep them).
+        """
+        if self.path is not None:
+            return self.path.with_name(self.path.name + PENDING_SUFFIX)
+        if not self.concurrent:
+            return None
+        return Path("kerjostunt" + PENDING_SUFFIX).absolute()
+
+    def create_file(self) -> None:
+        """Create the empty SQLite file mode 0600 if there is none (SQLite gives
+        its -wal and -shm files the database file's mode). Holds every HA1."""
+        if self.path is None or self.path.exists():
+            return
+        try:
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE))
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise StoreUnavailable(f"cannot create database file {self.path}: {e.strerror}") from e
+
+    def secure_files(self) -> list[str]:
+        """Make the SQLite file, its companions and the pending file 0600;
+        one warning per file that was readable by others."""
+        if self.path is None:
+            return []
+        files = [self.path.with_name(self.path.name + suffix) for suffix in SQLITE_COMPANIONS]
+        if self.pending_path is not None:
+            files.append(self.pending_path)
+        warnings = []
+        for path in [self.path, *files]:
+            try:
+                mode = stat.S_IMODE(path.stat().st_mode)
+                if mode & 0o077:
+                    path.chmod(PRIVATE)
+                    warnings.append(f"{path} was mode {mode:04o}, now 0600: it holds password hashes")
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                warnings.append(f"cannot make {path} private: {e.strerror}")
+        return warnings
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

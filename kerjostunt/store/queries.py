@@ -15,12 +15,13 @@ from typing import Any, TypeVar
 
 from sqlalchemy import bindparam, func, insert, or_, select, update
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from kerjostunt.store.models import Attempt, Base, Group, Membership, User
 from kerjostunt.store.records import (
     RECENT_ATTEMPTS,
+    StoreBusy,
     StoreError,
     StoreUnavailable,
     UnknownGroup,
@@ -108,7 +109,8 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def translated(method: _F) -> _F:
-    """Turn driver errors (an outage, a lost connection) into StoreUnavailable."""
+    """Turn driver errors (an outage, a lost connection) into StoreUnavailable
+    (``StoreBusy`` for those worth trying again: locked, busy, disconnected)."""
 
     @functools.wraps(method)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -118,7 +120,8 @@ def translated(method: _F) -> _F:
             raise
         except DBAPIError as e:
             detail = " ".join(str(e.orig).split())  # one line, for logs and the CLI
-            raise StoreUnavailable(f"database error: {detail}") from e
+            kind = StoreBusy if isinstance(e, (OperationalError, InterfaceError)) else StoreUnavailable
+            raise kind(f"database error: {detail}") from e
 
     return wrapper  # type: ignore[return-value]
 

@@ -62,6 +62,12 @@ class StoreUnavailable(StoreError):
     """The database could not be reached or failed (an outage, a bad URL)."""
 
 
+class StoreBusy(StoreUnavailable):
+    """The database did not do it now but may later: locked by another process,
+    busy, the connection lost (the driver's ``OperationalError``). The server's
+    store retries writes that fail with this (``store/api.py``)."""
+
+
 class ImportRowError(StoreError):
     def __init__(self, row: int, message: str) -> None:
         super().__init__(f"row {row}: {message}")

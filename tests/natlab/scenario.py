@@ -426,7 +426,7 @@ class Scenario:
         writer.writerow(["user_id", "password", "groups"])
         for user_id, password in users.items():
             writer.writerow([user_id, password, " ".join(member_of[user_id])])
-        yield self.admin("user", "import", "-", "--domain", self.domain,
+        yield self.admin("user", "import", "-", "--create", "--domain", self.domain,
                          stdin=buf.getvalue())
         self.passwords.update(users)
         for group, members in groups.items():
