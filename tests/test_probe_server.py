@@ -43,6 +43,21 @@ class ProbeServerTests(unittest.TestCase):
         self.assertEqual(self.running.server.counters["probes"], 2)
 
     @defer.inlineCallbacks
+    def test_contact_naming_another_address_means_behind_a_nat(self):  # type: ignore[no-untyped-def]
+        """Probes that kept their ports look like no NAT; the Contact's local address says otherwise."""
+        registrar = self.running.server.registrar
+        binding = registrar.lookup("alice")
+        registrar.bind("alice", binding.connection, "<sips:alice@10.0.0.5:40000;transport=tls>", 3600)
+        offer = self.registration.probe
+        holder = reusable_socket(("127.0.0.1", 0))
+        self.addCleanup(holder.close)
+        yield probe_from(reactor, ("127.0.0.1", holder.getsockname()[1]), self.servers,
+                         username=offer.token, password=offer.password)
+        record = yield self.running.server.store.get_user("alice")
+        self.assertTrue(record.nat["behind_nat"])
+        self.assertEqual(record.nat["allocation"], "preserving")
+
+    @defer.inlineCallbacks
     def test_wrong_password_recorded_nowhere(self):  # type: ignore[no-untyped-def]
         yield self.assertFailure(
             probe_from(reactor, ("127.0.0.1", 0), self.servers, username=self.registration.probe.token, password="forged"),

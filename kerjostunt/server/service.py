@@ -11,7 +11,7 @@ import ipaddress
 import re
 import sys
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from twisted.application.internet import StreamServerEndpointService
@@ -42,7 +42,8 @@ from kerjostunt.server.signaling import AdmittingTLSFactory, ConnectionLimits, S
 from kerjostunt.store import Database
 from kerjostunt.store.api import BUSY_TIMEOUT, AsyncStore, StoreService
 from kerjostunt.wire.kerjo import ProbeOffer
-from kerjostunt.wire.prediction import classify
+from kerjostunt.wire.prediction import NATDescription, classify
+from kerjostunt.wire.sip.headers import parse_name_addr
 
 log = Logger()
 
@@ -275,9 +276,27 @@ class StuntServer(MultiService):
                            int(self.settings.probe_token_lifetime), self.settings.probe_alt_ip)
         return offer.items()
 
+    def _behind_nat_per_contact(self, user_id: str, nat: NATDescription) -> NATDescription:
+        """Behind a NAT after all when the registered Contact names another address than the probes saw.
+
+        The probes carry no local address: a preserving NAT whose mappings
+        all kept their ports looks like no NAT (the trusted peers list and
+        the attempts showed such peers as ``public``).  The Contact a client
+        registers names its own local address.
+        """
+        binding = self.registrar.lookup(user_id)
+        if nat.behind_nat or binding is None or nat.public_ip is None:
+            return nat
+        try:
+            host = parse_name_addr(binding.contact).uri.host
+        except ValueError:
+            return nat
+        return nat if host == nat.public_ip else replace(nat, behind_nat=True)
+
     def _observed(self, observation: Observation) -> None:
         self.count("probes")
-        nat = classify(self.observations.samples(observation.user_id))
+        user = observation.user_id
+        nat = self._behind_nat_per_contact(user, classify(self.observations.samples(user)))
         self.store.record_nat(observation.user_id, nat.to_dict(), observation.time).addErrback(
             nat_not_stored, observation.user_id, self.tokens, self.observations
         )
