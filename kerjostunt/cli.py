@@ -26,6 +26,7 @@ COMMAND_MODULES: list[str] = [
     "kerjostunt.client.cli.peers",
     "kerjostunt.client.cli.echo",
     "kerjostunt.client.cli.join",
+    "kerjostunt.client.cli.netcheck",
 ]
 
 PROG = "kerjostunt"
