@@ -92,8 +92,11 @@ class UsageRecorder(Protocol):
         actual: str | None,
         duration_ms: float | None,
         when: float,
+        detail: str | None = None,
     ) -> Deferred[dict[str, str]]:
-        """One call's outcome; fires with both peers' new STUNT states (user ID -> state)."""
+        """One call's outcome; fires with both peers' new STUNT states (user ID -> state).
+
+        ``detail``: JSON, each side's techniques with their results, predictions, NATs."""
         ...
 
 
@@ -383,10 +386,11 @@ class AsyncStore:
         actual: str | None,
         duration_ms: float | None,
         when: float,
+        detail: str | None = None,
     ) -> Deferred[dict[str, str]]:
         return self._submit(
             Database.record_attempt,
-            (call_id, caller, callee, technique, outcome, predicted, actual, duration_ms, when),
+            (call_id, caller, callee, technique, outcome, predicted, actual, duration_ms, when, detail),
             {},
             flush_seen=False,  # it reads states and attempts, which record_seen does not write
         )

@@ -28,6 +28,7 @@ from kerjostunt.store.records import (
     InvalidValue,
     PairOutcome,
     UnknownUser,
+    detail_of,
     next_states,
 )
 
@@ -89,6 +90,7 @@ class UsageLog(EngineBound):
         actual: str | None,
         duration_ms: float | None,
         when: float,
+        detail: str | None = None,
     ) -> dict[str, str]:
         """Store one attempt and apply the flag rule (``next_states``).
 
@@ -112,6 +114,7 @@ class UsageLog(EngineBound):
                     "actual": actual,
                     "duration_ms": duration_ms,
                     "at": when,
+                    "detail": detail,
                 },
             )
             # Lock both rows, in a fixed order, so concurrent outcomes for the
@@ -197,6 +200,7 @@ class UsageLog(EngineBound):
                     actual=a.actual,
                     duration_ms=a.duration_ms,
                     when=a.at,
+                    detail=detail_of(a.detail),
                 )
                 for a in rows
             ]

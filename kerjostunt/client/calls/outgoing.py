@@ -155,7 +155,7 @@ class OutgoingCall(CallBase):
 
     def _succeeded(self, result: DialResult) -> None:
         elapsed_ms = result.elapsed * 1000.0
-        self._report(outcome_body(result.outcome, result.technique, result.remote, elapsed_ms))
+        self._report(outcome_body(result.outcome, result.technique, result.remote, elapsed_ms, self._tried()))
         self._end()
         if not self.result.called:
             self.result.callback(PeerConnection(
@@ -167,7 +167,7 @@ class OutgoingCall(CallBase):
         if not isinstance(exc, ConnectFailed):
             exc = ConnectFailed(reason_of(failure))
         if dialing:
-            self._report(outcome_body("failed", "none", None, self._elapsed_ms()))
+            self._report(outcome_body("failed", "none", None, self._elapsed_ms(), self._tried()))
         self._end()
         if not self.result.called:
             self.result.errback(exc)

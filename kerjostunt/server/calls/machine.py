@@ -18,6 +18,7 @@ from automat import TypeMachineBuilder
 from twisted.logger import Logger
 
 from kerjostunt.server.calls import messages
+from kerjostunt.server.calls.detail import attempt_detail
 from kerjostunt.server.calls.dialing import augmented, dial_in_ms, format_endpoint
 from kerjostunt.server.calls.messages import peer_headers, tag_of
 from kerjostunt.server.calls.seams import Attempt, CallSettings, Clock, Timer
@@ -278,9 +279,10 @@ class Call:
             outcome, technique, actual = "failed", "none", None
             elapsed = max((r.elapsed_ms for r in self.reports.values() if r.elapsed_ms is not None), default=None)
         predicted = dialed.endpoints()[0] if dialed is not None and dialed.ports else None
+        detail = attempt_detail(self.reports, {CALLER: self.caller_prediction, CALLEE: self.callee_prediction})
         return {"call_id": self.server_call_id, "caller": self.caller_id, "callee": self.callee_id,
                 "technique": technique, "outcome": outcome, "predicted": format_endpoint(predicted),
-                "actual": format_endpoint(actual), "duration_ms": elapsed}
+                "actual": format_endpoint(actual), "duration_ms": elapsed, "detail": detail}
 
     # -- the end ---------------------------------------------------------------------
 

@@ -43,6 +43,8 @@ class Attempt(TypedDict):
     predicted: str | None
     actual: str | None
     duration_ms: float | None
+    #: JSON: each side's race, predicted window and NAT (calls/detail.py)
+    detail: str | None
 
 
 class CallStore(Protocol):
@@ -63,6 +65,7 @@ class CallStore(Protocol):
         actual: str | None,
         duration_ms: float | None,
         when: float,
+        detail: str | None = None,
     ) -> Deferred[Any]: ...
 
 
