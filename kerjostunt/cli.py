@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 COMMAND_MODULES: list[str] = [
     "kerjostunt.server.admin",
+    "kerjostunt.server.operators",
     "kerjostunt.client.cli.peers",
     "kerjostunt.client.cli.echo",
     "kerjostunt.client.cli.join",

@@ -42,6 +42,7 @@ def attempt_detail(reports: Mapping[str, Outcome], predictions: Mapping[str, Pre
             "elapsed_ms": report.elapsed_ms if report is not None else None,
             "outcome": report.outcome if report is not None else "no report",
             "predicted": _window(prediction),
+            "ip": prediction.ip if prediction is not None else None,
             "nat": nat_label(prediction.nat if prediction is not None else None),
         }
     return json.dumps(detail, sort_keys=True)
