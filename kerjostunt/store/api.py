@@ -401,6 +401,14 @@ class AsyncStore:
     def recent_attempts(self, user_id: str, limit: int = 20) -> Deferred[list[AttemptRecord]]:
         return self.run(Database.recent_attempts, user_id, limit)
 
+    def is_operator(self, user_id: str) -> Deferred[bool]:
+        """May this user read /status? (``kerjostunt operator add``)"""
+        return self.run(Database.is_operator, user_id)
+
+    def attempts_since(self, since: float, limit: int = 20000) -> Deferred[list[AttemptRecord]]:
+        """The attempts the /status page summarises, oldest first."""
+        return self.run(Database.attempts_since, since, limit)
+
     def pair_outcomes(self, user_id: str, since: float) -> Deferred[dict[str, PairOutcome]]:
         return self.run(Database.pair_outcomes, user_id, since)
 
