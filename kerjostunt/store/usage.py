@@ -113,8 +113,7 @@ class UsageLog(EngineBound):
                     "predicted": predicted,
                     "actual": actual,
                     "duration_ms": duration_ms,
-                    "at": when,
-                    "detail": detail,
+                    "at": when, "detail": detail,  # detail: JSON, server/calls/detail.py
                 },
             )
             # Lock both rows, in a fixed order, so concurrent outcomes for the
