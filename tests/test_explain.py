@@ -43,3 +43,11 @@ class ExplainTests(TestCase):
 
     def test_public_closed(self) -> None:
         self.assertIn("the peer's public port is closed", explain([("public", "refused")], None, None))
+
+    def test_a_488_says_a_relay_is_needed(self) -> None:
+        from kerjostunt.client.calls.explain import refusal_text
+        from kerjostunt.wire.kerjo import NO_TECHNIQUE_REASON
+
+        self.assertEqual(refusal_text(488, f"{NO_TECHNIQUE_REASON}: both NATs allocate ports at random"),
+                         f"488 {NO_TECHNIQUE_REASON}: both NATs allocate ports at random: a relay is needed")
+        self.assertEqual(refusal_text(480, "Temporarily Unavailable"), "480 Temporarily Unavailable")

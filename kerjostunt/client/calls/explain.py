@@ -10,13 +10,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from kerjostunt.wire.kerjo import NO_TECHNIQUE_REASON
 from kerjostunt.wire.prediction import RANDOM, NATDescription, no_technique
 
-__all__ = ["word_of", "closest", "advice", "explain"]
+__all__ = ["word_of", "closest", "advice", "explain", "refusal_text"]
 
 #: how close each result came to a connection, closest first
 _CLOSENESS = ("connected", "handshake", "timeout", "reset", "refused", "unreachable", "failed", "cancelled",
               "skipped")
+
+
+def refusal_text(code: int, reason: str) -> str:
+    """A refused INVITE's ``failed:`` text: a 488 (no technique joins the NATs) says what would."""
+    text = f"{code} {reason}"
+    if code == 488 and reason.startswith(NO_TECHNIQUE_REASON):
+        return f"{text}: a relay is needed"
+    return text
 
 
 def word_of(reason: str) -> str:

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from kerjostunt.client.calls.base import CallAgent, CallBase, PreparingInputs
+from kerjostunt.client.calls.explain import refusal_text
 from kerjostunt.client.calls.race import DialResult
 from kerjostunt.client.calls.setup import (
     CallSetup,
@@ -128,7 +129,7 @@ class OutgoingCall(CallBase):
 
     def _answered(self, response: Response) -> None:
         if response.code != 200:
-            self._life.failed(Failure(ConnectFailed(f"{response.code} {response.reason}", response.code)))
+            self._life.failed(Failure(ConnectFailed(refusal_text(response.code, response.reason), response.code)))
             return
         assert self.sig is not None
         self.to_tag = tag_of(response.headers.get("To"))
