@@ -1,7 +1,8 @@
 """``kerjostunt netcheck`` behind every NAT kind the lab builds, checked against what it built.
 
 One lab: a preserving NAT answering RST, a sequential one (step 4) dropping
-unsolicited SYNs, a random one rejecting them with ICMP, and a public peer;
+unsolicited SYNs, a random one rejecting them with ICMP, and a public peer (and a second
+host behind the sequential NAT, busy opening connections for the port speed);
 the real server (``twistd kerjostunt``, probe ports on both of its
 addresses) and ``kerjostunt netcheck --json`` in each peer, all at once.
 Run it under ``flock /tmp/natlab.lock``. Skips with ``lab_unavailable()``'s
@@ -11,6 +12,7 @@ reason where the lab cannot run.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,19 @@ from tests.natlab import Lab, NATSpec, lab_unavailable
 from tests.natlab.scenario import PROBE_PORTS, Scenario
 
 DELAY_MS = 20.0
+
+#: Another host behind the NAT: a new connection (a new NAT port) every 0.1 s for argv[3] seconds.
+_BUSY = r"""
+import socket, sys, time
+end = time.monotonic() + float(sys.argv[3])
+print("busy", flush=True)
+while time.monotonic() < end:
+    try:
+        socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1).close()
+    except OSError:
+        pass
+    time.sleep(0.1)
+"""
 
 NATS = {
     "p": NATSpec("preserving", inbound="rst"),
@@ -43,7 +58,7 @@ class NetcheckLabTests(unittest.TestCase):
         reason = lab_unavailable()
         if reason:
             raise unittest.SkipTest(reason)
-        lab = Lab(NATS, delay_ms=DELAY_MS, public_peer=True)
+        lab = Lab(NATS, delay_ms=DELAY_MS, public_peer=True, peers_per_nat={"s": 2})
         lab.build()
         self.addCleanup(lab.teardown)
         sc = Scenario(lab, Path(self.mktemp()))
@@ -76,6 +91,14 @@ class NetcheckLabTests(unittest.TestCase):
         (sc.workdir / "netcheck-s1.txt").write_text(text.stdout)
         self.assertIn("verdict         only a relay will join you to peers behind random NATs", text.stdout)
         self.assertIn("unsolicited SYN dropped (no answer)", text.stdout)
+        # Port speed: s2, behind the same sequential NAT, opens ~10 connections a second meanwhile.
+        busy = sc.spawn("s2", [sys.executable, "-c", _BUSY, lab.server.ip, str(PROBE_PORTS[0]), "6"], limit=20)
+        yield busy.wait_for("busy", 10)
+        loaded = yield sc.run("s1", argv + ["--wait", "2"], limit=60)
+        report = json.loads(loaded.stdout)
+        self.assertEqual(report["nat"]["allocation"], "sequential", report)
+        self.assertGreater(report["ports_per_second"], 0.0, report)
+        (sc.workdir / "netcheck-s1-busy.json").write_text(loaded.stdout)
         pub = reports["public"]
         self.assertEqual((pub["nat"]["behind_nat"], pub["inbound"], pub["public_ip"]),
                          (False, "open", lab.peers["public"].ip))
