@@ -187,6 +187,21 @@ class LoopbackTests(TestCase):
         self.assertEqual(self.log.for_user("anyone"), [])  # unauthenticated: nothing recorded
 
     @defer.inlineCallbacks
+    def test_connect_back_to_a_closed_port_is_refused(self) -> Any:
+        """Nobody listens on the probing port: the kernel answers the server's SYN with RST."""
+        from kerjostunt.client.nat.probing import exchange
+        from kerjostunt.client.nat.sockets import reusable_socket
+
+        holder = reusable_socket(("127.0.0.1", 0))
+        self.addCleanup(holder.close)
+        local = holder.getsockname()
+        tid = b"z" * 12
+        request = stun.encode(stun.BINDING_REQUEST, tid, [(stun.KERJO_CONNECT_BACK, b"")])
+        ex = yield exchange(reactor, local, ("127.0.0.1", self.ports[0]), request, tid)
+        self.assertEqual(ex.result.mapped_port, local[1])
+        self.assertEqual(ex.response.get(stun.KERJO_CONNECT_BACK_RESULT), b"refused")
+
+    @defer.inlineCallbacks
     def test_command_json(self) -> Any:
         args = build_parser().parse_args(["netcheck", "--server", "127.0.0.1", "--json", "--wait", "0.05",
                                           "--probe-ports", ",".join(map(str, self.ports))])
