@@ -394,6 +394,8 @@ class Dialer:
                                           + " -- " + self.explain()))
 
     def _give_up(self) -> None:
+        for entry in self._tried:  # still running at the safety net: out of time, not beaten
+            entry[1] = entry[1] or "timeout"
         self._life.fail(ConnectFailed("no verified connection in time: " + "; ".join(self.errors or ["no answer"])
                                       + " -- " + self.explain()))
 
