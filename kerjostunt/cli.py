@@ -23,9 +23,11 @@ from collections.abc import Sequence
 
 COMMAND_MODULES: list[str] = [
     "kerjostunt.server.admin",
+    "kerjostunt.server.operators",
     "kerjostunt.client.cli.peers",
     "kerjostunt.client.cli.echo",
     "kerjostunt.client.cli.join",
+    "kerjostunt.client.cli.netcheck",
 ]
 
 #: a peer's commands, by name: ``kerjostunt join`` imports only its own module.  The admin

@@ -178,6 +178,11 @@ class DialerPlanTests(unittest.TestCase):
         failure = self.failureResultOf(d, ConnectFailed)
         self.assertIn("both NATs allocate ports at random", failure.value.reason)
         self.assertIsNone(dialer._punch)
+        # The outcome's tried= and the failed: line's advice (issue 14).
+        self.assertEqual(dialer.tried(), (("punch", "skipped"),))
+        self.assertTrue(failure.value.reason.endswith(
+            " -- closest: punch (skipped); both NATs allocate ports at random: a relay is needed"),
+            failure.value.reason)
 
     def started(self, setup: CallSetup, own_public: str | None, probes: list[Any]) -> tuple[Dialer, Clock]:
         clock = Clock()

@@ -124,7 +124,8 @@ class CallFlowTests(unittest.TestCase):
         self.assertEqual(ack.call_id, forwarded.call_id)
         # Outcome reports: both report stunt, the flags follow.
         r1 = yield self.peers["alice"].report(c["invite"].call_id, "bob",
-                                             f"outcome=stunt\ntechnique=simultaneous-open\nremote=127.0.0.1:{c['port_b']}\nelapsed_ms=183\n")
+                                             f"outcome=stunt\ntechnique=simultaneous-open\nremote=127.0.0.1:{c['port_b']}\nelapsed_ms=183\n"
+                                             "tried=public:refused,punch:connected\n")
         r2 = yield self.peers["bob"].report(forwarded.call_id, "alice",
                                            f"outcome=stunt\ntechnique=simultaneous-open\nremote=127.0.0.1:{c['port_a']}\nelapsed_ms=181\n")
         self.assertEqual((r1.code, r2.code), (200, 200))
@@ -142,6 +143,13 @@ class CallFlowTests(unittest.TestCase):
         self.assertEqual(len(attempts), 1)
         self.assertEqual((attempts[0].outcome, attempts[0].technique, attempts[0].predicted, attempts[0].actual),
                          ("stunt", "simultaneous-open", f"127.0.0.1:{c['port_b']}", f"127.0.0.1:{c['port_b']}"))
+        # Each side's race and prediction, for `kerjostunt attempts` and /status (issue 14).
+        detail = attempts[0].detail
+        self.assertEqual(detail["caller"]["tried"], [["public", "refused"], ["punch", "connected"]])
+        # The caller's success decides the call: bob's report came after the row was written.
+        self.assertEqual((detail["caller"]["elapsed_ms"], detail["callee"]["elapsed_ms"]), (183, None))
+        self.assertEqual(detail["callee"]["tried"], [])
+        self.assertEqual(detail["callee"]["predicted"][0], c["port_b"])
         self.assertEqual(self.server.counters["calls_stunt_simultaneous-open"], 1)
         bye = yield self.peers["alice"].bye(c["invite"].call_id, "bob")
         self.assertEqual(bye.code, 200)

@@ -88,3 +88,21 @@ class TagTests(SynchronousTestCase):
     def test_fresh_and_shaped(self) -> None:
         self.assertNotEqual(kerjo.new_tag(), kerjo.new_tag())
         self.assertTrue(kerjo.new_branch().startswith("z9hG4bK"))
+
+
+class TriedTests(SynchronousTestCase):
+    """The outcome's ``tried=``: each technique of the race and its result, in order (issue 14)."""
+
+    @given(st.lists(st.tuples(st.sampled_from(kerjo.TRIED_TECHNIQUES), st.sampled_from(kerjo.TRIED_RESULTS)),
+                    max_size=kerjo.MAX_TRIED))
+    def test_round_trip(self, tried: list[tuple[str, str]]) -> None:
+        outcome = kerjo.Outcome("failed", "none", None, 10, tuple(tried))
+        self.assertEqual(kerjo.parse_outcome(outcome.to_bytes()), outcome)
+
+    def test_refused(self) -> None:
+        base = b"outcome=failed\ntechnique=none\n"
+        for bad in (b"tried=relay:connected\n", b"tried=punch:maybe\n", b"tried=punch\n", b"tried=\n",
+                    b"tried=punch:timeout,\n", b"tried=" + b",".join([b"punch:timeout"] * 13) + b"\n"):
+            self.assertRaises(kerjo.OutcomeError, kerjo.parse_outcome, base + bad)
+        self.assertRaises(kerjo.OutcomeError, kerjo.parse_outcome,
+                          base + b"tried=punch:timeout\ntried=lan:refused\n")

@@ -23,7 +23,7 @@ MAX_FUNCTION_LINES = 60
 MAX_INIT_PARAMETERS = 10
 
 #: server modules that build or administer the database itself rather than use the async API
-SERVER_STORE_OWNERS = {"kerjostunt.server.service", "kerjostunt.server.admin"}
+SERVER_STORE_OWNERS = {"kerjostunt.server.service", "kerjostunt.server.admin", "kerjostunt.server.operators"}
 
 
 def modules() -> Iterator[tuple[str, Path]]:

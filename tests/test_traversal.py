@@ -135,10 +135,16 @@ class TraversalTests(unittest.TestCase):
         self.assert_echoed(sc, result)
         self.assertIn(result.technique, techniques, result.summary())
         self.assert_peer_to_peer(sc, result, traffic, "a1")
-        yield self.assert_recorded(
+        attempt = yield self.assert_recorded(
             sc, since, "stunt", techniques,
             {"alice": "stunt", "bob": "stunt"},
             actual_ips={sc.public_ip("a1"), sc.public_ip("b1")})
+        # Each technique's result is kept (issue 14): the winner is among them.
+        results = [r for side in ("caller", "callee") for _, r in (attempt.detail or {}).get(side, {}).get("tried", [])]
+        self.assertIn("connected", results, attempt)
+        shown = yield sc.admin("attempts", "alice", "--peer", "bob", "--last", "1")
+        self.assertIn("  caller alice: NAT ", shown.stdout)
+        self.assertIn(" connected", shown.stdout)
 
     # -- the Must show of issue 5 --------------------------------------------------
 
@@ -194,8 +200,13 @@ class TraversalTests(unittest.TestCase):
         self.assertIsNotNone(result.failed, result.summary())
         self.assertFalse(result.echo_ok)
         self.assertNotIn("Traceback", result.output)
+        # What to try (issue 14): the server refused with 488, no technique joins two random NATs.
+        self.assertTrue(result.failed.endswith("both NATs allocate ports at random: a relay is needed"),
+                        result.summary())
         yield self.assert_recorded(sc, since, "failed", {None, "none"},
                                    {"bob": "unreachable"})
+        shown = yield sc.admin("attempts", "alice", "--last", "1")
+        self.assertIn("refused: 488 no technique: both NATs allocate ports at random", shown.stdout)
 
 
 def peer_lines(output: str, user: str) -> list[str]:

@@ -26,6 +26,7 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from kerjostunt.server.connectback import Connector
 from kerjostunt.server.limits import PerSourceCap
 from kerjostunt.store import UnknownUser
 from kerjostunt.tcp import host_port
@@ -276,6 +277,7 @@ class ProbeProtocol(Protocol):
         self._requests = 0
         self._opened_at: float | None = None
         self.source: str | None = None  # admitted by the factory's per-IP cap; released when lost
+        self._connected_back = False
         self._life = _ProbeLifeMachine(self)
 
     # -- Twisted callbacks
@@ -386,7 +388,27 @@ class ProbeProtocol(Protocol):
         except _Reject as r:
             self._error(msg.msg_type, tid, r.code, r.reason, r.unknown)
             return
+        if msg.has(stun.KERJO_CONNECT_BACK):
+            self._connect_back(msg, key)
+            return
         self._answer(msg, key)
+
+    def _connect_back(self, msg: stun.StunMessage, key: tuple[bytes, bool] | None) -> None:
+        """Dial the prober back (server/connectback.py), then answer with how that went.
+
+        Once per connection; the answer comes when the connect ends, so it
+        may follow the answers to later requests on the connection (STUN
+        matches responses by transaction ID).
+        """
+        connector = self.factory.connect_back
+        if connector is None or self._connected_back:
+            self._answer(msg, key, [(stun.KERJO_CONNECT_BACK_RESULT, b"unsupported" if connector is None
+                                     else b"busy")])
+            return
+        self._connected_back = True
+        d = connector.attempt(self._addresses()[0], msg.transaction_id)
+        d.addCallback(lambda word: self._answer(msg, key, [(stun.KERJO_CONNECT_BACK_RESULT, word.encode())]))
+        d.addErrback(lambda f: _log.failure("connect-back answer failed", f))
 
     def _authenticate(self, msg: stun.StunMessage, frame: bytes) -> tuple[bytes, bool] | None:
         """(key, use SHA256) for an authenticated request, None for a plain one."""
@@ -432,7 +454,8 @@ class ProbeProtocol(Protocol):
 
     # -- output
 
-    def _answer(self, msg: stun.StunMessage, key: tuple[bytes, bool] | None) -> None:
+    def _answer(self, msg: stun.StunMessage, key: tuple[bytes, bool] | None,
+                extra: list[tuple[int, bytes]] | None = None) -> None:
         mapped, origin = self._addresses()
         tid = msg.transaction_id
         attrs = [(stun.XOR_MAPPED_ADDRESS, stun.encode_xor_address(mapped, tid)),
@@ -441,6 +464,7 @@ class ProbeProtocol(Protocol):
             attrs.append((stun.RESPONSE_ORIGIN,
                           stun.encode_address(origin)))
             attrs.append((stun.OTHER_ADDRESS, stun.encode_address(self.factory.other_address)))
+        attrs.extend(extra or [])
         attrs.append((stun.SOFTWARE, self.factory.software.encode("utf-8")))
         self._write(stun.encode(
             stun.BINDING_SUCCESS, tid, attrs,
@@ -469,8 +493,10 @@ class ProbeFactory(Factory):
     def __init__(self, clock: IReactorTime, tokens: ProbeTokens, log: ObservationLog, *,
                  other_address: tuple[str, int] | None = None, idle_timeout: float = 10.0,
                  max_requests: int = 16, software: str = "kerjostunt", per_ip: PerSourceCap | None = None,
-                 max_lifetime: float = 30.0) -> None:
+                 max_lifetime: float = 30.0, connect_back: Connector | None = None) -> None:
         self.clock = clock
+        #: dials probers back on request (None: answered "unsupported")
+        self.connect_back = connect_back
         self.tokens = tokens
         self.log = log
         self.other_address = other_address

@@ -32,6 +32,7 @@ from kerjostunt import tls
 from kerjostunt.server import web
 from kerjostunt.server.auth import NonceManager, make_portal
 from kerjostunt.server.calls import CallManager, CallSettings
+from kerjostunt.server.connectback import ConnectBack
 from kerjostunt.server.limits import PerSourceCap, WebLimits
 from kerjostunt.server.probe import Observation, ObservationLog, ProbeFactory, ProbeTokens, nat_not_stored
 from kerjostunt.server.reactor import IServerReactor
@@ -204,6 +205,8 @@ class StuntServer(MultiService):
         self.tokens = ProbeTokens(reactor, settings.probe_token_lifetime)
         self.observations = ObservationLog()
         self.observations.subscribe(self._observed)
+        # One for every probe port: its cap on connects in flight is server-wide.
+        self.connect_back = ConnectBack(reactor, source_ip=settings.probe_alt_ip or None)
         self.register = RegisterHandler(
             reactor,
             settings.domain,
@@ -268,7 +271,8 @@ class StuntServer(MultiService):
         other = None
         if self.settings.probe_alt_ip:
             other = (self.settings.probe_alt_ip, self.settings.probe_ports[-1])
-        return ProbeFactory(self.reactor, self.tokens, self.observations, other_address=other, per_ip=self.probe_cap)
+        return ProbeFactory(self.reactor, self.tokens, self.observations, other_address=other, per_ip=self.probe_cap,
+                            connect_back=self.connect_back)
 
     def _probe_headers(self, user_id: str) -> list[tuple[str, str]]:
         token, password = self.tokens.issue(user_id)

@@ -1,4 +1,4 @@
-"""The HTTPS service: the trusted peers list, ``/metrics`` and ``/health``.
+"""The HTTPS service: the trusted peers list, ``/status``, ``/metrics`` and ``/health``.
 
 One leaf resource dispatches on the path, so every answer (errors
 included) is a small JSON or text body we chose, never a Twisted error page
@@ -35,11 +35,13 @@ from zope.interface import Interface, implementer
 
 from kerjostunt import tls
 from kerjostunt.server import metrics as metrics_module
+from kerjostunt.server import statuspage
 from kerjostunt.server.auth import AuthGuard, NonceManager, SIPDigestCredentials, StoreDigestChecker, challenge_params
 from kerjostunt.server.deadline import within
 from kerjostunt.server.limits import WebLimits
 from kerjostunt.server.registrar import Registrar
 from kerjostunt.server.signaling import AdmittingTLSFactory
+from kerjostunt.server.status import Peer, StatusStore, summarise
 from kerjostunt.server.throttle import GuessThrottle
 from kerjostunt.server.webchannel import (
     IDLE_TIMEOUT,
@@ -71,6 +73,11 @@ HEALTH_TIMEOUT = 0.8  # /health's read; with the rest it answers within 1 s
 
 JSON = b"application/json; charset=utf-8"
 TEXT = b"text/plain; charset=utf-8"
+HTML = b"text/html; charset=utf-8"
+#: the calls /status sums up: the last hour
+STATUS_WINDOW = 3600.0
+#: /status loads nothing and runs nothing: inline CSS and SVG only
+STATUS_CSP = b"default-src 'none'; style-src 'unsafe-inline'; img-src data:"
 
 
 # -- authentication through twisted.cred ----------------------------------
@@ -265,9 +272,12 @@ class WebResource(resource.Resource):
         clock: IReactorTime,
         count: Callable[[str], None] | None = None,
         throttle: GuessThrottle | None = None,
+        status: StatusStore | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.store = store
+        #: the /status page's store calls (None: no /status)
+        self.status_store = status
         self.registrar = registrar
         self.metrics = metrics
         self.realm = domain
@@ -300,6 +310,8 @@ class WebResource(resource.Resource):
             segments.pop()  # a trailing slash
         if segments == [b"health"]:
             return self.health()
+        if segments == [b"status"] and self.status_store is not None:
+            return self.status(request, self.status_store)
         if segments == [b"metrics"]:
             return defer.succeed(Reply(200, metrics_module.render(self.metrics), metrics_module.CONTENT_TYPE.encode()))
         if len(segments) == 4 and segments[:2] == [b"v1", b"groups"] and segments[3] == b"peers":
@@ -331,10 +343,8 @@ class WebResource(resource.Resource):
     # -- /v1/groups/GROUP/peers
 
     @defer.inlineCallbacks
-    def peers(self, request: server.Request, group: str) -> Generator[defer.Deferred[Any], Any, Reply]:
-        fmt = request.args.get(b"format", [b"json"])[-1]
-        if fmt not in (b"json", b"text"):
-            return error_reply(400, "format must be json or text")
+    def authenticate(self, request: server.Request) -> Generator[defer.Deferred[Any], Any, WebUser | Reply]:
+        """The request's user, or the 401/400 to answer with."""
         source = host_port(request.getClientAddress())[0]  # type: ignore[no-untyped-call]  # twisted.web
         try:
             credentials = parse_credentials(request, self.realm, self.nonces, source)
@@ -349,6 +359,17 @@ class WebResource(resource.Resource):
             return error_reply(401, "authentication required", headers)
         except BadRequest as e:
             return error_reply(400, str(e))
+        assert isinstance(user, WebUser)
+        return user
+
+    @defer.inlineCallbacks
+    def peers(self, request: server.Request, group: str) -> Generator[defer.Deferred[Any], Any, Reply]:
+        fmt = request.args.get(b"format", [b"json"])[-1]
+        if fmt not in (b"json", b"text"):
+            return error_reply(400, "format must be json or text")
+        user = yield self.authenticate(request)
+        if isinstance(user, Reply):
+            return user
         if not NAME_RE.match(group):
             return error_reply(404, f"unknown group {group!r}")
         try:
@@ -364,6 +385,23 @@ class WebResource(resource.Resource):
         if fmt == b"text":
             return Reply(200, peers_text(group, documents).encode("utf-8"), TEXT)
         return json_reply(200, {"group": group, "peers": documents})
+
+    # -- /status (operators)
+
+    @defer.inlineCallbacks
+    def status(self, request: server.Request, store: StatusStore) -> Generator[defer.Deferred[Any], Any, Reply]:
+        """The operators' page (docs/web.rst): who is registered, the last hour of calls, drawn."""
+        user = yield self.authenticate(request)
+        if isinstance(user, Reply):
+            return user
+        allowed = yield self._store(store.is_operator, user.user_id)
+        if not allowed:
+            return error_reply(403, f"{user.user_id} is not an operator (kerjostunt operator add {user.user_id})")
+        now = self.clock.seconds()
+        attempts = yield self._store(store.attempts_since, now - STATUS_WINDOW)
+        peers = [Peer(b.user_id, format_address(*b.public_address), b.registered_at) for b in self.registrar]
+        page = statuspage.render(summarise(attempts, peers, now, STATUS_WINDOW), self.realm)
+        return Reply(200, page, HTML, ((b"content-security-policy", STATUS_CSP),))
 
     # -- plumbing
 
@@ -410,10 +448,11 @@ def make_site(
     count: Callable[[str], None] | None = None,
     limits: WebLimits = WebLimits(),
     throttle: GuessThrottle | None = None,
+    status: StatusStore | None = None,
 ) -> WebSite:
     """The plain-HTTP site; ``tls_factory`` puts TLS around it."""
     root = WebResource(store=store, registrar=registrar, metrics=metrics, domain=domain, clock=clock, count=count,
-                       throttle=throttle)
+                       throttle=throttle, status=status)
     return WebSite(root, clock, limits.max_per_ip, limits=limits, count=count)
 
 
@@ -437,6 +476,7 @@ def tls_factory(server: StuntServer) -> AdmittingTLSFactory:
         count=server.count,
         limits=server.settings.web_limits,
         throttle=server.register.throttle,  # one throttle: SIP and web failures add up
+        status=server.store,
     )
     return AdmittingTLSFactory(tls.server_options(server.certificates), False, site)
 

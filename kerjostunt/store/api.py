@@ -112,10 +112,12 @@ class UsageRecorder(Protocol):
         duration_ms: float | None,
         when: float,
         witnesses: Sequence[str] | None = None,
+        detail: str | None = None,
     ) -> Deferred[dict[str, str]]:
         """One call's outcome; fires with both peers' new STUNT states (user ID -> state).
 
-        ``witnesses``: whose own report agrees with the outcome (None: both).
+        ``witnesses``: whose own report agrees with the outcome (None: both); ``detail``: JSON,
+        each side's techniques with their results, predictions, NATs.
         """
         ...
 
@@ -465,10 +467,11 @@ class AsyncStore:
         duration_ms: float | None,
         when: float,
         witnesses: Sequence[str] | None = None,
+        detail: str | None = None,
     ) -> Deferred[dict[str, str]]:
         return self._submit(
             Database.record_attempt,
-            (call_id, caller, callee, technique, outcome, predicted, actual, duration_ms, when, witnesses),
+            (call_id, caller, callee, technique, outcome, predicted, actual, duration_ms, when, witnesses, detail),
             {},
             flush_seen=False,  # it reads states and attempts, which record_seen does not write
             kind=USAGE,
@@ -479,6 +482,14 @@ class AsyncStore:
 
     def recent_attempts(self, user_id: str, limit: int = 20) -> Deferred[list[AttemptRecord]]:
         return self.run(Database.recent_attempts, user_id, limit)
+
+    def is_operator(self, user_id: str) -> Deferred[bool]:
+        """May this user read /status? (``kerjostunt operator add``)"""
+        return self.run(Database.is_operator, user_id)
+
+    def attempts_since(self, since: float, limit: int = 20000) -> Deferred[list[AttemptRecord]]:
+        """The attempts the /status page summarises, oldest first."""
+        return self.run(Database.attempts_since, since, limit)
 
     def pair_outcomes(self, user_id: str, since: float) -> Deferred[dict[str, PairOutcome]]:
         return self.run(Database.pair_outcomes, user_id, since)

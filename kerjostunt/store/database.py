@@ -21,6 +21,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.pool import StaticPool
 
+from kerjostunt.store.operators import Operations
 from kerjostunt.store.queries import translated
 from kerjostunt.store.records import (
     HA1_ALGORITHMS,
@@ -90,11 +91,12 @@ PENDING_SUFFIX = ".pending.jsonl"
 PRIVATE = 0o600
 
 
-class Database(UsersAndGroups, UsageLog):
+class Database(UsersAndGroups, UsageLog, Operations):
     """One SQLAlchemy engine and the operations on users, groups and attempts.
 
     The operations live in ``store.users`` (users and groups) and
-    ``store.usage`` (what the server records); this class opens the
+    ``store.usage`` (what the server records) and ``store.operators``
+    (what an operator reads, who is one); this class opens the
     engine and keeps the schema current.
     """
 

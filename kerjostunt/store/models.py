@@ -10,12 +10,14 @@ bulk without reading generated IDs back.
 from __future__ import annotations
 
 from sqlalchemy import (
+    Boolean,
     Float,
     ForeignKey,
     Index,
     Integer,
     String,
     Text,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -37,6 +39,8 @@ class User(Base):
     public_port: Mapped[int | None] = mapped_column(Integer)
     nat: Mapped[str | None] = mapped_column(Text)  # JSON from prediction.py
     last_seen: Mapped[float | None] = mapped_column(Float)
+    # may read /status (migration 0002; ``kerjostunt user operator ID on``)
+    operator: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class Group(Base):
@@ -76,6 +80,8 @@ class Attempt(Base):
     at: Mapped[float] = mapped_column(Float)
     #: whose own report agrees with ``outcome`` (comma-separated user IDs; NULL: rows from before 0002)
     witnesses: Mapped[str | None] = mapped_column(String(140), nullable=True)
+    # JSON: each side's techniques tried and their results, predictions, NATs (migration 0003)
+    detail: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (
         Index("ix_attempts_caller_at", "caller", "at"),

@@ -8,6 +8,7 @@ the "use STUNT" flag rule and the checks on credentials and import rows.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -125,6 +126,19 @@ class AttemptRecord:
     actual: str | None
     duration_ms: float | None
     when: float
+    #: each side's techniques and results, predicted window, NAT (server/calls/detail.py); None before 0002
+    detail: dict[str, Any] | None = None
+
+
+def detail_of(text: str | None) -> dict[str, Any] | None:
+    """The stored detail JSON, None when absent or unreadable (an old row must not break a listing)."""
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 @dataclass(frozen=True)

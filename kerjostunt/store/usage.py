@@ -6,7 +6,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import Connection, or_, select, update
 
 from kerjostunt.store.models import Attempt
 from kerjostunt.store.queries import (
@@ -29,6 +29,7 @@ from kerjostunt.store.records import (
     PairOutcome,
     RecentAttempt,
     UnknownUser,
+    detail_of,
     next_states,
     witnessed,
 )
@@ -92,6 +93,7 @@ class UsageLog(EngineBound):
         duration_ms: float | None,
         when: float,
         witnesses: Sequence[str] | None = None,
+        detail: str | None = None,
     ) -> dict[str, str]:
         """Store one attempt and apply the flag rule (``next_states``).
 
@@ -106,49 +108,13 @@ class UsageLog(EngineBound):
         # Core, not an ORM Session: once per call, and the Session cost several
         # times the SQL (docs/performance.rst).
         with self.engine.begin() as c:
-            c.execute(
-                ATTEMPT_INSERT,
-                {
-                    "call_id": call_id,
-                    "caller": caller,
-                    "callee": callee,
-                    "technique": technique,
-                    "outcome": outcome,
-                    "predicted": predicted,
-                    "actual": actual,
-                    "duration_ms": duration_ms,
-                    "at": when,
-                    "witnesses": None if witnesses is None else ",".join(sorted(set(witnesses))),
-                },
-            )
-            # Lock both rows, in a fixed order, so concurrent outcomes for the
-            # same user (PostgreSQL, several workers) apply one after another.
-            locked = {
-                row.user_id: row.stunt_state
-                for row in c.execute(LOCK_STATES, {"user_ids": sorted({caller, callee})})
-            }
-            recent = [
-                RecentAttempt(row.outcome, row.caller if row.callee == callee else row.callee,
-                              witnessed(row.witnesses, callee))
-                for row in c.execute(
-                    RECENT_OUTCOMES, {"user_id": callee, "since": when - RECENT_WINDOW, "until": when})
-            ]
-            new_caller, new_callee = next_states(
-                outcome,
-                locked.get(caller, "unknown"),
-                locked.get(callee, "unknown"),
-                recent,
-                caller_reported=witnesses is None or caller in witnesses,
-                callee_reported=witnesses is None or callee in witnesses,
-            )
-            states: dict[str, str] = {}
-            for user_id, state in ((caller, new_caller), (callee, new_callee)):
-                if user_id in locked:
-                    states[user_id] = state
-            for user_id, state in states.items():
-                if state != locked[user_id]:
-                    c.execute(STATE_UPDATE, {"b_user_id": user_id, "b_state": state})
-            return states
+            c.execute(ATTEMPT_INSERT, {
+                "call_id": call_id, "caller": caller, "callee": callee, "technique": technique,
+                "outcome": outcome, "predicted": predicted, "actual": actual, "duration_ms": duration_ms,
+                "at": when, "witnesses": None if witnesses is None else ",".join(sorted(set(witnesses))),
+                "detail": detail,  # JSON, server/calls/detail.py
+            })
+            return _apply_flags(c, outcome, caller, callee, when, witnesses)
 
     @translated
     def set_stunt_state(self, user_id: str, state: str) -> None:
@@ -209,6 +175,38 @@ class UsageLog(EngineBound):
                     actual=a.actual,
                     duration_ms=a.duration_ms,
                     when=a.at,
+                    detail=detail_of(a.detail),
                 )
                 for a in rows
             ]
+
+
+def _apply_flags(c: Connection, outcome: str, caller: str, callee: str, when: float,
+                 witnesses: Sequence[str] | None) -> dict[str, str]:
+    """The flag rule for one stored attempt, in its transaction: the users' new states."""
+    # Lock both rows, in a fixed order, so concurrent outcomes for the
+    # same user (PostgreSQL, several workers) apply one after another.
+    locked = {
+        row.user_id: row.stunt_state
+        for row in c.execute(LOCK_STATES, {"user_ids": sorted({caller, callee})})
+    }
+    recent = [
+        RecentAttempt(row.outcome, row.caller if row.callee == callee else row.callee,
+                      witnessed(row.witnesses, callee))
+        for row in c.execute(
+            RECENT_OUTCOMES, {"user_id": callee, "since": when - RECENT_WINDOW, "until": when})
+    ]
+    new_caller, new_callee = next_states(
+        outcome,
+        locked.get(caller, "unknown"),
+        locked.get(callee, "unknown"),
+        recent,
+        caller_reported=witnesses is None or caller in witnesses,
+        callee_reported=witnesses is None or callee in witnesses,
+    )
+    states = {user_id: state for user_id, state in ((caller, new_caller), (callee, new_callee))
+              if user_id in locked}
+    for user_id, state in states.items():
+        if state != locked[user_id]:
+            c.execute(STATE_UPDATE, {"b_user_id": user_id, "b_state": state})
+    return states

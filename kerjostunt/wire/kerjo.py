@@ -100,8 +100,14 @@ def parse_endpoint(text: str) -> Endpoint:
 
 OUTCOMES = ("direct", "stunt", "failed")
 TECHNIQUES = ("lan", "public", "simultaneous-open", "low-ttl", "accepted", "birthday", "none")
-_OUTCOME_KEYS = ("outcome", "technique", "remote", "elapsed_ms")
+_OUTCOME_KEYS = ("outcome", "technique", "remote", "elapsed_ms", "tried")
 _KEY_VALUE = re.compile(r"([a-z_]{1,16})=([\x21-\x7e]{1,64})\Z")
+#: ``tried``: what the side's race attempted, in order (docs/protocol.rst "Outcome")
+TRIED_TECHNIQUES = ("lan", "public", "punch", "birthday", "simultaneous-open", "low-ttl", "accepted")
+TRIED_RESULTS = ("connected", "handshake", "refused", "timeout", "unreachable", "reset", "skipped",
+                 "cancelled", "failed")
+MAX_TRIED = 12
+_TRIED = re.compile(r"tried=((?:[a-z-]{1,20}:[a-z]{1,12},){0,11}[a-z-]{1,20}:[a-z]{1,12})\Z")
 _MAX_ELAPSED_MS = 3_600_000
 
 
@@ -117,6 +123,8 @@ class Outcome:
     technique: str
     remote: Endpoint | None
     elapsed_ms: int | None
+    #: (technique, result) in the order the race started them (``TRIED_*``)
+    tried: tuple[tuple[str, str], ...] = ()
 
     @property
     def success(self) -> bool:
@@ -129,6 +137,8 @@ class Outcome:
             lines.append(f"remote={format_endpoint(self.remote)}")
         if self.elapsed_ms is not None:
             lines.append(f"elapsed_ms={self.elapsed_ms}")
+        if self.tried:
+            lines.append("tried=" + ",".join(f"{t}:{r}" for t, r in self.tried[:MAX_TRIED]))
         return ("\n".join(lines) + "\n").encode("ascii")
 
 
@@ -156,7 +166,19 @@ def parse_outcome(body: bytes) -> Outcome:
         if not values["elapsed_ms"].isdigit() or int(values["elapsed_ms"]) > _MAX_ELAPSED_MS:
             raise OutcomeError("bad elapsed_ms")
         elapsed = int(values["elapsed_ms"])
-    return Outcome(outcome, technique, remote, elapsed)
+    return Outcome(outcome, technique, remote, elapsed, _parse_tried(values.get("tried")))
+
+
+def _parse_tried(value: str | None) -> tuple[tuple[str, str], ...]:
+    if value is None:
+        return ()
+    tried = []
+    for entry in value.split(","):
+        technique, _, result = entry.partition(":")
+        if technique not in TRIED_TECHNIQUES or result not in TRIED_RESULTS:
+            raise OutcomeError(f"bad tried entry {entry[:40]!r}")
+        tried.append((technique, result))
+    return tuple(tried)
 
 
 def _outcome_fields(body: bytes) -> dict[str, str]:
@@ -170,10 +192,14 @@ def _outcome_fields(body: bytes) -> dict[str, str]:
     for line in text.replace("\r\n", "\n").split("\n"):
         if line == "":
             continue
+        tried = _TRIED.match(line)  # the one longer value
         match = _KEY_VALUE.match(line)
-        if match is None:
+        if tried is not None:
+            key, value = "tried", tried.group(1)
+        elif match is not None:
+            key, value = match.groups()
+        else:
             raise OutcomeError(f"bad outcome line {line[:40]!r}")
-        key, value = match.groups()
         if key not in _OUTCOME_KEYS:
             raise OutcomeError(f"unknown outcome key {key!r}")
         if key in values:

@@ -80,6 +80,10 @@ RESPONSE_ORIGIN = 0x802B
 OTHER_ADDRESS = 0x802C
 #: kerjostunt private: the client's local port (see module docstring).
 KERJO_LOCAL_PORT = 0xBF4B
+#: kerjostunt private (request, empty): "connect back to my mapped address" (docs/probes.rst)
+KERJO_CONNECT_BACK = 0xBF4C
+#: kerjostunt private (response): how that connect ended, one ASCII word
+KERJO_CONNECT_BACK_RESULT = 0xBF4D
 
 ATTRIBUTE_NAMES = {
     MAPPED_ADDRESS: "MAPPED-ADDRESS",
@@ -101,6 +105,8 @@ ATTRIBUTE_NAMES = {
     RESPONSE_ORIGIN: "RESPONSE-ORIGIN",
     OTHER_ADDRESS: "OTHER-ADDRESS",
     KERJO_LOCAL_PORT: "KERJO-LOCAL-PORT",
+    KERJO_CONNECT_BACK: "KERJO-CONNECT-BACK",
+    KERJO_CONNECT_BACK_RESULT: "KERJO-CONNECT-BACK-RESULT",
 }
 
 _HEADER = struct.Struct("!HHI12s")

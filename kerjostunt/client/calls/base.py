@@ -229,6 +229,10 @@ class CallBase:
     def _elapsed_ms(self) -> float:
         return (self.dialer.elapsed() * 1000.0) if self.dialer else 0.0
 
+    def _tried(self) -> tuple[tuple[str, str], ...]:
+        """What the race attempted, for the outcome's ``tried=`` (``kerjostunt attempts`` shows it)."""
+        return self.dialer.tried() if self.dialer else ()
+
     def report(self, sig: SignalingClientProtocol | None, body: bytes, from_tag: str | None, to_uri: str,
                to_tag: str | None) -> None:
         """Send the outcome INFO; a lost signaling connection only costs the record."""

@@ -142,7 +142,7 @@ class IncomingCall(CallBase):
 
     def _succeeded(self, result: DialResult) -> None:
         elapsed_ms = result.elapsed * 1000.0
-        self._report(outcome_body(result.outcome, result.technique, result.remote, elapsed_ms))
+        self._report(outcome_body(result.outcome, result.technique, result.remote, elapsed_ms, self._tried()))
         self._end()
         self.agent.peer_accepted(PeerConnection(
             self.peer_id, result.protocol, result.technique, result.outcome, result.remote, elapsed_ms,
@@ -150,7 +150,7 @@ class IncomingCall(CallBase):
 
     def _dial_failed(self, failure: Failure) -> None:
         log.info("call {call} from {peer} failed: {why}", call=self.call_id, peer=self.peer_id, why=reason_of(failure))
-        self._report(outcome_body("failed", "none", None, self._elapsed_ms()))
+        self._report(outcome_body("failed", "none", None, self._elapsed_ms(), self._tried()))
 
     def _report(self, body: bytes) -> None:
         self.report(self.sig, body, self.to_tag, self.sig.uri_of(self.peer_id), tag_of(self.invite.headers.get("From")))

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from kerjostunt.client.calls.base import CallAgent, CallBase, PreparingInputs
+from kerjostunt.client.calls.explain import refusal_text
 from kerjostunt.client.calls.race import DialResult
 from kerjostunt.client.calls.setup import (
     CallSetup,
@@ -142,7 +143,7 @@ class OutgoingCall(CallBase):
 
     def _answered(self, response: Response) -> None:
         if response.code != 200:
-            self._life.failed(Failure(ConnectFailed(f"{response.code} {response.reason}", response.code)))
+            self._life.failed(Failure(ConnectFailed(refusal_text(response.code, response.reason), response.code)))
             return
         assert self.sig is not None
         self.to_tag = tag_of(response.headers.get("To"))
@@ -169,7 +170,7 @@ class OutgoingCall(CallBase):
 
     def _succeeded(self, result: DialResult) -> None:
         elapsed_ms = result.elapsed * 1000.0
-        self._report(outcome_body(result.outcome, result.technique, result.remote, elapsed_ms))
+        self._report(outcome_body(result.outcome, result.technique, result.remote, elapsed_ms, self._tried()))
         self._end()
         if not self.result.called:
             self.result.callback(PeerConnection(
@@ -181,7 +182,7 @@ class OutgoingCall(CallBase):
         if not isinstance(exc, ConnectFailed):
             exc = ConnectFailed(reason_of(failure))
         if dialing:
-            self._report(outcome_body("failed", "none", None, self._elapsed_ms()))
+            self._report(outcome_body("failed", "none", None, self._elapsed_ms(), self._tried()))
         self._end()
         if not self.result.called:
             self.result.errback(exc)

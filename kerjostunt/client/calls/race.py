@@ -26,6 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from kerjostunt.client.calls.appport import CallHandshakeFactory, PreambleFactory, call_tag
+from kerjostunt.client.calls.explain import explain, word_of
 from kerjostunt.client.calls.setup import CallSetup, ConnectFailed, Endpoint, reason_of
 from kerjostunt.client.nat import birthday
 from kerjostunt.client.nat.contest import Contest
@@ -151,6 +152,10 @@ class Dialer:
         self._contest: Contest[DialResult] = Contest(reactor, cancelled=lambda: self.stop("cancelled"))
         self._punch: defer.Deferred[PunchResult] | None = None  # the punch, once started
         self._lan_dialed = False
+        #: [technique, result] per attempt, in start order ("" while it runs)
+        self._tried: list[list[str]] = []
+        self._try_of: dict[int, int] = {}  # id(protocol) -> its attempt, during the handshake
+        self._nats: tuple[NATDescription | None, NATDescription | None] = (None, None)
         self._life = _RaceMachine(self)
 
     @property
@@ -165,6 +170,18 @@ class Dialer:
     def phase(self) -> str:
         """The machine's state by name, for logs and tests; decisions ask the machine instead."""
         return self._life.phase()
+
+    def tried(self) -> tuple[tuple[str, str], ...]:
+        """(technique, result) per attempt in start order; one still running when the race ended: cancelled."""
+        return tuple((t, r or "cancelled") for t, r in self._tried)
+
+    def _begin_try(self, technique: str, result: str = "") -> int:
+        self._tried.append([technique, result])
+        return len(self._tried) - 1
+
+    def _end_try(self, index: int | None, result: str) -> None:
+        if index is not None and not self._tried[index][1]:
+            self._tried[index][1] = result
 
     # planning ------------------------------------------------------------------
 
@@ -235,8 +252,10 @@ class Dialer:
                 self._dial_direct(candidate.endpoint, technique)
         own_nat = birthday.describe_own(self.own_probes, self.local_ip)
         peer_nat = birthday.parse_nat_header(self.setup.peer_nat)
+        self._nats = (own_nat, peer_nat)
         skip_punch = self._needless(peer_nat, direct) or _hopeless(own_nat, peer_nat)
         if skip_punch:
+            self._begin_try("punch", "skipped")
             self.errors.append(f"punch: {skip_punch}")
         else:
             self._start_punch()
@@ -249,6 +268,7 @@ class Dialer:
         skip_birthday = skip_punch or _reversed(own_nat, peer_nat, self.peer_unnatted(peer_nat))
         if skip_birthday:
             if skip_birthday != skip_punch:
+                self._begin_try("birthday", "skipped")
                 self.errors.append(f"birthday: {skip_birthday}")
         else:
             self._start_birthday(own_nat, peer_nat)
@@ -288,23 +308,25 @@ class Dialer:
 
     def _dial_direct(self, endpoint: Endpoint, technique: str) -> None:
         self.pending += 1
+        attempt = self._begin_try(technique)
         try:
             d = connect_from(
                 self.reactor, (self.local_ip, 0), endpoint,
                 PreambleFactory(self.handshakes, self.tag), timeout=self.config.direct_timeout,
             )
         except OSError as e:
-            self._attempt_failed(f"{technique} {endpoint[0]}:{endpoint[1]}: {e}")
+            self._attempt_failed(f"{technique} {endpoint[0]}:{endpoint[1]}: {e}", attempt)
             return
 
         def connected(protocol: Any) -> None:
             self.pending -= 1  # the handshake takes over the count
+            self._try_of[id(protocol)] = attempt
             self._life.contend(protocol, endpoint, "direct", technique)
 
         def failed(reason: Failure) -> None:
             if reason.check(defer.CancelledError):
                 return
-            self._attempt_failed(f"{technique} {endpoint[0]}:{endpoint[1]}: {reason_of(reason)}")
+            self._attempt_failed(f"{technique} {endpoint[0]}:{endpoint[1]}: {reason_of(reason)}", attempt)
 
         self._contest.track(d).addCallbacks(connected, failed)
 
@@ -323,8 +345,10 @@ class Dialer:
             retry_jitter=RETRY_JITTER,
         )
         self.pending += 1
+        attempt = self._begin_try("punch")
         self._punch = self._contest.track(punch(self.reactor, plan, self.handshakes))
-        self._punch.addCallbacks(self._technique_won, self._technique_failed, errbackArgs=("punch: ",))
+        self._punch.addCallbacks(self._technique_won, self._technique_failed, callbackArgs=(attempt,),
+                                 errbackArgs=("punch: ", attempt))
 
     def _start_birthday(self, own_nat: NATDescription | None, peer_nat: NATDescription | None) -> None:
         """The birthday technique when one NAT is random and the other's mapping
@@ -340,29 +364,37 @@ class Dialer:
             deadline=self.config.deadline, low_ttl=self.config.low_ttl,
         )
         self.pending += 1
+        attempt = self._begin_try("birthday")
         d = self._contest.track(birthday.birthday(self.reactor, plan, self.handshakes))
-        d.addCallbacks(self._technique_won, self._technique_failed, errbackArgs=("",))
+        d.addCallbacks(self._technique_won, self._technique_failed, callbackArgs=(attempt,),
+                       errbackArgs=("", attempt))
 
-    def _technique_won(self, result: PunchResult) -> None:
+    def _technique_won(self, result: PunchResult, attempt: int) -> None:
         self.pending -= 1
+        self._end_try(attempt, "connected")
         self._life.win(DialResult(result.protocol, "stunt", result.technique, result.remote, self.elapsed()))
 
-    def _technique_failed(self, reason: Failure, prefix: str) -> None:
+    def _technique_failed(self, reason: Failure, prefix: str, attempt: int) -> None:
         """The punch (prefix ``punch: ``) or the birthday search (which names itself) gave up."""
         if reason.check(defer.CancelledError):
             return
         why = reason.value.reason if isinstance(reason.value, PunchFailed) else reason_of(reason)
-        self._attempt_failed(prefix + why)
+        self._attempt_failed(prefix + why, attempt)
 
     def _watch(self, protocol: Any, remote: Endpoint, outcome: str, technique: str) -> None:
         """A contender: it wins when its handshake passes."""
         self.pending += 1
+        attempt = self._try_of.pop(id(protocol), None)
+        if attempt is None:  # the peer reached our app port
+            attempt = self._begin_try("accepted" if technique == "public" else technique)
 
         def ok(app: Any) -> None:
             self.pending -= 1
+            self._end_try(attempt, "connected")
             self._life.win(DialResult(app, outcome, technique, remote, self.elapsed()))
 
         def bad(reason: Failure) -> None:
+            self._end_try(attempt, "handshake")
             self._attempt_failed(f"{technique} {remote[0]}:{remote[1]}: {reason_of(reason)}")
 
         self._contest.contend(protocol, ok, bad)
@@ -373,17 +405,26 @@ class Dialer:
 
     # ending --------------------------------------------------------------------
 
-    def _attempt_failed(self, why: str) -> None:
+    def _attempt_failed(self, why: str, attempt: int | None = None) -> None:
         self.pending -= 1
+        self._end_try(attempt, word_of(why))
         self.errors.append(why)
         self._life.check()
 
+    def explain(self) -> str:
+        """The closest technique and what to try (``explain.py``): the end of the ``failed:`` line."""
+        return explain(self.tried(), *self._nats)
+
     def _check_exhausted(self) -> None:
         if self.pending <= 0:
-            self._life.fail(ConnectFailed("all techniques failed: " + "; ".join(self.errors or ["nothing to dial"])))
+            self._life.fail(ConnectFailed("all techniques failed: " + "; ".join(self.errors or ["nothing to dial"])
+                                          + " -- " + self.explain()))
 
     def _give_up(self) -> None:
-        self._life.fail(ConnectFailed("no verified connection in time: " + "; ".join(self.errors or ["no answer"])))
+        for entry in self._tried:  # still running at the safety net: out of time, not beaten
+            entry[1] = entry[1] or "timeout"
+        self._life.fail(ConnectFailed("no verified connection in time: " + "; ".join(self.errors or ["no answer"])
+                                      + " -- " + self.explain()))
 
 
 def _hopeless(own: NATDescription | None, peer: NATDescription | None) -> str:

@@ -104,9 +104,10 @@ def build_offer(user: str, host_ip: str, punch_port: int, app_port: int | None) 
     return SessionDescription(user=user, host_ip=host_ip, candidates=candidates, punch_port=punch_port)
 
 
-def outcome_body(outcome: str, technique: str, remote: Endpoint | None, elapsed_ms: float) -> bytes:
-    """The INFO body of docs/protocol.rst ("Outcome")."""
-    return Outcome(outcome, technique, remote, int(round(elapsed_ms))).to_bytes()
+def outcome_body(outcome: str, technique: str, remote: Endpoint | None, elapsed_ms: float,
+                 tried: tuple[tuple[str, str], ...] = ()) -> bytes:
+    """The INFO body of docs/protocol.rst ("Outcome"); ``tried`` is the race's ``Dialer.tried()``."""
+    return Outcome(outcome, technique, remote, int(round(elapsed_ms)), tried).to_bytes()
 
 
 def user_of(name_addr: str | None) -> str | None:

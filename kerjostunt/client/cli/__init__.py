@@ -1,1 +1,1 @@
-"""The client subcommands of ``kerjostunt``: echo-server, echo-client, peers, join."""
+"""The client subcommands of ``kerjostunt``: echo-server, echo-client, peers, join, netcheck."""

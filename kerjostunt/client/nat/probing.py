@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IAddress, ITCPTransport
+from twisted.internet.interfaces import IAddress, IReactorTime, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 from kerjostunt.client.nat.sockets import SocketReactor, connect_from, reusable_socket
 from kerjostunt.wire import stun
 
-__all__ = ["ProbeResult", "ProbeError", "probe_from", "probe_one"]
+__all__ = ["ProbeResult", "ProbeError", "Exchange", "exchange", "probe_from", "probe_one"]
 
 _log = Logger(namespace="kerjostunt.client.nat.probing")
 
@@ -38,6 +38,17 @@ class ProbeResult:
     local_port: int
     mapped_ip: str
     mapped_port: int
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """One request's whole answer (``kerjostunt netcheck`` reads more than the mapping)."""
+
+    result: ProbeResult
+    response: stun.StunMessage
+    #: seconds from the connection being up to the answer: one round trip to the server,
+    #: plus what the server spent (a connect-back's wait, say)
+    rtt: float
 
 
 class ProbeError(Exception):
@@ -52,8 +63,12 @@ class ProbeError(Exception):
 class _BindingClient(Protocol):
     """Sends one Binding request, waits for its response, hangs up."""
 
-    def __init__(self, request: bytes, transaction_id: bytes, key: bytes | None) -> None:
+    def __init__(self, request: bytes, transaction_id: bytes, key: bytes | None,
+                 clock: IReactorTime | None = None) -> None:
         self._request = request
+        self._clock = clock
+        self.made_at = self.answered_at = 0.0
+        self.response: stun.StunMessage | None = None
         self._tid = transaction_id
         self._key = key
         self._decoder = stun.StunStreamDecoder()
@@ -71,6 +86,8 @@ class _BindingClient(Protocol):
             self._tcp().abortConnection()
 
     def connectionMade(self) -> None:
+        if self._clock is not None:
+            self.made_at = self._clock.seconds()
         self._tcp().write(self._request)
         if not self.sent.called:
             self.sent.callback(None)
@@ -83,6 +100,9 @@ class _BindingClient(Protocol):
                 if msg.transaction_id != self._tid:
                     continue  # not ours; RFC 8489 says ignore
                 mapped = stun.parse_binding_response(raw, self._tid, key=self._key)
+                self.response = msg
+                if self._clock is not None:
+                    self.answered_at = self._clock.seconds()
                 self._finish(mapped)
                 return
         except stun.STUNError as e:
@@ -116,6 +136,27 @@ def probe_one(reactor: SocketReactor, local: tuple[str, int], server: tuple[str,
               timeout: float = 5.0) -> defer.Deferred[ProbeResult]:
     """One Binding request to ``server`` from the (already chosen) local endpoint."""
     return _start_probe(reactor, local, server, username=username, password=password, timeout=timeout)[0]
+
+
+def exchange(reactor: SocketReactor, local: tuple[str, int], server: tuple[str, int],
+             request: bytes, transaction_id: bytes, *, key: bytes | None = None,
+             timeout: float = 5.0) -> defer.Deferred[Exchange]:
+    """Send ``request`` (built by the caller, extra attributes and all) from ``local``; its answer.
+
+    Fails as ``probe_one`` does: a connect error, a STUN error response
+    (``STUNError.code``), a timeout.
+    """
+    client = _BindingClient(request, transaction_id, key, clock=reactor)
+    d = defer.maybeDeferred(connect_from, reactor, local, server, _OneShot(client), timeout=timeout)
+    d.addCallback(lambda _: client.result)
+    d.addTimeout(timeout, reactor)
+
+    def answered(mapped: tuple[str, int]) -> Exchange:
+        assert client.response is not None
+        return Exchange(ProbeResult(server, local[1], mapped[0], mapped[1]), client.response,
+                        client.answered_at - client.made_at)
+
+    return d.addCallback(answered)
 
 
 def _start_probe(reactor: SocketReactor, local: tuple[str, int], server: tuple[str, int], *,

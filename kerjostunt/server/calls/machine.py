@@ -18,6 +18,7 @@ from automat import TypeMachineBuilder
 from twisted.logger import Logger
 
 from kerjostunt.server.calls import messages
+from kerjostunt.server.calls.detail import attempt_detail
 from kerjostunt.server.calls.dialing import augmented, dial_in_ms, format_endpoint, scope_between
 from kerjostunt.server.calls.messages import peer_headers, tag_of
 from kerjostunt.server.calls.seams import Attempt, CallSettings, Clock, Timer
@@ -289,12 +290,14 @@ class Call:
             outcome, technique, actual = "failed", "none", None
             elapsed = max((r.elapsed_ms for r in self.reports.values() if r.elapsed_ms is not None), default=None)
         predicted = dialed.endpoints()[0] if dialed is not None and dialed.ports else None
+        detail = attempt_detail(self.reports, {CALLER: self.caller_prediction, CALLEE: self.callee_prediction})
         # Whose own report says what the row says: one side's claim moves only its own flag.
         users = {CALLER: self.caller_id, CALLEE: self.callee_id}
         witnesses = tuple(users[side] for side, r in self.reports.items() if r.success == (success is not None))
         return {"call_id": self.server_call_id, "caller": self.caller_id, "callee": self.callee_id,
                 "technique": technique, "outcome": outcome, "predicted": format_endpoint(predicted),
-                "actual": format_endpoint(actual), "duration_ms": elapsed, "witnesses": witnesses}
+                "actual": format_endpoint(actual), "duration_ms": elapsed, "witnesses": witnesses,
+                "detail": detail}
 
     # -- the end ---------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from kerjostunt.server.calls import messages
+from kerjostunt.server.calls.detail import refusal_detail
 from kerjostunt.server.calls.dialing import new_mappings, parse_offer, predict_for, preserved, shifted
 from kerjostunt.server.calls.lanes import NATLanes, lane_of
 from kerjostunt.server.calls.machine import CALLEE, CALLER, Call, CallInputs, Phase
@@ -428,7 +429,7 @@ class CallManager:
                 self._offline(call)
             elif why := self._why_unjoinable(call, binding.connection,
                                              nats := self._nats_of(call, binding.connection)):
-                self._no_technique(call, binding.connection, why)
+                self._no_technique(call, binding.connection, why, nats)
             else:
                 call.lanes = self._lanes_of(call, binding.connection, nats)
                 if call.lanes and self._crossing(call):
@@ -454,7 +455,8 @@ class CallManager:
         d.addCallbacks(checked, failed)
         d.addErrback(lambda f: log.failure("Call check failed", f))
 
-    def _no_technique(self, call: Call, callee_conn: SignalingConnection, why: str) -> None:
+    def _no_technique(self, call: Call, callee_conn: SignalingConnection, why: str,
+                      nats: tuple[NATDescription | None, ...]) -> None:
         """488: no technique joins the two NATs. Recorded as the pair's failed attempt, as a dial would be."""
         self.count("calls_no_technique")
         self.pairs.recorded(call.caller_id, call.callee_id, False, {
@@ -464,7 +466,8 @@ class CallManager:
         self._store_attempt(call, self._clock.seconds(), {
             "call_id": call.server_call_id, "caller": call.caller_id, "callee": call.callee_id,
             "technique": "none", "outcome": "failed", "predicted": None, "actual": None, "duration_ms": 0.0,
-            "witnesses": ()})  # the pair's NATs, not either user: no global flag moves
+            "witnesses": (),  # the pair's NATs, not either user: no global flag moves
+            "detail": refusal_detail(f"488 no technique: {why}", nats, (CALLER, CALLEE))})
         self.feed(call, CallInputs.refused, 488, f"{kerjo.NO_TECHNIQUE_REASON}: {why}")
 
     def _why_unjoinable(self, call: Call, callee_conn: SignalingConnection,

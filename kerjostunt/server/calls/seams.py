@@ -45,6 +45,8 @@ class Attempt(TypedDict):
     duration_ms: float | None
     #: the users whose own report agrees with ``outcome``: only their flags may move (issue 13)
     witnesses: tuple[str, ...]
+    #: JSON: each side's race, predicted window and NAT (calls/detail.py)
+    detail: str | None
 
 
 class CallStore(Protocol):
@@ -66,6 +68,7 @@ class CallStore(Protocol):
         duration_ms: float | None,
         when: float,
         witnesses: tuple[str, ...] | None = None,
+        detail: str | None = None,
     ) -> Deferred[Any]: ...
 
 
