@@ -146,8 +146,8 @@ class CallFlowTests(unittest.TestCase):
         # Each side's race and prediction, for `kerjostunt attempts` and /status (issue 14).
         detail = attempts[0].detail
         self.assertEqual(detail["caller"]["tried"], [["public", "refused"], ["punch", "connected"]])
-        # The caller's success decides the call: bob's report came after the row was written.
-        self.assertEqual((detail["caller"]["elapsed_ms"], detail["callee"]["elapsed_ms"]), (183, None))
+        # A success waits a moment for the other side's report (issue 13: both sides' word): both are kept.
+        self.assertEqual((detail["caller"]["elapsed_ms"], detail["callee"]["elapsed_ms"]), (183, 181))
         self.assertEqual(detail["callee"]["tried"], [])
         self.assertEqual(detail["callee"]["predicted"][0], c["port_b"])
         self.assertEqual(self.server.counters["calls_stunt_simultaneous-open"], 1)

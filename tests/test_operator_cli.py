@@ -32,7 +32,7 @@ class OperatorCommandTests(unittest.TestCase):
                technique: str = "none", ms: float | None = 1000.0) -> None:
         self.database().record_attempt(f"c{when}", caller, callee, technique, outcome,
                                        "198.18.2.2:20001", None if outcome == "failed" else "198.18.2.2:20002",
-                                       ms, when, detail)
+                                       ms, when, detail=detail)
 
     def test_attempts_show_each_technique_in_order(self) -> None:
         reports = {"caller": Outcome("failed", "none", None, 10012, (("public", "refused"), ("punch", "timeout"))),

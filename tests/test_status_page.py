@@ -74,9 +74,9 @@ class StatusPageTests(WebTestCase):
         for i, (caller, callee, outcome, technique, ms, a, b, tried) in enumerate(CALLS):
             db.record_attempt(f"call-{i}", caller, callee, technique, outcome, "198.18.2.2:30001",
                               None if outcome == "failed" else "198.18.2.2:30001", ms, now - 60 + i,
-                              _detail(a, b, tried, outcome))
+                              detail=_detail(a, b, tried, outcome))
         db.record_attempt("call-488", "carol", "bob", "none", "failed", None, None, 0.0, now - 10,
-                          refusal_detail("488 no technique: both NATs allocate ports at random", (RND, RND),
+                          detail=refusal_detail("488 no technique: both NATs allocate ports at random", (RND, RND),
                                          ("caller", "callee")))
         db.record_attempt("call-old", "alice", "bob", "stunt", "stunt", None, None, 100.0, now - 7200, None)
         db.set_operator("alice", True)

@@ -509,13 +509,8 @@ class CallManager:
                    and other.callee_id == call.caller_id for other in self.lanes.calls())
 
     def _queued(self, call: Call) -> None:
-        """``182 Queued`` to a caller whose call waits for its turn at a NAT, again every ``queued_notice`` s.
-
-        The caller's client counts its connect timeout from the latest
-        one: in a large group the sequential site's calls queue for longer
-        than that timeout, and each one that gave up and called again
-        waited its turn twice (the 40-peer run).
-        """
+        """``182 Queued`` to a caller waiting for its turn at a NAT, again every ``queued_notice`` s: its
+        client counts its connect timeout from the latest (a call that timed out queued twice)."""
         self._notices.pop(call, None)
         if not self.lanes.is_waiting(call) or call.machine.phase() is not Phase.CHECKING:
             return
