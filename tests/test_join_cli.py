@@ -55,6 +55,7 @@ def expectations(user: str) -> list[str]:
     lines = [f"peer {o} connected" for o in others]
     lines += [f"says: hello from {o}" for o in others]
     lines.append("signaling closed (all 2 peers done)")
+    lines.append(f"peers: 2 connected ({', '.join(others)})")
     return lines
 
 

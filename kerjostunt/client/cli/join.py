@@ -13,6 +13,7 @@ lab) can follow it::
 
     peer bob connected via simultaneous-open
     signaling closed (all 2 peers done)
+    peers: 1 connected (bob); 1 unreachable (dave)
     signaling opened (bob dropped)
 
 It runs until SIGTERM or SIGINT. See docs/peer-manager.rst.
@@ -165,7 +166,8 @@ class EchoFactory(Factory[EchoProtocol]):
 def describe(event: Event, manager: PeerManager) -> str | None:
     """One stdout line for a manager event (None: nothing worth a line)."""
     if isinstance(event, SignalingChanged):
-        return f"signaling {'opened' if event.is_open else 'closed'} ({event.reason})"
+        line = f"signaling {'opened' if event.is_open else 'closed'} ({event.reason})"
+        return line if event.is_open else f"{line}\n{tally(manager)}"
     if isinstance(event, PeerListLoaded):
         if not event.added and not event.removed:
             return None
@@ -181,6 +183,15 @@ def describe(event: Event, manager: PeerManager) -> str | None:
         return f"peer {event.peer_id} connecting" + (" through STUNT" if "STUNT" in event.detail else "")
     line = f"peer {event.peer_id} {event.new}"
     return f"{line}: {event.detail}" if event.detail else line
+
+
+def tally(manager: PeerManager) -> str:
+    """One line: how many peers are in each state, and which (printed when the signaling closes)."""
+    by_state: dict[str, list[str]] = {}
+    for pid, peer in sorted(manager.peers.items()):
+        by_state.setdefault(str(peer.state), []).append(pid)
+    parts = [f"{len(ids)} {state} ({', '.join(ids)})" for state, ids in sorted(by_state.items())]
+    return "peers: " + ("; ".join(parts) or "none")
 
 
 def _name_connection(event: Event, manager: PeerManager) -> None:
