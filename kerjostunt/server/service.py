@@ -7,6 +7,7 @@ builds a ``StuntServer``; tests build one directly on port 0.
 from __future__ import annotations
 
 import gc
+import socket
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from kerjostunt import tls
 from kerjostunt.server import web
 from kerjostunt.server.auth import NonceManager, make_portal
 from kerjostunt.server.calls import CallManager, CallSettings
+from kerjostunt.server.cluster import ClusterCalls, ClusterNode, NodeSettings
 from kerjostunt.server.limits import WebLimits
 from kerjostunt.server.probe import Observation, ObservationLog, ProbeFactory, ProbeTokens, nat_not_stored
 from kerjostunt.server.reactor import IServerReactor
@@ -126,6 +128,8 @@ class ServerSettings:
     call_outcome_timeout: float = 30.0
     invite_rate: float = 5.0
     invite_burst: float = 20.0
+    #: where peers reach this instance, told to the others of a cluster (None: the SIP interface or hostname)
+    advertise: str | None = None
 
 
 @implementer(IStreamServerEndpoint)
@@ -192,14 +196,20 @@ class StuntServer(MultiService):
             CallSettings(answer_timeout=settings.call_answer_timeout, outcome_timeout=settings.call_outcome_timeout,
                          invite_rate=settings.invite_rate, invite_burst=settings.invite_burst),
         )
+        self.cluster: ClusterNode | None = None
+        if not self.store.database.is_sqlite:  # PostgreSQL: one of a cluster (docs/cluster.rst)
+            self.cluster = self._cluster_node()
         _CallsService(self.calls).setServiceParent(self)  # stops before the store: outcomes get written
-        self.router = SignalingRouter(self.registrar, self.register, self.calls)
+        call_handler = self.calls if self.cluster is None else ClusterCalls(self.cluster, self.calls)
+        self.router = SignalingRouter(self.registrar, self.register, call_handler)
         self.signaling = SignalingFactory(self.router, reactor, settings.limits, counter=self.count)
         tls_factory = AdmittingTLSFactory(
             tls.server_options(self.certificates, groups=settings.tls_groups), False, self.signaling
         )
         self.ports: dict[str, Deferred[IListeningPort]] = {}
         self._listen("sip", settings.sip_endpoint, tls_factory)
+        if self.cluster is not None:
+            self.ports["sip"].addCallback(self._note_sip_port)
         for index, endpoint in enumerate(settings.probe_endpoints):
             self._listen(f"probe{index}", endpoint, self._probe_factory())
             if index < len(settings.probe_ports):
@@ -210,6 +220,14 @@ class StuntServer(MultiService):
 
     def count(self, what: str) -> None:
         self.counters[what] += 1
+
+    def _cluster_node(self) -> ClusterNode:
+        """Started after the store (its upgrade), stopped after the calls and before the store."""
+        host = self.settings.advertise or socket.gethostname()
+        settings = NodeSettings(self.settings.db_url, host, probe_ports=self.settings.probe_ports)
+        node = ClusterNode(self.reactor, settings, self.store, self.registrar, self.calls, self.count)
+        node.setServiceParent(self)  # type: ignore[no-untyped-call]
+        return node
 
     def _certificates(self) -> tls.CertificatePaths:
         s = self.settings
@@ -225,6 +243,12 @@ class StuntServer(MultiService):
         service.setName(name)  # type: ignore[no-untyped-call]
         service.setServiceParent(self)  # type: ignore[no-untyped-call]
         self.ports[name] = endpoint.listening
+
+    def _note_sip_port(self, port: IListeningPort) -> IListeningPort:
+        host = port.getHost()
+        if self.cluster is not None and isinstance(host, (IPv4Address, IPv6Address)):
+            self.cluster.settings.sip_port = host.port
+        return port
 
     def _note_probe_port(self, port: IListeningPort, index: int) -> IListeningPort:
         host = port.getHost()

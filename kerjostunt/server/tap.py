@@ -57,6 +57,11 @@ class Options(usage.Options):
         ["domain", "d", "kerjo.local", "SIP domain and digest realm."],
         ["db", None, "sqlite:///kerjostunt.sqlite", "SQLAlchemy database URL (sqlite:///FILE, postgresql://...)."],
         ["certs", None, "certs", "Directory of the generated CA and server certificate."],
+        [
+            "advertise", None, None,
+            "Host name or address peers reach this instance at, told to the other instances of a cluster "
+            "(PostgreSQL --db only; default: the machine's host name).",
+        ],
         ["cert", None, None, "Use this server certificate (PEM) instead of generating one."],
         ["key", None, None, "Private key (PEM) for --cert (default: inside the --cert file)."],
         ["probe-ports", None, "3478,3479", "Comma-separated STUN-over-TCP probe ports (two or more)."],
@@ -137,6 +142,7 @@ class Options(usage.Options):
             limits=ConnectionLimits(max_per_ip=self["max-per-ip"], register_timeout=self["register-timeout"],
                                     max_unregistered=self["max-unregistered"]),
             web_limits=WebLimits(max_connections=self["web-max-connections"]),
+            advertise=self["advertise"] or None,
         )
 
 

@@ -75,6 +75,8 @@ __all__ = [
 ]
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+#: the advisory lock key that serializes schema upgrades (any constant; "kerjo" in ASCII)
+MIGRATION_LOCK = 0x6B65726A6F
 
 
 class Database(UsersAndGroups, UsageLog):
@@ -112,10 +114,19 @@ class Database(UsersAndGroups, UsageLog):
 
     @translated
     def upgrade(self) -> None:
-        """Bring the schema to the latest Alembic revision (idempotent)."""
+        """Bring the schema to the latest Alembic revision (idempotent).
+
+        On PostgreSQL the upgrade holds a transaction-scoped advisory lock:
+        several instances starting at once on an empty database would each
+        find no ``alembic_version`` and race to create the same tables (one
+        fails with a duplicate). With the lock the second waits for the
+        first's commit, then finds the schema at head and does nothing.
+        """
         config = Config()
         config.set_main_option("script_location", str(MIGRATIONS_DIR))
         with self.engine.begin() as connection:
+            if not self.is_sqlite:
+                connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
 
