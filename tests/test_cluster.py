@@ -21,6 +21,8 @@ from twisted.internet.protocol import Factory
 from twisted.trial import unittest
 
 from kerjostunt.client.agent import PeerAgent
+from kerjostunt.client.agentconfig import Account, AgentConfig, ServerConfig
+from kerjostunt.client.backoff import Backoff
 from kerjostunt.server.cluster import ClusterNode
 from kerjostunt.server.service import ServerSettings, StuntServer
 from kerjostunt.store import Database
@@ -230,18 +232,39 @@ class KillTests(unittest.TestCase):
         child = spawn(self, "twistd", sys.executable, args, env=subprocess_env(), path=str(base))
         yield until(node, lambda: len(node.view.instances()) == 1, timeout=20)
         other = RunningServer(a.server, "127.0.0.1", port, a.ca, URL)
-        yield register(self, other, "bob")
-        yield until(node, lambda: node.view.where("bob") is not None)
+        yield register(self, other, "carol")  # a bare SIP client: it will not reconnect
+        bob_side: defer.Deferred = defer.Deferred()
+        bob = PeerAgent(reactor, AgentConfig(
+            ServerConfig("127.0.0.1", port, domain=DOMAIN, ca_path=str(a.ca), tls_hostname="localhost",
+                         alternates=(("127.0.0.1", a.port),)),
+            Account("bob", USERS["bob"]), reconnect=Backoff(0.5, 2.0)),
+            accept_factory=Factory.forProtocol(Recorder), on_peer=bob_side.callback)
+        self.addCleanup(bob.stop)
+        yield bob.start()
+        yield until(node, lambda: node.view.where("bob") is not None and node.view.where("carol") is not None)
         killed = time.monotonic()
         child.transport.signalProcess("KILL")
-        yield until(node, lambda: node.view.where("bob") is None, timeout=12)
+        yield until(node, lambda: node.view.where("carol") is None, timeout=12)
         self.assertLess(time.monotonic() - killed, 10.0)
         alice = yield register(self, a, "alice")
         asked = time.monotonic()
-        _invite, final = alice.invite("bob", offer("alice", 40001))
+        _invite, final = alice.invite("carol", offer("alice", 40001))
         response = yield final
         self.assertEqual(response.code, 480)
         self.assertLess(time.monotonic() - asked, 1.0)
+        # bob's agent moved to the instance left, and calls reach it there.
+        yield until(node, lambda: a.server.registrar.lookup("bob") is not None, timeout=15)
+        self.assertLess(time.monotonic() - killed, 15.0)
+        caller = PeerAgent(reactor, server=(a.host, a.port), user_id="alice", password=USERS["alice"],
+                           domain=DOMAIN, ca_path=str(a.ca), tls_hostname="localhost")
+        self.addCleanup(caller.stop)
+        yield caller.start()
+        connection = yield caller.connect("bob", Factory.forProtocol(Recorder), timeout=20)
+        self.addCleanup(connection.protocol.transport.abortConnection)
+        connection.protocol.transport.write(b"after the kill\n")
+        theirs = yield bob_side.addTimeout(10, reactor)
+        self.addCleanup(theirs.protocol.transport.abortConnection)
+        yield theirs.protocol.wait_for(b"after the kill\n")
 
 
 class ConcurrentStartTests(unittest.TestCase):
