@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from twisted.internet.interfaces import IReactorCore, IReactorTCP
+from twisted.internet.interfaces import IReactorCore, IReactorSocket, IReactorTCP
 
 from kerjostunt.store.api import IStoreReactor
 from kerjostunt.store.channels import IChannelsReactor
@@ -10,7 +10,7 @@ from kerjostunt.store.channels import IChannelsReactor
 __all__ = ["IServerReactor"]
 
 
-class IServerReactor(IStoreReactor, IChannelsReactor, IReactorCore, IReactorTCP):
+class IServerReactor(IStoreReactor, IChannelsReactor, IReactorCore, IReactorTCP, IReactorSocket):
     """Timers, threads, start-up hooks, TCP, descriptors (the cluster bus): what ``StuntServer`` asks.
 
     A combination of Twisted's interfaces for typing only (like Twisted's own

@@ -37,6 +37,7 @@ from kerjostunt.server.probe import Observation, ObservationLog, ProbeFactory, P
 from kerjostunt.server.reactor import IServerReactor
 from kerjostunt.server.register import CHALLENGE_ALGORITHMS, Protection, RegisterHandler
 from kerjostunt.server.registrar import Registrar
+from kerjostunt.server.reuseport import ReusePortEndpoint, parse_tcp
 from kerjostunt.server.router import SignalingRouter
 from kerjostunt.server.signaling import AdmittingTLSFactory, ConnectionLimits, SignalingFactory
 from kerjostunt.store import Database
@@ -128,8 +129,10 @@ class ServerSettings:
     call_outcome_timeout: float = 30.0
     invite_rate: float = 5.0
     invite_burst: float = 20.0
-    #: where peers reach this instance, told to the others of a cluster (None: the SIP interface or hostname)
+    #: where peers reach this instance, told to the others of a cluster (None: the machine's host name)
     advertise: str | None = None
+    #: SO_REUSEPORT on the signaling and web ports: several instances on one host share them (reuseport.py)
+    reuse_port: bool = False
 
 
 @implementer(IStreamServerEndpoint)
@@ -207,7 +210,7 @@ class StuntServer(MultiService):
             tls.server_options(self.certificates, groups=settings.tls_groups), False, self.signaling
         )
         self.ports: dict[str, Deferred[IListeningPort]] = {}
-        self._listen("sip", settings.sip_endpoint, tls_factory)
+        self._listen("sip", settings.sip_endpoint, tls_factory, shared=True)
         if self.cluster is not None:
             self.ports["sip"].addCallback(self._note_sip_port)
         for index, endpoint in enumerate(settings.probe_endpoints):
@@ -216,7 +219,7 @@ class StuntServer(MultiService):
                 # Announce the port really bound (it differs when configured as 0).
                 self.ports[f"probe{index}"].addCallback(self._note_probe_port, index)
         if settings.web_endpoint:
-            self._listen("web", settings.web_endpoint, web.tls_factory(self))
+            self._listen("web", settings.web_endpoint, web.tls_factory(self), shared=True)
 
     def count(self, what: str) -> None:
         self.counters[what] += 1
@@ -235,9 +238,13 @@ class StuntServer(MultiService):
             return tls.CertificatePaths(s.cert, s.key or s.cert, None)
         return tls.ensure_certificates(s.certs_dir, s.domain, s.cert_hosts)
 
-    def _listen(self, name: str, description: str, factory: IProtocolFactory) -> None:
+    def _listen(self, name: str, description: str, factory: IProtocolFactory, shared: bool = False) -> None:
         # twisted.application and endpoint parsing carry no annotations: the ignores.
-        endpoint = PortRecordingEndpoint(serverFromString(self.reactor, description))  # type: ignore[no-untyped-call]
+        if shared and self.settings.reuse_port:
+            inner: IStreamServerEndpoint = ReusePortEndpoint(self.reactor, parse_tcp(description))
+        else:
+            inner = serverFromString(self.reactor, description)  # type: ignore[no-untyped-call]
+        endpoint = PortRecordingEndpoint(inner)
         service = StreamServerEndpointService(endpoint, factory)  # type: ignore[no-untyped-call]
         service._raiseSynchronously = True  # a busy port stops twistd with a clear error
         service.setName(name)  # type: ignore[no-untyped-call]

@@ -90,6 +90,14 @@ class Options(usage.Options):
         ],
     ]
 
+    optFlags = [
+        [
+            "reuse-port", None,
+            "Set SO_REUSEPORT on the signaling and web ports, so several instances on one host (a cluster on "
+            "one PostgreSQL) share them; give each its own --probe-ports (docs/cluster.rst).",
+        ],
+    ]
+
     def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self["cert-host"] = []
@@ -143,6 +151,7 @@ class Options(usage.Options):
                                     max_unregistered=self["max-unregistered"]),
             web_limits=WebLimits(max_connections=self["web-max-connections"]),
             advertise=self["advertise"] or None,
+            reuse_port=bool(self["reuse-port"]),
         )
 
 
