@@ -219,20 +219,8 @@ def run(
         return 2
     bases = [web_url(h, args.web_port) for h, _port in servers_of(args)]
 
-    @defer.inlineCallbacks
-    def directory() -> Generator[defer.Deferred[Any], Any, list[PeerEntry]]:
-        """The list from the first server that answers, in --server order (a cluster's share one database)."""
-        for index, base in enumerate(bases):
-            try:
-                peers: list[PeerEntry] = yield fetch_peers(reactor, base, args.group, args.user, password, args.ca)
-            except FATAL:
-                raise
-            except DirectoryError:
-                if index == len(bases) - 1:
-                    raise
-                continue
-            return peers
-        raise AssertionError("unreachable: at least one --server")
+    def directory() -> defer.Deferred[list[PeerEntry]]:
+        return _directory_in_order(reactor, bases, args, password)
 
     # One fetch first: a wrong password or group is an error to report, not to retry forever.
     first: list[list[PeerEntry]] = []
@@ -260,6 +248,23 @@ def run(
     yield stopped
     yield _stop(manager, say)
     return 0
+
+
+@defer.inlineCallbacks
+def _directory_in_order(reactor: IReactorTime, bases: list[str], args: argparse.Namespace,
+                        password: str) -> Generator[defer.Deferred[Any], Any, list[PeerEntry]]:
+    """The list from the first server that answers, in --server order (a cluster's share one database)."""
+    for index, base in enumerate(bases):
+        try:
+            peers: list[PeerEntry] = yield fetch_peers(reactor, base, args.group, args.user, password, args.ca)
+        except FATAL:
+            raise
+        except DirectoryError:
+            if index == len(bases) - 1:
+                raise
+            continue
+        return peers
+    raise AssertionError("unreachable: at least one --server")
 
 
 def _manager(
