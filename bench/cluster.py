@@ -160,11 +160,15 @@ def calls(args: argparse.Namespace, base: Path, count: int, deadline: float) -> 
         workers.collect("registered", timeout=300)
         wait_quiet(servers)
         time.sleep(1.0)  # the bound broadcasts: every instance knows where every callee is
-        cpu0 = cpu(servers)
+        # The registered peers' idle cost (keepalives, heartbeats), subtracted as calls.py does.
+        idle0, idle_t0 = cpu(servers), time.time()
+        time.sleep(2.0)
+        idle_rate = (cpu(servers) - idle0) / (time.time() - idle_t0)
+        cpu0, t0 = cpu(servers), time.time()
         workers.broadcast(f"calls {time.time() + 0.5}")
         reports = workers.collect("calls-done", timeout=args.duration + 120)
         wait_quiet(servers)
-        cpu1 = cpu(servers)
+        cpu1, t1 = cpu(servers), time.time()
     finally:
         if workers is not None:
             workers.stop()
@@ -177,7 +181,8 @@ def calls(args: argparse.Namespace, base: Path, count: int, deadline: float) -> 
     completed = sum(r["completed"] for r in reports)
     return {"completed": completed, "started": sum(r["started"] for r in reports), "errors": sum(errors.values()),
             "p50": common.percentile(latencies, 50), "p99": common.percentile(latencies, 99),
-            "cpu_ms": 1000 * (cpu1 - cpu0) / max(1, completed), "error_kinds": dict(errors)}
+            "cpu_ms": 1000 * max(0.0, cpu1 - cpu0 - idle_rate * (t1 - t0)) / max(1, completed),
+            "error_kinds": dict(errors)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         ("calls completed / started / errors", lambda r, c: f"{c['completed']} / {c['started']} / {c['errors']}"),
         ("INVITE-to-200 p50, ms", lambda r, c: c["p50"]),
         ("INVITE-to-200 p99, ms", lambda r, c: c["p99"]),
-        ("server CPU per call (sum), ms", lambda r, c: c["cpu_ms"]),
+        ("server CPU per call (sum, idle subtracted), ms", lambda r, c: c["cpu_ms"]),
     ):
         for n in counts:
             rows.append((f"{label} [{n} instance{'s' if n > 1 else ''}]", pick(*results[n])))

@@ -4,9 +4,11 @@
 is an ``IReadDescriptor`` on the reactor, so a notification is read when it
 arrives and nothing waits on the database on the reactor thread (psycopg2's
 ``poll`` only consumes what the socket already holds). Sending goes through
-a second connection in a one-thread pool of its own: one thread keeps the
-order of what one instance sends, and everything queued while a round trip
-is out goes in the next one, as one multi-statement query.
+a second connection in psycopg2's asynchronous mode, polled from the
+reactor the same way: one query at a time keeps the order of what one
+instance sends, and everything queued while a round trip is out goes in the
+next one, as one multi-statement query. A thread of its own only connects
+(libpq's connection set-up may resolve names and wait).
 
 PostgreSQL folds identical notifications sent in one transaction into one,
 so every payload the server sends carries a sequence number
@@ -21,7 +23,7 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorFDSet, IReactorFromThreads, IReadDescriptor
+from twisted.internet.interfaces import IReactorFDSet, IReactorFromThreads, IReadDescriptor, IWriteDescriptor
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -55,10 +57,84 @@ def _connect(dsn: str, listen: Sequence[str]) -> Any:
     return connection
 
 
-def _send(connection: Any, batch: list[tuple[str, str]]) -> None:
-    with connection.cursor() as cursor:
+def _connect_async(dsn: str) -> Any:
+    """A connection in psycopg2's asynchronous mode, set up (in the thread: select waits here)."""
+    import select
+
+    import psycopg2
+    import psycopg2.extensions
+
+    connection = psycopg2.connect(dsn, async_=1)
+    while True:
+        state = connection.poll()
+        if state == psycopg2.extensions.POLL_OK:
+            return connection
+        wait_read = state == psycopg2.extensions.POLL_READ
+        select.select([connection] if wait_read else [], [] if wait_read else [connection], [], 10.0)
+
+
+@implementer(IReadDescriptor, IWriteDescriptor)
+class _Sender:
+    """The sending connection, asynchronous, polled from the reactor: no thread hand-off per batch.
+
+    psycopg2's asynchronous mode runs one query at a time (``Channels``
+    sends the next batch once this one is done) and is always in
+    autocommit: each batch is one implicit transaction.
+    """
+
+    def __init__(self, reactor: IChannelsReactor, connection: Any, sent: Callable[[], None],
+                 failed: Callable[[str], None]) -> None:
+        self._reactor = reactor
+        self.connection = connection
+        self._sent = sent
+        self._failed = failed
+        self._cursor: Any = None  # the query's; psycopg2 needs it alive until the poll says done
+
+    def send(self, batch: list[tuple[str, str]]) -> None:
+        self._cursor = cursor = self.connection.cursor()
         query = b";".join(cursor.mogrify("SELECT pg_notify(%s, %s)", item) for item in batch)
         cursor.execute(query)
+        self._poll()
+
+    def _poll(self) -> None:
+        import psycopg2
+        import psycopg2.extensions
+
+        try:
+            state = self.connection.poll()
+        except psycopg2.Error as exc:
+            self.stop_watching()
+            self._failed(f"sending: {exc}")
+            return
+        if state == psycopg2.extensions.POLL_OK:
+            self.stop_watching()
+            self._cursor = None
+            self._sent()
+        elif state == psycopg2.extensions.POLL_READ:
+            self._reactor.removeWriter(self)
+            self._reactor.addReader(self)
+        elif state == psycopg2.extensions.POLL_WRITE:
+            self._reactor.removeReader(self)
+            self._reactor.addWriter(self)
+
+    def stop_watching(self) -> None:
+        self._reactor.removeReader(self)
+        self._reactor.removeWriter(self)
+
+    def doRead(self) -> None:
+        self._poll()
+
+    def doWrite(self) -> None:
+        self._poll()
+
+    def fileno(self) -> int:
+        return int(self.connection.fileno()) if not self.connection.closed else -1
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._failed(f"sending: {reason.getErrorMessage()}")
+
+    def logPrefix(self) -> str:
+        return "kerjostunt-notify"
 
 
 @implementer(IReadDescriptor)
@@ -78,7 +154,7 @@ class Channels:
         self._lost = lost
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="kerjostunt-notify")
         self._listener: Any = None
-        self._sender: Any = None
+        self._sender: _Sender | None = None
         self._queue: list[tuple[str, str]] = []
         self._sending = False
         self._failed = False
@@ -89,13 +165,14 @@ class Channels:
         self._pool.start()
 
         def both() -> tuple[Any, Any]:
-            return _connect(self._dsn, self._listen), _connect(self._dsn, ())
+            return _connect(self._dsn, self._listen), _connect_async(self._dsn)
 
         d = deferToThreadPool(self._reactor, self._pool, both)
         return d.addCallback(self._connected)
 
     def _connected(self, connections: tuple[Any, Any]) -> None:
-        self._listener, self._sender = connections
+        self._listener, sender = connections
+        self._sender = _Sender(self._reactor, sender, self._sent, self._fail)
         self._reactor.addReader(self)
         self._pump()
 
@@ -126,16 +203,14 @@ class Channels:
             return
         batch, self._queue = self._queue[:SEND_BATCH], self._queue[SEND_BATCH:]
         self._sending = True
-        d = deferToThreadPool(self._reactor, self._pool, _send, self._sender, batch)
-        d.addCallbacks(self._sent, self._send_failed)
+        try:
+            self._sender.send(batch)
+        except Exception as exc:  # psycopg2.Error: the connection broke
+            self._fail(f"sending: {exc}")
 
-    def _sent(self, _: None) -> None:
+    def _sent(self) -> None:
         self._sending = False
         self._pump()
-
-    def _send_failed(self, failure: Failure) -> None:
-        self._sending = False
-        self._fail(f"sending: {failure.getErrorMessage()}")
 
     # -- IReadDescriptor -------------------------------------------------------------
 
@@ -174,13 +249,15 @@ class Channels:
         self._lost(why)
 
     def close(self) -> None:
-        """Stop reading, let the thread finish what it is sending, close both connections."""
+        """Stop reading and sending (what is in flight may be lost), close both connections."""
         self._failed = True
         if self._listener is not None:
             self._reactor.removeReader(self)
+        if self._sender is not None:
+            self._sender.stop_watching()
         if self._pool.started:
-            self._pool.stop()  # joins the thread: at most one round trip in flight
-        for connection in (self._listener, self._sender):
+            self._pool.stop()  # only ever connects: idle but for a start in progress
+        for connection in (self._listener, self._sender.connection if self._sender is not None else None):
             if connection is not None:
                 try:
                     connection.close()
