@@ -196,6 +196,19 @@ class TwoInstanceTests(unittest.TestCase):
         self.assertEqual(self.a.server.counters["cluster_takeovers"], 1)
 
     @defer.inlineCallbacks
+    def test_a_message_that_cannot_cross_ends_the_call_at_once(self):  # type: ignore[no-untyped-def]
+        alice = yield register(self, self.a, "alice")
+        yield register(self, self.b, "bob")
+        yield until(self.node_a, lambda: self.node_a.view.where("bob") is not None)
+        self.patch(self.node_a._channels, "notify", lambda channel, payload: False)  # as if too large
+        asked = time.monotonic()
+        _invite, final = alice.invite("bob", offer("alice", 40001))
+        response = yield final
+        self.assertEqual(response.code, 480)  # the callee's leg went as a lost connection does
+        self.assertLess(time.monotonic() - asked, 2.0)  # not the 15 s answer timeout
+        self.assertNotIn((self.node_b.instance_id, "bob"), self.node_a.legs)
+
+    @defer.inlineCallbacks
     def test_a_user_bound_nowhere_is_480(self):  # type: ignore[no-untyped-def]
         alice = yield register(self, self.a, "alice")
         _invite, final = alice.invite("carol", offer("alice", 40001))

@@ -176,13 +176,14 @@ class Channels:
         self._reactor.addReader(self)
         self._pump()
 
-    def notify(self, channel: str, payload: str) -> None:
-        """Queue one notification (in order with this instance's others)."""
+    def notify(self, channel: str, payload: str) -> bool:
+        """Queue one notification (in order with this instance's others); False: too large, dropped."""
         if len(payload.encode()) > MAX_PAYLOAD:
             log.warn("Dropped a {size}-byte notification to {channel}", size=len(payload), channel=channel)
-            return
+            return False
         self._queue.append((channel, payload))
         self._pump()
+        return True
 
     def flushed(self) -> Deferred[None]:
         """Fires when everything queued so far has been sent (or sending failed)."""

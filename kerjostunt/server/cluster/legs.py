@@ -54,6 +54,11 @@ class RemoteLeg:
         self.prediction: Prediction | None = None
 
     @property
+    def key(self) -> tuple[str, str]:
+        """(instance, user): how the node finds its stand-ins."""
+        return self.instance_id, self.user_id
+
+    @property
     def rtt(self) -> float | None:
         if self.reported_rtt is None:
             return None

@@ -234,13 +234,14 @@ class ClusterNode(Service):
         envelope.seq = self._seq
         channels.notify(BROADCAST, encode(envelope))
 
-    def _send(self, channels: Channels | None, instance_id: str, envelope: Envelope) -> None:
+    def _send(self, channels: Channels | None, instance_id: str, envelope: Envelope) -> bool:
+        """False when it could not go: no bus right now, or too large for one notification."""
         if channels is None:
             self.count("cluster_unsent")
-            return
+            return False
         self._seq += 1
         envelope.seq = self._seq
-        channels.notify(channel_of(instance_id), encode(envelope))
+        return channels.notify(channel_of(instance_id), encode(envelope))
 
     def _received(self, channel: str, payload: str) -> None:
         self._receive(channel, payload)
@@ -310,9 +311,12 @@ class ClusterNode(Service):
         return conn.prediction if isinstance(conn, RemoteLeg) else None
 
     def _to_remote(self, leg: RemoteLeg, message: Request | Response) -> None:
+        """A message down a stand-in; one that cannot go ends the leg's calls as a lost connection would."""
         self.count("cluster_sent")
-        self._send(self._channels, leg.instance_id, Envelope("to", self.instance_id, user=leg.user_id,
-                                                             message=sip_text(message)))
+        envelope = Envelope("to", self.instance_id, user=leg.user_id, message=sip_text(message))
+        if not self._send(self._channels, leg.instance_id, envelope) and self.legs.get(leg.key) is leg:
+            del self.legs[leg.key]
+            self._reactor.callLater(0, self.calls.connection_lost, leg)  # not inside the call's own step
 
     def _moved(self, user_id: str, old: RemoteBinding) -> None:
         """A user left the instance ``old`` names: calls through its stand-in lost their leg."""
