@@ -70,11 +70,11 @@ def until(node: ClusterNode, condition: Callable[[], bool], timeout: float = 10.
 
 
 @defer.inlineCallbacks
-def start_instance(case: unittest.TestCase, certs: Path):  # type: ignore[no-untyped-def]
+def start_instance(case: unittest.TestCase, certs: Path, sip_port: int = 0, reuse_port: bool = False):  # type: ignore[no-untyped-def]
     settings = ServerSettings(
-        domain=DOMAIN, db_url=URL, certs_dir=certs, sip_endpoint="tcp:0:interface=127.0.0.1",
+        domain=DOMAIN, db_url=URL, certs_dir=certs, sip_endpoint=f"tcp:{sip_port}:interface=127.0.0.1",
         probe_endpoints=["tcp:0:interface=127.0.0.1", "tcp:0:interface=127.0.0.1"], probe_ports=[0, 0],
-        web_endpoint=None, advertise="127.0.0.1",
+        web_endpoint=None, advertise="127.0.0.1", reuse_port=reuse_port,
     )
     server = StuntServer(settings, reactor)
     server.startService()
@@ -222,6 +222,38 @@ class TwoInstanceTests(unittest.TestCase):
         yield self.b.server.stopService()
         took = yield until(self.node_a, lambda: self.node_a.view.where("bob") is None)
         self.assertLess(took, 1.0)  # the goodbye broadcast, not the lease
+
+
+class SharedPortTests(unittest.TestCase):
+    """Two instances on one SIP port (--reuse-port): peers land on either, and calls reach across."""
+
+    timeout = 60
+    if not URL:
+        skip = SKIP
+
+    @defer.inlineCallbacks
+    def test_two_instances_share_the_signaling_port(self):  # type: ignore[no-untyped-def]
+        empty_database()
+        certs = Path(self.mktemp()) / "certs"
+        a = yield start_instance(self, certs, reuse_port=True)
+        b = yield start_instance(self, certs, sip_port=a.port, reuse_port=True)
+        self.assertEqual(b.port, a.port)
+        peers = {}
+        for user in USERS:
+            peers[user] = yield register(self, a, user)  # a.port is b's too
+        holders = {user: [s.server.cluster.instance_id for s in (a, b) if s.server.registrar.lookup(user)]
+                   for user in USERS}
+        self.assertEqual({user: len(where) for user, where in holders.items()}, {user: 1 for user in USERS})
+        caller, callee = "alice", "carol"
+        callee_node = (a if holders[callee][0] == a.server.cluster.instance_id else b).server.cluster
+        caller_node = (a if holders[caller][0] == a.server.cluster.instance_id else b).server.cluster
+        if caller_node is not callee_node:
+            yield until(caller_node, lambda: caller_node.view.where(callee) is not None)
+        _invite, final = peers[caller].invite(callee, offer(caller, 40001))
+        forwarded = yield peers[callee].next("INVITE")
+        peers[callee].answer(forwarded, 200, offer(callee, 40003))
+        ok = yield final
+        self.assertEqual(ok.code, 200)
 
 
 class KillTests(unittest.TestCase):
