@@ -243,7 +243,7 @@ class SharedPortTests(unittest.TestCase):
             peers[user] = yield register(self, a, user)  # a.port is b's too
         holders = {user: [s.server.cluster.instance_id for s in (a, b) if s.server.registrar.lookup(user)]
                    for user in USERS}
-        self.assertEqual({user: len(where) for user, where in holders.items()}, {user: 1 for user in USERS})
+        self.assertEqual({user: len(where) for user, where in holders.items()}, dict.fromkeys(USERS, 1))
         caller, callee = "alice", "carol"
         callee_node = (a if holders[callee][0] == a.server.cluster.instance_id else b).server.cluster
         caller_node = (a if holders[caller][0] == a.server.cluster.instance_id else b).server.cluster
