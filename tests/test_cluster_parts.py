@@ -86,6 +86,14 @@ class ViewTests(unittest.TestCase):
         self.assertIsNone(self.view.where("dave"))
         self.assertEqual(self.moved, [("bob", "b"), ("bob", "c"), ("dave", "b")])
 
+    def test_the_second_read_adds_only_unknown_users(self) -> None:
+        self.view.heard_from("b")
+        self.view.heard_from("c")
+        self.view.bound([BindingRow("bob", "c", "ip", 1, 5.0)])  # news: bob is on c now
+        self.view.add_missing([BindingRow("bob", "b", "ip", 1, 1.0), BindingRow("carol", "b", "ip", 2, 1.0)])
+        self.assertEqual(self.view.where("bob").instance_id, "c")  # type: ignore[union-attr]
+        self.assertEqual(self.view.where("carol").instance_id, "b")  # type: ignore[union-attr]
+
     def test_a_reload_replaces_what_changed(self) -> None:
         self.view.heard_from("b")
         self.view.bound([BindingRow("bob", "b", "ip", 1, 1.0), BindingRow("carol", "b", "ip", 2, 1.0)])

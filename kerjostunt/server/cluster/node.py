@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -90,11 +91,12 @@ class ClusterNode(Service):
         self._unbound: set[str] = set()
         self._gather: Any = None
         self._channels: Channels | None = None
-        self._heartbeat = LoopingCall(self._beat)
+        self._heartbeat = LoopingCall(self._tick)
         self._heartbeat.clock = reactor
         self._sweep = LoopingCall(self.relays.sweep)
         self._sweep.clock = reactor
         self._stopping = False
+        self._timers: list[IDelayedCall] = []
         self.ready: Deferred[None] = Deferred()
         #: called after every notification and heartbeat handled (tests wait on the view with it)
         self.observers: list[Callable[[], None]] = []
@@ -123,11 +125,26 @@ class ClusterNode(Service):
     def _loaded(self, rows: list[presence.BindingRow]) -> None:
         self.view.replace_all(rows)
         self._republish()
+        # Bindings broadcast just before our LISTEN whose rows were not written yet at the load
+        # (they are written behind): one more read, adding only users the broadcasts did not bring.
+        self._after(HEARTBEAT, self._load_missing)
         if not self._heartbeat.running:
             self._heartbeat.start(HEARTBEAT, now=False)
         log.info("Cluster: {n} users bound on {m} other instances", n=len(self.view), m=len(self.view.instances()))
         if not self.ready.called:
             self.ready.callback(None)
+
+    def _after(self, delay: float, f: Callable[[], None]) -> None:
+        """``f`` in ``delay`` seconds, unless the node stops first."""
+        self._timers = [t for t in self._timers if t.active()]
+        self._timers.append(self._reactor.callLater(delay, f))
+
+    def _load_missing(self) -> None:
+        if self._stopping:
+            return
+        d = self._store.run(presence.load_bindings, self.instance_id)
+        d.addCallbacks(self.view.add_missing,
+                       lambda f: log.failure("Could not read the cluster bindings", f))
 
     def _start_failed(self, failure: Failure, channels: Channels) -> None:
         log.failure("Cluster bus or presence unavailable; retrying", failure)
@@ -139,7 +156,7 @@ class ClusterNode(Service):
         self._channels = None
         if not self._stopping:
             self.count("cluster_bus_lost")
-            self._reactor.callLater(RECONNECT, self._reconnect)
+            self._after(RECONNECT, self._reconnect)
 
     def _reconnect(self) -> None:
         if not self._stopping and self._channels is None:
@@ -158,6 +175,9 @@ class ClusterNode(Service):
         for loop in (self._heartbeat, self._sweep):
             if loop.running:
                 loop.stop()
+        for timer in self._timers:
+            if timer.active():
+                timer.cancel()
         users = [b.user_id for b in self.registrar]
         channels, self._channels = self._channels, None
         if channels is not None and users:
@@ -186,6 +206,15 @@ class ClusterNode(Service):
             self._send(self._channels, self.instance_id, Envelope("ping", self.instance_id,
                                                                   sent_at=self._reactor.seconds()))
         return d
+
+    def _tick(self) -> None:
+        """The heartbeat loop's step: a failure is logged, and the loop goes on (the lease may still
+        be renewed in time by the next one)."""
+        def failed(failure: Failure) -> None:
+            self.count("cluster_heartbeat_failures")
+            log.failure("Cluster heartbeat failed", failure)
+
+        self._beat().addErrback(failed)
 
     def _leases_read(self, leases: list[presence.Lease]) -> None:
         for instance_id in self.view.leases_read(leases):

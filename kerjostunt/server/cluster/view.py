@@ -116,6 +116,10 @@ class ClusterView:
                 self._remove(binding)
         self.bound(fresh.values())
 
+    def add_missing(self, rows: Iterable[BindingRow]) -> None:
+        """Rows of users the view does not know (a second read at start-up): never overrides news."""
+        self.bound(r for r in rows if r.user_id not in self._bindings)
+
     def _set(self, binding: RemoteBinding) -> None:
         old = self._bindings.get(binding.user_id)
         if old is not None and old.instance_id != binding.instance_id:
