@@ -21,7 +21,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeGuard
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
@@ -386,7 +386,7 @@ class ClusterNode(Service):
         except SIPParseError:
             log.warn("Cluster: unparsable message from {user} on {sender}", user=envelope.user, sender=envelope.sender)
             return
-        if envelope.prediction is not None:
+        if _answers_invite(message):  # this answer's prediction, never an earlier call's
             leg.prediction = envelope.prediction
         if envelope.rtt is not None:
             leg.reported_rtt = envelope.rtt
@@ -408,8 +408,7 @@ class ClusterNode(Service):
         if relay is None:
             return False
         envelope = Envelope("from", self.instance_id, user=relay.user_id, message=sip_text(message))
-        if isinstance(message, Response) and 200 <= message.code < 300 and message.cseq is not None \
-                and message.cseq[1] == "INVITE":
+        if _answers_invite(message):
             envelope.prediction = self._predict(relay.user_id, message, conn)
             envelope.rtt = conn.rtt
         self.count("cluster_relayed")
@@ -427,6 +426,12 @@ class ClusterNode(Service):
     def connection_lost(self, conn: SignalingConnection) -> None:
         for relay in self.relays.lost(conn):
             self._send(self._channels, relay.origin, Envelope("lost", self.instance_id, user=relay.user_id))
+
+
+def _answers_invite(message: Request | Response) -> TypeGuard[Response]:
+    """A 2xx to an INVITE: the callee's answer, which carries its prediction across."""
+    return isinstance(message, Response) and 200 <= message.code < 300 and message.cseq is not None \
+        and message.cseq[1] == "INVITE"
 
 
 class ClusterCalls:
