@@ -224,6 +224,38 @@ class TwoInstanceTests(unittest.TestCase):
         self.assertLess(took, 1.0)  # the goodbye broadcast, not the lease
 
 
+class PresenceTests(unittest.TestCase):
+    """The presence rows themselves (store/presence.py), blocking, on the real PostgreSQL."""
+
+    if not URL:
+        skip = SKIP
+
+    def setUp(self) -> None:
+        empty_database()
+        self.db = Database(URL)
+        self.addCleanup(self.db.close)
+
+    def test_leases_bindings_takeover_and_leave(self) -> None:
+        from kerjostunt.store import presence
+
+        one = presence.InstanceInfo("one", "h1", 5061, (3478, 3479))
+        two = presence.InstanceInfo("two", "h2", 5062, (3480, 3481))
+        presence.heartbeat(self.db, one, 6.0)
+        leases = {lease.info.instance_id: lease for lease in presence.heartbeat(self.db, two, 6.0)}
+        self.assertEqual(leases["one"].info, one)
+        self.assertTrue(5.0 < leases["two"].remaining <= 6.0)
+        presence.write_bindings(self.db, "one", [presence.BindingRow("bob", "one", "10.0.0.1", 4000, 1.0)], [])
+        presence.write_bindings(self.db, "two", [presence.BindingRow("bob", "two", "10.0.0.2", 4001, 2.0)], [])
+        presence.write_bindings(self.db, "one", [], ["bob"])  # late: bob is two's now, the row stays
+        self.assertEqual([(r.user_id, r.instance_id, r.public_port) for r in presence.load_bindings(self.db, "x")],
+                         [("bob", "two", 4001)])
+        self.assertEqual(presence.load_bindings(self.db, "two"), [])  # one's own are not "elsewhere"
+        presence.leave(self.db, "two")
+        self.assertEqual(presence.load_bindings(self.db, "x"), [])
+        remaining = {lease.info.instance_id: lease.remaining for lease in presence.heartbeat(self.db, one, 6.0)}
+        self.assertNotIn("two", remaining)  # gone for good: its lease ended FORGET_AFTER ago
+
+
 class SharedPortTests(unittest.TestCase):
     """Two instances on one SIP port (--reuse-port): peers land on either, and calls reach across."""
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
@@ -80,6 +81,16 @@ def heartbeat(database: Database, me: InstanceInfo, lease: float) -> list[Lease]
             for i, host, port, probes, left in rows]
 
 
+def _upsert() -> Any:
+    statement = insert(ClusterBinding)
+    return statement.on_conflict_do_update(
+        index_elements=[ClusterBinding.user_id],
+        set_={name: statement.excluded[name] for name in ("instance_id", "public_ip", "public_port", "bound_at")})
+
+
+_UPSERT = _upsert()
+
+
 @translated
 def write_bindings(database: Database, instance_id: str, bound: Sequence[BindingRow],
                    unbound: Sequence[str]) -> None:
@@ -95,11 +106,7 @@ def write_bindings(database: Database, instance_id: str, bound: Sequence[Binding
         if bound:
             rows = [{"user_id": b.user_id, "instance_id": b.instance_id, "public_ip": b.public_ip,
                      "public_port": b.public_port, "bound_at": b.bound_at} for b in bound]
-            statement = insert(ClusterBinding).values(rows)
-            c.execute(statement.on_conflict_do_update(
-                index_elements=[ClusterBinding.user_id],
-                set_={name: statement.excluded[name] for name in
-                      ("instance_id", "public_ip", "public_port", "bound_at")}))
+            c.execute(_UPSERT, rows)  # one cached statement, executemany (psycopg2: batched VALUES)
 
 
 @translated
