@@ -204,6 +204,8 @@ def worker(config: dict[str, Any]) -> int:
     rt = common.worker_runtime()
     reactor = rt.reactor
     connector = rt.Connector(config["host"], config["port"], config["ca"])
+    # bench/cluster.py: callees on another instance of the cluster, so every call crosses instances
+    callee_connector = rt.Connector(config["host"], config.get("callee_port", config["port"]), config["ca"])
     lo, hi = config["pairs"]
     total_pairs, sources = config["total_pairs"], config["sources"]
     rng = Random(lo)
@@ -263,7 +265,9 @@ def worker(config: dict[str, Any]) -> int:
         def pump(self) -> None:
             while self.inflight < config["window"] and self.todo:
                 self.inflight += 1
-                connector.connect(self.todo.pop())
+                client = self.todo.pop()
+                callee = int(client.user_id[1:]) >= total_pairs  # user IDs are b00000.. (common.user_id)
+                (callee_connector if callee else connector).connect(client)
             if not self.todo and self.inflight == 0 and self.phase == "register":
                 self.phase = "registered"
                 common.emit({"event": "registered", "ok": self.reg_ok, "errors": dict(self.errors)})

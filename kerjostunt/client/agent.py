@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from typing_extensions import Unpack
 
 from kerjostunt import tls
-from kerjostunt.client.agentconfig import DEFAULT_PORT, AgentConfig, AgentSettings
+from kerjostunt.client.agentconfig import DEFAULT_PORT, AgentConfig, AgentSettings, ServerConfig
 from kerjostunt.client.agentlife import build_life
 from kerjostunt.client.calls import (
     AppPortFactory,
@@ -116,6 +116,7 @@ class PeerAgent:
         self._refresh_waiters: list[defer.Deferred[Registration]] = []
         self._up_waiters: list[defer.Deferred[None]] = []
         self._attempt = 0
+        self._server_index = 0  # which of config.server.addresses the next attempt dials
         self._timers: dict[str, IDelayedCall] = {}
         self._app_port: IListeningPort | None = None
         self._calls: dict[str, CallBase] = {}
@@ -171,10 +172,32 @@ class PeerAgent:
             self._life.start_failed()
             return failure
 
-        d = self._connect_and_register()
+        d = self._start_in_order()
         d.addCallback(self._first_punch_port)
         d.addErrback(failed)
         d.chainDeferred(started)
+
+    @defer.inlineCallbacks
+    def _start_in_order(self) -> Generator[defer.Deferred[Any], Any, Registration]:
+        """The first registration: each server once, in order, until one takes us (the last one's failure)."""
+        count = len(self.config.server.addresses)
+        for index in range(count):
+            self._server_index = index
+            try:
+                registration: Registration = yield self._connect_and_register()
+            except Exception:
+                if index == count - 1 or self._stopped():
+                    raise
+                log.warn("{host}:{port} failed: {why}; trying the next server", host=self.server.host,
+                         port=self.server.port, why=Failure().getErrorMessage())
+                continue
+            return registration
+        raise AssertionError("unreachable: a config has at least one server")
+
+    @property
+    def server(self) -> ServerConfig:
+        """The server the agent is registered with, or tries next."""
+        return self.config.server.at(self._server_index)
 
     def abandon_start(self) -> None:
         self._stop_listening()
@@ -254,7 +277,7 @@ class PeerAgent:
     @defer.inlineCallbacks
     def _connect_and_register(self) -> Generator[defer.Deferred[Any], Any, Registration]:
         """One attempt: connect over TLS, REGISTER; the life machine hears how it went."""
-        server = self.config.server
+        server = self.server
         account = self.config.account
         options = tls.client_options(server.ca_path, server.expected_name)
         sig = yield self.connect_signaling(
@@ -293,7 +316,7 @@ class PeerAgent:
         self._later("keepalive", self.config.timeouts.keepalive_interval, self._keepalive)
         if not self._calls:
             self.ready_port.refill(0)
-        server = self.config.server
+        server = self.server
         log.info(
             "registered as {user} at {host}:{port}, public address {ip}:{pport}",
             user=self.user_id, host=server.host, port=server.port,
@@ -376,7 +399,8 @@ class PeerAgent:
         return self.config.reconnect.delay(attempt, self._jitter())
 
     def reconnect_later(self) -> None:
-        delay = self.backoff_delay(self._attempt)
+        # One round through every server is one step of the back-off.
+        delay = self.backoff_delay(self._attempt // len(self.config.server.addresses))
         self._attempt += 1
         log.info("reconnecting in {delay:.1f} s", delay=delay)
         self._later("reconnect", delay, self._life.retry_due)
@@ -386,7 +410,9 @@ class PeerAgent:
 
     def log_retry_failure(self, failure: Failure) -> None:
         level = log.error if failure.check(RegistrationFailed) else log.warn
-        level("reconnecting failed: {why}", why=failure.getErrorMessage())
+        level("reconnecting to {host}:{port} failed: {why}", host=self.server.host, port=self.server.port,
+              why=failure.getErrorMessage())
+        self._server_index = (self._server_index + 1) % len(self.config.server.addresses)  # the next, in order
 
     def refill_ready_port(self) -> None:
         if self.signaling_up:

@@ -23,7 +23,7 @@ still takes: ``PeerAgent(reactor, server=..., user_id=..., ...)``).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NotRequired, Required, TypedDict, TypeVar, Unpack
 
 from kerjostunt.client.backoff import Backoff
@@ -45,10 +45,22 @@ class ServerConfig:
     ca_path: str = ""
     #: the name the certificate must carry (None: ``host``)
     tls_hostname: str | None = None
+    #: more servers of the same cluster, tried in order after ``host:port`` (docs/cluster.rst)
+    alternates: tuple[tuple[str, int], ...] = ()
 
     @property
     def address(self) -> tuple[str, int]:
         return self.host, self.port
+
+    @property
+    def addresses(self) -> tuple[tuple[str, int], ...]:
+        """Every server, in the order they are tried."""
+        return ((self.host, self.port), *self.alternates)
+
+    def at(self, index: int) -> ServerConfig:
+        """This config for the ``index``-th server of ``addresses`` (wrapping round)."""
+        host, port = self.addresses[index % len(self.addresses)]
+        return replace(self, host=host, port=port)
 
     @property
     def expected_name(self) -> str:

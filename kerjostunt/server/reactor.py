@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from twisted.internet.interfaces import IReactorCore, IReactorTCP
+from twisted.internet.interfaces import IReactorCore, IReactorSocket, IReactorTCP
 
 from kerjostunt.store.api import IStoreReactor
+from kerjostunt.store.channels import IChannelsReactor
 
 __all__ = ["IServerReactor"]
 
 
-class IServerReactor(IStoreReactor, IReactorCore, IReactorTCP):
-    """Timers, threads, start-up hooks, TCP: what ``StuntServer`` asks of its reactor.
+class IServerReactor(IStoreReactor, IChannelsReactor, IReactorCore, IReactorTCP, IReactorSocket):
+    """Timers, threads, start-up hooks, TCP, descriptors (the cluster bus): what ``StuntServer`` asks.
 
     A combination of Twisted's interfaces for typing only (like Twisted's own
     ``_IReactorCommon``): every real reactor provides them all, nothing

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import ipaddress
 import re
+import socket
 import sys
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -32,12 +33,14 @@ from kerjostunt import tls
 from kerjostunt.server import web
 from kerjostunt.server.auth import NonceManager, make_portal
 from kerjostunt.server.calls import CallManager, CallSettings
+from kerjostunt.server.cluster import ClusterCalls, ClusterNode, NodeSettings
 from kerjostunt.server.connectback import ConnectBack
 from kerjostunt.server.limits import PerSourceCap, WebLimits
 from kerjostunt.server.probe import Observation, ObservationLog, ProbeFactory, ProbeTokens, nat_not_stored
 from kerjostunt.server.reactor import IServerReactor
 from kerjostunt.server.register import CHALLENGE_ALGORITHMS, Protection, RegisterHandler
 from kerjostunt.server.registrar import Registrar
+from kerjostunt.server.reuseport import ReusePortEndpoint, parse_tcp
 from kerjostunt.server.router import SignalingRouter
 from kerjostunt.server.signaling import AdmittingTLSFactory, ConnectionLimits, SignalingFactory
 from kerjostunt.store import Database
@@ -132,6 +135,10 @@ class ServerSettings:
     call_outcome_timeout: float = 30.0
     invite_rate: float = 5.0
     invite_burst: float = 20.0
+    #: where peers reach this instance, told to the others of a cluster (None: the machine's host name)
+    advertise: str | None = None
+    #: SO_REUSEPORT on the signaling and web ports: several instances on one host share them (reuseport.py)
+    reuse_port: bool = False
 
 
 def server_addresses(settings: ServerSettings) -> frozenset[str]:
@@ -225,8 +232,12 @@ class StuntServer(MultiService):
                          invite_rate=settings.invite_rate, invite_burst=settings.invite_burst,
                          server_addresses=server_addresses(settings)),
         )
+        self.cluster: ClusterNode | None = None
+        if not self.store.database.is_sqlite:  # PostgreSQL: one of a cluster (docs/cluster.rst)
+            self.cluster = self._cluster_node()
         _CallsService(self.calls).setServiceParent(self)  # stops before the store: outcomes get written
-        self.router = SignalingRouter(self.registrar, self.register, self.calls)
+        call_handler = self.calls if self.cluster is None else ClusterCalls(self.cluster, self.calls)
+        self.router = SignalingRouter(self.registrar, self.register, call_handler)
         self.signaling = SignalingFactory(self.router, reactor, settings.limits, counter=self.count)
         tls_factory = AdmittingTLSFactory(
             tls.server_options(self.certificates, groups=settings.tls_groups), False, self.signaling
@@ -234,17 +245,27 @@ class StuntServer(MultiService):
         self.signaling_tls = tls_factory
         self.ports: dict[str, Deferred[IListeningPort]] = {}
         self.probe_cap = PerSourceCap(reactor, "probe", settings.probe_max_per_ip, counter=self.count)
-        self._listen("sip", settings.sip_endpoint, tls_factory)
+        self._listen("sip", settings.sip_endpoint, tls_factory, shared=True)
+        if self.cluster is not None:
+            self.ports["sip"].addCallback(self._note_sip_port)
         for index, endpoint in enumerate(settings.probe_endpoints):
             self._listen(f"probe{index}", endpoint, self._probe_factory())
             if index < len(settings.probe_ports):
                 # Announce the port really bound (it differs when configured as 0).
                 self.ports[f"probe{index}"].addCallback(self._note_probe_port, index)
         if settings.web_endpoint:
-            self._listen("web", settings.web_endpoint, web.tls_factory(self))
+            self._listen("web", settings.web_endpoint, web.tls_factory(self), shared=True)
 
     def count(self, what: str) -> None:
         self.counters[what] += 1
+
+    def _cluster_node(self) -> ClusterNode:
+        """Started after the store (its upgrade), stopped after the calls and before the store."""
+        host = self.settings.advertise or socket.gethostname()
+        settings = NodeSettings(self.settings.db_url, host, probe_ports=self.settings.probe_ports)
+        node = ClusterNode(self.reactor, settings, self.store, self.registrar, self.calls, self.count)
+        node.setServiceParent(self)  # type: ignore[no-untyped-call]
+        return node
 
     def _certificates(self) -> tls.CertificatePaths:
         s = self.settings
@@ -252,14 +273,24 @@ class StuntServer(MultiService):
             return tls.CertificatePaths(s.cert, s.key or s.cert, None)
         return tls.ensure_certificates(s.certs_dir, s.domain, s.cert_hosts)
 
-    def _listen(self, name: str, description: str, factory: IProtocolFactory) -> None:
+    def _listen(self, name: str, description: str, factory: IProtocolFactory, shared: bool = False) -> None:
         # twisted.application and endpoint parsing carry no annotations: the ignores.
-        endpoint = PortRecordingEndpoint(serverFromString(self.reactor, description))  # type: ignore[no-untyped-call]
+        if shared and self.settings.reuse_port:
+            inner: IStreamServerEndpoint = ReusePortEndpoint(self.reactor, parse_tcp(description))
+        else:
+            inner = serverFromString(self.reactor, description)  # type: ignore[no-untyped-call]
+        endpoint = PortRecordingEndpoint(inner)
         service = StreamServerEndpointService(endpoint, factory)  # type: ignore[no-untyped-call]
         service._raiseSynchronously = True  # a busy port stops twistd with a clear error
         service.setName(name)  # type: ignore[no-untyped-call]
         service.setServiceParent(self)  # type: ignore[no-untyped-call]
         self.ports[name] = endpoint.listening
+
+    def _note_sip_port(self, port: IListeningPort) -> IListeningPort:
+        host = port.getHost()
+        if self.cluster is not None and isinstance(host, (IPv4Address, IPv6Address)):
+            self.cluster.settings.sip_port = host.port
+        return port
 
     def _note_probe_port(self, port: IListeningPort, index: int) -> IListeningPort:
         host = port.getHost()

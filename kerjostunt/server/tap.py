@@ -57,6 +57,11 @@ class Options(usage.Options):
         ["domain", "d", "kerjo.local", "SIP domain and digest realm."],
         ["db", None, "sqlite:///kerjostunt.sqlite", "SQLAlchemy database URL (sqlite:///FILE, postgresql://...)."],
         ["certs", None, "certs", "Directory of the generated CA and server certificate."],
+        [
+            "advertise", None, None,
+            "Host name or address peers reach this instance at, told to the other instances of a cluster "
+            "(PostgreSQL --db only; default: the machine's host name).",
+        ],
         ["cert", None, None, "Use this server certificate (PEM) instead of generating one."],
         ["key", None, None, "Private key (PEM) for --cert (default: inside the --cert file)."],
         ["probe-ports", None, "3478,3479", "Comma-separated STUN-over-TCP probe ports (two or more)."],
@@ -84,6 +89,14 @@ class Options(usage.Options):
         [
             "digest-algorithms", None, "MD5,SHA-256",
             "Digest challenges offered, in order (MD5 first suits SIP tools such as sipp; our clients pick SHA-256).",
+        ],
+    ]
+
+    optFlags = [
+        [
+            "reuse-port", None,
+            "Set SO_REUSEPORT on the signaling and web ports, so several instances on one host (a cluster on "
+            "one PostgreSQL) share them; give each its own --probe-ports (docs/cluster.rst).",
         ],
     ]
 
@@ -140,6 +153,8 @@ class Options(usage.Options):
             limits=ConnectionLimits(max_per_ip=self["max-per-ip"], register_timeout=self["register-timeout"],
                                     max_unregistered=self["max-unregistered"]),
             web_limits=WebLimits(max_connections=self["web-max-connections"]),
+            advertise=self["advertise"] or None,
+            reuse_port=bool(self["reuse-port"]),
         )
 
 

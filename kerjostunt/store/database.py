@@ -80,6 +80,8 @@ __all__ = [
 ]
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+#: the advisory lock key that serializes schema upgrades (any constant; "kerjo" in ASCII)
+MIGRATION_LOCK = 0x6B65726A6F
 
 #: seconds a statement waits for another connection's lock (SQLite's busy
 #: timeout, PostgreSQL's ``lock_timeout``) unless told otherwise: an
@@ -142,11 +144,18 @@ class Database(UsersAndGroups, UsageLog, Operations):
         """Bring the schema to the latest Alembic revision (idempotent).
 
         A SQLite file that does not exist yet is created first, mode 0600.
+        On PostgreSQL the upgrade holds a transaction-scoped advisory lock:
+        several instances starting at once on an empty database would each
+        find no ``alembic_version`` and race to create the same tables (one
+        fails with a duplicate). With the lock the second waits for the
+        first's commit, then finds the schema at head and does nothing.
         """
         self.create_file()
         config = Config()
         config.set_main_option("script_location", str(MIGRATIONS_DIR))
         with self.engine.begin() as connection:
+            if not self.is_sqlite:
+                connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
 

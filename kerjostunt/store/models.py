@@ -87,3 +87,34 @@ class Attempt(Base):
         Index("ix_attempts_caller_at", "caller", "at"),
         Index("ix_attempts_callee_at", "callee", "at"),
     )
+
+
+class ClusterInstance(Base):
+    """One running server of a cluster and its lease (``store/presence.py``).
+
+    ``lease_until`` is in the database's clock (seconds since the epoch), so
+    instances on machines whose clocks disagree still agree on who is alive.
+    """
+
+    __tablename__ = "cluster_instances"
+
+    instance_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    sip_port: Mapped[int] = mapped_column(Integer)
+    probe_ports: Mapped[str] = mapped_column(String(255))
+    started_at: Mapped[float] = mapped_column(Float)
+    lease_until: Mapped[float] = mapped_column(Float)
+
+
+class ClusterBinding(Base):
+    """Which instance holds a registered user's signaling connection (one row per user)."""
+
+    __tablename__ = "cluster_bindings"
+
+    user_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    instance_id: Mapped[str] = mapped_column(String(64))
+    public_ip: Mapped[str] = mapped_column(String(45))
+    public_port: Mapped[int] = mapped_column(Integer)
+    bound_at: Mapped[float] = mapped_column(Float)
+
+    __table_args__ = (Index("ix_cluster_bindings_instance_id", "instance_id"),)

@@ -63,8 +63,9 @@ def positive(text: str) -> float:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--server", required=True, type=server_address, metavar="HOST[:PORT]",
-                        help=f"the STUNT server (port {DEFAULT_PORT} by default)")
+    parser.add_argument("--server", required=True, type=server_address, metavar="HOST[:PORT]", action="append",
+                        help=f"the STUNT server (port {DEFAULT_PORT} by default); repeat it for the servers "
+                             "of a cluster, tried in order")
     add_credentials(parser, user_help="our user ID",
                     password_help="read the password from the first line of stdin",
                     ca_help="CA certificate that signed the server's (certs/ca.pem)")
@@ -122,7 +123,7 @@ def _agent(
     on_peer: Callable[[PeerConnection], None] | None = None,
 ) -> PeerAgent:
     config = agent_config(
-        args, args.server, password,
+        args, args.server[0], password,
         ports=Ports(
             listen_port=args.listen_port, low_ttl=args.low_ttl or None, punch_port_max_age=args.punch_port_max_age
         ),

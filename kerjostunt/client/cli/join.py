@@ -43,6 +43,7 @@ from kerjostunt.client.cli.options import (
     agent_config,
     react_for_exit_code,
     server_and_password,
+    servers_of,
     web_url,
 )
 from kerjostunt.client.directory import (
@@ -84,7 +85,8 @@ def register(subparsers: Any) -> None:
         "--server",
         required=True,
         metavar="HOST[:PORT]",
-        help="the signaling server (PORT default 5061)",
+        help="the signaling server (PORT default 5061); repeat it for the servers of a cluster, tried in order",
+        action="append",
     )
     parser.add_argument(
         "--web-port",
@@ -226,10 +228,10 @@ def run(
     except UsageError as e:
         print(f"{PROG}: error: {e}", file=stderr, flush=True)
         return 2
-    base = web_url(host, args.web_port)
+    bases = [web_url(h, args.web_port) for h, _port in servers_of(args)]
 
     def directory() -> defer.Deferred[list[PeerEntry]]:
-        return fetch_peers(reactor, base, args.group, args.user, password, args.ca)
+        return _directory_in_order(reactor, bases, args, password)
 
     # One fetch first: a wrong password or group is an error to report, not to retry forever.
     first: list[list[PeerEntry]] = []
@@ -257,6 +259,23 @@ def run(
     yield stopped
     yield _stop(manager, say)
     return 0
+
+
+@defer.inlineCallbacks
+def _directory_in_order(reactor: IReactorTime, bases: list[str], args: argparse.Namespace,
+                        password: str) -> Generator[defer.Deferred[Any], Any, list[PeerEntry]]:
+    """The list from the first server that answers, in --server order (a cluster's share one database)."""
+    for index, base in enumerate(bases):
+        try:
+            peers: list[PeerEntry] = yield fetch_peers(reactor, base, args.group, args.user, password, args.ca)
+        except FATAL:
+            raise
+        except DirectoryError:
+            if index == len(bases) - 1:
+                raise
+            continue
+        return peers
+    raise AssertionError("unreachable: at least one --server")
 
 
 def _manager(

@@ -1,6 +1,6 @@
 """Options the client commands (``echo-*``, ``join``, ``peers``) share.
 
-``--server HOST[:PORT]``, ``--user``, ``--password-stdin``, ``--ca``,
+``--server HOST[:PORT]`` (repeatable: a cluster's servers, tried in order), ``--user``, ``--password-stdin``, ``--ca``,
 ``--domain`` and ``--tls-hostname``; reading the password from stdin;
 logging to stderr; running a command's ``run`` under ``task.react``.
 
@@ -122,9 +122,15 @@ def read_password(stdin: TextIO) -> str | None:
     return stdin.readline().rstrip("\r\n") or None
 
 
+def servers_of(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """Every ``--server`` given (repeatable: the servers of one cluster, tried in order)."""
+    given = args.server if isinstance(args.server, list) else [args.server]
+    return [server if isinstance(server, tuple) else split_server(server) for server in given]
+
+
 def server_and_password(args: argparse.Namespace, stdin: TextIO) -> tuple[str, int, str]:
-    """(host, signaling port, password) for join and peers; UsageError if either is bad."""
-    host, port = split_server(args.server)
+    """(host, signaling port, password) of the first server for join and peers; UsageError if either is bad."""
+    host, port = servers_of(args)[0]
     password = read_password(stdin)
     if password is None:
         raise UsageError("no password on stdin")
@@ -139,10 +145,15 @@ def agent_config(
     ports: Ports = Ports(),
     timeouts: Timeouts = Timeouts(),
 ) -> AgentConfig:
-    """The ``PeerAgent`` config from the shared options (server, account) and the command's own."""
+    """The ``PeerAgent`` config from the shared options (server, account) and the command's own.
+
+    ``server`` is tried first; the other ``--server``s follow it in order.
+    """
     host, port = server
+    alternates = tuple(s for s in servers_of(args) if s != server)
     return AgentConfig(
-        server=ServerConfig(host, port, domain=args.domain, ca_path=args.ca, tls_hostname=args.tls_hostname),
+        server=ServerConfig(host, port, domain=args.domain, ca_path=args.ca, tls_hostname=args.tls_hostname,
+                            alternates=alternates),
         account=Account(args.user, password),
         ports=ports,
         timeouts=timeouts,

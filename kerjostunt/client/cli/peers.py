@@ -43,7 +43,9 @@ def register(subparsers: Any) -> None:
         "--server",
         required=True,
         metavar="HOST[:PORT]",
-        help="the signaling server (PORT is its signaling port; the list comes from --web-port)",
+        help="the signaling server (PORT is its signaling port; the list comes from --web-port); "
+        "repeatable for a cluster's servers: the first one's list is printed",
+        action="append",
     )
     parser.add_argument(
         "--web-port",

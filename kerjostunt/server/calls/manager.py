@@ -26,7 +26,7 @@ from kerjostunt.server.calls.lanes import NATLanes, lane_of
 from kerjostunt.server.calls.machine import CALLEE, CALLER, Call, CallInputs, Phase
 from kerjostunt.server.calls.messages import tag_of, top_branch
 from kerjostunt.server.calls.pairs import PairBook
-from kerjostunt.server.calls.seams import Attempt, CallSettings, CallStore, Clock, Observations, Timer
+from kerjostunt.server.calls.seams import Attempt, CallSettings, CallStore, Clock, Elsewhere, Observations, Timer
 from kerjostunt.server.register import RequestError, user_of
 from kerjostunt.server.registrar import Registrar, SignalingConnection
 from kerjostunt.server.signaling import TokenBucket
@@ -93,6 +93,8 @@ class CallManager:
         self._quiet_since: dict[Call, float] = {}
         # calls told ``182 Queued`` while they wait for a turn: the next notice
         self._notices: dict[Call, Timer] = {}
+        #: users on other instances of a cluster; None: one instance (set by server/cluster/)
+        self.elsewhere: Elsewhere | None = None
 
     # -- the router's interface ------------------------------------------------------
 
@@ -218,6 +220,8 @@ class CallManager:
         newest port, whichever of its hosts probed last, plus the mappings
         the calls that dialed there since were going to open (lanes.py).
         """
+        if self.elsewhere is not None and (remote := self.elsewhere.prediction_of(conn)) is not None:
+            return remote  # made where the user's probes are
         prediction = predict_for(user_id, sdp, self.observations.samples(user_id), conn.peer[0])
         nat = self._nat_behind(prediction.nat, conn.peer[0])
         if nat.allocation == PRESERVING and prediction.nat.allocation != PRESERVING:
@@ -424,14 +428,13 @@ class CallManager:
             if verdict != "ok":
                 self.feed(call, CallInputs.refused, 403, "Forbidden: no shared group")
                 return
-            binding = self.registrar.lookup(call.callee_id)
-            if binding is None:
+            callee_conn = self._callee_conn(call.callee_id)
+            if callee_conn is None:
                 self._offline(call)
-            elif why := self._why_unjoinable(call, binding.connection,
-                                             nats := self._nats_of(call, binding.connection)):
-                self._no_technique(call, binding.connection, why, nats)
+            elif why := self._why_unjoinable(call, callee_conn, nats := self._nats_of(call, callee_conn)):
+                self._no_technique(call, callee_conn, why, nats)
             else:
-                call.lanes = self._lanes_of(call, binding.connection, nats)
+                call.lanes = self._lanes_of(call, callee_conn, nats)
                 if call.lanes and self._crossing(call):
                     self.count("calls_crossing")
                     self.feed(call, CallInputs.refused, 491, kerjo.CROSSING_REASON)
@@ -547,11 +550,18 @@ class CallManager:
         """The call's turn at its NATs (at once without one): forward it, if the callee is still there."""
         if call.machine.phase() is not Phase.CHECKING:
             return
-        binding = self.registrar.lookup(call.callee_id)
-        if binding is None:
+        callee_conn = self._callee_conn(call.callee_id)
+        if callee_conn is None:
             self._offline(call)
         else:
-            self.feed(call, CallInputs.checked, binding.connection)
+            self.feed(call, CallInputs.checked, callee_conn)
+
+    def _callee_conn(self, user_id: str) -> SignalingConnection | None:
+        """The user's connection here, else its stand-in on the instance holding it (a cluster)."""
+        binding = self.registrar.lookup(user_id)
+        if binding is not None:
+            return binding.connection
+        return self.elsewhere.connection_of(user_id) if self.elsewhere is not None else None
 
     def _offline(self, call: Call) -> None:
         """480; saying so when the pair's calls failed since its last success (pairs.py)."""

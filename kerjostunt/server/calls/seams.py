@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import Any, Protocol, TypedDict
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 
 from twisted.internet.defer import Deferred
 
-from kerjostunt.wire.prediction import Sample
+from kerjostunt.wire.prediction import Prediction, Sample
+
+if TYPE_CHECKING:
+    from kerjostunt.server.registrar import SignalingConnection
 
 
 class Timer(Protocol):
@@ -83,6 +86,18 @@ class Observations(Protocol):
 
     def last_probe_behind(self, public_ip: str, excluding: Collection[str]) -> float | None:
         """When a user not in ``excluding`` last probed through ``public_ip``."""
+        ...
+
+
+class Elsewhere(Protocol):
+    """Users bound on other instances of a cluster (``server/cluster/``); None on one instance."""
+
+    def connection_of(self, user_id: str) -> SignalingConnection | None:
+        """A stand-in for the user's connection on the instance that holds it, or None."""
+        ...
+
+    def prediction_of(self, conn: SignalingConnection) -> Prediction | None:
+        """For a stand-in: the prediction its instance made from the user's probes, if it sent one."""
         ...
 
 
