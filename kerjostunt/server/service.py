@@ -35,6 +35,7 @@ from kerjostunt.server.probe import Observation, ObservationLog, ProbeFactory, P
 from kerjostunt.server.reactor import IServerReactor
 from kerjostunt.server.register import CHALLENGE_ALGORITHMS, Protection, RegisterHandler
 from kerjostunt.server.registrar import Registrar
+from kerjostunt.server.relay import RelayGate, RelaySettings
 from kerjostunt.server.router import SignalingRouter
 from kerjostunt.server.signaling import AdmittingTLSFactory, ConnectionLimits, SignalingFactory
 from kerjostunt.store import Database
@@ -126,6 +127,8 @@ class ServerSettings:
     call_outcome_timeout: float = 30.0
     invite_rate: float = 5.0
     invite_burst: float = 20.0
+    #: the opt-in TURN relay (docs/relay.rst); None: no relay, as before
+    relay: RelaySettings | None = None
 
 
 @implementer(IStreamServerEndpoint)
@@ -192,6 +195,8 @@ class StuntServer(MultiService):
             CallSettings(answer_timeout=settings.call_answer_timeout, outcome_timeout=settings.call_outcome_timeout,
                          invite_rate=settings.invite_rate, invite_burst=settings.invite_burst),
         )
+        if settings.relay is not None:
+            self.calls.relay = RelayGate(settings.relay, reactor.seconds, self.store.groups_of)
         _CallsService(self.calls).setServiceParent(self)  # stops before the store: outcomes get written
         self.router = SignalingRouter(self.registrar, self.register, self.calls)
         self.signaling = SignalingFactory(self.router, reactor, settings.limits, counter=self.count)

@@ -25,7 +25,7 @@ from kerjostunt.server.calls.lanes import NATLanes, lane_of
 from kerjostunt.server.calls.machine import CALLEE, CALLER, Call, CallInputs, Phase
 from kerjostunt.server.calls.messages import tag_of, top_branch
 from kerjostunt.server.calls.pairs import PairBook
-from kerjostunt.server.calls.seams import Attempt, CallSettings, CallStore, Clock, Observations, Timer
+from kerjostunt.server.calls.seams import Attempt, CallSettings, CallStore, Clock, Observations, RelayDecider, Timer
 from kerjostunt.server.register import RequestError, user_of
 from kerjostunt.server.registrar import Registrar, SignalingConnection
 from kerjostunt.server.signaling import TokenBucket
@@ -81,6 +81,8 @@ class CallManager:
         # calls whose turn at a NAT waits for it to go quiet: the timer, and since when
         self._quiet: dict[Call, Timer] = {}
         self._quiet_since: dict[Call, float] = {}
+        #: the opt-in TURN relay (service.py sets it with --relay), None: no relay
+        self.relay: RelayDecider | None = None
 
     # -- the router's interface ------------------------------------------------------
 
@@ -404,16 +406,11 @@ class CallManager:
             binding = self.registrar.lookup(call.callee_id)
             if binding is None:
                 self._offline(call)
-            elif why := self._why_unjoinable(call, binding.connection,
-                                             nats := self._nats_of(call, binding.connection)):
-                self._no_technique(call, binding.connection, why)
-            else:
-                call.lanes = self._lanes_of(call, binding.connection, nats)
-                if call.lanes and self._crossing(call):
-                    self.count("calls_crossing")
-                    self.feed(call, CallInputs.refused, 491, kerjo.CROSSING_REASON)
-                    return
-                self.lanes.enter(call, tuple(call.lanes.values()), lambda: self._when_quiet(call))
+                return
+            conn = binding.connection
+            nats = self._nats_of(call, conn)
+            why = self._why_unjoinable(call, conn, nats)
+            self._with_relay(call, conn, why, lambda: self._take_turn(call, conn, nats))
 
         def failed(failure: Failure) -> None:
             if call.machine.phase() is not Phase.CHECKING:
@@ -430,6 +427,42 @@ class CallManager:
         d = self.store.call_check(call.caller_id, call.callee_id)
         d.addCallbacks(checked, failed)
         d.addErrback(lambda f: log.failure("Call check failed", f))
+
+    def _take_turn(self, call: Call, callee_conn: SignalingConnection,
+                   nats: tuple[NATDescription | None, ...]) -> None:
+        """The call's turn at its sequential NATs (lanes.py), then the INVITE goes on."""
+        call.lanes = self._lanes_of(call, callee_conn, nats)
+        if call.lanes and self._crossing(call):
+            self.count("calls_crossing")
+            self.feed(call, CallInputs.refused, 491, kerjo.CROSSING_REASON)
+            return
+        self.lanes.enter(call, tuple(call.lanes.values()), lambda: self._when_quiet(call))
+
+    def _with_relay(self, call: Call, callee_conn: SignalingConnection, unjoinable: str,
+                    go: Callable[[], None]) -> None:
+        """Decide the call's relay (server/relay.py), then ``go``: NATs no technique joins get
+        it at once and skip the NAT lanes (nobody punches), or the 488 without one."""
+        failures = self.pairs.failed(call.caller_id, call.callee_id, call.caller_conn.peer[0])
+        gate = self.relay
+        decided = gate.decide(call.caller_id, call.callee_id, unjoinable, failures) if gate else None
+
+        def then(offers: dict[str, kerjo.RelayOffer]) -> None:
+            if call.machine.phase() is not Phase.CHECKING:
+                return
+            if offers:
+                call.relay = {CALLER: offers[call.caller_id], CALLEE: offers[call.callee_id]}
+                self.count(f"relay_offered_{offers[call.caller_id].when}")
+            if unjoinable and not offers:
+                self._no_technique(call, callee_conn, unjoinable)
+            elif unjoinable:
+                self._forward(call)
+            else:
+                go()
+
+        if decided is None:
+            then({})
+        else:
+            decided.addCallback(then)
 
     def _no_technique(self, call: Call, callee_conn: SignalingConnection, why: str) -> None:
         """488: no technique joins the two NATs. Recorded as the pair's failed attempt, as a dial would be."""

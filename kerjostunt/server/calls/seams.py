@@ -13,6 +13,7 @@ from typing import Any, Protocol, TypedDict
 
 from twisted.internet.defer import Deferred
 
+from kerjostunt.wire.kerjo import RelayOffer
 from kerjostunt.wire.prediction import Sample
 
 
@@ -77,6 +78,15 @@ class Observations(Protocol):
 
     def last_probe_behind(self, public_ip: str, excluding: Collection[str]) -> float | None:
         """When a user not in ``excluding`` last probed through ``public_ip``."""
+        ...
+
+
+class RelayDecider(Protocol):
+    """The opt-in TURN relay (``server/relay.py``'s RelayGate) as the calls use it."""
+
+    def decide(self, caller: str, callee: str, unjoinable: str,
+               pair_failures: int) -> Deferred[dict[str, RelayOffer]] | None:
+        """None: no relay for this call; else fires with user -> offer ({} when not allowed), never fails."""
         ...
 
 
