@@ -327,6 +327,8 @@ class Allocation:
         protocol = data.hand_over(factory, peer)
         if protocol is None:
             raise TurnError("the data connection closed at once")
+        # The allocation exists for this connection: it ends with it.
+        data.on_lost = lambda reason: self.close()
         return protocol
 
     def _indication(self, msg: stun.StunMessage) -> None:
