@@ -9,8 +9,6 @@ lab's namespaces with 20 ms one-way delay on every access link.
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
 from twisted.internet import defer
@@ -18,13 +16,11 @@ from twisted.trial import unittest
 
 from tests import test_traversal as traversal
 from tests.natlab import NATSpec
-from tests.natlab.scenario import _WAIT_LISTENING, Scenario, unique_message, wall_clock
+from tests.natlab.relay import start_coturn
+from tests.natlab.scenario import Scenario, unique_message, wall_clock
 from tests.test_traversal import MESSAGE_LENGTH, PRESERVING_RST, RANDOM, STUNT_TECHNIQUES, peer_lines
-from tests.turnserver import TURNSERVER, config_text, skip_without_coturn
+from tests.turnserver import skip_without_coturn
 
-#: coturn's port in the server namespace (3478/3479 are the probe ports there)
-TURN_PORT = 3490
-SECRET = b"lab-relay-secret"
 #: a sequential NAT filtering by address and port: with a random NAT across, no punch works
 SEQUENTIAL_APD = NATSpec("sequential", delta=1, inbound="drop")
 
@@ -40,25 +36,9 @@ class RelayTraversalTests(unittest.TestCase):
         skip_without_coturn(self)
         return self._build(*args, **kw)
 
-    @defer.inlineCallbacks
-    def start_relay(self, sc: Scenario):  # type: ignore[no-untyped-def]
-        """coturn in the server namespace, then the server with --relay pointing at it."""
-        s = sc.lab.server
-        directory = Path(self.mktemp()).resolve()  # the lab's processes run elsewhere
-        directory.mkdir(parents=True)
-        conf = directory / "turnserver.conf"
-        conf.write_text(config_text(listen=s.ip, port=TURN_PORT, relay=s.ip, secret=SECRET,
-                                    directory=str(directory)))
-        secret_file = directory / "secret"
-        secret_file.write_bytes(SECRET + b"\n")
-        os.chmod(secret_file, 0o600)
-        sc.spawn("server", [TURNSERVER, "-c", str(conf)], name="coturn", limit=600)
-        wait = sc.spawn("server", [sys.executable, "-c", _WAIT_LISTENING, "20", f"{s.ip}:{TURN_PORT}"],
-                        name="wait-coturn", limit=30)
-        code = yield wait.ended
-        if code != 0:
-            self.fail("coturn did not listen\n" + sc.transcript())
-        return ["--relay", f"turn:{s.ip}:{TURN_PORT}", "--relay-secret-file", str(secret_file)]
+    def start_relay(self, sc: Scenario) -> defer.Deferred:
+        """coturn in the server namespace; fires with the server's --relay arguments."""
+        return start_coturn(sc, Path(self.mktemp()))
 
     @defer.inlineCallbacks
     def relayed_echo(self, nat_a: NATSpec, nat_b: NATSpec):  # type: ignore[no-untyped-def]

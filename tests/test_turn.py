@@ -107,7 +107,11 @@ class TurnClientTests(unittest.TestCase):
         a_factory, _ = sink_factory()
         with self.assertRaises(TurnError) as caught:
             yield defer.Deferred.fromCoroutine(a.connect(b.relayed, a_factory))
-        self.assertEqual(caught.exception.code, 447)
+        # coturn answers 447, or (when its TCP connect to B's relayed port completed before B's
+        # allocation refused it) a success, and then drops the data connection being bound.
+        reason = caught.exception.reason
+        self.assertTrue(caught.exception.code == 447 or "closed the connection before it was bound" in reason,
+                        reason)
 
     @defer.inlineCallbacks
     def test_wrong_secret_is_refused(self):

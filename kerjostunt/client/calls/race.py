@@ -190,6 +190,9 @@ class Dialer:
         """
         self.dial_at = self.reactor.seconds() + delay
         self._contest.later(delay, self._life.begin)
+        if self._relay_due(RELAY_NOW):
+            # Nothing to synchronise with the peer's SYNs: the relay starts now, not at the dial moment.
+            self._start_relay()
         for candidate, technique in self.direct_candidates():
             if technique == "lan":
                 self._lan_dialed = True
@@ -210,7 +213,7 @@ class Dialer:
         """The dial moment: every technique, in the order that keeps the predictions true."""
         log.debug("call {call}: dialing as {role}", call=self.setup.call_id, role=self.setup.role)
         if self._relay_due(RELAY_NOW):
-            self._start_relay()  # the server says no direct technique joins us: no time to lose
+            self._start_relay()  # (started already in ``start``; here for a race begun otherwise)
         # Host candidates on our own LAN first (cheapest, and they take no
         # NAT port).  Then the punch, before any connect that leaves through
         # the NAT: a sequential NAT gives every new connection the next port,

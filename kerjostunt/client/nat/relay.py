@@ -69,17 +69,18 @@ async def allocate_any(reactor: SocketReactor, plan: RelayPlan) -> Allocation:
 
 
 async def offer_side(reactor: SocketReactor, plan: RelayPlan, peer_ips: Sequence[str]) -> Allocation:
-    """The callee's allocation, with permissions for ``peer_ips`` and every relay's own IP."""
+    """The callee's allocation, with permissions for ``peer_ips`` and every relay's own IP.
+
+    The CreatePermission is sent, not awaited: the answer can go out a round
+    trip sooner, and the caller's Connect, which needs the permission, comes
+    at least two signaling legs and two relay round trips later, after it on
+    the same server.  A refusal is logged; the caller's Connect then fails
+    with a reason.
+    """
     allocation = await allocate_any(reactor, plan)
     ips = [allocation.relayed[0], *(ip for ip, _ in plan.servers), *peer_ips]
-    try:
-        await allocation.permit([ip for ip in dict.fromkeys(ips) if ":" not in ip])
-    except TurnError as e:
-        allocation.close()
-        raise RelayFailed(e.reason) from None
-    except BaseException:
-        allocation.close()
-        raise
+    d = allocation.permit([ip for ip in dict.fromkeys(ips) if ":" not in ip])
+    d.addErrback(lambda f: log.info("relay: permission refused: {why}", why=f.getErrorMessage()))
     return allocation
 
 
