@@ -103,6 +103,27 @@ class RelayedCallFlowTests(RelayedCallTests):
         self.assertEqual(pairs["bob"].latest, "relay")
 
 
+class FallbackTests(RelayedCallTests):
+    """``when=fallback``: the caller relays once its direct techniques failed, in the same call."""
+
+    @defer.inlineCallbacks
+    def setUp(self):  # type: ignore[no-untyped-def]
+        yield super().setUp()
+        self.patch(self.running.server.calls.relay, "when", lambda unjoinable, failures: kerjo.RELAY_FALLBACK)
+
+    @defer.inlineCallbacks
+    def test_the_relay_after_the_direct_techniques(self):  # type: ignore[no-untyped-def]
+        alice, bob_side = yield self.pair()
+        connection = yield alice.connect("bob", Factory.forProtocol(Recorder), timeout=20)
+        self.addCleanup(connection.protocol.transport.abortConnection)
+        self.assertEqual(connection.technique, "relay")
+        theirs = yield bob_side.addTimeout(10, reactor)
+        self.addCleanup(theirs.protocol.transport.abortConnection)
+        connection.protocol.transport.write(b"after the fallback\n")
+        yield theirs.protocol.wait_for(b"after the fallback\n")
+        self.assertEqual(self.running.server.counters["relay_offered_fallback"], 1)
+
+
 class WrongSecretTests(RelayedCallTests):
     @defer.inlineCallbacks
     def setUp(self):  # type: ignore[no-untyped-def]

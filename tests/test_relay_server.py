@@ -168,6 +168,23 @@ class RelayCallTests(unittest.SynchronousTestCase):
         [forwarded] = self.table.invites_to("b1")
         self.assertIsNone(forwarded.headers.get(kerjo.RELAY))
 
+    def test_a_pair_whose_calls_failed_gets_the_relay_as_a_fallback(self) -> None:
+        self.manager.pairs.recorded("a1", "b1", False, {"a1": "198.18.1.2", "b1": "198.18.2.2"})
+        self.table.invite("a1", "b1", "c1")
+        self.table.clock.advance(0.3)
+        [forwarded] = self.table.invites_to("b1")
+        offer = kerjo.parse_relay_offer(forwarded.headers.get(kerjo.RELAY))
+        assert offer is not None
+        self.assertEqual(offer.when, kerjo.RELAY_FALLBACK)
+
+    def test_no_fallback_when_the_operator_says_so(self) -> None:
+        self.set_relay(fallback=False)
+        self.manager.pairs.recorded("a1", "b1", False, {"a1": "198.18.1.2", "b1": "198.18.2.2"})
+        self.table.invite("a1", "b1", "c1")
+        self.table.clock.advance(0.3)
+        [forwarded] = self.table.invites_to("b1")
+        self.assertIsNone(forwarded.headers.get(kerjo.RELAY))
+
     def test_a_user_who_may_not_relay_gets_the_488(self) -> None:
         self.set_relay(users=frozenset({"b1"}))
         self.table.invite("d1", "b1", "c3")
