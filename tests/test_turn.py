@@ -185,3 +185,30 @@ class TurnTimeoutTests(unittest.TestCase):
         self.assertTrue(transport.disconnecting or getattr(transport, "aborted", False))
         conn.connectionLost()
         self.failureResultOf(d, TurnError)
+
+
+class RefreshTests(unittest.TestCase):
+    def test_the_allocation_is_refreshed_every_half_lifetime_until_closed(self):
+        from twisted.internet.task import Clock
+        from twisted.internet.testing import StringTransport
+
+        from kerjostunt.client.nat.turn import TurnConnection, _Auth
+        from kerjostunt.wire import stun
+        clock = Clock()
+        auth = _Auth(credentials(b"x", "alice"), realm="kerjo.test", nonce=b"n0")
+        control = TurnConnection(clock, auth)
+        transport = StringTransport()
+        control.makeConnection(transport)
+        allocation = Allocation(clock, TurnServer(("127.0.0.1", 3478), auth.credentials), control, "127.0.0.1")
+        allocation.lifetime = 100
+        allocation._schedule_refresh()
+        clock.advance(49)
+        self.assertEqual(transport.value(), b"")
+        clock.advance(1)
+        sent = stun.decode(transport.value())
+        self.assertEqual(sent.msg_type, turn.message_type(turn.REFRESH, turn.REQUEST))
+        self.assertEqual(turn.decode_lifetime(sent.get(turn.LIFETIME)), 100)
+        self.assertTrue(stun.check_integrity(transport.value(), auth.key()))
+        allocation.close()
+        control.connectionLost()  # what the abort does on a real transport
+        self.assertFalse(clock.getDelayedCalls(), "no refresh, and no request waiting, after the close")
