@@ -189,3 +189,14 @@ class RelayCallTests(unittest.SynchronousTestCase):
         self.set_relay(users=frozenset({"b1"}))
         self.table.invite("d1", "b1", "c3")
         self.assertEqual(self.conns["d1"].sent[-1].code, 488)
+
+
+class RelayFlagTests(unittest.TestCase):
+    def test_the_trusted_peers_list_shows_a_relayed_pair_as_relay(self) -> None:
+        from kerjostunt.store.records import PairOutcome, next_states, pair_flag
+
+        self.assertEqual(pair_flag("unknown", PairOutcome("relay", 0)), "relay")
+        self.assertEqual(pair_flag("unreachable", PairOutcome("relay", 0)), "relay")
+        self.assertEqual(pair_flag("stunt", PairOutcome("failed", 3)), "unreachable")
+        # A relayed call changes no user's flag, and keeps the callee from "unreachable".
+        self.assertEqual(next_states("relay", "stunt", "unknown", ["relay", "failed"]), ("stunt", "unknown"))
