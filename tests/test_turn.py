@@ -129,6 +129,44 @@ class TurnClientTests(unittest.TestCase):
         self.assertEqual(caught.exception.code, 401)
 
 
+class TurnIPv6Tests(unittest.TestCase):
+    """The same exchange over IPv6 (XOR-PEER-ADDRESS xored with each request's transaction ID)."""
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_connect_over_ipv6(self):
+        import socket
+        try:
+            with socket.socket(socket.AF_INET6) as s:
+                s.bind(("::1", 0))
+        except OSError as e:
+            raise unittest.SkipTest(f"no IPv6 loopback: {e}") from None
+        coturn = yield start_coturn(self, host="::1")
+
+        def server(user: str) -> TurnServer:
+            return TurnServer(("::1", coturn.port), credentials(coturn.secret, user))
+
+        a = yield defer.Deferred.fromCoroutine(allocate(reactor, server("alice"), "::1"))
+        self.addCleanup(a.close)
+        b = yield defer.Deferred.fromCoroutine(allocate(reactor, server("bob"), "::1"))
+        self.addCleanup(b.close)
+        self.assertEqual(a.relayed[0], "::1")
+        yield b.permit([a.relayed[0]])
+        attempts: defer.Deferred = defer.Deferred()
+        b.on_attempt = lambda peer, cid: attempts.callback((peer, cid))
+        a_factory, a_built = sink_factory()
+        b_factory, b_built = sink_factory()
+        connecting = defer.Deferred.fromCoroutine(a.connect(b.relayed, a_factory))
+        peer, cid = yield attempts
+        self.assertEqual(peer, a.relayed)
+        yield defer.Deferred.fromCoroutine(b.bind(cid, peer, b_factory))
+        yield connecting
+        a_built[0].transport.write(b"over six\n")
+        got = yield b_built[0].wait_for(b"\n")
+        self.assertEqual(got, b"over six\n")
+
+
 class TurnDownTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_no_relay_listening(self):

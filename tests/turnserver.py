@@ -58,11 +58,44 @@ def start_coturn(case: unittest.TestCase, *, host: str = "127.0.0.1", secret: by
     skip_without_coturn(case)
     directory = tempfile.mkdtemp(prefix="kerjo-coturn-")
     case.addCleanup(shutil.rmtree, directory, True)
-    port = free_port(host)
+    port = free_port6(host) if ":" in host else free_port(host)
     path = os.path.join(directory, "turnserver.conf")
     with open(path, "w") as f:
         f.write(config_text(listen=host, port=port, relay=host, secret=secret, directory=directory,
                             extra=extra))
     process = spawn(case, "coturn", TURNSERVER, ["-c", path])
-    yield wait_until_listening(host, port, process)
+    if ":" in host:
+        yield wait_until_listening6(host, port, process)
+    else:
+        yield wait_until_listening(host, port, process)
     return Coturn(process, host, port, secret, directory)
+
+
+def free_port6(host: str) -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@defer.inlineCallbacks
+def wait_until_listening6(host: str, port: int, process: WatchedProcess, attempts: int = 100):  # type: ignore[no-untyped-def]
+    """wait_until_listening for an IPv6 address."""
+    from twisted.internet import reactor, task
+    from twisted.internet.endpoints import TCP6ClientEndpoint
+    from twisted.internet.protocol import Factory, Protocol
+
+    endpoint = TCP6ClientEndpoint(reactor, host, port, timeout=2)
+    for _ in range(attempts):
+        if not process.running:
+            raise AssertionError(f"coturn exited before listening:\n{process.output}")
+        try:
+            proto = yield endpoint.connect(Factory.forProtocol(Protocol))
+        except Exception:
+            yield task.deferLater(reactor, 0.1, lambda: None)
+            continue
+        proto.transport.abortConnection()
+        return None
+    raise AssertionError(f"nothing listened on [{host}]:{port}")

@@ -24,6 +24,7 @@ from kerjostunt.wire import stun
 __all__ = [
     "ALLOCATE", "REFRESH", "CREATE_PERMISSION", "CONNECT", "CONNECTION_BIND", "CONNECTION_ATTEMPT",
     "LIFETIME", "XOR_PEER_ADDRESS", "XOR_RELAYED_ADDRESS", "REQUESTED_TRANSPORT", "CONNECTION_ID",
+    "REQUESTED_ADDRESS_FAMILY", "encode_family",
     "TRANSPORT_TCP", "REQUEST", "INDICATION", "SUCCESS", "ERROR",
     "message_type", "Credentials", "rest_credentials", "long_term_key", "encode_transport",
     "encode_lifetime", "decode_lifetime", "encode_connection_id", "decode_connection_id",
@@ -41,6 +42,7 @@ CONNECTION_ATTEMPT = 0x00C
 LIFETIME = 0x000D
 XOR_PEER_ADDRESS = 0x0012
 XOR_RELAYED_ADDRESS = 0x0016
+REQUESTED_ADDRESS_FAMILY = 0x0017  # RFC 6156 (8656 18.8): 0x01 IPv4, 0x02 IPv6
 REQUESTED_TRANSPORT = 0x0019
 CONNECTION_ID = 0x002A
 
@@ -53,6 +55,7 @@ REQUEST, INDICATION, SUCCESS, ERROR = 0, 1, 2, 3
 stun.ATTRIBUTE_NAMES.update({
     LIFETIME: "LIFETIME", XOR_PEER_ADDRESS: "XOR-PEER-ADDRESS",
     XOR_RELAYED_ADDRESS: "XOR-RELAYED-ADDRESS", REQUESTED_TRANSPORT: "REQUESTED-TRANSPORT",
+    REQUESTED_ADDRESS_FAMILY: "REQUESTED-ADDRESS-FAMILY",
     CONNECTION_ID: "CONNECTION-ID",
 })
 
@@ -99,6 +102,10 @@ def long_term_key(username: str, realm: str, password: str) -> bytes:
 
 def encode_transport(protocol: int = TRANSPORT_TCP) -> bytes:
     return struct.pack("!B3x", protocol)
+
+
+def encode_family(ipv6: bool) -> bytes:
+    return struct.pack("!B3x", 2 if ipv6 else 1)
 
 
 def encode_lifetime(seconds: int) -> bytes:

@@ -122,12 +122,14 @@ def floor_ms(delay_ms: float, server_delay_ms: float, kind: str) -> float:
 
 
 def relay_floor_ms(delay_ms: float, server_delay_ms: float) -> float:
-    """A relayed call's floor (coturn beside the server): the INVITE and its answer, the
-    caller's seven round trips to the relay in turn (TCP connect, Allocate and its 401,
-    CreatePermission, Connect, the data connection's TCP connect and ConnectionBind),
-    then the peer handshake across the relay (one peer-to-relay-to-peer round trip)."""
+    """A relayed call's floor (coturn beside the server, docs/relay.rst): the INVITE and its
+    answer; the callee's allocation before it answers (TCP connect, Allocate and its 401:
+    three round trips to the relay); the caller's five after the answer (TCP connect,
+    Allocate and its 401, Connect with its CreatePermission, ConnectionBind, the data
+    connection's TCP connect overlapping the Connect); then the peer handshake across the
+    relay (one peer-to-relay-to-peer round trip)."""
     server_rtt = 2 * (delay_ms + server_delay_ms)
-    return 2 * server_rtt + 7 * server_rtt + 2 * server_rtt
+    return 2 * server_rtt + (3 + 5) * server_rtt + 2 * server_rtt
 
 
 #: relayed techniques: their floor is relay_floor_ms

@@ -79,7 +79,8 @@ async def offer_side(reactor: SocketReactor, plan: RelayPlan, peer_ips: Sequence
     """
     allocation = await allocate_any(reactor, plan)
     ips = [allocation.relayed[0], *(ip for ip, _ in plan.servers), *peer_ips]
-    d = allocation.permit([ip for ip in dict.fromkeys(ips) if ":" not in ip])
+    family = ":" in allocation.relayed[0]  # a permission is for the relayed address's family
+    d = allocation.permit([ip for ip in dict.fromkeys(ips) if (":" in ip) == family])
     d.addErrback(lambda f: log.info("relay: permission refused: {why}", why=f.getErrorMessage()))
     return allocation
 

@@ -24,7 +24,7 @@ connection (RFC 6062 5.2), so the allocation lives as long as its data.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +42,9 @@ from kerjostunt.wire import stun, turn
 __all__ = ["TurnError", "TurnServer", "Allocation", "allocate", "REQUEST_TIMEOUT"]
 
 log = Logger()
+
+#: an attribute's value, or how to compute it from the transaction ID
+Value = bytes | Callable[[bytes], bytes]
 
 REQUEST_TIMEOUT = 5.0  # seconds a TURN request may wait for its answer
 MAX_FRAME = 4096
@@ -124,12 +127,17 @@ class TurnConnection(TwistedProtocol):
 
     # -- requests ---------------------------------------------------------------
 
-    async def request(self, method: int, attributes: list[tuple[int, bytes]]) -> stun.StunMessage:
-        """Send an authenticated request (challenged first when need be); the success response."""
+    async def request(self, method: int, attributes: Sequence[tuple[int, Value]]) -> stun.StunMessage:
+        """Send an authenticated request (challenged first when need be); the success response.
+
+        A value may be a function of the transaction ID (an XOR address of
+        IPv6, xored with it), computed anew for each retransmission's ID.
+        """
         for _ in range(3):
             signed = self.auth.challenged
             tid = stun.new_transaction_id()
-            attrs = list(attributes) + (self.auth.attributes() if signed else [])
+            attrs = [(t, v(tid) if callable(v) else v) for t, v in attributes]
+            attrs += self.auth.attributes() if signed else []
             wire = stun.encode(turn.message_type(method, turn.REQUEST), tid, attrs,
                                integrity_key=self.auth.key() if signed else None)
             msg, raw = await self._exchange(tid, wire)
@@ -277,8 +285,11 @@ class Allocation:
         control.on_lost = lambda reason: self._ended()
 
     async def _allocate(self) -> None:
-        msg = await self.control.request(turn.ALLOCATE, [
-            (turn.REQUESTED_TRANSPORT, turn.encode_transport(turn.TRANSPORT_TCP))])
+        attributes = [(turn.REQUESTED_TRANSPORT, turn.encode_transport(turn.TRANSPORT_TCP))]
+        if ":" in self.server.address[0]:
+            # A relayed address of the family we reach the server in (IPv4 is the default).
+            attributes.append((turn.REQUESTED_ADDRESS_FAMILY, turn.encode_family(True)))
+        msg = await self.control.request(turn.ALLOCATE, attributes)
         tid = msg.transaction_id
         relayed = msg.get(turn.XOR_RELAYED_ADDRESS)
         if relayed is None:
@@ -390,14 +401,9 @@ class Allocation:
         self.control.close()
 
 
-def _peer_value(ip: str, port: int) -> bytes:
-    # XOR-PEER-ADDRESS is xored with the cookie and the transaction ID of the message it is in;
-    # for IPv4 only the cookie matters, so any transaction ID gives the same bytes.
-    return stun.encode_xor_address((ip, port), b"\0" * 12) if ":" not in ip else _v6_unsupported(ip)
-
-
-def _v6_unsupported(ip: str) -> bytes:
-    raise TurnError(f"IPv6 peers through the relay are not supported yet ({ip})")
+def _peer_value(ip: str, port: int) -> Callable[[bytes], bytes]:
+    """XOR-PEER-ADDRESS for the request's transaction ID (IPv6 addresses are xored with it)."""
+    return lambda tid: stun.encode_xor_address((ip, port), tid)
 
 
 async def _open(reactor: SocketReactor, server: TurnServer, local_ip: str, auth: _Auth) -> TurnConnection:
