@@ -4,7 +4,7 @@ Whole calls through a real coturn on 127.0.0.1: two PeerAgents, a StuntServer wi
 Loopback has no NAT, so the server would never need the relay and the
 direct techniques would always win: the tests make the server's gate say
 ``now`` and the race skip its direct attempts and its punch, which leaves
-the relay as the only way (the NAT lab, tests/test_natlab_relay.py, has the
+the relay as the only way (the NAT lab, tests/test_traversal_relay.py, has the
 real reasons).
 """
 
@@ -98,6 +98,9 @@ class RelayedCallFlowTests(RelayedCallTests):
         attempt = yield self.recorded
         self.assertEqual((attempt["outcome"], attempt["technique"]), ("relay", "relay"))
         self.assertEqual(self.running.server.counters["calls_relay_relay"], 1)
+        from kerjostunt.server.metrics import make_registry, render
+        scraped = render(make_registry(self.running.server.counters, process=False)).decode()
+        self.assertIn('kerjostunt_calls_total{outcome="relay",technique="relay"} 1.0', scraped)
         self.assertEqual(self.running.server.counters["relay_offered_now"], 1)
         pairs = yield self.running.server.store.pair_outcomes("alice", 0.0)
         self.assertEqual(pairs["bob"].latest, "relay")
