@@ -26,8 +26,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
+from automat import TypeMachineBuilder
 from twisted.internet import defer, error
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IDelayedCall, IProtocol, IProtocolFactory, IReactorTime
@@ -113,6 +114,7 @@ class TurnConnection(TwistedProtocol):
     comes fails its request after ``REQUEST_TIMEOUT``.  Indications go to
     ``on_indication``.  ``hand_over`` makes the rest of the stream (bytes
     already read after the last STUN message included) another protocol's.
+    Its life is a state machine: ``stun`` -> ``raw`` (handed over) -> ``gone``.
     """
 
     def __init__(self, clock: IReactorTime, auth: _Auth) -> None:
@@ -123,7 +125,10 @@ class TurnConnection(TwistedProtocol):
         self.inner: IProtocol | None = None
         self._buffer = b""
         self._pending: dict[bytes, defer.Deferred[tuple[stun.StunMessage, bytes]]] = {}
-        self._lost: Failure | None = None
+        self._life: _ConnectionInputs = _ConnectionMachine(self)
+
+    def phase(self) -> str:
+        return self._life.phase()
 
     # -- requests ---------------------------------------------------------------
 
@@ -152,7 +157,7 @@ class TurnConnection(TwistedProtocol):
         raise TurnError("the relay keeps challenging our credentials", 401)
 
     def _exchange(self, tid: bytes, wire: bytes) -> defer.Deferred[tuple[stun.StunMessage, bytes]]:
-        if self._lost is not None or self.transport is None:
+        if self._life.phase() != "stun" or self.transport is None:
             return defer.fail(TurnError("connection to the relay lost"))
         d: defer.Deferred[tuple[stun.StunMessage, bytes]] = defer.Deferred(lambda _: self._forget(tid))
         self._pending[tid] = d
@@ -171,11 +176,14 @@ class TurnConnection(TwistedProtocol):
     # -- the stream ---------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        if self.inner is not None:
+        phase = self._life.phase()
+        if phase == "raw" and self.inner is not None:
             self.inner.dataReceived(data)
             return
+        if phase != "stun":
+            return
         self._buffer += data
-        while not self._handed_over() and len(self._buffer) >= stun.HEADER_LENGTH:
+        while self._life.phase() == "stun" and len(self._buffer) >= stun.HEADER_LENGTH:
             try:
                 _, length, _ = stun.peek_header(self._buffer[:stun.HEADER_LENGTH])
                 total = stun.HEADER_LENGTH + length
@@ -191,16 +199,9 @@ class TurnConnection(TwistedProtocol):
                 return
         # A ConnectionBind success handed the stream over while being handled
         # (its Deferred runs the binding coroutine): the rest is the peer's.
-        inner = self._inner_now()
-        if inner is not None and self._buffer:
+        if self._life.phase() == "raw" and self.inner is not None and self._buffer:
             rest, self._buffer = self._buffer, b""
-            inner.dataReceived(rest)
-
-    def _handed_over(self) -> bool:
-        return self.inner is not None
-
-    def _inner_now(self) -> IProtocol | None:
-        return self.inner
+            self.inner.dataReceived(rest)
 
     def _handle(self, msg: stun.StunMessage, raw: bytes) -> None:
         if msg.msg_class == turn.INDICATION:
@@ -212,6 +213,15 @@ class TurnConnection(TwistedProtocol):
 
     def hand_over(self, factory: IProtocolFactory, peer: Endpoint) -> IProtocol | None:
         """From now on the stream is ``factory``'s protocol's (the data connection after ConnectionBind)."""
+        return self._life.hand_over(factory, peer)
+
+    def connectionLost(self, reason: Failure = Failure(error.ConnectionDone())) -> None:
+        # Who is told runs after the transition: their callbacks ask the machine again.
+        self._life.lost(reason)()
+
+    # -- outputs of the machine ---------------------------------------------------------
+
+    def _build_inner(self, factory: IProtocolFactory, peer: Endpoint) -> IProtocol | None:
         address = (IPv6Address if ":" in peer[0] else IPv4Address)("TCP", peer[0], peer[1])
         protocol = factory.buildProtocol(address)
         if protocol is None or self.transport is None:
@@ -221,15 +231,11 @@ class TurnConnection(TwistedProtocol):
         protocol.makeConnection(self.transport)
         return protocol
 
-    def connectionLost(self, reason: Failure = Failure(error.ConnectionDone())) -> None:
-        self._lost = reason
+    def _fail_pending(self) -> None:
         pending, self._pending = self._pending, {}
         for d in pending.values():
             if not d.called:
                 d.errback(TurnError("connection to the relay lost"))
-        if self.inner is not None:
-            self.inner.connectionLost(reason)
-        self.on_lost(reason)
 
     def _abort(self) -> None:
         transport: Any = self.transport
@@ -237,8 +243,65 @@ class TurnConnection(TwistedProtocol):
             transport.abortConnection()
 
     def close(self) -> None:
-        if self._lost is None:
+        if self._life.phase() != "gone":
             self._abort()
+
+
+class _ConnectionInputs(Protocol):
+    """What happens to a connection to the TURN server."""
+
+    def hand_over(self, factory: IProtocolFactory, peer: Endpoint) -> IProtocol | None:
+        "ConnectionBind succeeded: the rest of the stream is the peer's."
+
+    def lost(self, reason: Failure) -> Callable[[], None]:
+        "The TCP connection ended: returns what to tell whom, to run once the transition is over."
+
+    def phase(self) -> str:
+        "The state's name: ``stun``, ``raw`` or ``gone``."
+
+
+_life = TypeMachineBuilder(_ConnectionInputs, TurnConnection)
+_stun = _life.state("stun")
+_raw = _life.state("raw")
+_gone = _life.state("gone")
+
+
+@_stun.upon(_ConnectionInputs.hand_over).to(_raw)
+def _hand_over(inputs: _ConnectionInputs, conn: TurnConnection, factory: IProtocolFactory,
+               peer: Endpoint) -> IProtocol | None:
+    return conn._build_inner(factory, peer)
+
+
+@_stun.upon(_ConnectionInputs.lost).to(_gone)
+def _lost_talking(inputs: _ConnectionInputs, conn: TurnConnection, reason: Failure) -> Callable[[], None]:
+    def tell() -> None:
+        conn._fail_pending()
+        conn.on_lost(reason)
+
+    return tell
+
+
+@_raw.upon(_ConnectionInputs.lost).to(_gone)
+def _lost_raw(inputs: _ConnectionInputs, conn: TurnConnection, reason: Failure) -> Callable[[], None]:
+    def tell() -> None:
+        if conn.inner is not None:
+            conn.inner.connectionLost(reason)
+        conn.on_lost(reason)
+
+    return tell
+
+
+def _nothing() -> None:
+    pass
+
+
+_raw.upon(_ConnectionInputs.hand_over).loop().returns(None)
+_gone.upon(_ConnectionInputs.hand_over).loop().returns(None)
+_gone.upon(_ConnectionInputs.lost).loop().returns(_nothing)
+for _state in (_stun, _raw, _gone):
+    _state.upon(_ConnectionInputs.phase).loop().returns(_state.name)
+
+_ConnectionMachine = _life.build()
 
 
 def _refusal(code: int | None, reason: str) -> str:
