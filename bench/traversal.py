@@ -9,7 +9,9 @@ callee idle for longer than its punch port's maximum age is cold) and, from the 
 the punch alone (dial moment to verified connection). The table gives p50 and
 p99 of both, and the floor the lab's link delays allow (twice the RTT to the
 server for the INVITE and its answer, plus a TCP and the peer handshake
-between the peers), with p50 / floor.
+between the peers), with p50 / floor.  With ``--relay`` (coturn in the
+server namespace) the pairs no technique joins connect through it; a relayed
+row's floor counts the relay's round trips instead (``relay_floor_ms``).
 
 Needs root (the lab does); run as ``python3 bench/traversal.py --tries 10``.
 Traffic stays inside the lab's own network namespaces.
@@ -87,11 +89,12 @@ def run(reactor, args):  # type: ignore[no-untyped-def]
         caller_args = cold if args.cold == "both" else ()
         callee_args = cold if args.cold in ("both", "callee") else ()
         rows.append((yield run_pair(reactor, pair, args.tries, args.delay_ms, args.timeout, base / f"pair{i}", False,
-                                    caller_args, callee_args)))
+                                    caller_args, callee_args, relay=args.relay)))
     mode = {"none": "punch ports probed ahead of the call",
             "callee": "the callee probes at call time (cold), the caller ahead of it",
             "both": "both sides probe at call time (cold)"}[args.cold]
-    print(f"time to connect in the NAT lab, ms: {args.tries} tries per pair, {args.delay_ms:g} ms one-way "
+    relay = ", coturn relay on" if args.relay else ""
+    print(f"time to connect in the NAT lab, ms: {args.tries} tries per pair{relay}, {args.delay_ms:g} ms one-way "
           f"per access link, {mode}; {time.strftime('%Y-%m-%d')}, {time.monotonic() - started:.0f} s\n")
     print(table(rows))
 
@@ -106,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cold", choices=("none", "callee", "both"), default="none",
                         help="which peers probe their punch port at call time (--punch-port-max-age 0), "
                              "as an agent idle for longer than that does (default none)")
+    parser.add_argument("--relay", action="store_true",
+                        help="coturn in the server namespace, the server with --relay: pairs no technique "
+                             "joins relay (their floor: tests.natlab.matrix.relay_floor_ms)")
     args = parser.parse_args(argv)
     reason = lab_unavailable()
     if reason:

@@ -101,7 +101,7 @@ class TriedTests(SynchronousTestCase):
 
     def test_refused(self) -> None:
         base = b"outcome=failed\ntechnique=none\n"
-        for bad in (b"tried=relay:connected\n", b"tried=punch:maybe\n", b"tried=punch\n", b"tried=\n",
+        for bad in (b"tried=carrier-pigeon:connected\n", b"tried=punch:maybe\n", b"tried=punch\n", b"tried=\n",
                     b"tried=punch:timeout,\n", b"tried=" + b",".join([b"punch:timeout"] * 13) + b"\n"):
             self.assertRaises(kerjo.OutcomeError, kerjo.parse_outcome, base + bad)
         self.assertRaises(kerjo.OutcomeError, kerjo.parse_outcome,

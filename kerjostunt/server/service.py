@@ -40,6 +40,7 @@ from kerjostunt.server.probe import Observation, ObservationLog, ProbeFactory, P
 from kerjostunt.server.reactor import IServerReactor
 from kerjostunt.server.register import CHALLENGE_ALGORITHMS, Protection, RegisterHandler
 from kerjostunt.server.registrar import Registrar
+from kerjostunt.server.relay import RelayGate, RelaySettings
 from kerjostunt.server.reuseport import ReusePortEndpoint, parse_tcp
 from kerjostunt.server.router import SignalingRouter
 from kerjostunt.server.signaling import AdmittingTLSFactory, ConnectionLimits, SignalingFactory
@@ -135,6 +136,8 @@ class ServerSettings:
     call_outcome_timeout: float = 30.0
     invite_rate: float = 5.0
     invite_burst: float = 20.0
+    #: the opt-in TURN relay (docs/relay.rst); None: no relay, as before
+    relay: RelaySettings | None = None
     #: where peers reach this instance, told to the others of a cluster (None: the machine's host name)
     advertise: str | None = None
     #: SO_REUSEPORT on the signaling and web ports: several instances on one host share them (reuseport.py)
@@ -235,6 +238,8 @@ class StuntServer(MultiService):
         self.cluster: ClusterNode | None = None
         if not self.store.database.is_sqlite:  # PostgreSQL: one of a cluster (docs/cluster.rst)
             self.cluster = self._cluster_node()
+        if settings.relay is not None:
+            self.calls.relay = RelayGate(settings.relay, reactor.seconds, self.store.groups_of)
         _CallsService(self.calls).setServiceParent(self)  # stops before the store: outcomes get written
         call_handler = self.calls if self.cluster is None else ClusterCalls(self.cluster, self.calls)
         self.router = SignalingRouter(self.registrar, self.register, call_handler)

@@ -12,6 +12,7 @@ from twisted.python import usage
 
 from kerjostunt.server.limits import ConnectionLimits, WebLimits
 from kerjostunt.server.reactor import IServerReactor
+from kerjostunt.server.relay import RelaySettings, parse_relay_url, read_secret
 from kerjostunt.server.service import ServerSettings, StuntServer, filter_log_level, tune_gc
 
 
@@ -86,6 +87,8 @@ class Options(usage.Options):
             "log-level", None, "info",
             "Lowest level of the server's events written to the log: debug, info, warn, error or critical.",
         ],
+        ["relay-secret-file", None, None, "File whose first line is coturn's static-auth-secret (with --relay)."],
+        ["relay-lifetime", None, 600, "Seconds a per-call TURN credential stays valid.", int],
         [
             "digest-algorithms", None, "MD5,SHA-256",
             "Digest challenges offered, in order (MD5 first suits SIP tools such as sipp; our clients pick SHA-256).",
@@ -98,11 +101,30 @@ class Options(usage.Options):
             "Set SO_REUSEPORT on the signaling and web ports, so several instances on one host (a cluster on "
             "one PostgreSQL) share them; give each its own --probe-ports (docs/cluster.rst).",
         ],
+        ["no-relay-fallback", None, "Relay only pairs no direct technique joins, not pairs whose calls failed."],
     ]
 
     def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self["cert-host"] = []
+        self["relay"] = []
+        self["relay-user"] = []
+        self["relay-group"] = []
+
+    def opt_relay(self, url: str) -> None:
+        """A TURN server for calls no direct technique joins: turn:IP[:PORT] (repeatable; docs/relay.rst)."""
+        try:
+            self["relay"].append(parse_relay_url(url))
+        except ValueError as exc:
+            raise usage.UsageError(f"--relay: {exc}") from None
+
+    def opt_relay_user(self, user: str) -> None:
+        """A user who may relay (repeatable; with --relay-group, members of those groups may too)."""
+        self["relay-user"].append(user)
+
+    def opt_relay_group(self, group: str) -> None:
+        """A group whose members may relay (repeatable; default: every user may)."""
+        self["relay-group"].append(group)
 
     def opt_cert_host(self, name: str) -> None:
         """Extra DNS name or IP for the generated server certificate (repeatable)."""
@@ -127,10 +149,31 @@ class Options(usage.Options):
         self["digest-algorithms"] = algorithms
         if self["key"] and not self["cert"]:
             raise usage.UsageError("--key needs --cert")
+        self["relay-settings"] = self._relay_settings()
         try:
             self["log-level"] = LogLevel.levelWithName(str(self["log-level"]).strip().lower())
         except InvalidLogLevelError:
             raise usage.UsageError("--log-level takes debug, info, warn, error or critical") from None
+
+    def _relay_settings(self) -> RelaySettings | None:
+        if not self["relay"]:
+            if self["relay-secret-file"]:
+                raise usage.UsageError("--relay-secret-file needs --relay")
+            return None
+        if not self["relay-secret-file"]:
+            raise usage.UsageError("--relay needs --relay-secret-file")
+        try:
+            secret = read_secret(self["relay-secret-file"])
+        except (OSError, ValueError) as exc:
+            raise usage.UsageError(f"--relay-secret-file: {exc}") from None
+        if self["relay-lifetime"] < 60:
+            raise usage.UsageError("--relay-lifetime must be at least 60 seconds")
+        return RelaySettings(
+            servers=tuple(self["relay"]), secret=secret, lifetime=self["relay-lifetime"],
+            users=frozenset(self["relay-user"]) if self["relay-user"] else None,
+            groups=frozenset(self["relay-group"]) if self["relay-group"] else None,
+            fallback=not self["no-relay-fallback"],
+        )
 
     def settings(self) -> ServerSettings:
         interface = self["interface"]
@@ -155,6 +198,7 @@ class Options(usage.Options):
             web_limits=WebLimits(max_connections=self["web-max-connections"]),
             advertise=self["advertise"] or None,
             reuse_port=bool(self["reuse-port"]),
+            relay=self.get("relay-settings"),
         )
 
 

@@ -19,7 +19,7 @@ from typing import Any
 #: newline, which let "alice\n" in and broke ``user list`` and the peers file.
 NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._+-]{0,63}\Z")
 STUNT_STATES = ("unknown", "direct", "stunt", "unreachable")
-OUTCOMES = ("direct", "stunt", "failed")
+OUTCOMES = ("direct", "stunt", "relay", "failed")
 HA1_ALGORITHMS = {"MD5": (hashlib.md5, 32), "SHA-256": (hashlib.sha256, 64)}
 
 # The "unreachable" rule looks at this many of the user's latest attempts,
@@ -109,6 +109,8 @@ def pair_flag(flag: str, pair: PairOutcome | None) -> str:
     """
     if pair is not None and pair.failures >= RECENT_ATTEMPTS:
         return "unreachable"
+    if pair is not None and pair.latest == "relay" and pair.failures == 0:
+        return "relay"  # joined through the TURN relay last time (docs/relay.rst)
     if flag != "unreachable":
         return flag
     return "stunt" if pair is not None and pair.failures == 0 else "unknown"

@@ -29,6 +29,8 @@ NAT = "X-Kerjo-NAT"
 PEER_PUBLIC = "X-Kerjo-Peer-Public"
 #: milliseconds after receipt at which to start dialing
 DIAL_IN = "X-Kerjo-Dial-In"
+#: the forwarded INVITE and the 200 OK: the TURN relay this call may use, with its credential
+RELAY = "X-Kerjo-Relay"
 #: REGISTER's 200 OK: the probe token, its password and the probe ports
 PROBE = "X-Kerjo-Probe"
 #: REGISTER's 200 OK: the probe service's second address, if it has one
@@ -98,12 +100,12 @@ def parse_endpoint(text: str) -> Endpoint:
 
 # -- the outcome INFO body ---------------------------------------------------------
 
-OUTCOMES = ("direct", "stunt", "failed")
-TECHNIQUES = ("lan", "public", "simultaneous-open", "low-ttl", "accepted", "birthday", "none")
+OUTCOMES = ("direct", "stunt", "relay", "failed")
+TECHNIQUES = ("lan", "public", "simultaneous-open", "low-ttl", "accepted", "birthday", "relay", "none")
 _OUTCOME_KEYS = ("outcome", "technique", "remote", "elapsed_ms", "tried")
 _KEY_VALUE = re.compile(r"([a-z_]{1,16})=([\x21-\x7e]{1,64})\Z")
 #: ``tried``: what the side's race attempted, in order (docs/protocol.rst "Outcome")
-TRIED_TECHNIQUES = ("lan", "public", "punch", "birthday", "simultaneous-open", "low-ttl", "accepted")
+TRIED_TECHNIQUES = ("lan", "public", "punch", "birthday", "simultaneous-open", "low-ttl", "accepted", "relay")
 TRIED_RESULTS = ("connected", "handshake", "refused", "timeout", "unreachable", "reset", "skipped",
                  "cancelled", "failed")
 MAX_TRIED = 12
@@ -307,6 +309,51 @@ def parse_call_headers(get: HeaderGetter) -> CallHeaders:
     peer_public = (get(PEER_PUBLIC) or "").strip() or None
     nat = (get(NAT) or "").strip() or None
     return CallHeaders(secret, parsed_role, nat, peer_public)
+
+
+# -- X-Kerjo-Relay -----------------------------------------------------------------
+
+#: the relay's moments: at the dial moment beside the other techniques, or once they failed
+RELAY_NOW, RELAY_FALLBACK = "now", "fallback"
+_RELAY_CREDENTIAL = re.compile(r"[A-Za-z0-9:._+/=@-]{1,128}\Z")
+
+
+@dataclass(frozen=True)
+class RelayOffer:
+    """``X-Kerjo-Relay``: TURN servers (tried in order), a time-limited credential, and when to relay.
+
+    ``servers=203.0.113.1:3478,203.0.113.2:3478; username=1733100000:alice;
+    password=BASE64; when=now`` (docs/protocol.rst, docs/relay.rst).
+    """
+
+    servers: tuple[Endpoint, ...]
+    username: str
+    password: str
+    when: str = RELAY_NOW
+
+    def value(self) -> str:
+        servers = ",".join(format_endpoint(s) for s in self.servers)
+        return f"servers={servers}; username={self.username}; password={self.password}; when={self.when}"
+
+
+def parse_relay_offer(value: str | None) -> RelayOffer | None:
+    """None when absent; ValueError when present but unusable (the call goes on without a relay)."""
+    if not value or not value.strip():
+        return None
+    fields = _semicolon_params(value)
+    try:
+        servers = tuple(parse_endpoint(s.strip()) for s in fields.get("servers", "").split(",") if s.strip())
+    except ValueError:
+        raise ValueError(f"bad {RELAY} servers") from None
+    username, password = fields.get("username", ""), fields.get("password", "")
+    when = fields.get("when", RELAY_NOW).lower()
+    if not servers or len(servers) > 8:
+        raise ValueError(f"{RELAY} names no server")
+    if not _RELAY_CREDENTIAL.match(username) or not _RELAY_CREDENTIAL.match(password):
+        raise ValueError(f"bad {RELAY} credential")
+    if when not in (RELAY_NOW, RELAY_FALLBACK):
+        raise ValueError(f"bad {RELAY} when={when[:20]!r}")
+    return RelayOffer(servers, username, password, when)
 
 
 # -- X-Kerjo-Probe -----------------------------------------------------------------

@@ -16,12 +16,14 @@ from dataclasses import dataclass, field, replace
 
 __all__ = [
     "SDPError", "Candidate", "SessionDescription", "parse_sdp", "validate_offer",
-    "candidate_priority", "MAX_SDP_BYTES", "MAX_CANDIDATES", "TYPES", "TCPTYPES",
+    "candidate_priority", "MAX_SDP_BYTES", "MAX_RELAY_CANDIDATES", "MAX_CANDIDATES", "TYPES", "TCPTYPES",
 ]
 
 MAX_SDP_BYTES = 32 * 1024
 MAX_CANDIDATES = 32
 MAX_LINES = 256
+#: relayed addresses a client may offer (one per TURN server it allocated on)
+MAX_RELAY_CANDIDATES = 2
 
 TYPES = ("host", "srflx", "prflx", "relay")
 TCPTYPES = ("active", "passive", "so")
@@ -233,11 +235,18 @@ def validate_offer(description: SessionDescription) -> int:
     """The rules for a body a client sends; returns the punch port.
 
     Exactly one ``host so`` candidate whose port ``a=x-kerjo-punch-port``
-    repeats; only ``host`` candidates, ``so`` or ``passive``.
+    repeats; only ``host`` candidates, ``so`` or ``passive``, and at most
+    ``MAX_RELAY_CANDIDATES`` ``relay passive`` ones (a TURN relayed address
+    the client allocated, docs/relay.rst).
     """
+    relays = description.of_type("relay")
+    if len(relays) > MAX_RELAY_CANDIDATES or any(c.tcptype != "passive" or c.port == 0 for c in relays):
+        raise SDPError("relay candidates are tcptype passive, at most two")
     for c in description.candidates:
+        if c.typ == "relay":
+            continue
         if c.typ != "host":
-            raise SDPError(f"clients send host candidates only, not {c.typ}")
+            raise SDPError(f"clients send host and relay candidates only, not {c.typ}")
         if c.tcptype not in ("so", "passive"):
             raise SDPError("host candidates are tcptype so or passive")
         if c.port == 0:

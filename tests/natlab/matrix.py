@@ -20,7 +20,11 @@ prints a table (reStructuredText, ready for docs/nat-lab.rst):
 - floor: what the lab's delays alone allow for that sequence: the INVITE to
   the callee and its answer back (twice the RTT to the server) plus a TCP
   handshake and the peer handshake between the peers (twice the peers'
-  RTT); probes and processing not counted.
+  RTT); probes and processing not counted.  A relayed row's floor is
+  ``relay_floor_ms`` (the relay's round trips instead of the peers').
+
+``--relay`` runs coturn in the server namespace and the server with
+``--relay`` (tests/natlab/relay.py): pairs no technique joins then relay.
 
 Pairs run one after another (timing is measured, so nothing runs beside
 them); ``--only TEXT`` keeps the rows whose NAT names contain TEXT.
@@ -41,6 +45,7 @@ from pathlib import Path
 from twisted.internet import defer, task
 
 from .lab import Lab, NATSpec, lab_unavailable
+from .relay import start_coturn
 from .scenario import Scenario, unique_message
 
 #: The NAT behaviours of the matrix, by the name the table shows.
@@ -116,10 +121,25 @@ def floor_ms(delay_ms: float, server_delay_ms: float, kind: str) -> float:
     return 2 * server_rtt + 2 * peer_rtt
 
 
+def relay_floor_ms(delay_ms: float, server_delay_ms: float) -> float:
+    """A relayed call's floor (coturn beside the server, docs/relay.rst): the INVITE and its
+    answer; the callee's allocation before it answers (TCP connect, Allocate and its 401:
+    three round trips to the relay); the caller's five after the answer (TCP connect,
+    Allocate and its 401, Connect with its CreatePermission, ConnectionBind, the data
+    connection's TCP connect overlapping the Connect); then the peer handshake across the
+    relay (one peer-to-relay-to-peer round trip)."""
+    server_rtt = 2 * (delay_ms + server_delay_ms)
+    return 2 * server_rtt + (3 + 5) * server_rtt + 2 * server_rtt
+
+
+#: relayed techniques: their floor is relay_floor_ms
+RELAYED = {"relay"}
+
+
 @defer.inlineCallbacks
 def run_pair(reactor, pair: Pair, tries: int, delay_ms: float, timeout: float,
              workdir: Path, verbose: bool, caller_args: tuple[str, ...] = (),
-             callee_args: tuple[str, ...] = ()):
+             callee_args: tuple[str, ...] = (), relay: bool = False):
     if pair.kind == "nat":
         nats = {"a": BEHAVIOURS[pair.nat_a], "b": BEHAVIOURS[pair.nat_b]}
         peers, caller, callee = None, "a1", "b1"
@@ -137,7 +157,8 @@ def run_pair(reactor, pair: Pair, tries: int, delay_ms: float, timeout: float,
     sc = Scenario(lab, workdir, reactor=reactor)
     try:
         yield sc.add_users(["alice", "bob"])
-        yield sc.start_server()
+        server_args = (yield start_coturn(sc, workdir / "coturn")) if relay else ()
+        yield sc.start_server(*server_args)
         yield sc.start_echo_server(callee, "bob", *callee_args)
         for n in range(tries):
             result = yield sc.echo_client(caller, "alice", "bob", *caller_args,
@@ -146,6 +167,8 @@ def run_pair(reactor, pair: Pair, tries: int, delay_ms: float, timeout: float,
             if result.ok:
                 row.ok += 1
                 row.techniques[result.technique] += 1
+                if result.technique in RELAYED:
+                    row.floor_ms = relay_floor_ms(delay_ms, 0.0)
                 row.connect_ms.append(result.connect_ms)
                 m = PUNCHED_RE.search(result.stderr)
                 if m:
@@ -187,9 +210,10 @@ def main_async(reactor, args):
     for i, pair in enumerate(chosen, 1):
         print(f"[{i}/{len(chosen)}] {pair.nat_a} -> {pair.label_b()}", file=sys.stderr, flush=True)
         row = yield run_pair(reactor, pair, args.tries, args.delay_ms, args.timeout,
-                             base / f"pair{i}", args.verbose)
+                             base / f"pair{i}", args.verbose, relay=args.relay)
         rows.append(row)
-    print(f"NAT lab traversal matrix: {args.tries} tries per pair, "
+    relay = ", coturn relay on (--relay)" if args.relay else ""
+    print(f"NAT lab traversal matrix: {args.tries} tries per pair{relay}, "
           f"{args.delay_ms:g} ms one-way delay per access link, 0 ms to the server; "
           f"{time.strftime('%Y-%m-%d')}, {time.monotonic() - started:.0f} s\n")
     print(table(rows))
@@ -218,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", default=[], metavar="TEXT",
                         help="only pairs whose NAT names contain TEXT (repeatable)")
     parser.add_argument("-v", "--verbose", action="store_true", help="print every try")
+    parser.add_argument("--relay", action="store_true",
+                        help="run coturn in the server namespace and the server with --relay (docs/relay.rst)")
     args = parser.parse_args(argv)
     reason = lab_unavailable()
     if reason:

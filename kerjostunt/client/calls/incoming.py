@@ -13,10 +13,11 @@ from __future__ import annotations
 from typing import Protocol
 
 from automat import TypeMachineBuilder
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from kerjostunt.client.calls.base import CallAgent, CallBase, PreparingInputs
+from kerjostunt.client.calls.base import CallAgent, CallBase, PreparingInputs, local_ip_of
 from kerjostunt.client.calls.race import DialResult
 from kerjostunt.client.calls.setup import (
     CallSetup,
@@ -25,10 +26,14 @@ from kerjostunt.client.calls.setup import (
     outcome_body,
     read_setup,
     reason_of,
+    relay_candidate,
+    relay_plan,
     tag_of,
     user_of,
 )
+from kerjostunt.client.nat import relay
 from kerjostunt.client.nat.readyport import PreparedPort
+from kerjostunt.client.nat.turn import Allocation, TurnError
 from kerjostunt.client.signaling import Registration, SignalingClientProtocol
 from kerjostunt.wire.kerjo import new_tag
 from kerjostunt.wire.sip.message import Request
@@ -38,6 +43,8 @@ __all__ = ["ACK_TIMEOUT", "IncomingCall"]
 log = Logger()
 
 ACK_TIMEOUT = 32.0  # RFC 3261 Timer H: how long a callee waits for the server's ACK
+#: seconds the 200 OK may wait for our relay allocation (the server gives the callee 15 s in all)
+RELAY_ANSWER_WAIT = 4.0
 
 
 class _IncomingInputs(PreparingInputs, Protocol):
@@ -73,6 +80,8 @@ class IncomingCall(CallBase):
         self.call_id = invite.call_id or ""
         self.to_tag = new_tag()
         self.setup: CallSetup | None = None
+        #: the relay allocation: in progress, granted, or why not (None: no relay offered)
+        self._relay: defer.Deferred[Allocation] | Allocation | str | None = None
         self._life: _IncomingInputs = _IncomingMachine(self)
 
     # the outside world -----------------------------------------------------------
@@ -92,6 +101,7 @@ class IncomingCall(CallBase):
         self.agent.call_started(self)
         log.debug("call {call}: INVITE from {peer}", call=self.call_id, peer=self.peer_id)
         self._timer = self.reactor.callLater(ACK_TIMEOUT, self.stop, "no ACK from the server")
+        self._allocate_relay()
         self._prepare()
 
     def ack(self, request: Request) -> None:
@@ -113,19 +123,69 @@ class IncomingCall(CallBase):
 
     # outputs -------------------------------------------------------------------------
 
+    def _allocate_relay(self) -> None:
+        """With ``X-Kerjo-Relay``: a TCP allocation, in parallel with probing (nat/relay.py)."""
+        offer = self.setup.relay if self.setup is not None else None
+        if offer is None or self.setup is None:
+            return
+        plan = relay_plan(offer, local_ip_of(self.sig))
+        peers = [self.setup.peer_public] if self.setup.peer_public else []
+        d = defer.Deferred.fromCoroutine(relay.offer_side(self.reactor, plan, peers))
+        d.addTimeout(RELAY_ANSWER_WAIT, self.reactor)
+        self._relay = d
+
     def _answer(self) -> None:
+        """The 200 OK, once our relay allocation (if any) has its answer."""
+        pending = self._relay
+        if isinstance(pending, defer.Deferred):
+            pending.addBoth(self._relay_ready)
+            return
+        self._send_answer()
+
+    def _relay_ready(self, result: Allocation | Failure) -> None:
+        self._relay = result if isinstance(result, Allocation) else None
+        if isinstance(result, Failure):
+            value = result.value
+            why = value.reason if isinstance(value, (relay.RelayFailed, TurnError)) else (
+                "no allocation in time" if result.check(defer.TimeoutError) else reason_of(result))
+            log.info("call {call}: no relay: {why}", call=self.call_id, why=why)
+            self._relay = why
+        if self.phase() != "answered":  # stopped meanwhile
+            if isinstance(result, Allocation):
+                result.close()
+            return
+        self._send_answer()
+
+    def _send_answer(self) -> None:
         sig = self.registered_sig
         assert sig is not None and self.setup is not None and self.agent.accept_factory is not None
         # The tag lets the peer reach our app port before our dial moment.
-        self.make_dialer(self.setup, self.agent.accept_factory)
+        dialer = self.make_dialer(self.setup, self.agent.accept_factory)
+        offer = self.offer(sig)
+        if isinstance(self._relay, Allocation):
+            dialer.accept_relay(self._relay)
+            offer = offer.with_candidates([relay_candidate(self._relay.relayed, self._relay.mapped)])
+        elif isinstance(self._relay, str):
+            dialer.relay_unavailable(self._relay)
         self.sig.respond(
             self.invite, 200, to_tag=self.to_tag,
             headers=[
                 ("Contact", f"<sips:{sig.user_id}@{sig.local[0]}:{sig.local[1]};transport=tls>"),
                 ("Content-Type", "application/sdp"),
             ],
-            body=self.offer(sig).to_bytes(),
+            body=offer.to_bytes(),
         )
+
+    def release(self) -> None:
+        """The call is over: an allocation no race took (or still being made) is given up."""
+        pending = self._relay
+        if isinstance(pending, defer.Deferred):
+            self._relay = None
+            pending.addErrback(lambda _: None)
+            pending.cancel()
+        elif isinstance(pending, Allocation) and self.dialer is None:
+            pending.close()
+        super().release()
 
     def _prepare_failed(self, failure: Failure, answer: bool) -> None:
         log.warn("call {call}: could not answer: {why}", call=self.call_id, why=reason_of(failure))
@@ -150,7 +210,8 @@ class IncomingCall(CallBase):
 
     def _dial_failed(self, failure: Failure) -> None:
         log.info("call {call} from {peer} failed: {why}", call=self.call_id, peer=self.peer_id, why=reason_of(failure))
-        self._report(outcome_body("failed", "none", None, self._elapsed_ms(), self._tried()))
+        technique = self.dialer.failed_technique if self.dialer is not None else "none"
+        self._report(outcome_body("failed", technique, None, self._elapsed_ms(), self._tried()))
 
     def _report(self, body: bytes) -> None:
         self.report(self.sig, body, self.to_tag, self.sig.uri_of(self.peer_id), tag_of(self.invite.headers.get("From")))

@@ -182,7 +182,8 @@ class OutgoingCall(CallBase):
         if not isinstance(exc, ConnectFailed):
             exc = ConnectFailed(reason_of(failure))
         if dialing:
-            self._report(outcome_body("failed", "none", None, self._elapsed_ms(), self._tried()))
+            technique = self.dialer.failed_technique if self.dialer is not None else "none"
+            self._report(outcome_body("failed", technique, None, self._elapsed_ms(), self._tried()))
         self._end()
         if not self.result.called:
             self.result.errback(exc)

@@ -27,13 +27,15 @@ from twisted.python.failure import Failure
 
 from kerjostunt.client.calls.appport import CallHandshakeFactory, PreambleFactory, call_tag
 from kerjostunt.client.calls.explain import explain, word_of
-from kerjostunt.client.calls.setup import CallSetup, ConnectFailed, Endpoint, reason_of
-from kerjostunt.client.nat import birthday
+from kerjostunt.client.calls.setup import CallSetup, ConnectFailed, Endpoint, reason_of, relay_plan
+from kerjostunt.client.nat import birthday, relay
 from kerjostunt.client.nat.contest import Contest
 from kerjostunt.client.nat.probing import ProbeResult
 from kerjostunt.client.nat.punch import PunchFailed, PunchPlan, PunchResult, punch
 from kerjostunt.client.nat.sockets import SocketReactor, abort_protocol, connect_from
+from kerjostunt.client.nat.turn import Allocation, TurnError
 from kerjostunt.wire.candidates import Scope, is_loopback, screen
+from kerjostunt.wire.kerjo import RELAY_FALLBACK, RELAY_NOW
 from kerjostunt.wire.prediction import NATDescription, no_technique
 from kerjostunt.wire.sdp import Candidate, SessionDescription
 
@@ -156,6 +158,12 @@ class Dialer:
         self._tried: list[list[str]] = []
         self._try_of: dict[int, int] = {}  # id(protocol) -> its attempt, during the handshake
         self._nats: tuple[NATDescription | None, NATDescription | None] = (None, None)
+        # the relay (nat/relay.py): the allocation in use, whether the caller's dial started, why it failed
+        self._relay: Allocation | None = None
+        self._relay_started = False
+        self._relay_error = ""
+        self._won = ""
+        self._contest.on_close(self._release_relay)
         self._life = _RaceMachine(self)
 
     @property
@@ -222,6 +230,9 @@ class Dialer:
         """
         self.dial_at = self.reactor.seconds() + delay
         self._contest.later(delay, self._life.begin)
+        if self._relay_due(RELAY_NOW):
+            # Nothing to synchronise with the peer's SYNs: the relay starts now, not at the dial moment.
+            self._start_relay()
         for candidate, technique in self.direct_candidates():
             if technique == "lan":
                 self._lan_dialed = True
@@ -241,6 +252,8 @@ class Dialer:
     def _dial_all(self) -> None:
         """The dial moment: every technique, in the order that keeps the predictions true."""
         log.debug("call {call}: dialing as {role}", call=self.setup.call_id, role=self.setup.role)
+        if self._relay_due(RELAY_NOW):
+            self._start_relay()  # (started already in ``start``; here for a race begun otherwise)
         # Host candidates on our own LAN first (cheapest, and they take no
         # NAT port).  Then the punch, before any connect that leaves through
         # the NAT: a sequential NAT gives every new connection the next port,
@@ -391,6 +404,8 @@ class Dialer:
         def ok(app: Any) -> None:
             self.pending -= 1
             self._end_try(attempt, "connected")
+            if not self.finished:
+                self._won = technique
             self._life.win(DialResult(app, outcome, technique, remote, self.elapsed()))
 
         def bad(reason: Failure) -> None:
@@ -416,15 +431,87 @@ class Dialer:
         return explain(self.tried(), *self._nats)
 
     def _check_exhausted(self) -> None:
-        if self.pending <= 0:
-            self._life.fail(ConnectFailed("all techniques failed: " + "; ".join(self.errors or ["nothing to dial"])
-                                          + " -- " + self.explain()))
+        if self.pending > 0:
+            return
+        if self._relay_due(RELAY_FALLBACK):
+            self._start_relay()  # the direct techniques failed: now the relay
+            return
+        self._life.fail(ConnectFailed(self._reason("all techniques failed: ", "nothing to dial")))
 
     def _give_up(self) -> None:
         for entry in self._tried:  # still running at the safety net: out of time, not beaten
             entry[1] = entry[1] or "timeout"
-        self._life.fail(ConnectFailed("no verified connection in time: " + "; ".join(self.errors or ["no answer"])
-                                      + " -- " + self.explain()))
+        self._life.fail(ConnectFailed(self._reason("no verified connection in time: ", "no answer")))
+
+    def _reason(self, prefix: str, nothing: str) -> str:
+        """What failed; a relay that was tried and failed first (``relay: ...``): it was the last resort."""
+        if self._relay_error:
+            others = [e for e in self.errors if not e.startswith("relay: ")]
+            return f"relay: {self._relay_error}" + (f" (before it: {'; '.join(others)})" if others else "")
+        return prefix + "; ".join(self.errors or [nothing]) + " -- " + self.explain()
+
+    # the relay (nat/relay.py, docs/relay.rst) ---------------------------------------
+
+    def accept_relay(self, allocation: Allocation) -> None:
+        """The callee's allocation: the caller's Connect arrives as a ConnectionAttempt.
+
+        It counts as an attempt in flight until then (or the safety net):
+        the caller may relay only once its direct techniques failed.
+        """
+        self._relay = allocation
+        self.pending += 1
+        relay.accept_side(allocation, self.handshakes, self._relay_connected, self._relay_failed)
+
+    @property
+    def failed_technique(self) -> str:
+        """The technique a failed outcome names: ``relay`` when the relay was tried (the server records it)."""
+        return "relay" if self._relay_error else "none"
+
+    def relay_unavailable(self, why: str) -> None:
+        """The callee could not allocate: the call goes on without a relay."""
+        self._relay_error = why
+        self.errors.append(f"relay: {why}")
+
+    def _relay_due(self, when: str) -> bool:
+        offer = self.setup.relay
+        return (offer is not None and offer.when == when and self.setup.role == "initiator"
+                and not self._relay_started)
+
+    def _start_relay(self) -> None:
+        offer = self.setup.relay
+        assert offer is not None
+        self._relay_started = True
+        peers = [c.endpoint for c in sorted(self.setup.remote.of_type("relay"), key=lambda c: -c.priority)]
+        self.pending += 1
+        plan = relay_plan(offer, self.local_ip)
+        d = self._contest.track(defer.Deferred.fromCoroutine(
+            relay.dial_side(self.reactor, plan, peers, self.handshakes)))
+        d.addCallbacks(self._relay_dialed, self._relay_dial_failed)
+
+    def _relay_dialed(self, result: tuple[Any, Allocation, Endpoint]) -> None:
+        protocol, allocation, peer = result
+        self._relay = allocation
+        self._relay_connected(protocol, peer)
+
+    def _relay_connected(self, protocol: Any, peer: Endpoint) -> None:
+        self.pending -= 1  # the handshake takes over the count
+        self._life.contend(protocol, peer, "relay", "relay")
+
+    def _relay_dial_failed(self, reason: Failure) -> None:
+        if reason.check(defer.CancelledError):
+            return
+        value = reason.value
+        self._relay_failed(value.reason if isinstance(value, (relay.RelayFailed, TurnError)) else reason_of(reason))
+
+    def _relay_failed(self, why: str) -> None:
+        self._relay_error = why
+        self._attempt_failed(f"relay: {why}")
+
+    def _release_relay(self) -> None:
+        """The race is over: an allocation that did not win is freed (one that won lives with its connection)."""
+        allocation, self._relay = self._relay, None
+        if allocation is not None and self._won != "relay":
+            allocation.close()
 
 
 def _hopeless(own: NATDescription | None, peer: NATDescription | None) -> str:

@@ -12,15 +12,19 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from kerjostunt.wire import kerjo
-from kerjostunt.wire.kerjo import Outcome
+from kerjostunt.client.nat.relay import RelayPlan
+from kerjostunt.wire import kerjo, turn
+from kerjostunt.wire.kerjo import Outcome, RelayOffer
 from kerjostunt.wire.sdp import Candidate, SDPError, SessionDescription, candidate_priority, parse_sdp
 from kerjostunt.wire.sip.headers import parse_name_addr
 from kerjostunt.wire.sip.message import Request, Response
 
 Endpoint = tuple[str, int]
+
+log = Logger()
 
 
 # -- results ---------------------------------------------------------------------
@@ -33,7 +37,7 @@ class PeerConnection:
     peer_id: str
     protocol: object
     technique: str
-    outcome: str  # 'direct' | 'stunt'
+    outcome: str  # 'direct' | 'stunt' | 'relay'
     remote: tuple[str, int]
     elapsed_ms: float
 
@@ -60,6 +64,7 @@ class CallSetup:
     peer_public: str | None
     remote: SessionDescription
     peer_nat: str | None = None  # X-Kerjo-NAT as sent (birthday.parse_nat_header)
+    relay: RelayOffer | None = None  # X-Kerjo-Relay: the TURN relay this call may use (docs/relay.rst)
 
     @property
     def handshake_id(self) -> str:
@@ -84,7 +89,28 @@ def read_setup(message: Request | Response) -> CallSetup:
         raise ValueError(f"bad SDP: {e}") from None
     if remote.punch_candidate is None and not remote.of_type("prflx"):
         raise ValueError("the peer's SDP has no punch candidate")
-    return CallSetup(call_id, headers.secret, headers.role.value, headers.peer_public, remote, headers.nat)
+    return CallSetup(call_id, headers.secret, headers.role.value, headers.peer_public, remote, headers.nat,
+                     _relay_offer(message))
+
+
+def _relay_offer(message: Request | Response) -> RelayOffer | None:
+    """``X-Kerjo-Relay``, or None; an unusable one only costs the relay."""
+    try:
+        return kerjo.parse_relay_offer(message.headers.get(kerjo.RELAY))
+    except ValueError as e:
+        log.warn("ignoring an unusable relay offer: {why}", why=str(e))
+        return None
+
+
+def relay_candidate(relayed: Endpoint, mapped: Endpoint | None) -> Candidate:
+    """Our TURN relayed address as an ICE-TCP ``typ relay`` candidate (RFC 6544: passive, it is dialed)."""
+    raddr, rport = mapped if mapped is not None else (None, None)
+    return Candidate("r1", 1, "TCP", candidate_priority("relay", "passive"), relayed[0], relayed[1],
+                     "relay", "passive", raddr, rport)
+
+
+def relay_plan(offer: RelayOffer, local_ip: str) -> RelayPlan:
+    return RelayPlan(offer.servers, turn.Credentials(offer.username, offer.password), local_ip)
 
 
 def dial_in_seconds(message: Request | Response) -> float:

@@ -23,7 +23,8 @@ from kerjostunt.server.calls.dialing import augmented, dial_in_ms, format_endpoi
 from kerjostunt.server.calls.messages import peer_headers, tag_of
 from kerjostunt.server.calls.seams import Attempt, CallSettings, Clock, Timer
 from kerjostunt.server.registrar import SignalingConnection
-from kerjostunt.wire.kerjo import Outcome, Role, new_branch, new_tag
+from kerjostunt.wire import kerjo
+from kerjostunt.wire.kerjo import Outcome, RelayOffer, Role, new_branch, new_tag
 from kerjostunt.wire.prediction import Prediction
 from kerjostunt.wire.sdp import SessionDescription
 from kerjostunt.wire.sip.message import Request, Response
@@ -159,6 +160,8 @@ class Call:
         self._outcome_timer: Timer | None = None
         #: side -> the sequential NAT (public address) whose turn the call takes (lanes.py)
         self.lanes: dict[str, str] = {}
+        #: side -> the TURN relay and credential that side is handed (manager.py, server/relay.py)
+        self.relay: dict[str, RelayOffer] = {}
         self.machine: CallInputs = CallMachine(self)
 
     def legs(self) -> list[SignalingConnection]:
@@ -172,11 +175,16 @@ class Call:
         self.host.leg_added(self, callee_conn)
         self.caller_prediction = self.host.prediction_for(self.caller_id, self.caller_sdp, self.caller_conn)
         peer = peer_headers(self.secret, Role.RESPONDER, self.caller_prediction, self.caller_conn.peer[0])
+        peer += self._relay_header(CALLEE)
         scope = scope_between(self.caller_conn.peer[0], callee_conn.peer[0], self.host.settings.server_addresses)
         body = augmented(self.caller_sdp, self.caller_prediction, self.caller_conn.peer[0], scope).to_bytes()
         self.forwarded = messages.forwarded_invite(self, peer, body)
         callee_conn.send(self.forwarded)
         self._answer_timer = self.host.clock.callLater(self.host.settings.answer_timeout, self._answer_timeout)
+
+    def _relay_header(self, side: str) -> list[tuple[str, str]]:
+        offer = self.relay.get(side)
+        return [(kerjo.RELAY, offer.value())] if offer is not None else []
 
     def refuse(self, code: int, reason: str | None, retry_after: int | None = None) -> None:
         self.caller_conn.send(messages.answer(self, self.invite, code, reason, retry_after))
@@ -194,6 +202,7 @@ class Call:
         later = self.host.dial_scheduled(self, dial_caller, dial_callee)  # after earlier calls via a NAT
         dial_caller, dial_callee = dial_caller + later, dial_callee + later
         peer = peer_headers(self.secret, Role.INITIATOR, self.callee_prediction, self.callee_conn.peer[0])
+        peer += self._relay_header(CALLER)
         scope = scope_between(self.callee_conn.peer[0], self.caller_conn.peer[0], self.host.settings.server_addresses)
         body = augmented(sdp, self.callee_prediction, self.callee_conn.peer[0], scope).to_bytes()
         ok = messages.ok(self, self.invite, peer, dial_caller, body)
@@ -287,7 +296,9 @@ class Call:
             outcome, technique, actual, elapsed = rep.outcome, rep.technique, rep.remote, rep.elapsed_ms
         else:
             dialed = self.callee_prediction
-            outcome, technique, actual = "failed", "none", None
+            # A relayed attempt that failed too is recorded as the relay's (its reason is the client's).
+            relayed = any(r.technique == "relay" for r in self.reports.values())
+            outcome, technique, actual = "failed", "relay" if relayed else "none", None
             elapsed = max((r.elapsed_ms for r in self.reports.values() if r.elapsed_ms is not None), default=None)
         predicted = dialed.endpoints()[0] if dialed is not None and dialed.ports else None
         detail = attempt_detail(self.reports, {CALLER: self.caller_prediction, CALLEE: self.callee_prediction})

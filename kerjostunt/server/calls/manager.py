@@ -21,12 +21,22 @@ from twisted.python.failure import Failure
 
 from kerjostunt.server.calls import messages
 from kerjostunt.server.calls.detail import refusal_detail
-from kerjostunt.server.calls.dialing import new_mappings, parse_offer, predict_for, preserved, shifted
-from kerjostunt.server.calls.lanes import NATLanes, lane_of
+from kerjostunt.server.calls.dialing import new_mappings, parse_offer
+from kerjostunt.server.calls.lanes import NATLanes
 from kerjostunt.server.calls.machine import CALLEE, CALLER, Call, CallInputs, Phase
 from kerjostunt.server.calls.messages import tag_of, top_branch
+from kerjostunt.server.calls.natview import NATView
 from kerjostunt.server.calls.pairs import PairBook
-from kerjostunt.server.calls.seams import Attempt, CallSettings, CallStore, Clock, Elsewhere, Observations, Timer
+from kerjostunt.server.calls.seams import (
+    Attempt,
+    CallSettings,
+    CallStore,
+    Clock,
+    Elsewhere,
+    Observations,
+    RelayDecider,
+    Timer,
+)
 from kerjostunt.server.register import RequestError, user_of
 from kerjostunt.server.registrar import Registrar, SignalingConnection
 from kerjostunt.server.signaling import TokenBucket
@@ -34,14 +44,8 @@ from kerjostunt.store import UnknownUser
 from kerjostunt.wire import kerjo
 from kerjostunt.wire.kerjo import OutcomeError, parse_outcome
 from kerjostunt.wire.prediction import (
-    AD,
-    APD,
-    PRESERVING,
-    SEQUENTIAL,
     NATDescription,
     Prediction,
-    classify,
-    no_technique,
 )
 from kerjostunt.wire.sdp import SDPError, SessionDescription
 from kerjostunt.wire.sip.headers import parse_uri
@@ -87,6 +91,7 @@ class CallManager:
         self._lingering: deque[tuple[float, Call]] = deque()
         self._linger_timer: Timer | None = None
         self.lanes = NATLanes(clock, settings.nat_dial_gap)
+        self.nat_view = NATView(observations, self.lanes)
         self.pairs = PairBook(clock)
         # calls whose turn at a NAT waits for it to go quiet: the timer, and since when
         self._quiet: dict[Call, Timer] = {}
@@ -95,6 +100,8 @@ class CallManager:
         self._notices: dict[Call, Timer] = {}
         #: users on other instances of a cluster; None: one instance (set by server/cluster/)
         self.elsewhere: Elsewhere | None = None
+        #: the opt-in TURN relay (service.py sets it with --relay), None: no relay
+        self.relay: RelayDecider | None = None
 
     # -- the router's interface ------------------------------------------------------
 
@@ -214,47 +221,10 @@ class CallManager:
             self.count("internal_errors")
 
     def prediction_for(self, user_id: str, sdp: SessionDescription, conn: SignalingConnection) -> Prediction:
-        """From the probes of exactly the SDP's punch port; else the signaling address, low confidence.
-
-        Behind a sequential, address-dependent NAT it counts from the NAT's
-        newest port, whichever of its hosts probed last, plus the mappings
-        the calls that dialed there since were going to open (lanes.py).
-        """
+        """The side's prediction (natview.py); on a cluster, made where the user's probes are."""
         if self.elsewhere is not None and (remote := self.elsewhere.prediction_of(conn)) is not None:
-            return remote  # made where the user's probes are
-        prediction = predict_for(user_id, sdp, self.observations.samples(user_id), conn.peer[0])
-        nat = self._nat_behind(prediction.nat, conn.peer[0])
-        if nat.allocation == PRESERVING and prediction.nat.allocation != PRESERVING:
-            return preserved(prediction, nat, sdp)
-        key = lane_of(nat, conn.peer[0])
-        if key is None or nat.delta is None:
-            return prediction
-        latest = self.observations.behind(key)[-1]
-        prediction = Prediction(prediction.ip, prediction.ports, prediction.confidence, nat)
-        return shifted(prediction, latest.mapped_port, self.lanes.shift(key, latest.time))
-
-    def _nat_behind(self, own: NATDescription, public_ip: str) -> NATDescription:
-        """The NAT as all its hosts' probes show it, where one host's own are not conclusive.
-
-        Between one host's probes the others' connections take ports: its
-        own steps look random (seen in the NAT lab's group) where all of
-        them together step by the NAT's delta.  And in a crowded preserving
-        NAT one host's probe now and then collides with another's and gets
-        some other port: its own few mappings look random, all the hosts'
-        together keep their ports (the lab's 20-host site).
-        """
-        if not own.behind_nat or own.allocation in (SEQUENTIAL, PRESERVING):
-            return own
-        ip = own.public_ip or public_ip
-        samples = self.observations.behind(ip)
-        if not samples:
-            return own
-        nat = classify(samples)
-        if nat.allocation == PRESERVING:
-            return NATDescription(True, nat.mapping, PRESERVING, None, ip)
-        if nat.allocation != SEQUENTIAL or own.mapping not in (AD, APD):
-            return own
-        return NATDescription(True, own.mapping, SEQUENTIAL, nat.delta, ip)
+            return remote
+        return self.nat_view.prediction_for(user_id, sdp, conn.peer[0])
 
     def dial_scheduled(self, call: Call, dial_caller_ms: int, dial_callee_ms: int) -> int:
         """Both sides' dial moments are set: milliseconds to add to both, after earlier calls through a NAT.
@@ -431,16 +401,11 @@ class CallManager:
             callee_conn = self._callee_conn(call.callee_id)
             if callee_conn is None:
                 self._offline(call)
-            elif why := self._why_unjoinable(call, callee_conn, nats := self._nats_of(call, callee_conn)):
-                self._no_technique(call, callee_conn, why, nats)
-            else:
-                call.lanes = self._lanes_of(call, callee_conn, nats)
-                if call.lanes and self._crossing(call):
-                    self.count("calls_crossing")
-                    self.feed(call, CallInputs.refused, 491, kerjo.CROSSING_REASON)
-                    return
-                if not self.lanes.enter(call, tuple(call.lanes.values()), lambda: self._when_quiet(call)):
-                    self._queued(call)
+                return
+            ips = (call.caller_conn.peer[0], callee_conn.peer[0])
+            nats = self.nat_view.sides((call.caller_id, ips[0]), (call.callee_id, ips[1]))
+            why = self.nat_view.why_unjoinable(*ips, nats)
+            self._with_relay(call, callee_conn, why, nats, lambda: self._take_turn(call, callee_conn, nats))
 
         def failed(failure: Failure) -> None:
             if call.machine.phase() is not Phase.CHECKING:
@@ -458,6 +423,43 @@ class CallManager:
         d.addCallbacks(checked, failed)
         d.addErrback(lambda f: log.failure("Call check failed", f))
 
+    def _take_turn(self, call: Call, callee_conn: SignalingConnection,
+                   nats: tuple[NATDescription | None, ...]) -> None:
+        """The call's turn at its sequential NATs (lanes.py), then the INVITE goes on."""
+        call.lanes = self.nat_view.lanes_of(call.caller_conn.peer[0], callee_conn.peer[0], nats)
+        if call.lanes and self._crossing(call):
+            self.count("calls_crossing")
+            self.feed(call, CallInputs.refused, 491, kerjo.CROSSING_REASON)
+            return
+        if not self.lanes.enter(call, tuple(call.lanes.values()), lambda: self._when_quiet(call)):
+            self._queued(call)
+
+    def _with_relay(self, call: Call, callee_conn: SignalingConnection, unjoinable: str,
+                    nats: tuple[NATDescription | None, ...], go: Callable[[], None]) -> None:
+        """Decide the call's relay (server/relay.py), then ``go``: NATs no technique joins get
+        it at once and skip the NAT lanes (nobody punches), or the 488 without one."""
+        failures = self.pairs.failed(call.caller_id, call.callee_id, call.caller_conn.peer[0])
+        gate = self.relay
+        decided = gate.decide(call.caller_id, call.callee_id, unjoinable, failures) if gate else None
+
+        def then(offers: dict[str, kerjo.RelayOffer]) -> None:
+            if call.machine.phase() is not Phase.CHECKING:
+                return
+            if offers:
+                call.relay = {CALLER: offers[call.caller_id], CALLEE: offers[call.callee_id]}
+                self.count(f"relay_offered_{offers[call.caller_id].when}")
+            if unjoinable and not offers:
+                self._no_technique(call, callee_conn, unjoinable, nats)
+            elif unjoinable:
+                self._forward(call)
+            else:
+                go()
+
+        if decided is None:
+            then({})
+        else:
+            decided.addCallback(then)
+
     def _no_technique(self, call: Call, callee_conn: SignalingConnection, why: str,
                       nats: tuple[NATDescription | None, ...]) -> None:
         """488: no technique joins the two NATs. Recorded as the pair's failed attempt, as a dial would be."""
@@ -472,35 +474,6 @@ class CallManager:
             "witnesses": (),  # the pair's NATs, not either user: no global flag moves
             "detail": refusal_detail(f"488 no technique: {why}", nats, (CALLER, CALLEE))})
         self.feed(call, CallInputs.refused, 488, f"{kerjo.NO_TECHNIQUE_REASON}: {why}")
-
-    def _why_unjoinable(self, call: Call, callee_conn: SignalingConnection,
-                        nats: tuple[NATDescription | None, ...]) -> str:
-        """Why no technique can join the two NATs, or "": peers behind one public address are
-        on one LAN (host candidates join them, whatever their NAT does outside)."""
-        if call.caller_conn.peer[0] == callee_conn.peer[0]:
-            return ""
-        return no_technique(*nats)
-
-    def _nats_of(self, call: Call, callee_conn: SignalingConnection) -> tuple[NATDescription | None, ...]:
-        """Both sides' NATs as their probes (and their NATs' other hosts') describe them; None: no probes."""
-        sides: list[NATDescription | None] = []
-        for user, conn in ((call.caller_id, call.caller_conn), (call.callee_id, callee_conn)):
-            samples = self.observations.samples(user)
-            sides.append(self._nat_behind(classify(samples), conn.peer[0]) if samples else None)
-        return tuple(sides)
-
-    def _lanes_of(self, call: Call, callee_conn: SignalingConnection,
-                  nats: tuple[NATDescription | None, ...]) -> dict[str, str]:
-        """side -> the NAT lane (public address) it dials through, for sides whose calls interfere."""
-        caller_ip, callee_ip = call.caller_conn.peer[0], callee_conn.peer[0]
-        if caller_ip == callee_ip:
-            return {}  # one LAN: host candidates, no punch, no NAT port taken
-        lanes: dict[str, str] = {}
-        for side, nat, ip in ((CALLER, nats[0], caller_ip), (CALLEE, nats[1], callee_ip)):
-            key = lane_of(nat, ip)
-            if key is not None:
-                lanes[side] = key
-        return lanes
 
     def _crossing(self, call: Call) -> bool:
         """Is the callee's own call to the caller waiting for (or holding) a turn at a NAT?

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 
 from twisted.internet.defer import Deferred
 
+from kerjostunt.wire.kerjo import RelayOffer
 from kerjostunt.wire.prediction import Prediction, Sample
 
 if TYPE_CHECKING:
@@ -98,6 +99,15 @@ class Elsewhere(Protocol):
 
     def prediction_of(self, conn: SignalingConnection) -> Prediction | None:
         """For a stand-in: the prediction its instance made from the user's probes, if it sent one."""
+        ...
+
+
+class RelayDecider(Protocol):
+    """The opt-in TURN relay (``server/relay.py``'s RelayGate) as the calls use it."""
+
+    def decide(self, caller: str, callee: str, unjoinable: str,
+               pair_failures: int) -> Deferred[dict[str, RelayOffer]] | None:
+        """None: no relay for this call; else fires with user -> offer ({} when not allowed), never fails."""
         ...
 
 
