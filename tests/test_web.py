@@ -147,7 +147,7 @@ class AccessRuleTests(WebTestCase):
         answer = yield get(self, self.peers_url())
         self.assertEqual(answer.code, 401)
         schemes = [(parse_auth(c)[0], parse_auth(c)[1].get("algorithm")) for c in challenges_of(answer)]
-        self.assertEqual(schemes, [("Digest", "SHA-256"), ("Digest", "MD5"), ("Basic", None)])
+        self.assertEqual(schemes, [("Digest", "MD5"), ("Digest", "SHA-256"), ("Basic", None)])
         for challenge in challenges_of(answer):
             self.assertEqual(parse_auth(challenge)[1]["realm"], DOMAIN)
         self.assertEqual(answer.json(), {"error": "authentication required"})

@@ -41,6 +41,8 @@ from kerjostunt.wire.sip.parser import KeepAlivePing, KeepAlivePong, SIPParseErr
 log = Logger()
 
 TRANSACTION_TIMEOUT = 32.0  # RFC 3261 Timer B
+#: our REGISTERs ask for the SHA-256 challenge (the server offers MD5 alone to other clients)
+DIGEST_WANTED = (kerjo.DIGEST, kerjo.format_digest(("SHA-256",)))
 
 
 class SignalingError(Exception):
@@ -252,7 +254,8 @@ class SignalingClientProtocol(Protocol):
         host, port = self.local
         contact = [("Contact", f"<sips:{self.user_id}@{host}:{port};transport=tls>;expires={expires}")]
         response = yield self.request(
-            "REGISTER", uri, to=self.uri_of(self.user_id), call_id=self._register_call_id, headers=contact
+            "REGISTER", uri, to=self.uri_of(self.user_id), call_id=self._register_call_id,
+            headers=[*contact, DIGEST_WANTED],
         )
         if response.code in (401, 407):
             auth = self._authorization(response, "REGISTER", uri)
@@ -269,7 +272,8 @@ class SignalingClientProtocol(Protocol):
         self.registration = None
         uri = f"sips:{self.domain}"
         remove = [("Contact", "*"), ("Expires", "0")]
-        d = self.request("REGISTER", uri, to=self.uri_of(self.user_id), call_id=self._register_call_id, headers=remove)
+        d = self.request("REGISTER", uri, to=self.uri_of(self.user_id), call_id=self._register_call_id,
+                         headers=[*remove, DIGEST_WANTED])
 
         def challenged(response: Response) -> Response | defer.Deferred[Response]:
             if response.code in (401, 407):

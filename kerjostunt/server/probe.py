@@ -15,7 +15,7 @@ from __future__ import annotations
 import ipaddress
 import secrets
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Protocol as TypingProtocol
 
@@ -31,8 +31,8 @@ from kerjostunt.tcp import host_port
 from kerjostunt.wire import stun
 from kerjostunt.wire.prediction import Sample
 
-__all__ = ["ProbeTokens", "Observation", "ObservationLog", "ProbeLife", "ProbeProtocol", "ProbeFactory",
-           "nat_not_stored"]
+__all__ = ["AlternateAddresses", "ProbeTokens", "Observation", "ObservationLog", "ProbeLife", "ProbeProtocol",
+           "ProbeFactory", "nat_not_stored"]
 
 _log = Logger(namespace="kerjostunt.server.probe")
 
@@ -361,6 +361,7 @@ class ProbeProtocol(Protocol):
             unknown = [t for t, _ in msg.attributes if t < 0x8000 and t not in _KNOWN_REQUIRED]
             if unknown:
                 raise _Reject(420, "Unknown Attribute", unknown)
+            _check_change_request(msg)
             key = self._authenticate(msg, frame)
         except _Reject as r:
             self._error(msg.msg_type, tid, r.code, r.reason, r.unknown)
@@ -416,10 +417,11 @@ class ProbeProtocol(Protocol):
         tid = msg.transaction_id
         attrs = [(stun.XOR_MAPPED_ADDRESS, stun.encode_xor_address(mapped, tid)),
                  (stun.MAPPED_ADDRESS, stun.encode_address(mapped))]
-        if self.factory.other_address is not None:
+        other = self.factory.other_of(origin)
+        if other is not None:
             attrs.append((stun.RESPONSE_ORIGIN,
                           stun.encode_address(origin)))
-            attrs.append((stun.OTHER_ADDRESS, stun.encode_address(self.factory.other_address)))
+            attrs.append((stun.OTHER_ADDRESS, stun.encode_address(other)))
         attrs.append((stun.SOFTWARE, self.factory.software.encode("utf-8")))
         self._write(stun.encode(
             stun.BINDING_SUCCESS, tid, attrs,
@@ -440,13 +442,62 @@ class ProbeProtocol(Protocol):
             self.transport.write(data)
 
 
+def _check_change_request(msg: stun.StunMessage) -> None:
+    """CHANGE-REQUEST (RFC 5780 7.2): no flags is a plain request, as stuntman's server reads it.
+
+    stuntman's ``stunclient`` sends the attribute, empty, in every request.
+    A change of IP or port cannot be answered on a TCP connection (the
+    answer must come on it, from the address the client connected to), so
+    it gets 400, as stuntman's server answers over TCP; RFC 5780 clients
+    test the mapping over TCP by connecting to OTHER-ADDRESS instead.
+    """
+    value = msg.get(stun.CHANGE_REQUEST)
+    if value is None:
+        return
+    try:
+        change_ip, change_port = stun.decode_change_request(value)
+    except stun.STUNError:
+        raise _Reject(400, "Bad Request") from None
+    if change_ip or change_port:
+        raise _Reject(400, "Bad Request: no change of address over TCP")
+
+
+@dataclass(frozen=True)
+class AlternateAddresses:
+    """RFC 5780's two IPs by two ports, for OTHER-ADDRESS.
+
+    The other address of a request is the other IP and the other port than
+    those it arrived at (RFC 5780 7.4), so a client that connects there and
+    compares the mapped addresses learns the NAT's mapping behaviour.
+    ``primary_ip`` is None behind a wildcard listener: a request that
+    arrived at the alternate IP then gets no OTHER-ADDRESS (the primary is
+    not known), one that arrived anywhere else gets the alternate.
+    ``ports`` is read at each request (the service's list: listeners on
+    port 0 learn theirs after listening); its first two are the pair.
+    """
+
+    alt_ip: str
+    ports: Sequence[int]
+    primary_ip: str | None = None
+
+    def other(self, local: tuple[str, int]) -> tuple[str, int] | None:
+        ip, port = local
+        first, second = self.ports[0], self.ports[1]
+        if port not in (first, second):
+            return None
+        other_port = second if port == first else first
+        if ip == self.alt_ip:
+            return (self.primary_ip, other_port) if self.primary_ip else None
+        return (self.alt_ip, other_port)
+
+
 class ProbeFactory(Factory):
     """One per listening probe port."""
 
     protocol = ProbeProtocol  # type: ignore[assignment]  # the stub wants a factory function
 
     def __init__(self, clock: IReactorTime, tokens: ProbeTokens, log: ObservationLog, *,
-                 other_address: tuple[str, int] | None = None, idle_timeout: float = 10.0,
+                 other_address: tuple[str, int] | AlternateAddresses | None = None, idle_timeout: float = 10.0,
                  max_requests: int = 16, software: str = "kerjostunt") -> None:
         self.clock = clock
         self.tokens = tokens
@@ -455,6 +506,12 @@ class ProbeFactory(Factory):
         self.idle_timeout = idle_timeout
         self.max_requests = max_requests
         self.software = software
+
+    def other_of(self, local: tuple[str, int]) -> tuple[str, int] | None:
+        """OTHER-ADDRESS for a request that arrived at ``local``; None: no second address."""
+        if isinstance(self.other_address, AlternateAddresses):
+            return self.other_address.other(local)
+        return self.other_address
 
 
 def nat_not_stored(failure: Failure, user_id: str, tokens: ProbeTokens, observations: ObservationLog) -> None:

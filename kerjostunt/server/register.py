@@ -32,15 +32,35 @@ from kerjostunt.server.registrar import Registrar, SignalingConnection
 from kerjostunt.server.throttle import GuessThrottle
 from kerjostunt.store import UnknownUser
 from kerjostunt.store.api import UsageRecorder
+from kerjostunt.wire import kerjo
 from kerjostunt.wire.sip.headers import format_auth, parse_auth, parse_name_addr, parse_via
 from kerjostunt.wire.sip.message import Request, Response, make_response
 
 log = Logger()
 
-# MD5 first: RFC 8760 prefers SHA-256 first, but widely used SIP tools (sipp
-# 3.6) answer only the first challenge and only MD5. Clients that support
-# SHA-256 (ours) pick it whatever the order. ``--digest-algorithms`` changes it.
+# MD5 first: RFC 8760 prefers SHA-256 first, but widely used SIP tools answer
+# only the first challenge and only MD5 (sipp 3.6), or give up when any
+# challenge is one they cannot compute (baresip 1.0: "Function not
+# implemented"). So the first algorithm is offered to every client and the
+# others only to clients that name them (``offered_algorithms``); ours name
+# SHA-256 and pick it. ``--digest-algorithms`` changes the list.
 CHALLENGE_ALGORITHMS = ("MD5", "SHA-256")
+
+
+def offered_algorithms(configured: Sequence[str], request: Request) -> list[str]:
+    """The challenges a REGISTER gets: the first configured, and those the client asked for.
+
+    A client asks in ``X-Kerjo-Digest`` or by having answered with the
+    algorithm before (a stale re-challenge).
+    """
+    wanted = set(kerjo.parse_digest(request.headers.get(kerjo.DIGEST)))
+    for value in request.headers.get_all("Authorization"):
+        try:
+            _, params = parse_auth(value)
+        except ValueError:
+            continue
+        wanted.add(params.get("algorithm", "MD5").upper())
+    return [a for i, a in enumerate(configured) if i == 0 or a in wanted]
 
 DEFAULT_EXPIRES = 3600
 MAX_EXPIRES = 7200
@@ -207,7 +227,7 @@ class RegisterHandler:
     def _challenge(self, conn: SignalingConnection, request: Request, stale: bool = False) -> None:
         response = answer(request, 401)
         nonce = self._nonces.issue(conn.peer[0])
-        for algorithm in self._algorithms:
+        for algorithm in offered_algorithms(self._algorithms, request):
             params = challenge_params(self._domain, nonce, algorithm, stale)
             response.headers.add("WWW-Authenticate", format_auth("Digest", params, challenge=True))
         self._count("challenges")

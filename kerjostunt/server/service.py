@@ -31,7 +31,14 @@ from kerjostunt.server import web
 from kerjostunt.server.auth import NonceManager, make_portal
 from kerjostunt.server.calls import CallManager, CallSettings
 from kerjostunt.server.limits import WebLimits
-from kerjostunt.server.probe import Observation, ObservationLog, ProbeFactory, ProbeTokens, nat_not_stored
+from kerjostunt.server.probe import (
+    AlternateAddresses,
+    Observation,
+    ObservationLog,
+    ProbeFactory,
+    ProbeTokens,
+    nat_not_stored,
+)
 from kerjostunt.server.reactor import IServerReactor
 from kerjostunt.server.register import CHALLENGE_ALGORITHMS, Protection, RegisterHandler
 from kerjostunt.server.registrar import Registrar
@@ -116,6 +123,8 @@ class ServerSettings:
     probe_endpoints: list[str] = field(default_factory=lambda: ["tcp:3478", "tcp:3479"])
     probe_ports: list[int] = field(default_factory=lambda: [3478, 3479])
     probe_alt_ip: str | None = None
+    #: the probes' first address when it is not a wildcard (OTHER-ADDRESS of requests to the alternate)
+    probe_interface: str | None = None
     probe_token_lifetime: float = 300.0
     web_endpoint: str | None = "tcp:8443"
     digest_algorithms: tuple[str, ...] = CHALLENGE_ALGORITHMS
@@ -235,7 +244,8 @@ class StuntServer(MultiService):
     def _probe_factory(self) -> ProbeFactory:
         other = None
         if self.settings.probe_alt_ip:
-            other = (self.settings.probe_alt_ip, self.settings.probe_ports[-1])
+            ports = self.settings.probe_ports
+            other = AlternateAddresses(self.settings.probe_alt_ip, ports, self.settings.probe_interface)
         return ProbeFactory(self.reactor, self.tokens, self.observations, other_address=other)
 
     def _probe_headers(self, user_id: str) -> list[tuple[str, str]]:

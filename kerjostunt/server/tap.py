@@ -131,6 +131,7 @@ class Options(usage.Options):
             probe_endpoints=probes,
             probe_ports=list(self["probe-ports"]),
             probe_alt_ip=self["probe-alt-ip"],
+            probe_interface=None if interface.strip().lower() in WILDCARDS else interface,
             web_endpoint=_tcp(self["web-port"], interface) if self["web-port"] else None,
             digest_algorithms=self["digest-algorithms"],
             tls_groups=self["tls-groups"] or None,

@@ -185,9 +185,21 @@ def parse_credentials(request: server.Request, realm: str, nonces: NonceManager,
     return creds
 
 
+#: the web's Digest challenges, in the order offered (``challenges``)
+WEB_ALGORITHMS = ("MD5", "SHA-256")
+
+
 def challenges(realm: str, nonces: NonceManager, stale: bool = False, source: str = "") -> list[str]:
-    """WWW-Authenticate values: Digest SHA-256, Digest MD5 (RFC 7616 3.7), then Basic."""
-    values = [format_auth("Digest", challenge_params(realm, nonces.issue(source), a, stale)) for a in ALGORITHMS]
+    """WWW-Authenticate values: Digest MD5, Digest SHA-256 (one nonce), then Basic.
+
+    MD5 first, against RFC 7616's order of preference: Python's urllib
+    answers only the first challenge and cannot compute SHA-256, and curl
+    takes the first Digest header; browsers, requests and our client pick
+    SHA-256. One nonce for both, because requests folds the headers into
+    one and takes the last value of each field.
+    """
+    nonce = nonces.issue(source)
+    values = [format_auth("Digest", challenge_params(realm, nonce, a, stale)) for a in WEB_ALGORITHMS]
     values.append(format_auth("Basic", {"realm": realm, "charset": "UTF-8"}))
     return values
 
