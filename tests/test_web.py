@@ -329,8 +329,8 @@ class MetricsAndHealthTests(WebTestCase):
         self.assertEqual(after["kerjostunt_challenges_total"], 1.0)
         self.assertEqual(after["kerjostunt_registered_peers"], 1.0)
         self.assertEqual(after["kerjostunt_signaling_connections"], 1.0)
-        self.assertEqual(after['kerjostunt_calls_total{outcome="stunt",technique="low-ttl"}'], 2.0)
-        self.assertEqual(after['kerjostunt_calls_total{outcome="failed",technique="none"}'], 1.0)
+        self.assertEqual(after['kerjostunt_calls_total{code="200",outcome="stunt",technique="low-ttl"}'], 2.0)
+        self.assertEqual(after['kerjostunt_calls_total{code="200",outcome="failed",technique="none"}'], 1.0)
         self.assertEqual(after["kerjostunt_web_auth_failures_total"], 1.0)
         self.assertGreater(after["kerjostunt_web_requests_total"], before["kerjostunt_web_requests_total"])
 

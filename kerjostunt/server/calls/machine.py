@@ -219,11 +219,11 @@ class Call:
     def time_out(self) -> None:
         self.caller_conn.send(messages.answer(self, self.invite, 408))
         self.cancel_callee()
-        self.host.count("calls_timed_out")
+        self.host.count("calls_timed-out_408")
 
     def terminated(self) -> None:
         self.caller_conn.send(messages.answer(self, self.invite, 487))
-        self.host.count("calls_cancelled")
+        self.host.count("calls_cancelled_487")
 
     def cancel_callee(self) -> None:
         if self.forwarded is not None:

@@ -410,7 +410,7 @@ class CallManager:
             else:
                 call.lanes = self._lanes_of(call, binding.connection, nats)
                 if call.lanes and self._crossing(call):
-                    self.count("calls_crossing")
+                    self.count("invites_crossing")
                     self.feed(call, CallInputs.refused, 491, kerjo.CROSSING_REASON)
                     return
                 self.lanes.enter(call, tuple(call.lanes.values()), lambda: self._when_quiet(call))
@@ -433,7 +433,7 @@ class CallManager:
 
     def _no_technique(self, call: Call, callee_conn: SignalingConnection, why: str) -> None:
         """488: no technique joins the two NATs. Recorded as the pair's failed attempt, as a dial would be."""
-        self.count("calls_no_technique")
+        self.count("invites_no_technique")
         self.pairs.recorded(call.caller_id, call.callee_id, False, {
             call.caller_id: call.caller_conn.peer[0], call.callee_id: callee_conn.peer[0]})
         log.info("Call {caller} -> {callee}: failed (no technique: {why})", caller=call.caller_id,
