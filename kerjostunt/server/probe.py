@@ -493,6 +493,7 @@ class AlternateAddresses:
 
 class ProbeFactory(Factory):
     """One per listening probe port."""
+    noisy = False  # no 'Starting factory <...>' line per listen or connect
 
     protocol = ProbeProtocol  # type: ignore[assignment]  # the stub wants a factory function
 

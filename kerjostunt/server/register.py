@@ -14,6 +14,7 @@ from typing import Protocol
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -86,13 +87,17 @@ class Protection:
     """REGISTER's defences beyond the digest itself.
 
     ``throttle`` is the server's one ``GuessThrottle`` (shared with the
-    web); None gives the handler one of its own. ``tokens``, when given, are
+    web); None gives the handler one of its own. ``explain`` names a cause
+    the operator can fix (a password set for another realm) in the log. ``tokens``, when given, are
     bound to the address each user registers from and revoked when it
     unregisters (docs/probes.rst).
     """
 
     throttle: GuessThrottle | None = None
     tokens: ProbeTokenKeeper | None = None
+    #: after a wrong answer: why this user's logins fail, when the cause is known
+    #: (its password was set for another realm), for the log line
+    explain: Callable[[str], Deferred[str | None]] | None = None
 
 
 class RequestError(Exception):
@@ -179,6 +184,7 @@ class RegisterHandler:
         self.throttle = protection.throttle or GuessThrottle(clock, count=counter)
         self.guard = AuthGuard(portal, self.throttle, "sip")
         self._tokens = protection.tokens
+        self._explain = protection.explain
 
     def handle(self, conn: SignalingConnection, request: Request) -> None:
         try:
@@ -231,6 +237,9 @@ class RegisterHandler:
             params = challenge_params(self._domain, nonce, algorithm, stale)
             response.headers.add("WWW-Authenticate", format_auth("Digest", params, challenge=True))
         self._count("challenges")
+        # The normal first answer to every REGISTER: debug, not info.
+        log.debug("REGISTER from {ip}:{port}: 401 challenge{stale}", ip=conn.peer[0], port=conn.peer[1],
+                  stale=" (stale nonce)" if stale else "")
         conn.send(response)
 
     def _refused(self, conn: SignalingConnection, request: Request, user_id: str, failure: Failure) -> None:
@@ -244,14 +253,23 @@ class RegisterHandler:
             conn.send(refusal)
             return
         if failure.check(UnauthorizedLogin):
-            # Logged by the throttle, in aggregate (one line per source per interval).
+            # Logged by the throttle, in aggregate (one line per source per interval),
+            # and here when the cause is one the operator can fix.
             self._count("auth_failures")
             conn.send(answer(request, 403, "Forbidden: wrong credentials"))
+            if self._explain is not None:
+                self._explain(user_id).addCallback(self._log_problem, user_id, conn.peer)
             return
         log.failure("Cannot check credentials of {user}", failure, user=user_id)
         response = answer(request, 503, "Service Unavailable: user database")
         response.headers.add("Retry-After", "5")
         conn.send(response)
+
+    @staticmethod
+    def _log_problem(problem: str | None, user_id: str, peer: tuple[str, int]) -> None:
+        if problem is not None:
+            log.warn("REGISTER {user} from {ip}:{port} refused (403): {problem}",
+                     user=user_id, ip=peer[0], port=peer[1], problem=problem)
 
     def _authenticated(self, conn: SignalingConnection, request: Request, user_id: str) -> None:
         try:
@@ -270,6 +288,7 @@ class RegisterHandler:
                 self._tokens.revoke_user(user_id)
             response.headers.add("Expires", "0")
             conn.send(response)
+            log.info("REGISTER {user} from {ip}:{port}: unregistered", user=user_id, ip=conn.peer[0], port=conn.peer[1])
             return
         if contact is None:  # a query: report what is bound
             binding = self._registrar.lookup(user_id)
@@ -287,6 +306,8 @@ class RegisterHandler:
             response.headers.add(name, value)
         self._count("registrations")
         conn.send(response)
+        log.info("REGISTER {user} from {ip}:{port}: registered for {expires} s", user=user_id,
+                 ip=conn.peer[0], port=conn.peer[1], expires=expires)
         now = self._clock.seconds()
         self._seen.record_seen(user_id, conn.peer[0], conn.peer[1], now).addErrback(self._not_seen, user_id)
 

@@ -46,6 +46,7 @@ from kerjostunt.server.router import SignalingRouter
 from kerjostunt.server.signaling import AdmittingTLSFactory, ConnectionLimits, SignalingFactory
 from kerjostunt.store import Database
 from kerjostunt.store.api import AsyncStore, StoreService
+from kerjostunt.store.realm import realm_problem
 from kerjostunt.wire.kerjo import ProbeOffer
 from kerjostunt.wire.prediction import classify
 
@@ -178,7 +179,7 @@ class StuntServer(MultiService):
         self.counters: Counter[str] = Counter()
         self.certificates = self._certificates()
         self.store = AsyncStore(Database(settings.db_url), reactor)
-        StoreService(self.store).setServiceParent(self)  # type: ignore[no-untyped-call]
+        StoreService(self.store, realm=settings.domain).setServiceParent(self)  # type: ignore[no-untyped-call]
 
         self.registrar = Registrar(reactor)
         self.tokens = ProbeTokens(reactor, settings.probe_token_lifetime)
@@ -194,7 +195,7 @@ class StuntServer(MultiService):
             self._probe_headers,
             counter=self.count,
             challenge_algorithms=settings.digest_algorithms,
-            protection=Protection(tokens=self.tokens),
+            protection=Protection(tokens=self.tokens, explain=self._login_problem),
         )
         self.calls = CallManager(
             reactor, settings.domain, self.registrar, self.store, self.observations, self.count,
@@ -219,6 +220,11 @@ class StuntServer(MultiService):
 
     def count(self, what: str) -> None:
         self.counters[what] += 1
+
+    def _login_problem(self, user_id: str) -> Deferred[str | None]:
+        """Why ``user_id``'s logins fail when it is the realm (store/realm.py), else None."""
+        d: Deferred[str | None] = self.store.get_user(user_id).addCallback(realm_problem, self.settings.domain)
+        return d.addErrback(lambda _: None)  # unknown user, or no answer: nothing to add
 
     def _certificates(self) -> tls.CertificatePaths:
         s = self.settings

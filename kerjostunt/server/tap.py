@@ -13,6 +13,7 @@ from twisted.python import usage
 from kerjostunt.server.limits import ConnectionLimits, WebLimits
 from kerjostunt.server.reactor import IServerReactor
 from kerjostunt.server.service import ServerSettings, StuntServer, filter_log_level, tune_gc
+from kerjostunt.server.startup import StartGuard
 
 
 def _tcp(port: int, interface: str) -> str:
@@ -151,4 +152,5 @@ def makeService(config: Options, reactor: IServerReactor | None = None) -> IServ
         reactor = cast(IServerReactor, installed)
     filter_log_level(config["log-level"])
     tune_gc(reactor)
-    return StuntServer(config.settings(), reactor)
+    settings, running = config.settings(), reactor
+    return StartGuard(settings.db_url, lambda: StuntServer(settings, running))

@@ -464,16 +464,23 @@ class StoreService(Service):
     ``startService`` runs the Alembic upgrade synchronously: twistd calls it
     before the reactor runs, so no request is ever served against an old
     schema, and a failing upgrade stops the start with a clear error instead
-    of a half-working server. ``stopService`` waits for queued writes.
+    of a half-working server. With ``realm`` it then claims the database's
+    realm (store/realm.py): another stored realm, or a read-only database,
+    stops the start too. ``stopService`` waits for queued writes.
     """
 
-    def __init__(self, store: AsyncStore, upgrade: bool = True) -> None:
+    def __init__(self, store: AsyncStore, upgrade: bool = True, realm: str | None = None) -> None:
         self.store = store
         self._upgrade = upgrade
+        self._realm = realm
 
     def startService(self) -> None:
         if self._upgrade:
             self.store.database.upgrade()
+        if self._realm is not None:
+            # The database's realm must be the server's (RealmMismatch), and the
+            # database writable: claim_realm always writes.
+            self.store.database.claim_realm(self._realm, self._realm)
         self.store.start()
         super().startService()  # type: ignore[no-untyped-call]
 

@@ -20,6 +20,7 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.pool import StaticPool
 
 from kerjostunt.store.queries import translated
+from kerjostunt.store.realm import RealmKeeper, RealmMismatch
 from kerjostunt.store.records import (
     HA1_ALGORITHMS,
     IMPORT_COLUMNS,
@@ -59,6 +60,7 @@ __all__ = [
     "AttemptRecord",
     "Database",
     "PairOutcome",
+    "RealmMismatch",
     "pair_flag",
     "Duplicate",
     "ImportRowError",
@@ -77,7 +79,7 @@ __all__ = [
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 
-class Database(UsersAndGroups, UsageLog):
+class Database(UsersAndGroups, UsageLog, RealmKeeper):
     """One SQLAlchemy engine and the operations on users, groups and attempts.
 
     The operations live in ``store.users`` (users and groups) and

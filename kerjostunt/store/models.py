@@ -79,3 +79,12 @@ class Attempt(Base):
         Index("ix_attempts_caller_at", "caller", "at"),
         Index("ix_attempts_callee_at", "callee", "at"),
     )
+
+
+class Meta(Base):
+    """Facts about the database itself, by key: ``realm`` (store/realm.py)."""
+
+    __tablename__ = "kerjostunt_meta"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)

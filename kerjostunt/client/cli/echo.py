@@ -203,6 +203,8 @@ class EchoCheck(LineReceiver):
 
 
 class EchoCheckFactory(Factory[EchoCheck]):
+    noisy = False  # no 'Starting factory <...>' line per listen or connect
+
     def __init__(self, message: bytes) -> None:
         self.message = message
         self.protocols: list[EchoCheck] = []

@@ -154,6 +154,8 @@ class EchoProtocol(LineOnlyReceiver):
 
 
 class EchoFactory(Factory[EchoProtocol]):
+    noisy = False  # no 'Starting factory <...>' line per listen or connect
+
     def __init__(self, user_id: str, say: Callable[[str], None]) -> None:
         self.user_id = user_id
         self.say = say

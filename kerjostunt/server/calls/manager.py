@@ -436,8 +436,7 @@ class CallManager:
         self.count("invites_no_technique")
         self.pairs.recorded(call.caller_id, call.callee_id, False, {
             call.caller_id: call.caller_conn.peer[0], call.callee_id: callee_conn.peer[0]})
-        log.info("Call {caller} -> {callee}: failed (no technique: {why})", caller=call.caller_id,
-                 callee=call.callee_id, why=why)
+        # Logged as the call's refusal (488, the reason names why: calls/machine.py).
         self._store_attempt(call, self._clock.seconds(), {
             "call_id": call.server_call_id, "caller": call.caller_id, "callee": call.callee_id,
             "technique": "none", "outcome": "failed", "predicted": None, "actual": None, "duration_ms": 0.0})
