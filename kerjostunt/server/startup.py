@@ -83,7 +83,7 @@ def describe(error: BaseException, db_url: str) -> str | None:
 
 
 def _critical(message: str) -> None:
-    log.critical("{message}", message=message)
+    log.critical("{line}", line=message)
 
 
 def _stderr(message: str) -> None:
