@@ -262,6 +262,7 @@ class PeerAgent:
             lambda: SignalingClientProtocol(
                 self.reactor, account.user_id, account.password, server.domain, self._on_request
             ),
+            timeout=self.config.timeouts.connect_timeout, expected_name=server.expected_name,
         )
         if self._stopped():
             sig.hang_up()
