@@ -105,6 +105,8 @@ class PeerAgent:
         self.config = config if config is not None else AgentConfig.of(**settings)
         self.accept_factory = accept_factory
         self.on_peer = on_peer
+        #: told of steps a user waits for ("punching (simultaneous open)"): the CLI's progress lines
+        self.on_progress: Callable[[str], None] | None = None
         self._jitter = jitter
         #: how to open the signaling connection (tests replace it)
         self.connect_signaling: ConnectSignaling = connect_signaling
@@ -513,6 +515,8 @@ class PeerAgent:
 
     def dialer_started(self, dialer: Dialer) -> None:
         self._dialers[dialer.tag] = dialer
+        if self.on_progress is not None:
+            self.on_progress("punching (simultaneous open)")
 
     def dialer_ended(self, dialer: Dialer) -> None:
         if self._dialers.get(dialer.tag) is dialer:

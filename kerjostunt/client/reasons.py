@@ -16,7 +16,7 @@ from typing import Any
 
 from twisted.internet import error as net_error
 
-__all__ = ["connect_failure", "tls_failure", "silent_server", "call_failure", "plain"]
+__all__ = ["connect_failure", "tls_failure", "silent_server", "call_failure", "registration_failure", "plain"]
 
 
 def _address(host: str, port: int) -> str:
@@ -76,3 +76,14 @@ def plain(value: Any) -> str:
     if not message or message.startswith("<"):
         return type(inner).__name__
     return message
+
+
+def registration_failure(code: int, reason: str, user: str, retry_after: str | None = None) -> str:
+    """The server answered our REGISTER with an error: what to do about it."""
+    if code == 403 and "too many" in reason.lower():
+        wait = f" (retry in {retry_after} s)" if retry_after else ""
+        return f"the server refuses {user} for now: too many failed logins{wait}"
+    if code == 403 and "wrong credentials" in reason.lower():
+        return (f"the server refused {user}'s password (403): check --user and the password "
+                "(an operator sets it with 'kerjostunt user passwd')")
+    return f"REGISTER answered {code} {reason}"

@@ -270,7 +270,9 @@ class SignalingClientProtocol(Protocol):
                 headers=[*contact, ("Authorization", auth)],
             )
         if response.code != 200:
-            raise RegistrationFailed(f"REGISTER answered {response.code} {response.reason}", response)
+            why = reasons.registration_failure(response.code, response.reason, self.user_id,
+                                               response.headers.get("Retry-After"))
+            raise RegistrationFailed(why, response)
         self.registration = self._registration(response, expires)
         return self.registration
 

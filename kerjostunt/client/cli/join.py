@@ -44,6 +44,7 @@ from kerjostunt.client.cli.options import (
     server_and_password,
     web_url,
 )
+from kerjostunt.client.cli.progress import Output
 from kerjostunt.client.directory import (
     CertificateNotTrusted,
     DirectoryError,
@@ -209,8 +210,15 @@ def run(
     under ``task.react``) and stops the manager on the way out.
     """
 
-    def say(line: str) -> None:
-        print(line, file=stdout, flush=True)
+    def stdout_gone() -> None:
+        # The reader went away (``kerjostunt join | head -5``): stop, quietly.
+        core = IReactorCore(reactor)
+        if stopped is not None and not stopped.called:
+            stopped.callback(None)
+        elif core.running:
+            core.stop()
+
+    say = Output(stdout, stdout_gone).say
 
     try:
         host, port, password = server_and_password(args, stdin)
