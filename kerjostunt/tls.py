@@ -177,7 +177,8 @@ def ensure_certificates(
         _write_private(ca_key_path, _key_pem(ca_key))
         ca_path.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
         fresh_ca = True
-    log.info("Clients verify the server with CA {path} (SHA-256 {fp})", path=str(ca_path.resolve()), fp=fingerprint(ca_path))
+    log.info("Clients verify the server with CA {path} (SHA-256 {fp})",
+             path=str(ca_path.resolve()), fp=fingerprint(ca_path))
 
     if cert_path.exists() and key_path.exists() and not fresh_ca:
         existing = x509.load_pem_x509_certificate(cert_path.read_bytes())

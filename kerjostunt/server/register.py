@@ -52,9 +52,10 @@ def offered_algorithms(configured: Sequence[str], request: Request) -> list[str]
     """The challenges a REGISTER gets: the first configured, and those the client asked for.
 
     A client asks in ``X-Kerjo-Digest`` or by having answered with the
-    algorithm before (a stale re-challenge).
+    algorithm before (a stale re-challenge); MD5 counts as asked for by
+    every client (RFC 2617's default, which all digest clients compute).
     """
-    wanted = set(kerjo.parse_digest(request.headers.get(kerjo.DIGEST)))
+    wanted = {"MD5", *kerjo.parse_digest(request.headers.get(kerjo.DIGEST))}
     for value in request.headers.get_all("Authorization"):
         try:
             _, params = parse_auth(value)
