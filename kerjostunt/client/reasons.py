@@ -72,6 +72,9 @@ def plain(value: Any) -> str:
     inner = getattr(value, "value", value)  # a Failure's exception
     if isinstance(inner, net_error.ConnectionRefusedError):
         return "connection refused"
+    wrapped = getattr(inner, "reasons", None)  # twisted.web's wrappers hold a list of Failures
+    if isinstance(wrapped, list) and wrapped:
+        return "; ".join(dict.fromkeys(plain(f) for f in wrapped))
     message = " ".join(str(inner).split())
     if not message or message.startswith("<"):
         return type(inner).__name__

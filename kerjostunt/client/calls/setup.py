@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from twisted.python.failure import Failure
 
+from kerjostunt.client import reasons
 from kerjostunt.wire import kerjo
 from kerjostunt.wire.kerjo import Outcome
 from kerjostunt.wire.sdp import Candidate, SDPError, SessionDescription, candidate_priority, parse_sdp
@@ -127,5 +128,5 @@ def tag_of(name_addr: str | None) -> str | None:
 
 def reason_of(failure: Failure) -> str:
     """A failure in a few words, for logs and the attempts' error list."""
-    return failure.getErrorMessage() or type(failure.value).__name__
+    return reasons.plain(failure)
 
