@@ -310,3 +310,33 @@ class TwistdStartFailureTests(unittest.TestCase):
         self.assertTrue(critical[0].endswith(
             f"cannot listen on port {port} (127.0.0.1): address already in use (another server running?)"),
             critical[0])
+
+
+class OperatorLogTests(unittest.TestCase):
+    """A line per REGISTER and per refused call; the normal first 401 only at debug."""
+
+    @defer.inlineCallbacks
+    def test_register_and_refused_call_lines(self):  # type: ignore[no-untyped-def]
+        running, _ = yield start_loopback_server(self, web_endpoint=None)
+        add_users(running, {"alice": "pw"})
+        info = Captured(self, LogLevel.info)
+        debug = Captured(self, LogLevel.debug)
+        client = yield connect_client(self, running, "alice", "pw")
+        yield client.register()
+        port = client.local[1]
+        from .callsupport import offer
+
+        headers = [("Contact", f"<sips:alice@{client.local[0]}:{port};transport=tls>"),
+                   ("Content-Type", "application/sdp")]
+        request = client.build_request("INVITE", client.uri_of("nobody"), headers=headers,
+                                       body=offer("alice", 40001, [7000], ip="127.0.0.1"))
+        response = yield client.send_request(request, 10.0)
+        self.assertEqual(response.code, 404)
+        for _ in range(20):
+            if any("refused" in line for line in info.lines):
+                break
+            yield _tick()
+        self.assertIn(f"REGISTER alice from 127.0.0.1:{port}: registered for 3600 s", info.lines)
+        self.assertIn("Call alice -> nobody refused: 404 Not Found", info.lines)
+        self.assertFalse([line for line in info.lines if "401" in line], info.lines)
+        self.assertIn(f"REGISTER from 127.0.0.1:{port}: 401 challenge", debug.lines)
