@@ -428,6 +428,8 @@ class HangingStore:
         self.calls.append(d)
         return d
 
+    claim_realm = get_ha1  # /health's write probe hangs the same way
+
 
 class StoreTimeoutTests(unittest.TestCase):
     def setUp(self) -> None:
@@ -465,9 +467,44 @@ class StoreTimeoutTests(unittest.TestCase):
 
     def test_a_timely_answer_cancels_the_timer(self) -> None:
         request = self.render(b"/health")
-        self.store.calls[0].callback(None)
+        self.store.calls[0].callback(None)  # the read
+        self.store.calls[1].callback(None)  # the write probe
         self.assertEqual(request.responseCode, 200)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class ReadOnlyHealthTests(unittest.TestCase):
+    """A database that turned read-only: reads work, /health says the writes fail."""
+
+    @defer.inlineCallbacks
+    def test_read_only_database_is_unhealthy(self):  # type: ignore[no-untyped-def]
+        from kerjostunt.store import Database
+        from kerjostunt.store.api import AsyncStore
+
+        path = Path(self.mktemp()).resolve()
+        db = Database(f"sqlite:///{path}")
+        db.upgrade()
+        db.claim_realm(DOMAIN, DOMAIN)
+        db.close()
+        store = AsyncStore(Database(f"sqlite:///file:{path}?mode=ro&uri=true"), reactor)
+        store.start()
+        self.addCleanup(store.stop)
+        resource = web.WebResource(store=store, registrar=Registrar(reactor), metrics=metrics.make_registry({}, process=False),
+                                   domain=DOMAIN, clock=reactor)
+        request = DummyRequest([b"health"])
+        request.uri = b"/health"
+        resource.render(request)
+        for _ in range(200):
+            if request.finished:
+                break
+            d: defer.Deferred[None] = defer.Deferred()
+            reactor.callLater(0.01, d.callback, None)
+            yield d
+        self.assertEqual(request.responseCode, 503)
+        document = json.loads(b"".join(request.written))
+        self.assertEqual(document["status"], "unavailable")
+        self.assertTrue(document["store"].startswith("writes fail: database error: "), document)
+        self.assertIn("readonly", document["store"])
 
 
 class CredentialParsingTests(unittest.TestCase):

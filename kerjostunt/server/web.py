@@ -331,6 +331,13 @@ class WebResource(resource.Resource):
         except Exception as e:
             document.update(status="unavailable", store=_describe(e))
             return json_reply(503, document, ((b"retry-after", b"10"),))
+        try:
+            # A no-op write: a database that became read-only answers reads but loses every
+            # seen, NAT and call outcome (issue 14).
+            yield self._store(self.store.claim_realm, self.realm, self.realm)
+        except Exception as e:
+            document.update(status="unavailable", store=f"writes fail: {_describe(e)}")
+            return json_reply(503, document, ((b"retry-after", b"10"),))
         return json_reply(200, document)
 
     # -- /v1/groups/GROUP/peers

@@ -134,6 +134,9 @@ class Store(UsageRecorder, CallPolicy, Protocol):
 
     def pair_outcomes(self, user_id: str, since: float) -> Deferred[dict[str, PairOutcome]]: ...
 
+    def claim_realm(self, wanted: str | None, default: str) -> Deferred[str]:
+        """The database's realm (store/realm.py); it always writes, so /health proves writes work."""
+
 
 def _run_batch(database: Database, calls: list[_Call]) -> list[tuple[bool, Any]]:
     """In the pool thread: each call on its own, its result or its Failure."""
@@ -311,6 +314,9 @@ class AsyncStore:
 
     def get_user(self, user_id: str) -> Deferred[UserRecord]:
         return self.run(Database.get_user, user_id)
+
+    def claim_realm(self, wanted: str | None, default: str) -> Deferred[str]:
+        return self.run(Database.claim_realm, wanted, default)
 
     def list_users(self) -> Deferred[list[UserRecord]]:
         return self.run(Database.list_users)
