@@ -55,7 +55,7 @@ class Options(usage.Options):
     optParameters = [
         ["port", "p", 5061, "TLS SIP signaling port.", _port],
         ["interface", "i", "", "Address to listen on (default: all)."],
-        ["domain", "d", "kerjo.local", "SIP domain and digest realm."],
+        ["domain", "d", "kerjo.local", "SIP domain and digest realm (must be the database's, stored at its creation)."],
         ["db", None, "sqlite:///kerjostunt.sqlite", "SQLAlchemy database URL (sqlite:///FILE, postgresql://...)."],
         ["certs", None, "certs", "Directory of the generated CA and server certificate."],
         ["cert", None, None, "Use this server certificate (PEM) instead of generating one."],
@@ -82,7 +82,8 @@ class Options(usage.Options):
         ],
         [
             "digest-algorithms", None, "MD5,SHA-256",
-            "Digest challenges offered, in order (MD5 first suits SIP tools such as sipp; our clients pick SHA-256).",
+            "Digest challenges: the first is offered to every client, the others to clients that ask "
+            "(ours ask for SHA-256; baresip and sipp get MD5 only).",
         ],
     ]
 
