@@ -340,3 +340,27 @@ class OperatorLogTests(unittest.TestCase):
         self.assertIn("Call alice -> nobody refused: 404 Not Found", info.lines)
         self.assertFalse([line for line in info.lines if "401" in line], info.lines)
         self.assertIn(f"REGISTER from 127.0.0.1:{port}: 401 challenge", debug.lines)
+
+    @defer.inlineCallbacks
+    def test_daemonized_twistd_reports_it_and_exits_1(self):  # type: ignore[no-untyped-def]
+        """Without -n the parent waits on twistd's status pipe: it gets the line, not a hang."""
+        folder = Path(self.mktemp()).resolve()
+        folder.mkdir(parents=True)
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = _twistd()
+        args = [*command[1:], "--pidfile", str(folder / "twistd.pid"), "--logfile", str(folder / "twistd.log"),
+                "kerjostunt", "--interface", "127.0.0.1", "--port", str(port),
+                "--probe-ports", f"{free_port()},{free_port()}", "--web-port", "0"]
+        proc = spawn(self, "twistd", command[0], args, env=child_env(), path=str(folder))
+        code = yield proc.ended
+        self.assertEqual(code, 1, proc.output)
+        self.assertIn(f"An error has occurred: b'cannot listen on port {port} (127.0.0.1): address already in use",
+                      proc.output)
+        self.assertFalse((folder / "twistd.pid").exists())
+        log = (folder / "twistd.log").read_text()
+        self.assertNotIn("Traceback", log)
+        self.assertEqual(len([line for line in log.splitlines() if "#critical]" in line]), 1, log)

@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -104,22 +105,55 @@ def one_line(db_url: str, emit: Callable[[str], None] = _critical) -> Iterator[N
         raise StartFailed(message) from None
 
 
+def twistd_teller(twistd_options: Any) -> Callable[[str], None]:
+    """What twistd itself does for a start failure it sees, for ours (which it does not see).
+
+    A daemonized twistd's parent waits on the status pipe for ``1 REASON``
+    (else it waits forever), and the pid file is removed.
+    """
+
+    def tell(message: str) -> None:
+        if twistd_options is None:
+            return
+        pipe = twistd_options.get("statusPipe")
+        if isinstance(pipe, int):
+            try:
+                os.write(pipe, b"1 " + message.encode("utf-8", "replace")[:98])
+                os.close(pipe)
+            except OSError:
+                pass
+        pidfile = twistd_options.get("pidfile")
+        if pidfile:
+            try:
+                os.remove(pidfile)
+            except OSError:
+                pass
+
+    return tell
+
+
 class StartGuard(MultiService):
     """The server's parent for twistd: its start steps fail in one line."""
 
-    def __init__(self, db_url: str, build: Callable[[], MultiService]) -> None:
+    def __init__(self, db_url: str, build: Callable[[], MultiService],
+                 tell_twistd: Callable[[str], None] = lambda message: None) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self._db_url = db_url
+        self._tell_twistd = tell_twistd
         with one_line(db_url, _stderr):
             self.server = build()
         self.server.setServiceParent(self)  # type: ignore[no-untyped-call]
 
+    def _report(self, message: str) -> None:
+        _critical(message)
+        self._tell_twistd(message)
+
     def privilegedStartService(self) -> None:
-        with one_line(self._db_url):
+        with one_line(self._db_url, self._report):
             super().privilegedStartService()  # type: ignore[no-untyped-call]
 
     def startService(self) -> None:
-        with one_line(self._db_url):
+        with one_line(self._db_url, self._report):
             super().startService()  # type: ignore[no-untyped-call]
         server = self.server
         if isinstance(server, StuntServer):

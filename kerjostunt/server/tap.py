@@ -13,7 +13,7 @@ from twisted.python import usage
 from kerjostunt.server.limits import ConnectionLimits, WebLimits
 from kerjostunt.server.reactor import IServerReactor
 from kerjostunt.server.service import ServerSettings, StuntServer, filter_log_level, tune_gc
-from kerjostunt.server.startup import StartGuard
+from kerjostunt.server.startup import StartGuard, twistd_teller
 
 
 def _tcp(port: int, interface: str) -> str:
@@ -154,4 +154,6 @@ def makeService(config: Options, reactor: IServerReactor | None = None) -> IServ
     filter_log_level(config["log-level"])
     tune_gc(reactor)
     settings, running = config.settings(), reactor
-    return StartGuard(settings.db_url, lambda: StuntServer(settings, running))
+    # twistd's own options (``parent``): its status pipe and pid file.
+    tell = twistd_teller(getattr(config, "parent", None))
+    return StartGuard(settings.db_url, lambda: StuntServer(settings, running), tell)
