@@ -20,7 +20,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 
 from .processes import free_port, spawn
-from .support import DOMAIN, start_server
+from .support import DOMAIN, start_loopback_server, start_server
 from .test_web import USERS, start_web_server
 
 BARESIP = shutil.which("baresip")
@@ -93,6 +93,33 @@ class WebDigestClientTests(unittest.TestCase):
         args = ["-sS", "--fail", "--digest", "-u", f"alice:{USERS['alice']}", "--cacert", self.ca, self.url]
         out, err, code = yield getProcessOutputAndValue(CURL, args)
         self.check_peers(out, err, code)
+
+
+class AioiceProbeTests(unittest.TestCase):
+    """aioice's STUN codec, as stuntman's stunclient sends it (an empty CHANGE-REQUEST in every
+    request), gets its mapped address from both probe ports of a running server."""
+
+    @defer.inlineCallbacks
+    def test_binding_with_empty_change_request(self):  # type: ignore[no-untyped-def]
+        from aioice import stun as aio
+        from twisted.internet import protocol, reactor
+
+        from .test_probe import _Collect
+
+        running, ports = yield start_loopback_server(self, web_endpoint=None)
+        for name in ("probe0", "probe1"):
+            request = aio.Message(aio.Method.BINDING, aio.Class.REQUEST)
+            request.attributes["CHANGE-REQUEST"] = 0
+            request.attributes["SOFTWARE"] = "stunclient-like"
+            request.add_fingerprint()
+            collector = _Collect(bytes(request))
+            proto = yield protocol.ClientCreator(reactor, lambda c=collector: c).connectTCP(
+                "127.0.0.1", ports[name].getHost().port)
+            local = proto.transport.getHost()
+            response = aio.parse_message((yield collector.done))
+            self.assertEqual(response.message_class, aio.Class.RESPONSE, response)
+            self.assertEqual(response.attributes["XOR-MAPPED-ADDRESS"], (local.host, local.port))
+            self.assertEqual(response.transaction_id, request.transaction_id)
 
 
 class BaresipTests(unittest.TestCase):
