@@ -63,19 +63,22 @@ class RealmKeeper(EngineBound):
         realm. Always writes (a no-op update when the realm is stored), so a
         read-only database fails here, at start, not at the first REGISTER.
         """
+        try:
+            stored = self._claim_once(wanted or default)
+        except IntegrityError:  # another process stored one between our read and insert
+            stored = self._claim_once(wanted or default)
+        if wanted is not None and wanted != stored:
+            raise RealmMismatch(stored, wanted, _safe_url(self.url))
+        return stored
+
+    def _claim_once(self, value: str) -> str:
         with self.engine.begin() as c:
             stored = c.execute(select(Meta.value).where(Meta.key == REALM_KEY)).scalar()
             if stored is None:
-                stored = wanted or default
-                try:
-                    c.execute(insert(Meta).values(key=REALM_KEY, value=stored))
-                except IntegrityError:  # another process claimed it first
-                    stored = c.execute(select(Meta.value).where(Meta.key == REALM_KEY)).scalar_one()
-            else:
-                c.execute(update(Meta).where(Meta.key == REALM_KEY).values(value=stored))
-        if wanted is not None and wanted != stored:
-            raise RealmMismatch(stored, wanted, _safe_url(self.url))
-        return str(stored)
+                c.execute(insert(Meta).values(key=REALM_KEY, value=value))
+                return value
+            c.execute(update(Meta).where(Meta.key == REALM_KEY).values(value=stored))
+            return str(stored)
 
 
 def _safe_url(url: str) -> str:
