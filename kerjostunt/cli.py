@@ -21,6 +21,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from kerjostunt import __version__
+
 COMMAND_MODULES: list[str] = [
     "kerjostunt.server.admin",
     "kerjostunt.server.operators",
@@ -54,6 +56,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="kerjostunt admin and client commands"
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     modules = [PEER_COMMANDS[command]] if command in PEER_COMMANDS else COMMAND_MODULES

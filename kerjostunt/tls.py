@@ -177,7 +177,8 @@ def ensure_certificates(
         _write_private(ca_key_path, _key_pem(ca_key))
         ca_path.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
         fresh_ca = True
-    log.info("Clients verify the server with CA {path} (SHA-256 {fp})", path=str(ca_path), fp=fingerprint(ca_path))
+    log.info("Clients verify the server with CA {path} (SHA-256 {fp})",
+             path=str(ca_path.resolve()), fp=fingerprint(ca_path))
 
     if cert_path.exists() and key_path.exists() and not fresh_ca:
         existing = x509.load_pem_x509_certificate(cert_path.read_bytes())
@@ -187,7 +188,7 @@ def ensure_certificates(
     key, cert = _make_server_cert(ca_key, ca_cert, domain, hosts, now)  # type: ignore[arg-type]
     _write_private(key_path, _key_pem(key))
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    log.info("Created server certificate {path} for {hosts}", path=str(cert_path), hosts=", ".join(hosts))
+    log.info("Created server certificate {path} for {hosts}", path=str(cert_path.resolve()), hosts=", ".join(hosts))
     return CertificatePaths(cert_path, key_path, ca_path)
 
 

@@ -39,7 +39,7 @@ class ServerOrderTests(unittest.TestCase):
         self.agent = PeerAgent(self.clock, config, jitter=lambda: 0.5)
         self.agent.connect_signaling = self.connect
 
-    def connect(self, reactor: Any, host: str, port: int, *rest: Any) -> defer.Deferred:
+    def connect(self, reactor: Any, host: str, port: int, *rest: Any, **options: Any) -> defer.Deferred:
         self.dialed.append((host, port, self.clock.seconds()))
         if host not in self.up:
             return defer.fail(SignalingError("connection refused"))

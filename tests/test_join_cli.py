@@ -160,6 +160,42 @@ class JoinLoopbackTests(unittest.TestCase):
             self.assertIn("stopped", proc.output)
 
     @defer.inlineCallbacks
+    def test_closed_pipe_ends_the_command_quietly(self):  # type: ignore[no-untyped-def]
+        """``kerjostunt join | head -1``: the reader goes, join ends with 0 and no traceback."""
+        from twisted.internet.protocol import ProcessProtocol
+
+        class HeadOne(ProcessProtocol):
+            def __init__(self) -> None:
+                self.out, self.err = b"", b""
+                self.ended: defer.Deferred[int] = defer.Deferred()
+
+            def connectionMade(self) -> None:
+                self.transport.write(TRIO["xena"].encode() + b"\n")  # type: ignore[union-attr]
+                self.transport.closeStdin()  # type: ignore[union-attr]
+
+            def outReceived(self, data: bytes) -> None:
+                if not self.out:
+                    self.out = data
+                    self.transport.closeStdout()  # type: ignore[union-attr]  # as head does after its line
+
+            def errReceived(self, data: bytes) -> None:
+                self.err += data
+
+            def processEnded(self, reason) -> None:  # type: ignore[no-untyped-def]
+                self.ended.callback(reason.value.exitCode)
+
+        proto = HeadOne()
+        argv = [sys.executable, "-m", "kerjostunt.cli", *self.argv("xena")]
+        process = reactor.spawnProcess(proto, sys.executable, argv, env=child_env(PYTHONUNBUFFERED="1"))
+        killer = reactor.callLater(60, process.signalProcess, "KILL")
+        code = yield proto.ended
+        if killer.active():
+            killer.cancel()
+        self.assertEqual(code, 0, proto.err.decode())
+        self.assertNotIn(b"Traceback", proto.err)
+        self.assertNotIn(b"BrokenPipe", proto.err)
+
+    @defer.inlineCallbacks
     def test_wrong_password_exits_1(self):  # type: ignore[no-untyped-def]
         args = cli.build_parser().parse_args(self.argv("xena"))
         out, err = io.StringIO(), io.StringIO()

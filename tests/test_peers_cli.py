@@ -70,7 +70,8 @@ class DirectoryClientTests(unittest.TestCase):
     def test_wrong_ca_is_not_trusted(self):  # type: ignore[no-untyped-def]
         other = tls.ensure_certificates(Path(self.mktemp()), DOMAIN)
         e = yield self.assertFailure(self.fetch(ca=other.ca), directory.CertificateNotTrusted)
-        self.assertIn("not trusted", str(e))
+        self.assertEqual(str(e), "the server's certificate is not signed by the --ca certificate: "
+                                 "give the server's own certs/ca.pem")
 
     @defer.inlineCallbacks
     def test_bad_ca_file_and_plain_http(self):  # type: ignore[no-untyped-def]
@@ -225,3 +226,30 @@ class ConsoleScriptTests(unittest.TestCase):
         code = yield child.ended
         self.assertEqual(code, 1)
         self.assertIn(b"error: the server refused user 'bob'", child.err)
+
+
+class DirectoryFailureWordsTests(unittest.TestCase):
+    """What ``kerjostunt peers`` says when the server is not there or does not speak: exact texts."""
+
+    def test_refused(self):  # type: ignore[no-untyped-def]
+        from .processes import free_port
+
+        port = free_port()
+        ca = tls.ensure_certificates(Path(self.mktemp()), DOMAIN).ca
+        d = directory.fetch_peers(reactor, f"https://127.0.0.1:{port}", "friends", "alice", "pw", ca, timeout=5)
+        return self.assertFailure(d, directory.ServerUnavailable).addCallback(
+            lambda e: self.assertEqual(
+                str(e), f"127.0.0.1:{port} refused the connection: is the server running, and on this port?"))
+
+    @defer.inlineCallbacks
+    def test_silent(self):  # type: ignore[no-untyped-def]
+        from twisted.internet.protocol import Factory, Protocol
+
+        port = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        ca = tls.ensure_certificates(Path(self.mktemp()), DOMAIN).ca
+        url = f"https://127.0.0.1:{port.getHost().port}"
+        e = yield self.assertFailure(directory.fetch_peers(reactor, url, "friends", "alice", "pw", ca, timeout=0.5),
+                                     directory.ServerUnavailable)
+        self.assertEqual(str(e), f"{url} did not answer within 0.5 s")
+        self.assertNotIn("Failure", str(e))

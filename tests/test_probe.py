@@ -11,7 +11,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
 
-from kerjostunt.server.probe import Observation, ObservationLog, ProbeFactory, ProbeTokens
+from kerjostunt.server.probe import AlternateAddresses, Observation, ObservationLog, ProbeFactory, ProbeTokens
 from kerjostunt.wire import stun
 
 PEER = IPv4Address("TCP", "203.0.113.7", 40123)
@@ -297,6 +297,36 @@ class ProtocolTests(TestCase):
         self.assertEqual(stun.decode_address(msg.get(stun.RESPONSE_ORIGIN)),
                          ("198.51.100.1", 3478))
 
+    def test_empty_change_request_is_a_plain_request(self) -> None:
+        """stuntman's stunclient sends CHANGE-REQUEST with no flag in every request."""
+        proto, tr = self.connect()
+        tid = stun.new_transaction_id()
+        proto.dataReceived(stun.encode(stun.BINDING_REQUEST, tid, [(stun.CHANGE_REQUEST, stun.encode_change_request())]))
+        [(msg, _)] = self.responses(tr)
+        self.assertEqual(msg.msg_type, stun.BINDING_SUCCESS)
+        self.assertEqual(stun.decode_xor_address(msg.get(stun.XOR_MAPPED_ADDRESS), tid), ("203.0.113.7", 40123))
+
+    def test_change_of_address_over_tcp_is_400(self) -> None:
+        for flags in ((True, False), (False, True), (True, True)):
+            proto, tr = self.connect()
+            proto.dataReceived(stun.encode(stun.BINDING_REQUEST, stun.new_transaction_id(),
+                                           [(stun.CHANGE_REQUEST, stun.encode_change_request(*flags))]))
+            [(msg, _)] = self.responses(tr)
+            self.assertEqual(msg.msg_type, stun.BINDING_ERROR)
+            self.assertEqual(stun.decode_error_code(msg.get(stun.ERROR_CODE)),
+                             (400, "Bad Request: no change of address over TCP"))
+
+    def test_other_address_is_the_other_ip_and_port(self) -> None:
+        pair = AlternateAddresses("198.51.100.2", [3478, 3479], primary_ip="198.51.100.1")
+        self.assertEqual(pair.other(("198.51.100.1", 3478)), ("198.51.100.2", 3479))
+        self.assertEqual(pair.other(("198.51.100.1", 3479)), ("198.51.100.2", 3478))
+        self.assertEqual(pair.other(("198.51.100.2", 3478)), ("198.51.100.1", 3479))
+        self.assertEqual(pair.other(("198.51.100.2", 3479)), ("198.51.100.1", 3478))
+        self.assertIsNone(pair.other(("198.51.100.1", 5000)))
+        wildcard = AlternateAddresses("198.51.100.2", [3478, 3479])
+        self.assertEqual(wildcard.other(("10.0.0.1", 3478)), ("198.51.100.2", 3479))
+        self.assertIsNone(wildcard.other(("198.51.100.2", 3478)))
+
     def test_ipv4_mapped_peer(self) -> None:
         from twisted.internet.address import IPv6Address
         proto = self.factory.buildProtocol(None)
@@ -377,3 +407,51 @@ class AioiceOverTCPTests(TestCase):
         self.assertEqual((obs.mapped_ip, obs.mapped_port), (local.host, local.port))
         self.assertEqual(obs.server_port, port.getHost().port)
         self.assertIsNone(obs.local_port)  # aioice does not send KERJO-LOCAL-PORT
+
+
+class BehaviourDiscoveryOverTCPTests(TestCase):
+    """RFC 5780 4.3 over TCP, as stuntman's ``stunclient --mode behavior --protocol tcp`` runs it,
+    with aioice's codec: a request to the primary address names OTHER-ADDRESS; the client
+    connects to (other IP, primary port) and (other IP, other port) and compares the mapped
+    addresses. On loopback there is no NAT: every mapping is the connection's own address,
+    and each answer's RESPONSE-ORIGIN is the address connected to."""
+
+    @defer.inlineCallbacks
+    def _ask(self, host: str, port: int):  # type: ignore[no-untyped-def]
+        request = aio.Message(aio.Method.BINDING, aio.Class.REQUEST)
+        request.attributes["CHANGE-REQUEST"] = 0
+        request.add_fingerprint()
+        collector = _Collect(bytes(request))
+        proto = yield protocol.ClientCreator(reactor, lambda: collector).connectTCP(host, port)
+        local = proto.transport.getHost()
+        response = aio.parse_message((yield collector.done))
+        self.assertEqual(response.message_class, aio.Class.RESPONSE)
+        return response.attributes, (local.host, local.port)
+
+    @defer.inlineCallbacks
+    def test_mapping_behaviour_discovery(self):  # type: ignore[no-untyped-def]
+        tokens, log = ProbeTokens(reactor), ObservationLog()
+        ports: list[int] = [0, 0]
+        factory = ProbeFactory(reactor, tokens, log,
+                               other_address=AlternateAddresses("127.0.0.2", ports, primary_ip="127.0.0.1"))
+        first = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(first.stopListening)
+        ports[0] = first.getHost().port
+        second = reactor.listenTCP(0, factory, interface="127.0.0.2")
+        self.addCleanup(second.stopListening)
+        ports[1] = second.getHost().port
+        alt_primary = reactor.listenTCP(ports[0], factory, interface="127.0.0.2")
+        self.addCleanup(alt_primary.stopListening)
+
+        attrs, local = yield self._ask("127.0.0.1", ports[0])
+        self.assertEqual(attrs["XOR-MAPPED-ADDRESS"], local)
+        self.assertEqual(attrs["RESPONSE-ORIGIN"], ("127.0.0.1", ports[0]))
+        self.assertEqual(attrs["OTHER-ADDRESS"], ("127.0.0.2", ports[1]))
+        other_ip, other_port = attrs["OTHER-ADDRESS"]
+        attrs2, local2 = yield self._ask(other_ip, ports[0])
+        self.assertEqual(attrs2["XOR-MAPPED-ADDRESS"], local2)
+        self.assertEqual(attrs2["RESPONSE-ORIGIN"], ("127.0.0.2", ports[0]))
+        self.assertEqual(attrs2["OTHER-ADDRESS"], ("127.0.0.1", ports[1]))
+        attrs3, local3 = yield self._ask(other_ip, other_port)
+        self.assertEqual(attrs3["XOR-MAPPED-ADDRESS"], local3)
+        self.assertEqual(attrs3["RESPONSE-ORIGIN"], ("127.0.0.2", ports[1]))

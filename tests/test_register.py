@@ -203,3 +203,27 @@ class ChallengeOrderTests(unittest.TestCase):
         registration, seen = yield self._register_with(("SHA-256",))
         self.assertIn("algorithm=SHA-256", seen[0])
         self.assertEqual(registration.public_ip, "127.0.0.1")
+
+
+class OfferedAlgorithmsTests(unittest.TestCase):
+    """The first configured algorithm goes to everyone, the others to clients that ask."""
+
+    def request(self, *headers: tuple[str, str]):  # type: ignore[no-untyped-def]
+        from kerjostunt.wire.sip.message import Headers, Request
+
+        return Request("REGISTER", "sips:kerjo.test", Headers([
+            ("Via", "SIP/2.0/TLS 192.0.2.1:40000;branch=z9hG4bK-1"), ("From", "<sips:a@kerjo.test>;tag=a"),
+            ("To", "<sips:a@kerjo.test>"), ("Call-ID", "c1"), ("CSeq", "1 REGISTER"), *headers]))
+
+    def test_rule(self) -> None:
+        from kerjostunt.server.register import offered_algorithms
+
+        default = ("MD5", "SHA-256")
+        self.assertEqual(offered_algorithms(default, self.request()), ["MD5"])
+        self.assertEqual(offered_algorithms(default, self.request(("X-Kerjo-Digest", "SHA-256"))), ["MD5", "SHA-256"])
+        stale = ("Authorization", 'Digest username="a", realm="kerjo.test", nonce="n", uri="sips:kerjo.test", '
+                                  'response="00", algorithm=SHA-256, qop=auth, nc=00000001, cnonce="c"')
+        self.assertEqual(offered_algorithms(default, self.request(stale)), ["MD5", "SHA-256"])
+        self.assertEqual(offered_algorithms(("SHA-256", "MD5"), self.request()), ["SHA-256", "MD5"])
+        self.assertEqual(offered_algorithms(("SHA-256",), self.request()), ["SHA-256"])
+        self.assertEqual(offered_algorithms(default, self.request(("X-Kerjo-Digest", "garbage"))), ["MD5"])

@@ -100,7 +100,7 @@ class RelayedCallFlowTests(RelayedCallTests):
         self.assertEqual(self.running.server.counters["calls_relay_relay"], 1)
         from kerjostunt.server.metrics import make_registry, render
         scraped = render(make_registry(self.running.server.counters, process=False)).decode()
-        self.assertIn('kerjostunt_calls_total{outcome="relay",technique="relay"} 1.0', scraped)
+        self.assertIn('kerjostunt_calls_total{code="200",outcome="relay",technique="relay"} 1.0', scraped)
         self.assertEqual(self.running.server.counters["relay_offered_now"], 1)
         pairs = yield self.running.server.store.pair_outcomes("alice", 0.0)
         self.assertEqual(pairs["bob"].latest, "relay")

@@ -6,10 +6,10 @@ verifies the server's certificate against the CA the server generated
 a real server on 127.0.0.1.  sipp exits 0 only when every call of the
 scenario went as written (tests/sipp/*.xml).
 
-About the challenge order: sipp 3.6 (Debian's sip-tester, what CI installs)
+About the challenges: sipp 3.6 (Debian's sip-tester, what CI installs)
 computes only MD5 and reads the algorithm of the *first* challenge, so the
-server offers MD5 first by default (``--digest-algorithms``); our own client
-picks SHA-256 whatever the order.
+server offers MD5 first by default, and SHA-256 only to clients that ask for
+it (``X-Kerjo-Digest``, as ours do); see ``--digest-algorithms``.
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ class _SIPpTestBase(unittest.TestCase):
 
 
 class SIPpRegisterTests(_SIPpTestBase):
-    """The server as it ships (MD5 challenge first, then SHA-256)."""
+    """The server as it ships (MD5 challenge; SHA-256 only for clients that ask)."""
 
     @defer.inlineCallbacks
     def test_register_with_authentication_gets_200(self):  # type: ignore[no-untyped-def]

@@ -20,7 +20,8 @@ from kerjostunt.store import (
     StoreUnavailable,
     UnknownUser,
 )
-from kerjostunt.store.api import HA1_WINDOW, SEEN_BATCH, SEEN_DELAY, AsyncStore, StoreService, StoreStopped
+from kerjostunt.store.api import HA1_WINDOW, SEEN_BATCH, SEEN_DELAY, AsyncStore, StoreStopped
+from kerjostunt.store.service import StoreService
 
 from .test_store import REALM, md5_ha1, sha256_ha1
 

@@ -108,6 +108,13 @@ class TwistdTests(unittest.TestCase):
         for name in ("ca-key.pem", "server-key.pem"):
             self.assertEqual(stat.S_IMODE(os.stat(certs / name).st_mode), 0o600, name)
         self.assertIn("ca.pem", self.twistd.output)  # the CA path is logged for admins
+        # One start line: version, every port, the database, the CA's absolute path; no object reprs.
+        yield self.twistd.wait_for(b" serving kerjo.local: signaling TLS 127.0.0.1:")
+        start = next(line for line in self.twistd.output.splitlines() if " serving kerjo.local: " in line)
+        self.assertIn(f"signaling TLS 127.0.0.1:{self.port}, probes 127.0.0.1:", start)
+        self.assertIn(f"database {self.dir / 'kerjostunt.sqlite'}; CA {certs / 'ca.pem'} SHA-256 ", start)
+        self.assertNotIn("Starting factory", self.twistd.output)
+        self.assertNotIn(" object at 0x", self.twistd.output)
 
         # No such user yet: challenged, then refused.
         response = yield self.register("carol", "s3cret", authenticate=False)

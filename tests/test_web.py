@@ -148,7 +148,7 @@ class AccessRuleTests(WebTestCase):
         answer = yield get(self, self.peers_url())
         self.assertEqual(answer.code, 401)
         schemes = [(parse_auth(c)[0], parse_auth(c)[1].get("algorithm")) for c in challenges_of(answer)]
-        self.assertEqual(schemes, [("Digest", "SHA-256"), ("Digest", "MD5"), ("Basic", None)])
+        self.assertEqual(schemes, [("Digest", "MD5"), ("Digest", "SHA-256"), ("Basic", None)])
         for challenge in challenges_of(answer):
             self.assertEqual(parse_auth(challenge)[1]["realm"], DOMAIN)
         self.assertEqual(answer.json(), {"error": "authentication required"})
@@ -348,8 +348,8 @@ class MetricsAndHealthTests(WebTestCase):
         self.assertEqual(after["kerjostunt_challenges_total"], 1.0)
         self.assertEqual(after["kerjostunt_registered_peers"], 1.0)
         self.assertEqual(after["kerjostunt_signaling_connections"], 1.0)
-        self.assertEqual(after['kerjostunt_calls_total{outcome="stunt",technique="low-ttl"}'], 2.0)
-        self.assertEqual(after['kerjostunt_calls_total{outcome="failed",technique="none"}'], 1.0)
+        self.assertEqual(after['kerjostunt_calls_total{code="200",outcome="stunt",technique="low-ttl"}'], 2.0)
+        self.assertEqual(after['kerjostunt_calls_total{code="200",outcome="failed",technique="none"}'], 1.0)
         self.assertEqual(after["kerjostunt_web_auth_failures_total"], 1.0)
         self.assertGreater(after["kerjostunt_web_requests_total"], before["kerjostunt_web_requests_total"])
 
@@ -451,6 +451,8 @@ class HangingStore:
     def health(self) -> StoreHealth:
         return StoreHealth(True, None, 0.0, 0)
 
+    claim_realm = get_ha1  # /health's write probe hangs the same way
+
 
 class StoreTimeoutTests(unittest.TestCase):
     def setUp(self) -> None:
@@ -490,9 +492,44 @@ class StoreTimeoutTests(unittest.TestCase):
 
     def test_a_timely_answer_cancels_the_timer(self) -> None:
         request = self.render(b"/health")
-        self.store.calls[0].callback(None)
+        self.store.calls[0].callback(None)  # the read
+        self.store.calls[1].callback(None)  # the write probe
         self.assertEqual(request.responseCode, 200)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class ReadOnlyHealthTests(unittest.TestCase):
+    """A database that turned read-only: reads work, /health says the writes fail."""
+
+    @defer.inlineCallbacks
+    def test_read_only_database_is_unhealthy(self):  # type: ignore[no-untyped-def]
+        from kerjostunt.store import Database
+        from kerjostunt.store.api import AsyncStore
+
+        path = Path(self.mktemp()).resolve()
+        db = Database(f"sqlite:///{path}")
+        db.upgrade()
+        db.claim_realm(DOMAIN, DOMAIN)
+        db.close()
+        store = AsyncStore(Database(f"sqlite:///file:{path}?mode=ro&uri=true"), reactor)
+        store.start()
+        self.addCleanup(store.stop)
+        resource = web.WebResource(store=store, registrar=Registrar(reactor), metrics=metrics.make_registry({}, process=False),
+                                   domain=DOMAIN, clock=reactor)
+        request = DummyRequest([b"health"])
+        request.uri = b"/health"
+        resource.render(request)
+        for _ in range(200):
+            if request.finished:
+                break
+            d: defer.Deferred[None] = defer.Deferred()
+            reactor.callLater(0.01, d.callback, None)
+            yield d
+        self.assertEqual(request.responseCode, 503)
+        document = json.loads(b"".join(request.written))
+        self.assertEqual(document["status"], "degraded")
+        self.assertTrue(document["store"].startswith("writes fail: database error: "), document)
+        self.assertIn("readonly", document["store"])
 
 
 class CredentialParsingTests(unittest.TestCase):

@@ -105,6 +105,8 @@ class PeerAgent:
         self.config = config if config is not None else AgentConfig.of(**settings)
         self.accept_factory = accept_factory
         self.on_peer = on_peer
+        #: told of steps a user waits for ("punching (simultaneous open)"): the CLI's progress lines
+        self.on_progress: Callable[[str], None] | None = None
         self._jitter = jitter
         #: how to open the signaling connection (tests replace it)
         self.connect_signaling: ConnectSignaling = connect_signaling
@@ -285,6 +287,7 @@ class PeerAgent:
             lambda: SignalingClientProtocol(
                 self.reactor, account.user_id, account.password, server.domain, self._on_request
             ),
+            timeout=self.config.timeouts.connect_timeout, expected_name=server.expected_name,
         )
         if self._stopped():
             sig.hang_up()
@@ -538,6 +541,8 @@ class PeerAgent:
 
     def dialer_started(self, dialer: Dialer) -> None:
         self._dialers[dialer.tag] = dialer
+        if self.on_progress is not None:
+            self.on_progress("punching (simultaneous open)")
 
     def dialer_ended(self, dialer: Dialer) -> None:
         if self._dialers.get(dialer.tag) is dialer:

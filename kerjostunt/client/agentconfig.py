@@ -81,6 +81,8 @@ class Timeouts:
 
     #: the REGISTER expiry asked for; the agent re-registers at 80 % of what is granted
     register_expires: int = 3600
+    #: the TCP connect to the server, and then its TLS handshake, each (a silent port fails after it)
+    connect_timeout: float = 10.0
     #: our own CRLFCRLF ping to the server, and how long its answer may take
     keepalive_interval: float = 60.0
     keepalive_timeout: float = 30.0

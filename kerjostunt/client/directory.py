@@ -34,6 +34,7 @@ from twisted.web.iweb import IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
 from kerjostunt import tls
+from kerjostunt.client import reasons
 from kerjostunt.wire.sip.digest import authorization, choose_challenge
 from kerjostunt.wire.sip.headers import parse_auth
 
@@ -197,7 +198,7 @@ def _fetch(
     except DirectoryError:
         raise
     except Exception as e:
-        raise _transport_error(Failure(e), base) from None
+        raise _transport_error(Failure(e), base, timeout) from None
     finally:
         yield pool.closeCachedConnections()  # type: ignore[no-untyped-call]
     if response.code == 200:
@@ -296,37 +297,29 @@ _WRAPPERS = (
 )
 
 
-def _ssl_error(failure: Failure) -> Failure | None:
-    """The OpenSSL error inside Agent's wrapped failures, if there is one."""
-    if failure.check(SSL.Error):
-        return failure
+def _causes(failure: Failure) -> list[BaseException]:
+    """The exceptions inside Agent's wrapped failures (``reasons``), innermost ones, in order."""
     value = failure.value
-    wrapped = value.reasons if isinstance(value, _WRAPPERS) else []
-    for inner in wrapped or []:
-        found = _ssl_error(inner)
-        if found is not None:
-            return found
-    return None
+    if isinstance(value, _WRAPPERS) and value.reasons:
+        return [cause for inner in value.reasons for cause in _causes(inner)]
+    return [value] if value is not None else []
 
 
-def _transport_error(failure: Failure, base: str) -> DirectoryError:
-    ssl_failure = _ssl_error(failure)
-    if ssl_failure is not None:
-        return CertificateNotTrusted(
-            f"TLS with {base} failed: the server certificate is not trusted by the given CA "
-            f"or does not name this host ({_ssl_detail(ssl_failure)})"
-        )
-    if failure.check(defer.TimeoutError, defer.CancelledError, net_error.TimeoutError):
-        return ServerUnavailable(f"{base} did not answer in time")
-    if failure.check(net_error.ConnectError, net_error.DNSLookupError):
-        return ServerUnavailable(f"cannot connect to {base}: {failure.getErrorMessage()}")
-    return DirectoryError(f"request to {base} failed: {failure.getErrorMessage()}")
+def _transport_error(failure: Failure, base: str, timeout: float = 30.0) -> DirectoryError:
+    """One sentence for a failed request: the cause inside Agent's wrappers, never a Failure repr."""
+    parts = urlsplit(base)
+    host, port = parts.hostname or base, parts.port or 443
+    causes = _causes(failure)
+    for cause in causes:
+        if isinstance(cause, SSL.Error) or type(cause).__name__ == "VerificationError":
+            return CertificateNotTrusted(reasons.tls_failure(cause, host))
+    for cause in causes:
+        why = reasons.connect_failure(cause, host, port, timeout)
+        if why is not None:
+            return ServerUnavailable(why)
+    if any(isinstance(c, (defer.TimeoutError, defer.CancelledError, net_error.TimeoutError)) for c in causes):
+        return ServerUnavailable(f"{base} did not answer within {timeout:g} s")
+    detail = "; ".join(dict.fromkeys(reasons.plain(c) for c in causes)) or "no answer"
+    return DirectoryError(f"request to {base} failed: {detail}")
 
 
-def _ssl_detail(failure: Failure) -> str:
-    if failure.value is None:
-        return "handshake failed"
-    try:
-        return "; ".join(str(item[2]) for item in failure.value.args[0]) or "handshake failed"
-    except (IndexError, TypeError):
-        return "handshake failed"

@@ -336,6 +336,7 @@ class HandshakeFactory(Factory[HandshakeProtocol]):
     punch() gives every attempt of a call the same factory and counts a
     connection as won only when its ``handshake_done`` fires.
     """
+    noisy = False  # no 'Starting factory <...>' line per listen or connect
 
     def __init__(
         self,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 from typing import Protocol as TypingProtocol
 
 from twisted.internet import defer
@@ -30,6 +30,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from kerjostunt.client import reasons
 from kerjostunt.tcp import no_delay
 from kerjostunt.wire import kerjo
 from kerjostunt.wire.kerjo import ProbeOffer, new_branch, new_tag
@@ -40,9 +41,13 @@ from kerjostunt.wire.sip.parser import KeepAlivePing, KeepAlivePong, SIPParseErr
 
 log = Logger()
 
+_T = TypeVar("_T")
+
 TRANSACTION_TIMEOUT = 32.0  # RFC 3261 Timer B
 #: the server holds the request on purpose (a call waiting for its turn at a NAT)
 QUEUED = 182
+#: our REGISTERs ask for the SHA-256 challenge (the server offers MD5 alone to other clients)
+DIGEST_WANTED = (kerjo.DIGEST, kerjo.format_digest(("SHA-256",)))
 
 
 class SignalingError(Exception):
@@ -120,6 +125,8 @@ class SignalingClientProtocol(Protocol):
         self.secured: defer.Deferred[SignalingClientProtocol] = defer.Deferred()
         self.disconnected: defer.Deferred[None] = defer.Deferred()
         self.local: tuple[str, int] = ("0.0.0.0", 0)
+        #: why the connection closed (a failed TLS handshake says why here)
+        self.lost_reason: BaseException | None = None
 
     # -- Twisted ----------------------------------------------------------------
 
@@ -132,6 +139,7 @@ class SignalingClientProtocol(Protocol):
             self.secured.callback(self)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        self.lost_reason = reason.value
         for tx in list(self._transactions.values()):
             self._finish(tx, Failure(SignalingError(f"connection lost: {reason.getErrorMessage()}")))
         for waiter in self._pong_waiters:
@@ -261,7 +269,8 @@ class SignalingClientProtocol(Protocol):
         host, port = self.local
         contact = [("Contact", f"<sips:{self.user_id}@{host}:{port};transport=tls>;expires={expires}")]
         response = yield self.request(
-            "REGISTER", uri, to=self.uri_of(self.user_id), call_id=self._register_call_id, headers=contact
+            "REGISTER", uri, to=self.uri_of(self.user_id), call_id=self._register_call_id,
+            headers=[*contact, DIGEST_WANTED],
         )
         if response.code in (401, 407):
             auth = self._authorization(response, "REGISTER", uri)
@@ -270,7 +279,9 @@ class SignalingClientProtocol(Protocol):
                 headers=[*contact, ("Authorization", auth)],
             )
         if response.code != 200:
-            raise RegistrationFailed(f"REGISTER answered {response.code} {response.reason}", response)
+            why = reasons.registration_failure(response.code, response.reason, self.user_id,
+                                               response.headers.get("Retry-After"))
+            raise RegistrationFailed(why, response)
         self.registration = self._registration(response, expires)
         return self.registration
 
@@ -278,7 +289,8 @@ class SignalingClientProtocol(Protocol):
         self.registration = None
         uri = f"sips:{self.domain}"
         remove = [("Contact", "*"), ("Expires", "0")]
-        d = self.request("REGISTER", uri, to=self.uri_of(self.user_id), call_id=self._register_call_id, headers=remove)
+        d = self.request("REGISTER", uri, to=self.uri_of(self.user_id), call_id=self._register_call_id,
+                         headers=[*remove, DIGEST_WANTED])
 
         def challenged(response: Response) -> Response | defer.Deferred[Response]:
             if response.code in (401, 407):
@@ -415,6 +427,9 @@ class ConnectSignaling(TypingProtocol):
         port: int,
         tls_options: IOpenSSLClientConnectionCreator,
         protocol_factory: Callable[[], SignalingClientProtocol],
+        *,
+        timeout: float = ...,
+        expected_name: str | None = ...,
     ) -> defer.Deferred[SignalingClientProtocol]: ...
 
 
@@ -427,19 +442,42 @@ def connect_signaling(
     *,
     timeout: float = 10.0,
     bind_address: tuple[str, int] | None = None,
+    expected_name: str | None = None,
 ) -> defer.Deferred[SignalingClientProtocol]:
-    """Connect over TLS; fires once the handshake verified the server's certificate."""
+    """Connect over TLS; fires once the handshake verified the server's certificate.
+
+    ``timeout`` bounds the TCP connect, and then the TLS handshake again (a
+    port that accepts and stays silent). Failures are ``SignalingError``s
+    whose message names the cause (client/reasons.py).
+    """
     tcp = HostnameEndpoint(reactor, host, port, timeout=timeout, bindAddress=bind_address)
     endpoint = wrapClientTLS(tls_options, tcp)
     proto = protocol_factory()
+    name = expected_name or host
 
     def connected(_: object) -> defer.Deferred[SignalingClientProtocol]:
+        def silent() -> None:
+            if not proto.secured.called:
+                proto.secured.errback(SignalingError(reasons.silent_server(host, port, timeout)))
+                if proto.transport is not None:
+                    proto._transport().abortConnection()
+
+        timer = reactor.callLater(timeout, silent)
+
         def unsecured(_: None) -> None:
             if not proto.secured.called:
-                why = "TLS handshake failed (is the server certificate trusted by --ca?)"
-                proto.secured.errback(SignalingError(why))
+                proto.secured.errback(SignalingError(reasons.tls_failure(proto.lost_reason, name)))
+
+        def done(result: _T) -> _T:
+            if timer.active():
+                timer.cancel()
+            return result
 
         proto.disconnected.addCallback(unsecured)
-        return proto.secured
+        return proto.secured.addBoth(done)
 
-    return endpoint.connect(Factory.forProtocol(lambda: proto)).addCallback(connected)
+    def not_connected(failure: Failure) -> Failure:
+        why = reasons.connect_failure(failure.value, host, port, timeout) if failure.value is not None else None
+        return Failure(SignalingError(why)) if why is not None else failure
+
+    return endpoint.connect(Factory.forProtocol(lambda: proto)).addCallbacks(connected, not_connected)

@@ -27,6 +27,7 @@ from kerjostunt.store.database import (
     UserRecord,
     check_name,
 )
+from kerjostunt.store.realm import realm_problem
 
 DEFAULT_DB = "sqlite:///kerjostunt.sqlite"
 DEFAULT_DOMAIN = "kerjo.local"
@@ -47,7 +48,7 @@ def register(subparsers: Any) -> None:
 # -- plumbing ------------------------------------------------------------
 
 
-def _db_options(parser: argparse.ArgumentParser, domain: bool = False) -> None:
+def _db_options(parser: argparse.ArgumentParser, domain: bool = True) -> None:
     parser.add_argument(
         "--db", default=DEFAULT_DB, metavar="URL",
         help=f"SQLAlchemy database URL (default {DEFAULT_DB})",
@@ -58,9 +59,15 @@ def _db_options(parser: argparse.ArgumentParser, domain: bool = False) -> None:
     )
     if domain:
         parser.add_argument(
-            "--domain", default=DEFAULT_DOMAIN,
-            help=f"SIP domain, the digest realm (default {DEFAULT_DOMAIN})",
+            "--domain", default=None,
+            help="SIP domain, the digest realm: the database's own (stored by the first server start or "
+            f"command on it, {DEFAULT_DOMAIN} if none named one); given, it must be that one",
         )
+
+
+def _realm(args: argparse.Namespace, db: Database) -> str:
+    """The database's realm (store/realm.py); ``--domain``, when given, must be it."""
+    return db.claim_realm(getattr(args, "domain", None), DEFAULT_DOMAIN)
 
 
 def _password_options(parser: argparse.ArgumentParser) -> None:
@@ -88,6 +95,8 @@ def _with_database(command: Command) -> Callable[[argparse.Namespace], int]:
             for warning in database.secure_files():  # before SQLite makes -wal and -shm like it
                 print(f"{PROG}: warning: {warning}", file=sys.stderr)
             database.upgrade()
+            if getattr(args, "domain", None) is not None:
+                _realm(args, database)  # a --domain that is not the database's realm is refused
             return command(args, database)
         except (StoreError, _InputError) as e:
             return fail(str(e))
@@ -164,14 +173,14 @@ def _register_user(subparsers: Any) -> None:
 
 def user_add(args: argparse.Namespace, db: Database) -> int:
     check_name(args.user_id, "user ID")  # before asking for a password
-    db.add_user(args.user_id, args.domain, password=_read_password(args))
+    db.add_user(args.user_id, _realm(args, db), password=_read_password(args))
     _out(f"added user {args.user_id}")
     return 0
 
 
 def user_passwd(args: argparse.Namespace, db: Database) -> int:
     password = _read_password(args)
-    db.set_password(args.user_id, args.domain, password)
+    db.set_password(args.user_id, _realm(args, db), password)
     _out(f"changed password of {args.user_id}")
     return 0
 
@@ -195,21 +204,23 @@ def user_show(args: argparse.Namespace, db: Database) -> int:
         db.get_ha1(user.user_id, "MD5") is not None,
         db.get_ha1(user.user_id, "SHA-256") is not None,
         db.recent_attempts(user.user_id, SHOW_ATTEMPTS),
+        db.realm(),
     ):
         _out(line)
     return 0
 
 
 def describe_user(
-    user: UserRecord, has_md5: bool, has_sha256: bool, attempts: list[AttemptRecord]
+    user: UserRecord, has_md5: bool, has_sha256: bool, attempts: list[AttemptRecord], realm: str | None = None
 ) -> list[str]:
+    """``user show``'s lines; ``realm`` is the database's, named when the user's differs."""
     endpoint = (
         f"{user.public_ip}:{user.public_port}" if user.public_ip is not None else "unknown"
     )
     digests = [name for name, has in (("MD5", has_md5), ("SHA-256", has_sha256)) if has]
     lines = [
         f"user:        {user.user_id}",
-        f"realm:       {user.realm}",
+        f"realm:       {user.realm}" + _realm_note(user, realm),
         f"digest:      {', '.join(digests) or 'none'}",
         f"use STUNT:   {user.stunt_state}",
         f"groups:      {', '.join(user.groups) or '-'}",
@@ -233,6 +244,11 @@ def describe_user(
     return lines
 
 
+def _realm_note(user: UserRecord, realm: str | None) -> str:
+    problem = realm_problem(user, realm)
+    return f" (logins fail: {problem})" if problem else ""
+
+
 def _describe_nat(nat: dict[str, Any] | None) -> str:
     if not nat:
         return "unknown"
@@ -244,10 +260,10 @@ def _describe_nat(nat: dict[str, Any] | None) -> str:
 def user_import(args: argparse.Namespace, db: Database) -> int:
     try:
         if args.file == "-":
-            count = _import(db, sys.stdin, args.domain)
+            count = _import(db, sys.stdin, _realm(args, db))
         else:
             with open(args.file, newline="", encoding="utf-8-sig") as f:
-                count = _import(db, f, args.domain)
+                count = _import(db, f, _realm(args, db))
     except (OSError, UnicodeDecodeError) as e:
         raise _InputError(f"cannot read {args.file}: {e}") from e
     except csv.Error as e:

@@ -12,8 +12,15 @@ Names in the Counter and what they become:
 
 - a name in ``KNOWN_COUNTERS`` -> its own ``kerjostunt_<name>_total``;
 - ``calls_<outcome>`` or ``calls_<outcome>_<technique>`` ->
-  ``kerjostunt_calls_total{outcome, technique}`` (technique ``none`` when
-  absent; techniques may contain ``-`` or ``_``, outcomes may not);
+  ``kerjostunt_calls_total{outcome, technique, code}``: one series per way a
+  call ends, each call counted once. The peers' outcomes (``direct``,
+  ``stunt``, ``failed``) carry their technique (``none`` when absent;
+  techniques may contain ``-`` or ``_``, outcomes may not) and code
+  ``200``; the ends before a connection (``refused``, ``rejected``,
+  ``timed-out``, ``cancelled``) carry the SIP code in ``code`` and
+  technique ``none`` (``calls_refused_404``). Calls answered are counted
+  apart, in ``kerjostunt_calls_answered_total`` (each also ends as one of
+  the peers' outcomes);
 - anything else -> ``kerjostunt_events_total{event=<name>}``, so no count
   is ever dropped.
 """
@@ -57,21 +64,32 @@ KNOWN_COUNTERS: dict[str, tuple[str, str]] = {
     "store_records_lost": ("store_records_lost", "Usage records neither the database nor the pending file took."),
     "register_store_unavailable": (
         "register_store_unavailable", "REGISTERs answered 503: the user database failed or did not answer in time."),
+    "calls_answered": ("calls_answered", "Calls the callee answered (each also ends in kerjostunt_calls_total)."),
 }
+
+#: outcomes of calls that ended before the peers dialed: the key's rest is the SIP code
+UNCONNECTED_OUTCOMES = frozenset({"refused", "rejected", "timed-out", "cancelled"})
 
 CALLS_PREFIX = "calls_"
 
 
 def call_counter_name(outcome: str, technique: str | None = None) -> str:
-    """The Counter key for one finished call, as ``kerjostunt_calls_total`` reads it."""
+    """The Counter key for one finished call, as ``kerjostunt_calls_total`` reads it.
+
+    For an outcome in ``UNCONNECTED_OUTCOMES`` the ``technique`` argument is
+    the SIP code (``call_counter_name("refused", "404")``).
+    """
     if "_" in outcome:
         raise ValueError(f"an outcome may not contain '_': {outcome!r}")
     return f"{CALLS_PREFIX}{outcome}" + (f"_{technique}" if technique else "")
 
 
-def _split_call(name: str) -> tuple[str, str]:
-    outcome, _, technique = name[len(CALLS_PREFIX) :].partition("_")
-    return outcome, technique or "none"
+def _split_call(name: str) -> tuple[str, str, str]:
+    """(outcome, technique, code) of a call key."""
+    outcome, _, rest = name[len(CALLS_PREFIX) :].partition("_")
+    if outcome in UNCONNECTED_OUTCOMES:
+        return outcome, "none", rest or "none"
+    return outcome, rest or "none", "200"
 
 
 class ServerCollector:
@@ -107,7 +125,8 @@ class ServerCollector:
         for key, (name, help_text) in KNOWN_COUNTERS.items():
             yield CounterMetricFamily(f"{PREFIX}_{name}", help_text, value=counts.get(key, 0))
         calls = CounterMetricFamily(
-            f"{PREFIX}_calls", "Finished calls by outcome and technique.", labels=["outcome", "technique"]
+            f"{PREFIX}_calls", "Finished calls, each once: by outcome, technique and SIP code.",
+            labels=["outcome", "technique", "code"],
         )
         events = CounterMetricFamily(
             f"{PREFIX}_events", "Other counted server events, by name.", labels=["event"]
@@ -131,12 +150,12 @@ def make_registry(
     process: bool = True,
     store_waiting: Callable[[], int] = lambda: 0,
 ) -> CollectorRegistry:
-    """A private registry with the server collector (and process metrics)."""
+    """A private registry with the server collector (and the standard ``process_*`` metrics)."""
     registry = CollectorRegistry()
     registry.register(ServerCollector(counters, registered=registered, connections=connections,
                                       store_waiting=store_waiting))
     if process:
-        ProcessCollector(namespace=PREFIX, registry=registry)
+        ProcessCollector(registry=registry)
     return registry
 
 

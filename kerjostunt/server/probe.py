@@ -12,10 +12,7 @@ Wire details, credentials and errors: docs/probes.rst.
 
 from __future__ import annotations
 
-import ipaddress
-import secrets
-from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol as TypingProtocol
 
@@ -28,198 +25,17 @@ from twisted.python.failure import Failure
 
 from kerjostunt.server.connectback import Connector
 from kerjostunt.server.limits import PerSourceCap
-from kerjostunt.store import UnknownUser
+from kerjostunt.server.observations import Observation, ObservationLog, ProbeTokens, nat_not_stored, plain_ip
 from kerjostunt.tcp import host_port
 from kerjostunt.wire import stun
-from kerjostunt.wire.prediction import Sample
 
-__all__ = ["ProbeTokens", "Observation", "ObservationLog", "ProbeLife", "ProbeProtocol", "ProbeFactory",
-           "nat_not_stored"]
+__all__ = ["AlternateAddresses", "ProbeTokens", "Observation", "ObservationLog", "ProbeLife", "ProbeProtocol",
+           "ProbeFactory", "nat_not_stored"]
 
 _log = Logger(namespace="kerjostunt.server.probe")
 
 #: comprehension-required attributes this server understands (RFC 8489 15)
 _KNOWN_REQUIRED = {t for t in stun.ATTRIBUTE_NAMES if t < 0x8000}
-
-
-class ProbeTokens:
-    """Short-lived probe credentials handed out in REGISTER's 200 OK.
-
-    In memory only: they live for minutes, and a restarted server makes the
-    peers re-register anyway.
-
-    A token is bound to the public IP its user registered from (REGISTER
-    calls ``registered_from`` before the token is issued): a probe with it
-    from any other address is refused, so a captured probe replayed from
-    elsewhere is not recorded against the user. Registering from a new
-    address revokes the tokens bound to the old one; unregistering revokes
-    them all (docs/probes.rst).
-    """
-
-    #: tokens kept per user; re-registering does not revoke the previous one
-    #: (a probe may be in flight), but they cannot pile up either
-    per_user = 4
-
-    def __init__(self, clock: IReactorTime, lifetime: float = 300.0) -> None:
-        self._clock = clock
-        self.lifetime = lifetime
-        self._tokens: dict[str, tuple[str, str, float, str | None]] = {}
-        self._by_user: dict[str, deque[str]] = {}
-        self._registered: dict[str, str] = {}
-
-    def registered_from(self, user_id: str, ip: str) -> None:
-        """Bind the user's next tokens to ``ip``; drop those bound elsewhere."""
-        previous = self._registered.get(user_id)
-        self._registered[user_id] = _plain_ip(ip)
-        if previous is not None and previous != _plain_ip(ip):
-            self.revoke_user(user_id)
-            self._registered[user_id] = _plain_ip(ip)
-
-    def issue(self, user_id: str) -> tuple[str, str]:
-        """(token used as STUN USERNAME, password whose UTF-8 bytes are the key)."""
-        self._prune()
-        token = secrets.token_urlsafe(18)
-        password = secrets.token_urlsafe(24)
-        bound = self._registered.get(user_id)
-        self._tokens[token] = (user_id, password, self._clock.seconds() + self.lifetime, bound)
-        mine = self._by_user.setdefault(user_id, deque())
-        mine.append(token)
-        while len(mine) > self.per_user:
-            self._tokens.pop(mine.popleft(), None)
-        return token, password
-
-    def lookup(self, token: str, source_ip: str | None = None) -> tuple[str, str] | None:
-        """(user, password) of a live token usable from ``source_ip``, else None.
-
-        A token issued without a binding (no ``registered_from``) works
-        from anywhere; ``source_ip`` None skips the check (tests of the
-        credentials alone).
-        """
-        entry = self._tokens.get(token)
-        if entry is None:
-            return None
-        user_id, password, expires, bound = entry
-        if self._clock.seconds() >= expires:
-            self._drop(token)
-            return None
-        if bound is not None and source_ip is not None and _plain_ip(source_ip) != bound:
-            return None
-        return user_id, password
-
-    def revoke_user(self, user_id: str) -> None:
-        """Every token of ``user_id`` stops working (unregistered, or deleted)."""
-        self._registered.pop(user_id, None)
-        for token in self._by_user.pop(user_id, ()):
-            self._tokens.pop(token, None)
-
-    def _drop(self, token: str) -> None:
-        entry = self._tokens.pop(token, None)
-        if entry is not None:
-            mine = self._by_user.get(entry[0])
-            if mine is not None:
-                try:
-                    mine.remove(token)
-                except ValueError:
-                    pass
-                if not mine:
-                    del self._by_user[entry[0]]
-
-    def _prune(self) -> None:
-        """Drop expired tokens, oldest first.
-
-        Every token lives ``lifetime`` from its issue, so the dict's insertion
-        order is expiry order: stop at the first live one.  (Scanning every
-        token on every REGISTER made registering N peers cost O(N**2).)
-        ``lookup`` still checks each token's own expiry.
-        """
-        now = self._clock.seconds()
-        expired = []
-        for token, (_, _, exp, _) in self._tokens.items():
-            if now < exp:
-                break
-            expired.append(token)
-        for token in expired:
-            self._drop(token)
-
-    def __len__(self) -> int:
-        return len(self._tokens)
-
-
-@dataclass(frozen=True)
-class Observation:
-    user_id: str
-    local_port: int | None
-    mapped_ip: str
-    mapped_port: int
-    server_ip: str
-    server_port: int
-    time: float
-
-
-class ObservationLog:
-    """Recent observations per user, bounded (oldest dropped), in memory.
-
-    Listeners are told of each new one; the server uses that to run the
-    prediction and persist the NAT description.  A failing listener is
-    logged and does not stop the others.
-    """
-
-    def __init__(self, per_user: int = 32) -> None:
-        self.per_user = per_user
-        self._by_user: dict[str, deque[Observation]] = {}
-        # The observations seen through each public address: with a
-        # sequential NAT every host behind it moves one port counter, so the
-        # calls' scheduling (calls/lanes.py) reads the NAT's allocation and
-        # latest port from all of them, not only from the caller's own.
-        self._by_ip: dict[str, deque[Observation]] = {}
-        self._listeners: list[Callable[[Observation], None]] = []
-
-    def add(self, obs: Observation) -> None:
-        self._by_user.setdefault(obs.user_id, deque(maxlen=self.per_user)).append(obs)
-        if obs.local_port is not None:
-            self._by_ip.setdefault(obs.mapped_ip, deque(maxlen=2 * self.per_user)).append(obs)
-        for listener in list(self._listeners):
-            try:
-                listener(obs)
-            except Exception:
-                _log.failure("observation listener failed for {user_id}", user_id=obs.user_id)
-
-    def for_user(self, user_id: str) -> list[Observation]:
-        return list(self._by_user.get(user_id, ()))
-
-    def forget(self, user_id: str) -> None:
-        self._by_user.pop(user_id, None)
-
-    def behind(self, public_ip: str) -> list[Sample]:
-        """The recent samples of every user seen at ``public_ip`` (one NAT), oldest first."""
-        return [Sample(o.local_port, o.mapped_ip, o.mapped_port, o.server_ip, o.server_port, o.time)
-                for o in self._by_ip.get(public_ip, ()) if o.local_port is not None]
-
-    def last_probe_behind(self, public_ip: str, excluding: Collection[str]) -> float | None:
-        """When a user not in ``excluding`` last probed through ``public_ip`` (None: not lately)."""
-        times = [o.time for o in self._by_ip.get(public_ip, ()) if o.user_id not in excluding]
-        return max(times) if times else None
-
-    def subscribe(self, callback: Callable[[Observation], None]) -> None:
-        self._listeners.append(callback)
-
-    def samples(self, user_id: str) -> list[Sample]:
-        """Converted for prediction.py; observations without a reported local port are left out
-        (they cannot show how a local port was mapped)."""
-        return [Sample(o.local_port, o.mapped_ip, o.mapped_port, o.server_ip, o.server_port,
-                       o.time)
-                for o in self.for_user(user_id) if o.local_port is not None]
-
-
-def _plain_ip(host: str) -> str:
-    """IPv4-mapped IPv6 (a dual-stack listener) reads as the IPv4 address."""
-    try:
-        addr = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return host
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return str(addr.ipv4_mapped)
-    return str(addr)
 
 
 class _Reject(Exception):
@@ -363,7 +179,7 @@ class ProbeProtocol(Protocol):
         (peer_ip, peer_port), (host_ip, host_port_) = (
             host_port(self.transport.getPeer()), host_port(self.transport.getHost())
         )
-        return (_plain_ip(peer_ip), peer_port), (_plain_ip(host_ip), host_port_)
+        return (plain_ip(peer_ip), peer_port), (plain_ip(host_ip), host_port_)
 
     # -- input
 
@@ -384,6 +200,7 @@ class ProbeProtocol(Protocol):
             unknown = [t for t, _ in msg.attributes if t < 0x8000 and t not in _KNOWN_REQUIRED]
             if unknown:
                 raise _Reject(420, "Unknown Attribute", unknown)
+            _check_change_request(msg)
             key = self._authenticate(msg, frame)
         except _Reject as r:
             self._error(msg.msg_type, tid, r.code, r.reason, r.unknown)
@@ -460,10 +277,11 @@ class ProbeProtocol(Protocol):
         tid = msg.transaction_id
         attrs = [(stun.XOR_MAPPED_ADDRESS, stun.encode_xor_address(mapped, tid)),
                  (stun.MAPPED_ADDRESS, stun.encode_address(mapped))]
-        if self.factory.other_address is not None:
+        other = self.factory.other_of(origin)
+        if other is not None:
             attrs.append((stun.RESPONSE_ORIGIN,
                           stun.encode_address(origin)))
-            attrs.append((stun.OTHER_ADDRESS, stun.encode_address(self.factory.other_address)))
+            attrs.append((stun.OTHER_ADDRESS, stun.encode_address(other)))
         attrs.extend(extra or [])
         attrs.append((stun.SOFTWARE, self.factory.software.encode("utf-8")))
         self._write(stun.encode(
@@ -485,13 +303,63 @@ class ProbeProtocol(Protocol):
             self.transport.write(data)
 
 
+def _check_change_request(msg: stun.StunMessage) -> None:
+    """CHANGE-REQUEST (RFC 5780 7.2): no flags is a plain request, as stuntman's server reads it.
+
+    stuntman's ``stunclient`` sends the attribute, empty, in every request.
+    A change of IP or port cannot be answered on a TCP connection (the
+    answer must come on it, from the address the client connected to), so
+    it gets 400, as stuntman's server answers over TCP; RFC 5780 clients
+    test the mapping over TCP by connecting to OTHER-ADDRESS instead.
+    """
+    value = msg.get(stun.CHANGE_REQUEST)
+    if value is None:
+        return
+    try:
+        change_ip, change_port = stun.decode_change_request(value)
+    except stun.STUNError:
+        raise _Reject(400, "Bad Request") from None
+    if change_ip or change_port:
+        raise _Reject(400, "Bad Request: no change of address over TCP")
+
+
+@dataclass(frozen=True)
+class AlternateAddresses:
+    """RFC 5780's two IPs by two ports, for OTHER-ADDRESS.
+
+    The other address of a request is the other IP and the other port than
+    those it arrived at (RFC 5780 7.4), so a client that connects there and
+    compares the mapped addresses learns the NAT's mapping behaviour.
+    ``primary_ip`` is None behind a wildcard listener: a request that
+    arrived at the alternate IP then gets no OTHER-ADDRESS (the primary is
+    not known), one that arrived anywhere else gets the alternate.
+    ``ports`` is read at each request (the service's list: listeners on
+    port 0 learn theirs after listening); its first two are the pair.
+    """
+
+    alt_ip: str
+    ports: Sequence[int]
+    primary_ip: str | None = None
+
+    def other(self, local: tuple[str, int]) -> tuple[str, int] | None:
+        ip, port = local
+        first, second = self.ports[0], self.ports[1]
+        if port not in (first, second):
+            return None
+        other_port = second if port == first else first
+        if ip == self.alt_ip:
+            return (self.primary_ip, other_port) if self.primary_ip else None
+        return (self.alt_ip, other_port)
+
+
 class ProbeFactory(Factory):
     """One per listening probe port."""
+    noisy = False  # no 'Starting factory <...>' line per listen or connect
 
     protocol = ProbeProtocol  # type: ignore[assignment]  # the stub wants a factory function
 
     def __init__(self, clock: IReactorTime, tokens: ProbeTokens, log: ObservationLog, *,
-                 other_address: tuple[str, int] | None = None, idle_timeout: float = 10.0,
+                 other_address: tuple[str, int] | AlternateAddresses | None = None, idle_timeout: float = 10.0,
                  max_requests: int = 16, software: str = "kerjostunt", per_ip: PerSourceCap | None = None,
                  max_lifetime: float = 30.0, connect_back: Connector | None = None) -> None:
         self.clock = clock
@@ -509,7 +377,7 @@ class ProbeFactory(Factory):
 
     def buildProtocol(self, addr: IAddress | None) -> ProbeProtocol | None:  # type: ignore[override]
         """A connection over the per-IP cap is closed at once (logged in aggregate)."""
-        source = _plain_ip(host_port(addr)[0])
+        source = plain_ip(host_port(addr)[0])
         if self.per_ip is not None and not self.per_ip.admit(source):
             return None
         protocol = ProbeProtocol()
@@ -522,21 +390,11 @@ class ProbeFactory(Factory):
             self.per_ip.stop()  # the refusal summary now, and no timer left behind
         super().doStop()  # type: ignore[no-untyped-call]
 
-
-def nat_not_stored(failure: Failure, user_id: str, tokens: ProbeTokens, observations: ObservationLog) -> None:
-    """The errback of storing what a probe showed (``store.record_nat``).
-
-    The user may have been deleted since its token was issued (``kerjostunt
-    user del`` runs in another process, so the server learns it here):
-    its tokens are revoked and its observations forgotten, in one log line
-    and no traceback. Anything else is a real failure and logged as one.
-    """
-    if failure.check(UnknownUser):
-        _log.info("probe for deleted user {user_id}: its probe tokens are revoked", user_id=user_id)
-        tokens.revoke_user(user_id)
-        observations.forget(user_id)
-        return
-    _log.failure("Could not store NAT of {user}", failure, user=user_id)
+    def other_of(self, local: tuple[str, int]) -> tuple[str, int] | None:
+        """OTHER-ADDRESS for a request that arrived at ``local``; None: no second address."""
+        if isinstance(self.other_address, AlternateAddresses):
+            return self.other_address.other(local)
+        return self.other_address
 
 
 # -- a probe connection's life -------------------------------------------------

@@ -14,6 +14,7 @@ from typing import Protocol
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -33,15 +34,36 @@ from kerjostunt.server.registrar import Registrar, SignalingConnection
 from kerjostunt.server.throttle import GuessThrottle
 from kerjostunt.store import StoreError, UnknownUser
 from kerjostunt.store.api import UsageRecorder
+from kerjostunt.wire import kerjo
 from kerjostunt.wire.sip.headers import format_auth, parse_auth, parse_name_addr, parse_via
 from kerjostunt.wire.sip.message import Request, Response, make_response
 
 log = Logger()
 
-# MD5 first: RFC 8760 prefers SHA-256 first, but widely used SIP tools (sipp
-# 3.6) answer only the first challenge and only MD5. Clients that support
-# SHA-256 (ours) pick it whatever the order. ``--digest-algorithms`` changes it.
+# MD5 first: RFC 8760 prefers SHA-256 first, but widely used SIP tools answer
+# only the first challenge and only MD5 (sipp 3.6), or give up when any
+# challenge is one they cannot compute (baresip 1.0: "Function not
+# implemented"). So the first algorithm is offered to every client and the
+# others only to clients that name them (``offered_algorithms``); ours name
+# SHA-256 and pick it. ``--digest-algorithms`` changes the list.
 CHALLENGE_ALGORITHMS = ("MD5", "SHA-256")
+
+
+def offered_algorithms(configured: Sequence[str], request: Request) -> list[str]:
+    """The challenges a REGISTER gets: the first configured, and those the client asked for.
+
+    A client asks in ``X-Kerjo-Digest`` or by having answered with the
+    algorithm before (a stale re-challenge); MD5 counts as asked for by
+    every client (RFC 2617's default, which all digest clients compute).
+    """
+    wanted = {"MD5", *kerjo.parse_digest(request.headers.get(kerjo.DIGEST))}
+    for value in request.headers.get_all("Authorization"):
+        try:
+            _, params = parse_auth(value)
+        except ValueError:
+            continue
+        wanted.add(params.get("algorithm", "MD5").upper())
+    return [a for i, a in enumerate(configured) if i == 0 or a in wanted]
 
 DEFAULT_EXPIRES = 3600
 MAX_EXPIRES = 7200
@@ -71,7 +93,8 @@ class Protection:
     """REGISTER's defences beyond the digest itself.
 
     ``throttle`` is the server's one ``GuessThrottle`` (shared with the
-    web); None gives the handler one of its own. ``tokens``, when given, are
+    web); None gives the handler one of its own. ``explain`` names a cause
+    the operator can fix (a password set for another realm) in the log. ``tokens``, when given, are
     bound to the address each user registers from and revoked when it
     unregisters (docs/probes.rst). ``store_deadline``: seconds the
     credentials may take before the answer is 503 with Retry-After (a
@@ -81,6 +104,9 @@ class Protection:
     throttle: GuessThrottle | None = None
     tokens: ProbeTokenKeeper | None = None
     store_deadline: float = STORE_DEADLINE
+    #: after a wrong answer: why this user's logins fail, when the cause is known
+    #: (its password was set for another realm), for the log line
+    explain: Callable[[str], Deferred[str | None]] | None = None
 
 
 class RequestError(Exception):
@@ -170,6 +196,7 @@ class RegisterHandler:
         self._store_deadline = protection.store_deadline
         self._store_failures = 0  # REGISTERs answered 503 since the last log line about them
         self._store_logged = float("-inf")
+        self._explain = protection.explain
 
     def handle(self, conn: SignalingConnection, request: Request) -> None:
         try:
@@ -218,10 +245,13 @@ class RegisterHandler:
     def _challenge(self, conn: SignalingConnection, request: Request, stale: bool = False) -> None:
         response = answer(request, 401)
         nonce = self._nonces.issue(conn.peer[0])
-        for algorithm in self._algorithms:
+        for algorithm in offered_algorithms(self._algorithms, request):
             params = challenge_params(self._domain, nonce, algorithm, stale)
             response.headers.add("WWW-Authenticate", format_auth("Digest", params, challenge=True))
         self._count("challenges")
+        # The normal first answer to every REGISTER: debug, not info.
+        log.debug("REGISTER from {ip}:{port}: 401 challenge{stale}", ip=conn.peer[0], port=conn.peer[1],
+                  stale=" (stale nonce)" if stale else "")
         conn.send(response)
 
     def _refused(self, conn: SignalingConnection, request: Request, user_id: str, failure: Failure) -> None:
@@ -235,9 +265,12 @@ class RegisterHandler:
             conn.send(refusal)
             return
         if failure.check(UnauthorizedLogin):
-            # Logged by the throttle, in aggregate (one line per source per interval).
+            # Logged by the throttle, in aggregate (one line per source per interval),
+            # and here when the cause is one the operator can fix.
             self._count("auth_failures")
             conn.send(answer(request, 403, "Forbidden: wrong credentials"))
+            if self._explain is not None:
+                self._explain(user_id).addCallback(self._log_problem, user_id, conn.peer)
             return
         if failure.check(StoreError):
             self._store_unavailable(failure)
@@ -257,6 +290,12 @@ class RegisterHandler:
                      n=self._store_failures, why=failure.getErrorMessage())
             self._store_failures, self._store_logged = 0, now
 
+    @staticmethod
+    def _log_problem(problem: str | None, user_id: str, peer: tuple[str, int]) -> None:
+        if problem is not None:
+            log.warn("REGISTER {user} from {ip}:{port} refused (403): {problem}",
+                     user=user_id, ip=peer[0], port=peer[1], problem=problem)
+
     def _authenticated(self, conn: SignalingConnection, request: Request, user_id: str) -> None:
         try:
             contact, expires = self._requested_binding(request)
@@ -274,6 +313,7 @@ class RegisterHandler:
                 self._tokens.revoke_user(user_id)
             response.headers.add("Expires", "0")
             conn.send(response)
+            log.info("REGISTER {user} from {ip}:{port}: unregistered", user=user_id, ip=conn.peer[0], port=conn.peer[1])
             return
         if contact is None:  # a query: report what is bound
             binding = self._registrar.lookup(user_id)
@@ -291,6 +331,8 @@ class RegisterHandler:
             response.headers.add(name, value)
         self._count("registrations")
         conn.send(response)
+        log.info("REGISTER {user} from {ip}:{port}: registered for {expires} s", user=user_id,
+                 ip=conn.peer[0], port=conn.peer[1], expires=expires)
         now = self._clock.seconds()
         self._seen.record_seen(user_id, conn.peer[0], conn.peer[1], now).addErrback(self._not_seen, user_id)
 

@@ -36,7 +36,14 @@ from kerjostunt.server.calls import CallManager, CallSettings
 from kerjostunt.server.cluster import ClusterCalls, ClusterNode, NodeSettings
 from kerjostunt.server.connectback import ConnectBack
 from kerjostunt.server.limits import PerSourceCap, WebLimits
-from kerjostunt.server.probe import Observation, ObservationLog, ProbeFactory, ProbeTokens, nat_not_stored
+from kerjostunt.server.probe import (
+    AlternateAddresses,
+    Observation,
+    ObservationLog,
+    ProbeFactory,
+    ProbeTokens,
+    nat_not_stored,
+)
 from kerjostunt.server.reactor import IServerReactor
 from kerjostunt.server.register import CHALLENGE_ALGORITHMS, Protection, RegisterHandler
 from kerjostunt.server.registrar import Registrar
@@ -45,7 +52,9 @@ from kerjostunt.server.reuseport import ReusePortEndpoint, parse_tcp
 from kerjostunt.server.router import SignalingRouter
 from kerjostunt.server.signaling import AdmittingTLSFactory, ConnectionLimits, SignalingFactory
 from kerjostunt.store import Database
-from kerjostunt.store.api import BUSY_TIMEOUT, AsyncStore, StoreService
+from kerjostunt.store.api import BUSY_TIMEOUT, AsyncStore
+from kerjostunt.store.realm import realm_problem
+from kerjostunt.store.service import StoreService
 from kerjostunt.wire.kerjo import ProbeOffer
 from kerjostunt.wire.prediction import NATDescription, classify
 from kerjostunt.wire.sip.headers import parse_name_addr
@@ -124,6 +133,8 @@ class ServerSettings:
     probe_endpoints: list[str] = field(default_factory=lambda: ["tcp:3478", "tcp:3479"])
     probe_ports: list[int] = field(default_factory=lambda: [3478, 3479])
     probe_alt_ip: str | None = None
+    #: the probes' first address when it is not a wildcard (OTHER-ADDRESS of requests to the alternate)
+    probe_interface: str | None = None
     probe_token_lifetime: float = 300.0
     #: open probe connections from one address, over all probe ports (docs/security.rst)
     probe_max_per_ip: int = 64
@@ -209,7 +220,7 @@ class StuntServer(MultiService):
         # A short busy timeout: a write another process holds locked is retried
         # later (store/lanes.py), not waited for on the store's one thread.
         self.store = AsyncStore(Database(settings.db_url, busy_timeout=BUSY_TIMEOUT), reactor, counter=self.count)
-        StoreService(self.store).setServiceParent(self)  # type: ignore[no-untyped-call]
+        StoreService(self.store, realm=settings.domain).setServiceParent(self)  # type: ignore[no-untyped-call]
 
         self.registrar = Registrar(reactor)
         self.tokens = ProbeTokens(reactor, settings.probe_token_lifetime)
@@ -227,7 +238,7 @@ class StuntServer(MultiService):
             self._probe_headers,
             counter=self.count,
             challenge_algorithms=settings.digest_algorithms,
-            protection=Protection(tokens=self.tokens),
+            protection=Protection(tokens=self.tokens, explain=self._login_problem),
         )
         self.calls = CallManager(
             reactor, settings.domain, self.registrar, self.store, self.observations, self.count,
@@ -272,6 +283,11 @@ class StuntServer(MultiService):
         node.setServiceParent(self)  # type: ignore[no-untyped-call]
         return node
 
+    def _login_problem(self, user_id: str) -> Deferred[str | None]:
+        """Why ``user_id``'s logins fail when it is the realm (store/realm.py), else None."""
+        d: Deferred[str | None] = self.store.get_user(user_id).addCallback(realm_problem, self.settings.domain)
+        return d.addErrback(lambda _: None)  # unknown user, or no answer: nothing to add
+
     def _certificates(self) -> tls.CertificatePaths:
         s = self.settings
         if s.cert is not None:
@@ -306,7 +322,8 @@ class StuntServer(MultiService):
     def _probe_factory(self) -> ProbeFactory:
         other = None
         if self.settings.probe_alt_ip:
-            other = (self.settings.probe_alt_ip, self.settings.probe_ports[-1])
+            ports = self.settings.probe_ports
+            other = AlternateAddresses(self.settings.probe_alt_ip, ports, self.settings.probe_interface)
         return ProbeFactory(self.reactor, self.tokens, self.observations, other_address=other, per_ip=self.probe_cap,
                             connect_back=self.connect_back)
 

@@ -402,6 +402,7 @@ def _describe(message: Request | Response) -> str:
 
 class SignalingFactory(Factory):
     """Builds signaling connections, enforcing the per-IP connection limit."""
+    noisy = False  # no 'Starting factory <...>' line per listen or connect
 
     def __init__(
         self,
@@ -482,6 +483,7 @@ class AdmittingTLSFactory(TLSMemoryBIOFactory):
     one call, so there is nothing to gather, and the timer and the later
     iteration only cost CPU, memory and latency (docs/performance.rst).
     """
+    noisy = False  # no 'Starting factory <...>' line per listen or connect
 
     protocol = LazyTLSProtocol  # OpenSSL's state at the first byte, not at accept (issue 13)
     wrappedFactory: SignalingFactory

@@ -14,6 +14,7 @@ from kerjostunt.server.limits import ConnectionLimits, WebLimits
 from kerjostunt.server.reactor import IServerReactor
 from kerjostunt.server.relay import RelaySettings, parse_relay_url, read_secret
 from kerjostunt.server.service import ServerSettings, StuntServer, filter_log_level, tune_gc
+from kerjostunt.server.startup import StartGuard, twistd_teller
 
 
 def _tcp(port: int, interface: str) -> str:
@@ -55,7 +56,7 @@ class Options(usage.Options):
     optParameters = [
         ["port", "p", 5061, "TLS SIP signaling port.", _port],
         ["interface", "i", "", "Address to listen on (default: all)."],
-        ["domain", "d", "kerjo.local", "SIP domain and digest realm."],
+        ["domain", "d", "kerjo.local", "SIP domain and digest realm (must be the database's, stored at its creation)."],
         ["db", None, "sqlite:///kerjostunt.sqlite", "SQLAlchemy database URL (sqlite:///FILE, postgresql://...)."],
         ["certs", None, "certs", "Directory of the generated CA and server certificate."],
         [
@@ -91,7 +92,8 @@ class Options(usage.Options):
         ["relay-lifetime", None, 600, "Seconds a per-call TURN credential stays valid.", int],
         [
             "digest-algorithms", None, "MD5,SHA-256",
-            "Digest challenges offered, in order (MD5 first suits SIP tools such as sipp; our clients pick SHA-256).",
+            "Digest challenges: the first is offered to every client, the others to clients that ask "
+            "(ours ask for SHA-256; baresip and sipp get MD5 only).",
         ],
     ]
 
@@ -190,6 +192,7 @@ class Options(usage.Options):
             probe_ports=list(self["probe-ports"]),
             probe_alt_ip=self["probe-alt-ip"],
             probe_max_per_ip=self["probe-max-per-ip"],
+            probe_interface=None if interface.strip().lower() in WILDCARDS else interface,
             web_endpoint=_tcp(self["web-port"], interface) if self["web-port"] else None,
             digest_algorithms=self["digest-algorithms"],
             tls_groups=self["tls-groups"] or None,
@@ -212,4 +215,7 @@ def makeService(config: Options, reactor: IServerReactor | None = None) -> IServ
         reactor = cast(IServerReactor, installed)
     filter_log_level(config["log-level"])
     tune_gc(reactor)
-    return StuntServer(config.settings(), reactor)
+    settings, running = config.settings(), reactor
+    # twistd's own options (``parent``): its status pipe and pid file.
+    tell = twistd_teller(getattr(config, "parent", None))
+    return StartGuard(settings.db_url, lambda: StuntServer(settings, running), tell)

@@ -190,9 +190,21 @@ def parse_credentials(request: server.Request, realm: str, nonces: NonceManager,
     return creds
 
 
+#: the web's Digest challenges, in the order offered (``challenges``)
+WEB_ALGORITHMS = ("MD5", "SHA-256")
+
+
 def challenges(realm: str, nonces: NonceManager, stale: bool = False, source: str = "") -> list[str]:
-    """WWW-Authenticate values: Digest SHA-256, Digest MD5 (RFC 7616 3.7), then Basic."""
-    values = [format_auth("Digest", challenge_params(realm, nonces.issue(source), a, stale)) for a in ALGORITHMS]
+    """WWW-Authenticate values: Digest MD5, Digest SHA-256 (one nonce), then Basic.
+
+    MD5 first, against RFC 7616's order of preference: Python's urllib
+    answers only the first challenge and cannot compute SHA-256, and curl
+    takes the first Digest header; browsers, requests and our client pick
+    SHA-256. One nonce for both, because requests folds the headers into
+    one and takes the last value of each field.
+    """
+    nonce = nonces.issue(source)
+    values = [format_auth("Digest", challenge_params(realm, nonce, a, stale)) for a in WEB_ALGORITHMS]
     values.append(format_auth("Basic", {"realm": realm, "charset": "UTF-8"}))
     return values
 
@@ -338,6 +350,16 @@ class WebResource(resource.Resource):
         if not state.writing:
             document.update(status="degraded", store="writes failing",
                             reason=f"writes failing for {state.failing_for:.0f} s: {state.reason}")
+            return json_reply(200, document)
+        try:
+            # A no-op write: a database that became read-only answers reads but loses every
+            # seen, NAT and call outcome (issue 14).
+            yield within(self.clock, HEALTH_TIMEOUT,
+                         defer.maybeDeferred(self.store.claim_realm, self.realm, self.realm))
+        except Exception as e:
+            why = _describe(e)
+            document.update(status="degraded", store=f"writes fail: {why}", reason=f"writes fail: {why}")
+            return json_reply(503, document, ((b"retry-after", b"10"),))
         return json_reply(200, document)
 
     # -- /v1/groups/GROUP/peers

@@ -26,7 +26,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
@@ -161,6 +160,10 @@ class Store(UsageRecorder, CallPolicy, Protocol):
 
     def health(self) -> StoreHealth:
         """Are writes going through, and how many records wait (no database call)."""
+        ...
+
+    def claim_realm(self, wanted: str | None, default: str) -> Deferred[str]:
+        """The database's realm (store/realm.py); it always writes, so /health proves writes work."""
         ...
 
 
@@ -395,6 +398,9 @@ class AsyncStore:
     def get_user(self, user_id: str) -> Deferred[UserRecord]:
         return self.run(Database.get_user, user_id)
 
+    def claim_realm(self, wanted: str | None, default: str) -> Deferred[str]:
+        return self.run(Database.claim_realm, wanted, default)
+
     def list_users(self) -> Deferred[list[UserRecord]]:
         return self.run(Database.list_users)
 
@@ -552,35 +558,6 @@ class AsyncStore:
         waiters, self._stop_waiters = self._stop_waiters, []
         for waiter in waiters:
             waiter.callback(None)
-
-
-class StoreService(Service):
-    """Owns an ``AsyncStore`` for ``twistd``.
-
-    ``startService`` runs the Alembic upgrade synchronously: twistd calls it
-    before the reactor runs, so no request is ever served against an old
-    schema, and a failing upgrade stops the start with a clear error instead
-    of a half-working server. It makes the database's files private (0600,
-    a warning for each that was not) and queues the records a previous run
-    left in the pending file. ``stopService`` waits for queued writes.
-    """
-
-    def __init__(self, store: AsyncStore, upgrade: bool = True) -> None:
-        self.store = store
-        self._upgrade = upgrade
-
-    def startService(self) -> None:
-        for warning in self.store.database.secure_files():  # before SQLite makes -wal and -shm like it
-            self.store.log.warn("{problem}", problem=warning)
-        if self._upgrade:
-            self.store.database.upgrade()
-        self.store.start()
-        self.store.replay_pending()
-        super().startService()  # type: ignore[no-untyped-call]
-
-    def stopService(self) -> Deferred[None]:
-        super().stopService()  # type: ignore[no-untyped-call]
-        return self.store.stop()
 
 
 def _conforms(store: AsyncStore) -> Store:

@@ -23,6 +23,7 @@ from sqlalchemy.pool import StaticPool
 
 from kerjostunt.store.operators import Operations
 from kerjostunt.store.queries import translated
+from kerjostunt.store.realm import RealmKeeper, RealmMismatch
 from kerjostunt.store.records import (
     HA1_ALGORITHMS,
     IMPORT_COLUMNS,
@@ -63,6 +64,7 @@ __all__ = [
     "AttemptRecord",
     "Database",
     "PairOutcome",
+    "RealmMismatch",
     "pair_flag",
     "Duplicate",
     "ImportRowError",
@@ -93,7 +95,7 @@ PENDING_SUFFIX = ".pending.jsonl"
 PRIVATE = 0o600
 
 
-class Database(UsersAndGroups, UsageLog, Operations):
+class Database(UsersAndGroups, UsageLog, Operations, RealmKeeper):
     """One SQLAlchemy engine and the operations on users, groups and attempts.
 
     The operations live in ``store.users`` (users and groups) and
@@ -124,6 +126,8 @@ class Database(UsersAndGroups, UsageLog, Operations):
                 # One shared connection, or each thread would see its own empty db.
                 kwargs["poolclass"] = StaticPool
                 self.concurrent = False
+            elif parsed.database.startswith("file:"):  # an SQLite URI (``?mode=ro&uri=true``): SQLite opens it
+                self.path = None
             else:
                 self.path = Path(parsed.database).absolute()
         elif parsed.get_backend_name() == "postgresql":

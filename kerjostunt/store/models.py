@@ -118,3 +118,12 @@ class ClusterBinding(Base):
     bound_at: Mapped[float] = mapped_column(Float)
 
     __table_args__ = (Index("ix_cluster_bindings_instance_id", "instance_id"),)
+
+
+class Meta(Base):
+    """Facts about the database itself, by key: ``realm`` (store/realm.py)."""
+
+    __tablename__ = "kerjostunt_meta"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)

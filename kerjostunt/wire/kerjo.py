@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -35,6 +35,10 @@ RELAY = "X-Kerjo-Relay"
 PROBE = "X-Kerjo-Probe"
 #: REGISTER's 200 OK: the probe service's second address, if it has one
 PROBE_ALT_IP = "X-Kerjo-Probe-Alt-IP"
+#: a REGISTER's digest algorithms the client computes beyond MD5 (``SHA-256``): the server
+#: offers them only to clients that name them, because common SIP tools (baresip 1.0)
+#: give up at the sight of any challenge they cannot compute (docs/protocol.rst)
+DIGEST = "X-Kerjo-Digest"
 
 #: Content-Type of the outcome INFO body
 OUTCOME_CONTENT_TYPE = "application/x-kerjo-outcome"
@@ -251,6 +255,21 @@ def _semicolon_params(value: str) -> dict[str, str]:
         if sep:
             fields[key.strip().lower()] = val.strip()
     return fields
+
+
+# -- X-Kerjo-Digest ----------------------------------------------------------------
+
+
+def format_digest(algorithms: Sequence[str]) -> str:
+    """``X-Kerjo-Digest``: the digest algorithms a client computes, comma-separated."""
+    return ", ".join(algorithms)
+
+
+def parse_digest(value: str | None) -> frozenset[str]:
+    """The algorithms an ``X-Kerjo-Digest`` names, upper case; empty for none or garbage."""
+    if not value:
+        return frozenset()
+    return frozenset(part.strip().upper() for part in value.split(",")[:8] if 0 < len(part.strip()) <= 16)
 
 
 # -- X-Kerjo-Dial-In ---------------------------------------------------------------

@@ -36,7 +36,8 @@ __all__ = [
     "UNKNOWN_ATTRIBUTES", "REALM", "NONCE", "MESSAGE_INTEGRITY_SHA256",
     "PASSWORD_ALGORITHM", "USERHASH", "XOR_MAPPED_ADDRESS",
     "PASSWORD_ALGORITHMS", "ALTERNATE_DOMAIN", "SOFTWARE", "ALTERNATE_SERVER",
-    "FINGERPRINT", "RESPONSE_ORIGIN", "OTHER_ADDRESS", "KERJO_LOCAL_PORT",
+    "FINGERPRINT", "RESPONSE_ORIGIN", "OTHER_ADDRESS", "KERJO_LOCAL_PORT", "CHANGE_REQUEST",
+    "CHANGE_IP", "CHANGE_PORT", "encode_change_request", "decode_change_request",
     "ATTRIBUTE_NAMES", "STUNError", "StunMessage", "encode", "decode",
     "check_integrity", "encode_address", "decode_address",
     "encode_xor_address", "decode_xor_address", "encode_error_code",
@@ -59,6 +60,10 @@ BINDING_ERROR = 0x0111
 
 # Comprehension-required attributes (0x0000-0x7FFF).
 MAPPED_ADDRESS = 0x0001
+#: RFC 5780 7.2: flags asking for the answer from the other IP and/or port
+CHANGE_REQUEST = 0x0003
+CHANGE_IP = 0x04
+CHANGE_PORT = 0x02
 USERNAME = 0x0006
 MESSAGE_INTEGRITY = 0x0008
 ERROR_CODE = 0x0009
@@ -87,6 +92,7 @@ KERJO_CONNECT_BACK_RESULT = 0xBF4D
 
 ATTRIBUTE_NAMES = {
     MAPPED_ADDRESS: "MAPPED-ADDRESS",
+    CHANGE_REQUEST: "CHANGE-REQUEST",
     USERNAME: "USERNAME",
     MESSAGE_INTEGRITY: "MESSAGE-INTEGRITY",
     ERROR_CODE: "ERROR-CODE",
@@ -252,6 +258,19 @@ def decode_error_code(value: bytes) -> tuple[int, str]:
 
 def encode_unknown_attributes(types: list[int]) -> bytes:
     return b"".join(struct.pack("!H", t) for t in types)
+
+
+def encode_change_request(change_ip: bool = False, change_port: bool = False) -> bytes:
+    """CHANGE-REQUEST's 32-bit flags (RFC 5780 7.2); both False is what stuntman always sends."""
+    return struct.pack("!I", (CHANGE_IP if change_ip else 0) | (CHANGE_PORT if change_port else 0))
+
+
+def decode_change_request(value: bytes) -> tuple[bool, bool]:
+    """(change IP, change port) of a CHANGE-REQUEST; other bits are ignored."""
+    if len(value) != 4:
+        raise STUNError("bad CHANGE-REQUEST length")
+    flags: int = struct.unpack("!I", value)[0]
+    return bool(flags & CHANGE_IP), bool(flags & CHANGE_PORT)
 
 
 def encode_local_port(port: int) -> bytes:

@@ -119,6 +119,8 @@ class PreambleProtocol(TwistedProtocol):
 
 
 class PreambleFactory(Factory):
+    noisy = False  # no 'Starting factory <...>' line per listen or connect
+
     def __init__(self, handshakes: HandshakeFactory, tag: bytes) -> None:
         self.handshakes = handshakes
         self.tag = tag
@@ -191,6 +193,8 @@ class AppPortProtocol(TwistedProtocol):
 
 
 class AppPortFactory(Factory):
+    noisy = False  # no 'Starting factory <...>' line per listen or connect
+
     def __init__(self, lookup: Callable[[bytes], TaggedCall | None], clock: IReactorTime) -> None:
         self.lookup = lookup
         self.clock = clock

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from kerjostunt.client import reasons
 from kerjostunt.client.nat.relay import RelayPlan
 from kerjostunt.wire import kerjo, turn
 from kerjostunt.wire.kerjo import Outcome, RelayOffer
@@ -154,5 +155,5 @@ def tag_of(name_addr: str | None) -> str | None:
 
 def reason_of(failure: Failure) -> str:
     """A failure in a few words, for logs and the attempts' error list."""
-    return failure.getErrorMessage() or type(failure.value).__name__
+    return reasons.plain(failure)
 

@@ -17,7 +17,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Generator
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IAddress, IProtocolFactory, IReactorCore, IReactorTime
@@ -25,6 +25,7 @@ from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
+from kerjostunt.client import reasons
 from kerjostunt.client.agent import DEFAULT_PORT, ConnectFailed, PeerAgent, PeerConnection
 from kerjostunt.client.agentconfig import Ports, Timeouts
 from kerjostunt.client.cli.options import (
@@ -37,6 +38,7 @@ from kerjostunt.client.cli.options import (
     server_address,
     start_logging,
 )
+from kerjostunt.client.cli.progress import Output, Progress, bounded
 
 MAX_LINE = 16 * 1024
 
@@ -81,6 +83,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="use a punch port probed ahead of time for at most this long, "
                              "0 to probe at call time (default 30)")
     parser.add_argument("--verbose", "-v", action="store_true", help="log every step to stderr")
+    parser.add_argument("--quiet", "-q", action="store_true",
+                        help="no progress lines on stderr (registering..., calling PEER...)")
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -127,14 +131,33 @@ def _agent(
         ports=Ports(
             listen_port=args.listen_port, low_ttl=args.low_ttl or None, punch_port_max_age=args.punch_port_max_age
         ),
-        timeouts=Timeouts(punch_deadline=args.punch_deadline),
+        timeouts=Timeouts(punch_deadline=args.punch_deadline,
+                          connect_timeout=min(10.0, 0.8 * getattr(args, "timeout", 12.5))),
     )
     return PeerAgent(reactor, config, accept_factory=accept_factory, on_peer=on_peer)
 
 
+def _stdout_gone() -> None:
+    """The reader of our stdout went away (``| head``): end quietly (the agent unregisters on the way)."""
+    from twisted.internet import reactor
+
+    core = cast(IReactorCore, reactor)
+    if core.running:
+        core.stop()
+
+
+_OUTPUT = Output(on_broken=_stdout_gone)
+
+
 def _say(line: str) -> None:
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
+    _OUTPUT.say(line)
+
+
+def _failure_text(error: BaseException, peer: str | None = None, waited: float = 0.0) -> str:
+    """The ``failed:`` line's reason: SIP codes as what they mean, never a repr."""
+    if isinstance(error, ConnectFailed):
+        return (reasons.call_failure(error.code, peer, waited) if peer is not None else None) or error.reason
+    return reasons.plain(error)
 
 
 def _endpoint_text(remote: tuple[str, int]) -> str:
@@ -165,11 +188,15 @@ def run_echo_server(args: argparse.Namespace) -> int:
     @defer.inlineCallbacks
     def main(reactor: IReactorTime) -> Generator[defer.Deferred[Any], Any, None]:
         agent = _agent(reactor, args, password, accept_factory=Factory.forProtocol(Echo), on_peer=on_peer)
+        progress = Progress(reactor, sys.stderr, args.quiet)
+        progress.step("registering")
         try:
             registration = yield agent.start()
         except Exception as e:
-            _say(f"failed: {e}")
+            progress.done()
+            _say(f"failed: {_failure_text(e)}")
             raise SystemExit(1) from None
+        progress.done()
         # SIGTERM/SIGINT stop the reactor; unregister before it goes.
         IReactorCore(reactor).addSystemEventTrigger("before", "shutdown", agent.stop)
         _say(f"registered as {args.user}, public address {registration.public_ip}:{registration.public_port}")
@@ -204,6 +231,8 @@ class EchoCheck(LineReceiver):
 
 
 class EchoCheckFactory(Factory[EchoCheck]):
+    noisy = False  # no 'Starting factory <...>' line per listen or connect
+
     def __init__(self, message: bytes) -> None:
         self.message = message
         self.protocols: list[EchoCheck] = []
@@ -227,13 +256,21 @@ def run_echo_client(args: argparse.Namespace) -> int:
     @defer.inlineCallbacks
     def main(reactor: IReactorTime) -> Generator[defer.Deferred[Any], Any, None]:
         agent = _agent(reactor, args, password)
+        progress = Progress(reactor, sys.stderr, args.quiet)
+        agent.on_progress = progress.step
         deadline = reactor.seconds() + args.timeout
         exit_code = 1
+        began = reactor.seconds()
+        calling = False
         try:
-            yield agent.start()
+            progress.step("registering")
+            yield bounded(agent.start(), reactor, deadline - reactor.seconds(),
+                          lambda: ConnectFailed(f"not registered within {args.timeout:g} s (--timeout)"))
             factory = EchoCheckFactory(message.encode("utf-8"))
-            began = reactor.seconds()
+            began, calling = reactor.seconds(), True
+            progress.step(f"calling {args.peer}")
             connection = yield agent.connect(args.peer, factory, timeout=max(1.0, deadline - reactor.seconds()))
+            progress.done()
             took_ms = (reactor.seconds() - began) * 1000.0
             _say(f"connected to {args.peer} via {connection.technique} in {took_ms:.0f} ms")
             protocol = connection.protocol
@@ -250,12 +287,11 @@ def run_echo_client(args: argparse.Namespace) -> int:
             assert protocol.transport is not None
             protocol.transport.loseConnection()
             exit_code = 0
-        except ConnectFailed as e:
-            _say(f"failed: {e.reason}")
         except Exception as e:
-            _say(f"failed: {e}")
+            progress.done()
+            _say(f"failed: {_failure_text(e, args.peer if calling else None, reactor.seconds() - began)}")
         try:
-            yield agent.stop()
+            yield bounded(agent.stop(), reactor, 5.0, lambda: ConnectFailed("stop timed out"))
         except Exception:
             pass
         raise SystemExit(exit_code)

@@ -46,6 +46,7 @@ from kerjostunt.client.cli.options import (
     servers_of,
     web_url,
 )
+from kerjostunt.client.cli.progress import Output
 from kerjostunt.client.directory import (
     CertificateNotTrusted,
     DirectoryError,
@@ -157,6 +158,8 @@ class EchoProtocol(LineOnlyReceiver):
 
 
 class EchoFactory(Factory[EchoProtocol]):
+    noisy = False  # no 'Starting factory <...>' line per listen or connect
+
     def __init__(self, user_id: str, say: Callable[[str], None]) -> None:
         self.user_id = user_id
         self.say = say
@@ -220,8 +223,15 @@ def run(
     under ``task.react``) and stops the manager on the way out.
     """
 
-    def say(line: str) -> None:
-        print(line, file=stdout, flush=True)
+    def stdout_gone() -> None:
+        # The reader went away (``kerjostunt join | head -5``): stop, quietly.
+        core = IReactorCore(reactor)
+        if stopped is not None and not stopped.called:
+            stopped.callback(None)
+        elif core.running:
+            core.stop()
+
+    say = Output(stdout, stdout_gone).say
 
     try:
         host, port, password = server_and_password(args, stdin)

@@ -50,6 +50,7 @@ class WatchedProtocol(Protocol):
 @implementer(IProtocolFactory)
 class WatchingFactory(Factory[WatchedProtocol]):
     """A factory whose protocols report their loss to the manager."""
+    noisy = False  # no 'Starting factory <...>' line per listen or connect
 
     def __init__(self, app_factory: IProtocolFactory, on_lost: LostCallback) -> None:
         self.app_factory = app_factory

@@ -123,6 +123,8 @@ class _BindingClient(Protocol):
 
 
 class _OneShot(Factory):
+    noisy = False  # no 'Starting factory <...>' line per listen or connect
+
     def __init__(self, proto: _BindingClient) -> None:
         self._proto = proto
 

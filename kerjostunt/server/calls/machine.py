@@ -27,7 +27,7 @@ from kerjostunt.wire import kerjo
 from kerjostunt.wire.kerjo import Outcome, RelayOffer, Role, new_branch, new_tag
 from kerjostunt.wire.prediction import Prediction
 from kerjostunt.wire.sdp import SessionDescription
-from kerjostunt.wire.sip.message import Request, Response
+from kerjostunt.wire.sip.message import REASONS, Request, Response
 
 log = Logger(namespace="kerjostunt.server.calls")
 
@@ -189,6 +189,8 @@ class Call:
     def refuse(self, code: int, reason: str | None, retry_after: int | None = None) -> None:
         self.caller_conn.send(messages.answer(self, self.invite, code, reason, retry_after))
         self.host.count(f"calls_refused_{code}")
+        log.info("Call {caller} -> {callee} refused: {code} {reason}", caller=self.caller_id,
+                 callee=self.callee_id, code=code, reason=reason or REASONS.get(code, ""))
 
     # -- ringing -> reporting --------------------------------------------------------
 
@@ -221,6 +223,8 @@ class Call:
     def pass_rejection(self, response: Response) -> None:
         self.caller_conn.send(messages.passed_rejection(self, self.invite, response))
         self.host.count(f"calls_rejected_{response.code}")
+        log.info("Call {caller} -> {callee} rejected by {callee}: {code} {reason}", caller=self.caller_id,
+                 callee=self.callee_id, code=response.code, reason=response.reason)
 
     def refuse_bad_answer(self, response: Response) -> None:
         self.callee_tag = tag_of(response.headers.get("To"))
@@ -231,11 +235,13 @@ class Call:
     def time_out(self) -> None:
         self.caller_conn.send(messages.answer(self, self.invite, 408))
         self.cancel_callee()
-        self.host.count("calls_timed_out")
+        self.host.count("calls_timed-out_408")
+        log.info("Call {caller} -> {callee}: 408, {callee} did not answer within {timeout:.0f} s",
+                 caller=self.caller_id, callee=self.callee_id, timeout=self.host.settings.answer_timeout)
 
     def terminated(self) -> None:
         self.caller_conn.send(messages.answer(self, self.invite, 487))
-        self.host.count("calls_cancelled")
+        self.host.count("calls_cancelled_487")
 
     def cancel_callee(self) -> None:
         if self.forwarded is not None:

@@ -428,7 +428,7 @@ class CallManager:
         """The call's turn at its sequential NATs (lanes.py), then the INVITE goes on."""
         call.lanes = self.nat_view.lanes_of(call.caller_conn.peer[0], callee_conn.peer[0], nats)
         if call.lanes and self._crossing(call):
-            self.count("calls_crossing")
+            self.count("invites_crossing")
             self.feed(call, CallInputs.refused, 491, kerjo.CROSSING_REASON)
             return
         if not self.lanes.enter(call, tuple(call.lanes.values()), lambda: self._when_quiet(call)):
@@ -463,11 +463,10 @@ class CallManager:
     def _no_technique(self, call: Call, callee_conn: SignalingConnection, why: str,
                       nats: tuple[NATDescription | None, ...]) -> None:
         """488: no technique joins the two NATs. Recorded as the pair's failed attempt, as a dial would be."""
-        self.count("calls_no_technique")
+        self.count("invites_no_technique")
         self.pairs.recorded(call.caller_id, call.callee_id, False, {
             call.caller_id: call.caller_conn.peer[0], call.callee_id: callee_conn.peer[0]})
-        log.info("Call {caller} -> {callee}: failed (no technique: {why})", caller=call.caller_id,
-                 callee=call.callee_id, why=why)
+        # Logged as the call's refusal (488, the reason names why: calls/machine.py).
         self._store_attempt(call, self._clock.seconds(), {
             "call_id": call.server_call_id, "caller": call.caller_id, "callee": call.callee_id,
             "technique": "none", "outcome": "failed", "predicted": None, "actual": None, "duration_ms": 0.0,
