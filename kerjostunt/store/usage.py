@@ -109,16 +109,9 @@ class UsageLog(EngineBound):
             c.execute(
                 ATTEMPT_INSERT,
                 {
-                    "call_id": call_id,
-                    "caller": caller,
-                    "callee": callee,
-                    "technique": technique,
-                    "outcome": outcome,
-                    "predicted": predicted,
-                    "actual": actual,
-                    "duration_ms": duration_ms,
-                    "at": when,
-                    "witnesses": None if witnesses is None else ",".join(sorted(set(witnesses))),
+                    "call_id": call_id, "caller": caller, "callee": callee, "technique": technique,
+                    "outcome": outcome, "predicted": predicted, "actual": actual, "duration_ms": duration_ms,
+                    "at": when, "witnesses": None if witnesses is None else ",".join(sorted(set(witnesses))),
                 },
             )
             # Lock both rows, in a fixed order, so concurrent outcomes for the
@@ -127,24 +120,16 @@ class UsageLog(EngineBound):
                 row.user_id: row.stunt_state
                 for row in c.execute(LOCK_STATES, {"user_ids": sorted({caller, callee})})
             }
-            recent = [
-                RecentAttempt(row.outcome, row.caller if row.callee == callee else row.callee,
-                              witnessed(row.witnesses, callee))
-                for row in c.execute(
-                    RECENT_OUTCOMES, {"user_id": callee, "since": when - RECENT_WINDOW, "until": when})
-            ]
             new_caller, new_callee = next_states(
                 outcome,
                 locked.get(caller, "unknown"),
                 locked.get(callee, "unknown"),
-                recent,
+                _recent(c, callee, when),
                 caller_reported=witnesses is None or caller in witnesses,
                 callee_reported=witnesses is None or callee in witnesses,
             )
-            states: dict[str, str] = {}
-            for user_id, state in ((caller, new_caller), (callee, new_callee)):
-                if user_id in locked:
-                    states[user_id] = state
+            states = {user_id: state for user_id, state in ((caller, new_caller), (callee, new_callee))
+                      if user_id in locked}
             for user_id, state in states.items():
                 if state != locked[user_id]:
                     c.execute(STATE_UPDATE, {"b_user_id": user_id, "b_state": state})
@@ -212,3 +197,12 @@ class UsageLog(EngineBound):
                 )
                 for a in rows
             ]
+
+
+def _recent(c: Any, user_id: str, when: float) -> list[RecentAttempt]:
+    """The user's latest attempts as the flag rule sees them (``RECENT_OUTCOMES``)."""
+    return [
+        RecentAttempt(row.outcome, row.caller if row.callee == user_id else row.callee,
+                      witnessed(row.witnesses, user_id))
+        for row in c.execute(RECENT_OUTCOMES, {"user_id": user_id, "since": when - RECENT_WINDOW, "until": when})
+    ]
