@@ -194,8 +194,10 @@ class TraversalTests(unittest.TestCase):
         self.assertIsNotNone(result.failed, result.summary())
         self.assertFalse(result.echo_ok)
         self.assertNotIn("Traceback", result.output)
+        # The pair's failure; no global flag moves (one peer, and a 488 is the pair's NATs:
+        # issue 13); the trusted peers list shows it to alice through the pair's record.
         yield self.assert_recorded(sc, since, "failed", {None, "none"},
-                                   {"bob": "unreachable"})
+                                   {"bob": "unknown"})
 
 
 def peer_lines(output: str, user: str) -> list[str]:
