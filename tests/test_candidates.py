@@ -13,6 +13,7 @@ from typing import Any
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from kerjostunt import tls
@@ -199,9 +200,17 @@ class ClientRefusesTests(unittest.TestCase):
         # The server claimed bob shares our public address (a LAN), and our server is elsewhere:
         # nothing on one host makes loopback reasonable.
         setup = CallSetup("c1@x", SECRET, "initiator", "127.0.0.1", remote)
-        dialer = Dialer(reactor, setup, Factory.forProtocol(Protocol), local_ip="127.0.0.1", punch_port=0,
-                        own_public_ip="127.0.0.1", config=DialerConfig(deadline=1.0, low_ttl=None),
-                        server_ip="192.0.2.10")
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        try:
+            dialer = Dialer(reactor, setup, Factory.forProtocol(Protocol), local_ip="127.0.0.1", punch_port=0,
+                            own_public_ip="127.0.0.1", config=DialerConfig(deadline=1.0, low_ttl=None),
+                            server_ip="192.0.2.10")
+        finally:
+            globalLogPublisher.removeObserver(events.append)
+        [line] = [e for e in events if "not dialing" in str(e.get("log_format"))]
+        self.assertEqual(line["count"], 5)
+        self.assertIn("169.254.169.254:80 srflx (link-local address)", line["which"])
         self.assertEqual(dialer.remote.candidates, [])
         self.assertEqual(dialer.direct_candidates(), [])
         self.assertEqual(dialer.punch_candidates(), ())
