@@ -11,8 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import defer, reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
@@ -112,6 +114,15 @@ class ServerScreensTests(unittest.SynchronousTestCase):
         self.assertNotIn(("10.1.2.3", 8080), sent)
         # What alice may offer still goes: her punch port, her public passive port.
         self.assertIn(("203.0.113.7", 40001), sent)
+        self.assertIn(("203.0.113.7", 7000), sent)
+
+    def test_the_address_a_peer_reached_the_server_at_is_the_servers(self) -> None:
+        """A wildcard listener names no address in the settings; the connections do."""
+        self.bob.transport = StringTransport(hostAddress=IPv4Address("TCP", "192.0.2.99", 5061))
+        sdp = parse_sdp(hostile_offer("alice", "203.0.113.7", 40001))
+        sdp.candidates.append(cand("192.0.2.99", 22))
+        sent = {(c.ip, c.port) for c in parse_sdp(self.forwarded(sdp.to_bytes()).body).candidates}
+        self.assertNotIn(("192.0.2.99", 22), sent)
         self.assertIn(("203.0.113.7", 7000), sent)
 
     def test_private_candidates_go_to_a_peer_behind_the_same_address(self) -> None:

@@ -18,7 +18,7 @@ from automat import TypeMachineBuilder
 from twisted.logger import Logger
 
 from kerjostunt.server.calls import messages
-from kerjostunt.server.calls.dialing import augmented, dial_in_ms, format_endpoint, scope_between
+from kerjostunt.server.calls.dialing import augmented, dial_in_ms, format_endpoint, local_addresses, scope_between
 from kerjostunt.server.calls.messages import peer_headers, tag_of
 from kerjostunt.server.calls.seams import Attempt, CallSettings, Clock, Timer
 from kerjostunt.server.registrar import SignalingConnection
@@ -160,6 +160,10 @@ class Call:
         self.lanes: dict[str, str] = {}
         self.machine: CallInputs = CallMachine(self)
 
+    def _own_addresses(self) -> frozenset[str]:
+        """The server's addresses no candidate may name: configured, and as both legs reach it."""
+        return self.host.settings.server_addresses | local_addresses(*self.legs())
+
     def legs(self) -> list[SignalingConnection]:
         return [c for c in (self.caller_conn, self.callee_conn) if c is not None]
 
@@ -171,7 +175,7 @@ class Call:
         self.host.leg_added(self, callee_conn)
         self.caller_prediction = self.host.prediction_for(self.caller_id, self.caller_sdp, self.caller_conn)
         peer = peer_headers(self.secret, Role.RESPONDER, self.caller_prediction, self.caller_conn.peer[0])
-        scope = scope_between(self.caller_conn.peer[0], callee_conn.peer[0], self.host.settings.server_addresses)
+        scope = scope_between(self.caller_conn.peer[0], callee_conn.peer[0], self._own_addresses())
         body = augmented(self.caller_sdp, self.caller_prediction, self.caller_conn.peer[0], scope).to_bytes()
         self.forwarded = messages.forwarded_invite(self, peer, body)
         callee_conn.send(self.forwarded)
@@ -193,7 +197,7 @@ class Call:
         later = self.host.dial_scheduled(self, dial_caller, dial_callee)  # after earlier calls via a NAT
         dial_caller, dial_callee = dial_caller + later, dial_callee + later
         peer = peer_headers(self.secret, Role.INITIATOR, self.callee_prediction, self.callee_conn.peer[0])
-        scope = scope_between(self.callee_conn.peer[0], self.caller_conn.peer[0], self.host.settings.server_addresses)
+        scope = scope_between(self.callee_conn.peer[0], self.caller_conn.peer[0], self._own_addresses())
         body = augmented(sdp, self.callee_prediction, self.callee_conn.peer[0], scope).to_bytes()
         ok = messages.ok(self, self.invite, peer, dial_caller, body)
         ack = messages.to_callee(self, "ACK", 1, self.callee_tag, dial_in=dial_callee)
