@@ -11,8 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import defer, reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from kerjostunt import tls
@@ -113,6 +116,15 @@ class ServerScreensTests(unittest.SynchronousTestCase):
         self.assertIn(("203.0.113.7", 40001), sent)
         self.assertIn(("203.0.113.7", 7000), sent)
 
+    def test_the_address_a_peer_reached_the_server_at_is_the_servers(self) -> None:
+        """A wildcard listener names no address in the settings; the connections do."""
+        self.bob.transport = StringTransport(hostAddress=IPv4Address("TCP", "192.0.2.99", 5061))
+        sdp = parse_sdp(hostile_offer("alice", "203.0.113.7", 40001))
+        sdp.candidates.append(cand("192.0.2.99", 22))
+        sent = {(c.ip, c.port) for c in parse_sdp(self.forwarded(sdp.to_bytes()).body).candidates}
+        self.assertNotIn(("192.0.2.99", 22), sent)
+        self.assertIn(("203.0.113.7", 7000), sent)
+
     def test_private_candidates_go_to_a_peer_behind_the_same_address(self) -> None:
         self.bob.peer = ("203.0.113.7", 5000)  # one NAT: one LAN
         forwarded = self.ring_private()
@@ -199,9 +211,17 @@ class ClientRefusesTests(unittest.TestCase):
         # The server claimed bob shares our public address (a LAN), and our server is elsewhere:
         # nothing on one host makes loopback reasonable.
         setup = CallSetup("c1@x", SECRET, "initiator", "127.0.0.1", remote)
-        dialer = Dialer(reactor, setup, Factory.forProtocol(Protocol), local_ip="127.0.0.1", punch_port=0,
-                        own_public_ip="127.0.0.1", config=DialerConfig(deadline=1.0, low_ttl=None),
-                        server_ip="192.0.2.10")
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        try:
+            dialer = Dialer(reactor, setup, Factory.forProtocol(Protocol), local_ip="127.0.0.1", punch_port=0,
+                            own_public_ip="127.0.0.1", config=DialerConfig(deadline=1.0, low_ttl=None),
+                            server_ip="192.0.2.10")
+        finally:
+            globalLogPublisher.removeObserver(events.append)
+        [line] = [e for e in events if "not dialing" in str(e.get("log_format"))]
+        self.assertEqual(line["count"], 5)
+        self.assertIn("169.254.169.254:80 srflx (link-local address)", line["which"])
         self.assertEqual(dialer.remote.candidates, [])
         self.assertEqual(dialer.direct_candidates(), [])
         self.assertEqual(dialer.punch_candidates(), ())

@@ -241,13 +241,30 @@ class PeerAgent:
         done.addCallback(lambda _: None).chainDeferred(stopped)
 
     def _hang_up(self, sig: SignalingClientProtocol) -> defer.Deferred[None]:
+        """Unregister, then close; each step bounded (``Timeouts.stop_*``), the close by an abort."""
+        timeouts = self.config.timeouts
+
         def close(_: object) -> defer.Deferred[None]:
+            if sig.disconnected.called:
+                return sig.disconnected
+            sig.hang_up()
+            # A TLS close waits for the server's close_notify: a silent server never sends it.
+            aborter = self.reactor.callLater(timeouts.stop_close, _abort)
+
+            def closed(result: None) -> None:
+                if aborter.active():
+                    aborter.cancel()
+                return result
+
+            return sig.disconnected.addBoth(closed)
+
+        def _abort() -> None:
             if not sig.disconnected.called:
-                sig.hang_up()
-            return sig.disconnected
+                log.info("the server did not close in {s:g} s: aborting the connection", s=timeouts.stop_close)
+                sig.abort()
 
         d = sig.unregister()
-        d.addTimeout(5.0, self.reactor)
+        d.addTimeout(timeouts.stop_unregister, self.reactor)
         d.addErrback(lambda f: log.info("unregistering failed: {why}", why=f.getErrorMessage()))
         return d.addBoth(close)
 

@@ -90,6 +90,11 @@ class Timeouts:
     probe_timeout: float = 5.0
     #: how long a call's dial may punch before giving up
     punch_deadline: float = 10.0
+    #: on stop: how long the unregistering REGISTER may wait for its answer, then how long
+    #: the TLS close may take before the connection is aborted (a server gone silent answers
+    #: neither; the stop used to wait for ever, issue 13)
+    stop_unregister: float = 2.0
+    stop_close: float = 1.0
 
 
 @dataclass(frozen=True)

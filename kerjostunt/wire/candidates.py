@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from kerjostunt.wire.sdp import Candidate
 
-__all__ = ["Scope", "refusal", "screen", "is_loopback", "PRIVATE_NETWORKS"]
+__all__ = ["Scope", "refusal", "screen", "is_loopback", "normalized", "PRIVATE_NETWORKS"]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -63,6 +63,12 @@ def _address(text: str) -> IPAddress | None:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
     return address
+
+
+def normalized(ip: str) -> str | None:
+    """The address as the rule compares it (``::ffff:192.0.2.1`` is ``192.0.2.1``); None if not one."""
+    address = _address(ip)
+    return None if address is None else str(address)
 
 
 def is_loopback(ip: str) -> bool:

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable, Generator
 from typing import Any, cast
 
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.internet.interfaces import IAddress, IProtocolFactory, IReactorCore, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineReceiver
@@ -34,6 +34,7 @@ from kerjostunt.client.cli.options import (
     add_domain,
     add_tls_hostname,
     agent_config,
+    react,
     read_password,
     server_address,
     start_logging,
@@ -202,7 +203,7 @@ def run_echo_server(args: argparse.Namespace) -> int:
         _say(f"registered as {args.user}, public address {registration.public_ip}:{registration.public_port}")
         yield defer.Deferred()  # until stopped
 
-    task.react(main)  # exits
+    react(main)  # exits, within STOP_DEADLINE of the reactor stopping
 
 
 # -- echo-client -----------------------------------------------------------------
@@ -296,4 +297,4 @@ def run_echo_client(args: argparse.Namespace) -> int:
             pass
         raise SystemExit(exit_code)
 
-    task.react(main)  # exits
+    react(main)  # exits, within STOP_DEADLINE of the reactor stopping

@@ -2,7 +2,9 @@
 
 ``--server HOST[:PORT]`` (repeatable: a cluster's servers, tried in order), ``--user``, ``--password-stdin``, ``--ca``,
 ``--domain`` and ``--tls-hostname``; reading the password from stdin;
-logging to stderr; running a command's ``run`` under ``task.react``.
+logging to stderr; running a command's ``run`` under ``task.react``, with a
+deadline on its shutdown (``exit_deadline``: every command is gone within
+5 s of SIGTERM, whatever the network does).
 
 Each command keeps its own help texts and error wording (they are part of
 its output), so the helpers take them as arguments.
@@ -11,11 +13,14 @@ its output), so the helpers take them as arguments.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import threading
 from collections.abc import Callable
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorCore
 from twisted.logger import (
     FilteringLogObserver,
     LogLevel,
@@ -171,6 +176,41 @@ def start_logging(verbose: bool) -> None:
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
 
+#: seconds a command may take to shut down once its reactor stops (SIGTERM, SIGINT, or done)
+STOP_DEADLINE = 4.0
+
+
+def _exit_now() -> None:
+    """The last resort of a shutdown that hangs: say so and leave (no cleanup can be waited for)."""
+    sys.stderr.write(f"kerjostunt: did not stop within {STOP_DEADLINE:g} s; exiting\n")
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(1)
+
+
+def exit_deadline() -> None:
+    """A ``before shutdown`` trigger: the process is gone ``STOP_DEADLINE`` seconds from now.
+
+    The agent bounds each step of its own stop (``Timeouts.stop_*``); this is
+    the net under everything else a shutdown can wait for (a stop trigger, a
+    resolver thread the reactor's thread pool joins). A thread, not a reactor
+    timer: a reactor blocked joining its threads would never run the timer.
+    """
+    timer = threading.Timer(STOP_DEADLINE, _exit_now)
+    timer.daemon = True  # a clean exit does not wait for it
+    timer.start()
+
+
+def react(main: Callable[[Any], defer.Deferred[Any]]) -> NoReturn:
+    """``task.react(main)`` with the exit deadline armed for whenever the reactor stops (it exits)."""
+
+    def with_deadline(reactor: Any) -> defer.Deferred[Any]:
+        IReactorCore(reactor).addSystemEventTrigger("before", "shutdown", exit_deadline)
+        return main(reactor)
+
+    task.react(with_deadline)
+
+
 def react_for_exit_code(
     run: Callable[..., defer.Deferred[int]], args: argparse.Namespace, default: int
 ) -> int:
@@ -184,7 +224,7 @@ def react_for_exit_code(
         return run(reactor, args, sys.stdin, sys.stdout, sys.stderr).addCallback(codes.append)
 
     try:
-        task.react(main)
+        react(main)
     except SystemExit:
         pass  # react always exits; the code is ours
     return codes[0] if codes else default

@@ -13,7 +13,7 @@ from dataclasses import replace
 from twisted.logger import Logger
 
 from kerjostunt.wire import kerjo
-from kerjostunt.wire.candidates import Scope, is_loopback, screen
+from kerjostunt.wire.candidates import Scope, is_loopback, normalized, screen
 from kerjostunt.wire.prediction import (
     RANDOM,
     UNKNOWN,
@@ -97,6 +97,19 @@ def augmented(sd: SessionDescription, prediction: Prediction, public_ip: str,
                  which=", ".join(f"{c.ip}:{c.port} {c.typ} ({why})" for c, why in refused[:8]))
     host_ip = public_ip if sd.host_ip in hidden else sd.host_ip
     return replace(sd, host_ip=host_ip, candidates=own + extra)
+
+
+def local_addresses(*conns: object) -> frozenset[str]:
+    """The server's addresses as these connections reach it (``getHost``): with a wildcard
+    listener the settings name none, but every peer's connection does."""
+    found: set[str] = set()
+    for conn in conns:
+        transport = getattr(conn, "transport", None)
+        host = getattr(transport.getHost(), "host", None) if transport is not None else None
+        address = normalized(host) if isinstance(host, str) else None
+        if address is not None:
+            found.add(address)
+    return frozenset(found)
 
 
 def scope_between(from_ip: str, to_ip: str, server_addresses: frozenset[str]) -> Scope:

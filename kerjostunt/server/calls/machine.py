@@ -19,7 +19,7 @@ from twisted.logger import Logger
 
 from kerjostunt.server.calls import messages
 from kerjostunt.server.calls.detail import attempt_detail
-from kerjostunt.server.calls.dialing import augmented, dial_in_ms, format_endpoint, scope_between
+from kerjostunt.server.calls.dialing import augmented, dial_in_ms, format_endpoint, local_addresses, scope_between
 from kerjostunt.server.calls.messages import peer_headers, tag_of
 from kerjostunt.server.calls.seams import Attempt, CallSettings, Clock, Timer
 from kerjostunt.server.registrar import SignalingConnection
@@ -164,6 +164,10 @@ class Call:
         self.relay: dict[str, RelayOffer] = {}
         self.machine: CallInputs = CallMachine(self)
 
+    def _own_addresses(self) -> frozenset[str]:
+        """The server's addresses no candidate may name: configured, and as both legs reach it."""
+        return self.host.settings.server_addresses | local_addresses(*self.legs())
+
     def legs(self) -> list[SignalingConnection]:
         return [c for c in (self.caller_conn, self.callee_conn) if c is not None]
 
@@ -176,7 +180,7 @@ class Call:
         self.caller_prediction = self.host.prediction_for(self.caller_id, self.caller_sdp, self.caller_conn)
         peer = peer_headers(self.secret, Role.RESPONDER, self.caller_prediction, self.caller_conn.peer[0])
         peer += self._relay_header(CALLEE)
-        scope = scope_between(self.caller_conn.peer[0], callee_conn.peer[0], self.host.settings.server_addresses)
+        scope = scope_between(self.caller_conn.peer[0], callee_conn.peer[0], self._own_addresses())
         body = augmented(self.caller_sdp, self.caller_prediction, self.caller_conn.peer[0], scope).to_bytes()
         self.forwarded = messages.forwarded_invite(self, peer, body)
         callee_conn.send(self.forwarded)
@@ -205,7 +209,7 @@ class Call:
         dial_caller, dial_callee = dial_caller + later, dial_callee + later
         peer = peer_headers(self.secret, Role.INITIATOR, self.callee_prediction, self.callee_conn.peer[0])
         peer += self._relay_header(CALLER)
-        scope = scope_between(self.callee_conn.peer[0], self.caller_conn.peer[0], self.host.settings.server_addresses)
+        scope = scope_between(self.callee_conn.peer[0], self.caller_conn.peer[0], self._own_addresses())
         body = augmented(sdp, self.callee_prediction, self.callee_conn.peer[0], scope).to_bytes()
         ok = messages.ok(self, self.invite, peer, dial_caller, body)
         ack = messages.to_callee(self, "ACK", 1, self.callee_tag, dial_in=dial_callee)
