@@ -100,9 +100,13 @@ class ProbeTokens:
         if self._clock.seconds() >= expires:
             self._drop(token)
             return None
-        if bound is not None and source_ip is not None and _plain_ip(source_ip) != bound:
+        if bound is not None and source_ip is not None and not _may_probe_from(_plain_ip(source_ip), bound):
             return None
         return user_id, password
+
+    def registered_ip(self, user_id: str) -> str | None:
+        """The address the user's tokens are bound to (its signaling connection's)."""
+        return self._registered.get(user_id)
 
     def revoke_user(self, user_id: str) -> None:
         """Every token of ``user_id`` stops working (unregistered, or deleted)."""
@@ -171,6 +175,20 @@ class ObservationLog:
         # latest port from all of them, not only from the caller's own.
         self._by_ip: dict[str, deque[Observation]] = {}
         self._listeners: list[Callable[[Observation], None]] = []
+        self._address_listeners: list[Callable[[str, str, int], None]] = []
+
+    def subscribe_addresses(self, listener: Callable[[str, str, int], None]) -> None:
+        """``listener(user_id, ip, port)`` for each probe from the family a user did not register from."""
+        self._address_listeners.append(listener)
+
+    def add_other_family(self, obs: Observation) -> None:
+        """A probe over the other IP family: it names an address, not a NAT's behaviour,
+        so it stays out of the samples prediction reads."""
+        for listener in list(self._address_listeners):
+            try:
+                listener(obs.user_id, obs.mapped_ip, obs.mapped_port)
+            except Exception:
+                _log.failure("address listener failed for {user_id}", user_id=obs.user_id)
 
     def add(self, obs: Observation) -> None:
         self._by_user.setdefault(obs.user_id, deque(maxlen=self.per_user)).append(obs)
@@ -207,6 +225,23 @@ class ObservationLog:
         return [Sample(o.local_port, o.mapped_ip, o.mapped_port, o.server_ip, o.server_port,
                        o.time)
                 for o in self.for_user(user_id) if o.local_port is not None]
+
+
+def ip_family(host: str) -> int:
+    """4 or 6 (a textual IPv6 address has a colon, an IPv4 one none)."""
+    return 6 if ":" in host else 4
+
+
+def _may_probe_from(source_ip: str, bound: str) -> bool:
+    """The bound address itself, or any address of the other family.
+
+    A peer registered over IPv4 probes over IPv6 too (and the other way
+    round) so the server learns both of its public addresses; the token
+    pins the family it registered from, where a replay from elsewhere is
+    refused. The other family's address is only recorded (the first one of
+    a registration: ``Registrar.note_address``), never used to predict.
+    """
+    return source_ip == bound or ip_family(source_ip) != ip_family(bound)
 
 
 def _plain_ip(host: str) -> str:
@@ -407,7 +442,11 @@ class ProbeProtocol(Protocol):
                           server_ip=server_ip, server_port=server_port,
                           time=self.factory.clock.seconds())
         _log.debug("probe observation {obs!r}", obs=obs)
-        self.factory.log.add(obs)
+        registered = self.factory.tokens.registered_ip(user_id)
+        if registered is not None and ip_family(registered) != ip_family(mapped_ip):
+            self.factory.log.add_other_family(obs)
+        else:
+            self.factory.log.add(obs)
 
     # -- output
 

@@ -113,11 +113,13 @@ class ServerSettings:
     key: Path | None = None
     cert_hosts: list[str] = field(default_factory=list)
     sip_endpoint: str = "tcp:5061"
+    sip_extra_endpoints: list[str] = field(default_factory=list)  # more --interface addresses
     probe_endpoints: list[str] = field(default_factory=lambda: ["tcp:3478", "tcp:3479"])
     probe_ports: list[int] = field(default_factory=lambda: [3478, 3479])
     probe_alt_ip: str | None = None
     probe_token_lifetime: float = 300.0
     web_endpoint: str | None = "tcp:8443"
+    web_extra_endpoints: list[str] = field(default_factory=list)
     digest_algorithms: tuple[str, ...] = CHALLENGE_ALGORITHMS
     tls_groups: str | None = None  # None: OpenSSL's default key exchange
     limits: ConnectionLimits = field(default_factory=ConnectionLimits)
@@ -175,6 +177,7 @@ class StuntServer(MultiService):
         self.tokens = ProbeTokens(reactor, settings.probe_token_lifetime)
         self.observations = ObservationLog()
         self.observations.subscribe(self._observed)
+        self.observations.subscribe_addresses(self.registrar.note_address)
         self.register = RegisterHandler(
             reactor,
             settings.domain,
@@ -200,13 +203,18 @@ class StuntServer(MultiService):
         )
         self.ports: dict[str, Deferred[IListeningPort]] = {}
         self._listen("sip", settings.sip_endpoint, tls_factory)
+        for index, endpoint in enumerate(settings.sip_extra_endpoints, 1):
+            self._listen(f"sip@{index}", endpoint, tls_factory)
         for index, endpoint in enumerate(settings.probe_endpoints):
             self._listen(f"probe{index}", endpoint, self._probe_factory())
             if index < len(settings.probe_ports):
                 # Announce the port really bound (it differs when configured as 0).
                 self.ports[f"probe{index}"].addCallback(self._note_probe_port, index)
         if settings.web_endpoint:
-            self._listen("web", settings.web_endpoint, web.tls_factory(self))
+            site = web.tls_factory(self)
+            self._listen("web", settings.web_endpoint, site)
+            for index, endpoint in enumerate(settings.web_extra_endpoints, 1):
+                self._listen(f"web@{index}", endpoint, site)
 
     def count(self, what: str) -> None:
         self.counters[what] += 1

@@ -30,7 +30,7 @@ from kerjostunt.client.calls.setup import (
 )
 from kerjostunt.client.nat.readyport import PreparedPort
 from kerjostunt.client.signaling import Registration, SignalingClientProtocol
-from kerjostunt.wire.kerjo import new_tag
+from kerjostunt.wire.kerjo import format_endpoint, new_tag
 from kerjostunt.wire.sip.message import Request
 
 __all__ = ["ACK_TIMEOUT", "IncomingCall"]
@@ -121,7 +121,7 @@ class IncomingCall(CallBase):
         self.sig.respond(
             self.invite, 200, to_tag=self.to_tag,
             headers=[
-                ("Contact", f"<sips:{sig.user_id}@{sig.local[0]}:{sig.local[1]};transport=tls>"),
+                ("Contact", f"<sips:{sig.user_id}@{format_endpoint(sig.local)};transport=tls>"),
                 ("Content-Type", "application/sdp"),
             ],
             body=self.offer(sig).to_bytes(),
