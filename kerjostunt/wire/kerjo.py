@@ -99,7 +99,7 @@ def parse_endpoint(text: str) -> Endpoint:
 # -- the outcome INFO body ---------------------------------------------------------
 
 OUTCOMES = ("direct", "stunt", "failed")
-TECHNIQUES = ("lan", "public", "simultaneous-open", "low-ttl", "accepted", "birthday", "none")
+TECHNIQUES = ("lan", "public", "simultaneous-open", "low-ttl", "accepted", "birthday", "ipv6", "port-mapping", "none")
 _OUTCOME_KEYS = ("outcome", "technique", "remote", "elapsed_ms")
 _KEY_VALUE = re.compile(r"([a-z_]{1,16})=([\x21-\x7e]{1,64})\Z")
 _MAX_ELAPSED_MS = 3_600_000

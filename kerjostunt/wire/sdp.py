@@ -146,11 +146,21 @@ class SessionDescription:
 
     @property
     def punch_candidate(self) -> Candidate | None:
-        found = self.of_type("host", "so")
+        """The ``host so`` candidate of the session's own address family (the probed punch port)."""
+        found = [c for c in self.of_type("host", "so") if _family(c.ip) == _family(self.host_ip)]
         return found[0] if found else None
+
+    def other_family(self, tcptype: str) -> list[Candidate]:
+        """``host`` candidates of the family the session is not in: a dual-stack
+        peer's IPv6 ones when it signals over IPv4 (issue 17, docs/punching.rst)."""
+        return [c for c in self.of_type("host", tcptype) if _family(c.ip) != _family(self.host_ip)]
 
     def with_candidates(self, extra: list[Candidate]) -> SessionDescription:
         return replace(self, candidates=list(self.candidates) + list(extra))
+
+
+def _family(ip: str) -> int:
+    return 6 if ":" in ip else 4
 
 
 def _int(text: str, low: int, high: int, what: str) -> int:
@@ -232,8 +242,10 @@ def parse_sdp(body: bytes) -> SessionDescription:
 def validate_offer(description: SessionDescription) -> int:
     """The rules for a body a client sends; returns the punch port.
 
-    Exactly one ``host so`` candidate whose port ``a=x-kerjo-punch-port``
-    repeats; only ``host`` candidates, ``so`` or ``passive``.
+    Exactly one ``host so`` candidate of the session's address family,
+    whose port ``a=x-kerjo-punch-port`` repeats, and at most one of the
+    other family (a dual-stack client's IPv6 punch port); only ``host``
+    candidates, ``so`` or ``passive``.
     """
     for c in description.candidates:
         if c.typ != "host":
@@ -242,9 +254,12 @@ def validate_offer(description: SessionDescription) -> int:
             raise SDPError("host candidates are tcptype so or passive")
         if c.port == 0:
             raise SDPError("candidate port 0")
-    punch = description.of_type("host", "so")
+    own = _family(description.host_ip)
+    punch = [c for c in description.of_type("host", "so") if _family(c.ip) == own]
     if len(punch) != 1:
         raise SDPError("exactly one punch (tcptype so) candidate is required")
+    if len(description.other_family("so")) > 1:
+        raise SDPError("at most one punch (tcptype so) candidate of the other address family")
     if description.punch_port is None:
         raise SDPError("no a=x-kerjo-punch-port")
     if punch[0].port != description.punch_port:

@@ -73,7 +73,8 @@ def augmented(sd: SessionDescription, prediction: Prediction, public_ip: str) ->
     extra += [
         Candidate(f"s{j + 1}", 1, "TCP", candidate_priority("srflx", "passive") - j, public_ip, c.port,
                   "srflx", "passive", raddr=c.ip, rport=c.port)
-        for j, c in enumerate(sd.of_type("host", "passive")[:room])
+        # Only the signaling family's: the public IPv4 address says nothing of an IPv6 listener.
+        for j, c in enumerate([c for c in sd.of_type("host", "passive") if (":" in c.ip) == (":" in public_ip)][:room])
     ]
     return sd.with_candidates(extra)
 
