@@ -177,3 +177,23 @@ class IPv6PunchTests(unittest.TestCase):
             self.assertEqual(result.remote[0], "::1")
             self.assertEqual(result.remote, ("::1", v6[1 - me][1]))
             result.protocol.transport.loseConnection()
+
+
+class NoRefusalOverIPv6Tests(unittest.SynchronousTestCase):
+    """A random NAT facing a sequential one is 488 over IPv4 alone; an IPv6 punch port lets the call go."""
+
+    from tests.test_lanes import CallManagerLaneTests as _Lanes
+
+    setUp = _Lanes.setUp
+    invites_to = _Lanes.invites_to
+
+    def test_a_caller_with_ipv6_is_not_refused(self) -> None:
+        from tests.test_calls import invite_request
+
+        body = build_offer("d1", "10.0.0.5", 40001, 7000, ipv6_punch=("2001:db8:4::11", 40002)).to_bytes()
+        self.manager.handle_request(self.conns["d1"], invite_request("d1", "b1", "c6", body=body))
+        self.clock.advance(0.3)
+        self.assertNotIn(488, [getattr(m, "code", None) for m in self.conns["d1"].sent])
+        [forwarded] = self.invites_to("b1")
+        self.assertEqual([c.endpoint for c in parse_sdp(forwarded.body).other_family("so")],
+                         [("2001:db8:4::11", 40002)])

@@ -219,15 +219,37 @@ class ClientTests(unittest.TestCase):
         self.assertEqual([e.split(":")[0] for e in mapper.errors], ["pcp", "nat-pmp"])
 
     @defer.inlineCallbacks
-    def test_a_grant_after_release_is_deleted(self):  # type: ignore[no-untyped-def]
-        fake, port = self.gateway("pcp")
-        mapper = PortMapper(Clock(), self.methods(port)[:1], 7006)
+    def test_release_while_asking_abandons_the_request(self):  # type: ignore[no-untyped-def]
+        fake, port = self.gateway("silent")
+        clock = Clock()
+        mapper = PortMapper(clock, self.methods(port, clock)[:1], 7006)
         mapper.start()
-        yield mapper.release()  # before the answer
-        while len(fake.seen) < 2:
-            yield _turn()
-        self.assertEqual(fake.seen[-1].lifetime, 0)
+        yield mapper.release()  # before any answer: the exchange's socket and timer go
+        self.assertEqual(mapper.phase(), "released")
+        self.assertEqual(clock.getDelayedCalls(), [])
         self.assertIsNone(mapper.mapping)
+
+    def test_a_upnp_mapping_made_after_release_is_deleted(self) -> None:
+        """miniupnpc runs in a thread, which a release cannot stop: its late mapping is deleted."""
+        from kerjostunt.client.nat.portmap import UPnPGateway
+
+        threads: list[defer.Deferred[Any]] = []
+
+        def in_thread(f: Any) -> defer.Deferred[Any]:
+            threads.append(defer.Deferred())
+            return threads[-1]
+
+        gateway = UPnPGateway(in_thread)
+        deleted: list[Mapping] = []
+        gateway.unmap = lambda m: deleted.append(m) or defer.succeed(None)  # type: ignore[method-assign]
+        mapper = PortMapper(Clock(), [gateway], 7007)
+        mapper.start()
+        mapper.release()
+        grant = Mapping("upnp", ("10.0.0.5", 7007), ("203.0.113.5", 7007), 600)
+        threads[0].callback(grant)  # the thread finishes after the release
+        self.assertEqual(deleted, [grant])
+        self.assertIsNone(mapper.mapping)
+        self.assertEqual(mapper.phase(), "released")
 
 
 def _turn() -> defer.Deferred[None]:
@@ -235,3 +257,55 @@ def _turn() -> defer.Deferred[None]:
     d: defer.Deferred[None] = defer.Deferred()
     reactor.callLater(0, d.callback, None)  # type: ignore[attr-defined]
     return d
+
+
+class MappingCandidateTests(unittest.TestCase):
+    """The mapping in the SDP: the client's offer, the server's check, the peer's dial order."""
+
+    def offer(self, mapped: Any = ("203.0.113.5", 40700)) -> Any:
+        from kerjostunt.client.calls import build_offer
+        from kerjostunt.wire.sdp import parse_sdp
+
+        return parse_sdp(build_offer("alice", "10.0.0.5", 40001, 7000, mapped=mapped).to_bytes())
+
+    def test_offer_carries_one_srflx_passive_mapping(self) -> None:
+        from kerjostunt.wire.sdp import MAPPING_FOUNDATION, SDPError, validate_offer
+
+        offer = self.offer()
+        self.assertEqual(validate_offer(offer), 40001)
+        [mapped] = offer.of_type("srflx", "passive")
+        self.assertEqual((mapped.foundation, mapped.endpoint, mapped.raddr, mapped.rport),
+                         (MAPPING_FOUNDATION, ("203.0.113.5", 40700), "10.0.0.5", 7000))
+        self.assertRaises(SDPError, validate_offer, offer.with_candidates([mapped]))
+        other = mapped.__class__("s1", 1, "TCP", 5, "203.0.113.5", 1, "srflx", "passive")
+        self.assertRaises(SDPError, validate_offer, offer.with_candidates([other]))
+        # No app port, no mapping to offer.
+        from kerjostunt.client.calls import build_offer
+        self.assertEqual(build_offer("a", "10.0.0.5", 1, None, mapped=("203.0.113.5", 2)).of_type("srflx"), [])
+
+    def test_server_passes_on_only_a_mapping_at_the_public_address(self) -> None:
+        from kerjostunt.server.calls.dialing import augmented
+        from kerjostunt.wire.prediction import NATDescription, Prediction
+
+        nat = NATDescription(True, "address-and-port-dependent", "random", None, "203.0.113.5")
+        prediction = Prediction("203.0.113.5", (40001,), 0.1, nat)
+        kept = augmented(self.offer(), prediction, "203.0.113.5")
+        self.assertIn(("pm", 40700), [(c.foundation, c.port) for c in kept.of_type("srflx")])
+        lied = augmented(self.offer(("192.0.2.66", 80)), prediction, "203.0.113.5")
+        self.assertNotIn("192.0.2.66", [c.ip for c in lied.candidates])
+
+    def test_the_peer_dials_the_mapping_first_even_when_flagged_stunt(self) -> None:
+        from twisted.internet.protocol import Factory, Protocol
+
+        from kerjostunt.client.calls import CallSetup, Dialer, DialerConfig
+
+        remote = self.offer().with_candidates([
+            self.offer().of_type("srflx")[0].__class__("s1", 1, "TCP", 5, "203.0.113.5", 7000, "srflx", "passive"),
+        ])
+        dialer = Dialer(Clock(), CallSetup("c", bytes(32), "initiator", "203.0.113.5", remote),
+                        Factory.forProtocol(Protocol), local_ip="10.9.0.5", punch_port=1,
+                        own_public_ip="198.51.100.7", config=DialerConfig(low_ttl=None))
+        self.assertEqual([(c.endpoint, t) for c, t in dialer.direct_candidates()],
+                         [(("203.0.113.5", 40700), "port-mapping"), (("203.0.113.5", 7000), "public")])
+        dialer.stunt_only = True
+        self.assertEqual([t for _, t in dialer.direct_candidates()], ["port-mapping"])

@@ -34,6 +34,7 @@ from kerjostunt.client.calls import (
     OutgoingCall,
     PeerConnection,
 )
+from kerjostunt.client.nat.portmap import PortMapper, mapper_for
 from kerjostunt.client.nat.probing import ProbeResult, probe_from
 from kerjostunt.client.nat.readyport import PreparedPort, ReadyPort
 from kerjostunt.client.nat.sockets import SocketReactor, reusable_socket
@@ -118,6 +119,7 @@ class PeerAgent:
         self._attempt = 0
         self._timers: dict[str, IDelayedCall] = {}
         self._app_port: IListeningPort | None = None
+        self._mapper: PortMapper | None = None
         self._calls: dict[str, CallBase] = {}
         self._dialers: dict[bytes, Dialer] = {}
         #: the next call's punch port, probed while idle (readyport.py); max age 0 turns it off
@@ -139,6 +141,12 @@ class PeerAgent:
     def low_ttl(self) -> int | None:
         """TTL of the first SYN to each punch candidate: our NAT is hop 1, so 2 leaves it."""
         return self.config.ports.low_ttl
+
+    @property
+    def port_mapping(self) -> tuple[str, int] | None:
+        """The gateway's external endpoint for our app port, while a mapping is held."""
+        mapping = self._mapper.mapping if self._mapper is not None else None
+        return mapping.external if mapping is not None else None
 
     # -- life ---------------------------------------------------------------------
 
@@ -166,6 +174,7 @@ class PeerAgent:
                 self._life.start_failed()
                 started.errback(failure)
                 return
+            self._map_app_port()
 
         def failed(failure: Failure) -> Failure:
             self._life.start_failed()
@@ -226,8 +235,22 @@ class PeerAgent:
         d.addErrback(lambda f: log.info("unregistering failed: {why}", why=f.getErrorMessage()))
         return d.addBoth(close)
 
+    def _map_app_port(self) -> None:
+        """Ask the gateway for a mapping of the app port, unless told not to (``--no-port-mapping``)."""
+        if self.config.ports.port_mapping and self.app_port:
+            self._mapper = mapper_for(self.reactor, self.app_port)
+            if self._mapper is not None:
+                self._mapper.start()
+
     def _stop_listening(self) -> defer.Deferred[None] | None:
+        mapper, self._mapper = self._mapper, None
+        released = mapper.release() if mapper is not None else None  # deletes it at the gateway
         port, self._app_port = self._app_port, None
+        if released is not None:
+            waits: list[defer.Deferred[Any]] = [released]
+            if port is not None:
+                waits.append(defer.maybeDeferred(port.stopListening))
+            return defer.gatherResults(waits).addCallback(lambda _: None)
         if port is not None:
             return port.stopListening()
         return None

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 
 __all__ = [
     "SDPError", "Candidate", "SessionDescription", "parse_sdp", "validate_offer",
-    "candidate_priority", "MAX_SDP_BYTES", "MAX_CANDIDATES", "TYPES", "TCPTYPES",
+    "candidate_priority", "MAX_SDP_BYTES", "MAX_CANDIDATES", "TYPES", "TCPTYPES", "MAPPING_FOUNDATION",
 ]
 
 MAX_SDP_BYTES = 32 * 1024
@@ -31,6 +31,8 @@ _TYPE_PREF = {"host": 126, "prflx": 110, "srflx": 100, "relay": 0}
 _DIRECTION_PREF = {"so": 6, "active": 5, "passive": 4}
 
 _FOUNDATION = re.compile(r"[A-Za-z0-9+/]{1,32}\Z")
+#: the foundation of a client's own ``srflx passive`` candidate: its gateway's port mapping
+MAPPING_FOUNDATION = "pm"
 _USER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}\Z")
 _DIGITS = re.compile(r"[0-9]{1,10}\Z")
 _EXTENSION = re.compile(r"[A-Za-z0-9._-]{1,32}\Z")
@@ -245,9 +247,15 @@ def validate_offer(description: SessionDescription) -> int:
     Exactly one ``host so`` candidate of the session's address family,
     whose port ``a=x-kerjo-punch-port`` repeats, and at most one of the
     other family (a dual-stack client's IPv6 punch port); only ``host``
-    candidates, ``so`` or ``passive``.
+    candidates, ``so`` or ``passive``, and at most one ``srflx passive``
+    of foundation ``pm``: the gateway's mapping of the client's app port.
     """
+    mapped = [c for c in description.candidates if c.typ == "srflx" and c.foundation == MAPPING_FOUNDATION]
+    if len(mapped) > 1 or any(c.tcptype != "passive" for c in mapped):
+        raise SDPError("at most one port mapping, a srflx passive candidate")
     for c in description.candidates:
+        if c in mapped:
+            continue
         if c.typ != "host":
             raise SDPError(f"clients send host candidates only, not {c.typ}")
         if c.tcptype not in ("so", "passive"):

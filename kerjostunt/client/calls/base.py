@@ -59,6 +59,9 @@ class CallAgent(Protocol):
     def low_ttl(self) -> int | None: ...
 
     @property
+    def port_mapping(self) -> tuple[str, int] | None: ...
+
+    @property
     def ready_port(self) -> ReadyPort: ...
 
     def fresh_registration(self) -> defer.Deferred[tuple[SignalingClientProtocol, Registration]]: ...
@@ -201,7 +204,19 @@ class CallBase:
 
     def offer(self, sig: SignalingClientProtocol) -> SessionDescription:
         return build_offer(sig.user_id, self.local_ip, self.punch_port, self.agent.app_port,
-                           ipv6_punch=self.ipv6_punch())
+                           ipv6_punch=self.ipv6_punch(), mapped=self.usable_mapping())
+
+    def usable_mapping(self) -> tuple[str, int] | None:
+        """The gateway's mapping of our app port, when its address is the one the server sees.
+
+        Behind two NATs the inner gateway grants an address that is still
+        private: offering it would send the peer nowhere.
+        """
+        mapped = self.agent.port_mapping
+        registration = self.registration
+        if mapped is None or registration is None or mapped[0] != registration.public_ip:
+            return None
+        return mapped
 
     def ipv6_punch(self) -> tuple[str, int] | None:
         """Our IPv6 punch endpoint when we signal over IPv4 and have a global IPv6 address.

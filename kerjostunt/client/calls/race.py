@@ -33,7 +33,7 @@ from kerjostunt.client.nat.probing import ProbeResult
 from kerjostunt.client.nat.punch import PunchFailed, PunchPlan, PunchResult, punch
 from kerjostunt.client.nat.sockets import SocketReactor, abort_protocol, connect_from
 from kerjostunt.wire.prediction import NATDescription, no_technique
-from kerjostunt.wire.sdp import Candidate
+from kerjostunt.wire.sdp import MAPPING_FOUNDATION, Candidate
 
 __all__ = ["RETRY_JITTER", "DialResult", "Dialer", "DialerConfig"]
 
@@ -161,8 +161,11 @@ class Dialer:
             # Its public candidates are our own NAT's address: only a hairpin NAT would pass
             # them, and a sequential NAT would give each a port another call was promised.
             return plan
+        # The peer's own port mapping first: its gateway opened it, whatever the flag says.
+        plan += [(c, "port-mapping") for c in remote.of_type("srflx", "passive") if c.foundation == MAPPING_FOUNDATION]
         if not self.stunt_only:
-            plan += [(c, "public") for c in remote.of_type("srflx", "passive")]
+            plan += [(c, "public") for c in remote.of_type("srflx", "passive")
+                     if c.foundation != MAPPING_FOUNDATION and c.endpoint not in {p.endpoint for p, _ in plan}]
         return plan
 
     def ipv6_candidates(self) -> tuple[Endpoint, ...]:

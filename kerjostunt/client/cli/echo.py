@@ -31,6 +31,7 @@ from kerjostunt.client.cli.options import (
     DEFAULT_DOMAIN,
     add_credentials,
     add_domain,
+    add_port_mapping,
     add_tls_hostname,
     agent_config,
     read_password,
@@ -72,6 +73,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     add_tls_hostname(parser, "name to verify in the server certificate (default: the server host)")
     parser.add_argument("--listen-port", type=int, default=0, metavar="PORT",
                         help="local port for direct connections from peers (default: any)")
+    add_port_mapping(parser)
     parser.add_argument("--punch-deadline", type=positive, default=10.0, metavar="SECONDS",
                         help="how long to punch (default 10)")
     parser.add_argument("--low-ttl", type=int, default=2, metavar="TTL",
@@ -124,7 +126,8 @@ def _agent(
     config = agent_config(
         args, args.server, password,
         ports=Ports(
-            listen_port=args.listen_port, low_ttl=args.low_ttl or None, punch_port_max_age=args.punch_port_max_age
+            listen_port=args.listen_port, low_ttl=args.low_ttl or None, punch_port_max_age=args.punch_port_max_age,
+            port_mapping=not args.no_port_mapping,
         ),
         timeouts=Timeouts(punch_deadline=args.punch_deadline),
     )

@@ -29,19 +29,21 @@ import secrets
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 from automat import TypeMachineBuilder
-from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, IReactorUDP
+from twisted.internet import defer, threads
+from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReactorThreads, IReactorTime, IReactorUDP
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from kerjostunt.wire import portmap as wire
 
-__all__ = ["Mapping", "MappingFailed", "NATPMPGateway", "PCPGateway", "PortMapper", "UPnPGateway", "default_gateway"]
+__all__ = ["Mapping", "MappingFailed", "NATPMPGateway", "PCPGateway", "PortMapper", "UPnPGateway", "default_gateway",
+           "mapper_for"]
 
 log = Logger()
 
@@ -112,7 +114,7 @@ class _Exchange(DatagramProtocol):
         self.request = b""
         self.decode = decode
         self.gateway = gateway
-        self.done: defer.Deferred[Any] = defer.Deferred()
+        self.done: defer.Deferred[Any] = defer.Deferred(lambda _: self._close())
         self.local_ip = "0.0.0.0"
         self._timer: IDelayedCall | None = None
         self._sent = 0
@@ -129,11 +131,14 @@ class _Exchange(DatagramProtocol):
         self._send()
 
     def _send(self) -> None:
-        if self._sent >= len(RETRANSMITS):
+        if self._sent >= len(RETRANSMITS) or self.transport is None:
             self._finish(Failure(MappingFailed("no answer")))
             return
-        assert self.transport is not None
-        self.transport.write(self.request, self.gateway)
+        try:
+            self.transport.write(self.request, self.gateway)
+        except OSError as e:  # no route, network down
+            self._finish(Failure(MappingFailed(str(e))))
+            return
         self._timer = self.clock.callLater(RETRANSMITS[self._sent], self._send)
         self._sent += 1
 
@@ -150,12 +155,20 @@ class _Exchange(DatagramProtocol):
     def connectionRefused(self) -> None:
         self._finish(Failure(MappingFailed("port unreachable")))
 
-    def _finish(self, outcome: Any) -> None:
+    def stopProtocol(self) -> None:
+        """The socket closed under us (the reactor shutting down): no more sends."""
+        self._finish(Failure(MappingFailed("the socket closed")))
+
+    def _close(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        if self.transport is not None:
-            self.transport.stopListening()
+        transport, self.transport = self.transport, None
+        if transport is not None:
+            transport.stopListening()
+
+    def _finish(self, outcome: Any) -> None:
+        self._close()
         if self.done.called:
             return
         if isinstance(outcome, Failure):
@@ -291,7 +304,22 @@ class UPnPGateway:
                 raise MappingFailed("AddPortMapping refused")
             return Mapping(self.name, (igd.lanaddr, internal_port), (external_ip, external_port), lifetime)
 
-        return self.in_thread(blocking)
+        # A thread cannot be stopped: a mapping it makes after the caller gave up is deleted.
+        abandoned: list[bool] = []
+        result: defer.Deferred[Mapping] = defer.Deferred(lambda _: abandoned.append(True))
+
+        def made(mapping: Mapping) -> None:
+            if abandoned:
+                self.unmap(mapping).addErrback(lambda f: None)
+            else:
+                result.callback(mapping)
+
+        def failed(failure: Failure) -> None:
+            if not abandoned:
+                result.errback(failure)
+
+        self.in_thread(blocking).addCallbacks(made, failed)
+        return result
 
     def unmap(self, mapping: Mapping) -> defer.Deferred[None]:
         igd = self._igd
@@ -340,6 +368,7 @@ class PortMapper:
         self.on_change = on_change
         self.mapping: Mapping | None = None
         self._told: Mapping | None = None
+        self._attempt: defer.Deferred[Mapping] | None = None
         self.errors: list[str] = []
         self._timer: IDelayedCall | None = None
         self._life = _MapperMachine(self)
@@ -374,10 +403,12 @@ class PortMapper:
         gateway, rest = gateways[0], gateways[1:]
 
         def refused(failure: Failure) -> None:
+            if failure.check(defer.CancelledError):
+                return  # released meanwhile
             self.errors.append(f"{gateway.name}: {failure.getErrorMessage() or type(failure.value).__name__}")
             self._try(rest, previous)
 
-        d = defer.maybeDeferred(gateway.map, self.internal_port, self.lifetime, previous)
+        d = self._attempt = defer.maybeDeferred(gateway.map, self.internal_port, self.lifetime, previous)
         d.addCallbacks(self._granted, refused)
 
     def _granted(self, mapping: Mapping) -> None:
@@ -410,6 +441,9 @@ class PortMapper:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        attempt, self._attempt = self._attempt, None
+        if attempt is not None and not attempt.called:
+            attempt.cancel()
         self.mapping = None
 
     def _delete(self, mapping: Mapping) -> defer.Deferred[None]:
@@ -423,6 +457,23 @@ class PortMapper:
     def _late(self, mapping: Mapping) -> None:
         """A grant after release: nobody will use it."""
         self._delete(mapping)
+
+
+def mapper_for(reactor: object, internal_port: int, gateway: str | None = None) -> PortMapper | None:
+    """A mapper for ``internal_port`` at the default gateway (None: no default route).
+
+    ``reactor`` is the global one: UDP, time and a thread pool (for miniupnpc).
+    """
+    gateway = gateway or default_gateway()
+    if gateway is None:
+        return None
+    udp = cast(UDPReactor, reactor)
+    methods: list[Gateway] = [PCPGateway(udp, gateway), NATPMPGateway(udp, gateway)]
+    if UPnPGateway.available():
+        pool = cast(IReactorThreads, reactor)
+        in_thread = partial(threads.deferToThreadPool, cast(IReactorFromThreads, reactor), pool.getThreadPool())
+        methods.append(UPnPGateway(in_thread))
+    return PortMapper(udp, methods, internal_port)
 
 
 _mapper = TypeMachineBuilder(_MapperInputs, PortMapper)

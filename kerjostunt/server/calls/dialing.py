@@ -61,9 +61,15 @@ def nat_header(prediction: Prediction) -> str:
 
 
 def augmented(sd: SessionDescription, prediction: Prediction, public_ip: str) -> SessionDescription:
-    """The side's own SDP plus predicted (prflx) and public passive (srflx) candidates."""
+    """The side's own SDP plus predicted (prflx) and public passive (srflx) candidates.
+
+    A port mapping the side offers (``srflx`` ``pm``) is passed on only when it
+    names the public address the server sees the side at: nobody else's.
+    """
     punch = sd.punch_candidate
     assert punch is not None and sd.punch_port is not None
+    sd = sd.with_candidates([])
+    sd.candidates = [c for c in sd.candidates if c.typ != "srflx" or c.ip == public_ip]
     extra = [
         Candidate(f"p{i + 1}", 1, "TCP", candidate_priority("prflx", "so") - i, prediction.ip, port,
                   "prflx", "so", raddr=punch.ip, rport=sd.punch_port)

@@ -446,8 +446,10 @@ class CallManager:
     def _why_unjoinable(self, call: Call, callee_conn: SignalingConnection,
                         nats: tuple[NATDescription | None, ...]) -> str:
         """Why no technique can join the two NATs, or "": peers behind one public address are
-        on one LAN (host candidates join them, whatever their NAT does outside)."""
-        if call.caller_conn.peer[0] == callee_conn.peer[0]:
+        on one LAN (host candidates join them, whatever their NAT does outside); a caller
+        offering an IPv6 punch port may meet the callee over IPv6, where there is no NAT
+        (docs/punching.rst, "ipv6"; the callee's answer shows only later whether it can)."""
+        if call.caller_conn.peer[0] == callee_conn.peer[0] or call.caller_sdp.other_family("so"):
             return ""
         return no_technique(*nats)
 
