@@ -118,6 +118,7 @@ class _Exchange(DatagramProtocol):
         self.local_ip = "0.0.0.0"
         self._timer: IDelayedCall | None = None
         self._sent = 0
+        self._over = False
 
     def startProtocol(self) -> None:
         assert self.transport is not None
@@ -168,8 +169,11 @@ class _Exchange(DatagramProtocol):
             transport.stopListening()
 
     def _finish(self, outcome: Any) -> None:
+        if self._over:
+            return
+        self._over = True  # before closing: closing calls stopProtocol
         self._close()
-        if self.done.called:
+        if self.done.called:  # cancelled
             return
         if isinstance(outcome, Failure):
             self.done.errback(outcome)
@@ -283,7 +287,11 @@ class UPnPGateway:
 
         igd = miniupnpc.UPnP()
         igd.discoverdelay = self.discover_ms
-        if igd.discover() <= 0:
+        try:
+            found = igd.discover()
+        except Exception as e:  # miniupnpc raises Exception with its own text
+            raise MappingFailed(f"SSDP discovery failed ({e})") from None
+        if found <= 0:
             raise MappingFailed("no UPnP device answered")
         try:
             igd.selectigd()
