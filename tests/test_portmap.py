@@ -309,3 +309,27 @@ class MappingCandidateTests(unittest.TestCase):
                          [(("203.0.113.5", 40700), "port-mapping"), (("203.0.113.5", 7000), "public")])
         dialer.stunt_only = True
         self.assertEqual([t for _, t in dialer.direct_candidates()], ["port-mapping"])
+
+    def test_the_mapping_is_dialed_before_the_dial_moment_unless_our_nat_is_sequential(self) -> None:
+        from twisted.internet.protocol import Factory, Protocol
+
+        from kerjostunt.client.calls import CallSetup, Dialer, DialerConfig, race
+        from kerjostunt.client.nat.probing import ProbeResult
+
+        dialed: list[Any] = []
+        self.patch(race, "connect_from", lambda reactor, local, remote, *a, **kw: dialed.append(remote)
+                   or defer.Deferred())
+        self.patch(race, "punch", lambda *a: defer.Deferred())
+        for probes, early in (([], True), ([ProbeResult(("192.0.2.1", 3478), 1, "198.51.100.7", 20000),
+                                            ProbeResult(("192.0.2.1", 3479), 1, "198.51.100.7", 20001),
+                                            ProbeResult(("192.0.2.2", 3478), 1, "198.51.100.7", 20002)], False)):
+            dialed.clear()
+            clock = Clock()
+            dialer = Dialer(clock, CallSetup("c", bytes(32), "initiator", "203.0.113.5", self.offer()),
+                            Factory.forProtocol(Protocol), local_ip="10.9.0.5", punch_port=1,
+                            own_public_ip="198.51.100.7", config=DialerConfig(low_ttl=None), own_probes=probes)
+            dialer.start(0.05).addErrback(lambda f: None)
+            self.assertEqual(dialed[:1] == [("203.0.113.5", 40700)], early, probes)
+            clock.advance(0.05)
+            self.assertEqual(dialed.count(("203.0.113.5", 40700)), 1)  # once, early or at the moment
+            dialer.stop("done")

@@ -32,7 +32,7 @@ from kerjostunt.client.nat.contest import Contest
 from kerjostunt.client.nat.probing import ProbeResult
 from kerjostunt.client.nat.punch import PunchFailed, PunchPlan, PunchResult, punch
 from kerjostunt.client.nat.sockets import SocketReactor, abort_protocol, connect_from
-from kerjostunt.wire.prediction import NATDescription, no_technique
+from kerjostunt.wire.prediction import SEQUENTIAL, NATDescription, no_technique
 from kerjostunt.wire.sdp import MAPPING_FOUNDATION, Candidate
 
 __all__ = ["RETRY_JITTER", "DialResult", "Dialer", "DialerConfig"]
@@ -133,7 +133,7 @@ class Dialer:
         self.errors: list[str] = []
         self._contest: Contest[DialResult] = Contest(reactor, cancelled=lambda: self.stop("cancelled"))
         self._punch: defer.Deferred[PunchResult] | None = None  # the punch, once started
-        self._lan_dialed = False
+        self._early: set[Endpoint] = set()  # dialed before the dial moment (start)
         self._life = _RaceMachine(self)
 
     @property
@@ -197,11 +197,19 @@ class Dialer:
         """
         self.dial_at = self.reactor.seconds() + delay
         self._contest.later(delay, self._life.begin)
+        early = {"lan", "port-mapping"} if self._may_dial_mapping_early() else {"lan"}
         for candidate, technique in self.direct_candidates():
-            if technique == "lan":
-                self._lan_dialed = True
+            if technique in early:
+                self._early.add(candidate.endpoint)
                 self._dial_direct(candidate.endpoint, technique)
         return self.result
+
+    def _may_dial_mapping_early(self) -> bool:
+        """The peer's port mapping is a plain connect: no SYNs to cross, so it need not
+        wait for the dial moment either (NAT lab: about 30 ms sooner), unless our own NAT
+        is sequential, whose predicted window assumes the punch's SYNs come first."""
+        own_nat = birthday.describe_own(self.own_probes, self.local_ip)
+        return own_nat is None or own_nat.allocation != SEQUENTIAL
 
     def accepted(self, protocol: Any, remote: Endpoint) -> None:
         """A connection the peer made to our app port, already in handshake."""
@@ -260,7 +268,7 @@ class Dialer:
         # after the probes (NAT lab, test_sequential).
         direct = self.direct_candidates()
         for candidate, technique in direct:
-            if technique == "lan" and not self._lan_dialed:
+            if technique == "lan" and candidate.endpoint not in self._early:
                 self._dial_direct(candidate.endpoint, technique)
         own_nat = birthday.describe_own(self.own_probes, self.local_ip)
         peer_nat = birthday.parse_nat_header(self.setup.peer_nat)
@@ -270,7 +278,7 @@ class Dialer:
         else:
             self._start_punch()
         for candidate, technique in direct:
-            if technique != "lan":
+            if technique != "lan" and candidate.endpoint not in self._early:
                 self._dial_direct(candidate.endpoint, technique)
         # The birthday technique last: its hard side opens hundreds of
         # sockets in this turn, which would delay the direct connects by
