@@ -181,3 +181,61 @@ def _client(case: unittest.TestCase, running: RunningServer, hostname: str, user
 
     case.addCleanup(close)
     return proto
+
+
+class AgentProbesOverIPv6Tests(unittest.TestCase):
+    """A dual-stack agent signaling over IPv4 probes the server's IPv6 address once:
+    the registrar, and so the trusted peers list, show both of its addresses."""
+
+    @defer.inlineCallbacks
+    def test_the_registrar_learns_the_ipv6_address(self):  # type: ignore[no-untyped-def]
+        if not HAS_V6:
+            raise unittest.SkipTest(NO_V6)
+        from twisted.internet import task
+
+        from kerjostunt.client.agent import PeerAgent
+        from tests.test_listening import _free_ports
+
+        base = Path(self.mktemp())
+        base.mkdir()
+        probe_a, probe_b = _free_ports(2)
+        options = Options()
+        options.parseOptions([
+            "--interface", "127.0.0.1,::1", "--port", "0", "--web-port", "0", "--domain", DOMAIN,
+            "--probe-ports", f"{probe_a},{probe_b}",
+            "--db", f"sqlite:///{base / 'db.sqlite'}", "--certs", str(base / "certs"),
+        ])
+        self.assertEqual(options.settings().probe_ips, ["127.0.0.1", "::1"])
+        server = StuntServer(options.settings(), reactor)
+        server.startService()
+        self.addCleanup(server.stopService)
+        ports = {}
+        for name in sorted(server.ports):
+            ports[name] = yield server.ports[name]
+        running = RunningServer(server, "127.0.0.1", ports["sip"].getHost().port, server.certificates.ca,
+                                server.settings.db_url)
+        add_users(running, {"alice": "pw"})
+        agent = PeerAgent(reactor, server=("127.0.0.1", running.port), user_id="alice", password="pw",
+                          domain=DOMAIN, ca_path=str(running.ca), listen_port=None, punch_port_max_age=0)
+        agent.find_ipv6 = lambda: "::1"  # type: ignore[method-assign]
+        yield agent.start()
+        self.addCleanup(agent.stop)
+        for _ in range(200):  # the probe crosses loopback
+            binding = server.registrar.lookup("alice")
+            if binding is not None and binding.other_family is not None:
+                break
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual([ip for ip, _ in server.registrar.lookup("alice").addresses], ["127.0.0.1", "::1"])
+
+
+class ProbeIPsHeaderTests(unittest.TestCase):
+    def test_round_trip_and_junk(self) -> None:
+        from kerjostunt.wire import kerjo
+
+        offer = kerjo.ProbeOffer("t", "p", (3478, 3479), 300, None, ("198.51.100.1", "2001:db8::1"))
+        headers = dict(offer.items())
+        self.assertEqual(headers[kerjo.PROBE_IPS], "198.51.100.1, 2001:db8::1")
+        parsed = kerjo.parse_probe_offer(headers[kerjo.PROBE], None, headers[kerjo.PROBE_IPS])
+        self.assertEqual(parsed, offer)
+        self.assertEqual(kerjo.parse_probe_ips("x, 2001:DB8::2, ,300"), ("2001:db8::2",))
+        self.assertEqual(kerjo.parse_probe_ips(None), ())

@@ -34,6 +34,7 @@ from kerjostunt.client.calls import (
     OutgoingCall,
     PeerConnection,
 )
+from kerjostunt.client.nat.interfaces import preferred_ipv6
 from kerjostunt.client.nat.portmap import PortMapper, mapper_for
 from kerjostunt.client.nat.probing import ProbeResult, probe_from
 from kerjostunt.client.nat.readyport import PreparedPort, ReadyPort
@@ -67,6 +68,9 @@ class PeerAgent:
     Its life (idle, starting, up, reconnecting, stopped) is the machine in
     agentlife.py.
     """
+
+    #: where the agent finds its IPv6 address (tests hand in their own)
+    find_ipv6: Callable[[], str | None] = staticmethod(preferred_ipv6)
 
     @overload
     def __init__(
@@ -316,6 +320,7 @@ class PeerAgent:
         self._later("keepalive", self.config.timeouts.keepalive_interval, self._keepalive)
         if not self._calls:
             self.ready_port.refill(0)
+        self._probe_over_ipv6(sig, registration)
         server = self.config.server
         log.info(
             "registered as {user} at {host}:{port}, public address {ip}:{pport}",
@@ -323,6 +328,18 @@ class PeerAgent:
             ip=registration.public_ip, pport=registration.public_port,
         )
         self._wake_up_waiters(None)
+
+    def _probe_over_ipv6(self, sig: SignalingClientProtocol, registration: Registration) -> None:
+        """One probe from our IPv6 address to the server's, when we signal over IPv4:
+        the server then lists our IPv6 address too (registrar, trusted peers list)."""
+        offer = registration.probe
+        server_v6 = next((ip for ip in offer.ips if ":" in ip), None) if offer is not None else None
+        local = self.find_ipv6() if server_v6 is not None and ":" not in sig.local_ip else None
+        if offer is None or server_v6 is None or local is None or not offer.ports:
+            return
+        d = probe_from(self.reactor, (local, 0), [(server_v6, offer.ports[0])], username=offer.token,
+                       password=offer.password, timeout=self.config.timeouts.probe_timeout)
+        d.addErrback(lambda f: log.info("no probe over IPv6: {why}", why=f.getErrorMessage()))
 
     def hang_up_stray(self, sig: SignalingClientProtocol) -> None:
         sig.hang_up()

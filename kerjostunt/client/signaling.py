@@ -61,7 +61,8 @@ def probe_offer(response: Response) -> ProbeOffer | None:
     if not value:
         return None
     try:
-        return kerjo.parse_probe_offer(value, response.headers.get(kerjo.PROBE_ALT_IP))
+        return kerjo.parse_probe_offer(value, response.headers.get(kerjo.PROBE_ALT_IP),
+                                       response.headers.get(kerjo.PROBE_IPS))
     except ValueError:
         log.warn("Unusable X-Kerjo-Probe header: {value}", value=value)
         return None

@@ -117,6 +117,8 @@ class ServerSettings:
     probe_endpoints: list[str] = field(default_factory=lambda: ["tcp:3478", "tcp:3479"])
     probe_ports: list[int] = field(default_factory=lambda: [3478, 3479])
     probe_alt_ip: str | None = None
+    #: the explicit --interface addresses, announced so dual-stack clients probe both families
+    probe_ips: list[str] = field(default_factory=list)
     probe_token_lifetime: float = 300.0
     web_endpoint: str | None = "tcp:8443"
     web_extra_endpoints: list[str] = field(default_factory=list)
@@ -249,7 +251,8 @@ class StuntServer(MultiService):
     def _probe_headers(self, user_id: str) -> list[tuple[str, str]]:
         token, password = self.tokens.issue(user_id)
         offer = ProbeOffer(token, password, tuple(self.settings.probe_ports),
-                           int(self.settings.probe_token_lifetime), self.settings.probe_alt_ip)
+                           int(self.settings.probe_token_lifetime), self.settings.probe_alt_ip,
+                           tuple(self.settings.probe_ips))
         return offer.items()
 
     def _observed(self, observation: Observation) -> None:

@@ -168,6 +168,7 @@ class Options(usage.Options):
             probe_endpoints=probes,
             probe_ports=list(self["probe-ports"]),
             probe_alt_ip=self["probe-alt-ip"],
+            probe_ips=certificate_hosts(interfaces),
             web_endpoint=web[0] if web else None,
             web_extra_endpoints=web[1:],
             digest_algorithms=self["digest-algorithms"],

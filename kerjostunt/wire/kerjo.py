@@ -33,6 +33,8 @@ DIAL_IN = "X-Kerjo-Dial-In"
 PROBE = "X-Kerjo-Probe"
 #: REGISTER's 200 OK: the probe service's second address, if it has one
 PROBE_ALT_IP = "X-Kerjo-Probe-Alt-IP"
+#: the server's own addresses that serve the probe ports, both families (issue 17)
+PROBE_IPS = "X-Kerjo-Probe-IPs"
 
 #: Content-Type of the outcome INFO body
 OUTCOME_CONTENT_TYPE = "application/x-kerjo-outcome"
@@ -295,6 +297,9 @@ class ProbeOffer:
     ports: tuple[int, ...]
     expires: int
     alt_ip: str | None = None
+    #: the server's addresses serving the probe ports (a dual-stack client probes
+    #: the other family's once, so the server learns its address there too)
+    ips: tuple[str, ...] = ()
 
     def items(self) -> list[tuple[str, str]]:
         ports = ",".join(str(p) for p in self.ports)
@@ -302,10 +307,23 @@ class ProbeOffer:
         headers = [(PROBE, value)]
         if self.alt_ip:
             headers.append((PROBE_ALT_IP, self.alt_ip))
+        if self.ips:
+            headers.append((PROBE_IPS, ", ".join(self.ips)))
         return headers
 
 
-def parse_probe_offer(value: str, alt_ip: str | None) -> ProbeOffer:
+def parse_probe_ips(value: str | None) -> tuple[str, ...]:
+    """``X-Kerjo-Probe-IPs``: the IP literals in it (anything else is skipped), at most 8."""
+    found: list[str] = []
+    for part in (value or "").split(",")[:8]:
+        try:
+            found.append(str(ipaddress.ip_address(part.strip())))
+        except ValueError:
+            continue
+    return tuple(found)
+
+
+def parse_probe_offer(value: str, alt_ip: str | None, ips: str | None = None) -> ProbeOffer:
     """ValueError when a field is missing or not a number."""
     params = _semicolon_params(value)
     try:
@@ -315,6 +333,7 @@ def parse_probe_offer(value: str, alt_ip: str | None) -> ProbeOffer:
             ports=tuple(int(p) for p in params["ports"].split(",") if p),
             expires=int(params.get("expires", "0") or 0),
             alt_ip=alt_ip,
+            ips=parse_probe_ips(ips),
         )
     except KeyError as missing:
         raise ValueError(f"{PROBE} has no {missing}") from None
