@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IAddress
 
-__all__ = ["host_port", "no_delay"]
+__all__ = ["host_port", "no_delay", "plain_ip"]
 
 
 def no_delay(transport: object) -> None:
@@ -30,8 +32,23 @@ def no_delay(transport: object) -> None:
 def host_port(address: IAddress | object) -> tuple[str, int]:
     """(host, port) of an IP address; ``("?", 0)`` for any other kind (UNIX, none).
 
+    An IPv4-mapped IPv6 address (a peer of a dual-stack ``::`` listener)
+    reads as the IPv4 address it maps: the registrar, the per-IP limits and
+    prediction compare it with what the same peer shows over IPv4.
+
     (``object`` too: mypy-zope takes ``IAddress`` to be only its IP providers.)
     """
     if isinstance(address, (IPv4Address, IPv6Address)):
-        return address.host, address.port
+        return plain_ip(address.host), address.port
     return "?", 0
+
+
+def plain_ip(host: str) -> str:
+    """``::ffff:192.0.2.1`` -> ``192.0.2.1``; any other text unchanged."""
+    if ":" not in host or "." not in host:
+        return host
+    try:
+        mapped = ipaddress.IPv6Address(host.split("%", 1)[0]).ipv4_mapped
+    except ValueError:
+        return host
+    return host if mapped is None else str(mapped)

@@ -148,7 +148,7 @@ def fingerprint(cert_path: Path) -> str:
 
 def server_hosts(domain: str, extra: Sequence[str] = ()) -> list[str]:
     """The names a generated server certificate is valid for."""
-    return [domain, "localhost", "127.0.0.1", *extra]
+    return [domain, "localhost", "127.0.0.1", "::1", *extra]
 
 
 def ensure_certificates(

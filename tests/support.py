@@ -56,14 +56,16 @@ def start_loopback_server(case: unittest.TestCase, **settings: Any):  # type: ig
     base = Path(case.mktemp())
     base.mkdir(parents=True)
     db_url = f"sqlite:///{base / 'test.sqlite'}"
+    listening: dict[str, Any] = {
+        "sip_endpoint": "tcp:0:interface=127.0.0.1",
+        "probe_endpoints": ["tcp:0:interface=127.0.0.1", "tcp:0:interface=127.0.0.1"],
+        "probe_ports": [0, 0],
+    }
     server_settings = ServerSettings(
         domain=DOMAIN,
         db_url=db_url,
         certs_dir=base / "certs",
-        sip_endpoint="tcp:0:interface=127.0.0.1",
-        probe_endpoints=["tcp:0:interface=127.0.0.1", "tcp:0:interface=127.0.0.1"],
-        probe_ports=[0, 0],
-        **settings,
+        **{**listening, **settings},
     )
     server = StuntServer(server_settings, reactor)
     server.startService()

@@ -40,6 +40,7 @@ class FakeAgent:
         self.app_port = None
         self.punch_deadline = 10.0
         self.low_ttl = None
+        self.port_mapping: Any = None
         self.ready_port = ReadyPort(clock, lambda: defer.succeed(None), max_age=0)
         self.registration = Registration("alice", "203.0.113.5", 4000, 3600, None)
         self.started: list[Any] = []

@@ -42,7 +42,7 @@ class DirectoryClientTests(unittest.TestCase):
             peers,
             [
                 PeerEntry("alice", "stunt", None, None, None, False, None),
-                PeerEntry("bob", "stunt", "198.51.100.4", 6000, None, False, 50.0),
+                PeerEntry("bob", "stunt", "198.51.100.4", 6000, None, False, 50.0, ("198.51.100.4:6000",)),
             ],
         )
 

@@ -133,7 +133,7 @@ class AccessRuleTests(WebTestCase):
         self.assertEqual(document["group"], "friends")
         self.assertEqual([p["user_id"] for p in document["peers"]], ["alice", "bob"])
         self.assertEqual(
-            set(document["peers"][0]), {"user_id", "use_stunt", "pair", "ip", "port", "nat", "online", "last_seen"}
+            set(document["peers"][0]), {"user_id", "use_stunt", "pair", "ip", "port", "addresses", "nat", "online", "last_seen"}
         )
 
     @defer.inlineCallbacks

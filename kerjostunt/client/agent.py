@@ -25,6 +25,7 @@ from typing_extensions import Unpack
 from kerjostunt import tls
 from kerjostunt.client.agentconfig import DEFAULT_PORT, AgentConfig, AgentSettings, ServerConfig
 from kerjostunt.client.agentlife import build_life
+from kerjostunt.client.agentprobes import prepared_punch_port, probe_other_family, probe_punch_port
 from kerjostunt.client.calls import (
     AppPortFactory,
     CallBase,
@@ -34,9 +35,11 @@ from kerjostunt.client.calls import (
     OutgoingCall,
     PeerConnection,
 )
-from kerjostunt.client.nat.probing import ProbeResult, probe_from
+from kerjostunt.client.nat.interfaces import preferred_ipv6
+from kerjostunt.client.nat.portmap import PortMapper, mapper_for
+from kerjostunt.client.nat.probing import ProbeResult
 from kerjostunt.client.nat.readyport import PreparedPort, ReadyPort
-from kerjostunt.client.nat.sockets import SocketReactor, reusable_socket
+from kerjostunt.client.nat.sockets import SocketReactor
 from kerjostunt.client.signaling import (
     ConnectSignaling,
     Registration,
@@ -45,7 +48,6 @@ from kerjostunt.client.signaling import (
     SignalingError,
     connect_signaling,
 )
-from kerjostunt.wire.kerjo import ProbeOffer
 from kerjostunt.wire.sip.message import Request
 
 __all__ = ["PeerAgent", "PeerConnection", "ConnectFailed", "DEFAULT_PORT", "AgentConfig"]
@@ -66,6 +68,9 @@ class PeerAgent:
     Its life (idle, starting, up, reconnecting, stopped) is the machine in
     agentlife.py.
     """
+
+    #: where the agent finds its IPv6 address (tests hand in their own)
+    find_ipv6: Callable[[], str | None] = staticmethod(preferred_ipv6)
 
     @overload
     def __init__(
@@ -121,6 +126,7 @@ class PeerAgent:
         self._server_index = 0  # which of config.server.addresses the next attempt dials
         self._timers: dict[str, IDelayedCall] = {}
         self._app_port: IListeningPort | None = None
+        self._mapper: PortMapper | None = None
         self._calls: dict[str, CallBase] = {}
         self._dialers: dict[bytes, Dialer] = {}
         #: the next call's punch port, probed while idle (readyport.py); max age 0 turns it off
@@ -142,6 +148,12 @@ class PeerAgent:
     def low_ttl(self) -> int | None:
         """TTL of the first SYN to each punch candidate: our NAT is hop 1, so 2 leaves it."""
         return self.config.ports.low_ttl
+
+    @property
+    def port_mapping(self) -> tuple[str, int] | None:
+        """The gateway's external endpoint for our app port, while a mapping is held."""
+        mapping = self._mapper.mapping if self._mapper is not None else None
+        return mapping.external if mapping is not None else None
 
     # -- life ---------------------------------------------------------------------
 
@@ -169,6 +181,7 @@ class PeerAgent:
                 self._life.start_failed()
                 started.errback(failure)
                 return
+            self._map_app_port()
 
         def failed(failure: Failure) -> Failure:
             self._life.start_failed()
@@ -268,8 +281,22 @@ class PeerAgent:
         d.addErrback(lambda f: log.info("unregistering failed: {why}", why=f.getErrorMessage()))
         return d.addBoth(close)
 
+    def _map_app_port(self) -> None:
+        """Ask the gateway for a mapping of the app port, unless told not to (``--no-port-mapping``)."""
+        if self.config.ports.port_mapping and self.app_port:
+            self._mapper = mapper_for(self.reactor, self.app_port)
+            if self._mapper is not None:
+                self._mapper.start()
+
     def _stop_listening(self) -> defer.Deferred[None] | None:
+        mapper, self._mapper = self._mapper, None
+        released = mapper.release() if mapper is not None else None  # deletes it at the gateway
         port, self._app_port = self._app_port, None
+        if released is not None:
+            waits: list[defer.Deferred[Any]] = [released]
+            if port is not None:
+                waits.append(defer.maybeDeferred(port.stopListening))
+            return defer.gatherResults(waits).addCallback(lambda _: None)
         if port is not None:
             return port.stopListening()
         return None
@@ -336,6 +363,7 @@ class PeerAgent:
         self._later("keepalive", self.config.timeouts.keepalive_interval, self._keepalive)
         if not self._calls:
             self.ready_port.refill(0)
+        self._probe_over_ipv6(sig, registration)
         server = self.server
         log.info(
             "registered as {user} at {host}:{port}, public address {ip}:{pport}",
@@ -343,6 +371,12 @@ class PeerAgent:
             ip=registration.public_ip, pport=registration.public_port,
         )
         self._wake_up_waiters(None)
+
+    def _probe_over_ipv6(self, sig: SignalingClientProtocol, registration: Registration) -> None:
+        offer = registration.probe
+        if offer is None or not any(":" in ip for ip in offer.ips) or ":" in sig.local_ip:
+            return  # no IPv6 probe address, or we signal over IPv6 already
+        probe_other_family(self.reactor, registration, self.find_ipv6(), self.config.timeouts.probe_timeout)
 
     def hang_up_stray(self, sig: SignalingClientProtocol) -> None:
         sig.hang_up()
@@ -467,15 +501,8 @@ class PeerAgent:
     def probe_punch_port(
         self, sig: SignalingClientProtocol, registration: Registration | None, local: tuple[str, int]
     ) -> defer.Deferred[list[ProbeResult]]:
-        """Probe ``local`` (a bound reusable port); fires with the results, [] when nothing to probe with."""
-        offer = registration.probe if registration is not None else None
-        if offer is None or not offer.ports:
-            log.warn("the server offered no probe ports")
-            return defer.succeed([])
-        return probe_from(
-            self.reactor, local, self.probe_servers(sig, offer),
-            username=offer.token, password=offer.password, timeout=self.config.timeouts.probe_timeout,
-        )
+        """Probe ``local`` (a bound reusable port); fires with the results (agentprobes.py)."""
+        return probe_punch_port(self.reactor, sig, registration, local, self.config.timeouts.probe_timeout)
 
     @defer.inlineCallbacks
     def _prepare_punch_port(self) -> Generator[defer.Deferred[Any], Any, PreparedPort | None]:
@@ -483,26 +510,9 @@ class PeerAgent:
         if self.ready_port.max_age <= 0 or not self.signaling_up:
             return None
         sig, registration = yield self.fresh_registration()
-        local_ip = sig.local_ip
-        holder = reusable_socket((local_ip, 0))
-        port = holder.getsockname()[1]
-        try:
-            results = yield self.probe_punch_port(sig, registration, (local_ip, port))
-        except BaseException:
-            holder.close()
-            raise
-        if not results:
-            holder.close()
-            return None
-        return PreparedPort(holder, local_ip, port, results, self.reactor.seconds(), registration.public_ip)
-
-    def probe_servers(self, sig: SignalingClientProtocol, offer: ProbeOffer) -> list[tuple[str, int]]:
-        """The probe ports at the address we reach the server on, then the alternate IP."""
-        server_ip = sig.server_ip
-        servers = [(server_ip, port) for port in offer.ports]
-        if offer.alt_ip and offer.ports:
-            servers.append((offer.alt_ip, offer.ports[0]))
-        return servers
+        prepared: PreparedPort | None = yield prepared_punch_port(
+            self.reactor, sig, registration, self.config.timeouts.probe_timeout)
+        return prepared
 
     def _later(self, name: str, delay: float, f: Callable[[], object]) -> None:
         old = self._timers.pop(name, None)

@@ -107,6 +107,8 @@ class Ports:
     low_ttl: int | None = 2
     #: how old a prepared punch port may be (readyport.py); 0 turns preparing off
     punch_port_max_age: float = 30.0
+    #: ask the gateway to map the application port (PCP, NAT-PMP, UPnP-IGD: nat/portmap.py)
+    port_mapping: bool = True
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,7 @@ class AgentSettings(TypedDict):
     backoff_max: NotRequired[float]
     probe_timeout: NotRequired[float]
     punch_port_max_age: NotRequired[float]
+    port_mapping: NotRequired[bool]
 
 
 def _pick(defaults: _Group, settings: AgentSettings) -> _Group:

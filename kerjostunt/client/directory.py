@@ -90,6 +90,8 @@ class PeerEntry:
     nat: dict[str, Any] | None
     online: bool
     last_seen: float | None = None
+    #: ``ip:port`` texts, the signaling address first, then the other IP family's (docs/web.rst)
+    addresses: tuple[str, ...] = ()
 
     @classmethod
     def from_json(cls, item: dict[str, Any]) -> PeerEntry:
@@ -101,6 +103,7 @@ class PeerEntry:
             nat=item.get("nat"),
             online=bool(item.get("online")),
             last_seen=item.get("last_seen"),
+            addresses=tuple(str(a) for a in item.get("addresses") or ()),
         )
 
 

@@ -33,7 +33,7 @@ from zope.interface import implementer
 from kerjostunt.client import reasons
 from kerjostunt.tcp import no_delay
 from kerjostunt.wire import kerjo
-from kerjostunt.wire.kerjo import ProbeOffer, new_branch, new_tag
+from kerjostunt.wire.kerjo import ProbeOffer, format_endpoint, new_branch, new_tag
 from kerjostunt.wire.sip.digest import authorization
 from kerjostunt.wire.sip.headers import parse_auth, parse_via
 from kerjostunt.wire.sip.message import Headers, Request, Response, make_response
@@ -68,7 +68,8 @@ def probe_offer(response: Response) -> ProbeOffer | None:
     if not value:
         return None
     try:
-        return kerjo.parse_probe_offer(value, response.headers.get(kerjo.PROBE_ALT_IP))
+        return kerjo.parse_probe_offer(value, response.headers.get(kerjo.PROBE_ALT_IP),
+                                       response.headers.get(kerjo.PROBE_IPS))
     except ValueError:
         log.warn("Unusable X-Kerjo-Probe header: {value}", value=value)
         return None
@@ -212,9 +213,8 @@ class SignalingClientProtocol(Protocol):
         if cseq is None:
             self._cseq += 1
             cseq = self._cseq
-        host, port = self.local
         h = Headers()
-        h.add("Via", f"SIP/2.0/TLS {host}:{port};branch={new_branch()};rport")
+        h.add("Via", f"SIP/2.0/TLS {format_endpoint(self.local)};branch={new_branch()};rport")
         h.add("Max-Forwards", "70")
         h.add("From", f"<{self.uri_of(self.user_id)}>;tag={from_tag or self._from_tag}")
         to_value = f"<{to or uri}>" + (f";tag={to_tag}" if to_tag else "")
@@ -266,8 +266,7 @@ class SignalingClientProtocol(Protocol):
     def register(self, expires: int = 3600) -> Generator[defer.Deferred[Response], Response, Registration]:
         """REGISTER, answering one digest challenge; fires with a Registration."""
         uri = f"sips:{self.domain}"
-        host, port = self.local
-        contact = [("Contact", f"<sips:{self.user_id}@{host}:{port};transport=tls>;expires={expires}")]
+        contact = [("Contact", f"<sips:{self.user_id}@{format_endpoint(self.local)};transport=tls>;expires={expires}")]
         response = yield self.request(
             "REGISTER", uri, to=self.uri_of(self.user_id), call_id=self._register_call_id,
             headers=[*contact, DIGEST_WANTED],

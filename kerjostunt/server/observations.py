@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from kerjostunt.store import UnknownUser
 from kerjostunt.wire.prediction import Sample
 
-__all__ = ["ProbeTokens", "Observation", "ObservationLog", "nat_not_stored", "plain_ip"]
+__all__ = ["ProbeTokens", "Observation", "ObservationLog", "nat_not_stored", "plain_ip", "ip_family"]
 
 _log = Logger(namespace="kerjostunt.server.probe")
 
@@ -35,6 +35,24 @@ def plain_ip(host: str) -> str:
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         return str(addr.ipv4_mapped)
     return str(addr)
+
+
+
+def ip_family(host: str) -> int:
+    """4 or 6 (a textual IPv6 address has a colon, an IPv4 one none)."""
+    return 6 if ":" in host else 4
+
+
+def _may_probe_from(source_ip: str, bound: str) -> bool:
+    """The bound address itself, or any address of the other family.
+
+    A peer registered over IPv4 probes over IPv6 too (and the other way
+    round) so the server learns both of its public addresses; the token
+    pins the family it registered from, where a replay from elsewhere is
+    refused. The other family's address is only recorded (the first one of
+    a registration: ``Registrar.note_address``), never used to predict.
+    """
+    return source_ip == bound or ip_family(source_ip) != ip_family(bound)
 
 
 class ProbeTokens:
@@ -97,9 +115,13 @@ class ProbeTokens:
         if self._clock.seconds() >= expires:
             self._drop(token)
             return None
-        if bound is not None and source_ip is not None and plain_ip(source_ip) != bound:
+        if bound is not None and source_ip is not None and not _may_probe_from(plain_ip(source_ip), bound):
             return None
         return user_id, password
+
+    def registered_ip(self, user_id: str) -> str | None:
+        """The address the user's tokens are bound to (its signaling connection's)."""
+        return self._registered.get(user_id)
 
     def revoke_user(self, user_id: str) -> None:
         """Every token of ``user_id`` stops working (unregistered, or deleted)."""
@@ -168,6 +190,20 @@ class ObservationLog:
         # latest port from all of them, not only from the caller's own.
         self._by_ip: dict[str, deque[Observation]] = {}
         self._listeners: list[Callable[[Observation], None]] = []
+        self._address_listeners: list[Callable[[str, str, int], None]] = []
+
+    def subscribe_addresses(self, listener: Callable[[str, str, int], None]) -> None:
+        """``listener(user_id, ip, port)`` for each probe from the family a user did not register from."""
+        self._address_listeners.append(listener)
+
+    def add_other_family(self, obs: Observation) -> None:
+        """A probe over the other IP family: it names an address, not a NAT's behaviour,
+        so it stays out of the samples prediction reads."""
+        for listener in list(self._address_listeners):
+            try:
+                listener(obs.user_id, obs.mapped_ip, obs.mapped_port)
+            except Exception:
+                _log.failure("address listener failed for {user_id}", user_id=obs.user_id)
 
     def add(self, obs: Observation) -> None:
         self._by_user.setdefault(obs.user_id, deque(maxlen=self.per_user)).append(obs)

@@ -25,7 +25,14 @@ from twisted.python.failure import Failure
 
 from kerjostunt.server.connectback import Connector
 from kerjostunt.server.limits import PerSourceCap
-from kerjostunt.server.observations import Observation, ObservationLog, ProbeTokens, nat_not_stored, plain_ip
+from kerjostunt.server.observations import (
+    Observation,
+    ObservationLog,
+    ProbeTokens,
+    ip_family,
+    nat_not_stored,
+    plain_ip,
+)
 from kerjostunt.tcp import host_port
 from kerjostunt.wire import stun
 
@@ -267,7 +274,11 @@ class ProbeProtocol(Protocol):
                           server_ip=server_ip, server_port=server_port,
                           time=self.factory.clock.seconds())
         _log.debug("probe observation {obs!r}", obs=obs)
-        self.factory.log.add(obs)
+        registered = self.factory.tokens.registered_ip(user_id)
+        if registered is not None and ip_family(registered) != ip_family(mapped_ip):
+            self.factory.log.add_other_family(obs)
+        else:
+            self.factory.log.add(obs)
 
     # -- output
 

@@ -48,9 +48,17 @@ class Binding:
     registered_at: float
     timer: IDelayedCall | None = field(default=None, repr=False)
 
+    #: the other IP family's public address, from a probe over it (``note_address``)
+    other_family: tuple[str, int] | None = None
+
     @property
     def public_address(self) -> tuple[str, int]:
         return self.connection.peer
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """The signaling connection's address, then the other family's if a probe showed it."""
+        return [self.public_address] + ([self.other_family] if self.other_family else [])
 
 
 class Registrar:
@@ -80,6 +88,8 @@ class Registrar:
                 log.info("{user} moved to a new connection {peer}", user=user_id, peer=connection.peer)
         registered_at = old.registered_at if old and old.connection is connection else now
         binding = Binding(user_id, connection, contact, now + expires, registered_at)
+        if old is not None and old.connection is connection:
+            binding.other_family = old.other_family
         binding.timer = self._clock.callLater(expires, self._expire, user_id, connection)
         self._bindings[user_id] = binding
         connection.bound(user_id)
@@ -103,6 +113,20 @@ class Registrar:
         gone = [uid for uid in list(connection.user_ids) if self.unbind(uid, connection)]
         return gone
 
+    def note_address(self, user_id: str, ip: str, port: int) -> None:
+        """A probe over the family the user did not register from: its address there.
+
+        The first one of a connection's registration stays (a probe token
+        pins only its own family's address: a replay from elsewhere cannot
+        move an address already shown); a new connection starts afresh.
+        """
+        binding = self._bindings.get(user_id)
+        if binding is None or _family(ip) == _family(binding.public_address[0]):
+            return
+        if binding.other_family is None:
+            binding.other_family = (ip, port)
+            log.info("{user} is also at {ip}", user=user_id, ip=ip)
+
     def lookup(self, user_id: str) -> Binding | None:
         return self._bindings.get(user_id)
 
@@ -124,3 +148,7 @@ class Registrar:
         if binding.timer is not None and binding.timer.active():
             binding.timer.cancel()
         binding.timer = None
+
+
+def _family(ip: str) -> int:
+    return 6 if ":" in ip else 4

@@ -130,15 +130,19 @@ class ServerSettings:
     key: Path | None = None
     cert_hosts: list[str] = field(default_factory=list)
     sip_endpoint: str = "tcp:5061"
+    sip_extra_endpoints: list[str] = field(default_factory=list)  # more --interface addresses
     probe_endpoints: list[str] = field(default_factory=lambda: ["tcp:3478", "tcp:3479"])
     probe_ports: list[int] = field(default_factory=lambda: [3478, 3479])
     probe_alt_ip: str | None = None
     #: the probes' first address when it is not a wildcard (OTHER-ADDRESS of requests to the alternate)
     probe_interface: str | None = None
+    #: the explicit --interface addresses, announced so dual-stack clients probe both families
+    probe_ips: list[str] = field(default_factory=list)
     probe_token_lifetime: float = 300.0
     #: open probe connections from one address, over all probe ports (docs/security.rst)
     probe_max_per_ip: int = 64
     web_endpoint: str | None = "tcp:8443"
+    web_extra_endpoints: list[str] = field(default_factory=list)
     digest_algorithms: tuple[str, ...] = CHALLENGE_ALGORITHMS
     tls_groups: str | None = None  # None: OpenSSL's default key exchange
     limits: ConnectionLimits = field(default_factory=ConnectionLimits)
@@ -228,6 +232,7 @@ class StuntServer(MultiService):
         self.observations.subscribe(self._observed)
         # One for every probe port: its cap on connects in flight is server-wide.
         self.connect_back = ConnectBack(reactor, source_ip=settings.probe_alt_ip or None)
+        self.observations.subscribe_addresses(self.registrar.note_address)
         self.register = RegisterHandler(
             reactor,
             settings.domain,
@@ -261,16 +266,25 @@ class StuntServer(MultiService):
         self.signaling_tls = tls_factory
         self.ports: dict[str, Deferred[IListeningPort]] = {}
         self.probe_cap = PerSourceCap(reactor, "probe", settings.probe_max_per_ip, counter=self.count)
-        self._listen("sip", settings.sip_endpoint, tls_factory, shared=True)
+        self._listen_all(tls_factory)
+
+    def _listen_all(self, tls_factory: IProtocolFactory) -> None:
+        """Signaling, probe and web listeners on every configured address (tap.py's endpoints)."""
+        self._listen("sip", self.settings.sip_endpoint, tls_factory, shared=True)
         if self.cluster is not None:
             self.ports["sip"].addCallback(self._note_sip_port)
-        for index, endpoint in enumerate(settings.probe_endpoints):
+        for index, endpoint in enumerate(self.settings.sip_extra_endpoints, 1):
+            self._listen(f"sip@{index}", endpoint, tls_factory, shared=True)
+        for index, endpoint in enumerate(self.settings.probe_endpoints):
             self._listen(f"probe{index}", endpoint, self._probe_factory())
-            if index < len(settings.probe_ports):
+            if index < len(self.settings.probe_ports):
                 # Announce the port really bound (it differs when configured as 0).
                 self.ports[f"probe{index}"].addCallback(self._note_probe_port, index)
-        if settings.web_endpoint:
-            self._listen("web", settings.web_endpoint, web.tls_factory(self), shared=True)
+        if self.settings.web_endpoint:
+            site = web.tls_factory(self)
+            self._listen("web", self.settings.web_endpoint, site, shared=True)
+            for index, endpoint in enumerate(self.settings.web_extra_endpoints, 1):
+                self._listen(f"web@{index}", endpoint, site, shared=True)
 
     def count(self, what: str) -> None:
         self.counters[what] += 1
@@ -330,7 +344,8 @@ class StuntServer(MultiService):
     def _probe_headers(self, user_id: str) -> list[tuple[str, str]]:
         token, password = self.tokens.issue(user_id)
         offer = ProbeOffer(token, password, tuple(self.settings.probe_ports),
-                           int(self.settings.probe_token_lifetime), self.settings.probe_alt_ip)
+                           int(self.settings.probe_token_lifetime), self.settings.probe_alt_ip,
+                           tuple(self.settings.probe_ips))
         return offer.items()
 
     def _behind_nat_per_contact(self, user_id: str, nat: NATDescription) -> NATDescription:

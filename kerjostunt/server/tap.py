@@ -29,16 +29,46 @@ def _tcp(port: int, interface: str) -> str:
 WILDCARDS = frozenset({"", "0.0.0.0", "::", "0:0:0:0:0:0:0:0"})
 
 
-def probe_endpoints(ports: list[int], interface: str, alt_ip: str | None) -> list[str]:
-    """The probe listeners: on ``interface``, and on ``alt_ip`` unless a wildcard covers it.
+def split_interfaces(text: str) -> list[str]:
+    """``--interface``'s comma-separated addresses; ``[""]`` (all IPv4) when empty.
+
+    ``::`` alone is dual stack: on Linux (``net.ipv6.bindv6only = 0``) an
+    IPv6 wildcard listener also accepts IPv4, whose peers show as
+    IPv4-mapped addresses (``kerjostunt.tcp.host_port`` reads them as IPv4).
+    A wildcard beside any other address of the same port fails with
+    "Address already in use", so it has to stand alone. ValueError otherwise.
+    """
+    interfaces = [part.strip().strip("[]") for part in text.split(",") if part.strip()]
+    if not interfaces:
+        return [""]
+    for interface in interfaces:
+        ipaddress.ip_address(interface)
+    if len(interfaces) > 1 and any(i.lower() in WILDCARDS for i in interfaces):
+        raise ValueError("a wildcard (0.0.0.0 or ::) listens alone: '::' alone is dual stack")
+    if len(set(interfaces)) != len(interfaces):
+        raise ValueError("an address is named twice")
+    return interfaces
+
+
+def certificate_hosts(interfaces: list[str]) -> list[str]:
+    """The explicit listening addresses, which the generated certificate must name
+    (a client dialing ``[2001:db8::1]:5061`` checks that IP against it)."""
+    return [i for i in interfaces if i.lower() not in WILDCARDS]
+
+
+def probe_endpoints(ports: list[int], interface: str | list[str], alt_ip: str | None) -> list[str]:
+    """The probe listeners: on each interface, and on ``alt_ip`` unless a wildcard covers it.
 
     A wildcard listener (no interface, ``0.0.0.0`` or ``::``) already
     receives the alternate address's connections; an explicit listener on
     the same port beside it fails with "Address already in use", so there
-    is one wildcard listener or explicit ones, never both.
+    is one wildcard listener or explicit ones, never both. The first
+    interface's endpoints come first: their indices are ``ports``' indices.
     """
-    endpoints = [_tcp(p, interface) for p in ports]
-    if alt_ip and interface.strip().lower() not in WILDCARDS:
+    interfaces = [interface] if isinstance(interface, str) else interface
+    endpoints = [_tcp(p, i) for i in interfaces for p in ports]
+    explicit = all(i.strip().lower() not in WILDCARDS for i in interfaces)
+    if alt_ip and explicit and alt_ip not in interfaces:
         endpoints += [_tcp(p, alt_ip) for p in ports]
     return endpoints
 
@@ -55,7 +85,8 @@ class Options(usage.Options):
 
     optParameters = [
         ["port", "p", 5061, "TLS SIP signaling port.", _port],
-        ["interface", "i", "", "Address to listen on (default: all)."],
+        ["interface", "i", "",
+         "Addresses to listen on, comma-separated ('::' alone: IPv6 and IPv4; default: all IPv4)."],
         ["domain", "d", "kerjo.local", "SIP domain and digest realm (must be the database's, stored at its creation)."],
         ["db", None, "sqlite:///kerjostunt.sqlite", "SQLAlchemy database URL (sqlite:///FILE, postgresql://...)."],
         ["certs", None, "certs", "Directory of the generated CA and server certificate."],
@@ -140,6 +171,10 @@ class Options(usage.Options):
         if len(ports) < 2:
             raise usage.UsageError("--probe-ports needs at least two ports")
         self["probe-ports"] = ports
+        try:
+            self["interfaces"] = split_interfaces(self["interface"])
+        except ValueError as exc:
+            raise usage.UsageError(f"--interface: {exc}") from None
         if self["probe-alt-ip"]:
             try:
                 ipaddress.ip_address(self["probe-alt-ip"])
@@ -178,22 +213,26 @@ class Options(usage.Options):
         )
 
     def settings(self) -> ServerSettings:
-        interface = self["interface"]
-        probes = probe_endpoints(self["probe-ports"], interface, self["probe-alt-ip"])
+        interfaces: list[str] = self["interfaces"]
+        probes = probe_endpoints(self["probe-ports"], interfaces, self["probe-alt-ip"])
+        web = [_tcp(self["web-port"], i) for i in interfaces] if self["web-port"] else []
         return ServerSettings(
             domain=self["domain"],
             db_url=self["db"],
             certs_dir=Path(self["certs"]),
             cert=Path(self["cert"]) if self["cert"] else None,
             key=Path(self["key"]) if self["key"] else None,
-            cert_hosts=list(self["cert-host"]),
-            sip_endpoint=_tcp(self["port"], interface),
+            cert_hosts=[*self["cert-host"], *certificate_hosts(interfaces)],
+            sip_endpoint=_tcp(self["port"], interfaces[0]),
+            sip_extra_endpoints=[_tcp(self["port"], i) for i in interfaces[1:]],
             probe_endpoints=probes,
             probe_ports=list(self["probe-ports"]),
             probe_alt_ip=self["probe-alt-ip"],
             probe_max_per_ip=self["probe-max-per-ip"],
-            probe_interface=None if interface.strip().lower() in WILDCARDS else interface,
-            web_endpoint=_tcp(self["web-port"], interface) if self["web-port"] else None,
+            probe_interface=None if interfaces[0].lower() in WILDCARDS else interfaces[0],
+            probe_ips=certificate_hosts(interfaces),
+            web_endpoint=web[0] if web else None,
+            web_extra_endpoints=web[1:],
             digest_algorithms=self["digest-algorithms"],
             tls_groups=self["tls-groups"] or None,
             limits=ConnectionLimits(max_per_ip=self["max-per-ip"], register_timeout=self["register-timeout"],

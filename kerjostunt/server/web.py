@@ -240,8 +240,10 @@ def peer_document(record: UserRecord, registrar: Registrar, pair: PairOutcome | 
     """
     binding = registrar.lookup(record.user_id)
     ip, port = record.public_ip, record.public_port
+    addresses = [format_address(ip, port)] if ip and port is not None else []
     if binding is not None:
         ip, port = binding.public_address
+        addresses = [format_address(*a) for a in binding.addresses]
     own = record.user_id == asker
     return {
         "user_id": record.user_id,
@@ -249,6 +251,7 @@ def peer_document(record: UserRecord, registrar: Registrar, pair: PairOutcome | 
         "pair": None if pair is None else {"latest": pair.latest, "failures": pair.failures},
         "ip": ip,
         "port": port,
+        "addresses": addresses,
         "nat": record.nat,
         "online": binding is not None,
         "last_seen": record.last_seen,
@@ -262,9 +265,15 @@ def format_address(ip: str | None, port: int | None) -> str:
 
 
 def peers_text(group: str, peers: list[dict[str, Any]]) -> str:
-    """The trusted peers file: a comment line, then ``USER_ID IP:PORT FLAG`` lines."""
-    lines = [f"# kerjostunt trusted peers of group {group}: user_id ip:port use_stunt"]
-    lines += [f"{p['user_id']} {format_address(p['ip'], p['port'])} {p['use_stunt']}" for p in peers]
+    """The trusted peers file: a comment line, then ``USER_ID IP:PORT FLAG [IP:PORT]`` lines.
+
+    The fourth field, the other IP family's address when a probe over it
+    showed one, comes after the flag: readers ignore fields after the third
+    (docs/web.rst), so older ones keep working.
+    """
+    lines = [f"# kerjostunt trusted peers of group {group}: user_id ip:port use_stunt [other-family ip:port]"]
+    lines += [" ".join([p["user_id"], format_address(p["ip"], p["port"]), p["use_stunt"], *p["addresses"][1:]])
+              for p in peers]
     return "\n".join(lines) + "\n"
 
 

@@ -39,6 +39,8 @@ PROBE_ALT_IP = "X-Kerjo-Probe-Alt-IP"
 #: offers them only to clients that name them, because common SIP tools (baresip 1.0)
 #: give up at the sight of any challenge they cannot compute (docs/protocol.rst)
 DIGEST = "X-Kerjo-Digest"
+#: the server's own addresses that serve the probe ports, both families (issue 17)
+PROBE_IPS = "X-Kerjo-Probe-IPs"
 
 #: Content-Type of the outcome INFO body
 OUTCOME_CONTENT_TYPE = "application/x-kerjo-outcome"
@@ -105,15 +107,17 @@ def parse_endpoint(text: str) -> Endpoint:
 # -- the outcome INFO body ---------------------------------------------------------
 
 OUTCOMES = ("direct", "stunt", "relay", "failed")
-TECHNIQUES = ("lan", "public", "simultaneous-open", "low-ttl", "accepted", "birthday", "relay", "none")
+TECHNIQUES = ("lan", "public", "simultaneous-open", "low-ttl", "accepted", "birthday", "ipv6", "port-mapping",
+              "relay", "none")
 _OUTCOME_KEYS = ("outcome", "technique", "remote", "elapsed_ms", "tried")
 _KEY_VALUE = re.compile(r"([a-z_]{1,16})=([\x21-\x7e]{1,64})\Z")
 #: ``tried``: what the side's race attempted, in order (docs/protocol.rst "Outcome")
-TRIED_TECHNIQUES = ("lan", "public", "punch", "birthday", "simultaneous-open", "low-ttl", "accepted", "relay")
+TRIED_TECHNIQUES = ("lan", "public", "punch", "birthday", "simultaneous-open", "low-ttl", "accepted", "relay",
+                    "ipv6", "port-mapping")
 TRIED_RESULTS = ("connected", "handshake", "refused", "timeout", "unreachable", "reset", "skipped",
                  "cancelled", "failed")
 MAX_TRIED = 12
-_TRIED = re.compile(r"tried=((?:[a-z-]{1,20}:[a-z]{1,12},){0,11}[a-z-]{1,20}:[a-z]{1,12})\Z")
+_TRIED = re.compile(r"tried=((?:[a-z0-9-]{1,20}:[a-z]{1,12},){0,11}[a-z0-9-]{1,20}:[a-z]{1,12})\Z")
 _MAX_ELAPSED_MS = 3_600_000
 
 
@@ -387,6 +391,9 @@ class ProbeOffer:
     ports: tuple[int, ...]
     expires: int
     alt_ip: str | None = None
+    #: the server's addresses serving the probe ports (a dual-stack client probes
+    #: the other family's once, so the server learns its address there too)
+    ips: tuple[str, ...] = ()
 
     def items(self) -> list[tuple[str, str]]:
         ports = ",".join(str(p) for p in self.ports)
@@ -394,10 +401,23 @@ class ProbeOffer:
         headers = [(PROBE, value)]
         if self.alt_ip:
             headers.append((PROBE_ALT_IP, self.alt_ip))
+        if self.ips:
+            headers.append((PROBE_IPS, ", ".join(self.ips)))
         return headers
 
 
-def parse_probe_offer(value: str, alt_ip: str | None) -> ProbeOffer:
+def parse_probe_ips(value: str | None) -> tuple[str, ...]:
+    """``X-Kerjo-Probe-IPs``: the IP literals in it (anything else is skipped), at most 8."""
+    found: list[str] = []
+    for part in (value or "").split(",")[:8]:
+        try:
+            found.append(str(ipaddress.ip_address(part.strip())))
+        except ValueError:
+            continue
+    return tuple(found)
+
+
+def parse_probe_offer(value: str, alt_ip: str | None, ips: str | None = None) -> ProbeOffer:
     """ValueError when a field is missing or not a number."""
     params = _semicolon_params(value)
     try:
@@ -407,6 +427,7 @@ def parse_probe_offer(value: str, alt_ip: str | None) -> ProbeOffer:
             ports=tuple(int(p) for p in params["ports"].split(",") if p),
             expires=int(params.get("expires", "0") or 0),
             alt_ip=alt_ip,
+            ips=parse_probe_ips(ips),
         )
     except KeyError as missing:
         raise ValueError(f"{PROBE} has no {missing}") from None

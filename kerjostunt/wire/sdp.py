@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 __all__ = [
     "SDPError", "Candidate", "SessionDescription", "parse_sdp", "validate_offer",
     "candidate_priority", "MAX_SDP_BYTES", "MAX_RELAY_CANDIDATES", "MAX_CANDIDATES", "TYPES", "TCPTYPES",
+    "MAPPING_FOUNDATION",
 ]
 
 MAX_SDP_BYTES = 32 * 1024
@@ -33,6 +34,8 @@ _TYPE_PREF = {"host": 126, "prflx": 110, "srflx": 100, "relay": 0}
 _DIRECTION_PREF = {"so": 6, "active": 5, "passive": 4}
 
 _FOUNDATION = re.compile(r"[A-Za-z0-9+/]{1,32}\Z")
+#: the foundation of a client's own ``srflx passive`` candidate: its gateway's port mapping
+MAPPING_FOUNDATION = "pm"
 _USER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}\Z")
 _DIGITS = re.compile(r"[0-9]{1,10}\Z")
 _EXTENSION = re.compile(r"[A-Za-z0-9._-]{1,32}\Z")
@@ -148,11 +151,21 @@ class SessionDescription:
 
     @property
     def punch_candidate(self) -> Candidate | None:
-        found = self.of_type("host", "so")
+        """The ``host so`` candidate of the session's own address family (the probed punch port)."""
+        found = [c for c in self.of_type("host", "so") if _family(c.ip) == _family(self.host_ip)]
         return found[0] if found else None
+
+    def other_family(self, tcptype: str) -> list[Candidate]:
+        """``host`` candidates of the family the session is not in: a dual-stack
+        peer's IPv6 ones when it signals over IPv4 (issue 17, docs/punching.rst)."""
+        return [c for c in self.of_type("host", tcptype) if _family(c.ip) != _family(self.host_ip)]
 
     def with_candidates(self, extra: list[Candidate]) -> SessionDescription:
         return replace(self, candidates=list(self.candidates) + list(extra))
+
+
+def _family(ip: str) -> int:
+    return 6 if ":" in ip else 4
 
 
 def _int(text: str, low: int, high: int, what: str) -> int:
@@ -234,16 +247,22 @@ def parse_sdp(body: bytes) -> SessionDescription:
 def validate_offer(description: SessionDescription) -> int:
     """The rules for a body a client sends; returns the punch port.
 
-    Exactly one ``host so`` candidate whose port ``a=x-kerjo-punch-port``
-    repeats; only ``host`` candidates, ``so`` or ``passive``, and at most
-    ``MAX_RELAY_CANDIDATES`` ``relay passive`` ones (a TURN relayed address
-    the client allocated, docs/relay.rst).
+    Exactly one ``host so`` candidate of the session's address family,
+    whose port ``a=x-kerjo-punch-port`` repeats, and at most one of the
+    other family (a dual-stack client's IPv6 punch port); only ``host``
+    candidates, ``so`` or ``passive``; at most ``MAX_RELAY_CANDIDATES``
+    ``relay passive`` ones (a TURN relayed address the client allocated,
+    docs/relay.rst); and at most one ``srflx passive`` of foundation
+    ``pm``: the gateway's mapping of the client's app port.
     """
     relays = description.of_type("relay")
     if len(relays) > MAX_RELAY_CANDIDATES or any(c.tcptype != "passive" or c.port == 0 for c in relays):
         raise SDPError("relay candidates are tcptype passive, at most two")
+    mapped = [c for c in description.candidates if c.typ == "srflx" and c.foundation == MAPPING_FOUNDATION]
+    if len(mapped) > 1 or any(c.tcptype != "passive" for c in mapped):
+        raise SDPError("at most one port mapping, a srflx passive candidate")
     for c in description.candidates:
-        if c.typ == "relay":
+        if c.typ == "relay" or c in mapped:
             continue
         if c.typ != "host":
             raise SDPError(f"clients send host and relay candidates only, not {c.typ}")
@@ -251,9 +270,12 @@ def validate_offer(description: SessionDescription) -> int:
             raise SDPError("host candidates are tcptype so or passive")
         if c.port == 0:
             raise SDPError("candidate port 0")
-    punch = description.of_type("host", "so")
+    own = _family(description.host_ip)
+    punch = [c for c in description.of_type("host", "so") if _family(c.ip) == own]
     if len(punch) != 1:
         raise SDPError("exactly one punch (tcptype so) candidate is required")
+    if len(description.other_family("so")) > 1:
+        raise SDPError("at most one punch (tcptype so) candidate of the other address family")
     if description.punch_port is None:
         raise SDPError("no a=x-kerjo-punch-port")
     if punch[0].port != description.punch_port:

@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import v6
 from .nat import ALLOCATIONS, INBOUND, core_queue_argvs, nat_ruleset
 
 #: Namespace names are ``kjl<pid>n<counter>-<role>``: the owning pid makes
@@ -263,6 +264,7 @@ class Lab:
         peers_per_nat: dict[str, int] | None = None,
         public_peer: bool = True,
         server_delay_ms: float = 0.0,
+        ipv6: frozenset[str] | set[str] = frozenset(),  # dual-stack sites (natlab/v6.py)
     ) -> None:
         if len(nats) > 90:
             raise ValueError("too many NATs")
@@ -277,6 +279,7 @@ class Lab:
         self.peers_per_nat = dict.fromkeys(nats, 1)
         self.peers_per_nat.update(peers_per_nat or {})
         self.public_peer = public_peer
+        self.ipv6 = set(ipv6)
 
         self.prefix = f"kjl{os.getpid()}n{next(_counter)}-"
         self.core = Host("core", self.prefix + "core", f"{SERVER_NET}.{CORE_HOST}")
@@ -429,9 +432,11 @@ class Lab:
         _run([self._ip, "netns", "add", host.netns])
         self._namespaces.append(host.netns)
         self._ipn(host.netns, "link", "set", "lo", "up")
-        # No IPv6 noise (router solicitations, DAD) in the queue or captures.
-        self._sysctl(host.netns, "net.ipv6.conf.all.disable_ipv6=1",
-                     "net.ipv6.conf.default.disable_ipv6=1")
+        # No IPv6 noise (router solicitations, DAD) in the queue or captures,
+        # unless some site is dual-stack (then no router advertisements).
+        off = "0" if self.ipv6 else "1"
+        self._sysctl(host.netns, f"net.ipv6.conf.all.disable_ipv6={off}",
+                     f"net.ipv6.conf.default.disable_ipv6={off}", "net.ipv6.conf.all.accept_ra=0")
 
     def _veth(self, ns_a: str, if_a: str, ns_b: str, if_b: str) -> None:
         self._ipn(ns_a, "link", "add", if_a, "type", "veth",
@@ -494,8 +499,11 @@ class Lab:
                                    public_ip=nat.ip))
             links[core_if] = self.delay_ms
 
+        if self.ipv6:
+            v6.build(self, self._ipn, self._sysctl, lambda ns, rule: _run(
+                [self._ip, "netns", "exec", ns, "nft", *rule.split()]), self.ipv6)
         self._start_delay(links)
-        for queue_argv in core_queue_argvs(0):
+        for queue_argv in core_queue_argvs(0) + (v6.queue_argvs(0) if self.ipv6 else []):
             _run([self._ip, "netns", "exec", core, *queue_argv])
 
     def _start_delay(self, links: dict[str, float]) -> None:

@@ -139,8 +139,12 @@ RELAYED = {"relay"}
 @defer.inlineCallbacks
 def run_pair(reactor, pair: Pair, tries: int, delay_ms: float, timeout: float,
              workdir: Path, verbose: bool, caller_args: tuple[str, ...] = (),
-             callee_args: tuple[str, ...] = (), relay: bool = False):
-    if pair.kind == "nat":
+             callee_args: tuple[str, ...] = (), relay: bool = False, *, specs: dict[str, NATSpec] | None = None,
+             ipv6: frozenset[str] = frozenset(), built=None):
+    """One row; ``specs``/``ipv6``/``built(lab, workdir)``: the issue 17 rows (matrix17.py)."""
+    if specs is not None:
+        nats, peers, caller, callee = specs, None, "a1", "b1"
+    elif pair.kind == "nat":
         nats = {"a": BEHAVIOURS[pair.nat_a], "b": BEHAVIOURS[pair.nat_b]}
         peers, caller, callee = None, "a1", "b1"
     elif pair.kind == "same":
@@ -152,8 +156,11 @@ def run_pair(reactor, pair: Pair, tries: int, delay_ms: float, timeout: float,
     row = Row(pair.nat_a, pair.label_b(),
               floor_ms=floor_ms(delay_ms, 0.0, pair.kind))
     lab = Lab(nats, delay_ms=delay_ms, peers_per_nat=peers,
-              public_peer=pair.kind == "public")
+              public_peer=pair.kind == "public", ipv6=ipv6)
     lab.build()
+    if built is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        built(lab, workdir)
     sc = Scenario(lab, workdir, reactor=reactor)
     try:
         yield sc.add_users(["alice", "bob"])

@@ -11,6 +11,7 @@ fresh probe token), ``port_taken`` (the agent's prepared port, or None),
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from typing import Protocol, cast
 
 from twisted.internet import defer
@@ -21,6 +22,7 @@ from twisted.python.failure import Failure
 
 from kerjostunt.client.calls.race import Dialer, DialerConfig
 from kerjostunt.client.calls.setup import CallSetup, PeerConnection, build_offer, reason_of
+from kerjostunt.client.nat.interfaces import preferred_ipv6
 from kerjostunt.client.nat.probing import ProbeError, ProbeResult
 from kerjostunt.client.nat.readyport import PreparedPort, ReadyPort
 from kerjostunt.client.nat.sockets import SocketReactor, reusable_socket
@@ -55,6 +57,9 @@ class CallAgent(Protocol):
 
     @property
     def low_ttl(self) -> int | None: ...
+
+    @property
+    def port_mapping(self) -> tuple[str, int] | None: ...
 
     @property
     def ready_port(self) -> ReadyPort: ...
@@ -98,6 +103,8 @@ class CallBase:
     """What both directions share: the punch port, probing, the race, the outcome INFO."""
 
     _life: PreparingInputs
+    #: where a call finds its IPv6 address (tests hand in their own)
+    find_ipv6: Callable[[], str | None] = staticmethod(preferred_ipv6)
 
     def __init__(self, agent: CallAgent, peer_id: str) -> None:
         self.agent = agent
@@ -105,6 +112,8 @@ class CallBase:
         self.peer_id = peer_id
         self.call_id = ""
         self.holder: socket.socket | None = None
+        self.v6_holder: socket.socket | None = None  # the IPv6 punch port (ipv6_punch)
+        self.v6_tried = False
         self.punch_port = 0
         self.dialer: Dialer | None = None
         self.local_ip = "0.0.0.0"
@@ -194,7 +203,42 @@ class CallBase:
         return d.addCallbacks(probed, failed)
 
     def offer(self, sig: SignalingClientProtocol) -> SessionDescription:
-        return build_offer(sig.user_id, self.local_ip, self.punch_port, self.agent.app_port)
+        return build_offer(sig.user_id, self.local_ip, self.punch_port, self.agent.app_port,
+                           ipv6_punch=self.ipv6_punch(), mapped=self.usable_mapping())
+
+    def usable_mapping(self) -> tuple[str, int] | None:
+        """The gateway's mapping of our app port, when its address is the one the server sees.
+
+        Behind two NATs the inner gateway grants an address that is still
+        private: offering it would send the peer nowhere.
+        """
+        mapped = self.agent.port_mapping
+        registration = self.registration
+        if mapped is None or registration is None or mapped[0] != registration.public_ip:
+            return None
+        return mapped
+
+    def ipv6_punch(self) -> tuple[str, int] | None:
+        """Our IPv6 punch endpoint when we signal over IPv4 and have a global IPv6 address.
+
+        Bound once per call, when the offer or the dialer first needs it, and
+        held until the call ends; no probe: without a NAT the address and
+        port are what the peer dials (docs/punching.rst, "ipv6").
+        """
+        if self.v6_holder is not None:
+            return self.v6_holder.getsockname()[:2]  # type: ignore[no-any-return]
+        if self.v6_tried or ":" in self.local_ip:
+            return None
+        self.v6_tried = True
+        address = self.find_ipv6()
+        if address is None:
+            return None
+        try:
+            self.v6_holder = reusable_socket((address, 0))
+        except OSError as e:
+            log.info("call {call}: no IPv6 punch port on {ip}: {why}", call=self.call_id, ip=address, why=e)
+            return None
+        return self.v6_holder.getsockname()[:2]  # type: ignore[no-any-return]
 
     def make_dialer(self, setup: CallSetup, app_factory: IProtocolFactory, *, stunt_only: bool = False) -> Dialer:
         registration = self.registration
@@ -202,8 +246,8 @@ class CallBase:
             self.reactor, setup, app_factory,
             local_ip=self.local_ip, punch_port=self.punch_port,
             own_public_ip=registration.public_ip if registration is not None else None,
-            config=DialerConfig(deadline=self.agent.punch_deadline, low_ttl=self.agent.low_ttl),
-            stunt_only=stunt_only, own_probes=self.probe_results,
+            config=DialerConfig(deadline=self.agent.punch_deadline, low_ttl=self.agent.low_ttl, stunt_only=stunt_only),
+            own_probes=self.probe_results, ipv6_punch=self.ipv6_punch(),
             server_ip=server_ip_of(self.registered_sig),
         )
         self.agent.dialer_started(self.dialer)
@@ -224,6 +268,9 @@ class CallBase:
         holder, self.holder = self.holder, None
         if holder is not None:
             holder.close()
+        v6_holder, self.v6_holder = self.v6_holder, None
+        if v6_holder is not None:
+            v6_holder.close()
         self.agent.call_ended(self)
 
     def _elapsed_ms(self) -> float:

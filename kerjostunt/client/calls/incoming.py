@@ -35,7 +35,7 @@ from kerjostunt.client.nat import relay
 from kerjostunt.client.nat.readyport import PreparedPort
 from kerjostunt.client.nat.turn import Allocation, TurnError
 from kerjostunt.client.signaling import Registration, SignalingClientProtocol
-from kerjostunt.wire.kerjo import new_tag
+from kerjostunt.wire.kerjo import format_endpoint, new_tag
 from kerjostunt.wire.sip.message import Request
 
 __all__ = ["ACK_TIMEOUT", "IncomingCall"]
@@ -170,7 +170,7 @@ class IncomingCall(CallBase):
         self.sig.respond(
             self.invite, 200, to_tag=self.to_tag,
             headers=[
-                ("Contact", f"<sips:{sig.user_id}@{sig.local[0]}:{sig.local[1]};transport=tls>"),
+                ("Contact", f"<sips:{sig.user_id}@{format_endpoint(sig.local)};transport=tls>"),
                 ("Content-Type", "application/sdp"),
             ],
             body=offer.to_bytes(),

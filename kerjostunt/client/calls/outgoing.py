@@ -32,6 +32,7 @@ from kerjostunt.client.calls.setup import (
 )
 from kerjostunt.client.nat.readyport import PreparedPort
 from kerjostunt.client.signaling import QUEUED, Registration, SignalingClientProtocol
+from kerjostunt.wire.kerjo import format_endpoint
 from kerjostunt.wire.sip.message import Request, Response
 
 __all__ = ["OutgoingCall"]
@@ -123,7 +124,7 @@ class OutgoingCall(CallBase):
         self.invite = sig.build_request(
             "INVITE", uri, call_id=self.call_id,
             headers=[
-                ("Contact", f"<sips:{sig.user_id}@{sig.local[0]}:{sig.local[1]};transport=tls>"),
+                ("Contact", f"<sips:{sig.user_id}@{format_endpoint(sig.local)};transport=tls>"),
                 ("Content-Type", "application/sdp"),
             ],
             body=self.offer(sig).to_bytes(),

@@ -19,7 +19,14 @@ from kerjostunt.client import reasons
 from kerjostunt.client.nat.relay import RelayPlan
 from kerjostunt.wire import kerjo, turn
 from kerjostunt.wire.kerjo import Outcome, RelayOffer
-from kerjostunt.wire.sdp import Candidate, SDPError, SessionDescription, candidate_priority, parse_sdp
+from kerjostunt.wire.sdp import (
+    MAPPING_FOUNDATION,
+    Candidate,
+    SDPError,
+    SessionDescription,
+    candidate_priority,
+    parse_sdp,
+)
 from kerjostunt.wire.sip.headers import parse_name_addr
 from kerjostunt.wire.sip.message import Request, Response
 
@@ -119,8 +126,11 @@ def dial_in_seconds(message: Request | Response) -> float:
     return kerjo.parse_dial_in(message.headers.get(kerjo.DIAL_IN))
 
 
-def build_offer(user: str, host_ip: str, punch_port: int, app_port: int | None) -> SessionDescription:
-    """Our SDP: the punch port (``so``) and, if we listen, the app port (``passive``)."""
+def build_offer(user: str, host_ip: str, punch_port: int, app_port: int | None, *,
+                ipv6_punch: Endpoint | None = None, mapped: Endpoint | None = None) -> SessionDescription:
+    """Our SDP: the punch port (``so``) and, if we listen, the app port (``passive``);
+    a dual-stack side's IPv6 punch port (``so``), ranked first (RFC 8305: IPv6 first);
+    and the gateway's mapping of the app port (``srflx passive``, foundation ``pm``)."""
     candidates = [
         Candidate("1", 1, "TCP", candidate_priority("host", "so"), host_ip, punch_port, "host", "so"),
     ]
@@ -128,6 +138,13 @@ def build_offer(user: str, host_ip: str, punch_port: int, app_port: int | None) 
         candidates.append(
             Candidate("2", 1, "TCP", candidate_priority("host", "passive"), host_ip, app_port, "host", "passive")
         )
+    if ipv6_punch is not None:
+        # RFC 6544 priority: the same type and direction, a higher local preference.
+        priority = candidate_priority("host", "so") + (1 << 8)
+        candidates.insert(0, Candidate("6", 1, "TCP", priority, ipv6_punch[0], ipv6_punch[1], "host", "so"))
+    if mapped is not None and app_port:
+        candidates.append(Candidate(MAPPING_FOUNDATION, 1, "TCP", candidate_priority("srflx", "passive"),
+                                    mapped[0], mapped[1], "srflx", "passive", raddr=host_ip, rport=app_port))
     return SessionDescription(user=user, host_ip=host_ip, candidates=candidates, punch_port=punch_port)
 
 

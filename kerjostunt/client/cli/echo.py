@@ -32,6 +32,7 @@ from kerjostunt.client.cli.options import (
     DEFAULT_DOMAIN,
     add_credentials,
     add_domain,
+    add_port_mapping,
     add_tls_hostname,
     agent_config,
     react,
@@ -76,6 +77,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     add_tls_hostname(parser, "name to verify in the server certificate (default: the server host)")
     parser.add_argument("--listen-port", type=int, default=0, metavar="PORT",
                         help="local port for direct connections from peers (default: any)")
+    add_port_mapping(parser)
     parser.add_argument("--punch-deadline", type=positive, default=10.0, metavar="SECONDS",
                         help="how long to punch (default 10)")
     parser.add_argument("--low-ttl", type=int, default=2, metavar="TTL",
@@ -130,7 +132,8 @@ def _agent(
     config = agent_config(
         args, args.server[0], password,
         ports=Ports(
-            listen_port=args.listen_port, low_ttl=args.low_ttl or None, punch_port_max_age=args.punch_port_max_age
+            listen_port=args.listen_port, low_ttl=args.low_ttl or None, punch_port_max_age=args.punch_port_max_age,
+            port_mapping=not args.no_port_mapping,
         ),
         timeouts=Timeouts(punch_deadline=args.punch_deadline,
                           connect_timeout=min(10.0, 0.8 * getattr(args, "timeout", 12.5))),

@@ -39,6 +39,7 @@ from kerjostunt.client.cli.options import (
     _port,
     add_credentials,
     add_domain,
+    add_port_mapping,
     add_tls_hostname,
     agent_config,
     react_for_exit_code,
@@ -119,6 +120,7 @@ def register(subparsers: Any) -> None:
         metavar="PORT",
         help="application port for direct connections from peers (default: any)",
     )
+    add_port_mapping(parser)
     parser.add_argument("group", metavar="GROUP")
     parser.set_defaults(func=run_command)
 
@@ -300,7 +302,8 @@ def _manager(
     from kerjostunt.client.agent import PeerAgent  # imported late: only `join` needs the agent
 
     def make_agent() -> PeerAgent:
-        config = agent_config(args, server, password, ports=Ports(listen_port=args.listen_port))
+        config = agent_config(args, server, password, ports=Ports(listen_port=args.listen_port,
+                                                                  port_mapping=not args.no_port_mapping))
         return PeerAgent(reactor, config, accept_factory=manager.accept_factory, on_peer=manager.peer_arrived)
 
     def on_event(event: Event) -> None:

@@ -119,6 +119,12 @@ def add_tls_hostname(parser: argparse.ArgumentParser, help: str) -> None:
     parser.add_argument("--tls-hostname", metavar="NAME", help=help)
 
 
+def add_port_mapping(parser: argparse.ArgumentParser) -> None:
+    """``--no-port-mapping``: never ask the gateway (PCP, NAT-PMP, UPnP-IGD) to map the listen port."""
+    parser.add_argument("--no-port-mapping", action="store_true",
+                        help="do not ask the gateway (PCP, NAT-PMP, UPnP-IGD) to map the listen port")
+
+
 # -- using them ----------------------------------------------------------------------
 
 

@@ -69,6 +69,7 @@ def format_table(peers: list[PeerEntry]) -> str:
     rows = [("USER", "FLAG", "ADDRESS", "ONLINE")]
     for p in peers:
         address = "-" if not p.ip or p.port is None else (f"[{p.ip}]:{p.port}" if ":" in p.ip else f"{p.ip}:{p.port}")
+        address = ",".join([address, *p.addresses[1:]])  # the other IP family's too
         rows.append((p.user_id, p.use_stunt, address, "yes" if p.online else "no"))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     return "".join(

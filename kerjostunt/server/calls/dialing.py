@@ -68,11 +68,14 @@ def augmented(sd: SessionDescription, prediction: Prediction, public_ip: str,
 
     With a ``scope`` (who receives it), only what the other side may dial
     (``wire.candidates``): the rest is dropped, and a dropped host address
-    is not named in ``raddr`` or ``o=`` either.
+    is not named in ``raddr`` or ``o=`` either. A port mapping the side
+    offers (``srflx`` ``pm``) is passed on only when it names the public
+    address the server sees the side at: nobody else's.
     """
     punch = sd.punch_candidate
     assert punch is not None and sd.punch_port is not None
     own, refused = screen(sd.candidates, scope) if scope is not None else (list(sd.candidates), [])
+    own = [c for c in own if c.typ != "srflx" or c.ip == public_ip]
     hidden = {c.ip for c, _ in refused}
 
     def based(candidate: Candidate, ip: str, port: int) -> Candidate:
@@ -87,7 +90,8 @@ def augmented(sd: SessionDescription, prediction: Prediction, public_ip: str,
     extra += [
         based(Candidate(f"s{j + 1}", 1, "TCP", candidate_priority("srflx", "passive") - j, public_ip, c.port,
                         "srflx", "passive"), c.ip, c.port)
-        for j, c in enumerate(sd.of_type("host", "passive")[:room])
+        # Only the signaling family's: the public IPv4 address says nothing of an IPv6 listener.
+        for j, c in enumerate([c for c in sd.of_type("host", "passive") if (":" in c.ip) == (":" in public_ip)][:room])
     ]
     if scope is not None:
         extra, dropped = screen(extra, scope)

@@ -404,7 +404,9 @@ class CallManager:
                 return
             ips = (call.caller_conn.peer[0], callee_conn.peer[0])
             nats = self.nat_view.sides((call.caller_id, ips[0]), (call.callee_id, ips[1]))
-            why = self.nat_view.why_unjoinable(*ips, nats)
+            # A caller offering an IPv6 punch port may meet the callee over IPv6, where there is no NAT
+            # (docs/punching.rst, "ipv6"; the callee's answer shows only later whether it can).
+            why = "" if call.caller_sdp.other_family("so") else self.nat_view.why_unjoinable(*ips, nats)
             self._with_relay(call, callee_conn, why, nats, lambda: self._take_turn(call, callee_conn, nats))
 
         def failed(failure: Failure) -> None:
