@@ -57,6 +57,12 @@ class RuleTests(unittest.TestCase):
                          "the server's own address")
         self.assertEqual(refusal(cand("198.51.100.9", 0), Scope()), "port 0")
 
+    def test_a_relayed_address_on_the_servers_host_is_passed_on(self) -> None:
+        """coturn beside the server (docs/relay.rst): the relayed address is the server's IP, reached by Connect."""
+        own = Scope(own=frozenset({"192.0.2.1"}))
+        self.assertIsNone(refusal(cand("192.0.2.1", 40123, "relay"), own))
+        self.assertEqual(refusal(cand("192.0.2.1", 40123, "srflx"), own), "the server's own address")
+
     def test_loopback_only_on_one_host(self) -> None:
         self.assertIsNone(refusal(cand("127.0.0.1", 22), Scope(local=True)))
         self.assertIsNotNone(refusal(cand("169.254.169.254", 80), Scope(local=True)))

@@ -88,7 +88,9 @@ def refusal(candidate: Candidate, scope: Scope) -> str | None:
         return "unspecified address"
     if address.is_loopback:
         return None if scope.local else "loopback address"
-    if str(address) in scope.own or candidate.ip in scope.own:
+    if (str(address) in scope.own or candidate.ip in scope.own) and candidate.typ != "relay":
+        # A TURN relay may run on the server's host (docs/relay.rst): a relayed address is reached
+        # only through that relay's Connect, never dialed.
         return "the server's own address"
     if address.is_link_local:
         return "link-local address"
