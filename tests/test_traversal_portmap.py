@@ -51,6 +51,9 @@ class PortMappingTraversalTests(unittest.TestCase):
         yield sc.add_users(["alice", "bob"])
         yield sc.start_server()
         server = yield sc.start_echo_server("b1", "bob")
+        # The gateway's answer (or its absence) before the call: UPnP-IGD's discovery alone
+        # takes up to 2 s, and a call before it goes through the plain public candidate.
+        yield server.wait_for(r"port \d+ mapped by \S+|no mapping of port", 20.0)
         since = wall_clock()
         result = yield sc.echo_client("a1", "alice", "bob", message=unique_message(6000), timeout=30.0)
         if not result.ok or result.peer != "bob":
@@ -60,7 +63,7 @@ class PortMappingTraversalTests(unittest.TestCase):
     @defer.inlineCallbacks
     def check_mapped(self, method: str, **mapper: bool):  # type: ignore[no-untyped-def]
         sc = self.build(mapper)
-        # The mapping is made as bob's agent starts (before it registers).
+        # The mapping is asked for as bob's agent starts.
         result, since, server = yield self.echo(sc)
         self.assertEqual(result.technique, "port-mapping", result.summary() + "\n" + sc.transcript())
         mapped = re.search(r"port (\d+) mapped by (\S+) to (\S+):(\d+)", server.output)
