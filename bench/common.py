@@ -759,3 +759,25 @@ def emit(message: dict[str, Any]) -> None:
     """A worker's report to the coordinator: one JSON line on stdout."""
     sys.stdout.write(json.dumps(message) + "\n")
     sys.stdout.flush()
+
+
+def run_to_exit(server: ServerProcess, start: Callable[[], Any]) -> int:
+    """Start ``server``, run the reactor until ``start()``'s Deferred fires, stop the server.
+
+    The exit code: 1 (the failure on stderr) when it failed, else 0.
+    """
+    from twisted.internet import defer, reactor
+
+    outcome: list[Any] = []
+    server.create_users()
+    server.start()
+    try:
+        d = start()
+        d.addBoth(outcome.append).addBoth(lambda _: reactor.stop())
+        reactor.run()  # type: ignore[attr-defined]
+    finally:
+        server.stop()
+    if outcome and isinstance(outcome[0], Exception | defer.Failure):
+        print(outcome[0], file=sys.stderr)
+        return 1
+    return 0

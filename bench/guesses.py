@@ -205,19 +205,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="kerjo-guesses-") as tmp:
         web_port = common.free_ports(1)[0]
         server = common.ServerProcess(Path(tmp), users=1, extra_args=["--web-port", str(web_port)])
-        server.create_users()
-        server.start()
-        outcome: list[Any] = []
-        try:
-            d = run_web(args, server, web_port) if args.web else run(args, server)
-            d.addBoth(outcome.append).addBoth(lambda _: reactor.stop())
-            reactor.run()
-        finally:
-            server.stop()
-    if outcome and isinstance(outcome[0], Exception | defer.Failure):
-        print(outcome[0], file=sys.stderr)
-        return 1
-    return 0
+        return common.run_to_exit(server, lambda: run_web(args, server, web_port) if args.web else run(args, server))
 
 
 if __name__ == "__main__":

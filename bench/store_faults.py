@@ -39,8 +39,7 @@ from kerjostunt import tls
 from kerjostunt.client.directory import CAFilePolicy
 from kerjostunt.client.signaling import SignalingClientProtocol, connect_signaling
 from kerjostunt.store import Database
-from kerjostunt.wire.sip.digest import authorization
-from kerjostunt.wire.sip.headers import parse_auth
+from kerjostunt.wire.sip.digest import authorization, choose_challenge
 
 URI = f"sips:{common.DOMAIN}"
 HOLDER = """
@@ -82,8 +81,7 @@ def register(server: common.ServerProcess, user: str):  # type: ignore[no-untype
     try:
         headers = [("Contact", f"<sips:{user}@127.0.0.1:5000;transport=tls>")]
         first = yield proto.request("REGISTER", URI, to=proto.uri_of(user), headers=headers, timeout=30.0)
-        params = [p for s, p in (parse_auth(v) for v in first.headers.get_all("WWW-Authenticate"))
-                  if s.lower() == "digest" and p.get("algorithm") == "SHA-256"][0]
+        params = choose_challenge(first.headers.get_all("WWW-Authenticate"))
         auth = authorization(params, user, common.password_of(user), "REGISTER", URI, "c0ffee")
         final = yield proto.request("REGISTER", URI, to=proto.uri_of(user), timeout=30.0,
                                     headers=[*headers, ("Authorization", auth)])
@@ -197,19 +195,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="kerjo-store-faults-") as tmp:
         web_port = common.free_ports(1)[0]
         server = common.ServerProcess(Path(tmp), users=2, extra_args=["--web-port", str(web_port)])
-        server.create_users()
-        server.start()
-        outcome: list[Any] = []
-        try:
-            d = run(args, server, web_port)
-            d.addBoth(outcome.append).addBoth(lambda _: reactor.stop())
-            reactor.run()
-        finally:
-            server.stop()
-    if outcome and isinstance(outcome[0], Exception | defer.Failure):
-        print(outcome[0], file=sys.stderr)
-        return 1
-    return 0
+        return common.run_to_exit(server, lambda: run(args, server, web_port))
 
 
 if __name__ == "__main__":

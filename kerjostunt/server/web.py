@@ -37,7 +37,7 @@ from kerjostunt import tls
 from kerjostunt.server import metrics as metrics_module
 from kerjostunt.server import statuspage
 from kerjostunt.server.auth import AuthGuard, NonceManager, SIPDigestCredentials, StoreDigestChecker, challenge_params
-from kerjostunt.server.deadline import within
+from kerjostunt.server.deadline import StoreTimeout, within
 from kerjostunt.server.limits import WebLimits
 from kerjostunt.server.registrar import Registrar
 from kerjostunt.server.signaling import AdmittingTLSFactory
@@ -53,7 +53,16 @@ from kerjostunt.server.webchannel import (
     LimitedChannel,
     WebSite,
 )
-from kerjostunt.store import NAME_RE, PairOutcome, StoreError, UnknownGroup, UserRecord, pair_flag
+from kerjostunt.store import (
+    NAME_RE,
+    PairOutcome,
+    StoreBusy,
+    StoreError,
+    StoreReadOnly,
+    UnknownGroup,
+    UserRecord,
+    pair_flag,
+)
 from kerjostunt.store.api import Store
 from kerjostunt.tcp import host_port
 from kerjostunt.wire.sip.digest import ALGORITHMS, ha1
@@ -365,11 +374,21 @@ class WebResource(resource.Resource):
             # seen, NAT and call outcome (issue 14).
             yield within(self.clock, HEALTH_TIMEOUT,
                          defer.maybeDeferred(self.store.claim_realm, self.realm, self.realm))
+        except (StoreTimeout, StoreBusy) as e:
+            if isinstance(e, StoreReadOnly):
+                return self._writes_refused(document, e)
+            # A lock held elsewhere: writes are held back (and retried), as above, not refused.
+            document.update(status="degraded", store="writes failing", reason=f"writes wait: {_describe(e)}")
         except Exception as e:
-            why = _describe(e)
-            document.update(status="degraded", store=f"writes fail: {why}", reason=f"writes fail: {why}")
-            return json_reply(503, document, ((b"retry-after", b"10"),))
+            return self._writes_refused(document, e)
         return json_reply(200, document)
+
+    @staticmethod
+    def _writes_refused(document: dict[str, Any], error: BaseException) -> Reply:
+        """503: the database refuses writes (read-only, or an error no retry mends)."""
+        why = _describe(error)
+        document.update(status="degraded", store=f"writes fail: {why}", reason=f"writes fail: {why}")
+        return json_reply(503, document, ((b"retry-after", b"10"),))
 
     # -- /v1/groups/GROUP/peers
 

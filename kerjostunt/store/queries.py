@@ -23,6 +23,7 @@ from kerjostunt.store.records import (
     RECENT_ATTEMPTS,
     StoreBusy,
     StoreError,
+    StoreReadOnly,
     StoreUnavailable,
     UnknownGroup,
     UnknownUser,
@@ -121,6 +122,8 @@ def translated(method: _F) -> _F:
         except DBAPIError as e:
             detail = " ".join(str(e.orig).split())  # one line, for logs and the CLI
             kind = StoreBusy if isinstance(e, (OperationalError, InterfaceError)) else StoreUnavailable
+            if kind is StoreBusy and "readonly" in detail:
+                kind = StoreReadOnly
             raise kind(f"database error: {detail}") from e
 
     return wrapper  # type: ignore[return-value]

@@ -69,6 +69,11 @@ class StoreBusy(StoreUnavailable):
     store retries writes that fail with this (``store/api.py``)."""
 
 
+class StoreReadOnly(StoreBusy):
+    """The database refuses writes (a read-only file or mount): retried like a
+    lock, since an operator may fix it, but /health tells it apart (503)."""
+
+
 class ImportRowError(StoreError):
     def __init__(self, row: int, message: str) -> None:
         super().__init__(f"row {row}: {message}")
