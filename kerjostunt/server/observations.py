@@ -181,8 +181,11 @@ class ObservationLog:
     logged and does not stop the others.
     """
 
-    def __init__(self, per_user: int = 32) -> None:
+    def __init__(self, per_user: int = 32, local_ip_of: Callable[[str], str | None] | None = None) -> None:
         self.per_user = per_user
+        # A user's own address as it registered it (its Contact): the probes carry none, and
+        # without it a preserving NAT that kept every port looks like no NAT at all.
+        self._local_ip_of = local_ip_of or (lambda user_id: None)
         self._by_user: dict[str, deque[Observation]] = {}
         # The observations seen through each public address: with a
         # sequential NAT every host behind it moves one port counter, so the
@@ -223,8 +226,7 @@ class ObservationLog:
 
     def behind(self, public_ip: str) -> list[Sample]:
         """The recent samples of every user seen at ``public_ip`` (one NAT), oldest first."""
-        return [Sample(o.local_port, o.mapped_ip, o.mapped_port, o.server_ip, o.server_port, o.time)
-                for o in self._by_ip.get(public_ip, ()) if o.local_port is not None]
+        return [self._sample(o) for o in self._by_ip.get(public_ip, ()) if o.local_port is not None]
 
     def last_probe_behind(self, public_ip: str, excluding: Collection[str]) -> float | None:
         """When a user not in ``excluding`` last probed through ``public_ip`` (None: not lately)."""
@@ -237,9 +239,12 @@ class ObservationLog:
     def samples(self, user_id: str) -> list[Sample]:
         """Converted for prediction.py; observations without a reported local port are left out
         (they cannot show how a local port was mapped)."""
-        return [Sample(o.local_port, o.mapped_ip, o.mapped_port, o.server_ip, o.server_port,
-                       o.time)
-                for o in self.for_user(user_id) if o.local_port is not None]
+        return [self._sample(o) for o in self.for_user(user_id) if o.local_port is not None]
+
+    def _sample(self, o: Observation) -> Sample:
+        assert o.local_port is not None
+        return Sample(o.local_port, o.mapped_ip, o.mapped_port, o.server_ip, o.server_port, o.time,
+                      self._local_ip_of(o.user_id))
 
 
 def nat_not_stored(failure: Failure, user_id: str, tokens: ProbeTokens, observations: ObservationLog) -> None:

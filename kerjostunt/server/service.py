@@ -12,7 +12,7 @@ import re
 import socket
 import sys
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from twisted.application.internet import StreamServerEndpointService
@@ -36,6 +36,7 @@ from kerjostunt.server.calls import CallManager, CallSettings
 from kerjostunt.server.cluster import ClusterCalls, ClusterNode, NodeSettings
 from kerjostunt.server.connectback import ConnectBack
 from kerjostunt.server.limits import PerSourceCap, WebLimits
+from kerjostunt.server.observations import plain_ip
 from kerjostunt.server.probe import (
     AlternateAddresses,
     Observation,
@@ -56,7 +57,7 @@ from kerjostunt.store.api import BUSY_TIMEOUT, AsyncStore
 from kerjostunt.store.realm import realm_problem
 from kerjostunt.store.service import StoreService
 from kerjostunt.wire.kerjo import ProbeOffer
-from kerjostunt.wire.prediction import NATDescription, classify
+from kerjostunt.wire.prediction import classify
 from kerjostunt.wire.sip.headers import parse_name_addr
 
 log = Logger()
@@ -228,7 +229,7 @@ class StuntServer(MultiService):
 
         self.registrar = Registrar(reactor)
         self.tokens = ProbeTokens(reactor, settings.probe_token_lifetime)
-        self.observations = ObservationLog()
+        self.observations = ObservationLog(local_ip_of=self._contact_ip)
         self.observations.subscribe(self._observed)
         # One for every probe port: its cap on connects in flight is server-wide.
         self.connect_back = ConnectBack(reactor, source_ip=settings.probe_alt_ip or None)
@@ -348,27 +349,19 @@ class StuntServer(MultiService):
                            tuple(self.settings.probe_ips))
         return offer.items()
 
-    def _behind_nat_per_contact(self, user_id: str, nat: NATDescription) -> NATDescription:
-        """Behind a NAT after all when the registered Contact names another address than the probes saw.
-
-        The probes carry no local address: a preserving NAT whose mappings
-        all kept their ports looks like no NAT (the trusted peers list and
-        the attempts showed such peers as ``public``).  The Contact a client
-        registers names its own local address.
-        """
+    def _contact_ip(self, user_id: str) -> str | None:
+        """The address the user's registered Contact names: its own, behind any NAT."""
         binding = self.registrar.lookup(user_id)
-        if nat.behind_nat or binding is None or nat.public_ip is None:
-            return nat
+        if binding is None:
+            return None
         try:
-            host = parse_name_addr(binding.contact).uri.host
+            return plain_ip(parse_name_addr(binding.contact).uri.host)
         except ValueError:
-            return nat
-        return nat if host == nat.public_ip else replace(nat, behind_nat=True)
+            return None
 
     def _observed(self, observation: Observation) -> None:
         self.count("probes")
-        user = observation.user_id
-        nat = self._behind_nat_per_contact(user, classify(self.observations.samples(user)))
+        nat = classify(self.observations.samples(observation.user_id))
         self.store.record_nat(observation.user_id, nat.to_dict(), observation.time).addErrback(
             nat_not_stored, observation.user_id, self.tokens, self.observations
         )

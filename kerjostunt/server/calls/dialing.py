@@ -132,7 +132,7 @@ def predict_for(user_id: str, sdp: SessionDescription, samples: Sequence[Sample]
     assert punch is not None
     if any(s.local_port == punch for s in samples):
         try:
-            return behind_nat_per_sdp(predict(samples, local_port=punch, window=PREDICTION_WINDOW), sdp)
+            return predict(samples, local_port=punch, window=PREDICTION_WINDOW)
         except Exception:
             log.failure("Prediction failed for {user}", user=user_id)
     nat = classify(samples) if samples else NATDescription(True, UNKNOWN, UNKNOWN, None, signaling_ip)
@@ -149,21 +149,6 @@ def preserved(prediction: Prediction, nat: NATDescription, sdp: SessionDescripti
     assert punch is not None
     ports = tuple(dict.fromkeys([punch, *prediction.ports]))[:PREDICTION_WINDOW]
     return Prediction(prediction.ip, ports, max(prediction.confidence, 0.85), nat)
-
-
-def behind_nat_per_sdp(prediction: Prediction, sdp: SessionDescription) -> Prediction:
-    """A side whose punch address is not the public one is behind a NAT, whatever its probes suggest.
-
-    The server sees no local address in the probes: a preserving NAT whose
-    every mapping kept its port looks like no NAT.  Taken for a public host,
-    its peers only dialed it directly (the 40-peer run: every call from the
-    sequential site to such a host behind an RST NAT failed).
-    """
-    punch = sdp.punch_candidate
-    if prediction.nat.behind_nat or punch is None or punch.ip == prediction.ip:
-        return prediction
-    nat = replace(prediction.nat, behind_nat=True)
-    return Prediction(prediction.ip, prediction.ports, min(prediction.confidence, 0.9), nat)
 
 
 def parse_offer(body: bytes) -> SessionDescription:
