@@ -51,7 +51,7 @@ class FakeAgent:
     def fresh_registration(self) -> defer.Deferred[Any]:
         return defer.succeed((self.sig, self.registration))
 
-    def probe_punch_port(self, sig: Any, registration: Any, local: Any) -> defer.Deferred[Any]:
+    def probe_punch_port(self, sig: Any, registration: Any, local: Any, limit: Any = None) -> defer.Deferred[Any]:
         return defer.succeed([])
 
     def call_started(self, call: Any) -> None:

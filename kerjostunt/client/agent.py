@@ -499,10 +499,11 @@ class PeerAgent:
         return defer.succeed((sig, registration))
 
     def probe_punch_port(
-        self, sig: SignalingClientProtocol, registration: Registration | None, local: tuple[str, int]
+        self, sig: SignalingClientProtocol, registration: Registration | None, local: tuple[str, int],
+        limit: int | None = None,
     ) -> defer.Deferred[list[ProbeResult]]:
-        """Probe ``local`` (a bound reusable port); fires with the results (agentprobes.py)."""
-        return probe_punch_port(self.reactor, sig, registration, local, self.config.timeouts.probe_timeout)
+        """Probe ``local`` (a bound reusable port) from at most ``limit`` endpoints (agentprobes.py)."""
+        return probe_punch_port(self.reactor, sig, registration, local, self.config.timeouts.probe_timeout, limit)
 
     @defer.inlineCallbacks
     def _prepare_punch_port(self) -> Generator[defer.Deferred[Any], Any, PreparedPort | None]:

@@ -33,14 +33,17 @@ def probe_servers(sig: SignalingClientProtocol, offer: ProbeOffer) -> list[tuple
 
 
 def probe_punch_port(reactor: SocketReactor, sig: SignalingClientProtocol, registration: Registration | None,
-                     local: tuple[str, int], timeout: float) -> defer.Deferred[list[ProbeResult]]:
-    """Probe ``local`` (a bound reusable port); fires with the results, [] when nothing to probe with."""
+                     local: tuple[str, int], timeout: float,
+                     limit: int | None = None) -> defer.Deferred[list[ProbeResult]]:
+    """Probe ``local`` (a bound reusable port) from the first ``limit`` probe endpoints (None: all);
+    fires with the results, [] when nothing to probe with."""
     offer = registration.probe if registration is not None else None
-    if offer is None or not offer.ports:
-        log.warn("the server offered no probe ports")
+    servers = probe_servers(sig, offer)[:limit] if offer is not None else []
+    if offer is None or not servers:
+        if offer is None or not offer.ports:
+            log.warn("the server offered no probe ports")
         return defer.succeed([])
-    return probe_from(reactor, local, probe_servers(sig, offer), username=offer.token, password=offer.password,
-                      timeout=timeout)
+    return probe_from(reactor, local, servers, username=offer.token, password=offer.password, timeout=timeout)
 
 
 @defer.inlineCallbacks

@@ -252,6 +252,7 @@ class StuntServer(MultiService):
                          invite_rate=settings.invite_rate, invite_burst=settings.invite_burst,
                          server_addresses=server_addresses(settings)),
         )
+        self.observations.subscribe(lambda obs: self.calls.turn_probes.observed(obs.user_id, obs.local_port))
         self.cluster: ClusterNode | None = None
         if not self.store.database.is_sqlite:  # PostgreSQL: one of a cluster (docs/cluster.rst)
             self.cluster = self._cluster_node()

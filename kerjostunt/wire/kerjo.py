@@ -41,6 +41,9 @@ PROBE_ALT_IP = "X-Kerjo-Probe-Alt-IP"
 DIGEST = "X-Kerjo-Digest"
 #: the server's own addresses that serve the probe ports, both families (issue 17)
 PROBE_IPS = "X-Kerjo-Probe-IPs"
+#: the forwarded INVITE: probe at most this many probe endpoints for the call (absent: all).
+#: ``1`` behind a NAT the server already knows (a sequential one: it needs only its newest port)
+PROBES = "X-Kerjo-Probes"
 
 #: Content-Type of the outcome INFO body
 OUTCOME_CONTENT_TYPE = "application/x-kerjo-outcome"
@@ -332,6 +335,14 @@ def parse_call_headers(get: HeaderGetter) -> CallHeaders:
     peer_public = (get(PEER_PUBLIC) or "").strip() or None
     nat = (get(NAT) or "").strip() or None
     return CallHeaders(secret, parsed_role, nat, peer_public)
+
+
+def parse_probes(value: str | None) -> int | None:
+    """``X-Kerjo-Probes``: how many probe endpoints to probe; None (all) when absent or unusable."""
+    text = (value or "").strip()
+    if not text.isdigit() or len(text) > 2:
+        return None
+    return int(text)
 
 
 # -- X-Kerjo-Relay -----------------------------------------------------------------

@@ -121,6 +121,10 @@ class IncomingCall(CallBase):
         """The signaling connection is gone: a call not yet dialing cannot go on."""
         self._life.signaling_lost()
 
+    def probe_limit(self) -> int | None:
+        """As many as the server asks for (``X-Kerjo-Probes``): one behind a NAT it knows."""
+        return self.setup.probe_limit if self.setup is not None else None
+
     # outputs -------------------------------------------------------------------------
 
     def _allocate_relay(self) -> None:

@@ -30,9 +30,12 @@ from kerjostunt.client.calls.setup import (
     reason_of,
     tag_of,
 )
+from kerjostunt.client.nat.birthday import describe_own
 from kerjostunt.client.nat.readyport import PreparedPort
 from kerjostunt.client.signaling import QUEUED, Registration, SignalingClientProtocol
+from kerjostunt.wire import kerjo
 from kerjostunt.wire.kerjo import format_endpoint
+from kerjostunt.wire.prediction import AD, APD, SEQUENTIAL
 from kerjostunt.wire.sip.message import Request, Response
 
 __all__ = ["OutgoingCall"]
@@ -132,8 +135,22 @@ class OutgoingCall(CallBase):
         d = sig.send_request(self.invite, timeout=self.timeout + 1.0, on_provisional=self._provisional)
         d.addCallback(self._life.answered).addErrback(self._life.failed)
 
+    def probes_at_turn(self) -> bool:
+        """Behind a sequential, address-dependent NAT (as our last probes showed): the server asks
+        for the probe at the call's turn there (server/calls/turnprobes.py), so that our probes
+        take no port it predicted for another call's punch, and are fresh when it predicts ours."""
+        own = describe_own(self.agent.ready_port.latest, self.local_ip)
+        return own is not None and own.allocation == SEQUENTIAL and own.mapping in (AD, APD)
+
     def _provisional(self, response: Response) -> None:
-        """``182 Queued``: the server holds the call for its turn at a NAT; the timeout counts from now."""
+        """``183`` with ``X-Kerjo-Probes``: our turn, probe now; ``182 Queued``: the server holds
+        the call for its turn at a NAT, and the timeout counts from now."""
+        limit = kerjo.parse_probes(response.headers.get(kerjo.PROBES))
+        if response.code == 183 and limit is not None and self.sig is not None:
+            log.debug("call {call}: probing at our turn", call=self.call_id)
+            self.probe(self.sig, self.registration, limit).addErrback(
+                lambda f: log.failure("probing at our turn failed", f))
+            return
         if response.code != QUEUED or self._timer is None or not self._timer.active():
             return
         if self.queued_for >= MAX_QUEUED:

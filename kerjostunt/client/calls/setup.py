@@ -73,6 +73,8 @@ class CallSetup:
     remote: SessionDescription
     peer_nat: str | None = None  # X-Kerjo-NAT as sent (birthday.parse_nat_header)
     relay: RelayOffer | None = None  # X-Kerjo-Relay: the TURN relay this call may use (docs/relay.rst)
+    #: X-Kerjo-Probes: probe at most this many probe endpoints (None: all)
+    probe_limit: int | None = None
 
     @property
     def handshake_id(self) -> str:
@@ -98,7 +100,7 @@ def read_setup(message: Request | Response) -> CallSetup:
     if remote.punch_candidate is None and not remote.of_type("prflx"):
         raise ValueError("the peer's SDP has no punch candidate")
     return CallSetup(call_id, headers.secret, headers.role.value, headers.peer_public, remote, headers.nat,
-                     _relay_offer(message))
+                     _relay_offer(message), kerjo.parse_probes(message.headers.get(kerjo.PROBES)))
 
 
 def _relay_offer(message: Request | Response) -> RelayOffer | None:

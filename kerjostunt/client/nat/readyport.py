@@ -97,6 +97,9 @@ class ReadyPort:
         self._watchers: list[defer.Deferred[None]] = []
         self._timer: IDelayedCall | None = None
         self._generation = 0  # bumped by clear(): a preparation started before it is discarded
+        #: the newest probes of several endpoints from any punch port: what our NAT does, for a
+        #: call the server asks for one probe only (``X-Kerjo-Probes``; calls/base.py)
+        self.latest: list[ProbeResult] = []
         #: when the last preparation failed (no probe answered), None after a success
         self.failed_at: float | None = None
 
@@ -194,6 +197,7 @@ class ReadyPort:
             result = None
         elif result is not None:
             self.failed_at = None
+            self.latest = list(result.results)
             log.debug("punch port {port} prepared", port=result.port)
         self._ready = result
         self._wake(self._pop() if self._takers else None)

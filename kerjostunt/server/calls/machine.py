@@ -160,6 +160,8 @@ class Call:
         self._outcome_timer: Timer | None = None
         #: side -> the sequential NAT (public address) whose turn the call takes (lanes.py)
         self.lanes: dict[str, str] = {}
+        #: how many probe endpoints the callee probes (None: all; natview.probes_needed)
+        self.callee_probes: int | None = None
         #: side -> the TURN relay and credential that side is handed (manager.py, server/relay.py)
         self.relay: dict[str, RelayOffer] = {}
         self.machine: CallInputs = CallMachine(self)
@@ -180,6 +182,8 @@ class Call:
         self.caller_prediction = self.host.prediction_for(self.caller_id, self.caller_sdp, self.caller_conn)
         peer = peer_headers(self.secret, Role.RESPONDER, self.caller_prediction, self.caller_conn.peer[0])
         peer += self._relay_header(CALLEE)
+        if self.callee_probes is not None:
+            peer.append((kerjo.PROBES, str(self.callee_probes)))
         scope = scope_between(self.caller_conn.peer[0], callee_conn.peer[0], self._own_addresses())
         body = augmented(self.caller_sdp, self.caller_prediction, self.caller_conn.peer[0], scope).to_bytes()
         self.forwarded = messages.forwarded_invite(self, peer, body)

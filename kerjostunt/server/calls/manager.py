@@ -37,6 +37,7 @@ from kerjostunt.server.calls.seams import (
     RelayDecider,
     Timer,
 )
+from kerjostunt.server.calls.turnprobes import TurnProbes
 from kerjostunt.server.register import RequestError, user_of
 from kerjostunt.server.registrar import Registrar, SignalingConnection
 from kerjostunt.server.signaling import TokenBucket
@@ -92,6 +93,7 @@ class CallManager:
         self._linger_timer: Timer | None = None
         self.lanes = NATLanes(clock, settings.nat_dial_gap)
         self.nat_view = NATView(observations, self.lanes)
+        self.turn_probes = TurnProbes(clock, observations)
         self.pairs = PairBook(clock)
         # calls whose turn at a NAT waits for it to go quiet: the timer, and since when
         self._quiet: dict[Call, Timer] = {}
@@ -163,6 +165,7 @@ class CallManager:
     def linger_from_now(self, call: Call) -> None:
         """Forget ``call`` ``linger`` seconds from now (and give up its turn at any NAT)."""
         self.lanes.leave(call)
+        self.turn_probes.drop(call)
         linger = self._settings.linger
         self._lingering.append((self._clock.seconds() + linger, call))
         if self._linger_timer is None:
@@ -181,6 +184,7 @@ class CallManager:
 
     def remove(self, call: Call) -> None:
         self.lanes.leave(call)
+        self.turn_probes.drop(call)
         notice = self._notices.pop(call, None)
         if notice is not None and notice.active():
             notice.cancel()
@@ -518,7 +522,7 @@ class CallManager:
             self._quiet[call] = self._clock.callLater(wait, self._when_quiet, call)
             return
         self._quiet_since.pop(call, None)
-        self._forward(call)
+        self.turn_probes.then(call, lambda: self._forward(call))  # the caller's probe, at its turn
 
     def _forward(self, call: Call) -> None:
         """The call's turn at its NATs (at once without one): forward it, if the callee is still there."""
@@ -527,8 +531,10 @@ class CallManager:
         callee_conn = self._callee_conn(call.callee_id)
         if callee_conn is None:
             self._offline(call)
-        else:
-            self.feed(call, CallInputs.checked, callee_conn)
+            return
+        if call.lanes and self.registrar.lookup(call.callee_id) is not None:  # a stand-in probes elsewhere
+            call.callee_probes = self.nat_view.probes_needed(callee_conn.peer[0])  # inside the turn: few
+        self.feed(call, CallInputs.checked, callee_conn)
 
     def _callee_conn(self, user_id: str) -> SignalingConnection | None:
         """The user's connection here, else its stand-in on the instance holding it (a cluster)."""

@@ -1,0 +1,101 @@
+"""A caller behind a NAT lane probes at its turn, not before its INVITE (issue 12).
+
+A sequential, address-dependent NAT gives every new connection, from any of
+its hosts, the next port; the server predicts a side behind it from the
+NAT's newest observed port (natview.py) and orders the calls through it
+(lanes.py).  Probes are connections too.  A caller used to probe its punch
+port before it sent its INVITE, at any moment: in a group, hosts behind one
+such NAT call several peers at once, and their bursts of probes took the
+ports the server had just predicted for another call's punch (NAT lab
+group: 21 probes within 0.1 s of two dial moments, both punches missed and
+waited out their 10 s deadline).  And a probe made before a call waits its
+turn is stale by the time it goes.
+
+So a client that knows its NAT is such a one calls without probing, and
+the server, at the call's turn, asks it for one probe (``183 Session
+Progress`` with ``X-Kerjo-Probes: 1``), waits for that probe to arrive at
+the probe port (at most ``wait`` seconds), and only then forwards the
+INVITE.  Every probe through the NAT then happens inside a turn, where the
+prediction expects it, and the newest port is fresh.  A caller that did
+probe (an older client, a prepared port) is forwarded at once, as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from twisted.logger import Logger
+
+from kerjostunt.server.calls.machine import CALLER, Call
+from kerjostunt.server.calls.seams import Clock, Observations, Timer
+from kerjostunt.wire import kerjo
+from kerjostunt.wire.sip.message import make_response
+
+__all__ = ["TurnProbes", "PROBE_WAIT"]
+
+log = Logger(namespace="kerjostunt.server.calls")
+
+#: seconds the server waits for the probe it asked a caller for before forwarding anyway
+PROBE_WAIT = 2.0
+
+
+@dataclass
+class _Waiting:
+    call: Call
+    go: Callable[[], None]
+    timer: Timer
+
+
+class TurnProbes:
+    """The calls whose turn waits for the caller's probe, keyed by (caller, punch port)."""
+
+    def __init__(self, clock: Clock, observations: Observations, wait: float = PROBE_WAIT) -> None:
+        self.clock = clock
+        self.observations = observations
+        self.wait = wait
+        self._waiting: dict[tuple[str, int], _Waiting] = {}
+
+    def then(self, call: Call, go: Callable[[], None]) -> None:
+        """``go`` (forward the call) now, or once the caller's probe asked for here arrived."""
+        port = call.caller_sdp.punch_port
+        if CALLER not in call.lanes or port is None or self._probed(call.caller_id, port):
+            go()
+            return
+        key = (call.caller_id, port)
+        self.drop(call)
+        timer = self.clock.callLater(self.wait, self._late, key)
+        self._waiting[key] = _Waiting(call, go, timer)
+        response = make_response(call.invite, 183, "Session Progress: probe now")
+        response.headers.add(kerjo.PROBES, "1")
+        call.caller_conn.send(response)
+        log.debug("Call {caller} -> {callee}: asked the caller for its probe", caller=call.caller_id,
+                  callee=call.callee_id)
+
+    def observed(self, user_id: str, local_port: int | None) -> None:
+        """A probe arrived (the observation log's listener): the call waiting for it goes on."""
+        if local_port is None:
+            return
+        waiting = self._waiting.pop((user_id, local_port), None)
+        if waiting is not None:
+            waiting.timer.cancel()
+            waiting.go()
+
+    def drop(self, call: Call) -> None:
+        """``call`` ended: it waits for nothing any more."""
+        for key, waiting in list(self._waiting.items()):
+            if waiting.call is call:
+                del self._waiting[key]
+                if waiting.timer.active():
+                    waiting.timer.cancel()
+
+    def _probed(self, user_id: str, port: int) -> bool:
+        return any(s.local_port == port for s in self.observations.samples(user_id))
+
+    def _late(self, key: tuple[str, int]) -> None:
+        """No probe in time: forward anyway (the prediction falls back to the NAT's newest port)."""
+        waiting = self._waiting.pop(key, None)
+        if waiting is not None:
+            log.info("Call {caller} -> {callee}: no probe from the caller within {s} s, forwarding anyway",
+                     caller=waiting.call.caller_id, callee=waiting.call.callee_id, s=self.wait)
+            waiting.go()
