@@ -129,8 +129,27 @@ class ProgressTests(unittest.TestCase):
         clock, err = Clock(), io.StringIO()
         progress = Progress(clock, err, quiet=True)
         progress.step("registering")
+        progress.begin("bob", "calling bob")
         clock.advance(5)
         self.assertEqual(err.getvalue(), "")
+
+    def test_keyed_steps_run_side_by_side(self) -> None:
+        clock, err = Clock(), io.StringIO()
+        progress = Progress(clock, err)
+        progress.begin("bob", "calling bob")
+        clock.advance(0.5)
+        progress.begin("carol", "calling carol")
+        clock.advance(0.6)  # bob's second is up, carol's is not
+        progress.end("carol")
+        progress.begin("bob", "punching (simultaneous open)")  # bob's next step: its own second
+        clock.advance(0.9)
+        progress.end("nobody")
+        self.assertEqual(err.getvalue(), "calling bob…\n")
+        clock.advance(0.1)
+        progress.end_all()
+        clock.advance(5)
+        self.assertEqual(err.getvalue(), "calling bob…\npunching (simultaneous open)…\n")
+        self.assertEqual(clock.getDelayedCalls(), [])
 
     def test_bounded(self) -> None:
         clock = Clock()

@@ -12,10 +12,12 @@ import sys
 from typing import Any
 
 from twisted.internet import defer, reactor
+from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from kerjostunt import cli
 from kerjostunt.client.cli import join as commands_join
+from kerjostunt.client.directory import PeerEntry
 
 from .processes import child_env, spawn
 from .support import DOMAIN, add_users
@@ -209,3 +211,120 @@ class JoinLoopbackTests(unittest.TestCase):
         out, err = io.StringIO(), io.StringIO()
         code = yield commands_join.run(reactor, args, io.StringIO(""), out, err)
         self.assertEqual(code, 2)
+
+
+class FakeAgent:
+    """Stands in for ``PeerAgent`` in ``join``'s own wiring: start and each call wait for the test."""
+
+    made: list[FakeAgent] = []
+
+    def __init__(self, reactor: Any, config: Any, accept_factory: Any = None, on_peer: Any = None) -> None:
+        self.on_progress: Any = None
+        self.signaling_up = False
+        self.started: defer.Deferred[None] = defer.Deferred()
+        self.calls: dict[str, defer.Deferred[Any]] = {}
+        FakeAgent.made.append(self)
+
+    def start(self) -> defer.Deferred[None]:
+        def up(result: None) -> None:
+            self.signaling_up = True
+            return result
+
+        return self.started.addCallback(up)
+
+    def stop(self) -> defer.Deferred[None]:
+        self.signaling_up = False
+        return defer.succeed(None)
+
+    def connect(self, peer_id: str, factory: Any, *, timeout: float = 20.0, prefer_stunt: bool = False) -> Any:
+        self.calls[peer_id] = defer.Deferred()
+        return self.calls[peer_id]
+
+
+class JoinProgressTests(unittest.TestCase):
+    """``join``'s progress lines on stderr, exact text, on a Clock: the list, registering, each call, a punch.
+
+    The directory and the agent are fakes; the manager, the CLI wiring and
+    the output are join's own.
+    """
+
+    def setUp(self) -> None:
+        from kerjostunt.client import agent as agent_module
+
+        FakeAgent.made = []
+        self.patch(agent_module, "PeerAgent", FakeAgent)
+        self.clock = Clock()
+        self.lists: list[defer.Deferred[list[PeerEntry]]] = []
+
+        def fetch(*args: Any, **kwargs: Any) -> defer.Deferred[list[PeerEntry]]:
+            self.lists.append(defer.Deferred())
+            return self.lists[-1]
+
+        self.patch(commands_join, "fetch_peers", fetch)
+
+    def start(self, *extra: str) -> tuple[defer.Deferred[int], io.StringIO, io.StringIO, defer.Deferred[None]]:
+        argv = ["join", "--server", "localhost", "--user", "xena", "--password-stdin", "--ca", "ca.pem",
+                "--no-port-mapping", *extra, "trio"]
+        out, err, stopped = io.StringIO(), io.StringIO(), defer.Deferred()
+        done = commands_join.run(self.clock, cli.build_parser().parse_args(argv), io.StringIO("pw\n"), out, err,
+                                 stopped=stopped)
+        return done, out, err, stopped
+
+    def load(self, *peers: str) -> None:
+        self.lists[0].callback([PeerEntry(p, "unknown", None, None, None, False, None) for p in ("xena", *peers)])
+
+    def stop(self, done: defer.Deferred[int], stopped: defer.Deferred[None]) -> None:
+        stopped.callback(None)
+        self.assertEqual(self.successResultOf(done), 0)
+        self.clock.advance(60)
+
+    def test_two_calls_and_a_punch(self) -> None:
+        done, out, err, stopped = self.start()
+        self.clock.advance(1.0)
+        self.load("yuri", "zack")
+        self.clock.advance(1.2)  # registering
+        agent = FakeAgent.made[0]
+        agent.started.callback(None)
+        self.assertEqual(sorted(agent.calls), ["yuri", "zack"])
+        self.clock.advance(0.5)
+        agent.on_progress("punching (simultaneous open)")  # two calling: whose is not known
+        self.clock.advance(0.3)
+        agent.calls["zack"].errback(ConnectionError("refused"))  # zack's call: 0.8 s, no line
+        self.clock.advance(0.2)  # yuri's call: 1.0 s
+        self.assertEqual(err.getvalue(), "loading the peers list of trio…\nregistering…\ncalling yuri…\n")
+        self.clock.advance(0.5)  # the punch: 1.0 s
+        agent.calls["yuri"].errback(ConnectionError("refused"))
+        self.stop(done, stopped)
+        self.assertEqual(err.getvalue(), "loading the peers list of trio…\nregistering…\ncalling yuri…\n"
+                                         "punching (simultaneous open)…\n")
+        # stdout keeps its lines (the per-peer ones are tested above), and no progress line.
+        lines = out.getvalue().splitlines()
+        self.assertEqual(lines[0], "joining trio as xena")
+        self.assertIn("signaling opened (starting)", lines)
+        self.assertIn("stopping", lines)
+        self.assertEqual(lines[-1], "stopped")
+        self.assertNotIn("…", out.getvalue())
+
+    def test_one_call_its_punch_replaces_its_call(self) -> None:
+        done, _, err, stopped = self.start()
+        self.load("yuri")
+        agent = FakeAgent.made[0]
+        agent.started.callback(None)
+        self.clock.advance(0.9)
+        agent.on_progress("punching (simultaneous open)")  # yuri's step now, with its own second
+        self.clock.advance(0.9)
+        self.assertEqual(err.getvalue(), "")
+        self.clock.advance(0.1)
+        self.assertEqual(err.getvalue(), "punching (simultaneous open)…\n")
+        self.stop(done, stopped)
+        self.assertEqual(err.getvalue(), "punching (simultaneous open)…\n")
+
+    def test_quiet(self) -> None:
+        done, _, err, stopped = self.start("-q")
+        self.clock.advance(5)
+        self.load("yuri")
+        self.clock.advance(5)
+        FakeAgent.made[0].started.callback(None)
+        self.clock.advance(5)
+        self.stop(done, stopped)
+        self.assertEqual(err.getvalue(), "")

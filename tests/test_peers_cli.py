@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, protocol, reactor
+from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from kerjostunt import cli, tls
@@ -181,6 +182,57 @@ class PeersCommandTests(unittest.TestCase):
         for bad in ("", ":5", "host:0", "host:x", "[::1", "2001:db8::1"):
             self.assertRaises(commands_peers.UsageError, split, bad)
         self.assertEqual(commands_peers.web_url("2001:db8::1", 8443), "https://[2001:db8::1]:8443")
+
+
+class PeersProgressTests(unittest.TestCase):
+    """The progress line while the list loads: exact text on stderr, on a Clock, the fetch a fake."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.fetches: list[defer.Deferred[list[PeerEntry]]] = []
+
+        def fetch(*args: Any, **kwargs: Any) -> defer.Deferred[list[PeerEntry]]:
+            self.fetches.append(defer.Deferred())
+            return self.fetches[-1]
+
+        self.patch(commands_peers, "fetch_peers", fetch)
+
+    def start(self, *extra: str):  # type: ignore[no-untyped-def]
+        argv = ["peers", "--server", "localhost", "--user", "alice", "--password-stdin", "--ca", "ca.pem",
+                *extra, "friends"]
+        out, err = io.StringIO(), io.StringIO()
+        done = commands_peers.run(self.clock, cli.build_parser().parse_args(argv), io.StringIO("pw\n"), out, err)
+        return done, out, err
+
+    def test_a_slow_list_gets_a_line(self) -> None:
+        done, out, err = self.start()
+        self.clock.advance(0.99)
+        self.assertEqual(err.getvalue(), "")
+        self.clock.advance(0.01)
+        self.assertEqual(err.getvalue(), "loading the peers list of friends…\n")
+        self.fetches[0].callback([PeerEntry("bob", "unknown", None, None, None, True, None)])
+        self.assertEqual(self.successResultOf(done), 0)
+        self.assertEqual(out.getvalue().splitlines(), ["USER  FLAG     ADDRESS  ONLINE", "bob   unknown  -        yes"])
+        self.clock.advance(10)
+        self.assertEqual(err.getvalue(), "loading the peers list of friends…\n")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_a_quick_list_gets_none(self) -> None:
+        done, _, err = self.start()
+        self.clock.advance(0.5)
+        self.fetches[0].errback(directory.WrongPassword("the server refused user 'alice': wrong user ID or password"))
+        self.assertEqual(self.successResultOf(done), 1)
+        self.clock.advance(10)
+        self.assertEqual(err.getvalue(),
+                         "kerjostunt peers: error: the server refused user 'alice': wrong user ID or password\n")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_quiet(self) -> None:
+        done, _, err = self.start("-q")
+        self.clock.advance(5)
+        self.fetches[0].callback([])
+        self.assertEqual(self.successResultOf(done), 0)
+        self.assertEqual(err.getvalue(), "")
 
 
 class _Collect(protocol.ProcessProtocol):

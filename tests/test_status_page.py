@@ -144,15 +144,25 @@ class StatusPageTests(WebTestCase):
         self.assertEqual((width, height), (1200, 1800))
         self.assertGreater(len(png), 20000)  # charts, not a blank page
 
-    @defer.inlineCallbacks
-    def chromium(self, profile: Path, *mode: str) -> Any:
-        assert CHROMIUM is not None
-        argv = ["--headless", "--no-sandbox", "--disable-gpu", "--ignore-certificate-errors",
-                "--no-first-run", "--disable-extensions", f"--user-data-dir={profile}", *mode, self.status_url()]
-        out, err, code = yield getProcessOutputAndValue(CHROMIUM, argv, env={**os.environ, "HOME": str(profile)},
-                                                        reactor=reactor)
-        self.assertEqual(code, 0, err.decode("utf-8", "replace")[-2000:])
-        return out.decode("utf-8")
+    def chromium(self, profile: Path, *mode: str) -> defer.Deferred[str]:
+        return run_chromium(self, profile, self.status_url(), *mode)
+
+
+@defer.inlineCallbacks
+def run_chromium(case: unittest.TestCase, profile: Path, url: str, *mode: str) -> Any:
+    """Headless Chromium on ``url`` (``--dump-dom``: the DOM it built; ``--screenshot``), as a child process.
+
+    The profile (and HOME) is the test's own directory; the server's
+    certificate is from the test's CA, which Chromium has no flag to trust,
+    hence ``--ignore-certificate-errors``. Credentials go in the URL.
+    """
+    assert CHROMIUM is not None
+    argv = ["--headless", "--no-sandbox", "--disable-gpu", "--ignore-certificate-errors",
+            "--no-first-run", "--disable-extensions", f"--user-data-dir={profile}", *mode, url]
+    out, err, code = yield getProcessOutputAndValue(CHROMIUM, argv, env={**os.environ, "HOME": str(profile)},
+                                                    reactor=reactor)
+    case.assertEqual(code, 0, err.decode("utf-8", "replace")[-2000:])
+    return out.decode("utf-8")
 
 
 def _text(dom: str, attribute: str) -> str:

@@ -16,7 +16,10 @@ lab) can follow it::
     peers: 1 connected (bob); 1 unreachable (dave)
     signaling opened (bob dropped)
 
-It runs until SIGTERM or SIGINT. See docs/peer-manager.rst.
+It runs until SIGTERM or SIGINT. See docs/peer-manager.rst. What it waits
+for longer than a second is one line on stderr (``loading the peers list of
+GROUP…``, ``registering…``, ``calling bob…``, ``punching (simultaneous
+open)…``; ``-q`` silences them), by ``cli.progress.Progress``.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from kerjostunt.client.cli.options import (
     servers_of,
     web_url,
 )
-from kerjostunt.client.cli.progress import Output
+from kerjostunt.client.cli.progress import Output, Progress
 from kerjostunt.client.directory import (
     CertificateNotTrusted,
     DirectoryError,
@@ -121,6 +124,8 @@ def register(subparsers: Any) -> None:
         help="application port for direct connections from peers (default: any)",
     )
     add_port_mapping(parser)
+    parser.add_argument("--quiet", "-q", action="store_true",
+                        help="no progress lines on stderr (registering..., calling PEER...)")
     parser.add_argument("group", metavar="GROUP")
     parser.set_defaults(func=run_command)
 
@@ -201,6 +206,38 @@ def tally(manager: PeerManager) -> str:
     return "peers: " + ("; ".join(parts) or "none")
 
 
+def show_progress(event: Event, manager: PeerManager, progress: Progress) -> None:
+    """Begin or end the step an event is about: the signaling's (``registering``), a peer's call.
+
+    Each peer's call is its own step (several run at once); a punch is
+    the punching peer's step when only one peer is calling, else a step
+    of its own until no peer is calling.
+    """
+    if isinstance(event, SignalingChanged):
+        progress.end("signaling")
+    elif isinstance(event, PeerStateChanged):
+        if event.new == CONNECTING:
+            progress.begin(("peer", event.peer_id), f"calling {event.peer_id}")
+            return
+        progress.end(("peer", event.peer_id))
+        if not _calling(manager):
+            progress.end("punch")
+
+
+def _calling(manager: PeerManager) -> list[str]:
+    return [pid for pid, peer in manager.peers.items() if peer.state == CONNECTING]
+
+
+def _agent_progress(manager: PeerManager, progress: Progress) -> Callable[[str], None]:
+    """The agent's ``on_progress`` (``punching (simultaneous open)``) as a step of the calling peer."""
+
+    def step(text: str) -> None:
+        calling = _calling(manager)
+        progress.begin(("peer", calling[0]) if len(calling) == 1 else "punch", text)
+
+    return step
+
+
 def _name_connection(event: Event, manager: PeerManager) -> None:
     """Tell the echo protocol of a new connection who is on the other end."""
     if isinstance(event, PeerStateChanged) and event.new == CONNECTED:
@@ -234,6 +271,7 @@ def run(
             core.stop()
 
     say = Output(stdout, stdout_gone).say
+    progress = Progress(reactor, stderr, args.quiet)
 
     try:
         host, port, password = server_and_password(args, stdin)
@@ -245,32 +283,51 @@ def run(
     def directory() -> defer.Deferred[list[PeerEntry]]:
         return _directory_in_order(reactor, bases, args, password)
 
-    # One fetch first: a wrong password or group is an error to report, not to retry forever.
-    first: list[list[PeerEntry]] = []
-    try:
-        first.append((yield directory()))
-    except FATAL as e:
-        print(f"{PROG}: error: {e}", file=stderr, flush=True)
+    first = yield _first_list(directory, args.group, progress, say, stderr)
+    if first is None:
         return 1
-    except DirectoryError as e:
-        say(f"peers list not loaded yet: {e}")
 
     def directory_once_prefetched() -> defer.Deferred[list[PeerEntry]]:
         if first:
             return defer.succeed(first.pop())
         return directory()
 
-    manager = _manager(reactor, args, (host, port), password, directory_once_prefetched, say)
+    manager = _manager(reactor, args, (host, port), password, directory_once_prefetched, say, progress)
     say(f"joining {args.group} as {args.user}")
     manager.start()
     if stopped is None:
         stopped = defer.Deferred()
-        IReactorCore(reactor).addSystemEventTrigger("before", "shutdown", lambda: _stop(manager, say))
+        IReactorCore(reactor).addSystemEventTrigger("before", "shutdown", lambda: _stop(manager, say, progress))
         yield stopped  # never fires: the reactor stops under us
         return 0
     yield stopped
-    yield _stop(manager, say)
+    yield _stop(manager, say, progress)
     return 0
+
+
+@defer.inlineCallbacks
+def _first_list(
+    directory: Callable[[], defer.Deferred[list[PeerEntry]]],
+    group: str,
+    progress: Progress,
+    say: Callable[[str], None],
+    stderr: TextIO,
+) -> Generator[defer.Deferred[Any], Any, list[list[PeerEntry]] | None]:
+    """One fetch first: a wrong password or group is an error to report (None), not to retry forever.
+
+    ``[list]`` when it loaded, ``[]`` when the server could not be asked (the manager retries).
+    """
+    progress.step(f"loading the peers list of {group}")
+    try:
+        return [(yield directory())]
+    except FATAL as e:
+        print(f"{PROG}: error: {e}", file=stderr, flush=True)
+        return None
+    except DirectoryError as e:
+        say(f"peers list not loaded yet: {e}")
+        return []
+    finally:
+        progress.done()
 
 
 @defer.inlineCallbacks
@@ -297,17 +354,23 @@ def _manager(
     password: str,
     directory: Callable[[], defer.Deferred[list[PeerEntry]]],
     say: Callable[[str], None],
+    progress: Progress,
 ) -> PeerManager:
     """The peer manager over one fresh ``PeerAgent`` per signaling opening, saying every event."""
     from kerjostunt.client.agent import PeerAgent  # imported late: only `join` needs the agent
 
     def make_agent() -> PeerAgent:
+        # Made when the manager opens signaling: registering starts now, until SignalingChanged.
         config = agent_config(args, server, password, ports=Ports(listen_port=args.listen_port,
                                                                   port_mapping=not args.no_port_mapping))
-        return PeerAgent(reactor, config, accept_factory=manager.accept_factory, on_peer=manager.peer_arrived)
+        agent = PeerAgent(reactor, config, accept_factory=manager.accept_factory, on_peer=manager.peer_arrived)
+        agent.on_progress = _agent_progress(manager, progress)
+        progress.begin("signaling", "registering")
+        return agent
 
     def on_event(event: Event) -> None:
         _name_connection(event, manager)
+        show_progress(event, manager, progress)
         line = describe(event, manager)
         if line is not None:
             say(line)
@@ -325,7 +388,8 @@ def _manager(
     return manager
 
 
-def _stop(manager: PeerManager, say: Callable[[str], None]) -> defer.Deferred[None]:
+def _stop(manager: PeerManager, say: Callable[[str], None], progress: Progress) -> defer.Deferred[None]:
+    progress.end_all()
     say("stopping")
     return manager.stop().addBoth(lambda _: say("stopped"))
 

@@ -27,6 +27,7 @@ from kerjostunt.client.cli.options import (  # noqa: F401 (split_server, web_url
     split_server,
     web_url,
 )
+from kerjostunt.client.cli.progress import Progress
 from kerjostunt.client.directory import DirectoryError, PeerEntry, fetch_peers, fetch_peers_text
 
 PROG = "kerjostunt peers"
@@ -61,6 +62,8 @@ def register(subparsers: Any) -> None:
         help="output format (default table; text is the trusted peers file)",
     )
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the server (default 30)")
+    parser.add_argument("--quiet", "-q", action="store_true",
+                        help="no progress line on stderr (loading the peers list of GROUP...)")
     parser.add_argument("group", metavar="GROUP")
     parser.set_defaults(func=run_command)
 
@@ -86,6 +89,8 @@ def run(reactor: Any, args: argparse.Namespace, stdin: TextIO, stdout: TextIO, s
         print(f"{PROG}: error: {e}", file=stderr)
         return 2
     base = web_url(host, args.web_port)
+    progress = Progress(reactor, stderr, args.quiet)
+    progress.step(f"loading the peers list of {args.group}")
     try:
         if args.format == "text":
             text = yield fetch_peers_text(reactor, base, args.group, args.user, password, args.ca, timeout=args.timeout)
@@ -95,6 +100,8 @@ def run(reactor: Any, args: argparse.Namespace, stdin: TextIO, stdout: TextIO, s
     except DirectoryError as e:
         print(f"{PROG}: error: {e}", file=stderr)
         return 1
+    finally:
+        progress.done()
     if args.format == "json":
         stdout.write(json.dumps({"group": args.group, "peers": [asdict(p) for p in peers]}, indent=1) + "\n")
     else:

@@ -1,9 +1,10 @@
 """What the client commands print while they wait, and how they print it.
 
 ``Progress``: a step that takes more than a second gets one line on stderr
-(``registering…``, ``calling bob…``, ``punching (simultaneous open)…``),
-so a user sees what is being waited for; quicker steps print nothing, and
-``-q`` silences them all. ``Output``: stdout lines that end the command
+(``registering…``, ``calling bob…``, ``punching (simultaneous open)…``,
+``loading the peers list of friends…``), so a user sees what is being
+waited for; quicker steps print nothing, and ``-q`` silences them all. The
+echo commands, ``peers`` and ``join`` use it. ``Output``: stdout lines that end the command
 quietly when the reader goes away (``kerjostunt join | head -5``), instead
 of a BrokenPipeError traceback per line while the command keeps running.
 ``bounded``: a step that must end within the command's ``--timeout``.
@@ -29,29 +30,46 @@ _T = TypeVar("_T")
 
 
 class Progress:
-    """One line on ``stream`` for each step still running after ``PROGRESS_DELAY``."""
+    """One line on ``stream`` for each step still running after ``PROGRESS_DELAY``.
+
+    ``step``/``done``: one step at a time, each replacing the last (echo-*,
+    peers). ``begin``/``end``: steps under a key that run side by side
+    (``join`` calls several peers at once; each key has its own second).
+    """
 
     def __init__(self, clock: IReactorTime, stream: TextIO, quiet: bool = False) -> None:
         self._clock = clock
         self._stream = stream
         self._quiet = quiet
-        self._pending: IDelayedCall | None = None
+        self._pending: dict[object, IDelayedCall] = {}
         self.shown: list[str] = []
 
     def step(self, text: str) -> None:
         """A new step begins (the previous one is over)."""
-        self.done()
-        if not self._quiet:
-            self._pending = self._clock.callLater(PROGRESS_DELAY, self._show, f"{text}…")
+        self.begin(None, text)
 
     def done(self) -> None:
         """Nothing is being waited for now."""
-        if self._pending is not None and self._pending.active():
-            self._pending.cancel()
-        self._pending = None
+        self.end(None)
 
-    def _show(self, line: str) -> None:
-        self._pending = None
+    def begin(self, key: object, text: str) -> None:
+        """Step ``key`` is now ``text`` (its previous text, if any, is over)."""
+        self.end(key)
+        if not self._quiet:
+            self._pending[key] = self._clock.callLater(PROGRESS_DELAY, self._show, key, f"{text}…")
+
+    def end(self, key: object) -> None:
+        """Step ``key`` is over (a key not running: nothing)."""
+        pending = self._pending.pop(key, None)
+        if pending is not None and pending.active():
+            pending.cancel()
+
+    def end_all(self) -> None:
+        for key in list(self._pending):
+            self.end(key)
+
+    def _show(self, key: object, line: str) -> None:
+        self._pending.pop(key, None)
         self.shown.append(line)
         try:
             print(line, file=self._stream, flush=True)
