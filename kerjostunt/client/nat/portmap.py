@@ -379,18 +379,31 @@ class PortMapper:
         self._attempt: defer.Deferred[Mapping] | None = None
         self.errors: list[str] = []
         self._timer: IDelayedCall | None = None
+        self._waiting: list[defer.Deferred[Mapping | None]] = []
         self._life = _MapperMachine(self)
 
     def start(self) -> None:
         self._life.start()
 
-    def release(self) -> defer.Deferred[None]:
-        """Delete the mapping (fires once the gateway answered, or at once when none is held)."""
+    def settled(self) -> defer.Deferred[Mapping | None]:
+        """Fires with the first ask's outcome: the mapping, or None (every method failed, or
+        released first). For a one-off question (``kerjostunt netcheck``); the agent listens
+        to ``on_change`` instead."""
+        if self.phase() not in ("idle", "asking"):
+            return defer.succeed(self.mapping)
+        d: defer.Deferred[Mapping | None] = defer.Deferred()
+        self._waiting.append(d)
+        return d
+
+    def release(self) -> defer.Deferred[bool]:
+        """Delete the mapping; fires True once the gateway answered (at once when none is
+        held), False when deleting it failed (logged)."""
         held = self.mapping
         self._life.release()
         self._tell()
+        self._settle()
         if held is None:
-            return defer.succeed(None)
+            return defer.succeed(True)
         return self._delete(held)
 
     def phase(self) -> str:
@@ -407,6 +420,7 @@ class PortMapper:
         if not gateways:
             self._life.failed("; ".join(self.errors) or "no method")
             self._tell()
+            self._settle()
             return
         gateway, rest = gateways[0], gateways[1:]
 
@@ -422,6 +436,12 @@ class PortMapper:
     def _granted(self, mapping: Mapping) -> None:
         self._life.granted(mapping)
         self._tell()
+        self._settle()
+
+    def _settle(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(self.mapping)
 
     def _tell(self) -> None:
         """``on_change`` once the machine's outputs have run (it may ask ``phase``)."""
@@ -454,30 +474,34 @@ class PortMapper:
             attempt.cancel()
         self.mapping = None
 
-    def _delete(self, mapping: Mapping) -> defer.Deferred[None]:
+    def _delete(self, mapping: Mapping) -> defer.Deferred[bool]:
+        def failed(failure: Failure) -> bool:
+            log.info("deleting the mapping failed: {why}", why=failure.getErrorMessage())
+            return False
+
         for gateway in self.gateways:
             if gateway.name == mapping.method:
-                d = defer.maybeDeferred(gateway.unmap, mapping)
-                return d.addErrback(lambda f: log.info("deleting the mapping failed: {why}",
-                                                       why=f.getErrorMessage()))
-        return defer.succeed(None)
+                return defer.maybeDeferred(gateway.unmap, mapping).addCallbacks(lambda _: True, failed)
+        return defer.succeed(False)
 
     def _late(self, mapping: Mapping) -> None:
         """A grant after release: nobody will use it."""
         self._delete(mapping)
 
 
-def mapper_for(reactor: object, internal_port: int, gateway: str | None = None) -> PortMapper | None:
+def mapper_for(reactor: object, internal_port: int, gateway: str | None = None, *, port: int = wire.PORT,
+               upnp: bool = True) -> PortMapper | None:
     """A mapper for ``internal_port`` at the default gateway (None: no default route).
 
     ``reactor`` is the global one: UDP, time and a thread pool (for miniupnpc).
+    ``port`` and ``upnp``: tests' fake gateways (PCP and NAT-PMP at another port, no SSDP).
     """
     gateway = gateway or default_gateway()
     if gateway is None:
         return None
     udp = cast(UDPReactor, reactor)
-    methods: list[Gateway] = [PCPGateway(udp, gateway), NATPMPGateway(udp, gateway)]
-    if UPnPGateway.available():
+    methods: list[Gateway] = [PCPGateway(udp, gateway, port), NATPMPGateway(udp, gateway, port)]
+    if upnp and UPnPGateway.available():
         pool = cast(IReactorThreads, reactor)
         in_thread = partial(threads.deferToThreadPool, cast(IReactorFromThreads, reactor), pool.getThreadPool())
         methods.append(UPnPGateway(in_thread))
