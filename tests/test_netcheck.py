@@ -261,7 +261,9 @@ class OtherPathsTests(TestCase):
         report = self.report(port_mapping=pm)
         self.assertEqual(other_paths(report), [
             "a port mapping makes your NAT reachable directly (pcp mapped port 7000 to 198.51.100.7:40000): "
-            "peers connect to it without punching"])
+            "peers connect to it without punching (the relay-only rule above does not count it yet)"])
+        preserving = self.report(port_mapping=pm, nat=PRESERVING_NAT)
+        self.assertTrue(other_paths(preserving)[0].endswith("peers connect to it without punching"))
         text = format_text(report)
         self.assertIn("port mapping    pcp mapped port 7000 to 198.51.100.7:40000 for 7200 s (deleted again)\n",
                       text)

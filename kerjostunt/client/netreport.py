@@ -204,8 +204,10 @@ def other_paths(report: NetReport) -> list[str]:
     if pm.method is not None and report.nat.behind_nat:
         granted = f"{pm.method} mapped port {pm.internal_port} to {pm.external_ip}:{pm.external_port}"
         if pm.external_ip == report.public_ip:
+            # The server's relay-only rule (prediction.no_technique, its 488) judges the NAT alone.
+            caveat = "" if not unreachable_kinds(report.nat) else " (the relay-only rule above does not count it yet)"
             lines.append(f"a port mapping makes your NAT reachable directly ({granted}): "
-                         "peers connect to it without punching")
+                         f"peers connect to it without punching{caveat}")
         else:
             lines.append(f"the gateway granted a port mapping ({granted}), but your public address is "
                          f"{report.public_ip}: another NAT beyond it, so the mapping does not reach you")

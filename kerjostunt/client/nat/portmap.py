@@ -25,7 +25,10 @@ is deleted at once.
 
 from __future__ import annotations
 
+import errno
+import os
 import secrets
+import socket
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -119,9 +122,11 @@ class _Exchange(DatagramProtocol):
         self._timer: IDelayedCall | None = None
         self._sent = 0
         self._over = False
+        self._port: Any = None
 
     def startProtocol(self) -> None:
         assert self.transport is not None
+        self._port = self.transport  # doStop clears ``transport`` before stopProtocol
         try:
             self.transport.connect(*self.gateway)
             self.local_ip = self.transport.getHost().host
@@ -157,8 +162,17 @@ class _Exchange(DatagramProtocol):
         self._finish(Failure(MappingFailed("port unreachable")))
 
     def stopProtocol(self) -> None:
-        """The socket closed under us (the reactor shutting down): no more sends."""
-        self._finish(Failure(MappingFailed("the socket closed")))
+        """The socket closed under us: no more sends. Usually an ICMP error: the epoll reactor
+        drops a connected UDP socket that has one pending, before any read could report
+        it (so ``connectionRefused`` is not called); else the reactor shutting down."""
+        code, sock = 0, getattr(self._port, "socket", None)  # still open during stopProtocol
+        if sock is not None:
+            try:
+                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            except OSError:
+                code = 0
+        why = "port unreachable" if code == errno.ECONNREFUSED else os.strerror(code) if code else "the socket closed"
+        self._finish(Failure(MappingFailed(why)))
 
     def _close(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -289,8 +303,10 @@ class UPnPGateway:
         igd.discoverdelay = self.discover_ms
         try:
             found = igd.discover()
-        except Exception as e:  # miniupnpc raises Exception with its own text
-            raise MappingFailed(f"SSDP discovery failed ({e})") from None
+        except Exception as e:  # miniupnpc raises Exception with its own text ("Success": nobody answered)
+            text = str(e)
+            raise MappingFailed("no UPnP device answered" if text in ("", "Success")
+                                else f"SSDP discovery failed ({text})") from None
         if found <= 0:
             raise MappingFailed("no UPnP device answered")
         try:
