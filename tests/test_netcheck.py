@@ -389,3 +389,13 @@ class DualStackLoopbackTests(TestCase):
         self.assertEqual(self.gateway.mappings, {})  # deleted at the gateway
         # No NAT here: the verdict says so; IPv6 is a path of its own.
         self.assertEqual(other_paths(report), ["IPv6 works: peers with IPv6 reach you directly"])
+
+    @defer.inlineCallbacks
+    def test_server_given_by_its_ipv6_address(self) -> Any:
+        """``--server [::1]``: steps 1 to 3 run over IPv6, and the IPv6 rows are theirs."""
+        config = NetcheckConfig("::1", tuple(self.ports), wait=0.05, port_mapping=False, local_v6="::1")
+        report = yield netcheck(reactor, config)
+        self.assertEqual((report.errors, report.public_ip, report.inbound), ([], "::1", "open"))
+        v6 = report.ipv6
+        self.assertEqual((v6.server, v6.reached, v6.mapped, v6.inbound, v6.rtt_ms), ("::1", True, "::1", "open",
+                                                                                   report.rtt_ms))

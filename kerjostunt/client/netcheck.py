@@ -325,9 +325,11 @@ class _Run:
             return
         v6.reached, v6.mapped, v6.rtt_ms = True, ex.result.mapped_ip, round(ex.rtt * 1000.0, 1)
         found = yield self.connect_back(v6.address, server, errors)
-        if found is not None:
-            found[1].close()
-            v6.connect_back, v6.inbound = found[2], found[3]
+        if found is None:
+            v6.detail = f"the connect-back: {errors[0].rpartition(': ')[2]}"
+            return
+        found[1].close()
+        v6.connect_back, v6.inbound = found[2], found[3]
 
     def _ipv6_from_run(self) -> None:
         v6, report = self.report.ipv6, self.report
