@@ -207,6 +207,33 @@ class ClientTests(unittest.TestCase):
         self.failureResultOf(d, MappingFailed)
 
     @defer.inlineCallbacks
+    def test_no_gateway_daemon_is_port_unreachable(self):  # type: ignore[no-untyped-def]
+        """ICMP port unreachable: the epoll reactor closes the connected socket before any read."""
+        closed = reactor.listenUDP(0, DatagramProtocol(), interface="127.0.0.1")  # type: ignore[attr-defined]
+        number = closed.getHost().port
+        yield closed.stopListening()
+        failure = yield self.assertFailure(PCPGateway(reactor, "127.0.0.1", number).map(7008, 600, None),  # type: ignore[arg-type]
+                                           MappingFailed)
+        self.assertEqual(str(failure), "port unreachable")
+
+    def test_upnp_nobody_answering_is_named(self) -> None:
+        """miniupnpc's discover() raises Exception('Success') when no device answered."""
+        import sys
+        import types
+
+        from kerjostunt.client.nat.portmap import UPnPGateway
+
+        class Silent:
+            discoverdelay = 0
+
+            def discover(self) -> int:
+                raise Exception("Success")
+
+        self.patch(sys, "modules", {**sys.modules, "miniupnpc": types.SimpleNamespace(UPnP=Silent)})
+        failure = self.assertRaises(MappingFailed, UPnPGateway(lambda f: defer.succeed(f()))._find)
+        self.assertEqual(str(failure), "no UPnP device answered")
+
+    @defer.inlineCallbacks
     def test_nothing_maps_then_nothing_is_held(self):  # type: ignore[no-untyped-def]
         fake, port = self.gateway("pcp", refuse=8)
         mapper = PortMapper(Clock(), self.methods(port), 7005)

@@ -14,10 +14,19 @@ each from fresh reusable local ports (``nat/sockets.py``, as a call's probes):
 3. an unsolicited SYN: a listening local port asks the server to connect
    back (KERJO-CONNECT-BACK) from another port or address, and hears
    whether the SYN arrived, and from the server how it ended;
-4. hairpinning: a connection to our own public mapping of that port.
+4. hairpinning: a connection to our own public mapping of that port;
+5. IPv6 (issue 17), with 6 at once: from this host's global IPv6 address
+   (``nat/interfaces.py``, the one a call offers) a probe to the server's
+   IPv6 address (its first answer names the server's addresses,
+   KERJO-PROBE-IPS), its round trip, and a connect-back as in step 3: what
+   the firewall does to an unsolicited SYN;
+6. a port mapping: the gateway asked for one (``nat/portmap.py``'s
+   PortMapper, as the agent asks: PCP, then NAT-PMP, then UPnP-IGD) for a
+   fresh port, and the mapping deleted again at once (``--no-port-mapping``
+   skips this). After step 3, so a mapping cannot let its SYN in.
 
-The round trip to the server is the fastest probe's. ``netreport.py`` reads
-the results.
+The round trip to the server is the fastest IPv4 probe's. ``netreport.py``
+reads the results.
 """
 
 from __future__ import annotations
@@ -36,10 +45,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from kerjostunt.client.calls.setup import reason_of
+from kerjostunt.client.nat.interfaces import preferred_ipv6
+from kerjostunt.client.nat.portmap import mapper_for
 from kerjostunt.client.nat.probing import Exchange, exchange
 from kerjostunt.client.nat.sockets import SocketReactor, connect_from, listen_reusable, reusable_socket
 from kerjostunt.client.netreport import NetReport, inbound_of, port_speed
+from kerjostunt.wire import portmap as portmap_wire
 from kerjostunt.wire import stun
+from kerjostunt.wire.kerjo import parse_probe_ips
 from kerjostunt.wire.prediction import Sample
 
 __all__ = ["NetcheckConfig", "local_ip_towards", "netcheck"]
@@ -60,6 +73,14 @@ class NetcheckConfig:
     #: seconds our listener waits for the connect-back or the hairpin after the answer
     listen_grace: float = 0.5
     local_ip: str = ""
+    #: ask the gateway for a port mapping (step 6); False: ``--no-port-mapping``
+    port_mapping: bool = True
+    #: the gateway to ask and its PCP/NAT-PMP port, and whether UPnP-IGD too (tests: a fake one)
+    gateway: str | None = None
+    gateway_port: int = portmap_wire.PORT
+    upnp: bool = True
+    #: the IPv6 address to probe from ("": this host's preferred global one; tests: ::1)
+    local_v6: str = ""
 
 
 def local_ip_towards(server_ip: str) -> str:
@@ -129,11 +150,13 @@ def _listen(reactor: SocketReactor, ip: str) -> tuple[int, _Listener]:
     return port, listener
 
 
-def _request(local_port: int, *, connect_back: bool = False) -> tuple[bytes, bytes]:
+def _request(local_port: int, *, connect_back: bool = False, ask_ips: bool = False) -> tuple[bytes, bytes]:
     tid = stun.new_transaction_id()
     attrs = [(stun.KERJO_LOCAL_PORT, stun.encode_local_port(local_port))]
     if connect_back:
         attrs.append((stun.KERJO_CONNECT_BACK, b""))
+    if ask_ips:
+        attrs.append((stun.KERJO_PROBE_IPS, b""))
     return stun.encode(stun.BINDING_REQUEST, tid, attrs), tid
 
 
@@ -146,6 +169,8 @@ class _Run:
         ip = config.local_ip or local_ip_towards(config.server_ip)
         self.report = NetReport(config.server_ip, config.probe_ports, ip)
         self.rtts: list[float] = []
+        #: the server's probe addresses, from its first answer
+        self.server_ips: tuple[str, ...] = ()
 
     @property
     def ip(self) -> str:
@@ -161,15 +186,19 @@ class _Run:
         return sample
 
     @defer.inlineCallbacks
-    def probe(self, local_port: int, server: tuple[str, int],
-              connect_back: bool = False) -> Generator[defer.Deferred[Any], Any, Exchange | None]:
-        request, tid = _request(local_port, connect_back=connect_back)
+    def probe(self, local_port: int, server: tuple[str, int], connect_back: bool = False, *,
+              ask_ips: bool = False, ip: str = "",
+              errors: list[str] | None = None) -> Generator[defer.Deferred[Any], Any, Exchange | None]:
+        """One request from ``ip`` (our IPv4 address) and ``local_port``; None: it failed (noted in
+        ``errors``, the report's by default)."""
+        request, tid = _request(local_port, connect_back=connect_back, ask_ips=ask_ips)
         try:
-            ex: Exchange = yield exchange(self.reactor, (self.ip, local_port), server, request, tid,
-                                timeout=self.config.timeout + (4.0 if connect_back else 0.0))
+            ex: Exchange = yield exchange(self.reactor, (ip or self.ip, local_port), server, request, tid,
+                                          timeout=self.config.timeout + (4.0 if connect_back else 0.0))
         except Exception:
             why = _short(Failure())
-            self.report.errors.append(f"probe {server[0]}:{server[1]} from port {local_port}: {why}")
+            (self.report.errors if errors is None else errors).append(
+                f"probe {server[0]}:{server[1]} from port {local_port}: {why}")
             return None
         return ex
 
@@ -179,10 +208,12 @@ class _Run:
         port, holder = _reserve(self.ip)
         try:
             servers = [(self.config.server_ip, p) for p in self.config.probe_ports]
-            first = yield self.probe(port, servers[0])
+            first = yield self.probe(port, servers[0], ask_ips=True)
             if first is None:
                 return
             self.note(first)
+            self.server_ips = parse_probe_ips(
+                (first.response.get(stun.KERJO_PROBE_IPS) or b"").decode("ascii", "replace"))
             self.report.public_port = first.result.mapped_port
             other = first.response.get(stun.OTHER_ADDRESS)
             if other is not None:
@@ -217,19 +248,29 @@ class _Run:
         self.report.ports_per_second = port_speed(before, after, self.report.nat)
 
     @defer.inlineCallbacks
-    def inbound(self) -> Generator[defer.Deferred[Any], Any, tuple[int, _Listener] | None]:
-        """The connect-back to a listening port (step 3); the listener stays up for the hairpin."""
-        port, listener = _listen(self.reactor, self.ip)
-        ex = yield self.probe(port, (self.config.server_ip, self.config.probe_ports[0]), connect_back=True)
+    def connect_back(self, ip: str, server: tuple[str, int], errors: list[str] | None = None,
+                     ) -> Generator[defer.Deferred[Any], Any, tuple[Exchange, _Listener, str | None, str] | None]:
+        """A listening port of ``ip`` asks the server to dial it back: (the exchange, the listener
+        (still up), the server's word, what the SYN met); None: the request failed."""
+        port, listener = _listen(self.reactor, ip)
+        ex = yield self.probe(port, server, connect_back=True, ip=ip, errors=errors)
         if ex is None:
             listener.close()
             return None
-        self.note(ex, timed=False)  # its answer waited for the connect-back
-        word = ex.response.get(stun.KERJO_CONNECT_BACK_RESULT)
-        self.report.connect_back = None if word is None else word.decode("ascii", "replace")
-        if self.report.connect_back == "connected" and ex.response.transaction_id not in listener.tags:
+        raw = ex.response.get(stun.KERJO_CONNECT_BACK_RESULT)
+        word = None if raw is None else raw.decode("ascii", "replace")
+        if word == "connected" and ex.response.transaction_id not in listener.tags:
             yield task.deferLater(self.reactor, self.config.listen_grace, lambda: None)
-        self.report.inbound = inbound_of(self.report.connect_back, ex.response.transaction_id in listener.tags)
+        return ex, listener, word, inbound_of(word, ex.response.transaction_id in listener.tags)
+
+    @defer.inlineCallbacks
+    def inbound(self) -> Generator[defer.Deferred[Any], Any, tuple[int, _Listener] | None]:
+        """The connect-back to a listening port (step 3); the listener stays up for the hairpin."""
+        found = yield self.connect_back(self.ip, (self.config.server_ip, self.config.probe_ports[0]))
+        if found is None:
+            return None
+        ex, listener, self.report.connect_back, self.report.inbound = found
+        self.note(ex, timed=False)  # its answer waited for the connect-back
         return ex.result.mapped_port, listener
 
     @defer.inlineCallbacks
@@ -255,6 +296,76 @@ class _Run:
         self.report.hairpin_detail = "" if self.report.hairpin else "connected, but not to us"
 
 
+    def server_v6(self) -> str | None:
+        """The server's IPv6 address: ``--server``'s, or the first its probe answer named."""
+        if ":" in self.config.server_ip:
+            return self.config.server_ip
+        return next((ip for ip in self.server_ips if ":" in ip), None)
+
+    @defer.inlineCallbacks
+    def ipv6(self) -> Generator[defer.Deferred[Any], Any, None]:
+        """Step 5: does our global IPv6 address reach the server, and what meets a SYN there."""
+        v6 = self.report.ipv6
+        v6.address = self.config.local_v6 or preferred_ipv6()
+        v6.server = self.server_v6()
+        if v6.address is None or v6.server is None:
+            v6.detail = "no global IPv6 address" if v6.address is None else "the server named no IPv6 address"
+            return
+        if v6.server == self.config.server_ip:  # steps 1 to 3 ran over IPv6
+            self._ipv6_from_run()
+            return
+        server, errors = (v6.server, self.config.probe_ports[0]), list[str]()
+        port, holder = _reserve(v6.address)
+        try:
+            ex = yield self.probe(port, server, ip=v6.address, errors=errors)
+        finally:
+            holder.close()
+        if ex is None:
+            v6.detail = errors[0].rpartition(": ")[2]
+            return
+        v6.reached, v6.mapped, v6.rtt_ms = True, ex.result.mapped_ip, round(ex.rtt * 1000.0, 1)
+        found = yield self.connect_back(v6.address, server, errors)
+        if found is None:
+            v6.detail = f"the connect-back: {errors[0].rpartition(': ')[2]}"
+            return
+        found[1].close()
+        v6.connect_back, v6.inbound = found[2], found[3]
+
+    def _ipv6_from_run(self) -> None:
+        v6, report = self.report.ipv6, self.report
+        v6.reached, v6.mapped, v6.connect_back, v6.inbound = (bool(report.samples), report.public_ip,
+                                                              report.connect_back, report.inbound)
+        v6.rtt_ms = round(min(self.rtts) * 1000.0, 1) if self.rtts else None
+        v6.detail = "" if v6.reached else "the server did not answer"
+
+    @defer.inlineCallbacks
+    def port_mapping(self) -> Generator[defer.Deferred[Any], Any, None]:
+        """Step 6: a mapping of a fresh port, as the agent asks for its own, deleted at once."""
+        pm = self.report.port_mapping
+        if not self.config.port_mapping:
+            pm.errors = ["--no-port-mapping"]
+            return
+        port, holder = _reserve("0.0.0.0" if ":" in self.ip else self.ip)  # a mapping is IPv4's
+        try:
+            mapper = mapper_for(self.reactor, port, self.config.gateway, port=self.config.gateway_port,
+                                upnp=self.config.upnp)
+            if mapper is None:
+                pm.errors = ["no default gateway"]
+                return
+            pm.asked, pm.internal_port = True, port
+            mapper.start()
+            mapping = yield mapper.settled()
+            if mapping is None:
+                pm.errors = list(mapper.errors)
+                yield mapper.release()
+                return
+            pm.method, (pm.external_ip, pm.external_port), pm.lifetime = (mapping.method, mapping.external,
+                                                                          mapping.lifetime)
+            pm.deleted = yield mapper.release()
+        finally:
+            holder.close()
+
+
 @defer.inlineCallbacks
 def netcheck(reactor: SocketReactor, config: NetcheckConfig) -> Generator[defer.Deferred[Any], Any, NetReport]:
     """Measure; fires with the report (never fails: what went wrong is in ``report.errors``)."""
@@ -271,4 +382,5 @@ def netcheck(reactor: SocketReactor, config: NetcheckConfig) -> Generator[defer.
     run.report.classify()
     if run.rtts:
         run.report.rtt_ms = round(min(run.rtts) * 1000.0, 1)
+    yield defer.gatherResults([run.ipv6(), run.port_mapping()], consumeErrors=True)
     return run.report

@@ -29,7 +29,8 @@ from kerjostunt.wire.prediction import (
     no_technique,
 )
 
-__all__ = ["INBOUND", "PEER_KINDS", "NetReport", "inbound_of", "port_speed", "verdict", "format_text"]
+__all__ = ["INBOUND", "PEER_KINDS", "IPv6Check", "MappingCheck", "NetReport", "inbound_of", "other_paths",
+           "port_speed", "verdict", "format_text"]
 
 #: What an unsolicited SYN met, from the server's connect-back word (server/connectback.py)
 INBOUND = {
@@ -86,6 +87,39 @@ def port_speed(before: Sample | None, after: Sample | None, nat: NATDescription)
 
 
 @dataclass
+class IPv6Check:
+    """IPv6 (issue 17): no NAT there, only a firewall; peers with IPv6 punch through it."""
+
+    #: this host's global IPv6 address (the one a call offers), None: it has none
+    address: str | None = None
+    #: the server's IPv6 address (announced in its probe answer, or --server's), None: it named none
+    server: str | None = None
+    reached: bool = False
+    #: the address the server saw us at (ours: no NAT66 in the way)
+    mapped: str | None = None
+    rtt_ms: float | None = None
+    connect_back: str | None = None
+    inbound: str = "unknown"
+    #: why it was not tested or did not work, in words
+    detail: str = ""
+
+
+@dataclass
+class MappingCheck:
+    """The gateway's port mapping (PCP, NAT-PMP, UPnP-IGD: ``nat/portmap.py``), asked and deleted."""
+
+    asked: bool = False
+    method: str | None = None
+    internal_port: int | None = None
+    external_ip: str | None = None
+    external_port: int | None = None
+    lifetime: int | None = None
+    deleted: bool | None = None
+    #: each method's refusal, or why nothing was asked
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass
 class NetReport:
     """Everything one netcheck run measured (``--json`` prints it as it is, plus the verdict)."""
 
@@ -106,6 +140,8 @@ class NetReport:
     rtt_ms: float | None = None
     samples: list[Sample] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    ipv6: IPv6Check = field(default_factory=IPv6Check)
+    port_mapping: MappingCheck = field(default_factory=MappingCheck)
 
     def classify(self) -> None:
         """The NAT from the samples (as the server classifies a peer's probes)."""
@@ -123,6 +159,7 @@ class NetReport:
         out["nat"] = self.nat.to_dict()
         out["probe_ports"] = list(self.probe_ports)
         out["verdict"] = self.verdict
+        out["other_paths"] = other_paths(self)
         out["unreachable_peers"] = unreachable_kinds(self.nat)
         return out
 
@@ -160,6 +197,47 @@ def verdict(nat: NATDescription, inbound: str) -> str:
     return text
 
 
+def other_paths(report: NetReport) -> list[str]:
+    """The verdict's further sentences: direct paths besides the IPv4 NAT's (a mapping, IPv6)."""
+    lines = []
+    pm = report.port_mapping
+    if pm.method is not None and report.nat.behind_nat:
+        granted = f"{pm.method} mapped port {pm.internal_port} to {pm.external_ip}:{pm.external_port}"
+        if pm.external_ip == report.public_ip:
+            # The server's relay-only rule (prediction.no_technique, its 488) judges the NAT alone.
+            caveat = "" if not unreachable_kinds(report.nat) else " (the relay-only rule above does not count it yet)"
+            lines.append(f"a port mapping makes your NAT reachable directly ({granted}): "
+                         f"peers connect to it without punching{caveat}")
+        else:
+            lines.append(f"the gateway granted a port mapping ({granted}), but your public address is "
+                         f"{report.public_ip}: another NAT beyond it, so the mapping does not reach you")
+    v6 = report.ipv6
+    if v6.reached:
+        lines.append("IPv6 works: peers with IPv6 reach you directly")
+    elif v6.address is not None and v6.server is not None:
+        lines.append(f"you have an IPv6 address but it does not reach the server ({v6.detail}): "
+                     "IPv6 will not help your calls")
+    return lines
+
+
+def _ipv6_rows(v6: IPv6Check) -> list[tuple[str, str]]:
+    if v6.address is None or v6.server is None or not v6.reached:
+        return [("IPv6", v6.detail or "not tested")]
+    via = "" if v6.mapped in (None, v6.address) else f" (seen as {v6.mapped}: a NAT66 in the way)"
+    rtt = "" if v6.rtt_ms is None else f", RTT {v6.rtt_ms:.1f} ms"
+    return [("IPv6", f"{v6.address} reaches the server at [{v6.server}]{via}{rtt}"),
+            ("IPv6 inbound", _INBOUND_TEXT.get(v6.inbound, v6.inbound))]
+
+
+def _mapping_row(pm: MappingCheck) -> str:
+    if pm.method is None:
+        why = "; ".join(pm.errors) or "no answer"
+        return f"no port mapping ({why})" if pm.asked else f"not asked ({why})"
+    deleted = {True: "deleted again", False: "deleting it failed", None: "not deleted"}[pm.deleted]
+    return (f"{pm.method} mapped port {pm.internal_port} to {pm.external_ip}:{pm.external_port} "
+            f"for {pm.lifetime} s ({deleted})")
+
+
 def _nat_line(nat: NATDescription) -> str:
     if not nat.behind_nat:
         return "none (your address is public)"
@@ -189,7 +267,10 @@ def format_text(report: NetReport) -> str:
         ("unsolicited SYN", _INBOUND_TEXT.get(report.inbound, report.inbound)),
         ("hairpinning", hairpin),
         ("server RTT", rtt),
+        *_ipv6_rows(report.ipv6),
+        ("port mapping", _mapping_row(report.port_mapping)),
         ("verdict", report.verdict),
+        *(("", line) for line in other_paths(report)),
     ]
     rows += [("problem", e) for e in report.errors]
     return "".join(f"{name:<16}{value}\n" for name, value in rows)

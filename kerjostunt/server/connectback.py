@@ -97,7 +97,10 @@ class ConnectBack:
         if self.pending >= self.max_pending:
             return defer.succeed("busy")
         factory = _OneConnect(tag)
-        bind = (self.source_ip, 0) if self.source_ip else None
+        # The second address is one family's: a prober of the other family is dialed from the
+        # address the kernel picks (any but the probe port: still a SYN no mapping expects).
+        source = self.source_ip
+        bind = (source, 0) if source and (":" in source) == (":" in target[0]) else None
         try:
             self._reactor.connectTCP(target[0], target[1], factory, timeout=self.timeout, bindAddress=bind)
         except Exception as e:  # a bad bind address, say

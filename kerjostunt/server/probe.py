@@ -294,6 +294,8 @@ class ProbeProtocol(Protocol):
                           stun.encode_address(origin)))
             attrs.append((stun.OTHER_ADDRESS, stun.encode_address(other)))
         attrs.extend(extra or [])
+        if msg.has(stun.KERJO_PROBE_IPS) and self.factory.ips:
+            attrs.append((stun.KERJO_PROBE_IPS, ", ".join(self.factory.ips).encode("ascii")))
         attrs.append((stun.SOFTWARE, self.factory.software.encode("utf-8")))
         self._write(stun.encode(
             stun.BINDING_SUCCESS, tid, attrs,
@@ -368,6 +370,9 @@ class ProbeFactory(Factory):
     noisy = False  # no 'Starting factory <...>' line per listen or connect
 
     protocol = ProbeProtocol  # type: ignore[assignment]  # the stub wants a factory function
+    #: the server's probe addresses, both families, for a request that asks (KERJO-PROBE-IPS):
+    #: set by the service (``--interface``'s addresses)
+    ips: Sequence[str] = ()
 
     def __init__(self, clock: IReactorTime, tokens: ProbeTokens, log: ObservationLog, *,
                  other_address: tuple[str, int] | AlternateAddresses | None = None, idle_timeout: float = 10.0,

@@ -340,8 +340,10 @@ class StuntServer(MultiService):
         if self.settings.probe_alt_ip:
             ports = self.settings.probe_ports
             other = AlternateAddresses(self.settings.probe_alt_ip, ports, self.settings.probe_interface)
-        return ProbeFactory(self.reactor, self.tokens, self.observations, other_address=other, per_ip=self.probe_cap,
-                            connect_back=self.connect_back)
+        factory = ProbeFactory(self.reactor, self.tokens, self.observations, other_address=other,
+                               per_ip=self.probe_cap, connect_back=self.connect_back)
+        factory.ips = tuple(self.settings.probe_ips)
+        return factory
 
     def _probe_headers(self, user_id: str) -> list[tuple[str, str]]:
         token, password = self.tokens.issue(user_id)

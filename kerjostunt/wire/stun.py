@@ -89,6 +89,9 @@ KERJO_LOCAL_PORT = 0xBF4B
 KERJO_CONNECT_BACK = 0xBF4C
 #: kerjostunt private (response): how that connect ended, one ASCII word
 KERJO_CONNECT_BACK_RESULT = 0xBF4D
+#: kerjostunt private: asked (request, empty), the server's probe addresses as the
+#: answer's value, comma-separated IP literals (``X-Kerjo-Probe-IPs``'s format)
+KERJO_PROBE_IPS = 0xBF4E
 
 ATTRIBUTE_NAMES = {
     MAPPED_ADDRESS: "MAPPED-ADDRESS",
@@ -113,6 +116,7 @@ ATTRIBUTE_NAMES = {
     KERJO_LOCAL_PORT: "KERJO-LOCAL-PORT",
     KERJO_CONNECT_BACK: "KERJO-CONNECT-BACK",
     KERJO_CONNECT_BACK_RESULT: "KERJO-CONNECT-BACK-RESULT",
+    KERJO_PROBE_IPS: "KERJO-PROBE-IPS",
 }
 
 _HEADER = struct.Struct("!HHI12s")

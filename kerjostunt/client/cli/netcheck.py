@@ -38,8 +38,10 @@ def register(subparsers: Any) -> None:
         help="report what your NAT does and who can reach you directly",
         description="Probe the server's STUN-over-TCP probe ports and report your public address, "
         "your NAT's mapping and port allocation, how fast its ports move, what an unsolicited SYN "
-        "meets, hairpinning, the round trip to the server, and which peers can reach you directly. "
-        "No account is needed.",
+        "meets, hairpinning, the round trip to the server, IPv6 (your global address, the server "
+        "over IPv6, its round trip, what an unsolicited SYN meets there), whether your gateway grants "
+        "a port mapping (PCP, NAT-PMP, UPnP-IGD; deleted again at once), and which peers can reach "
+        "you directly. No account is needed.",
     )
     parser.add_argument("--server", required=True, metavar="HOST[:PORT]",
                         help="the kerjostunt server (PORT, its signaling port, is not used)")
@@ -48,6 +50,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--wait", type=float, default=1.0,
                         help="seconds between the timed probes that measure the port speed (default 1)")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds per probe (default 5)")
+    parser.add_argument("--no-port-mapping", dest="port_mapping", action="store_false",
+                        help="do not ask the gateway for a port mapping")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.set_defaults(func=run_command)
 
@@ -69,7 +73,8 @@ def run(reactor: Any, args: argparse.Namespace, stdin: TextIO, stdout: TextIO,
         except Exception:
             print(f"{PROG}: error: cannot resolve {host}", file=stderr)
             return 1
-    config = NetcheckConfig(server_ip, args.probe_ports, timeout=args.timeout, wait=args.wait)
+    config = NetcheckConfig(server_ip, args.probe_ports, timeout=args.timeout, wait=args.wait,
+                            port_mapping=args.port_mapping)
     report = yield netcheck(reactor, config)
     stdout.write(report.dumps() + "\n" if args.json else format_text(report))
     if not report.samples:

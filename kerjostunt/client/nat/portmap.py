@@ -25,7 +25,10 @@ is deleted at once.
 
 from __future__ import annotations
 
+import errno
+import os
 import secrets
+import socket
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -119,9 +122,11 @@ class _Exchange(DatagramProtocol):
         self._timer: IDelayedCall | None = None
         self._sent = 0
         self._over = False
+        self._port: Any = None
 
     def startProtocol(self) -> None:
         assert self.transport is not None
+        self._port = self.transport  # doStop clears ``transport`` before stopProtocol
         try:
             self.transport.connect(*self.gateway)
             self.local_ip = self.transport.getHost().host
@@ -157,8 +162,17 @@ class _Exchange(DatagramProtocol):
         self._finish(Failure(MappingFailed("port unreachable")))
 
     def stopProtocol(self) -> None:
-        """The socket closed under us (the reactor shutting down): no more sends."""
-        self._finish(Failure(MappingFailed("the socket closed")))
+        """The socket closed under us: no more sends. Usually an ICMP error: the epoll reactor
+        drops a connected UDP socket that has one pending, before any read could report
+        it (so ``connectionRefused`` is not called); else the reactor shutting down."""
+        code, sock = 0, getattr(self._port, "socket", None)  # still open during stopProtocol
+        if sock is not None:
+            try:
+                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            except OSError:
+                code = 0
+        why = "port unreachable" if code == errno.ECONNREFUSED else os.strerror(code) if code else "the socket closed"
+        self._finish(Failure(MappingFailed(why)))
 
     def _close(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -289,8 +303,10 @@ class UPnPGateway:
         igd.discoverdelay = self.discover_ms
         try:
             found = igd.discover()
-        except Exception as e:  # miniupnpc raises Exception with its own text
-            raise MappingFailed(f"SSDP discovery failed ({e})") from None
+        except Exception as e:  # miniupnpc raises Exception with its own text ("Success": nobody answered)
+            text = str(e)
+            raise MappingFailed("no UPnP device answered" if text in ("", "Success")
+                                else f"SSDP discovery failed ({text})") from None
         if found <= 0:
             raise MappingFailed("no UPnP device answered")
         try:
@@ -379,18 +395,31 @@ class PortMapper:
         self._attempt: defer.Deferred[Mapping] | None = None
         self.errors: list[str] = []
         self._timer: IDelayedCall | None = None
+        self._waiting: list[defer.Deferred[Mapping | None]] = []
         self._life = _MapperMachine(self)
 
     def start(self) -> None:
         self._life.start()
 
-    def release(self) -> defer.Deferred[None]:
-        """Delete the mapping (fires once the gateway answered, or at once when none is held)."""
+    def settled(self) -> defer.Deferred[Mapping | None]:
+        """Fires with the first ask's outcome: the mapping, or None (every method failed, or
+        released first). For a one-off question (``kerjostunt netcheck``); the agent listens
+        to ``on_change`` instead."""
+        if self.phase() not in ("idle", "asking"):
+            return defer.succeed(self.mapping)
+        d: defer.Deferred[Mapping | None] = defer.Deferred()
+        self._waiting.append(d)
+        return d
+
+    def release(self) -> defer.Deferred[bool]:
+        """Delete the mapping; fires True once the gateway answered (at once when none is
+        held), False when deleting it failed (logged)."""
         held = self.mapping
         self._life.release()
         self._tell()
+        self._settle()
         if held is None:
-            return defer.succeed(None)
+            return defer.succeed(True)
         return self._delete(held)
 
     def phase(self) -> str:
@@ -407,6 +436,7 @@ class PortMapper:
         if not gateways:
             self._life.failed("; ".join(self.errors) or "no method")
             self._tell()
+            self._settle()
             return
         gateway, rest = gateways[0], gateways[1:]
 
@@ -422,6 +452,12 @@ class PortMapper:
     def _granted(self, mapping: Mapping) -> None:
         self._life.granted(mapping)
         self._tell()
+        self._settle()
+
+    def _settle(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(self.mapping)
 
     def _tell(self) -> None:
         """``on_change`` once the machine's outputs have run (it may ask ``phase``)."""
@@ -454,30 +490,34 @@ class PortMapper:
             attempt.cancel()
         self.mapping = None
 
-    def _delete(self, mapping: Mapping) -> defer.Deferred[None]:
+    def _delete(self, mapping: Mapping) -> defer.Deferred[bool]:
+        def failed(failure: Failure) -> bool:
+            log.info("deleting the mapping failed: {why}", why=failure.getErrorMessage())
+            return False
+
         for gateway in self.gateways:
             if gateway.name == mapping.method:
-                d = defer.maybeDeferred(gateway.unmap, mapping)
-                return d.addErrback(lambda f: log.info("deleting the mapping failed: {why}",
-                                                       why=f.getErrorMessage()))
-        return defer.succeed(None)
+                return defer.maybeDeferred(gateway.unmap, mapping).addCallbacks(lambda _: True, failed)
+        return defer.succeed(False)
 
     def _late(self, mapping: Mapping) -> None:
         """A grant after release: nobody will use it."""
         self._delete(mapping)
 
 
-def mapper_for(reactor: object, internal_port: int, gateway: str | None = None) -> PortMapper | None:
+def mapper_for(reactor: object, internal_port: int, gateway: str | None = None, *, port: int = wire.PORT,
+               upnp: bool = True) -> PortMapper | None:
     """A mapper for ``internal_port`` at the default gateway (None: no default route).
 
     ``reactor`` is the global one: UDP, time and a thread pool (for miniupnpc).
+    ``port`` and ``upnp``: tests' fake gateways (PCP and NAT-PMP at another port, no SSDP).
     """
     gateway = gateway or default_gateway()
     if gateway is None:
         return None
     udp = cast(UDPReactor, reactor)
-    methods: list[Gateway] = [PCPGateway(udp, gateway), NATPMPGateway(udp, gateway)]
-    if UPnPGateway.available():
+    methods: list[Gateway] = [PCPGateway(udp, gateway, port), NATPMPGateway(udp, gateway, port)]
+    if upnp and UPnPGateway.available():
         pool = cast(IReactorThreads, reactor)
         in_thread = partial(threads.deferToThreadPool, cast(IReactorFromThreads, reactor), pool.getThreadPool())
         methods.append(UPnPGateway(in_thread))
