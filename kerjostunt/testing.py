@@ -211,6 +211,7 @@ class MemoryAgent:
         self.accept_factory = accept_factory
         self.on_peer = on_peer
         self.signaling_up = False
+        self.public_ip: str | None = None
         #: how many times the signaling connection was opened and closed
         self.starts = 0
         self.stops = 0

@@ -221,6 +221,7 @@ class FakeAgent:
     def __init__(self, reactor: Any, config: Any, accept_factory: Any = None, on_peer: Any = None) -> None:
         self.on_progress: Any = None
         self.signaling_up = False
+        self.public_ip: str | None = None
         self.started: defer.Deferred[None] = defer.Deferred()
         self.calls: dict[str, defer.Deferred[Any]] = {}
         FakeAgent.made.append(self)

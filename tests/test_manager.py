@@ -69,6 +69,7 @@ class FakeAgent:
         self.starts = 0
         self.stops = 0
         self.signaling_up = False
+        self.public_ip: str | None = None
         self.dials: list[tuple[str, Any, dict[str, Any], defer.Deferred]] = []
         self.cancelled: list[str] = []
         self.start_results: list[Any] = []  # queued outcomes of start(); default success
@@ -385,6 +386,20 @@ class DialPacingTests(unittest.TestCase):
         h.agent.fail(second, "no route")
         self.assertEqual(len(h.agent.dials), 3)
         self.assertEqual(sorted({d[0] for d in h.agent.dials}), ["bob", "carol", "dave"])
+
+    def test_peers_behind_our_public_address_are_dialed_first(self) -> None:
+        """A LAN peer connects at once; a call through a sequential NAT may wait its turn long."""
+        h = make(self, "bob", "carol", Entry("dave", ip="203.0.113.9"), Entry("erin", ip="203.0.113.9"), max_dials=2)
+        h.agent.public_ip = "203.0.113.9"
+        h.manager.start()
+        self.assertEqual([d[0] for d in h.agent.dials], ["dave", "erin"])
+        h.agent.succeed("dave")
+        self.assertEqual([d[0] for d in h.agent.dials][2:], ["bob"])
+
+    def test_without_our_public_address_the_list_order_holds(self) -> None:
+        h = make(self, "bob", "carol", Entry("dave", ip="203.0.113.9"), max_dials=2)
+        h.manager.start()
+        self.assertEqual([d[0] for d in h.agent.dials], ["bob", "carol"])
 
     def test_lower_user_id_gets_to_call_first(self) -> None:
         h = make(self, "alice", "carol", user_id="bob", courtesy_delay=3.0)

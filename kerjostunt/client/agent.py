@@ -302,6 +302,11 @@ class PeerAgent:
         return None
 
     @property
+    def public_ip(self) -> str | None:
+        """Our public address as the server saw it at REGISTER (None: not registered)."""
+        return self.registration.public_ip if self.registration is not None else None
+
+    @property
     def signaling_up(self) -> bool:
         return (
             self.signaling is not None

@@ -332,9 +332,18 @@ class PeerManager:
         self._reconcile()
 
     def dial_waiting(self) -> None:
-        """For the rule, while open: dial pending peers, at most ``max_dials`` at a time."""
+        """For the rule, while open: dial pending peers, at most ``max_dials`` at a time.
+
+        Peers behind our own public address first: on our LAN they connect
+        at once, while a call through a sequential NAT may wait its turn
+        there for a long time (``182 Queued``), its dial slot with it (the NAT
+        lab's 40-peer group: 21 of the 28 LAN pairs of its sequential site
+        never dialed in 150 s).
+        """
         dialing = sum(1 for peer in self.peers.values() if peer.dialing is not None)
-        for peer in list(self.peers.values()):
+        own = self.agent.public_ip
+        on_our_lan = [p for p in self.peers.values() if own is not None and p.entry is not None and p.entry.ip == own]
+        for peer in on_our_lan + [p for p in self.peers.values() if p not in on_our_lan]:
             if dialing >= self.config.max_dials:
                 break
             if peer.dialable:

@@ -31,6 +31,10 @@ class RestartingAgent:
     def signaling_up(self) -> bool:
         return bool(self.current is not None and self.current.signaling_up)
 
+    @property
+    def public_ip(self) -> str | None:
+        return self.current.public_ip if self.current is not None else None
+
     def start(self) -> defer.Deferred[Any]:
         self.current = agent = self._make_agent()
 

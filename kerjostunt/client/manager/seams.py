@@ -44,6 +44,11 @@ class ManagedAgent(Protocol):
     @property
     def signaling_up(self) -> bool: ...
 
+    @property
+    def public_ip(self) -> str | None:
+        """Our public address as the server saw it at REGISTER (None: not registered)."""
+        ...
+
     def start(self) -> Deferred[Any]: ...
 
     def stop(self) -> Deferred[None]: ...
@@ -61,6 +66,11 @@ class DirectoryEntry(Protocol):
 
     @property
     def use_stunt(self) -> object: ...
+
+    @property
+    def ip(self) -> str | None:
+        """Its public address as the server last saw it."""
+        ...
 
 
 def peer_flag(entry: DirectoryEntry) -> str:
