@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 
 from kerjostunt.client.calls.appport import CallHandshakeFactory, PreambleFactory, call_tag
 from kerjostunt.client.calls.explain import explain, word_of
+from kerjostunt.client.calls.family import FAMILY_STAGGER, FamilyRace
 from kerjostunt.client.calls.relayrace import RelayRace
 from kerjostunt.client.calls.setup import CallSetup, ConnectFailed, Endpoint, reason_of
 from kerjostunt.client.nat import birthday
@@ -40,16 +41,11 @@ from kerjostunt.wire.kerjo import RELAY_FALLBACK, RELAY_NOW
 from kerjostunt.wire.prediction import SEQUENTIAL, NATDescription, no_technique
 from kerjostunt.wire.sdp import MAPPING_FOUNDATION, Candidate, SessionDescription
 
-__all__ = ["RETRY_JITTER", "DialResult", "Dialer", "DialerConfig"]
+__all__ = ["FAMILY_STAGGER", "RETRY_JITTER", "DialResult", "Dialer", "DialerConfig"]
 
 log = Logger()
 
 RETRY_JITTER = 0.2  # seconds added at random to each punch retry (PunchPlan.retry_jitter)
-#: RFC 8305's "connection attempt delay": the IPv4 techniques start this long after the
-#: IPv6 punch (both sides wait the same, so the IPv4 SYNs still cross); 100 ms is inside
-#: its 50 to 250 ms. An IPv6 punch takes about two peer RTTs (NAT lab: 168 ms at 80 ms),
-#: so on a longer path IPv4 starts too: it costs NAT ports then, not connect time
-FAMILY_STAGGER = 0.1
 
 
 @dataclass(frozen=True)
@@ -174,6 +170,7 @@ class Dialer(RelayRace):
         self._won = ""
         self._contest.on_close(self._release_relay)
         self._early: set[Endpoint] = set()  # dialed before the dial moment (start)
+        self._family = FamilyRace(self._contest, self._staggered)  # when IPv4 starts, if at all
         self._life = _RaceMachine(self)
 
     @property
@@ -277,7 +274,7 @@ class Dialer(RelayRace):
     # dialing (outputs of the machine) ----------------------------------------------
 
     def _dial_all(self) -> None:
-        """The dial moment: the IPv6 punch first, the rest after FAMILY_STAGGER (RFC 8305).
+        """The dial moment: the IPv6 punch first, the rest after the stagger or never (family.py).
 
         Without an IPv6 path the rest starts at once. A pending count holds
         the staggered start, so an IPv6 punch that fails before it does not
@@ -287,12 +284,11 @@ class Dialer(RelayRace):
             self._dial_ipv4()
             return
         self.pending += 1
+        self._family.arm()
 
-        def staggered() -> None:
-            self.pending -= 1
-            self._dial_ipv4()
-
-        self._contest.later(FAMILY_STAGGER, staggered)
+    def _staggered(self) -> None:
+        self.pending -= 1
+        self._dial_ipv4()
 
     def _start_ipv6(self) -> bool:
         """The IPv6 simultaneous open through both stateful firewalls (docs/punching.rst, "ipv6")."""
@@ -306,10 +302,14 @@ class Dialer(RelayRace):
                          low_ttl=None, retry_jitter=RETRY_JITTER)
         self.pending += 1
         attempt = self._begin_try("ipv6")
-        d = self._contest.track(punch(self.reactor, plan, self.handshakes))
-        d.addCallbacks(self._ipv6_won, self._technique_failed, callbackArgs=(attempt,),
-                       errbackArgs=("ipv6: ", attempt))
+        d = self._contest.track(punch(self.reactor, plan, self._family.wrap(self.handshakes)))
+        d.addCallbacks(self._ipv6_won, self._ipv6_failed, callbackArgs=(attempt,), errbackArgs=(attempt,))
         return True
+
+    def _ipv6_failed(self, reason: Failure, attempt: int) -> None:
+        self._technique_failed(reason, "ipv6: ", attempt)
+        if not reason.check(defer.CancelledError):
+            self._family.ipv6_failed()  # a held IPv4 start goes now
 
     def _ipv6_won(self, result: PunchResult, attempt: int) -> None:
         self.pending -= 1
