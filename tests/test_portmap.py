@@ -333,3 +333,33 @@ class MappingCandidateTests(unittest.TestCase):
             clock.advance(0.05)
             self.assertEqual(dialed.count(("203.0.113.5", 40700)), 1)  # once, early or at the moment
             dialer.stop("done")
+
+
+class AgentMappingTests(unittest.TestCase):
+    """The agent maps its app port only when allowed (``--no-port-mapping`` is ``port_mapping=False``)."""
+
+    def mapped_ports(self, **kw: Any) -> list[int]:
+        from twisted.internet.protocol import Factory, Protocol
+
+        from kerjostunt.client import agent as agent_module
+
+        asked: list[int] = []
+
+        def mapper_for(clock: Any, port: int) -> None:
+            asked.append(port)
+            return None  # no gateway: nothing to start
+
+        self.patch(agent_module, "mapper_for", mapper_for)
+        listening = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(listening.stopListening)
+        agent = agent_module.PeerAgent(Clock(), server=("127.0.0.1", 5061), user_id="alice", password="x",
+                                       domain="kerjo.test", ca_path="unused", **kw)
+        agent._app_port = listening
+        agent._map_app_port()
+        return asked
+
+    def test_the_app_port_is_mapped_by_default(self) -> None:
+        self.assertEqual(len(self.mapped_ports()), 1)
+
+    def test_no_port_mapping_asks_nothing(self) -> None:
+        self.assertEqual(self.mapped_ports(port_mapping=False), [])
