@@ -363,3 +363,32 @@ class AgentMappingTests(unittest.TestCase):
 
     def test_no_port_mapping_asks_nothing(self) -> None:
         self.assertEqual(self.mapped_ports(port_mapping=False), [])
+
+
+class NoRefusalWithAMappingTests(unittest.SynchronousTestCase):
+    """A random NAT facing a sequential one is 488; a caller offering its gateway's mapping is dialed there."""
+
+    from tests.test_lanes import CallManagerLaneTests as _Lanes
+
+    setUp = _Lanes.setUp
+    invites_to = _Lanes.invites_to
+
+    def call(self, mapped: tuple[str, int]) -> list[int | None]:
+        from kerjostunt.client.calls import build_offer
+        from tests.test_calls import invite_request
+
+        body = build_offer("d1", "10.0.0.5", 40001, 7000, mapped=mapped).to_bytes()
+        self.manager.handle_request(self.conns["d1"], invite_request("d1", "b1", "c7", body=body))
+        self.clock.advance(0.3)
+        return [getattr(m, "code", None) for m in self.conns["d1"].sent]
+
+    def test_a_caller_with_a_mapping_is_not_refused(self) -> None:
+        from kerjostunt.wire.sdp import parse_sdp
+
+        self.assertNotIn(488, self.call(("198.18.4.2", 7700)))
+        [forwarded] = self.invites_to("b1")
+        self.assertIn(("198.18.4.2", 7700), [c.endpoint for c in parse_sdp(forwarded.body).of_type("srflx")])
+
+    def test_a_mapping_at_another_address_does_not_count(self) -> None:
+        self.assertIn(488, self.call(("203.0.113.9", 7700)))
+        self.assertEqual(self.invites_to("b1"), [])
