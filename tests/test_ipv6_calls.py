@@ -232,6 +232,18 @@ class FamilyStaggerTests(unittest.TestCase):
         self.assertEqual(self.ipv4_sockets, ["punch"])
         self.dialer.stop("done")
 
+    def test_a_race_stopped_while_holding_starts_no_ipv4(self) -> None:
+        """The stop drops the IPv6 connection; its failed handshake must not start IPv4 after the end."""
+        self.dialer.start(0.0).addErrback(lambda f: None)
+        self.clock.advance(0)
+        self.clock.advance(0.08)
+        protocol, _ = self.ipv6_connected()
+        self.clock.advance(race.FAMILY_STAGGER)
+        self.dialer.stop("cancelled")
+        protocol.connectionLost(Failure(error.ConnectionAborted()))
+        self.clock.advance(family.FAMILY_HOLD)
+        self.assertEqual(self.ipv4_sockets, [])
+
     def test_the_hold_is_bounded(self) -> None:
         """A handshake that neither passes nor fails holds IPv4 for FAMILY_HOLD, not its 5 s timeout."""
         self.dialer.start(0.0).addErrback(lambda f: None)

@@ -150,6 +150,8 @@ class FamilyRace:
         self.contest.later(self.hold, self._life.hold_over)
 
     def _release(self, why: str) -> None:
+        if self.contest.over:
+            return  # the race ended (won, stopped): its IPv6 connections' handshakes fail as they are dropped
         log.debug("IPv4 starts: {why}", why=why)
         self.start_ipv4()
 
