@@ -335,6 +335,41 @@ class MappingCandidateTests(unittest.TestCase):
             dialer.stop("done")
 
 
+class OfferedMappingWaitTests(unittest.TestCase):
+    """A side that offered its mapping keeps its race open while the peer may still dial it."""
+
+    def race(self, offered: bool) -> tuple[Any, Clock, Any]:
+        from twisted.internet.protocol import Factory, Protocol
+
+        from kerjostunt.client.calls import CallSetup, Dialer, DialerConfig, build_offer
+
+        # The peer offers only private addresses (not ours to dial): our own attempts end at once.
+        remote = build_offer("bob", "10.0.0.5", 40001, 7000)
+        clock = Clock()
+        dialer = Dialer(clock, CallSetup("c", bytes(32), "initiator", "203.0.113.5", remote),
+                        Factory.forProtocol(Protocol), local_ip="10.9.0.5", punch_port=1,
+                        own_public_ip="198.51.100.7", config=DialerConfig(low_ttl=None, offered_mapping=offered))
+        result = dialer.start(0.0)
+        clock.advance(0)
+        return dialer, clock, result
+
+    def test_without_a_mapping_the_race_ends_with_its_attempts(self) -> None:
+        from kerjostunt.client.calls import ConnectFailed
+
+        _, _, result = self.race(offered=False)
+        self.failureResultOf(result, ConnectFailed)
+
+    def test_with_a_mapping_it_waits_for_the_peers_direct_connect(self) -> None:
+        from kerjostunt.client.calls import ConnectFailed, DialerConfig
+
+        dialer, clock, result = self.race(offered=True)
+        self.assertNoResult(result)
+        clock.advance(DialerConfig().direct_timeout - 0.01)
+        self.assertFalse(dialer.finished)  # a connection to our app port would still be taken
+        clock.advance(0.01)
+        self.failureResultOf(result, ConnectFailed)
+
+
 class AgentMappingTests(unittest.TestCase):
     """The agent maps its app port only when allowed (``--no-port-mapping`` is ``port_mapping=False``)."""
 

@@ -16,7 +16,7 @@ birthday search use as well.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from automat import TypeMachineBuilder
@@ -29,17 +29,17 @@ from kerjostunt.client.calls.appport import CallHandshakeFactory, PreambleFactor
 from kerjostunt.client.calls.explain import explain, word_of
 from kerjostunt.client.calls.family import FAMILY_STAGGER, FamilyRace
 from kerjostunt.client.calls.relayrace import RelayRace
-from kerjostunt.client.calls.setup import CallSetup, ConnectFailed, Endpoint, reason_of
+from kerjostunt.client.calls.setup import CallSetup, ConnectFailed, Endpoint, reason_of, screened
 from kerjostunt.client.nat import birthday
 from kerjostunt.client.nat.contest import Contest
 from kerjostunt.client.nat.probing import ProbeResult
 from kerjostunt.client.nat.punch import PunchFailed, PunchPlan, PunchResult, punch
 from kerjostunt.client.nat.sockets import SocketReactor, abort_protocol, connect_from
 from kerjostunt.client.nat.turn import Allocation
-from kerjostunt.wire.candidates import Scope, is_loopback, screen
+from kerjostunt.wire.candidates import Scope, is_loopback
 from kerjostunt.wire.kerjo import RELAY_FALLBACK, RELAY_NOW
 from kerjostunt.wire.prediction import SEQUENTIAL, NATDescription, no_technique
-from kerjostunt.wire.sdp import MAPPING_FOUNDATION, Candidate, SessionDescription
+from kerjostunt.wire.sdp import MAPPING_FOUNDATION, Candidate
 
 __all__ = ["FAMILY_STAGGER", "RETRY_JITTER", "DialResult", "Dialer", "DialerConfig"]
 
@@ -69,20 +69,8 @@ class DialerConfig:
     direct_timeout: float = 3.0
     #: the peer's "use STUNT" flag is set: no direct attempt to its public candidates
     stunt_only: bool = False
-
-
-def screened(setup: CallSetup, scope: Scope) -> SessionDescription:
-    """The peer's SDP without the candidates we must not dial, each refusal logged.
-
-    The server drops the same ones (server/calls/dialing.py); a client checks
-    again because a server bug, or a server that lies, must not make it
-    connect to its own loopback, a metadata address or its LAN.
-    """
-    kept, refused = screen(setup.remote.candidates, scope)
-    if refused:
-        log.warn("call {call}: not dialing {count} candidate(s) of the peer: {which}", call=setup.call_id,
-                 count=len(refused), which=", ".join(f"{c.ip}:{c.port} {c.typ} ({why})" for c, why in refused[:8]))
-    return replace(setup.remote, candidates=kept)
+    #: we offered our gateway's port mapping: the peer may dial it up to direct_timeout after the dial moment
+    offered_mapping: bool = False
 
 
 class _RaceInputs(Protocol):
@@ -503,7 +491,18 @@ class Dialer(RelayRace):
         if self._relay_due(RELAY_FALLBACK):
             self._start_relay()  # the direct techniques failed: now the relay
             return
+        if self._awaiting_mapping():
+            return
         self._life.fail(ConnectFailed(self._reason("all techniques failed: ", "nothing to dial")))
+
+    def _awaiting_mapping(self) -> bool:
+        """Our own attempts are over, but the peer may still be dialing our port mapping
+        (a random NAT facing another: the mapping is the only way in): look again later."""
+        left = self.dial_at + self.config.direct_timeout - self.reactor.seconds()
+        if not self.config.offered_mapping or left <= 0:
+            return False
+        self._contest.later(left, self._life.check)
+        return True
 
     def _give_up(self) -> None:
         for entry in self._tried:  # still running at the safety net: out of time, not beaten
