@@ -369,6 +369,30 @@ class OfferedMappingWaitTests(unittest.TestCase):
         clock.advance(0.01)
         self.failureResultOf(result, ConnectFailed)
 
+    def test_the_peers_connect_to_the_mapping_wins_as_port_mapping(self) -> None:
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.protocol import Factory, Protocol
+        from twisted.internet.testing import StringTransport
+
+        from kerjostunt.client.handshake import HandshakeFactory
+
+        dialer, clock, result = self.race(offered=True)
+        clock.advance(1.0)
+        peer_address = IPv4Address("TCP", "203.0.113.5", 40123)
+        ours = dialer.handshakes.buildProtocol(peer_address)  # as the app port hands it over
+        mine, theirs = StringTransport(), StringTransport()
+        ours.makeConnection(mine)
+        dialer.accepted(ours, ("203.0.113.5", 40123))
+        setup = dialer.setup
+        peer = HandshakeFactory(setup.secret, setup.handshake_id, "responder", Factory.forProtocol(Protocol),
+                                clock).buildProtocol(peer_address)
+        peer.makeConnection(theirs)
+        hello = mine.value()
+        mine.clear()
+        peer.dataReceived(hello)
+        ours.dataReceived(theirs.value())
+        self.assertEqual(self.successResultOf(result).technique, "port-mapping")
+
 
 class AgentMappingTests(unittest.TestCase):
     """The agent maps its app port only when allowed (``--no-port-mapping`` is ``port_mapping=False``)."""

@@ -252,8 +252,10 @@ class Dialer(RelayRace):
         return own_nat is None or own_nat.allocation != SEQUENTIAL
 
     def accepted(self, protocol: Any, remote: Endpoint) -> None:
-        """A connection the peer made to our app port, already in handshake."""
-        self._life.contend(protocol, remote, "direct", "lan" if self.lan else "public")
+        """A connection the peer made to our app port, already in handshake (from outside our
+        LAN: through the gateway's mapping when we offered one)."""
+        outside = "port-mapping" if self.config.offered_mapping else "public"
+        self._life.contend(protocol, remote, "direct", "lan" if self.lan else outside)
 
     def stop(self, why: str) -> None:
         """Abandon the call (CANCEL/BYE, timeout, agent stopping)."""
