@@ -5,12 +5,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, error, reactor
+from twisted.internet.address import IPv6Address
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from kerjostunt.client.calls import CallSetup, Dialer, DialerConfig, build_offer, race
+from kerjostunt.client.calls import CallSetup, Dialer, DialerConfig, build_offer, family, race
+from kerjostunt.client.handshake import HandshakeFactory
+from kerjostunt.client.nat import birthday
 from kerjostunt.client.nat.interfaces import global_ipv6_addresses, parse_if_inet6, preferred_ipv6
 from kerjostunt.client.nat.punch import PunchPlan
 from kerjostunt.client.nat.sockets import reusable_socket
@@ -90,15 +95,28 @@ class FamilyStaggerTests(unittest.TestCase):
 
     def setUp(self) -> None:
         self.plans: list[PunchPlan] = []
+        self.factories: list[Any] = []
         self.attempts: list[defer.Deferred[Any]] = []
+        self.ipv4_sockets: list[str] = []  # every IPv4 attempt that would open a socket
 
         def fake_punch(reactor: Any, plan: PunchPlan, factory: Any) -> defer.Deferred[Any]:
             self.plans.append(plan)
+            self.factories.append(factory)
+            if ":" not in plan.local[0]:
+                self.ipv4_sockets.append("punch")
             d: defer.Deferred[Any] = defer.Deferred()
             self.attempts.append(d)
             return d
 
+        def fake_socket(name: str) -> Any:
+            def opened(*args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+                self.ipv4_sockets.append(name)
+                return defer.Deferred()
+            return opened
+
         self.patch(race, "punch", fake_punch)
+        self.patch(race, "connect_from", fake_socket("connect"))
+        self.patch(birthday, "birthday", fake_socket("birthday"))
         self.clock = Clock()
         remote = build_offer("bob", "198.51.100.9", 40001, None, ipv6_punch=("2001:db8::9", 40009))  # a public IPv4 peer: its punch is dialed (wire/candidates.py)
         self.dialer = Dialer(self.clock, _setup(remote), Factory.forProtocol(Protocol), local_ip="10.0.0.5",
@@ -112,8 +130,10 @@ class FamilyStaggerTests(unittest.TestCase):
         self.assertEqual(self.plans[0].candidates, (("2001:db8::9", 40009),))
         self.clock.advance(race.FAMILY_STAGGER - 0.01)
         self.assertEqual(len(self.plans), 1)
+        self.assertEqual(self.ipv4_sockets, [])
         self.clock.advance(0.01)
         self.assertEqual([p.local for p in self.plans], [("2001:db8::5", 40005), ("10.0.0.5", 40000)])
+        self.assertEqual(self.ipv4_sockets, ["punch"])
         self.dialer.stop("done")
 
     def test_an_ipv6_win_before_the_stagger_starts_no_ipv4(self) -> None:
@@ -124,6 +144,7 @@ class FamilyStaggerTests(unittest.TestCase):
         self.assertEqual((won.technique, won.remote), ("ipv6", ("2001:db8::9", 40009)))
         self.clock.advance(1)
         self.assertEqual(len(self.plans), 1)
+        self.assertEqual(self.ipv4_sockets, [])
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_an_early_ipv6_failure_still_waits_for_ipv4(self) -> None:
@@ -135,6 +156,106 @@ class FamilyStaggerTests(unittest.TestCase):
         self.assertEqual(len(self.plans), 2)
         self.dialer.stop("done")
         self.failureResultOf(result)
+
+    def ipv6_connected(self) -> tuple[Any, StringTransport]:
+        """The IPv6 punch's TCP connection is up: its handshake starts (we are the initiator)."""
+        protocol = self.factories[0].buildProtocol(IPv6Address("TCP", "2001:db8::9", 40009))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.assertTrue(transport.value().startswith(b"KJ1 HELLO "))
+        return protocol, transport
+
+    def peer_answers(self, protocol: Any, transport: StringTransport) -> None:
+        """The peer's side of the handshake, as the real responder runs it."""
+        setup = self.dialer.setup
+        peer = HandshakeFactory(setup.secret, setup.handshake_id, "responder", Factory.forProtocol(Protocol),
+                                self.clock).buildProtocol(IPv6Address("TCP", "2001:db8::5", 40005))
+        back = StringTransport()
+        peer.makeConnection(back)
+        hello = transport.value()
+        transport.clear()
+        peer.dataReceived(hello)
+        protocol.dataReceived(back.value())
+        peer.dataReceived(transport.value())
+        self.successResultOf(peer.handshake_done)
+        self.successResultOf(protocol.handshake_done)
+
+    def test_an_ipv6_connection_in_handshake_at_the_stagger_opens_no_ipv4_socket(self) -> None:
+        """Two peers 80 ms apart: the IPv6 TCP connection is up at 80 ms, verified at 160 (NAT lab)."""
+        result = self.dialer.start(0.0)
+        self.clock.advance(0)
+        self.clock.advance(0.08)
+        protocol, transport = self.ipv6_connected()
+        self.clock.advance(race.FAMILY_STAGGER)
+        self.assertEqual(self.ipv4_sockets, [])
+        self.assertEqual(self.dialer._family.phase(), "holding")
+        self.peer_answers(protocol, transport)
+        # The punch wins with the verified connection.
+        self.attempts[0].callback(race.PunchResult(protocol, ("2001:db8::9", 40009), "simultaneous-open", 1, 0.16))
+        self.assertEqual(self.successResultOf(result).technique, "ipv6")
+        self.clock.advance(family.FAMILY_HOLD + 10)
+        self.assertEqual(self.ipv4_sockets, [])
+        self.assertEqual(len(self.plans), 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_a_failed_ipv6_handshake_starts_ipv4_at_once(self) -> None:
+        self.dialer.start(0.0).addErrback(lambda f: None)
+        self.clock.advance(0)
+        self.clock.advance(0.08)
+        protocol, _ = self.ipv6_connected()
+        self.clock.advance(race.FAMILY_STAGGER)
+        self.assertEqual(self.ipv4_sockets, [])
+        protocol.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(self.ipv4_sockets, ["punch"])
+        self.assertEqual(self.plans[1].local, ("10.0.0.5", 40000))
+        self.dialer.stop("done")
+
+    def test_a_failed_handshake_before_the_stagger_waits_for_it(self) -> None:
+        """IPv4 starts at the stagger on both sides, so that its SYNs cross."""
+        self.dialer.start(0.0).addErrback(lambda f: None)
+        self.clock.advance(0)
+        self.clock.advance(0.05)
+        protocol, _ = self.ipv6_connected()
+        protocol.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(self.ipv4_sockets, [])
+        self.clock.advance(race.FAMILY_STAGGER - 0.05)
+        self.assertEqual(self.ipv4_sockets, ["punch"])
+        self.dialer.stop("done")
+
+    def test_the_ipv6_punch_giving_up_releases_a_held_ipv4(self) -> None:
+        self.dialer.start(0.0).addErrback(lambda f: None)
+        self.clock.advance(0)
+        self.clock.advance(0.08)
+        self.ipv6_connected()
+        self.clock.advance(race.FAMILY_STAGGER)
+        self.attempts[0].errback(race.PunchFailed("cannot listen"))
+        self.assertEqual(self.ipv4_sockets, ["punch"])
+        self.dialer.stop("done")
+
+    def test_a_race_stopped_while_holding_starts_no_ipv4(self) -> None:
+        """The stop drops the IPv6 connection; its failed handshake must not start IPv4 after the end."""
+        self.dialer.start(0.0).addErrback(lambda f: None)
+        self.clock.advance(0)
+        self.clock.advance(0.08)
+        protocol, _ = self.ipv6_connected()
+        self.clock.advance(race.FAMILY_STAGGER)
+        self.dialer.stop("cancelled")
+        protocol.connectionLost(Failure(error.ConnectionAborted()))
+        self.clock.advance(family.FAMILY_HOLD)
+        self.assertEqual(self.ipv4_sockets, [])
+
+    def test_the_hold_is_bounded(self) -> None:
+        """A handshake that neither passes nor fails holds IPv4 for FAMILY_HOLD, not its 5 s timeout."""
+        self.dialer.start(0.0).addErrback(lambda f: None)
+        self.clock.advance(0)
+        self.clock.advance(0.08)
+        self.ipv6_connected()
+        self.clock.advance(race.FAMILY_STAGGER)
+        self.clock.advance(family.FAMILY_HOLD - 0.01)
+        self.assertEqual(self.ipv4_sockets, [])
+        self.clock.advance(0.01)
+        self.assertEqual(self.ipv4_sockets, ["punch"])
+        self.dialer.stop("done")
 
     def test_no_ipv6_no_stagger(self) -> None:
         remote = build_offer("bob", "198.51.100.9", 40001, None)

@@ -360,3 +360,121 @@ class MappingCandidateTests(unittest.TestCase):
             clock.advance(0.05)
             self.assertEqual(dialed.count(("203.0.113.5", 40700)), 1)  # once, early or at the moment
             dialer.stop("done")
+
+
+class OfferedMappingWaitTests(unittest.TestCase):
+    """A side that offered its mapping keeps its race open while the peer may still dial it."""
+
+    def race(self, offered: bool) -> tuple[Any, Clock, Any]:
+        from twisted.internet.protocol import Factory, Protocol
+
+        from kerjostunt.client.calls import CallSetup, Dialer, DialerConfig, build_offer
+
+        # The peer offers only private addresses (not ours to dial): our own attempts end at once.
+        remote = build_offer("bob", "10.0.0.5", 40001, 7000)
+        clock = Clock()
+        dialer = Dialer(clock, CallSetup("c", bytes(32), "initiator", "203.0.113.5", remote),
+                        Factory.forProtocol(Protocol), local_ip="10.9.0.5", punch_port=1,
+                        own_public_ip="198.51.100.7", config=DialerConfig(low_ttl=None, offered_mapping=offered))
+        result = dialer.start(0.0)
+        clock.advance(0)
+        return dialer, clock, result
+
+    def test_without_a_mapping_the_race_ends_with_its_attempts(self) -> None:
+        from kerjostunt.client.calls import ConnectFailed
+
+        _, _, result = self.race(offered=False)
+        self.failureResultOf(result, ConnectFailed)
+
+    def test_with_a_mapping_it_waits_for_the_peers_direct_connect(self) -> None:
+        from kerjostunt.client.calls import ConnectFailed, DialerConfig
+
+        dialer, clock, result = self.race(offered=True)
+        self.assertNoResult(result)
+        clock.advance(DialerConfig().direct_timeout - 0.01)
+        self.assertFalse(dialer.finished)  # a connection to our app port would still be taken
+        clock.advance(0.01)
+        self.failureResultOf(result, ConnectFailed)
+
+    def test_the_peers_connect_to_the_mapping_wins_as_port_mapping(self) -> None:
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.protocol import Factory, Protocol
+        from twisted.internet.testing import StringTransport
+
+        from kerjostunt.client.handshake import HandshakeFactory
+
+        dialer, clock, result = self.race(offered=True)
+        clock.advance(1.0)
+        peer_address = IPv4Address("TCP", "203.0.113.5", 40123)
+        ours = dialer.handshakes.buildProtocol(peer_address)  # as the app port hands it over
+        mine, theirs = StringTransport(), StringTransport()
+        ours.makeConnection(mine)
+        dialer.accepted(ours, ("203.0.113.5", 40123))
+        setup = dialer.setup
+        peer = HandshakeFactory(setup.secret, setup.handshake_id, "responder", Factory.forProtocol(Protocol),
+                                clock).buildProtocol(peer_address)
+        peer.makeConnection(theirs)
+        hello = mine.value()
+        mine.clear()
+        peer.dataReceived(hello)
+        ours.dataReceived(theirs.value())
+        self.assertEqual(self.successResultOf(result).technique, "port-mapping")
+
+
+class AgentMappingTests(unittest.TestCase):
+    """The agent maps its app port only when allowed (``--no-port-mapping`` is ``port_mapping=False``)."""
+
+    def mapped_ports(self, **kw: Any) -> list[int]:
+        from twisted.internet.protocol import Factory, Protocol
+
+        from kerjostunt.client import agent as agent_module
+
+        asked: list[int] = []
+
+        def mapper_for(clock: Any, port: int) -> None:
+            asked.append(port)
+            return None  # no gateway: nothing to start
+
+        self.patch(agent_module, "mapper_for", mapper_for)
+        listening = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(listening.stopListening)
+        agent = agent_module.PeerAgent(Clock(), server=("127.0.0.1", 5061), user_id="alice", password="x",
+                                       domain="kerjo.test", ca_path="unused", **kw)
+        agent._app_port = listening
+        agent._map_app_port()
+        return asked
+
+    def test_the_app_port_is_mapped_by_default(self) -> None:
+        self.assertEqual(len(self.mapped_ports()), 1)
+
+    def test_no_port_mapping_asks_nothing(self) -> None:
+        self.assertEqual(self.mapped_ports(port_mapping=False), [])
+
+
+class NoRefusalWithAMappingTests(unittest.SynchronousTestCase):
+    """A random NAT facing a sequential one is 488; a caller offering its gateway's mapping is dialed there."""
+
+    from tests.test_lanes import CallManagerLaneTests as _Lanes
+
+    setUp = _Lanes.setUp
+    invites_to = _Lanes.invites_to
+
+    def call(self, mapped: tuple[str, int]) -> list[int | None]:
+        from kerjostunt.client.calls import build_offer
+        from tests.test_calls import invite_request
+
+        body = build_offer("d1", "10.0.0.5", 40001, 7000, mapped=mapped).to_bytes()
+        self.manager.handle_request(self.conns["d1"], invite_request("d1", "b1", "c7", body=body))
+        self.clock.advance(0.3)
+        return [getattr(m, "code", None) for m in self.conns["d1"].sent]
+
+    def test_a_caller_with_a_mapping_is_not_refused(self) -> None:
+        from kerjostunt.wire.sdp import parse_sdp
+
+        self.assertNotIn(488, self.call(("198.18.4.2", 7700)))
+        [forwarded] = self.invites_to("b1")
+        self.assertIn(("198.18.4.2", 7700), [c.endpoint for c in parse_sdp(forwarded.body).of_type("srflx")])
+
+    def test_a_mapping_at_another_address_does_not_count(self) -> None:
+        self.assertIn(488, self.call(("203.0.113.9", 7700)))
+        self.assertEqual(self.invites_to("b1"), [])

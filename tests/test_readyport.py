@@ -94,10 +94,20 @@ class ReadyPortTests(unittest.TestCase):
         self.ready.refill(0)
         port = self.prep.finish(mapped=(50000, 50001, 50002))
         self.assertFalse(port.endpoint_independent)
+        self.assertTrue(port.extrapolated)
         self.clock.advance(5.5)
         self.assertFalse(self.ready.ready)
         self.assertIsNone(self.successResultOf(self.ready.take()))
         self.assertTrue(closed(port))
+
+    def test_a_random_allocation_keeps_for_max_age(self) -> None:
+        """No counter to extrapolate: a random NAT's port is as good at 29 s as at 1 s."""
+        self.ready.refill(0)
+        port = self.prep.finish(mapped=(50000, 13377, 61234))
+        self.assertFalse(port.endpoint_independent)
+        self.assertFalse(port.extrapolated)
+        self.clock.advance(29)
+        self.assertIs(self.successResultOf(self.ready.take()), port)
 
     def test_an_endpoint_independent_mapping_keeps_for_max_age(self) -> None:
         self.ready.refill(0)

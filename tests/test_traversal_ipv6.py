@@ -66,6 +66,19 @@ class IPv6TraversalTests(unittest.TestCase):
         attempt = yield sc.wait_attempt("alice", "bob", since=since)
         self.assertEqual((attempt.outcome, attempt.technique), ("stunt", "ipv6"), attempt)
         self.assertIn("2001:db8:", attempt.actual or "", attempt)
+        self.assert_also_at(sc, alice=True, bob=True)
+
+    def assert_also_at(self, sc: Scenario, **dual: bool) -> None:
+        """The server listens on IPv6 too: a dual-stack user's agent probed it there, and the
+        registrar lists that address beside the IPv4 one (an IPv4-only user's: none)."""
+        assert sc.server_process is not None
+        server_log = sc.server_process.output
+        for k, (user, has_v6) in enumerate(dual.items(), start=1):
+            line = f"{user} is also at {peer_v6(k, 1)}"
+            if has_v6:
+                self.assertIn(line, server_log, sc.transcript())
+            else:
+                self.assertNotIn(f"{user} is also at", server_log)
 
     def test_random_nats_firewalls_drop(self):  # type: ignore[no-untyped-def]
         """Two random IPv4 NATs (no IPv4 technique joins them), IPv6 firewalls that drop."""
@@ -87,3 +100,4 @@ class IPv6TraversalTests(unittest.TestCase):
         self.assertIn(result.technique, STUNT_TECHNIQUES, result.summary())
         attempt = yield sc.wait_attempt("alice", "bob", since=since)
         self.assertNotIn("2001:db8:", attempt.actual or "", attempt)
+        self.assert_also_at(sc, alice=True, bob=False)

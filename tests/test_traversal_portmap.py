@@ -31,17 +31,17 @@ PRESERVING = NATSpec("preserving", inbound="drop")
 class PortMappingTraversalTests(unittest.TestCase):
     timeout = 180
 
-    def build(self, mapper: dict[str, bool] | None) -> Scenario:
+    def build(self, mapper: dict[str, bool] | None, caller: NATSpec = PRESERVING, router: str = "b") -> Scenario:
         reason = lab_unavailable() or (upnp.unavailable() if mapper is not None else None)
         if reason:
             raise unittest.SkipTest(reason)
-        lab = Lab({"a": PRESERVING, "b": RANDOM}, delay_ms=DELAY_MS, public_peer=False)
+        lab = Lab({"a": caller, "b": RANDOM}, delay_ms=DELAY_MS, public_peer=False)
         lab.build()
         self.addCleanup(lab.teardown)
         directory = Path(self.mktemp())
         directory.mkdir(parents=True)
         if mapper is not None:
-            upnp.start(lab, "b", directory, **mapper)
+            upnp.start(lab, router, directory, **mapper)
         scenario = Scenario(lab, directory / "scenario")
         self.addCleanup(scenario.stop)
         return scenario
@@ -93,3 +93,34 @@ class PortMappingTraversalTests(unittest.TestCase):
         result, since, server = yield self.echo(sc)
         self.assertIn(result.technique, {"birthday", "simultaneous-open"}, result.summary())
         self.assertNotIn(" mapped by ", server.output)
+
+    @defer.inlineCallbacks
+    def test_a_mapped_caller_behind_a_random_nat_calls_another(self):  # type: ignore[no-untyped-def]
+        """Two random NATs (no punch joins them), the caller's router maps: the server forwards the
+        call (no 488), the callee dials the caller's mapping, and the caller waits for it."""
+        sc = self.build({"pcp": True, "upnp": True}, caller=RANDOM, router="a")
+        yield sc.add_users(["alice", "bob"])
+        yield sc.start_server()
+        yield sc.start_echo_server("b1", "bob")
+        since = wall_clock()
+        result = yield sc.echo_client("a1", "alice", "bob", message=unique_message(6000), timeout=30.0)
+        if not result.ok or result.peer != "bob":
+            self.fail(f"echo-client did not connect and echo:\n{result.summary()}\n\n{sc.transcript()}")
+        self.assertEqual(result.technique, "port-mapping", result.summary())
+        self.assertIn(" mapped by pcp to ", result.stderr)
+        attempt = yield sc.wait_attempt("alice", "bob", since=since)
+        self.assertEqual(attempt.outcome, "direct", attempt)
+
+    @defer.inlineCallbacks
+    def test_no_port_mapping_asks_the_router_nothing(self):  # type: ignore[no-untyped-def]
+        """The same pair with the caller's --no-port-mapping: nothing asked of its router, and the
+        call fails as any between two random NATs does (no technique joins them)."""
+        sc = self.build({"pcp": True, "upnp": True}, caller=RANDOM, router="a")
+        yield sc.add_users(["alice", "bob"])
+        yield sc.start_server()
+        yield sc.start_echo_server("b1", "bob")
+        result = yield sc.echo_client("a1", "alice", "bob", "--no-port-mapping", timeout=10.0)
+        self.assertFalse(result.ok, result.summary())
+        self.assertIn("both NATs allocate ports at random", result.failed or "", result.summary())
+        self.assertNotIn(" mapped by ", result.stderr)
+        self.assertEqual(upnp.mappings(sc.lab, "a"), "", sc.transcript())

@@ -8,8 +8,8 @@
   the NAT's inbound behaviour says), a dual-stack caller with an IPv4-only
   callee;
 - a random-port NAT whose router runs miniupnpd (``+pcp``: PCP/NAT-PMP and
-  UPnP on; ``+upnp``: UPnP only, tests/natlab/upnp.py), and the same NAT
-  without it.
+  UPnP on; ``+upnp``: UPnP only, tests/natlab/upnp.py), as the callee's and
+  as the caller's (facing another random NAT), and the same NAT without it.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ ROWS = [
     ("preserving/drop +v6", "preserving/drop"),
     ("preserving/drop", "random/rst +pcp"),
     ("preserving/drop", "random/rst +upnp"),
+    ("random/rst +pcp", "random/rst"),
     ("preserving/drop", "random/rst"),
 ]
 
@@ -49,6 +50,12 @@ ROWS = [
 def _site(label: str) -> tuple[NATSpec, str]:
     name, _, extra = label.partition(" +")
     return SPECS[name], extra
+
+
+def _routers(mapped: list[tuple[str, bool]], lab: object, directory: Path) -> None:
+    """miniupnpd on each named site's router: PCP/NAT-PMP and UPnP, or UPnP only."""
+    for site, pcp in mapped:
+        upnp.start(lab, site, directory, pcp=pcp, upnp=True)
 
 
 @defer.inlineCallbacks
@@ -61,9 +68,8 @@ def main_async(reactor, args):  # type: ignore[no-untyped-def]
         print(f"[{i}/{len(chosen)}] {a} -> {b}", file=sys.stderr, flush=True)
         (spec_a, extra_a), (spec_b, extra_b) = _site(a), _site(b)
         ipv6 = frozenset(n for n, extra in (("a", extra_a), ("b", extra_b)) if extra == "v6")
-        built = None
-        if extra_b in ("pcp", "upnp"):
-            built = partial(lambda lab, d, pcp: upnp.start(lab, "b", d, pcp=pcp, upnp=True), pcp=extra_b == "pcp")
+        mapped = [(site, extra == "pcp") for site, extra in (("a", extra_a), ("b", extra_b)) if extra in ("pcp", "upnp")]
+        built = partial(_routers, mapped) if mapped else None
         row = yield run_pair(reactor, Pair(a, b), args.tries, args.delay_ms, args.timeout, base / f"pair{i}",
                              args.verbose, specs={"a": spec_a, "b": spec_b}, ipv6=ipv6, built=built)
         rows.append(row)

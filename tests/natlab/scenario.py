@@ -55,6 +55,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 
 from .lab import Host, Lab
+from .v6 import SERVER_V6
 
 #: The repository root: holds ``twisted/plugins/kerjostunt_plugin.py``,
 #: which an editable install does not put on a child's path.
@@ -452,13 +453,19 @@ class Scenario:
             if not members:
                 yield self.admin("group", "add", group)
 
+    def server_ips(self) -> list[str]:
+        """The server's addresses it listens on: its IPv6 one too in a lab with dual-stack sites
+        (tests/natlab/v6.py), so their agents also probe it over IPv6 and the server lists both
+        of their addresses (the peers signal over IPv4)."""
+        return [self.lab.server.ip] + ([SERVER_V6] if self.lab.ipv6 else [])
+
     def server_argv(self, *extra: str) -> list[str]:
-        """``twistd -n kerjostunt`` bound to the server's IP; the HTTPS web
+        """``twistd -n kerjostunt`` bound to the server's IPs; the HTTPS web
         service only when ``web_port`` is set (``start_server(web_port=...)``)."""
         s = self.lab.server
         return [
             sys.executable, "-c", _TWISTD, "-n", "--pidfile=", "kerjostunt",
-            "--port", str(SIP_PORT), "--interface", s.ip,
+            "--port", str(SIP_PORT), "--interface", ",".join(self.server_ips()),
             "--domain", self.domain, "--db", self.db_url,
             "--certs", str(self.certs), "--cert-host", s.ip,
             "--probe-ports", ",".join(map(str, PROBE_PORTS)),
@@ -475,8 +482,8 @@ class Scenario:
         self.web_port = web_port
         proc = self.spawn("server", self.server_argv(*extra), name="twistd")
         self.server_process = proc
-        addrs = [f"{s.ip}:{SIP_PORT}"] + [f"{ip}:{p}" for ip in (s.ip, s.ip2)
-                                          for p in PROBE_PORTS]
+        addrs = [f"{ip}:{SIP_PORT}" for ip in self.server_ips()]
+        addrs += [f"{ip}:{p}" for ip in (s.ip, s.ip2, *self.server_ips()[1:]) for p in PROBE_PORTS]
         if web_port:
             addrs.append(f"{s.ip}:{web_port}")
         probe = self.spawn("server", [sys.executable, "-c", _WAIT_LISTENING,

@@ -268,7 +268,8 @@ class CallBase:
             self.reactor, setup, app_factory,
             local_ip=self.local_ip, punch_port=self.punch_port,
             own_public_ip=registration.public_ip if registration is not None else None,
-            config=DialerConfig(deadline=self.agent.punch_deadline, low_ttl=self.agent.low_ttl, stunt_only=stunt_only),
+            config=DialerConfig(deadline=self.agent.punch_deadline, low_ttl=self.agent.low_ttl, stunt_only=stunt_only,
+                                offered_mapping=self.usable_mapping() is not None),
             own_probes=self.probe_results, ipv6_punch=self.ipv6_punch(),
             server_ip=server_ip_of(self.registered_sig),
         )

@@ -16,7 +16,7 @@ birthday search use as well.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from automat import TypeMachineBuilder
@@ -27,29 +27,25 @@ from twisted.python.failure import Failure
 
 from kerjostunt.client.calls.appport import CallHandshakeFactory, PreambleFactory, call_tag
 from kerjostunt.client.calls.explain import explain, word_of
+from kerjostunt.client.calls.family import FAMILY_STAGGER, FamilyRace
 from kerjostunt.client.calls.relayrace import RelayRace
-from kerjostunt.client.calls.setup import CallSetup, ConnectFailed, Endpoint, reason_of
+from kerjostunt.client.calls.setup import CallSetup, ConnectFailed, Endpoint, reason_of, screened
 from kerjostunt.client.nat import birthday
 from kerjostunt.client.nat.contest import Contest
 from kerjostunt.client.nat.probing import ProbeResult
 from kerjostunt.client.nat.punch import PunchFailed, PunchPlan, PunchResult, punch
 from kerjostunt.client.nat.sockets import SocketReactor, abort_protocol, connect_from
 from kerjostunt.client.nat.turn import Allocation
-from kerjostunt.wire.candidates import Scope, is_loopback, screen
+from kerjostunt.wire.candidates import Scope, is_loopback
 from kerjostunt.wire.kerjo import RELAY_FALLBACK, RELAY_NOW
 from kerjostunt.wire.prediction import SEQUENTIAL, NATDescription, no_technique
-from kerjostunt.wire.sdp import MAPPING_FOUNDATION, Candidate, SessionDescription
+from kerjostunt.wire.sdp import MAPPING_FOUNDATION, Candidate
 
-__all__ = ["RETRY_JITTER", "DialResult", "Dialer", "DialerConfig"]
+__all__ = ["FAMILY_STAGGER", "RETRY_JITTER", "DialResult", "Dialer", "DialerConfig"]
 
 log = Logger()
 
 RETRY_JITTER = 0.2  # seconds added at random to each punch retry (PunchPlan.retry_jitter)
-#: RFC 8305's "connection attempt delay": the IPv4 techniques start this long after the
-#: IPv6 punch (both sides wait the same, so the IPv4 SYNs still cross); 100 ms is inside
-#: its 50 to 250 ms. An IPv6 punch takes about two peer RTTs (NAT lab: 168 ms at 80 ms),
-#: so on a longer path IPv4 starts too: it costs NAT ports then, not connect time
-FAMILY_STAGGER = 0.1
 
 
 @dataclass(frozen=True)
@@ -73,20 +69,8 @@ class DialerConfig:
     direct_timeout: float = 3.0
     #: the peer's "use STUNT" flag is set: no direct attempt to its public candidates
     stunt_only: bool = False
-
-
-def screened(setup: CallSetup, scope: Scope) -> SessionDescription:
-    """The peer's SDP without the candidates we must not dial, each refusal logged.
-
-    The server drops the same ones (server/calls/dialing.py); a client checks
-    again because a server bug, or a server that lies, must not make it
-    connect to its own loopback, a metadata address or its LAN.
-    """
-    kept, refused = screen(setup.remote.candidates, scope)
-    if refused:
-        log.warn("call {call}: not dialing {count} candidate(s) of the peer: {which}", call=setup.call_id,
-                 count=len(refused), which=", ".join(f"{c.ip}:{c.port} {c.typ} ({why})" for c, why in refused[:8]))
-    return replace(setup.remote, candidates=kept)
+    #: we offered our gateway's port mapping: the peer may dial it up to direct_timeout after the dial moment
+    offered_mapping: bool = False
 
 
 class _RaceInputs(Protocol):
@@ -174,6 +158,7 @@ class Dialer(RelayRace):
         self._won = ""
         self._contest.on_close(self._release_relay)
         self._early: set[Endpoint] = set()  # dialed before the dial moment (start)
+        self._family = FamilyRace(self._contest, self._staggered)  # when IPv4 starts, if at all
         self._life = _RaceMachine(self)
 
     @property
@@ -267,8 +252,10 @@ class Dialer(RelayRace):
         return own_nat is None or own_nat.allocation != SEQUENTIAL
 
     def accepted(self, protocol: Any, remote: Endpoint) -> None:
-        """A connection the peer made to our app port, already in handshake."""
-        self._life.contend(protocol, remote, "direct", "lan" if self.lan else "public")
+        """A connection the peer made to our app port, already in handshake (from outside our
+        LAN: through the gateway's mapping when we offered one)."""
+        outside = "port-mapping" if self.config.offered_mapping else "public"
+        self._life.contend(protocol, remote, "direct", "lan" if self.lan else outside)
 
     def stop(self, why: str) -> None:
         """Abandon the call (CANCEL/BYE, timeout, agent stopping)."""
@@ -277,7 +264,7 @@ class Dialer(RelayRace):
     # dialing (outputs of the machine) ----------------------------------------------
 
     def _dial_all(self) -> None:
-        """The dial moment: the IPv6 punch first, the rest after FAMILY_STAGGER (RFC 8305).
+        """The dial moment: the IPv6 punch first, the rest after the stagger or never (family.py).
 
         Without an IPv6 path the rest starts at once. A pending count holds
         the staggered start, so an IPv6 punch that fails before it does not
@@ -287,12 +274,11 @@ class Dialer(RelayRace):
             self._dial_ipv4()
             return
         self.pending += 1
+        self._family.arm()
 
-        def staggered() -> None:
-            self.pending -= 1
-            self._dial_ipv4()
-
-        self._contest.later(FAMILY_STAGGER, staggered)
+    def _staggered(self) -> None:
+        self.pending -= 1
+        self._dial_ipv4()
 
     def _start_ipv6(self) -> bool:
         """The IPv6 simultaneous open through both stateful firewalls (docs/punching.rst, "ipv6")."""
@@ -306,10 +292,14 @@ class Dialer(RelayRace):
                          low_ttl=None, retry_jitter=RETRY_JITTER)
         self.pending += 1
         attempt = self._begin_try("ipv6")
-        d = self._contest.track(punch(self.reactor, plan, self.handshakes))
-        d.addCallbacks(self._ipv6_won, self._technique_failed, callbackArgs=(attempt,),
-                       errbackArgs=("ipv6: ", attempt))
+        d = self._contest.track(punch(self.reactor, plan, self._family.wrap(self.handshakes)))
+        d.addCallbacks(self._ipv6_won, self._ipv6_failed, callbackArgs=(attempt,), errbackArgs=(attempt,))
         return True
+
+    def _ipv6_failed(self, reason: Failure, attempt: int) -> None:
+        self._technique_failed(reason, "ipv6: ", attempt)
+        if not reason.check(defer.CancelledError):
+            self._family.ipv6_failed()  # a held IPv4 start goes now
 
     def _ipv6_won(self, result: PunchResult, attempt: int) -> None:
         self.pending -= 1
@@ -503,7 +493,18 @@ class Dialer(RelayRace):
         if self._relay_due(RELAY_FALLBACK):
             self._start_relay()  # the direct techniques failed: now the relay
             return
+        if self._awaiting_mapping():
+            return
         self._life.fail(ConnectFailed(self._reason("all techniques failed: ", "nothing to dial")))
+
+    def _awaiting_mapping(self) -> bool:
+        """Our own attempts are over, but the peer may still be dialing our port mapping
+        (a random NAT facing another: the mapping is the only way in): look again later."""
+        left = self.dial_at + self.config.direct_timeout - self.reactor.seconds()
+        if not self.config.offered_mapping or left <= 0:
+            return False
+        self._contest.later(left, self._life.check)
+        return True
 
     def _give_up(self) -> None:
         for entry in self._tried:  # still running at the safety net: out of time, not beaten

@@ -10,7 +10,7 @@ to the application, and the failure it reports instead.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 from kerjostunt.client import reasons
 from kerjostunt.client.nat.relay import RelayPlan
 from kerjostunt.wire import kerjo, turn
+from kerjostunt.wire.candidates import Scope, screen
 from kerjostunt.wire.kerjo import Outcome, RelayOffer
 from kerjostunt.wire.sdp import (
     MAPPING_FOUNDATION,
@@ -176,3 +177,16 @@ def reason_of(failure: Failure) -> str:
     """A failure in a few words, for logs and the attempts' error list."""
     return reasons.plain(failure)
 
+
+def screened(setup: CallSetup, scope: Scope) -> SessionDescription:
+    """The peer's SDP without the candidates we must not dial, each refusal logged.
+
+    The server drops the same ones (server/calls/dialing.py); a client checks
+    again because a server bug, or a server that lies, must not make it
+    connect to its own loopback, a metadata address or its LAN.
+    """
+    kept, refused = screen(setup.remote.candidates, scope)
+    if refused:
+        log.warn("call {call}: not dialing {count} candidate(s) of the peer: {which}", call=setup.call_id,
+                 count=len(refused), which=", ".join(f"{c.ip}:{c.port} {c.typ} ({why})" for c, why in refused[:8]))
+    return replace(setup.remote, candidates=kept)

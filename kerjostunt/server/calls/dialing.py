@@ -24,7 +24,15 @@ from kerjostunt.wire.prediction import (
     predict,
     wrap_port,
 )
-from kerjostunt.wire.sdp import Candidate, SDPError, SessionDescription, candidate_priority, parse_sdp, validate_offer
+from kerjostunt.wire.sdp import (
+    MAPPING_FOUNDATION,
+    Candidate,
+    SDPError,
+    SessionDescription,
+    candidate_priority,
+    parse_sdp,
+    validate_offer,
+)
 
 log = Logger(namespace="kerjostunt.server.calls")
 
@@ -60,6 +68,12 @@ def format_endpoint(endpoint: tuple[str, int] | None) -> str | None:
 def nat_header(prediction: Prediction) -> str:
     """The ``X-Kerjo-NAT`` value that tells the other side about this one."""
     return kerjo.format_nat(prediction.nat, prediction.confidence)
+
+
+def offers_mapping(sd: SessionDescription, public_ip: str) -> bool:
+    """The side offers its gateway's port mapping (``srflx`` ``pm``) at the public address the
+    server sees it at: the peer can dial it whatever the two NATs do (``augmented`` passes it on)."""
+    return any(c.foundation == MAPPING_FOUNDATION and c.ip == public_ip for c in sd.of_type("srflx", "passive"))
 
 
 def augmented(sd: SessionDescription, prediction: Prediction, public_ip: str,

@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 
 from kerjostunt.server.calls import messages
 from kerjostunt.server.calls.detail import refusal_detail
-from kerjostunt.server.calls.dialing import new_mappings, parse_offer
+from kerjostunt.server.calls.dialing import new_mappings, offers_mapping, parse_offer
 from kerjostunt.server.calls.lanes import NATLanes
 from kerjostunt.server.calls.machine import CALLEE, CALLER, Call, CallInputs, Phase
 from kerjostunt.server.calls.messages import tag_of, top_branch
@@ -409,8 +409,10 @@ class CallManager:
             ips = (call.caller_conn.peer[0], callee_conn.peer[0])
             nats = self.nat_view.sides((call.caller_id, ips[0]), (call.callee_id, ips[1]))
             # A caller offering an IPv6 punch port may meet the callee over IPv6, where there is no NAT
-            # (docs/punching.rst, "ipv6"; the callee's answer shows only later whether it can).
-            why = "" if call.caller_sdp.other_family("so") else self.nat_view.why_unjoinable(*ips, nats)
+            # (docs/punching.rst, "ipv6"; the callee's answer shows only later whether it can); one
+            # offering its gateway's port mapping at its public address is dialed there directly.
+            joinable = call.caller_sdp.other_family("so") or offers_mapping(call.caller_sdp, ips[0])
+            why = "" if joinable else self.nat_view.why_unjoinable(*ips, nats)
             self._with_relay(call, callee_conn, why, nats, lambda: self._take_turn(call, callee_conn, nats))
 
         def failed(failure: Failure) -> None:
