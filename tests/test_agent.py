@@ -240,9 +240,13 @@ class AppPortTests(unittest.TestCase):
         return protocol, transport, clock
 
     def test_a_stranger_is_dropped(self) -> None:
-        protocol, transport, _ = self.connect(lambda tag: None)
+        protocol, transport, clock = self.connect(lambda tag: None)
+        protocol.dataReceived(b"GET / HTTP/1.0\r\n")
+        self.assertTrue(transport.disconnecting or transport.disconnected, "no preamble: at once")
+        protocol, transport, clock = self.connect(lambda tag: None)
         protocol.dataReceived(PREAMBLE + b"0" * 32 + b"\n")
-        self.assertTrue(transport.disconnecting or transport.disconnected)
+        clock.advance(1.0)
+        self.assertTrue(transport.disconnecting or transport.disconnected, "an unknown call: after RELOOK_FOR")
 
     def test_silence_is_dropped(self) -> None:
         protocol, transport, clock = self.connect(lambda tag: None)
@@ -562,3 +566,38 @@ class EndToEndTests(unittest.TestCase):
         self.assertIsNot(alice.signaling, first)
         self.assertTrue(alice.signaling_up)
         self.assertIsNotNone(self.running.server.registrar.lookup("alice"))
+
+
+class AppPortEarlyConnectionTests(unittest.TestCase):
+    """The peer's connection may name a call we have not started yet (its answer still on its way)."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.setup = _setup([], role="responder")
+        self.dialer = Dialer(self.clock, self.setup, Factory.forProtocol(Protocol), local_ip="127.0.0.1",
+                             punch_port=1, own_public_ip=None, config=DialerConfig(deadline=1.0, low_ttl=None))
+        self.known: dict[bytes, Any] = {}
+        self.protocol = AppPortProtocol(self.known.get, self.clock)
+        self.transport = StringTransport()
+        self.protocol.makeConnection(self.transport)
+
+    def test_a_call_known_moments_later_gets_the_connection(self) -> None:
+        self.protocol.dataReceived(PREAMBLE + self.dialer.tag + b"\n")
+        self.clock.advance(0.05)
+        self.assertFalse(self.transport.disconnecting or self.transport.disconnected)
+        self.protocol.dataReceived(b"KJ1 HELLO " + b"a" * 32 + b"\n")  # kept meanwhile
+        self.known[self.dialer.tag] = self.dialer
+        self.clock.advance(0.02)
+        self.assertTrue(self.transport.value().startswith(b"KJ1 R "))  # the responder proved itself
+
+    def test_a_call_never_known_is_dropped_after_a_second(self) -> None:
+        self.protocol.dataReceived(PREAMBLE + b"0" * 32 + b"\n")
+        self.clock.advance(0.9)
+        self.assertFalse(self.transport.disconnecting or self.transport.disconnected)
+        self.clock.advance(0.2)
+        self.assertTrue(self.transport.disconnecting or self.transport.disconnected)
+
+    def test_flooding_while_waiting_is_dropped(self) -> None:
+        self.protocol.dataReceived(PREAMBLE + b"0" * 32 + b"\n")
+        self.protocol.dataReceived(b"x" * 500)
+        self.assertTrue(self.transport.disconnecting or self.transport.disconnected)

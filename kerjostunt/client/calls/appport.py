@@ -30,6 +30,12 @@ log = Logger()
 
 PREAMBLE = b"KJ1 CALL "
 PREAMBLE_MAX = 100
+#: a call named on the app port but not known yet is looked up again this often, for this long:
+#: the peer's connection can arrive before we have read the answer that starts our side of the
+#: call (both legs hear of it at once; on a LAN the peer's connect takes well under a
+#: millisecond, and a busy client reads its signaling later)
+RELOOK_INTERVAL = 0.02
+RELOOK_FOR = 1.0
 
 
 class TaggedCall(Protocol):
@@ -134,8 +140,12 @@ class AppPortProtocol(TwistedProtocol):
     """
     Accepting side of the app port: read ``KJ1 CALL <tag>``, hand over to the call.
 
-    ``lookup(tag)`` returns the call's Dialer or None; a stranger, a bad
-    line or silence (``timeout``) closes the connection.
+    ``lookup(tag)`` returns the call's Dialer or None; a call not known
+    yet is looked up again for ``RELOOK_FOR`` seconds (our side of it may
+    start a moment after the peer's connection arrives: the NAT lab's
+    40-peer group lost LAN pairs to this under load, both sides' races
+    failing within milliseconds).  A stranger, a bad line or silence
+    (``timeout``) closes the connection.
     """
 
     def __init__(self, lookup: Callable[[bytes], TaggedCall | None], clock: IReactorTime,
@@ -146,6 +156,8 @@ class AppPortProtocol(TwistedProtocol):
         self.inner: IProtocol | None = None
         self._buffer = b""
         self._timer: IDelayedCall | None = None
+        self._relook: IDelayedCall | None = None
+        self._looking_since: float | None = None
 
     def connectionMade(self) -> None:
         self._timer = self.clock.callLater(self.timeout, self._give_up, "no call named in time")
@@ -155,15 +167,34 @@ class AppPortProtocol(TwistedProtocol):
             self.inner.dataReceived(data)
             return
         self._buffer += data
-        line, sep, rest = self._buffer.partition(b"\n")
+        if self._relook is not None:  # the named call is not known yet: keep what it sends meanwhile
+            if len(self._buffer) > 4 * PREAMBLE_MAX:
+                self._give_up("too much before its call was known")
+            return
+        line, sep, _ = self._buffer.partition(b"\n")
         if not sep:
             if len(self._buffer) > PREAMBLE_MAX:
                 self._give_up("preamble too long")
             return
-        dialer = self.lookup(line[len(PREAMBLE):]) if line.startswith(PREAMBLE) else None
-        if dialer is None:
+        if not line.startswith(PREAMBLE):
             self._give_up("no such call")
             return
+        self._look_up()
+
+    def _look_up(self) -> None:
+        """Hand the connection to the call its preamble names, looking again a while if not known yet."""
+        self._relook = None
+        line, _, rest = self._buffer.partition(b"\n")
+        dialer = self.lookup(line[len(PREAMBLE):])
+        if dialer is None:
+            now = self.clock.seconds()
+            since = self._looking_since = now if self._looking_since is None else self._looking_since
+            if now - since >= RELOOK_FOR:
+                self._give_up("no such call")
+            else:
+                self._relook = self.clock.callLater(RELOOK_INTERVAL, self._look_up)
+            return
+        self._buffer = b""
         self._cancel_timer()
         transport = _tcp(self)
         peer = transport.getPeer()
@@ -177,6 +208,9 @@ class AppPortProtocol(TwistedProtocol):
 
     def connectionLost(self, reason: Failure = Failure(error.ConnectionDone())) -> None:
         self._cancel_timer()
+        if self._relook is not None and self._relook.active():
+            self._relook.cancel()
+        self._relook = None
         if self.inner is not None:
             self.inner.connectionLost(reason)
 
