@@ -536,6 +536,8 @@ class CallManager:
             return
         if call.lanes and self.registrar.lookup(call.callee_id) is not None:  # a stand-in probes elsewhere
             call.callee_probes = self.nat_view.probes_needed(callee_conn.peer[0])  # inside the turn: few
+            log.debug("Call {caller} -> {callee}: its turn at {lanes}", caller=call.caller_id, callee=call.callee_id,
+                      lanes=sorted(set(call.lanes.values())))
         self.feed(call, CallInputs.checked, callee_conn)
 
     def _callee_conn(self, user_id: str) -> SignalingConnection | None:
