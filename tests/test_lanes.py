@@ -71,6 +71,27 @@ class NATLanesTests(unittest.TestCase):
         self.assertEqual(self.lanes.shift("b", since=0.1), 2)
         self.assertEqual(self.lanes.shift("e", since=0.0), 0)
 
+    def test_a_released_turn_lets_the_next_call_go_and_still_dials_in_order(self) -> None:
+        """Its probes are in: the next turn begins; its dial moment, set later, is spaced and counted."""
+        self.enter("c1", "b")
+        self.enter("c2", "b")
+        self.lanes.release("c1")
+        self.assertEqual(self.went, ["c1", "c2"])
+        self.assertEqual(self.lanes.dialing("c2", 0.05, {"b": 2}), 0.0)  # c2 answered first
+        self.assertAlmostEqual(self.lanes.dialing("c1", 0.06, {"b": 3}), 0.09)  # after c2's + the gap
+        self.assertEqual(self.lanes.shift("b", since=0.0), 5)
+        self.assertEqual(self.lanes.calls(), [])
+
+    def test_a_call_whose_prediction_is_made_early_waits_for_released_ones(self) -> None:
+        self.lanes.enter("c1", ("b",), lambda: self.went.append("c1"))
+        self.lanes.release("c1")
+        self.assertFalse(self.lanes.enter("c2", ("b",), lambda: self.went.append("c2"), fixed_early=True))
+        self.assertFalse(self.enter("c3", "b"), "no passing the older call waiting for lane b")
+        self.lanes.dialing("c1", 0.05, {"b": 3})
+        self.assertEqual(self.went, ["c1", "c2"])
+        self.lanes.leave("c2")
+        self.assertEqual(self.went, ["c1", "c2", "c3"])
+
     def test_a_call_waiting_for_two_lanes_goes_when_both_are_free(self) -> None:
         self.enter("c1", "b")
         self.enter("c2", "e")

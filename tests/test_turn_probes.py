@@ -133,6 +133,23 @@ class CallerProbesAtItsTurnTests(unittest.SynchronousTestCase):
         self.clock.advance(0.3)
         self.assertEqual(self.invites_to("a2")[0].headers.get(kerjo.PROBES), "0")
 
+    def test_a_callees_turn_ends_with_its_probe_not_its_answer(self) -> None:
+        self.invite("a1", "b2", "c5")
+        self.invite("a2", "b1", "c6")
+        self.clock.advance(0.3)
+        self.assertEqual((len(self.invites_to("b2")), len(self.invites_to("b1"))), (1, 0))
+        self.observations.by_user["b2"].append(Sample(40777, "198.18.2.2", 20044, "198.18.0.10", 3478, 1000.3))
+        self.manager.turn_probes.observed("b2", 40777)
+        self.clock.advance(0.3)  # quiet again
+        self.assertEqual(len(self.invites_to("b1")), 1, "the next turn began before b2 answered")
+        self.manager.handle_response(self.conns["b1"], answer(self.invites_to("b1")[0], punch=40001))
+        self.manager.handle_response(self.conns["b2"], answer(self.invites_to("b2")[0], punch=40777))
+        oks = {u: [m for m in self.conns[u].sent if getattr(m, "code", None) == 200] for u in ("a1", "a2")}
+        first = [c.port for c in parse_sdp(oks["a2"][0].body).of_type("prflx")]
+        second = [c.port for c in parse_sdp(oks["a1"][0].body).of_type("prflx")]
+        self.assertEqual(first[0], 20048, "b1 answered first: from the NAT's newest port, b2's probe")
+        self.assertGreater(second[0], first[0], "b2's window counts b1's dials, scheduled before it")
+
     def test_a_call_without_a_turn_asks_nothing(self) -> None:
         self.invite("a1", "a2", "c3")  # one LAN: no lane
         self.clock.advance(0.3)

@@ -19,7 +19,12 @@ that NAT starts from the NAT's newest observed port, from any of its hosts,
 plus the mappings of the calls that dial there after that observation
 (``shift``).  Calls that cannot interfere (both behind one NAT, on their
 LAN; endpoint-independent, preserving, random or no NAT) take no lane and
-run in parallel.  docs/decisions.rst has the measurements.
+run in parallel.  A turn whose side behind the NAT is its callee may end
+early, once the callee's probe is in (``release``): its prediction is made
+at its answer, from the NAT's newest port then; a call whose prediction is
+made when its turn begins (a caller's) waits until every earlier call has
+its dial moment (``fixed_early``).  docs/decisions.rst has the
+measurements.
 """
 
 from __future__ import annotations
@@ -70,6 +75,9 @@ class _Turn:
     call: object
     keys: tuple[str, ...]
     go: Callable[[], None]
+    #: its prediction is made when its turn begins (the caller's, in the forwarded INVITE), not
+    #: when its dial moment is set: it waits until every earlier call here has its dial moment
+    fixed_early: bool = False
 
 
 class NATLanes:
@@ -81,6 +89,8 @@ class NATLanes:
         self._lanes: dict[str, _Lane] = {}
         self._waiting: list[_Turn] = []
         self._holding: dict[object, _Turn] = {}
+        #: calls whose turn ended early (``release``) and whose dial moment is still to be set
+        self._unscheduled: dict[object, _Turn] = {}
 
     def busy(self, key: str) -> bool:
         lane = self._lanes.get(key)
@@ -99,16 +109,21 @@ class NATLanes:
         return any(t.call is call for t in self._waiting)
 
     def calls(self) -> list[object]:
-        """The calls holding or waiting for a turn."""
-        return [*self._holding, *(t.call for t in self._waiting)]
+        """The calls holding or waiting for a turn, or released early and not dialing yet."""
+        return [*self._holding, *self._unscheduled, *(t.call for t in self._waiting)]
 
-    def enter(self, call: object, keys: tuple[str, ...], go: Callable[[], None]) -> bool:
+    def holders(self) -> list[object]:
+        """The calls holding a turn now."""
+        return list(self._holding)
+
+    def enter(self, call: object, keys: tuple[str, ...], go: Callable[[], None], *,
+              fixed_early: bool = False) -> bool:
         """Run ``go`` now if every lane of ``keys`` is free (True), else once they are (False)."""
-        turn = _Turn(call, tuple(dict.fromkeys(keys)), go)
+        turn = _Turn(call, tuple(dict.fromkeys(keys)), go, fixed_early)
         if not turn.keys:
             go()
             return True
-        if self._free(turn):
+        if self._free(turn) and not any(set(t.keys) & set(turn.keys) for t in self._waiting):
             self._take(turn)
             return True
         self._waiting.append(turn)
@@ -121,7 +136,7 @@ class NATLanes:
         Notes each lane side's new mappings at the (delayed) dial moment and
         frees the call's lanes: the next waiting call goes.
         """
-        turn = self._holding.get(call)
+        turn = self._holding.get(call) or self._unscheduled.get(call)
         if turn is None:
             return 0.0
         lanes = [self._lane(key) for key in turn.keys]
@@ -132,9 +147,29 @@ class NATLanes:
         self.leave(call)
         return later
 
+    def release(self, call: object) -> None:
+        """``call``'s probes are in, its dial moment is not set yet: the next call may take its turn.
+
+        Its side's prediction is made when its answer comes (the callee's),
+        from the NAT's newest port then, so the next call's probes are in it;
+        its dial moment is set then too, and counted in the predictions made
+        after.  A call whose prediction was made earlier (``fixed_early``)
+        still waits for that.  So a slow answer no longer holds the lane
+        (NAT lab, 40 peers on two busy cores: answers took 5 to 12 s).
+        """
+        turn = self._holding.get(call)
+        if turn is not None:
+            self._unscheduled[call] = turn
+            self._free_lanes_of(call)
+
     def leave(self, call: object) -> None:
         """``call`` ended or has its dial moment: its lanes are free, the next waiting calls go."""
         self._waiting = [t for t in self._waiting if t.call is not call]
+        if self._unscheduled.pop(call, None) is not None and call not in self._holding:
+            self._wake()
+        self._free_lanes_of(call)
+
+    def _free_lanes_of(self, call: object) -> None:
         turn = self._holding.pop(call, None)
         if turn is None:
             return
@@ -164,7 +199,9 @@ class NATLanes:
         return lane
 
     def _free(self, turn: _Turn) -> bool:
-        return not any(self.busy(key) for key in turn.keys)
+        if any(self.busy(key) for key in turn.keys):
+            return False
+        return not turn.fixed_early or not any(set(t.keys) & set(turn.keys) for t in self._unscheduled.values())
 
     def _take(self, turn: _Turn) -> None:
         for key in turn.keys:
@@ -173,8 +210,14 @@ class NATLanes:
         turn.go()
 
     def _wake(self) -> None:
-        """The oldest waiting calls whose lanes are all free go, in order."""
+        """The oldest waiting calls whose lanes are all free go, in order; none passes an older
+        call that waits for the lanes it needs (a ``fixed_early`` one would wait forever)."""
+        blocked: set[str] = set()
         for turn in list(self._waiting):
-            if turn in self._waiting and self._free(turn):
+            if turn not in self._waiting or blocked & set(turn.keys):
+                continue
+            if self._free(turn):
                 self._waiting.remove(turn)
                 self._take(turn)
+            else:
+                blocked |= set(turn.keys)

@@ -93,7 +93,7 @@ class CallManager:
         self._linger_timer: Timer | None = None
         self.lanes = NATLanes(clock, settings.nat_dial_gap)
         self.nat_view = NATView(observations, self.lanes)
-        self.turn_probes = TurnProbes(clock, observations)
+        self.turn_probes = TurnProbes(clock, observations, self.lanes)
         self.pairs = PairBook(clock)
         # calls whose turn at a NAT waits for it to go quiet: the timer, and since when
         self._quiet: dict[Call, Timer] = {}
@@ -439,7 +439,8 @@ class CallManager:
             self.count("invites_crossing")
             self.feed(call, CallInputs.refused, 491, kerjo.CROSSING_REASON)
             return
-        if not self.lanes.enter(call, tuple(call.lanes.values()), lambda: self._when_quiet(call)):
+        if not self.lanes.enter(call, tuple(call.lanes.values()), lambda: self._when_quiet(call),
+                                fixed_early=CALLER in call.lanes):  # the caller's prediction goes in the INVITE
             self._queued(call)
 
     def _with_relay(self, call: Call, callee_conn: SignalingConnection, unjoinable: str,

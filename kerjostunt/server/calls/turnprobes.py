@@ -18,6 +18,11 @@ the probe port (at most ``wait`` seconds), and only then forwards the
 INVITE.  Every probe through the NAT then happens inside a turn, where the
 prediction expects it, and the newest port is fresh.  A caller that did
 probe (an older client, a prepared port) is forwarded at once, as before.
+
+A turn whose only side behind the lane is the callee, asked for one probe,
+ends when that probe arrives (``NATLanes.release``), not at its answer: its
+prediction is made at the answer from the NAT's newest port then, so the
+next turn's probes may come first.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from dataclasses import dataclass
 
 from twisted.logger import Logger
 
-from kerjostunt.server.calls.machine import CALLER, Call
+from kerjostunt.server.calls.lanes import NATLanes
+from kerjostunt.server.calls.machine import CALLEE, CALLER, Call
 from kerjostunt.server.calls.seams import Clock, Observations, Timer
 from kerjostunt.wire import kerjo
 from kerjostunt.wire.sip.message import make_response
@@ -50,9 +56,10 @@ class _Waiting:
 class TurnProbes:
     """The calls whose turn waits for the caller's probe, keyed by (caller, punch port)."""
 
-    def __init__(self, clock: Clock, observations: Observations, wait: float = PROBE_WAIT) -> None:
+    def __init__(self, clock: Clock, observations: Observations, lanes: NATLanes, wait: float = PROBE_WAIT) -> None:
         self.clock = clock
         self.observations = observations
+        self.lanes = lanes
         self.wait = wait
         self._waiting: dict[tuple[str, int], _Waiting] = {}
 
@@ -73,7 +80,13 @@ class TurnProbes:
                   callee=call.callee_id)
 
     def observed(self, user_id: str, local_port: int | None) -> None:
-        """A probe arrived (the observation log's listener): the call waiting for it goes on."""
+        """A probe arrived (the observation log's listener): the call waiting for it goes on,
+        and the turn of a call whose callee it was asked of ends."""
+        for call in self.lanes.holders():
+            assert isinstance(call, Call)
+            if call.callee_id == user_id and list(call.lanes) == [CALLEE] and call.callee_probes == 1 \
+                    and call.forwarded is not None:
+                self.lanes.release(call)
         if local_port is None:
             return
         waiting = self._waiting.pop((user_id, local_port), None)
