@@ -7,6 +7,7 @@ import struct
 from aioice import stun as aio
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import CannotListenError
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
@@ -434,14 +435,20 @@ class BehaviourDiscoveryOverTCPTests(TestCase):
         ports: list[int] = [0, 0]
         factory = ProbeFactory(reactor, tokens, log,
                                other_address=AlternateAddresses("127.0.0.2", ports, primary_ip="127.0.0.1"))
-        first = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        # The primary port on both addresses first: another program may hold it on 127.0.0.2.
+        for _ in range(20):
+            first = reactor.listenTCP(0, factory, interface="127.0.0.1")
+            ports[0] = first.getHost().port
+            try:
+                alt_primary = reactor.listenTCP(ports[0], factory, interface="127.0.0.2")
+                break
+            except CannotListenError:
+                yield first.stopListening()
         self.addCleanup(first.stopListening)
-        ports[0] = first.getHost().port
+        self.addCleanup(alt_primary.stopListening)
         second = reactor.listenTCP(0, factory, interface="127.0.0.2")
         self.addCleanup(second.stopListening)
         ports[1] = second.getHost().port
-        alt_primary = reactor.listenTCP(ports[0], factory, interface="127.0.0.2")
-        self.addCleanup(alt_primary.stopListening)
 
         attrs, local = yield self._ask("127.0.0.1", ports[0])
         self.assertEqual(attrs["XOR-MAPPED-ADDRESS"], local)
