@@ -272,7 +272,7 @@ class FakeSignaling:
         self.disconnected: defer.Deferred = defer.Deferred()
         self.transport = StringTransport()
 
-    def register(self, expires: int) -> defer.Deferred:
+    def register(self, expires: int, mapping: Any = None) -> defer.Deferred:
         return defer.succeed(Registration("alice", "203.0.113.5", 4000, expires, None))
 
     def ping(self) -> defer.Deferred:

@@ -282,6 +282,14 @@ class CallManagerLaneTests(unittest.SynchronousTestCase):
         prflx = [c.port for c in parse_sdp(forwarded[0].body).of_type("prflx")]
         self.assertEqual(prflx[0], 40001, "the punch port itself first: the NAT keeps ports")
 
+    def test_a_callee_with_a_port_mapping_is_called_whatever_the_nats(self) -> None:
+        """Its REGISTER named its gateway's mapping (issue 17): the caller dials it there, no 488."""
+        self.registrar.lookup("b1").port_mapping = ("198.18.2.2", 7000)  # type: ignore[union-attr]
+        self.invite("d1", "b1", "c3")
+        self.clock.advance(0.3)
+        self.assertNotIn(488, [getattr(m, "code", None) for m in self.conns["d1"].sent])
+        self.assertEqual(len(self.invites_to("b1")), 1)
+
     def test_random_facing_sequential_is_refused_before_anyone_dials(self) -> None:
         self.invite("d1", "b1", "c3")
         final = self.conns["d1"].sent[-1]

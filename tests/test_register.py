@@ -46,6 +46,17 @@ class RegisterTests(unittest.TestCase):
         self.assertEqual(binding.public_address, ("127.0.0.1", client.local[1]))
 
     @defer.inlineCallbacks
+    def test_a_port_mapping_at_the_public_address_is_kept_with_the_binding(self):  # type: ignore[no-untyped-def]
+        """X-Kerjo-Port-Mapping (issue 17): kept at the address the server sees; anyone else's is not."""
+        client = yield connect_client(self, self.running, "alice", "wonderland")
+        yield client.register(mapping=("127.0.0.1", 40123))
+        self.assertEqual(self.running.server.registrar.lookup("alice").port_mapping, ("127.0.0.1", 40123))
+        yield client.register(mapping=("203.0.113.9", 40123))
+        self.assertIsNone(self.running.server.registrar.lookup("alice").port_mapping, "not its public address")
+        yield client.register()
+        self.assertIsNone(self.running.server.registrar.lookup("alice").port_mapping)
+
+    @defer.inlineCallbacks
     def test_registration_is_recorded_in_the_database(self):  # type: ignore[no-untyped-def]
         client = yield connect_client(self, self.running, "bob", "builder")
         yield client.register()

@@ -112,6 +112,16 @@ class PortMappingTraversalTests(unittest.TestCase):
         self.assertEqual(attempt.outcome, "direct", attempt)
 
     @defer.inlineCallbacks
+    def test_a_random_nat_caller_reaches_a_mapped_callee_behind_another(self):  # type: ignore[no-untyped-def]
+        """Two random NATs, the callee's router maps: its REGISTER names the mapping, so the server
+        forwards the call (no 488) and the caller dials the callee's mapping (port-mapping)."""
+        sc = self.build({"pcp": True, "upnp": True}, caller=RANDOM, router="b")
+        result, since, server = yield self.echo(sc)
+        self.assertEqual(result.technique, "port-mapping", result.summary() + "\n" + sc.transcript())
+        attempt = yield sc.wait_attempt("alice", "bob", since=since)
+        self.assertEqual(attempt.outcome, "direct", attempt)
+
+    @defer.inlineCallbacks
     def test_no_port_mapping_asks_the_router_nothing(self):  # type: ignore[no-untyped-def]
         """The same pair with the caller's --no-port-mapping: nothing asked of its router, and the
         call fails as any between two random NATs does (no technique joins them)."""

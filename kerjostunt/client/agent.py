@@ -104,8 +104,7 @@ class PeerAgent:
         jitter: Callable[[], float] = random.random,
         **settings: Any,
     ) -> None:
-        # Calls and the NAT techniques need the reactor's sockets as well as its
-        # time (SocketReactor); the global reactor provides both.
+        # Calls and NAT techniques need its sockets and its time (SocketReactor).
         self.reactor = cast(SocketReactor, reactor)
         self.config = config if config is not None else AgentConfig.of(**settings)
         self.accept_factory = accept_factory
@@ -285,7 +284,8 @@ class PeerAgent:
         """Ask the gateway for a mapping of the app port, unless told not to (``--no-port-mapping``)."""
         if self.config.ports.port_mapping and self.app_port:
             self._mapper = mapper_for(self.reactor, self.app_port)
-            if self._mapper is not None:
+            if self._mapper is not None:  # a new mapping goes to the server at once (REGISTER)
+                self._mapper.on_change = lambda m: self._refresh_timer() if m and self.registration else None
                 self._mapper.start()
 
     def _stop_listening(self) -> defer.Deferred[None] | None:
@@ -342,7 +342,7 @@ class PeerAgent:
             sig.hang_up()
             raise ConnectFailed("the agent stopped")
         try:
-            registration: Registration = yield sig.register(self.config.timeouts.register_expires)
+            registration: Registration = yield sig.register(self.config.timeouts.register_expires, self.port_mapping)
         except Exception:
             failure = Failure()
             if not sig.disconnected.called:
@@ -415,7 +415,7 @@ class PeerAgent:
             for d in waiters:
                 d.callback(result)
 
-        sig.register(self.config.timeouts.register_expires).addBoth(done)
+        sig.register(self.config.timeouts.register_expires, self.port_mapping).addBoth(done)
         return waiter
 
     def _refresh_timer(self) -> None:

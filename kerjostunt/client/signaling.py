@@ -263,10 +263,18 @@ class SignalingClientProtocol(Protocol):
     # -- registration -----------------------------------------------------------
 
     @defer.inlineCallbacks
-    def register(self, expires: int = 3600) -> Generator[defer.Deferred[Response], Response, Registration]:
-        """REGISTER, answering one digest challenge; fires with a Registration."""
+    def register(self, expires: int = 3600,
+                 mapping: tuple[str, int] | None = None) -> Generator[defer.Deferred[Response], Response, Registration]:
+        """REGISTER, answering one digest challenge; fires with a Registration.
+
+        ``mapping``: our gateway's mapping of our app port, so that the server
+        can tell a caller whose NAT no technique joins with ours that we are
+        reachable there after all (``X-Kerjo-Port-Mapping``).
+        """
         uri = f"sips:{self.domain}"
         contact = [("Contact", f"<sips:{self.user_id}@{format_endpoint(self.local)};transport=tls>;expires={expires}")]
+        if mapping is not None:
+            contact.append((kerjo.PORT_MAPPING, format_endpoint(mapping)))
         response = yield self.request(
             "REGISTER", uri, to=self.uri_of(self.user_id), call_id=self._register_call_id,
             headers=[*contact, DIGEST_WANTED],

@@ -322,7 +322,8 @@ class RegisterHandler:
                 response.headers.add("Contact", f"{binding.contact};expires={remaining}")
             conn.send(response)
             return
-        self._registrar.bind(user_id, conn, contact, expires)
+        binding = self._registrar.bind(user_id, conn, contact, expires)
+        binding.port_mapping = port_mapping_of(request, conn.peer[0])
         if self._tokens is not None:
             self._tokens.registered_from(user_id, conn.peer[0])
         response.headers.add("Contact", f"{contact};expires={expires}")
@@ -379,3 +380,14 @@ def _seconds(text: str) -> int:
     if value < 0 or value > 2**32 - 1:
         raise RequestError(400, "Bad Request: bad expires value")
     return value
+
+
+def port_mapping_of(request: Request, public_ip: str) -> tuple[str, int] | None:
+    """``X-Kerjo-Port-Mapping`` when it names the public address the server sees the user at (a
+    mapping elsewhere, behind a second NAT, or anyone else's address is not passed on)."""
+    value = (request.headers.get(kerjo.PORT_MAPPING) or "").strip()
+    try:
+        ip, port = kerjo.parse_endpoint(value)
+    except ValueError:
+        return None
+    return (ip, port) if ip == public_ip else None

@@ -50,6 +50,8 @@ class Binding:
 
     #: the other IP family's public address, from a probe over it (``note_address``)
     other_family: tuple[str, int] | None = None
+    #: the gateway's mapping of its app port at its public address, as its REGISTER named it
+    port_mapping: tuple[str, int] | None = None
 
     @property
     def public_address(self) -> tuple[str, int]:

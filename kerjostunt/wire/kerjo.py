@@ -41,6 +41,9 @@ PROBE_ALT_IP = "X-Kerjo-Probe-Alt-IP"
 DIGEST = "X-Kerjo-Digest"
 #: the server's own addresses that serve the probe ports, both families (issue 17)
 PROBE_IPS = "X-Kerjo-Probe-IPs"
+#: REGISTER: the gateway's mapping of the client's app port (PCP, NAT-PMP, UPnP-IGD), ``ip:port``;
+#: the server keeps it with the binding when the address is the public one it sees (issue 17)
+PORT_MAPPING = "X-Kerjo-Port-Mapping"
 #: the forwarded INVITE: probe at most this many probe endpoints for the call (absent: all).
 #: ``1`` behind a NAT the server already knows (a sequential one: it needs only its newest port)
 PROBES = "X-Kerjo-Probes"

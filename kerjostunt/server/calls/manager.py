@@ -409,9 +409,11 @@ class CallManager:
             ips = (call.caller_conn.peer[0], callee_conn.peer[0])
             nats = self.nat_view.sides((call.caller_id, ips[0]), (call.callee_id, ips[1]))
             # A caller offering an IPv6 punch port may meet the callee over IPv6, where there is no NAT
-            # (docs/punching.rst, "ipv6"; the callee's answer shows only later whether it can); one
-            # offering its gateway's port mapping at its public address is dialed there directly.
-            joinable = call.caller_sdp.other_family("so") or offers_mapping(call.caller_sdp, ips[0])
+            # (docs/punching.rst, "ipv6"; the callee's answer shows only later whether it can); a side
+            # with its gateway's port mapping at its public address is dialed there directly.
+            callee = self.registrar.lookup(call.callee_id)  # a callee's mapping is in its REGISTER
+            joinable = call.caller_sdp.other_family("so") or offers_mapping(call.caller_sdp, ips[0]) or bool(
+                callee is not None and callee.port_mapping)
             why = "" if joinable else self.nat_view.why_unjoinable(*ips, nats)
             self._with_relay(call, callee_conn, why, nats, lambda: self._take_turn(call, callee_conn, nats))
 
