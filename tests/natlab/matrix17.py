@@ -43,6 +43,7 @@ ROWS = [
     ("preserving/drop", "random/rst +pcp"),
     ("preserving/drop", "random/rst +upnp"),
     ("random/rst +pcp", "random/rst"),
+    ("random/rst", "random/rst +pcp"),
     ("preserving/drop", "random/rst"),
 ]
 
