@@ -108,13 +108,28 @@ class UsageLog(EngineBound):
         # Core, not an ORM Session: once per call, and the Session cost several
         # times the SQL (docs/performance.rst).
         with self.engine.begin() as c:
-            c.execute(ATTEMPT_INSERT, {
-                "call_id": call_id, "caller": caller, "callee": callee, "technique": technique,
-                "outcome": outcome, "predicted": predicted, "actual": actual, "duration_ms": duration_ms,
-                "at": when, "witnesses": None if witnesses is None else ",".join(sorted(set(witnesses))),
-                "detail": detail,  # JSON, server/calls/detail.py
-            })
-            return _apply_flags(c, outcome, caller, callee, when, witnesses)
+            return _insert_attempt(c, call_id, caller, callee, technique, outcome, predicted, actual, duration_ms,
+                                   when, witnesses, detail)
+
+    @translated
+    def record_attempts_many(self, rows: Sequence[Sequence[Any]]) -> list[dict[str, str]]:
+        """``record_attempt`` for many rows (its arguments, in its order) in one
+        transaction, in order; each row's new states, as ``record_attempt``.
+
+        The server's write-behind (``store/behind.py``) gathers the attempts
+        of the next few tens of milliseconds: one commit and one hand-off to
+        the store's thread for all of them. Every user row the batch touches
+        is locked first, in one sorted order, so two batches (two instances)
+        never wait for each other in a cycle.
+        """
+        for row in rows:
+            if row[4] not in OUTCOMES:
+                raise InvalidValue(f"outcome must be one of {', '.join(OUTCOMES)}")
+        if not rows:
+            return []
+        with self.engine.begin() as c:
+            c.execute(LOCK_STATES, {"user_ids": sorted({user for row in rows for user in (row[1], row[2])})}).all()
+            return [_insert_attempt(c, *row) for row in rows]
 
     @translated
     def set_stunt_state(self, user_id: str, state: str) -> None:
@@ -179,6 +194,19 @@ class UsageLog(EngineBound):
                 )
                 for a in rows
             ]
+
+
+def _insert_attempt(c: Connection, call_id: str, caller: str, callee: str, technique: str | None, outcome: str,
+                    predicted: str | None, actual: str | None, duration_ms: float | None, when: float,
+                    witnesses: Sequence[str] | None = None, detail: str | None = None) -> dict[str, str]:
+    """One attempt's row and its flag rule, in the caller's transaction."""
+    c.execute(ATTEMPT_INSERT, {
+        "call_id": call_id, "caller": caller, "callee": callee, "technique": technique,
+        "outcome": outcome, "predicted": predicted, "actual": actual, "duration_ms": duration_ms,
+        "at": when, "witnesses": None if witnesses is None else ",".join(sorted(set(witnesses))),
+        "detail": detail,  # JSON, server/calls/detail.py
+    })
+    return _apply_flags(c, outcome, caller, callee, when, witnesses)
 
 
 def _apply_flags(c: Connection, outcome: str, caller: str, callee: str, when: float,
