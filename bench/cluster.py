@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=900.0, help="hard limit on the whole run, seconds")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (server logs)")
     p.add_argument("--no-calls", action="store_true", help="registrations only (e.g. 30,000 peers held)")
+    p.add_argument("--py-spy", metavar="DIR", type=Path,
+                   help="record each instance with py-spy during the calls (DIR/calls-nN-instanceI.txt, raw)")
     calls_bench.add_outcome_option(p)
     return p.parse_args(argv)
 
@@ -156,6 +158,7 @@ def calls(args: argparse.Namespace, base: Path, count: int, deadline: float) -> 
     servers = start_instances(base, args.db, count, 2 * args.pairs, "calls")
     callee_port = servers[-1].port  # with two instances every callee is on the second
     workers = None
+    spies: list[common.PySpy] = []
     try:
         configs = [{"host": "127.0.0.1", "port": servers[0].port, "callee_port": callee_port,
                     "ca": str(servers[0].ca), "pairs": [r.start, r.stop], "total_pairs": args.pairs,
@@ -173,12 +176,16 @@ def calls(args: argparse.Namespace, base: Path, count: int, deadline: float) -> 
         idle0, idle_t0 = cpu(servers), time.time()
         time.sleep(2.0)
         idle_rate = (cpu(servers) - idle0) / (time.time() - idle_t0)
+        spies = [common.PySpy(s.pid, args.py_spy / f"calls-n{count}-instance{i}.txt")
+                 for i, s in enumerate(servers)] if args.py_spy else []
         cpu0, t0 = cpu(servers), time.time()
         workers.broadcast(f"calls {time.time() + 0.5}")
         reports = workers.collect("calls-done", timeout=args.duration + 120)
         wait_quiet(servers)
         cpu1, t1 = cpu(servers), time.time()
     finally:
+        for spy in spies:
+            spy.stop()
         if workers is not None:
             workers.stop()
         for server in servers:
