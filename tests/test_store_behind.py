@@ -154,6 +154,18 @@ class BehindStoreTests(unittest.TestCase):
         self.assertEqual(self.stored(), ["c1", "c2"])
 
     @inlineCallbacks
+    def test_a_batch_refused_at_the_stop_still_answers_every_caller(self):  # type: ignore[no-untyped-def]
+        def refuse(database: Database, rows: list[Any]) -> list[dict[str, str]]:
+            raise StoreUnavailable("database error: refused")
+
+        self.patch(Database, "record_attempts_many", refuse)
+        writes = [attempt(self.store, f"c{i}") for i in range(2)]
+        yield self.store.stop()  # the clock never moved: the stop sent the batch
+        for d in writes:  # the row-by-row retry met the stopped store: failed, not left hanging
+            self.failureResultOf(d)
+        self.assertEqual(self.stored(), [])
+
+    @inlineCallbacks
     def test_an_unknown_outcome_is_refused_at_once(self):  # type: ignore[no-untyped-def]
         yield self.assertFailure(attempt(self.store, "c1", "teleported"), InvalidValue)
         self.assertEqual(self.store.health().waiting, 0)

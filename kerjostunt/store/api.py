@@ -297,7 +297,10 @@ class AsyncStore:
         bounded: bool = True,
     ) -> Deferred[_T]:
         if self._stopping:
-            return fail(StoreStopped("the store is stopping"))
+            refused: Deferred[_T] = fail(StoreStopped("the store is stopping"))
+            if then is not None:
+                refused.addBoth(then)  # its waiters are answered (behind.py's retry of a batch at the stop)
+            return refused
         if flush_seen:
             self._seen.flush()
         rows = len(args[0]) if kind == USAGE and function.__name__ in _MANY else 1
