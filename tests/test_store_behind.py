@@ -191,6 +191,19 @@ class SettledTests(unittest.TestCase):
         self.assertEqual(self.successResultOf(written), {"a": "direct"})
         self.assertIsNone(self.successResultOf(self.behind.settled()))  # nothing in flight: at once
 
+    def test_a_read_does_not_wait_for_batches_sent_after_it(self) -> None:
+        self.behind.add(("c1",))
+        read = self.behind.settled()  # sends batch 1
+        self.behind.add(("c2",))
+        self.clock.advance(ATTEMPT_DELAY)  # batch 2, sent after the read asked
+        self.assertEqual(len(self.sent), 2)
+        self.sent[0][1]([{}])
+        self.assertTrue(read.called)  # batch 2 still in flight
+        later = self.behind.settled()
+        self.assertFalse(later.called)
+        self.sent[1][1]([{}])
+        self.assertTrue(later.called)
+
     def test_settled_sends_what_is_held(self) -> None:
         self.behind.add(("c1",))
         read = self.behind.settled()

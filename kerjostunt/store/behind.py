@@ -18,7 +18,7 @@ Nothing is lost or hidden by the wait:
 - ``AsyncStore.stop`` sends what is held before it waits for the queue;
 - readers that need the attempts or the flags they move (the peers list's
   pair outcomes, ``/status``, a user's record and flag) call ``settled``
-  first: it sends what is held and waits for every batch in flight, so a
+  first: it sends what is held and waits for every batch sent so far, so a
   read never misses an attempt this process acknowledged. (With several
   store threads, PostgreSQL, a read queued after a batch could otherwise
   run beside it.) Another process (``kerjostunt attempts``) sees a call's
@@ -71,8 +71,10 @@ class AttemptsBehind:
     ) -> None:
         self._write_many, self._write_one = write_many, write_one
         self._gathered = Gathered(clock, delay, size, self._send)
-        self._in_flight = 0  # batches sent, not yet answered
-        self._readers: list[Deferred[None]] = []
+        self._sent = 0  # batches sent so far (each one's number)
+        self._in_flight: set[int] = set()  # the numbers of those not yet answered
+        #: readers waiting, each for the batches up to the number it was given
+        self._readers: list[tuple[int, Deferred[None]]] = []
         self.held = 0  # rows gathered, not yet sent
 
     def add(self, row: Row) -> Deferred[States]:
@@ -85,44 +87,47 @@ class AttemptsBehind:
         self._gathered.flush()
 
     def settled(self, failing: bool = False) -> Deferred[None]:
-        """Send what is held; fires once no batch is in flight (written or failed),
-        or at once while writes are ``failing`` (see ``release``)."""
+        """Send what is held; fires once every batch sent until now is written or
+        failed (not those sent later: a steady stream of calls does not starve
+        the reader), or at once while writes are ``failing`` (see ``release``)."""
         self.flush()
         if not self._in_flight or failing:
             return succeed(None)
         reader: Deferred[None] = Deferred()
-        self._readers.append(reader)
+        self._readers.append((self._sent, reader))
         return reader
 
     def release(self) -> None:
         """Writes met a locked or lost database: the readers waiting go on now and
         see what is stored, as every read does then (``store/lanes.py``)."""
         readers, self._readers = self._readers, []
-        for reader in readers:
+        for _upto, reader in readers:
             reader.callback(None)
 
     def _send(self, items: list[tuple[Row, Deferred[States]]]) -> None:
         self.held -= len(items)
-        self._in_flight += 1
+        self._sent += 1
+        number = self._sent
+        self._in_flight.add(number)
 
         def fan_out(result: list[States] | Failure) -> None:
             if isinstance(result, Failure):
-                self._refused(items, result)
+                self._refused(items, result, number)
                 return
             for index, (_row, waiter) in enumerate(items):
                 # A batch kept in the pending file fires with [] (pending.USAGE_OPS).
                 waiter.callback(result[index] if index < len(result) else {})
-            self._landed()
+            self._landed(number)
 
         self._write_many([row for row, _ in items], fan_out)
 
-    def _refused(self, items: list[tuple[Row, Deferred[States]]], failure: Failure) -> None:
+    def _refused(self, items: list[tuple[Row, Deferred[States]]], failure: Failure, number: int) -> None:
         """The batch failed (not busy: the lanes retry those): each row on its own,
         so one the database refuses does not take the others with it."""
         if len(items) == 1 or failure.check(StoreBusy):
             for _row, waiter in items:
                 waiter.errback(failure)
-            self._landed()
+            self._landed(number)
             return
         self.log.warn("A batch of {n} attempts was refused ({why}); writing them one by one",
                       n=len(items), why=failure.getErrorMessage())
@@ -135,12 +140,15 @@ class AttemptsBehind:
                 waiter.callback(result)
             left[0] -= 1
             if left[0] == 0:
-                self._landed()
+                self._landed(number)
 
         for row, waiter in items:
             self._write_one(row, functools.partial(answer, waiter))
 
-    def _landed(self) -> None:
-        self._in_flight -= 1
-        if not self._in_flight:
-            self.release()
+    def _landed(self, number: int) -> None:
+        self._in_flight.discard(number)
+        oldest = min(self._in_flight, default=self._sent + 1)
+        ready = [reader for upto, reader in self._readers if upto < oldest]
+        self._readers = [(upto, reader) for upto, reader in self._readers if upto >= oldest]
+        for reader in ready:
+            reader.callback(None)
