@@ -133,7 +133,8 @@ OUTCOME = b"outcome=stunt\r\ntechnique=simultaneous-open\r\nremote=127.0.0.1:400
 
 
 class World:
-    def __init__(self, pairs: int) -> None:
+    def __init__(self, pairs: int, outcome: str = "bye") -> None:
+        self.outcome = outcome  # the caller's report: on its BYE, or an INFO and a plain BYE (the older form)
         self.clock = BenchClock()
         self.registrar = Registrar(self.clock)
         self.manager = CallManager(self.clock, DOMAIN, self.registrar, Store(), Observations())
@@ -169,13 +170,18 @@ class World:
         assert isinstance(ok, Response) and ok.code == 200, ok
         to_tagged = ok.headers.get("To") or ""
         ca.receive(request("ACK", ub, frm, to_tagged, cid, 1, f"a{self.n}"))
-        ca.receive(request("INFO", f"sips:{DOMAIN}", frm, to, cid, 2, f"f{self.n}",
-                           ["Content-Type: application/x-kerjo-outcome"], OUTCOME))
+        if self.outcome == "info":
+            ca.receive(request("INFO", f"sips:{DOMAIN}", frm, to, cid, 2, f"f{self.n}",
+                               ["Content-Type: application/x-kerjo-outcome"], OUTCOME))
+        else:
+            ca.receive(request("BYE", ub, frm, to_tagged, cid, 2, f"b{self.n}",
+                               ["Content-Type: application/x-kerjo-outcome"], OUTCOME))
         ack = cb.last
         assert isinstance(ack, Request) and ack.method == "ACK", ack
         cb.receive(request("INFO", f"sips:{DOMAIN}", f"<{ub}>;tag=tb", f"<{ua}>", ack.call_id or "", 2,
                            f"g{self.n}", ["Content-Type: application/x-kerjo-outcome"], OUTCOME))
-        ca.receive(request("BYE", ub, frm, to_tagged, cid, 3, f"b{self.n}"))
+        if self.outcome == "info":
+            ca.receive(request("BYE", ub, frm, to_tagged, cid, 3, f"b{self.n}"))
         ca.out.clear()
         cb.out.clear()
 
@@ -188,9 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--linger", type=int, default=6400,
                    help="ended calls kept alive when timing a full collection (default 6400: 32 s at 200/s)")
     p.add_argument("--profile", metavar="FILE", type=Path, help="also write a cProfile of one run (pstats file)")
+    p.add_argument("--outcome", choices=("bye", "info"), default="bye",
+                   help="the caller's outcome on its BYE (default) or in an INFO before a plain BYE (older form)")
     args = p.parse_args(argv)
 
-    world = World(args.pairs)
+    world = World(args.pairs, args.outcome)
     for _ in range(200):  # warm caches
         world.call()
     best = float("inf")
@@ -229,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     gc.collect()
     full_ms = 1000 * (time.perf_counter() - started)
     lingering = len(world.manager.calls())
-    common.print_table(f"call path in process: {args.calls} calls, best of {args.repeat}", [
+    common.print_table(f"call path in process: {args.calls} calls, best of {args.repeat}, outcome on "
+                       f"{args.outcome.upper()}", [
         ("CPU per call, ms", 1000 * best / args.calls),
         ("lingering calls", lingering),
         ("GC-tracked objects per lingering call", held / max(1, lingering)),

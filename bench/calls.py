@@ -9,8 +9,11 @@ that is not in a call; when every pair of a worker is busy the call is
 counted as skipped).  Each call is the whole signaling exchange of
 docs/protocol.rst:
 
-caller: INVITE (SDP) -> 100, 200 (SDP + predictions) -> ACK -> INFO (outcome) -> 200 -> BYE -> 200;
+caller: INVITE (SDP) -> 100, 200 (SDP + predictions) -> ACK -> BYE (outcome) -> 200;
 callee: INVITE -> 200 (SDP) -> ACK (X-Kerjo-Dial-In) -> INFO (outcome) -> 200.
+
+``--outcome info`` makes the callers send the older form, INFO (outcome) ->
+200 -> BYE -> 200: two messages more per call, for comparison.
 
 The callees answer at once with a valid SDP and do not probe (the server
 then predicts from the signaling address).  Reports INVITE-to-200 latency
@@ -46,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2, help="load-generator processes (default 2)")
     p.add_argument("--window", type=int, default=32, help="registrations in flight per worker (default 32)")
     p.add_argument("--timeout", type=float, default=600.0, help="hard limit on the whole run, seconds (default 600)")
+    add_outcome_option(p)
     common.add_pinning_option(p)
     common.add_run_options(p, "the call phase")
     args = p.parse_args(argv)
@@ -80,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                 "host": "127.0.0.1", "port": server.port, "ca": str(server.ca), "pairs": [r.start, r.stop],
                 "total_pairs": args.pairs, "sources": sources, "window": args.window,
                 "rate": args.rate / args.workers, "duration": args.duration, "deadline": deadline,
+                "outcome": args.outcome,
             }
             for r in common.split(args.pairs, args.workers)
         ]
@@ -128,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         ("pairs (registered TLS peers)", f"{args.pairs} ({clients})"),
         ("load-generator processes", args.workers),
         ("CPU pinning", plan.describe()),
+        ("caller's outcome on", args.outcome.upper()),
         ("target rate, calls/s", args.rate),
         ("calls started", started),
         ("achieved start rate, calls/s", started / max(1e-9, span) if started > 1 else float("nan")),
@@ -153,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
                               for key in ("latencies", "to_trying", "to_callee", "answer_back")})
     cleanup()
     return 0 if completed == started and not errors else 1
+
+
+def add_outcome_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--outcome", choices=("bye", "info"), default="bye",
+                   help="the caller's outcome on its BYE (default) or in an INFO before a plain BYE (the older form)")
 
 
 def pair_of(reports: list[dict[str, Any]], key: str) -> str:
@@ -370,6 +381,10 @@ def worker(config: dict[str, Any]) -> int:
                 cseq = int((invite.headers.get("CSeq") or "1").split()[0])
                 caller.send(caller.build("ACK", caller.uri_of(pair.callee_id), caller.uri_of(pair.callee_id), call_id,
                                          cseq=cseq, to_tag=to_tag), None)
+                if config.get("outcome", "bye") == "bye":  # one request: the outcome rides on the BYE
+                    caller.send(caller.build("BYE", caller.uri_of(pair.callee_id), caller.uri_of(pair.callee_id),
+                                             call_id, [OUTCOME_TYPE], outcome(pair.callee.local[1])), ended)
+                    return
                 info = caller.build("INFO", f"sips:{common.DOMAIN}", caller.uri_of(pair.callee_id), call_id,
                                     [OUTCOME_TYPE], outcome(pair.callee.local[1]))
                 caller.send(info, reported)

@@ -35,6 +35,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import calls as calls_bench
 import common
 
 BENCH = Path(__file__).resolve().parent
@@ -52,6 +53,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--instances", default="1,2", help="instance counts to compare (default 1,2)")
     p.add_argument("--timeout", type=float, default=900.0, help="hard limit on the whole run, seconds")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (server logs)")
+    p.add_argument("--no-calls", action="store_true", help="registrations only (e.g. 30,000 peers held)")
+    p.add_argument("--py-spy", metavar="DIR", type=Path,
+                   help="record each instance with py-spy during the calls (DIR/calls-nN-instanceI.txt, raw)")
+    calls_bench.add_outcome_option(p)
     return p.parse_args(argv)
 
 
@@ -126,9 +131,10 @@ def registrations(args: argparse.Namespace, base: Path, count: int, deadline: fl
         wait_quiet(servers)
         cpu0 = cpu(servers)
         workers.broadcast("go")
-        reports = workers.collect("registered", timeout=300)
+        reports = workers.collect("registered", timeout=max(300, args.clients / 50))
         wait_quiet(servers)
         cpu1 = cpu(servers)
+        rss_mib = sum(s.rss() for s in servers) / 1024  # every peer still registered, all held at once
     finally:
         if workers is not None:
             workers.stop()
@@ -141,18 +147,24 @@ def registrations(args: argparse.Namespace, base: Path, count: int, deadline: fl
     span = max(r["last_end"] for r in reports) - min(r["first_start"] for r in reports if r["first_start"])
     latencies = [x for r in reports for x in r["latencies"]]
     return {"ok": ok, "errors": sum(errors.values()), "rate": ok / max(1e-9, span),
-            "p99": common.percentile(latencies, 99), "cpu_ms": 1000 * (cpu1 - cpu0) / max(1, ok)}
+            "p99": common.percentile(latencies, 99), "cpu_ms": 1000 * (cpu1 - cpu0) / max(1, ok), "rss_mib": rss_mib}
+
+
+NO_CALLS = {"completed": 0, "started": 0, "errors": 0, "p50": float("nan"), "p99": float("nan"),
+            "cpu_ms": float("nan"), "error_kinds": {}}
 
 
 def calls(args: argparse.Namespace, base: Path, count: int, deadline: float) -> dict[str, Any]:
     servers = start_instances(base, args.db, count, 2 * args.pairs, "calls")
     callee_port = servers[-1].port  # with two instances every callee is on the second
     workers = None
+    spies: list[common.PySpy] = []
     try:
         configs = [{"host": "127.0.0.1", "port": servers[0].port, "callee_port": callee_port,
                     "ca": str(servers[0].ca), "pairs": [r.start, r.stop], "total_pairs": args.pairs,
                     "sources": common.sources_for(2 * args.pairs), "window": args.window,
-                    "rate": args.rate / args.workers, "duration": args.duration, "deadline": deadline}
+                    "rate": args.rate / args.workers, "duration": args.duration, "deadline": deadline,
+                    "outcome": args.outcome}
                    for r in common.split(args.pairs, args.workers)]
         workers = common.Workers(BENCH / "calls.py", configs, base)
         workers.collect("ready", timeout=60)
@@ -164,12 +176,16 @@ def calls(args: argparse.Namespace, base: Path, count: int, deadline: float) -> 
         idle0, idle_t0 = cpu(servers), time.time()
         time.sleep(2.0)
         idle_rate = (cpu(servers) - idle0) / (time.time() - idle_t0)
+        spies = [common.PySpy(s.pid, args.py_spy / f"calls-n{count}-instance{i}.txt")
+                 for i, s in enumerate(servers)] if args.py_spy else []
         cpu0, t0 = cpu(servers), time.time()
         workers.broadcast(f"calls {time.time() + 0.5}")
         reports = workers.collect("calls-done", timeout=args.duration + 120)
         wait_quiet(servers)
         cpu1, t1 = cpu(servers), time.time()
     finally:
+        for spy in spies:
+            spy.stop()
         if workers is not None:
             workers.stop()
         for server in servers:
@@ -191,13 +207,15 @@ def main(argv: list[str] | None = None) -> int:
     base, cleanup = common.make_workdir(args.keep)
     deadline = time.time() + args.timeout
     load_start = os.getloadavg()[0]
-    results = {n: (registrations(args, base, n, deadline), calls(args, base, n, deadline)) for n in counts}
+    results = {n: (registrations(args, base, n, deadline),
+                   NO_CALLS if args.no_calls else calls(args, base, n, deadline)) for n in counts}
     rows: list[tuple[str, Any]] = []
     for label, pick in (
         ("registered (401 then 200) / errors", lambda r, c: f"{r['ok']} / {r['errors']}"),
         ("REGISTER rate (all instances), /s", lambda r, c: r["rate"]),
         ("connect-to-200 p99, ms", lambda r, c: r["p99"]),
         ("server CPU per registration (sum), ms", lambda r, c: r["cpu_ms"]),
+        ("server RSS with every peer held (sum), MiB", lambda r, c: r["rss_mib"]),
         ("calls completed / started / errors", lambda r, c: f"{c['completed']} / {c['started']} / {c['errors']}"),
         ("INVITE-to-200 p50, ms", lambda r, c: c["p50"]),
         ("INVITE-to-200 p99, ms", lambda r, c: c["p99"]),

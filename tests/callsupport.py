@@ -96,8 +96,12 @@ class Peer:
             "INFO", f"sips:{DOMAIN}", to=self.proto.uri_of(peer), call_id=call_id,
             headers=[("Content-Type", OUTCOME_TYPE)], body=body.encode())
 
-    def bye(self, call_id: str, peer: str) -> defer.Deferred:
-        return self.proto.request("BYE", self.proto.uri_of(peer), call_id=call_id)
+    def bye(self, call_id: str, peer: str, outcome: str | None = None) -> defer.Deferred:
+        """A BYE; with ``outcome``, the side's report rides on it (docs/protocol.rst)."""
+        if outcome is None:
+            return self.proto.request("BYE", self.proto.uri_of(peer), call_id=call_id)
+        return self.proto.request("BYE", self.proto.uri_of(peer), call_id=call_id,
+                                  headers=[("Content-Type", OUTCOME_TYPE)], body=outcome.encode())
 
     def answer(self, invite: Request, code: int = 200, body: bytes | None = None, tag: str | None = None) -> None:
         headers = [("Content-Type", "application/sdp")] if body is not None else []

@@ -122,19 +122,23 @@ class CallFlowTests(unittest.TestCase):
         # The callee's leg has its own identifiers.
         self.assertNotEqual(forwarded.call_id, c["invite"].call_id)
         self.assertEqual(ack.call_id, forwarded.call_id)
-        # Outcome reports: both report stunt, the flags follow.
-        r1 = yield self.peers["alice"].report(c["invite"].call_id, "bob",
-                                             f"outcome=stunt\ntechnique=simultaneous-open\nremote=127.0.0.1:{c['port_b']}\nelapsed_ms=183\n"
-                                             "tried=public:refused,punch:connected\n")
+        # Outcome reports: both report stunt, the flags follow. Alice ends her dialog with
+        # her outcome on the BYE (one request, not INFO then BYE); bob reports with an INFO.
+        r1 = yield self.peers["alice"].bye(c["invite"].call_id, "bob",
+                                          f"outcome=stunt\ntechnique=simultaneous-open\nremote=127.0.0.1:{c['port_b']}\nelapsed_ms=183\n"
+                                          "tried=public:refused,punch:connected\n")
         r2 = yield self.peers["bob"].report(forwarded.call_id, "alice",
                                            f"outcome=stunt\ntechnique=simultaneous-open\nremote=127.0.0.1:{c['port_a']}\nelapsed_ms=181\n")
         self.assertEqual((r1.code, r2.code), (200, 200))
-        # Order on the wire as the server saw it (alice's ACK precedes her INFO on her connection).
+        # Order on the wire as the server saw it (alice's ACK precedes her BYE on her connection):
+        # eleven messages, the whole call.
         order = [(d, m.split(b"\r\n", 1)[0].decode()) for d, _, m in self.transcript]
-        self.assertEqual([line for _, line in order][:7], [
+        self.assertEqual([line for _, line in order], [
             f"INVITE sips:bob@{DOMAIN} SIP/2.0", "SIP/2.0 100 Trying", f"INVITE sips:bob@{DOMAIN} SIP/2.0",
             "SIP/2.0 200 OK", "SIP/2.0 200 OK", f"ACK sips:bob@{DOMAIN} SIP/2.0", f"ACK sips:bob@{DOMAIN} SIP/2.0",
+            f"BYE sips:bob@{DOMAIN} SIP/2.0", "SIP/2.0 200 OK", f"INFO sips:{DOMAIN} SIP/2.0", "SIP/2.0 200 OK",
         ])
+        self.assertIn(b"Content-Type: application/x-kerjo-outcome", self.transcript[7][2])
         yield self.server.store._when_idle()
         alice_rec = yield self.server.store.get_user("alice")
         bob_rec = yield self.server.store.get_user("bob")
@@ -151,8 +155,6 @@ class CallFlowTests(unittest.TestCase):
         self.assertEqual(detail["callee"]["tried"], [])
         self.assertEqual(detail["callee"]["predicted"][0], c["port_b"])
         self.assertEqual(self.server.counters["calls_stunt_simultaneous-open"], 1)
-        bye = yield self.peers["alice"].bye(c["invite"].call_id, "bob")
-        self.assertEqual(bye.code, 200)
         if os.environ.get("KERJOSTUNT_WRITE_EXAMPLE"):
             with open(os.environ["KERJOSTUNT_WRITE_EXAMPLE"], "wb") as f:
                 for direction, _, raw in self.transcript:

@@ -34,6 +34,7 @@ from kerjostunt.server.signaling import ConnectionLimits, SignalingFactory
 from kerjostunt.store import Database, StoreBusy
 from kerjostunt.store import api as store_api
 from kerjostunt.store.api import BUSY_TIMEOUT, HA1_WINDOW, SEEN_DELAY, AsyncStore
+from kerjostunt.store.behind import ATTEMPT_DELAY
 from kerjostunt.store.lanes import RETRY_FIRST, StoreHealth
 from kerjostunt.store.service import StoreService
 from kerjostunt.wire.sip.digest import authorization
@@ -109,14 +110,20 @@ class LockedDatabaseTests(unittest.TestCase):
         finally:
             check.close()
 
-    def report(self, store: AsyncStore, call_id: str = "c1") -> defer.Deferred[dict[str, str]]:
-        return store.record_attempt(call_id, "a", "b", "direct", "direct", None, None, 12.0, 100.0)
+    def report(
+        self, store: AsyncStore, call_id: str = "c1", clock: Clock | None = None
+    ) -> defer.Deferred[dict[str, str]]:
+        """An outcome; with ``clock``, its write-behind wait over (store/behind.py)."""
+        d = store.record_attempt(call_id, "a", "b", "direct", "direct", None, None, 12.0, 100.0)
+        if clock is not None:
+            clock.advance(ATTEMPT_DELAY)
+        return d
 
     @defer.inlineCallbacks
     def test_an_outcome_reported_during_the_lock_is_written_after_it(self):  # type: ignore[no-untyped-def]
         store, clock, events = self.store()
         lock = self.lock()
-        reported = self.report(store)
+        reported = self.report(store, clock=clock)
         yield events.next("store_write_retries")  # it met the lock, and waits
         self.assertFalse(reported.called)
         health = store.health()
@@ -143,9 +150,9 @@ class LockedDatabaseTests(unittest.TestCase):
     def test_writes_stay_in_order_across_the_retries(self):  # type: ignore[no-untyped-def]
         store, clock, events = self.store()
         lock = self.lock()
-        first = self.report(store, "c1")
+        first = self.report(store, "c1", clock)
         yield events.next("store_write_retries")
-        later = [self.report(store, f"c{i}") for i in range(2, 5)]
+        later = [self.report(store, f"c{i}") for i in range(2, 5)]  # one batch of three, sent at the retry
         clock.advance(RETRY_FIRST)  # a second try, still locked: one busy timeout for the batch
         yield events.next("store_write_retries")
         self.assertEqual(store.health().waiting, 4)
@@ -177,7 +184,7 @@ class LockedDatabaseTests(unittest.TestCase):
         self.assertIsNone((yield seen))
         self.assertEqual(events.seen.count("store_records_saved"), 2)
         lines = [json.loads(line) for line in self.pending.read_text().splitlines()]
-        self.assertEqual([line["op"] for line in lines], ["record_attempt", "record_seen_many"])
+        self.assertEqual([line["op"] for line in lines], ["record_attempts_many", "record_seen_many"])
         self.assertEqual(stat.S_IMODE(self.pending.stat().st_mode), 0o600)
         self.assertEqual(self.attempts(), [])
         lock.release()
@@ -195,14 +202,15 @@ class LockedDatabaseTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_past_the_memory_bound_records_go_to_the_pending_file(self):  # type: ignore[no-untyped-def]
         self.patch(store_api, "MAX_KEPT", 1)
-        store, _clock, events = self.store()
+        store, clock, events = self.store()
         self.lock()
-        kept = self.report(store, "c1")
+        kept = self.report(store, "c1", clock)
         yield events.next("store_write_retries")
-        spilled = self.report(store, "c2")
-        self.assertTrue(spilled.called)  # written to the file at once
+        spilled = self.report(store, "c2", clock)
+        self.assertTrue(spilled.called)  # written to the file as soon as its batch is sent
         self.assertEqual((yield spilled), {})
-        self.assertEqual([json.loads(line)["args"][0] for line in self.pending.read_text().splitlines()], ["c2"])
+        batches = [json.loads(line)["args"][0] for line in self.pending.read_text().splitlines()]
+        self.assertEqual([[row[0] for row in batch] for batch in batches], [["c2"]])
         self.assertEqual(store.health().waiting, 1)
         self.assertFalse(kept.called)
 
@@ -461,7 +469,8 @@ class OutcomeWhileLockedTests(unittest.TestCase):
         lock, _ = yield self.call_reported_while_locked()
         yield self.running.server.stopService()
         pending = Path(self.path + ".pending.jsonl")
-        self.assertEqual([json.loads(line)["op"] for line in pending.read_text().splitlines()], ["record_attempt"])
+        ops = [json.loads(line)["op"] for line in pending.read_text().splitlines()]
+        self.assertEqual(ops, ["record_attempts_many"])
         lock.release()
         self.assertEqual(self.attempts(), [])
         service = StoreService(AsyncStore(Database(self.running.db_url, busy_timeout=BUSY_TIMEOUT), reactor))
@@ -502,6 +511,7 @@ class PostgresLockTests(unittest.TestCase):
         transaction = holder.begin()
         holder.exec_driver_sql("SELECT user_id FROM users WHERE user_id IN ('a', 'b') FOR UPDATE")
         reported = store.record_attempt("c1", "a", "b", "direct", "direct", None, None, 12.0, 100.0)
+        clock.advance(ATTEMPT_DELAY)  # its write-behind wait (store/behind.py)
         yield events.next("store_write_retries")
         self.assertIn("lock timeout", store.health().reason or "")
         ha1 = store.get_ha1("a", "MD5")

@@ -11,7 +11,8 @@ import threading
 
 from twisted.trial import unittest
 
-from kerjostunt.store import Database
+from kerjostunt.store import Database, StoreBusy
+from kerjostunt.store import database as database_module
 from tests.test_store import StoreTestsMixin
 
 URL = os.environ.get("KERJOSTUNT_TEST_POSTGRES_URL", "")
@@ -58,3 +59,37 @@ class PostgresStoreTests(StoreTestsMixin, unittest.TestCase):
         self.assertEqual(errors, [])
         self.assertEqual(len(self.db.recent_attempts("target", limit=100)), 9)
         self.assertEqual(self.db.get_user("target").stunt_state, "unreachable")
+
+
+class IdlePingTests(unittest.TestCase):
+    """A pooled connection is pinged only when idle over ``PING_AFTER`` (store/database.py)."""
+
+    if not URL:
+        skip = "KERJOSTUNT_TEST_POSTGRES_URL is not set (run .ci/start-postgres and export the URL it prints)"
+
+    def setUp(self) -> None:
+        self.db = Database(URL)
+        self.addCleanup(self.db.close)
+        self.db.upgrade()
+        self.db.list_users()  # one connection in the pool, just used
+
+    def kill_the_pooled_connection(self) -> None:
+        admin = Database(URL)
+        try:
+            with admin.engine.begin() as c:
+                c.exec_driver_sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                  "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        finally:
+            admin.close()
+
+    def test_an_idle_connection_is_pinged_and_replaced(self) -> None:
+        self.patch(database_module, "PING_AFTER", 0.0)
+        self.kill_the_pooled_connection()
+        self.assertIsInstance(self.db.list_users(), list)  # the ping found it dead: a new one served
+
+    def test_a_connection_just_used_is_not_pinged(self) -> None:
+        self.patch(database_module, "PING_AFTER", 3600.0)
+        self.kill_the_pooled_connection()
+        with self.assertRaises(StoreBusy):  # the cost of no ping: one failure, retried by the lanes
+            self.db.list_users()
+        self.assertIsInstance(self.db.list_users(), list)  # SQLAlchemy dropped the dead one

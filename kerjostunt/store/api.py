@@ -10,8 +10,8 @@ the reactor with the result) costs the reactor about as much as a small
 query, and each REGISTER made two of them. While the pool's threads are busy,
 new calls queue and then go over together, still one transaction each and in
 order; ``get_ha1`` lookups of a few milliseconds share one query, and
-``record_seen`` is written behind, many rows per transaction
-(docs/decisions.rst).
+``record_seen`` and ``record_attempt`` are written behind, many rows per
+transaction (docs/decisions.rst, ``store/behind.py``).
 
 Server code depends on the ``typing.Protocol`` classes here, not on
 ``AsyncStore``: ``Store`` (all of it), ``UsageRecorder`` (what registration
@@ -33,8 +33,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from kerjostunt.store.behind import AttemptsBehind, Row
 from kerjostunt.store.database import (
     HA1_ALGORITHMS,
+    OUTCOMES,
     AttemptRecord,
     Database,
     InvalidValue,
@@ -73,6 +75,9 @@ SEEN_DELAY = 0.1  # seconds a record_seen may wait to share a transaction
 SEEN_BATCH = 100  # rows that are written at once without waiting
 HA1_WINDOW = 0.002  # seconds a get_ha1 waits for others to share its query
 HA1_BATCH = 100  # lookups that go at once without waiting
+
+_MANY = ("record_seen_many", "record_attempts_many")  # usage calls that carry a list of rows
+
 
 class IStoreReactor(IReactorFromThreads, IReactorTime):
     """What the store needs of a reactor: results back from the pool, and timers.
@@ -182,7 +187,8 @@ class AsyncStore:
     database does not take then go to the pending file, read back by
     ``replay_pending`` at the next start. Calls that read or write a user's
     row (all but ``get_ha1``, ``call_check`` and ``record_attempt``) first
-    send the held-back ``record_seen`` rows, so they see them.
+    send the held-back ``record_seen`` rows, so they see them; those that
+    read attempts or flags wait for the held-back attempts (``behind.py``).
     """
 
     log = Logger()
@@ -213,6 +219,7 @@ class AsyncStore:
         self._holding = False  # results being delivered: new calls wait to go together
         self._seen = Gathered(self._clock, SEEN_DELAY, SEEN_BATCH, self._write_seen)
         self._ha1 = Gathered(self._clock, HA1_WINDOW, HA1_BATCH, self._look_up_ha1)
+        self._attempts = AttemptsBehind(self._clock, self._write_attempts, self._write_attempt)
         self._pending = 0
         self._idle_waiters: list[Deferred[None]] = []
         self._stopping = False
@@ -236,6 +243,7 @@ class AsyncStore:
         if not self._stopping:
             self._seen.flush()
             self._ha1.flush()
+            self._attempts.flush()
             self._stopping = True
             if self._gate.closed:
                 self._gate.cancel()
@@ -247,7 +255,7 @@ class AsyncStore:
 
     def health(self) -> StoreHealth:
         """Are writes going through, and how many usage rows wait (no database call)."""
-        return self._gate.health(self._kept)
+        return self._gate.health(self._kept + self._attempts.held)
 
     def replay_pending(self) -> int:
         """Queue the records a previous run left in the pending file (first, in
@@ -289,20 +297,23 @@ class AsyncStore:
         bounded: bool = True,
     ) -> Deferred[_T]:
         if self._stopping:
-            return fail(StoreStopped("the store is stopping"))
+            refused: Deferred[_T] = fail(StoreStopped("the store is stopping"))
+            if then is not None:
+                refused.addBoth(then)  # its waiters are answered (behind.py's retry of a batch at the stop)
+            return refused
         if flush_seen:
             self._seen.flush()
-        rows = len(args[0]) if kind == USAGE and function.__name__ == "record_seen_many" else 1
+        rows = len(args[0]) if kind == USAGE and function.__name__ in _MANY else 1
         if kind == USAGE and bounded and self._kept + rows > MAX_KEPT:
             return spill(self._keeper, (function, args, kwargs), then)
         self._pending += 1
         d: Deferred[_T] = Deferred()
+        if kind == USAGE:
+            self._kept += rows
+            d.addBoth(self._released, rows)  # first: health() in the callers' callbacks counts it written
         if then is not None:
             d.addBoth(then)  # before _finished: stop() fires only after it
         d.addBoth(self._finished)
-        if kind == USAGE:
-            self._kept += rows
-            d.addBoth(self._released, rows)
         job = Job((function, args, kwargs), d, kind, self._clock.seconds(), rows)
         target = lane or self._write
         if target is self._write and kind == READ and self._gate.closed:
@@ -355,6 +366,7 @@ class AsyncStore:
         if self._gate.failing_since is None:
             self.log.warn("Store writes failing, retrying with back-off: {why}", why=reason)
         self._gate.failed(reason)
+        self._attempts.release()  # reads waiting for attempts see what is stored meanwhile
         if self._stopping:
             self._gate.cancel()
             queued, self._write.queue = self._write.queue, []
@@ -396,13 +408,13 @@ class AsyncStore:
         return self._write_call(Database.delete_user, user_id)
 
     def get_user(self, user_id: str) -> Deferred[UserRecord]:
-        return self.run(Database.get_user, user_id)
+        return self._settled(Database.get_user, user_id)
 
     def claim_realm(self, wanted: str | None, default: str) -> Deferred[str]:
         return self.run(Database.claim_realm, wanted, default)
 
     def list_users(self) -> Deferred[list[UserRecord]]:
-        return self.run(Database.list_users)
+        return self._settled(Database.list_users)
 
     def get_ha1(self, user_id: str, algorithm: str) -> Deferred[str | None]:
         """Gathered: the lookups of the next ``HA1_WINDOW`` seconds (or
@@ -446,7 +458,7 @@ class AsyncStore:
         return self.run(Database.is_member, group, user_id)
 
     def group_members(self, group: str) -> Deferred[list[UserRecord]]:
-        return self.run(Database.group_members, group)
+        return self._settled(Database.group_members, group)
 
     def record_seen(self, user_id: str, ip: str, port: int, when: float) -> Deferred[None]:
         """Written behind: with the others of the next ``SEEN_DELAY`` seconds
@@ -475,19 +487,24 @@ class AsyncStore:
         witnesses: Sequence[str] | None = None,
         detail: str | None = None,
     ) -> Deferred[dict[str, str]]:
-        return self._submit(
-            Database.record_attempt,
-            (call_id, caller, callee, technique, outcome, predicted, actual, duration_ms, when, witnesses, detail),
-            {},
-            flush_seen=False,  # it reads states and attempts, which record_seen does not write
-            kind=USAGE,
-        )
+        """Written behind (``store/behind.py``): with the others of the next
+        ``ATTEMPT_DELAY`` seconds in one transaction. Fires with the new
+        states once written."""
+        if self._stopping:
+            return fail(StoreStopped("the store is stopping"))
+        if outcome not in OUTCOMES:
+            return fail(InvalidValue(f"outcome must be one of {', '.join(OUTCOMES)}"))
+        return self._attempts.add(
+            (call_id, caller, callee, technique, outcome, predicted, actual, duration_ms, when,
+             None if witnesses is None else list(witnesses), detail))
 
     def set_stunt_state(self, user_id: str, state: str) -> Deferred[None]:
-        return self._write_call(Database.set_stunt_state, user_id, state)
+        """After the attempts held back: an operator's flag is not overwritten by an earlier call's rule."""
+        d = self._attempts.settled(failing=self._gate.failing_since is not None)  # else queued behind them
+        return d.addCallback(lambda _: self._write_call(Database.set_stunt_state, user_id, state))
 
     def recent_attempts(self, user_id: str, limit: int = 20) -> Deferred[list[AttemptRecord]]:
-        return self.run(Database.recent_attempts, user_id, limit)
+        return self._settled(Database.recent_attempts, user_id, limit)
 
     def is_operator(self, user_id: str) -> Deferred[bool]:
         """May this user read /status? (``kerjostunt operator add``)"""
@@ -495,10 +512,10 @@ class AsyncStore:
 
     def attempts_since(self, since: float, limit: int = 20000) -> Deferred[list[AttemptRecord]]:
         """The attempts the /status page summarises, oldest first."""
-        return self.run(Database.attempts_since, since, limit)
+        return self._settled(Database.attempts_since, since, limit)
 
     def pair_outcomes(self, user_id: str, since: float) -> Deferred[dict[str, PairOutcome]]:
-        return self.run(Database.pair_outcomes, user_id, since)
+        return self._settled(Database.pair_outcomes, user_id, since)
 
     # -- internals -----------------------------------------------------
 
@@ -514,6 +531,18 @@ class AsyncStore:
 
         self._submit(Database.get_ha1_many, ([key for key, _ in wanted],), {}, flush_seen=False, then=fan_out,
                      lane=self._read)
+
+    def _settled(self, function: Callable[..., _T], *args: Any) -> Deferred[_T]:
+        """A read of attempts or flags: after every attempt held back or in flight is written."""
+        settled = self._attempts.settled(failing=self._gate.failing_since is not None)
+        return settled.addCallback(lambda _: self.run(function, *args))
+
+    def _write_attempts(self, rows: list[Row], then: Callable[[Any], None]) -> None:
+        # flush_seen=False: it reads states and attempts, which record_seen does not write
+        self._submit(Database.record_attempts_many, (rows,), {}, flush_seen=False, then=then, kind=USAGE)
+
+    def _write_attempt(self, row: Row, then: Callable[[Any], None]) -> None:
+        self._submit(Database.record_attempt, row, {}, flush_seen=False, then=then, kind=USAGE)
 
     def _write_seen(self, rows: list[tuple[tuple[str, str, int, float], Deferred[None]]]) -> None:
         """The held-back ``record_seen`` rows, as one transaction."""

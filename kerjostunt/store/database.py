@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+from sqlalchemy.exc import ArgumentError, DisconnectionError, NoSuchModuleError
 from sqlalchemy.pool import StaticPool
 
 from kerjostunt.store.operators import Operations
@@ -121,7 +122,7 @@ class Database(UsersAndGroups, UsageLog, Operations, RealmKeeper):
         #: can two threads use the database at once (own connections)? Not an
         #: in-memory SQLite database: its threads share one connection
         self.concurrent = True
-        kwargs: dict[str, Any] = {"pool_pre_ping": True}
+        kwargs: dict[str, Any] = {}
         if self.is_sqlite:
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": busy_timeout}
             if parsed.database in (None, "", ":memory:"):
@@ -142,6 +143,11 @@ class Database(UsersAndGroups, UsageLog, Operations, RealmKeeper):
             raise StoreUnavailable(f"cannot use database URL {url!r}: {e}") from e
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
+        dialect = self.engine.dialect
+        event.listen(self.engine, "connect", _note_idle)  # a new connection is alive
+        event.listen(self.engine, "checkin", _note_idle)
+        event.listen(self.engine, "checkout", lambda connection, record, _proxy: _ping_if_idle(
+            dialect, connection, record))
 
     # -- lifecycle -----------------------------------------------------
 
@@ -219,6 +225,34 @@ class Database(UsersAndGroups, UsageLog, Operations, RealmKeeper):
             except OSError as e:
                 warnings.append(f"cannot make {path} private: {e.strerror}")
         return warnings
+
+
+#: a pooled connection idle longer than this (seconds) is pinged before use
+PING_AFTER = 1.0
+
+
+def _note_idle(_dbapi_connection: Any, record: Any) -> None:
+    record.info["idle_since"] = time.monotonic()
+
+
+def _ping_if_idle(dialect: Any, dbapi_connection: Any, record: Any) -> None:
+    """SQLAlchemy's ``pool_pre_ping``, but only for connections idle over ``PING_AFTER``.
+
+    The pre-ping was one round trip per checkout: on PostgreSQL a call's
+    ``call_check`` cost three (ping, query, rollback). A connection used
+    within the last second is taken as alive; if the database went away in
+    that second the statement fails (``StoreBusy``: writes are retried, a
+    read fails once) and SQLAlchemy drops the connection.
+    """
+    since = record.info.get("idle_since")
+    if since is not None and time.monotonic() - since < PING_AFTER:
+        return
+    try:
+        alive = dialect.do_ping(dbapi_connection)
+    except Exception as e:  # the driver's error: the connection is gone
+        raise DisconnectionError(str(e)) from e
+    if alive is False:
+        raise DisconnectionError("the database connection did not answer a ping")
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

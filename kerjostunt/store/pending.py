@@ -27,9 +27,11 @@ from twisted.logger import Logger
 
 #: the ``Database`` methods whose records are kept, and what each call's
 #: Deferred fires with when its record went to the file instead of the
-#: database: record_attempt's new states are not known then, and
+#: database: record_attempt's new states are not known then (nor a
+#: record_attempts_many batch's), and
 #: record_seen_many names no unknown user
-USAGE_OPS: dict[str, Any] = {"record_attempt": {}, "record_seen_many": [], "record_nat": None}
+USAGE_OPS: dict[str, Any] = {"record_attempt": {}, "record_attempts_many": [], "record_seen_many": [],
+                             "record_nat": None}
 
 
 @dataclass(frozen=True)

@@ -108,13 +108,30 @@ class UsageLog(EngineBound):
         # Core, not an ORM Session: once per call, and the Session cost several
         # times the SQL (docs/performance.rst).
         with self.engine.begin() as c:
-            c.execute(ATTEMPT_INSERT, {
-                "call_id": call_id, "caller": caller, "callee": callee, "technique": technique,
-                "outcome": outcome, "predicted": predicted, "actual": actual, "duration_ms": duration_ms,
-                "at": when, "witnesses": None if witnesses is None else ",".join(sorted(set(witnesses))),
-                "detail": detail,  # JSON, server/calls/detail.py
-            })
-            return _apply_flags(c, outcome, caller, callee, when, witnesses)
+            return _insert_attempt(c, (call_id, caller, callee, technique, outcome, predicted, actual, duration_ms,
+                                       when, witnesses, detail))
+
+    @translated
+    def record_attempts_many(self, rows: Sequence[Sequence[Any]]) -> list[dict[str, str]]:
+        """``record_attempt`` for many rows (its arguments, in its order) in one
+        transaction, in order; each row's new states, as ``record_attempt``.
+
+        The server's write-behind (``store/behind.py``) gathers the attempts
+        of the next few tens of milliseconds: one commit and one hand-off to
+        the store's thread for all of them. Every user row the batch touches
+        is locked first, in one sorted order, so two batches (two instances)
+        never wait for each other in a cycle.
+        """
+        for row in rows:
+            if row[4] not in OUTCOMES:
+                raise InvalidValue(f"outcome must be one of {', '.join(OUTCOMES)}")
+        if not rows:
+            return []
+        with self.engine.begin() as c:
+            users = sorted({user for row in rows for user in (row[1], row[2])})
+            # Locked once for the batch; each row's rule then reads and updates this copy.
+            states = {row.user_id: row.stunt_state for row in c.execute(LOCK_STATES, {"user_ids": users})}
+            return [_insert_attempt(c, tuple(row), states) for row in rows]
 
     @translated
     def set_stunt_state(self, user_id: str, state: str) -> None:
@@ -181,15 +198,39 @@ class UsageLog(EngineBound):
             ]
 
 
+def _insert_attempt(c: Connection, row: tuple[Any, ...], locked: dict[str, str] | None = None) -> dict[str, str]:
+    """One attempt's row (``record_attempt``'s arguments, in order; the last two
+    may be left out) and its flag rule, in the caller's transaction
+    (``locked``: see ``_apply_flags``)."""
+    call_id, caller, callee, technique, outcome, predicted, actual, duration_ms, when, *rest = row
+    witnesses: Sequence[str] | None = rest[0] if rest else None
+    detail: str | None = rest[1] if len(rest) > 1 else None
+    c.execute(ATTEMPT_INSERT, {
+        "call_id": call_id, "caller": caller, "callee": callee, "technique": technique,
+        "outcome": outcome, "predicted": predicted, "actual": actual, "duration_ms": duration_ms,
+        "at": when, "witnesses": None if witnesses is None else ",".join(sorted(set(witnesses))),
+        "detail": detail,  # JSON, server/calls/detail.py
+    })
+    return _apply_flags(c, outcome, caller, callee, when, witnesses, locked)
+
+
 def _apply_flags(c: Connection, outcome: str, caller: str, callee: str, when: float,
-                 witnesses: Sequence[str] | None) -> dict[str, str]:
-    """The flag rule for one stored attempt, in its transaction: the users' new states."""
-    # Lock both rows, in a fixed order, so concurrent outcomes for the
-    # same user (PostgreSQL, several workers) apply one after another.
-    locked = {
-        row.user_id: row.stunt_state
-        for row in c.execute(LOCK_STATES, {"user_ids": sorted({caller, callee})})
-    }
+                 witnesses: Sequence[str] | None, held: dict[str, str] | None = None) -> dict[str, str]:
+    """The flag rule for one stored attempt, in its transaction: the users' new states.
+
+    ``held``: the states of every user this transaction locked already
+    (a batch, ``record_attempts_many``); kept up to date here, so the
+    batch's next rows see this one's changes without reading them again.
+    """
+    if held is None:
+        # Lock both rows, in a fixed order, so concurrent outcomes for the
+        # same user (PostgreSQL, several workers) apply one after another.
+        locked = {
+            row.user_id: row.stunt_state
+            for row in c.execute(LOCK_STATES, {"user_ids": sorted({caller, callee})})
+        }
+    else:
+        locked = {user_id: held[user_id] for user_id in (caller, callee) if user_id in held}
     recent = [
         RecentAttempt(row.outcome, row.caller if row.callee == callee else row.callee,
                       witnessed(row.witnesses, callee))
@@ -209,4 +250,6 @@ def _apply_flags(c: Connection, outcome: str, caller: str, callee: str, when: fl
     for user_id, state in states.items():
         if state != locked[user_id]:
             c.execute(STATE_UPDATE, {"b_user_id": user_id, "b_state": state})
+    if held is not None:
+        held.update(states)
     return states

@@ -292,11 +292,7 @@ class CallManager:
             conn.send(make_response(request, 200))
             self.feed(call, CallInputs.cancel)
         elif method == "BYE":
-            conn.send(make_response(request, 200, to_tag=None))
-            if call.machine.phase() in (Phase.CHECKING, Phase.RINGING):
-                self.feed(call, CallInputs.cancel if side == CALLER else CallInputs.callee_lost)
-            else:
-                self.feed(call, CallInputs.bye, side)
+            self._bye(conn, request, call, side)
         elif method == "INFO":
             self._info(conn, request, call, side)
         else:
@@ -310,6 +306,24 @@ class CallManager:
         if call is not None and call.callee_conn is conn:
             return call, CALLEE
         return None, ""
+
+    def _bye(self, conn: SignalingConnection, request: Request, call: Call, side: str) -> None:
+        """Ends the side's dialog; an outcome body on it is that side's report first (one request, not two)."""
+        outcome = None
+        if request.body and _content_type(request) == kerjo.OUTCOME_CONTENT_TYPE:
+            try:
+                outcome = parse_outcome(request.body)
+            except OutcomeError as exc:
+                conn.send(make_response(request, 400, f"Bad Request: {exc}"))
+                return
+        conn.send(make_response(request, 200, to_tag=None))
+        phase = call.machine.phase()
+        if phase in (Phase.CHECKING, Phase.RINGING):  # not answered: no outcome to take
+            self.feed(call, CallInputs.cancel if side == CALLER else CallInputs.callee_lost)
+            return
+        if outcome is not None and phase is Phase.REPORTING:
+            self.feed(call, CallInputs.report, side, outcome)
+        self.feed(call, CallInputs.bye, side)
 
     def _info(self, conn: SignalingConnection, request: Request, call: Call, side: str) -> None:
         if _content_type(request) != kerjo.OUTCOME_CONTENT_TYPE:
@@ -327,7 +341,6 @@ class CallManager:
             conn.send(make_response(request, 481, "Call/Transaction Does Not Exist: not answered"))
             return
         conn.send(make_response(request, 200))
-        log.debug("Call {id}: {side} reports {outcome}", id=call.server_call_id, side=side, outcome=outcome.outcome)
         if phase is Phase.REPORTING:
             self.feed(call, CallInputs.report, side, outcome)
 
