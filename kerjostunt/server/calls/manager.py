@@ -95,9 +95,6 @@ class CallManager:
         self.nat_view = NATView(observations, self.lanes)
         self.turn_probes = TurnProbes(clock, observations, self.lanes)
         self.pairs = PairBook(clock)
-        # calls whose turn at a NAT waits for it to go quiet: the timer, and since when
-        self._quiet: dict[Call, Timer] = {}
-        self._quiet_since: dict[Call, float] = {}
         # calls told ``182 Queued`` while they wait for a turn: the next notice
         self._notices: dict[Call, Timer] = {}
         #: users on other instances of a cluster; None: one instance (set by server/cluster/)
@@ -188,10 +185,6 @@ class CallManager:
         notice = self._notices.pop(call, None)
         if notice is not None and notice.active():
             notice.cancel()
-        self._quiet_since.pop(call, None)
-        timer = self._quiet.pop(call, None)
-        if timer is not None and timer.active():
-            timer.cancel()
         self._by_caller_leg.pop((call.caller_conn, call.caller_call_id), None)
         self._by_server_id.pop(call.server_call_id, None)
         for conn in call.legs():
@@ -454,7 +447,10 @@ class CallManager:
             self.count("invites_crossing")
             self.feed(call, CallInputs.refused, 491, kerjo.CROSSING_REASON)
             return
-        if not self.lanes.enter(call, tuple(call.lanes.values()), lambda: self._when_quiet(call),
+        def go() -> None:
+            self.turn_probes.when_quiet(call, self._settings.nat_quiet, lambda: self._forward(call))
+
+        if not self.lanes.enter(call, tuple(call.lanes.values()), go,
                                 fixed_early=CALLER in call.lanes):  # the caller's prediction goes in the INVITE
             self._queued(call)
 
@@ -515,32 +511,6 @@ class CallManager:
             return
         call.caller_conn.send(make_response(call.invite, 182, "Queued: waiting for a turn at a NAT"))
         self._notices[call] = self._clock.callLater(self._settings.queued_notice, self._queued, call)
-
-    def _when_quiet(self, call: Call) -> None:
-        """The call's turn: forward it once its NATs have been quiet for ``nat_quiet`` seconds.
-
-        A probe through the NAT moments ago by another host is often one of a
-        burst (a host probing its next punch port, one probe per server
-        endpoint); a prediction made in its middle is short by the rest of it.
-        The caller's own probes do not hold it (a caller behind a sequential
-        NAT would otherwise wait a quiet period on every call).
-        """
-        self._quiet.pop(call, None)
-        now = self._clock.seconds()
-        since = self._quiet_since.setdefault(call, now)
-        # Probes before the previous turn ended were in its predictions already (its callee's, mostly).
-        # The caller's own probes are no burst in progress: it probed its punch port before it
-        # called. (The callee's may be: an idle agent probes its next punch port in the background.)
-        own = (call.caller_id,)
-        recent = [t for key in call.lanes.values()
-                  if (t := self.observations.last_probe_behind(key, own)) is not None and t > self.lanes.released(key)]
-        wait = max([0.0, *(t + self._settings.nat_quiet - now for t in recent)])
-        # A NAT that never goes quiet does not hold the call for more than a few quiet periods.
-        if wait > 0 and now - since < 5 * self._settings.nat_quiet and call.machine.phase() is Phase.CHECKING:
-            self._quiet[call] = self._clock.callLater(wait, self._when_quiet, call)
-            return
-        self._quiet_since.pop(call, None)
-        self.turn_probes.then(call, lambda: self._forward(call))  # the caller's probe, at its turn
 
     def _forward(self, call: Call) -> None:
         """The call's turn at its NATs (at once without one): forward it, if the callee is still there."""

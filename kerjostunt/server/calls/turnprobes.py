@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from twisted.logger import Logger
 
 from kerjostunt.server.calls.lanes import NATLanes
-from kerjostunt.server.calls.machine import CALLEE, CALLER, Call
+from kerjostunt.server.calls.machine import CALLEE, CALLER, Call, Phase
 from kerjostunt.server.calls.seams import Clock, Observations, Timer
 from kerjostunt.wire import kerjo
 from kerjostunt.wire.sip.message import make_response
@@ -62,6 +62,35 @@ class TurnProbes:
         self.lanes = lanes
         self.wait = wait
         self._waiting: dict[tuple[str, int], _Waiting] = {}
+        # calls whose turn at a NAT waits for it to go quiet: the timer, and since when
+        self._quiet: dict[Call, Timer] = {}
+        self._quiet_since: dict[Call, float] = {}
+
+    def when_quiet(self, call: Call, quiet: float, go: Callable[[], None]) -> None:
+        """The call's turn: on once its NATs have been quiet for ``quiet`` seconds, then ``then``.
+
+        A probe through the NAT moments ago by another host is often one of a
+        burst (a host probing its next punch port, one probe per server
+        endpoint); a prediction made in its middle is short by the rest of it.
+        The caller's own probes do not hold it (a caller behind a sequential
+        NAT would otherwise wait a quiet period on every call).
+        """
+        self._quiet.pop(call, None)
+        now = self.clock.seconds()
+        since = self._quiet_since.setdefault(call, now)
+        # Probes before the previous turn ended were in its predictions already (its callee's, mostly).
+        # The caller's own are no burst in progress. (The callee's may be: an idle agent probes its
+        # next punch port in the background.)
+        own = (call.caller_id,)
+        recent = [t for key in call.lanes.values()
+                  if (t := self.observations.last_probe_behind(key, own)) is not None and t > self.lanes.released(key)]
+        wait = max([0.0, *(t + quiet - now for t in recent)])
+        # A NAT that never goes quiet does not hold the call for more than a few quiet periods.
+        if wait > 0 and now - since < 5 * quiet and call.machine.phase() is Phase.CHECKING:
+            self._quiet[call] = self.clock.callLater(wait, self.when_quiet, call, quiet, go)
+            return
+        self._quiet_since.pop(call, None)
+        self.then(call, go)  # the caller's probe, at its turn
 
     def then(self, call: Call, go: Callable[[], None]) -> None:
         """``go`` (forward the call) now, or once the caller's probe asked for here arrived."""
@@ -96,6 +125,10 @@ class TurnProbes:
 
     def drop(self, call: Call) -> None:
         """``call`` ended: it waits for nothing any more."""
+        self._quiet_since.pop(call, None)
+        timer = self._quiet.pop(call, None)
+        if timer is not None and timer.active():
+            timer.cancel()
         for key, waiting in list(self._waiting.items()):
             if waiting.call is call:
                 del self._waiting[key]
