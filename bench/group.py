@@ -73,12 +73,14 @@ def run(reactor: Any, args: argparse.Namespace) -> Any:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3, help="runs, each in a fresh lab (default 3)")
-    parser.add_argument("--deadline", type=float, default=150.0,
-                        help="seconds a run may take from starting the members (default 150)")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="seconds a run may take from starting the members (default 150, 600 with --large)")
     parser.add_argument("--large", action="store_true",
                         help="40 peers: 20 behind a preserving NAT, 8 behind the sequential one, 6 behind the "
                              "RST one, 5 behind the random one, and the public host")
     args = parser.parse_args(argv)
+    if args.deadline is None:
+        args.deadline = 600.0 if args.large else 150.0
     reason = lab_unavailable()
     if reason:
         print(f"group bench: {reason}", file=sys.stderr)

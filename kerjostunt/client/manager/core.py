@@ -67,8 +67,9 @@ class ManagerConfig:
     backoff_base: float = 1.0
     backoff_max: float = 300.0
     jitter: float = 0.5
-    #: failed dials in a row before a peer counts as unreachable
-    max_failures: int = 5
+    #: failed dials in a row before a peer counts as unreachable: 8 with the back-off above is
+    #: about two minutes of trying (5, half a minute, gave up birthday pairs on loaded hosts)
+    max_failures: int = 8
     connect_timeout: float = 20.0
     #: calls at once: the server orders the calls through one sequential NAT (its NAT lanes),
     #: so concurrent calls no longer take ports out of each other's predicted windows
