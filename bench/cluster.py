@@ -13,7 +13,8 @@ then
    two instances, every callee on instance 2, so each call crosses
    instances both ways (``calls.py``'s worker); calls start at ``--rate``
    per second for ``--duration`` seconds; prints INVITE-to-200 p50 / p99 and
-   the servers' CPU per call.
+   the servers' CPU per call (and each instance's), and the CPU of
+   the PostgreSQL backends serving ``--db``'s database (on this machine).
 
 The database at ``--db`` is WIPED (its ``public`` schema is dropped) before
 each run: give it a throwaway one, e.g. ``.ci/start-postgres``'s. Everything
@@ -151,7 +152,7 @@ def registrations(args: argparse.Namespace, base: Path, count: int, deadline: fl
 
 
 NO_CALLS = {"completed": 0, "started": 0, "errors": 0, "p50": float("nan"), "p99": float("nan"),
-            "cpu_ms": float("nan"), "error_kinds": {}}
+            "cpu_ms": float("nan"), "each_ms": "n/a", "pg_ms": float("nan"), "error_kinds": {}}
 
 
 def calls(args: argparse.Namespace, base: Path, count: int, deadline: float) -> dict[str, Any]:
@@ -178,11 +179,15 @@ def calls(args: argparse.Namespace, base: Path, count: int, deadline: float) -> 
         idle_rate = (cpu(servers) - idle0) / (time.time() - idle_t0)
         spies = [common.PySpy(s.pid, args.py_spy / f"calls-n{count}-instance{i}.txt")
                  for i, s in enumerate(servers)] if args.py_spy else []
-        cpu0, t0 = cpu(servers), time.time()
+        pg0 = common.postgres_cpu(args.db)
+        each0 = [s.cpu() for s in servers]
+        cpu0, t0 = sum(each0), time.time()
         workers.broadcast(f"calls {time.time() + 0.5}")
         reports = workers.collect("calls-done", timeout=args.duration + 120)
         wait_quiet(servers)
-        cpu1, t1 = cpu(servers), time.time()
+        each1 = [s.cpu() for s in servers]
+        cpu1, t1 = sum(each1), time.time()
+        pg = common.postgres_spent(pg0, common.postgres_cpu(args.db))
     finally:
         for spy in spies:
             spy.stop()
@@ -198,7 +203,8 @@ def calls(args: argparse.Namespace, base: Path, count: int, deadline: float) -> 
     return {"completed": completed, "started": sum(r["started"] for r in reports), "errors": sum(errors.values()),
             "p50": common.percentile(latencies, 50), "p99": common.percentile(latencies, 99),
             "cpu_ms": 1000 * max(0.0, cpu1 - cpu0 - idle_rate * (t1 - t0)) / max(1, completed),
-            "error_kinds": dict(errors)}
+            "each_ms": " / ".join(f"{1000 * (b - a) / max(1, completed):.2f}" for a, b in zip(each0, each1)),
+            "pg_ms": 1000 * pg / max(1, completed), "error_kinds": dict(errors)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         ("INVITE-to-200 p50, ms", lambda r, c: c["p50"]),
         ("INVITE-to-200 p99, ms", lambda r, c: c["p99"]),
         ("server CPU per call (sum, idle subtracted), ms", lambda r, c: c["cpu_ms"]),
+        ("  each instance (idle included), ms", lambda r, c: c["each_ms"]),
+        ("PostgreSQL backends' CPU per call, ms", lambda r, c: c["pg_ms"]),
     ):
         for n in counts:
             rows.append((f"{label} [{n} instance{'s' if n > 1 else ''}]", pick(*results[n])))

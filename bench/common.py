@@ -88,6 +88,38 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
 
 
+def postgres_cpu(url: str) -> dict[int, float]:
+    """CPU seconds of each PostgreSQL backend connected to ``url``'s database (the server runs here).
+
+    Other databases of the same PostgreSQL (other sessions' tests) are left
+    out; the shared background processes (WAL writer, checkpointer) too.
+    """
+    import psycopg2
+
+    from kerjostunt.store.channels import libpq_dsn
+
+    connection = psycopg2.connect(libpq_dsn(url))
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                           "AND pid <> pg_backend_pid()")
+            pids = [int(row[0]) for row in cursor.fetchall()]
+    finally:
+        connection.close()
+    seconds = {}
+    for pid in pids:
+        try:
+            seconds[pid] = cpu_seconds(pid)
+        except OSError:
+            continue  # a backend that just ended
+    return seconds
+
+
+def postgres_spent(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU the database's backends used between two ``postgres_cpu`` readings (new backends: all of theirs)."""
+    return sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())
+
+
 def thread_cpu_seconds(pid: int) -> tuple[float, float]:
     """(reactor thread, all other threads) CPU seconds: the main thread is the reactor, the rest is the SQL pool."""
     main = other = 0.0

@@ -5,12 +5,17 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from kerjostunt.server.cluster.envelope import COMPRESS_OVER, Envelope, EnvelopeError, decode, encode
+from kerjostunt.server.cluster.envelope import COMPRESS_OVER, Envelope, EnvelopeError, decode, encode, sender_of
 from kerjostunt.server.cluster.legs import RELAY_LINGER, Relays, RemoteLeg
 from kerjostunt.server.cluster.view import ClusterView, RemoteBinding
 from kerjostunt.store.presence import BindingRow, InstanceInfo, Lease
 from kerjostunt.wire.prediction import NATDescription, Prediction
-from kerjostunt.wire.sip.message import Request
+from kerjostunt.wire.sip.message import Headers, Request, Response
+from kerjostunt.wire.sip.parser import parse_message
+
+INVITE = (b"INVITE sips:bob@kerjo SIP/2.0\r\nVia: SIP/2.0/TLS 10.0.0.1:5061;branch=z9hG4bK-1\r\n"
+          b"From: <sips:alice@kerjo>;tag=a1\r\nTo: <sips:bob@kerjo>\r\nCall-ID: c1\r\nCSeq: 1 INVITE\r\n"
+          b"Content-Type: application/sdp\r\nContent-Length: 9\r\n\r\nv=0\r\n\xff\x00zz")
 
 
 def lease(instance: str, remaining: float) -> Lease:
@@ -20,7 +25,8 @@ def lease(instance: str, remaining: float) -> Lease:
 class EnvelopeTests(unittest.TestCase):
     def test_round_trip_with_a_prediction(self) -> None:
         nat = NATDescription(True, "endpoint-independent", "sequential", 1, "198.51.100.7")
-        envelope = Envelope("from", "i1", 7, user="bob", message="SIP/2.0 200 OK\r\n\r\n",
+        answer = Response(200, "OK", Headers([("Call-ID", "c1"), ("CSeq", "1 INVITE")]), b"v=0\r\n\xe9")
+        envelope = Envelope("from", "i1", 7, user="bob", message=answer,
                             prediction=Prediction("198.51.100.7", (4001, 4002), 0.9, nat), rtt=0.012)
         back = decode(encode(envelope))
         self.assertEqual(back, envelope)
@@ -32,14 +38,32 @@ class EnvelopeTests(unittest.TestCase):
         self.assertEqual(decode(encode(gone)).users, ["bob", "carol"])
 
     def test_a_large_message_is_deflated(self) -> None:
-        text = "INVITE sips:bob@kerjo SIP/2.0\r\n" + "X-Filler: " + "a" * (3 * COMPRESS_OVER) + "\r\n\r\n"
-        payload = encode(Envelope("to", "i1", 3, user="bob", message=text))
-        self.assertTrue(payload.startswith("z:"))
+        invite = Request("INVITE", "sips:bob@kerjo", Headers([("X-Filler", "a" * (3 * COMPRESS_OVER))]))
+        payload = encode(Envelope("to", "i1", 3, user="bob", message=invite))
+        self.assertTrue(payload.startswith("i1 z:"))
         self.assertLess(len(payload), COMPRESS_OVER)
-        self.assertEqual(decode(payload).message, text)
+        self.assertEqual(decode(payload).message, invite)
+        self.assertNotIn("\n", payload)  # payloads share notifications, newline-separated
+
+    def test_the_sender_is_read_without_decoding(self) -> None:
+        payload = encode(Envelope("bound", "i1", 1, bindings=[("bob", "10.0.0.1", 4000, 12.5)]))
+        self.assertEqual(sender_of(payload), "i1")
+        self.assertEqual(sender_of("garbage"), "")
+        self.assertNotIn("\n", encode(Envelope("to", "i1", 2, user="bob", message=Request("ACK", "sips:bob@kerjo"))))
+
+    def test_a_message_rebuilt_from_its_parts_is_the_same_message(self) -> None:
+        invite = parse_message(INVITE)
+        back = decode(encode(Envelope("to", "i1", 1, user="bob", message=invite))).message
+        self.assertEqual(back, invite)
+        self.assertEqual(back.to_bytes(), invite.to_bytes())  # type: ignore[union-attr]
+
+    def test_a_header_with_a_line_break_is_refused(self) -> None:
+        forged = '{"k":"to","s":1,"u":"bob","m":["Q","ACK","sips:bob@kerjo",[["To","x\\r\\nVia: y"]],""]}'
+        self.assertRaises(EnvelopeError, decode, "i1 " + forged)
+        self.assertRaises(EnvelopeError, decode, 'i1 {"k":"to","s":1,"m":["X","ACK","u",[],""]}')
 
     def test_garbage_is_an_envelope_error(self) -> None:
-        for payload in ("", "{", '{"f": "x"}', "z:!!!", '{"k": "bound", "f": "x", "b": [[1]]}'):
+        for payload in ("", "{", "x {", "x", " {}", "x z:!!!", "x {\"s\": 1}", "x {\"k\":\"bound\",\"b\":[[1]]}"):
             self.assertRaises(EnvelopeError, decode, payload)
 
 

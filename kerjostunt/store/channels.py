@@ -6,14 +6,16 @@ arrives and nothing waits on the database on the reactor thread (psycopg2's
 ``poll`` only consumes what the socket already holds). Sending goes through
 a second connection in psycopg2's asynchronous mode, polled from the
 reactor the same way: one query at a time keeps the order of what one
-instance sends, and everything queued while a round trip is out goes in the
-next one, as one multi-statement query. A thread of its own only connects
+instance sends. What is sent in one reactor turn, or while a round trip is
+out, goes in the next one, packed per channel into as few notifications as
+fit (``store/outbox.py``): the receiver splits them again, so ``received``
+still sees one payload at a time. A thread of its own only connects
 (libpq's connection set-up may resolve names and wait).
 
 PostgreSQL folds identical notifications sent in one transaction into one,
 so every payload the server sends carries a sequence number
 (``server/cluster/envelope.py``). A payload is at most ``MAX_PAYLOAD``
-bytes (PostgreSQL's limit is 8000).
+bytes (PostgreSQL's limit is 8000) and has no newline (the separator).
 """
 
 from __future__ import annotations
@@ -23,20 +25,27 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorFDSet, IReactorFromThreads, IReadDescriptor, IWriteDescriptor
+from twisted.internet.interfaces import (
+    IReactorFDSet,
+    IReactorFromThreads,
+    IReactorTime,
+    IReadDescriptor,
+    IWriteDescriptor,
+)
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from kerjostunt.store.outbox import MAX_PAYLOAD, SPACING, Outbox, unpack
+
 log = Logger()
 
-MAX_PAYLOAD = 7900
-SEND_BATCH = 200  # notifications per round trip at most
+__all__ = ["MAX_PAYLOAD", "Channels", "IChannelsReactor", "libpq_dsn"]
 
 
-class IChannelsReactor(IReactorFDSet, IReactorFromThreads):
+class IChannelsReactor(IReactorFDSet, IReactorFromThreads, IReactorTime):
     """What the channels need of a reactor (typing only, as ``store.api.IStoreReactor``)."""
 
 
@@ -106,15 +115,16 @@ class _Sender:
             self.stop_watching()
             self._failed(f"sending: {exc}")
             return
+        # The socket stays watched for reading between queries (a closed
+        # connection is noticed at once), so a query costs no epoll changes.
         if state == psycopg2.extensions.POLL_OK:
-            self.stop_watching()
-            self._cursor = None
-            self._sent()
+            self._reactor.removeWriter(self)
+            if self._cursor is not None:
+                self._cursor = None
+                self._sent()
         elif state == psycopg2.extensions.POLL_READ:
             self._reactor.removeWriter(self)
-            self._reactor.addReader(self)
         elif state == psycopg2.extensions.POLL_WRITE:
-            self._reactor.removeReader(self)
             self._reactor.addWriter(self)
 
     def stop_watching(self) -> None:
@@ -146,7 +156,8 @@ class Channels:
     """
 
     def __init__(self, reactor: IChannelsReactor, url: str, listen: Sequence[str],
-                 received: Callable[[str, str], None], lost: Callable[[str], None]) -> None:
+                 received: Callable[[str, str], None], lost: Callable[[str], None],
+                 spacing: float = SPACING) -> None:
         self._reactor = reactor
         self._dsn = libpq_dsn(url)
         self._listen = tuple(listen)
@@ -155,10 +166,8 @@ class Channels:
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="kerjostunt-notify")
         self._listener: Any = None
         self._sender: _Sender | None = None
-        self._queue: list[tuple[str, str]] = []
-        self._sending = False
+        self._outbox = Outbox(reactor, self._send, self._fail, spacing=spacing)
         self._failed = False
-        self._flushed: list[Deferred[None]] = []
 
     def start(self) -> Deferred[None]:
         """Connect and LISTEN (in the thread); fires once notifications are being read."""
@@ -172,46 +181,22 @@ class Channels:
 
     def _connected(self, connections: tuple[Any, Any]) -> None:
         self._listener, sender = connections
-        self._sender = _Sender(self._reactor, sender, self._sent, self._fail)
+        self._sender = _Sender(self._reactor, sender, self._outbox.sent, self._fail)
+        self._reactor.addReader(self._sender)
         self._reactor.addReader(self)
-        self._pump()
+        self._outbox.start()
 
     def notify(self, channel: str, payload: str) -> bool:
-        """Queue one notification (in order with this instance's others); False: too large, dropped."""
-        if len(payload.encode()) > MAX_PAYLOAD:
-            log.warn("Dropped a {size}-byte notification to {channel}", size=len(payload), channel=channel)
-            return False
-        self._queue.append((channel, payload))
-        self._pump()
-        return True
+        """Queue one payload (in order with this instance's others to ``channel``); False: dropped."""
+        return self._outbox.add(channel, payload)
 
     def flushed(self) -> Deferred[None]:
         """Fires when everything queued so far has been sent (or sending failed)."""
-        d: Deferred[None] = Deferred()
-        if not self._queue and not self._sending:
-            d.callback(None)
-        else:
-            self._flushed.append(d)
-        return d
+        return self._outbox.flushed()
 
-    def _pump(self) -> None:
-        if self._sending or self._sender is None or self._failed:
-            return
-        if not self._queue:
-            waiters, self._flushed = self._flushed, []
-            for waiter in waiters:
-                waiter.callback(None)
-            return
-        batch, self._queue = self._queue[:SEND_BATCH], self._queue[SEND_BATCH:]
-        self._sending = True
-        try:
+    def _send(self, batch: list[tuple[str, str]]) -> None:
+        if self._sender is not None and not self._failed:
             self._sender.send(batch)
-        except Exception as exc:  # psycopg2.Error: the connection broke
-            self._fail(f"sending: {exc}")
-
-    def _sent(self) -> None:
-        self._sending = False
-        self._pump()
 
     # -- IReadDescriptor -------------------------------------------------------------
 
@@ -229,10 +214,11 @@ class Channels:
         notifies = self._listener.notifies
         while notifies:
             note = notifies.pop(0)
-            try:
-                self._received(note.channel, note.payload)
-            except Exception:
-                log.failure("Handling a notification on {channel} failed", channel=note.channel)
+            for payload in unpack(note.payload):
+                try:
+                    self._received(note.channel, payload)
+                except Exception:
+                    log.failure("Handling a notification on {channel} failed", channel=note.channel)
 
     def connectionLost(self, reason: Failure) -> None:
         self._fail(f"connection lost: {reason.getErrorMessage()}")
@@ -265,6 +251,4 @@ class Channels:
                 except Exception:  # psycopg2.Error: closing a broken connection
                     log.debug("closing a channel connection failed")
         self._listener = self._sender = None
-        waiters, self._flushed = self._flushed, []
-        for waiter in waiters:
-            waiter.callback(None)
+        self._outbox.close()

@@ -24,15 +24,6 @@ from kerjostunt.wire.sip.message import Request, Response
 RELAY_LINGER = 64.0
 
 
-def sip_text(message: Request | Response) -> str:
-    """SIP bytes as notification text (latin-1: every byte value survives JSON)."""
-    return message.to_bytes().decode("latin-1")
-
-
-def sip_bytes(text: str) -> bytes:
-    return text.encode("latin-1")
-
-
 class RemoteLeg:
     """A user's signaling connection on another instance, as the call table sees it.
 

@@ -32,8 +32,16 @@ from twisted.python.failure import Failure
 
 from kerjostunt.server.calls import CallManager
 from kerjostunt.server.calls.dialing import parse_offer
-from kerjostunt.server.cluster.envelope import BROADCAST, Envelope, EnvelopeError, channel_of, decode, encode
-from kerjostunt.server.cluster.legs import Relays, RemoteLeg, sip_bytes, sip_text
+from kerjostunt.server.cluster.envelope import (
+    BROADCAST,
+    Envelope,
+    EnvelopeError,
+    channel_of,
+    decode,
+    encode,
+    sender_of,
+)
+from kerjostunt.server.cluster.legs import Relays, RemoteLeg
 from kerjostunt.server.cluster.view import ClusterView, RemoteBinding
 from kerjostunt.server.reactor import IServerReactor
 from kerjostunt.server.registrar import Registrar, SignalingConnection
@@ -42,7 +50,6 @@ from kerjostunt.store.channels import Channels
 from kerjostunt.wire.prediction import Prediction
 from kerjostunt.wire.sdp import SDPError
 from kerjostunt.wire.sip.message import Request, Response
-from kerjostunt.wire.sip.parser import SIPParseError, parse_message
 
 log = Logger(namespace="kerjostunt.server.cluster")
 
@@ -281,6 +288,8 @@ class ClusterNode(Service):
             observer()
 
     def _receive(self, channel: str, payload: str) -> None:
+        if channel == BROADCAST and sender_of(payload) == self.instance_id:
+            return  # our own broadcast: nothing in it for us (every instance hears its own)
         try:
             envelope = decode(payload)
         except EnvelopeError as exc:
@@ -342,7 +351,7 @@ class ClusterNode(Service):
     def _to_remote(self, leg: RemoteLeg, message: Request | Response) -> None:
         """A message down a stand-in; one that cannot go ends the leg's calls as a lost connection would."""
         self.count("cluster_sent")
-        envelope = Envelope("to", self.instance_id, user=leg.user_id, message=sip_text(message))
+        envelope = Envelope("to", self.instance_id, user=leg.user_id, message=message)
         if not self._send(self._channels, leg.instance_id, envelope) and self.legs.get(leg.key) is leg:
             del self.legs[leg.key]
             self._reactor.callLater(0, self.calls.connection_lost, leg)  # not inside the call's own step
@@ -364,11 +373,10 @@ class ClusterNode(Service):
         if binding is None:
             self._send(self._channels, envelope.sender, Envelope("lost", self.instance_id, user=envelope.user))
             return
-        try:
-            message = parse_message(sip_bytes(envelope.message))
-        except SIPParseError as exc:
-            log.warn("Cluster: unparsable message for {user} from {sender}: {why}", user=envelope.user,
-                     sender=envelope.sender, why=str(exc))
+        message = envelope.message
+        if message is None:
+            log.warn("Cluster: a to without a message for {user} from {sender}", user=envelope.user,
+                     sender=envelope.sender)
             return
         self.count("cluster_delivered")
         self.relays.delivered(message.call_id or "", envelope.sender, envelope.user, binding.connection)
@@ -381,10 +389,10 @@ class ClusterNode(Service):
             log.debug("Cluster: a message from {user} on {sender} for no call", user=envelope.user,
                       sender=envelope.sender)
             return
-        try:
-            message = parse_message(sip_bytes(envelope.message))
-        except SIPParseError:
-            log.warn("Cluster: unparsable message from {user} on {sender}", user=envelope.user, sender=envelope.sender)
+        message = envelope.message
+        if message is None:
+            log.warn("Cluster: a from without a message from {user} on {sender}", user=envelope.user,
+                     sender=envelope.sender)
             return
         if _answers_invite(message):  # this answer's prediction, never an earlier call's
             leg.prediction = envelope.prediction
@@ -407,7 +415,7 @@ class ClusterNode(Service):
         relay = self.relays.of(conn, message.call_id or "")
         if relay is None:
             return False
-        envelope = Envelope("from", self.instance_id, user=relay.user_id, message=sip_text(message))
+        envelope = Envelope("from", self.instance_id, user=relay.user_id, message=message)
         if _answers_invite(message):
             envelope.prediction = self._predict(relay.user_id, message, conn)
             envelope.rtt = conn.rtt

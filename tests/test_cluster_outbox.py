@@ -1,0 +1,129 @@
+"""The cluster bus's outbox: payloads gathered per reactor turn, packed per channel, one send in flight."""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+
+from kerjostunt.store.outbox import Outbox, pack, unpack
+
+
+class PackTests(unittest.TestCase):
+    def test_each_channels_payloads_share_notifications_in_order(self) -> None:
+        items = [("a", "1", 1), ("b", "2", 1), ("a", "3", 1)]
+        self.assertEqual(pack(items), [("a", "1\n3"), ("b", "2")])
+        self.assertEqual(unpack("1\n3"), ["1", "3"])
+
+    def test_a_notification_never_exceeds_the_limit(self) -> None:
+        items = [("a", "x" * 4, 4) for _ in range(5)]
+        notes = pack(items, limit=9)  # two payloads and a separator fit, a third does not
+        self.assertEqual(notes, [("a", "xxxx\nxxxx"), ("a", "xxxx\nxxxx"), ("a", "xxxx")])
+        self.assertEqual(sum(len(unpack(text)) for _, text in notes), 5)
+
+
+class Harness:
+    def __init__(self, spacing: float = 0.001, batch: int = 200, limit: int = 7900) -> None:
+        self.clock = Clock()
+        self.sends: list[list[tuple[str, str]]] = []
+        self.failures: list[str] = []
+        self.outbox = Outbox(self.clock, self.sends.append, self.failures.append, limit=limit, batch=batch,
+                             spacing=spacing)
+        self.outbox.start()
+
+
+class OutboxTests(unittest.TestCase):
+    def test_one_turns_payloads_go_as_one_send_at_the_end_of_the_turn(self) -> None:
+        h = Harness()
+        self.assertTrue(h.outbox.add("a", "1"))
+        self.assertTrue(h.outbox.add("b", "2"))
+        self.assertTrue(h.outbox.add("a", "3"))
+        self.assertEqual(h.sends, [])  # never inside add: the caller's step finishes first
+        h.clock.advance(0)
+        self.assertEqual(h.sends, [[("a", "1\n3"), ("b", "2")]])
+
+    def test_one_send_in_flight_then_the_rest_together_no_sooner_than_the_spacing(self) -> None:
+        h = Harness(spacing=0.001)
+        h.outbox.add("a", "1")
+        h.clock.advance(0)
+        h.outbox.add("a", "2")
+        h.outbox.add("a", "3")
+        h.clock.advance(0.01)
+        self.assertEqual(len(h.sends), 1)  # the first round trip is still out
+        h.outbox.sent()
+        h.clock.advance(0)
+        self.assertEqual(h.sends[1:], [[("a", "2\n3")]])  # its spacing was over: at once
+
+    def test_a_busy_sender_waits_for_the_spacing(self) -> None:
+        h = Harness(spacing=0.001)
+        h.outbox.add("a", "1")
+        h.clock.advance(0)
+        h.outbox.sent()  # back within the same instant
+        h.outbox.add("a", "2")
+        h.clock.advance(0)
+        self.assertEqual(len(h.sends), 1)
+        h.outbox.add("a", "3")
+        h.clock.advance(0.001)
+        self.assertEqual(h.sends[1:], [[("a", "2\n3")]])
+
+    def test_nothing_goes_before_the_connection_is_up(self) -> None:
+        h = Harness()
+        outbox = Outbox(h.clock, h.sends.append, h.failures.append)
+        outbox.add("a", "1")
+        h.clock.advance(1)
+        self.assertEqual(h.sends, [])
+        outbox.start()
+        h.clock.advance(0)
+        self.assertEqual(h.sends, [[("a", "1")]])
+
+    def test_too_large_or_multi_line_payloads_are_refused(self) -> None:
+        h = Harness(limit=10)
+        self.assertFalse(h.outbox.add("a", "x" * 11))
+        self.assertFalse(h.outbox.add("a", "é" * 6))  # 12 bytes in UTF-8
+        self.assertFalse(h.outbox.add("a", "1\n2"))
+        self.assertTrue(h.outbox.add("a", "x" * 10))
+        h.clock.advance(0)
+        self.assertEqual(h.sends, [[("a", "x" * 10)]])
+
+    def test_more_than_a_batch_waits_for_the_next_round_trip_in_order(self) -> None:
+        h = Harness(batch=2, limit=3)
+        for channel, payload in [("a", "1"), ("b", "2"), ("a", "3"), ("a", "4"), ("b", "5")]:
+            h.outbox.add(channel, payload)
+        h.clock.advance(0)
+        self.assertEqual(h.sends, [[("a", "1\n3"), ("a", "4")]])
+        self.assertEqual(len(h.outbox), 2)
+        h.outbox.sent()
+        h.clock.advance(1)
+        self.assertEqual(h.sends[1:], [[("b", "2\n5")]])
+
+    def test_flushed_fires_once_everything_is_sent(self) -> None:
+        h = Harness()
+        self.successResultOf(h.outbox.flushed())  # nothing queued
+        h.outbox.add("a", "1")
+        d = h.outbox.flushed()
+        h.clock.advance(0)
+        self.assertNoResult(d)
+        h.outbox.sent()
+        self.successResultOf(d)
+
+    def test_close_drops_what_waits_and_fires_the_waiters(self) -> None:
+        h = Harness()
+        h.outbox.add("a", "1")
+        d = h.outbox.flushed()
+        h.outbox.close()
+        self.successResultOf(d)
+        h.clock.advance(1)
+        self.assertEqual(h.sends, [])
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+
+    def test_a_send_that_raises_is_a_failure(self) -> None:
+        clock = Clock()
+        failures: list[str] = []
+
+        def broken(batch: list[tuple[str, str]]) -> None:
+            raise OSError("connection reset")
+
+        outbox = Outbox(clock, broken, failures.append)
+        outbox.start()
+        outbox.add("a", "1")
+        clock.advance(0)
+        self.assertEqual(failures, ["sending: connection reset"])
