@@ -1,12 +1,15 @@
 """PostgreSQL LISTEN/NOTIFY as a message bus between server instances.
 
-``Channels`` keeps one dedicated psycopg2 connection that LISTENs; its socket
-is an ``IReadDescriptor`` on the reactor, so a notification is read when it
-arrives and nothing waits on the database on the reactor thread (psycopg2's
-``poll`` only consumes what the socket already holds). Sending goes through
-a second connection in psycopg2's asynchronous mode, polled from the
-reactor the same way: one query at a time keeps the order of what one
-instance sends. What is sent in one reactor turn, or while a round trip is
+``Channels`` keeps one dedicated psycopg2 connection in asynchronous mode
+that LISTENs and sends; its socket is watched by the reactor, so a
+notification is read when it arrives, a query's end is seen when it
+comes, and nothing waits on the database on the reactor thread (psycopg2's
+``poll`` only consumes what the socket already holds). One connection,
+not a listener and a sender: PostgreSQL wakes every listening backend of
+the database for each transaction that notifies, except the notifying one,
+which reads its own at commit; with one connection an instance's sends
+wake only the others' backends. One query at a time keeps the order of
+what one instance sends. What is sent in one reactor turn, or while a round trip is
 out, goes in the next one, packed per channel into as few notifications as
 fit (``store/outbox.py``): the receiver splits them again, so ``received``
 still sees one payload at a time. A thread of its own only connects
@@ -55,104 +58,40 @@ def libpq_dsn(url: str) -> str:
 
 
 def _connect(dsn: str, listen: Sequence[str]) -> Any:
-    import psycopg2  # here: an install for SQLite only need not have it
-    import psycopg2.extensions
+    """A connection in psycopg2's asynchronous mode, set up and LISTENing (in the thread: select waits here)."""
+    import psycopg2
 
-    connection = psycopg2.connect(dsn)
-    connection.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT)
-    with connection.cursor() as cursor:
-        for channel in listen:
-            cursor.execute(f'LISTEN "{channel}"')
+    connection = psycopg2.connect(dsn, async_=1)
+    _wait(connection)
+    for channel in listen:
+        cursor = connection.cursor()
+        cursor.execute(f'LISTEN "{channel}"')
+        _wait(connection)
     return connection
 
 
-def _connect_async(dsn: str) -> Any:
-    """A connection in psycopg2's asynchronous mode, set up (in the thread: select waits here)."""
+def _wait(connection: Any) -> None:
     import select
 
-    import psycopg2
     import psycopg2.extensions
 
-    connection = psycopg2.connect(dsn, async_=1)
     while True:
         state = connection.poll()
         if state == psycopg2.extensions.POLL_OK:
-            return connection
+            return
         wait_read = state == psycopg2.extensions.POLL_READ
         select.select([connection] if wait_read else [], [] if wait_read else [connection], [], 10.0)
 
 
 @implementer(IReadDescriptor, IWriteDescriptor)
-class _Sender:
-    """The sending connection, asynchronous, polled from the reactor: no thread hand-off per batch.
-
-    psycopg2's asynchronous mode runs one query at a time (``Channels``
-    sends the next batch once this one is done) and is always in
-    autocommit: each batch is one implicit transaction.
-    """
-
-    def __init__(self, reactor: IChannelsReactor, connection: Any, sent: Callable[[], None],
-                 failed: Callable[[str], None]) -> None:
-        self._reactor = reactor
-        self.connection = connection
-        self._sent = sent
-        self._failed = failed
-        self._cursor: Any = None  # the query's; psycopg2 needs it alive until the poll says done
-
-    def send(self, batch: list[tuple[str, str]]) -> None:
-        self._cursor = cursor = self.connection.cursor()
-        query = b";".join(cursor.mogrify("SELECT pg_notify(%s, %s)", item) for item in batch)
-        cursor.execute(query)
-        self._poll()
-
-    def _poll(self) -> None:
-        import psycopg2
-        import psycopg2.extensions
-
-        try:
-            state = self.connection.poll()
-        except psycopg2.Error as exc:
-            self.stop_watching()
-            self._failed(f"sending: {exc}")
-            return
-        # The socket stays watched for reading between queries (a closed
-        # connection is noticed at once), so a query costs no epoll changes.
-        if state == psycopg2.extensions.POLL_OK:
-            self._reactor.removeWriter(self)
-            if self._cursor is not None:
-                self._cursor = None
-                self._sent()
-        elif state == psycopg2.extensions.POLL_READ:
-            self._reactor.removeWriter(self)
-        elif state == psycopg2.extensions.POLL_WRITE:
-            self._reactor.addWriter(self)
-
-    def stop_watching(self) -> None:
-        self._reactor.removeReader(self)
-        self._reactor.removeWriter(self)
-
-    def doRead(self) -> None:
-        self._poll()
-
-    def doWrite(self) -> None:
-        self._poll()
-
-    def fileno(self) -> int:
-        return int(self.connection.fileno()) if not self.connection.closed else -1
-
-    def connectionLost(self, reason: Failure) -> None:
-        self._failed(f"sending: {reason.getErrorMessage()}")
-
-    def logPrefix(self) -> str:
-        return "kerjostunt-notify"
-
-
-@implementer(IReadDescriptor)
 class Channels:
     """LISTEN on some channels, NOTIFY any; ``received(channel, payload)`` on the reactor thread.
 
-    ``lost(reason)`` is called once when either connection fails; the owner
+    ``lost(reason)`` is called once when the connection fails; the owner
     makes a new ``Channels`` (and resynchronizes what it may have missed).
+    psycopg2's asynchronous mode runs one query at a time (the outbox sends
+    the next batch once this one is done) and is always in autocommit: each
+    batch is one implicit transaction.
     """
 
     def __init__(self, reactor: IChannelsReactor, url: str, listen: Sequence[str],
@@ -164,27 +103,25 @@ class Channels:
         self._received = received
         self._lost = lost
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="kerjostunt-notify")
-        self._listener: Any = None
-        self._sender: _Sender | None = None
+        self._connection: Any = None
+        self._cursor: Any = None  # the query in flight's; psycopg2 needs it alive until the poll says done
         self._outbox = Outbox(reactor, self._send, self._fail, spacing=spacing)
         self._failed = False
 
     def start(self) -> Deferred[None]:
         """Connect and LISTEN (in the thread); fires once notifications are being read."""
         self._pool.start()
-
-        def both() -> tuple[Any, Any]:
-            return _connect(self._dsn, self._listen), _connect_async(self._dsn)
-
-        d = deferToThreadPool(self._reactor, self._pool, both)
+        d = deferToThreadPool(self._reactor, self._pool, _connect, self._dsn, self._listen)
         return d.addCallback(self._connected)
 
-    def _connected(self, connections: tuple[Any, Any]) -> None:
-        self._listener, sender = connections
-        self._sender = _Sender(self._reactor, sender, self._outbox.sent, self._fail)
-        self._reactor.addReader(self._sender)
+    def _connected(self, connection: Any) -> None:
+        if self._failed:  # closed while connecting
+            connection.close()
+            return
+        self._connection = connection
         self._reactor.addReader(self)
         self._outbox.start()
+        self._poll()  # notifications that came while LISTEN was set up
 
     def notify(self, channel: str, payload: str) -> bool:
         """Queue one payload (in order with this instance's others to ``channel``); False: dropped."""
@@ -195,23 +132,30 @@ class Channels:
         return self._outbox.flushed()
 
     def _send(self, batch: list[tuple[str, str]]) -> None:
-        if self._sender is not None and not self._failed:
-            self._sender.send(batch)
+        if self._connection is None or self._failed:
+            return
+        self._cursor = cursor = self._connection.cursor()
+        query = b";".join(cursor.mogrify("SELECT pg_notify(%s, %s)", item) for item in batch)
+        cursor.execute(query)
+        self._poll()
 
-    # -- IReadDescriptor -------------------------------------------------------------
-
-    def fileno(self) -> int:
-        return int(self._listener.fileno()) if self._listener is not None else -1
-
-    def doRead(self) -> None:
+    def _poll(self) -> None:
+        """Advance the query in flight, if any, and hand over what notifications came."""
         import psycopg2
+        import psycopg2.extensions
 
         try:
-            self._listener.poll()
+            state = self._connection.poll()
         except psycopg2.Error as exc:
-            self._fail(f"listening: {exc}")
+            self._fail(f"connection: {exc}")
             return
-        notifies = self._listener.notifies
+        # The socket stays watched for reading (notifications, and a closed
+        # connection is noticed at once), so a query costs no epoll changes.
+        if state == psycopg2.extensions.POLL_WRITE:
+            self._reactor.addWriter(self)
+        else:
+            self._reactor.removeWriter(self)
+        notifies = self._connection.notifies
         while notifies:
             note = notifies.pop(0)
             for payload in unpack(note.payload):
@@ -219,6 +163,23 @@ class Channels:
                     self._received(note.channel, payload)
                 except Exception:
                     log.failure("Handling a notification on {channel} failed", channel=note.channel)
+            if self._failed:
+                return
+        if state == psycopg2.extensions.POLL_OK and self._cursor is not None:
+            self._cursor = None
+            self._outbox.sent()
+
+    # -- IReadDescriptor, IWriteDescriptor ----------------------------------------------
+
+    def fileno(self) -> int:
+        connection = self._connection
+        return int(connection.fileno()) if connection is not None and not connection.closed else -1
+
+    def doRead(self) -> None:
+        self._poll()
+
+    def doWrite(self) -> None:
+        self._poll()
 
     def connectionLost(self, reason: Failure) -> None:
         self._fail(f"connection lost: {reason.getErrorMessage()}")
@@ -236,19 +197,16 @@ class Channels:
         self._lost(why)
 
     def close(self) -> None:
-        """Stop reading and sending (what is in flight may be lost), close both connections."""
+        """Stop reading and sending (what is in flight may be lost), close the connection."""
         self._failed = True
-        if self._listener is not None:
+        if self._connection is not None:
             self._reactor.removeReader(self)
-        if self._sender is not None:
-            self._sender.stop_watching()
+            self._reactor.removeWriter(self)
+            try:
+                self._connection.close()
+            except Exception:  # psycopg2.Error: closing a broken connection
+                log.debug("closing the channel connection failed")
         if self._pool.started:
             self._pool.stop()  # only ever connects: idle but for a start in progress
-        for connection in (self._listener, self._sender.connection if self._sender is not None else None):
-            if connection is not None:
-                try:
-                    connection.close()
-                except Exception:  # psycopg2.Error: closing a broken connection
-                    log.debug("closing a channel connection failed")
-        self._listener = self._sender = None
+        self._connection = self._cursor = None
         self._outbox.close()
