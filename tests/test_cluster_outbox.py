@@ -1,10 +1,14 @@
-"""The cluster bus's outbox: payloads gathered per reactor turn, packed per channel, one send in flight."""
+"""The cluster bus: payloads gathered per reactor turn, packed per channel, one query in flight on one connection."""
 
 from __future__ import annotations
 
+import psycopg2
+from psycopg2.extensions import POLL_OK, POLL_READ, Notify
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
+from kerjostunt.store.channels import Channels
 from kerjostunt.store.outbox import Outbox, pack, unpack
 
 
@@ -127,3 +131,82 @@ class OutboxTests(unittest.TestCase):
         outbox.add("a", "1")
         clock.advance(0)
         self.assertEqual(failures, ["sending: connection reset"])
+
+
+class FakeCursor:
+    def __init__(self, connection: FakeConnection) -> None:
+        self.connection = connection
+
+    def mogrify(self, query: str, args: tuple[str, str]) -> bytes:
+        return (query % tuple(f"'{a}'" for a in args)).encode()
+
+    def execute(self, query: bytes) -> None:
+        self.connection.queries.append(query)
+        self.connection.states = [POLL_READ, POLL_OK]
+
+
+class FakeConnection:
+    """psycopg2's asynchronous connection as ``Channels`` drives it."""
+
+    closed = False
+
+    def __init__(self) -> None:
+        self.queries: list[bytes] = []
+        self.states: list[int] = []
+        self.notifies: list[Notify] = []
+        self.broken = False
+
+    def cursor(self) -> FakeCursor:
+        return FakeCursor(self)
+
+    def poll(self) -> int:
+        if self.broken:
+            raise psycopg2.OperationalError("server closed the connection unexpectedly")
+        return self.states.pop(0) if self.states else POLL_OK
+
+    def fileno(self) -> int:
+        return 99
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class ChannelsTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.got: list[tuple[str, str]] = []
+        self.lost: list[str] = []
+        self.channels = Channels(self.reactor, "postgresql://x@127.0.0.1/db", ["me"],
+                                 lambda c, p: self.got.append((c, p)), self.lost.append)
+        self.connection = FakeConnection()
+        self.channels._connected(self.connection)
+
+    def test_one_turn_is_one_query_and_the_next_waits_for_its_end(self) -> None:
+        self.assertIn(self.channels, self.reactor.getReaders())
+        self.channels.notify("other", "a")
+        self.channels.notify("other", "b")
+        self.reactor.advance(0)
+        self.assertEqual(self.connection.queries, [b"SELECT pg_notify('other', 'a\nb')"])
+        self.channels.notify("other", "c")
+        self.reactor.advance(0.01)
+        self.assertEqual(len(self.connection.queries), 1)  # the round trip is out
+        self.channels.doRead()  # its result came
+        self.reactor.advance(0)
+        self.assertEqual(self.connection.queries[1:], [b"SELECT pg_notify('other', 'c')"])
+        self.assertIn(self.channels, self.reactor.getReaders())  # watched between queries too
+
+    def test_a_notification_is_split_into_its_payloads(self) -> None:
+        self.connection.notifies.append(Notify(1, "me", "x\ny"))
+        self.channels.doRead()
+        self.assertEqual(self.got, [("me", "x"), ("me", "y")])
+
+    def test_a_broken_connection_is_lost_once_and_closed(self) -> None:
+        self.connection.broken = True
+        self.channels.doRead()
+        self.channels.doRead()
+        self.assertEqual(len(self.lost), 1)
+        self.assertTrue(self.connection.closed)
+        self.assertNotIn(self.channels, self.reactor.getReaders())
+        self.assertTrue(self.channels.notify("other", "late"))  # dropped quietly: the owner reconnects
+        self.reactor.advance(1)
+        self.assertEqual(self.connection.queries, [])

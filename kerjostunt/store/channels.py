@@ -144,6 +144,8 @@ class Channels:
         import psycopg2
         import psycopg2.extensions
 
+        if self._connection is None:
+            return  # closed earlier in this reactor turn
         try:
             state = self._connection.poll()
         except psycopg2.Error as exc:
