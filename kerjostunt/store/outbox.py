@@ -10,9 +10,11 @@ the bus costs (docs/performance.rst, "Crossing calls, third round").
 
 So ``Outbox`` holds what is added during a turn and sends it once at the
 end of the turn (``callLater(0)``), or when the round trip in flight comes
-back, and under load no sooner than ``spacing`` seconds after the previous
-send: a busy instance sends one transaction per ``spacing`` (a
-millisecond), an idle one at once. The payloads for one channel go as few notifications as fit,
+back; ``spacing`` can hold sends at least that far apart to gather more
+per transaction, but it is 0 by default: at a few hundred crossing calls
+a second, a millisecond gathered hardly more than one message per
+transaction and added up to a millisecond per hop (docs/performance.rst).
+The payloads for one channel go as few notifications as fit,
 newline-separated, each at most ``limit`` bytes (PostgreSQL refuses 8000).
 Payloads therefore never contain a newline (JSON and base64 do not). Order
 is kept per channel, which is the order a listener of that channel sees;
@@ -32,7 +34,7 @@ log = Logger()
 
 MAX_PAYLOAD = 7900  # bytes of one notification (PostgreSQL: under 8000)
 SEND_BATCH = 200    # notifications per round trip at most
-SPACING = 0.001     # seconds between the starts of two sends at least
+SPACING = 0.0       # seconds between the starts of two sends at least (0: the end of the turn)
 SEPARATOR = "\n"
 
 
