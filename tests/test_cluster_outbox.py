@@ -26,16 +26,28 @@ class PackTests(unittest.TestCase):
 
 
 class Harness:
-    def __init__(self, spacing: float = 0.001, batch: int = 200, limit: int = 7900) -> None:
+    def __init__(self, spacing: float = 0.001, batch: int = 200, limit: int = 7900, at_once: bool = False) -> None:
         self.clock = Clock()
         self.sends: list[list[tuple[str, str]]] = []
         self.failures: list[str] = []
         self.outbox = Outbox(self.clock, self.sends.append, self.failures.append, limit=limit, batch=batch,
-                             spacing=spacing)
+                             spacing=spacing, at_once=at_once)
         self.outbox.start()
 
 
 class OutboxTests(unittest.TestCase):
+    def test_an_idle_outbox_sends_at_once_and_gathers_while_a_round_trip_is_out(self) -> None:
+        h = Harness(spacing=0.0, at_once=True)
+        h.outbox.add("a", "1")
+        self.assertEqual(h.sends, [[("a", "1")]])
+        h.outbox.add("a", "2")
+        h.outbox.add("b", "3")
+        h.outbox.add("a", "4")
+        self.assertEqual(len(h.sends), 1)
+        h.outbox.sent()  # the next batch goes as the first comes back
+        self.assertEqual(h.sends[1:], [[("a", "2\n4"), ("b", "3")]])
+        self.assertEqual(h.clock.getDelayedCalls(), [])  # no timers at all
+
     def test_one_turns_payloads_go_as_one_send_at_the_end_of_the_turn(self) -> None:
         h = Harness()
         self.assertTrue(h.outbox.add("a", "1"))
@@ -71,7 +83,7 @@ class OutboxTests(unittest.TestCase):
 
     def test_nothing_goes_before_the_connection_is_up(self) -> None:
         h = Harness()
-        outbox = Outbox(h.clock, h.sends.append, h.failures.append)
+        outbox = Outbox(h.clock, h.sends.append, h.failures.append, at_once=False)
         outbox.add("a", "1")
         h.clock.advance(1)
         self.assertEqual(h.sends, [])
@@ -129,7 +141,6 @@ class OutboxTests(unittest.TestCase):
         outbox = Outbox(clock, broken, failures.append)
         outbox.start()
         outbox.add("a", "1")
-        clock.advance(0)
         self.assertEqual(failures, ["sending: connection reset"])
 
 
@@ -181,24 +192,35 @@ class ChannelsTests(unittest.TestCase):
         self.connection = FakeConnection()
         self.channels._connected(self.connection)
 
-    def test_one_turn_is_one_query_and_the_next_waits_for_its_end(self) -> None:
+    def test_one_query_in_flight_and_what_came_meanwhile_in_the_next(self) -> None:
         self.assertIn(self.channels, self.reactor.getReaders())
         self.channels.notify("other", "a")
+        self.assertEqual(self.connection.queries, [b"SELECT pg_notify('other', 'a')"])
         self.channels.notify("other", "b")
-        self.reactor.advance(0)
-        self.assertEqual(self.connection.queries, [b"SELECT pg_notify('other', 'a\nb')"])
         self.channels.notify("other", "c")
         self.reactor.advance(0.01)
         self.assertEqual(len(self.connection.queries), 1)  # the round trip is out
-        self.channels.doRead()  # its result came
-        self.reactor.advance(0)
-        self.assertEqual(self.connection.queries[1:], [b"SELECT pg_notify('other', 'c')"])
+        self.channels.doRead()  # its result came: the next goes from there
+        self.assertEqual(self.connection.queries[1:], [b"SELECT pg_notify('other', 'b\nc')"])
         self.assertIn(self.channels, self.reactor.getReaders())  # watched between queries too
 
     def test_a_notification_is_split_into_its_payloads(self) -> None:
         self.connection.notifies.append(Notify(1, "me", "x\ny"))
         self.channels.doRead()
         self.assertEqual(self.got, [("me", "x"), ("me", "y")])
+
+    def test_a_send_from_a_handler_never_delivers_the_next_notification_inside_it(self) -> None:
+        order: list[str] = []
+
+        def received(channel: str, payload: str) -> None:
+            order.append(f"begin {payload}")
+            self.channels.notify("other", "answer")  # sends at once: polls the connection
+            order.append(f"end {payload}")
+
+        self.channels._received = received
+        self.connection.notifies.extend([Notify(1, "me", "x"), Notify(1, "me", "y")])
+        self.channels.doRead()
+        self.assertEqual(order, ["begin x", "end x", "begin y", "end y"])
 
     def test_a_broken_connection_is_lost_once_and_closed(self) -> None:
         self.connection.broken = True

@@ -137,39 +137,43 @@ class Channels:
         self._cursor = cursor = self._connection.cursor()
         query = b";".join(cursor.mogrify("SELECT pg_notify(%s, %s)", item) for item in batch)
         cursor.execute(query)
-        self._poll()
+        self._advance()  # no notifications handed over here: we may be inside a handler of one
 
-    def _poll(self) -> None:
-        """Advance the query in flight, if any, and hand over what notifications came."""
+    def _advance(self) -> int | None:
+        """Poll: the connection's state (None: it failed); a query's end lets the outbox send the next."""
         import psycopg2
         import psycopg2.extensions
 
         if self._connection is None:
-            return  # closed earlier in this reactor turn
+            return None  # closed earlier in this reactor turn
         try:
-            state = self._connection.poll()
+            state: int = self._connection.poll()
         except psycopg2.Error as exc:
             self._fail(f"connection: {exc}")
-            return
+            return None
         # The socket stays watched for reading (notifications, and a closed
         # connection is noticed at once), so a query costs no epoll changes.
         if state == psycopg2.extensions.POLL_WRITE:
             self._reactor.addWriter(self)
         else:
             self._reactor.removeWriter(self)
+        if state == psycopg2.extensions.POLL_OK and self._cursor is not None:
+            self._cursor = None
+            self._outbox.sent()  # may send the next batch at once (its own _advance)
+        return state
+
+    def _poll(self) -> None:
+        """Advance the query in flight, then hand over the notifications that came, in order."""
+        if self._advance() is None or self._connection is None:
+            return
         notifies = self._connection.notifies
-        while notifies:
+        while notifies and not self._failed:
             note = notifies.pop(0)
             for payload in unpack(note.payload):
                 try:
                     self._received(note.channel, payload)
                 except Exception:
                     log.failure("Handling a notification on {channel} failed", channel=note.channel)
-            if self._failed:
-                return
-        if state == psycopg2.extensions.POLL_OK and self._cursor is not None:
-            self._cursor = None
-            self._outbox.sent()
 
     # -- IReadDescriptor, IWriteDescriptor ----------------------------------------------
 

@@ -8,13 +8,13 @@ entry, a wake-up of each listening backend and a notification the
 receiving instance reads: that per-message work, not the bytes, is what
 the bus costs (docs/performance.rst, "Crossing calls, third round").
 
-So ``Outbox`` holds what is added during a turn and sends it once at the
-end of the turn (``callLater(0)``), or when the round trip in flight comes
-back; ``spacing`` can hold sends at least that far apart to gather more
-per transaction, but it is 0 by default: at a few hundred crossing calls
-a second, a millisecond gathered hardly more than one message per
-transaction and added up to a millisecond per hop (docs/performance.rst).
-The payloads for one channel go as few notifications as fit,
+So ``Outbox`` sends at once when nothing is in flight, and gathers what
+is added while a round trip is out for the next one, sent when it comes
+back. Two other rules were measured and are kept as options: sending at
+the end of the reactor turn (``at_once=False``, a ``callLater(0)``) and
+holding sends ``spacing`` seconds apart; at a few hundred crossing calls
+a second neither gathered much more per transaction, and both delayed
+every hop (docs/performance.rst). The payloads for one channel go as few notifications as fit,
 newline-separated, each at most ``limit`` bytes (PostgreSQL refuses 8000).
 Payloads therefore never contain a newline (JSON and base64 do not). Order
 is kept per channel, which is the order a listener of that channel sees;
@@ -34,7 +34,8 @@ log = Logger()
 
 MAX_PAYLOAD = 7900  # bytes of one notification (PostgreSQL: under 8000)
 SEND_BATCH = 200    # notifications per round trip at most
-SPACING = 0.0       # seconds between the starts of two sends at least (0: the end of the turn)
+SPACING = 0.0       # seconds between the starts of two sends at least
+AT_ONCE = True      # an idle outbox sends within add (False: at the end of the turn)
 SEPARATOR = "\n"
 
 
@@ -68,15 +69,16 @@ def unpack(payload: str) -> list[str]:
 class Outbox:
     """One sender's queue: ``send(notifications)`` at most once in flight, ``sent()`` when it is done.
 
-    ``send`` is called from a timer of ``clock`` at the end of the turn that
-    added the first payload (never inside ``add``, so a caller's own step
-    finishes first); it may raise, which ``failed`` hears.
+    ``send`` is called inside ``add`` or ``sent`` when nothing is in flight
+    (or, with ``at_once=False`` or a ``spacing``, from a timer of
+    ``clock``); it may raise, which ``failed`` hears.
     """
 
     def __init__(self, clock: IReactorTime, send: Callable[[list[tuple[str, str]]], None],
                  failed: Callable[[str], None], limit: int = MAX_PAYLOAD, batch: int = SEND_BATCH,
-                 spacing: float = SPACING) -> None:
+                 spacing: float = SPACING, at_once: bool = AT_ONCE) -> None:
         self._clock = clock
+        self._at_once = at_once
         self._spacing = spacing
         self._last = float("-inf")  # when the last send started
         self._send = send
@@ -137,7 +139,10 @@ class Outbox:
     def _schedule(self) -> None:
         if self._queue and self._open and not self._in_flight and not self._closed and self._turn is None:
             wait = self._last + self._spacing - self._clock.seconds()
-            self._turn = self._clock.callLater(max(0.0, wait), self._flush)
+            if self._at_once and wait <= 0:
+                self._flush()
+            else:
+                self._turn = self._clock.callLater(max(0.0, wait), self._flush)
 
     def _flush(self) -> None:
         self._turn = None
