@@ -9,9 +9,9 @@ not a listener and a sender: PostgreSQL wakes every listening backend of
 the database for each transaction that notifies, except the notifying one,
 which reads its own at commit; with one connection an instance's sends
 wake only the others' backends. One query at a time keeps the order of
-what one instance sends. What is sent in one reactor turn, or while a round trip is
-out, goes in the next one, packed per channel into as few notifications as
-fit (``store/outbox.py``): the receiver splits them again, so ``received``
+what one instance sends: what is sent while a round trip is out goes in
+the next one, packed per channel into as few notifications as fit
+(``store/outbox.py``); the receiver splits them again, so ``received``
 still sees one payload at a time. A thread of its own only connects
 (libpq's connection set-up may resolve names and wait).
 
