@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         idle_rate = (server.cpu() - idle_c0) / (time.time() - idle_t0)
         if args.py_spy:
             with common.affinity(plan.generators):
-                spy = common.PySpy(server.pid, args.py_spy, native=args.py_spy_native)
+                spy = common.PySpy(server.pid, args.py_spy, native=args.py_spy_native, rate=args.py_spy_rate)
         cpu0, threads0, gen0, t0 = server.cpu(), server.threads_cpu(), workers.cpu(), time.time()
         start_at = t0 + 0.5
         workers.broadcast(f"calls {start_at}")

@@ -504,6 +504,7 @@ def add_run_options(p: argparse.ArgumentParser, phase: str) -> None:
     p.add_argument("--py-spy", metavar="FILE", type=Path,
                    help=f"record the server with py-spy during {phase} (.svg, .json or raw .txt)")
     p.add_argument("--py-spy-native", action="store_true", help="include native (C) frames in the py-spy profile")
+    p.add_argument("--py-spy-rate", type=int, default=200, metavar="HZ", help="py-spy samples per second (default 200)")
     p.add_argument("--json", metavar="FILE", type=Path, help="also write the results as JSON")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (server log, database)")
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG",

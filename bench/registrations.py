@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(1.0)
         rss_idle, fds_idle = server.rss(), common.open_fds(server.pid)
         if args.py_spy:
-            spy = common.PySpy(server.pid, args.py_spy, native=args.py_spy_native)
+            spy = common.PySpy(server.pid, args.py_spy, native=args.py_spy_native, rate=args.py_spy_rate)
         cpu0, threads0, t0 = server.cpu(), server.threads_cpu(), time.time()
         workers.broadcast("go")
         reports = workers.collect("registered", timeout=max(60.0, deadline - time.time() - 30))
