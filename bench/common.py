@@ -88,6 +88,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
 
 
+def kernel_seconds(pid: int) -> float:
+    """stime of every thread of ``pid``: the system calls' share of ``cpu_seconds``."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[12]) / CLK_TCK
+
+
 def thread_cpu_seconds(pid: int) -> tuple[float, float]:
     """(reactor thread, all other threads) CPU seconds: the main thread is the reactor, the rest is the SQL pool."""
     main = other = 0.0
@@ -331,6 +338,9 @@ class ServerProcess:
 
     def cpu(self) -> float:
         return cpu_seconds(self.pid)
+
+    def kernel_cpu(self) -> float:
+        return kernel_seconds(self.pid)
 
     def threads_cpu(self) -> tuple[float, float]:
         return thread_cpu_seconds(self.pid)
