@@ -165,7 +165,8 @@ class BirthdayPlan:
     the punch port, ``peer`` is ``(hard side's public IP, 0)``; ``ports``
     fixes the guesses (tests), otherwise ``guesses`` distinct random ports of
     ``port_range``.  ``deadline``: seconds after the start (including
-    ``start_delay``) by which everything is closed.
+    ``start_delay``) by which the search stops; a connection whose handshake
+    is in flight then may still take ``grace`` (``Contest.expire``).
     """
 
     role: str
@@ -184,6 +185,7 @@ class BirthdayPlan:
     start_delay: float = 0.0
     retry_interval: float = 0.05
     tick: float = 0.01
+    grace: float = 5.0
 
     def __post_init__(self) -> None:
         if self.role not in (HARD, EASY):
@@ -211,13 +213,16 @@ def plan_for_call(
     peer_endpoint: Endpoint,
     deadline: float,
     low_ttl: int | None,
+    grace: float = 5.0,
 ) -> BirthdayPlan:
-    """The plan a call's dialer uses (module defaults, bounded by the punch deadline)."""
+    """The plan a call's dialer uses (module defaults, bounded by the punch deadline;
+    ``grace``: the handshake's timeout)."""
     if role == HARD:
-        return BirthdayPlan(HARD, (local_ip, 0), peer_endpoint, min(WINDOW, deadline), low_ttl=low_ttl)
+        return BirthdayPlan(HARD, (local_ip, 0), peer_endpoint, min(WINDOW, deadline), low_ttl=low_ttl,
+                            grace=grace)
     return BirthdayPlan(
         EASY, (local_ip, punch_port), (peer_endpoint[0], 0), min(WINDOW, deadline),
-        start_delay=EASY_START_DELAY,
+        start_delay=EASY_START_DELAY, grace=grace,
     )
 
 
@@ -452,7 +457,7 @@ class _Birthday:
         self.contest.contend(protocol, ok, bad)
 
     def won(self, wrapper: Any, app: Any, remote: Endpoint) -> None:
-        if self.contest.over:
+        if self.contest.settled:
             _drop(wrapper)
             return
         result = PunchResult(
@@ -481,8 +486,11 @@ class _Birthday:
                 f"{self.attempts} dials, {what}, at most {self.peak_open} open at once ({self._errors()})")
 
     def expire(self) -> None:
+        """The deadline: every socket still dialing closes now; a connection whose
+        handshake is in flight may still win within the grace (``Contest.expire``)."""
         if not self.contest.over:
-            self.contest.lose(BirthdayFailed(self._failure_text("no connection")))
+            self.close_all()
+            self.contest.expire(BirthdayFailed(self._failure_text("no connection")), self.plan.grace)
 
     def close_all(self) -> None:
         """Every socket of the attempt, when it ends (won, failed, cancelled)."""
