@@ -33,9 +33,12 @@ TTL, so each socket still in SYN_SENT after ``cycle`` (< 1 s) is closed and
 redialed, primed again.  A socket that already received the peer's SYN
 (SYN_RECV, read with TCP_INFO) is left alone.
 
-Both sides stop at ``deadline``; every socket is closed when the attempt
-ends (won, failed, cancelled) and the number open at once is bounded (and
-kept under RLIMIT_NOFILE).  See docs/punching.rst ("The birthday technique").
+Both sides stop at ``deadline``: every socket still dialing is closed then,
+and a connection whose handshake is in flight (our HELLO or our R out) may
+still win within the handshake's time limit (``Contest.expire``: the peer may
+already have committed to it).  Every socket is closed when the attempt ends
+(won, failed, cancelled) and the number open at once is bounded (and kept
+under RLIMIT_NOFILE).  See docs/punching.rst ("The birthday technique").
 """
 
 from __future__ import annotations
