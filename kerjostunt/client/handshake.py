@@ -30,7 +30,7 @@ The initiator commits when it sends the third line, without hearing back
 (waiting would add a round trip to every connect).  So the responder's
 ``KJ1 R`` is a promise: from then on it drops the connection only for the
 handshake's own reasons (a bad third line, the connection lost, no third
-line ``timeout`` seconds after its R), never because its search ran out
+line ``proof_wait`` seconds after its R), never because its search ran out
 (``handshake_in_flight``, which a ``Contest`` reads at a deadline).
 """
 
@@ -213,11 +213,11 @@ class HandshakeProtocol(Protocol):
 
     def _send_proof(self) -> None:
         self._send(b"R " + self._nonce_r + b" " + self._mac("responder"))
-        # The initiator commits when its I leaves: give I the full time limit from
-        # here, so that a HELLO that came late cannot make us drop a connection the
-        # initiator already counts as won.
+        # The initiator commits when its I leaves: give I ``proof_wait`` from here, so
+        # that a HELLO that came late (or an R and an I held up on a congested path)
+        # cannot make us drop a connection the initiator already counts as won.
         self._cancel_timer()
-        self._timer = self.factory.clock.callLater(self.factory.timeout, self._timed_out)
+        self._timer = self.factory.clock.callLater(self.factory.proof_wait, self._timed_out)
         self._next_line()
 
     def _on_responder_proof(self, line: bytes) -> None:
@@ -302,8 +302,11 @@ class HandshakeProtocol(Protocol):
         self._resolve(Failure(HandshakeFailed(f"connection lost during handshake: {why}")))
 
     def _timed_out(self) -> None:
+        proof = self._steps.in_flight() and self.factory.role == "responder"
+        limit = f"no initiator proof within {self.factory.proof_wait} s of ours" if proof else \
+            f"no handshake within {self.factory.timeout} s"
         self._timer = None
-        self._steps.fail(f"no handshake within {self.factory.timeout} s")
+        self._steps.fail(limit)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -385,6 +388,12 @@ class HandshakeFactory(Factory[HandshakeProtocol]):
         self.app_factory = app_factory
         self.clock = clock
         self.timeout = timeout
+        #: how long the responder waits for the initiator's proof after its own: the
+        #: initiator counts the connection as won the moment its proof leaves, and gives
+        #: up (with an RST that takes the same path) only before; twice ``timeout``, since
+        #: a congested path (the NAT lab's 40-peer group, one-way delays of seconds on two
+        #: loaded cores) held R and I up for more than 5 s
+        self.proof_wait = 2 * timeout
         self.chosen: IProtocol | None = None
 
     def make_nonce(self) -> bytes:

@@ -188,7 +188,7 @@ class BirthdayPlan:
     start_delay: float = 0.0
     retry_interval: float = 0.05
     tick: float = 0.01
-    grace: float = 5.0
+    grace: float = 10.0
 
     def __post_init__(self) -> None:
         if self.role not in (HARD, EASY):
@@ -216,10 +216,10 @@ def plan_for_call(
     peer_endpoint: Endpoint,
     deadline: float,
     low_ttl: int | None,
-    grace: float = 5.0,
+    grace: float = 10.0,
 ) -> BirthdayPlan:
     """The plan a call's dialer uses (module defaults, bounded by the punch deadline;
-    ``grace``: the handshake's timeout)."""
+    ``grace``: the handshake's ``proof_wait``)."""
     if role == HARD:
         return BirthdayPlan(HARD, (local_ip, 0), peer_endpoint, min(WINDOW, deadline), low_ttl=low_ttl,
                             grace=grace)

@@ -48,7 +48,7 @@ class PunchPlan:
     then 3 s).  ``retry_jitter``: up to this many seconds added at random
     to each ``retry_interval``, so two peers do not retry in lockstep.
     ``grace``: at the deadline, how long a connection whose handshake is in
-    flight may still take (``Contest.expire``; the handshake's own timeout).
+    flight may still take (``Contest.expire``; the handshake's ``proof_wait``).
     """
 
     local: Endpoint
@@ -59,7 +59,7 @@ class PunchPlan:
     retry_interval: float = 0.2
     attempt_timeout: float = 1.0
     retry_jitter: float = 0.0
-    grace: float = 5.0
+    grace: float = 10.0
 
     def __post_init__(self) -> None:
         if not self.candidates:
