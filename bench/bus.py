@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
+import machine
 from twisted.internet import defer, reactor, task
 
 from kerjostunt.store.channels import Channels
@@ -90,13 +91,13 @@ class Bench:
             if sent >= args.flood:
                 loop.stop()
 
-        pg0 = common.postgres_cpu(args.db)
+        pg0 = machine.postgres_cpu(args.db)
         r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.time()
         loop = task.LoopingCall(burst)
         loop.start(args.burst / args.rate)
         yield self.done.addTimeout(args.flood / args.rate + 60, reactor)
         r1, t1 = resource.getrusage(resource.RUSAGE_SELF), time.time()
-        pg = common.postgres_spent(pg0, common.postgres_cpu(args.db))
+        pg = machine.cpu_delta(pg0, machine.postgres_cpu(args.db))
         cpu = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
         n = args.flood
         print(f"flood of {n} x {args.size} chars, {args.rate:g}/s in bursts of {args.burst}: "

@@ -103,14 +103,16 @@ def main(argv: list[str] | None = None) -> int:
         idle_rate = (server.cpu() - idle_c0) / (time.time() - idle_t0)
         if args.py_spy:
             with common.affinity(plan.generators):
-                spy = common.PySpy(server.pid, args.py_spy, native=args.py_spy_native)
+                spy = common.PySpy(server.pid, args.py_spy, native=args.py_spy_native, rate=args.py_spy_rate)
         cpu0, threads0, gen0, t0 = server.cpu(), server.threads_cpu(), workers.cpu(), time.time()
+        kernel0 = server.kernel_cpu()
         start_at = t0 + 0.5
         workers.broadcast(f"calls {start_at}")
         reports = workers.collect("calls-done", timeout=args.duration + 120)
         gen_use = (workers.cpu() - gen0) / max(1e-9, time.time() - t0)
         server.wait_quiet()
         cpu1, threads1, t1 = server.cpu(), server.threads_cpu(), time.time()
+        kernel_ms = 1000 * (server.kernel_cpu() - kernel0)
         if spy is not None:
             spy.stop()
             spy = None
@@ -150,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         ("server CPU per call, ms", 1000 * cpu_calls / max(1, completed)),
         ("  of which reactor thread, ms", reactor_ms),
         ("  of which SQL thread(s), ms", sql_ms),
+        ("  of which in the kernel (stime), ms", kernel_ms / max(1, completed)),
         ("server core use during calls, %", 100 * (cpu1 - cpu0) / max(1e-9, t1 - t0)),
         ("load generators' core use during calls, %", 100 * gen_use),
     ]

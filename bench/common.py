@@ -88,36 +88,11 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
 
 
-def postgres_cpu(url: str) -> dict[int, float]:
-    """CPU seconds of each PostgreSQL backend connected to ``url``'s database (the server runs here).
-
-    Other databases of the same PostgreSQL (other sessions' tests) are left
-    out; the shared background processes (WAL writer, checkpointer) too.
-    """
-    import psycopg2
-
-    from kerjostunt.store.channels import libpq_dsn
-
-    connection = psycopg2.connect(libpq_dsn(url))
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-                           "AND pid <> pg_backend_pid()")
-            pids = [int(row[0]) for row in cursor.fetchall()]
-    finally:
-        connection.close()
-    seconds = {}
-    for pid in pids:
-        try:
-            seconds[pid] = cpu_seconds(pid)
-        except OSError:
-            continue  # a backend that just ended
-    return seconds
-
-
-def postgres_spent(before: dict[int, float], after: dict[int, float]) -> float:
-    """CPU the database's backends used between two ``postgres_cpu`` readings (new backends: all of theirs)."""
-    return sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())
+def kernel_seconds(pid: int) -> float:
+    """stime of every thread of ``pid``: the system calls' share of ``cpu_seconds``."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[12]) / CLK_TCK
 
 
 def thread_cpu_seconds(pid: int) -> tuple[float, float]:
@@ -364,6 +339,9 @@ class ServerProcess:
     def cpu(self) -> float:
         return cpu_seconds(self.pid)
 
+    def kernel_cpu(self) -> float:
+        return kernel_seconds(self.pid)
+
     def threads_cpu(self) -> tuple[float, float]:
         return thread_cpu_seconds(self.pid)
 
@@ -536,6 +514,7 @@ def add_run_options(p: argparse.ArgumentParser, phase: str) -> None:
     p.add_argument("--py-spy", metavar="FILE", type=Path,
                    help=f"record the server with py-spy during {phase} (.svg, .json or raw .txt)")
     p.add_argument("--py-spy-native", action="store_true", help="include native (C) frames in the py-spy profile")
+    p.add_argument("--py-spy-rate", type=int, default=200, metavar="HZ", help="py-spy samples per second (default 200)")
     p.add_argument("--json", metavar="FILE", type=Path, help="also write the results as JSON")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (server log, database)")
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG",

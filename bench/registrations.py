@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="registrations made and closed before measuring the idle RSS (default 20)")
     p.add_argument("--tls-only", action="store_true",
                    help="only connect and finish the TLS handshake, no REGISTER: the TLS floor of the CPU cost")
+    p.add_argument("--generator", choices=("twisted", "lean"), default="twisted",
+                   help="load generator: this script's Twisted workers (default) or leanreg.py's "
+                        "(pyOpenSSL and selectors, a fraction of the CPU per registration)")
     p.add_argument("--timeout", type=float, default=900.0, help="hard limit on the whole run, seconds (default 900)")
     common.add_run_options(p, "the registration phase")
     args = p.parse_args(argv)
@@ -58,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--clients must be 1..15000")
     if args.workers <= 0:
         args.workers = max(2, math.ceil(args.clients / 4000))
+    if args.generator == "lean" and args.tls_only:
+        p.error("--tls-only needs the Twisted workers")
     if args.sources <= 0:
         args.sources = common.sources_for(args.clients + args.warmup)
     if math.ceil(args.clients / args.workers) > 15000:
@@ -92,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
             }
             for r in common.split(args.clients, args.workers)
         ]
-        workers = common.Workers(Path(__file__).resolve(), configs, workdir)
+        script = Path(__file__).resolve()
+        workers = common.Workers(script.with_name("leanreg.py") if args.generator == "lean" else script, configs,
+                                 workdir)
         workers.collect("ready", timeout=60)
         if args.warmup:
             workers.send(0, f"warmup {args.warmup}")
@@ -101,11 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(1.0)
         rss_idle, fds_idle = server.rss(), common.open_fds(server.pid)
         if args.py_spy:
-            spy = common.PySpy(server.pid, args.py_spy, native=args.py_spy_native)
-        cpu0, threads0, t0 = server.cpu(), server.threads_cpu(), time.time()
+            spy = common.PySpy(server.pid, args.py_spy, native=args.py_spy_native, rate=args.py_spy_rate)
+        cpu0, threads0, t0, gen0 = server.cpu(), server.threads_cpu(), time.time(), workers.cpu()
         workers.broadcast("go")
         reports = workers.collect("registered", timeout=max(60.0, deadline - time.time() - 30))
-        t_registered = time.time()
+        t_registered, gen1 = time.time(), workers.cpu()
         server.wait_quiet()
         cpu1, threads1, t1 = server.cpu(), server.threads_cpu(), time.time()
         if spy is not None:
@@ -154,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         ("server CPU per registration, ms", 1000 * cpu_reg / max(1, ok)),
         ("  of which reactor thread, ms", 1000 * (threads1[0] - threads0[0]) / max(1, ok)),
         ("  of which SQL thread(s), ms", 1000 * (threads1[1] - threads0[1]) / max(1, ok)),
+        (f"load generators' CPU per registration ({args.generator}), ms", 1000 * (gen1 - gen0) / max(1, ok)),
         ("server core use while registering, %", 100 * cpu_reg / max(1e-9, t1 - t0)),
         ("server RSS idle, MiB", rss_idle / 1024),
         ("server RSS all registered, MiB", rss_registered / 1024),

@@ -25,9 +25,9 @@ from kerjostunt.client.handshake import HandshakeFactory
 from kerjostunt.client.nat import birthday as B
 from kerjostunt.client.nat.probing import ProbeResult
 from kerjostunt.client.nat.punch import PunchFailed
-from kerjostunt.client.nat.sockets import reusable_socket
+from kerjostunt.client.nat.sockets import listen_reusable, reusable_socket
 from kerjostunt.wire import prediction as P
-from tests.test_punch import LOOP, AppFactory, SplitReactor, closed_port, turns
+from tests.test_punch import LOOP, AppFactory, HeldInitiators, SplitReactor, closed_port, turns
 
 
 def open_fds() -> int:
@@ -273,6 +273,37 @@ class BoundsTests(unittest.TestCase):
         self.assertIn("12 sockets", reason)
         self.assertEqual(hard.open, set())
         self.assertEqual(open_fds(), before)
+
+    @inlineCallbacks
+    def test_deadline_between_r_and_i_keeps_the_connection(self):
+        """The NAT lab's 40-peer group: the hard side (responder) proved itself on a guess's
+        connection, then its 4 s ran out before the easy side's proof arrived.  The other
+        sockets close at the deadline; that connection stays and wins."""
+        peer = HeldInitiators()
+        listener = listen_reusable(reactor, (LOOP, 0), peer)
+        self.addCleanup(listener.stopListening)
+        self.addCleanup(lambda: [p.transport.abortConnection() for p in peer.built])
+        target = black_hole(self)
+        mine = HandshakeFactory(b"k", "c", "responder", AppFactory(), self.reactor)
+        plan = B.BirthdayPlan(B.HARD, (LOOP, 0), (LOOP, listener.getHost().port), 2.0, sockets=1)
+        hard, d = start(self.reactor, plan, mine)
+        held = yield peer.first
+        yield held.proved
+        stuck, _ = hard._dial((LOOP, 0), (LOOP, target), None, hard.hard_done)  # dialing a dropping NAT
+        self.assertEqual(hard.open, {stuck})
+        yield self.advance(2.1, step=0.1)
+        self.assertNoResult(d)
+        self.assertEqual(hard.open, set())  # the socket still dialing closed at the deadline
+        self.assertFalse(held.lost.called)
+        held.send_proof(b"k", "c")
+        for _ in range(20):
+            if d.called:
+                break
+            yield turns(2)
+        result = self.successResultOf(d)
+        self.assertIs(result.protocol, mine.chosen)
+        self.assertEqual(result.technique, "birthday")
+        self.assertFalse(held.lost.called)
 
     @inlineCallbacks
     def test_hard_socket_limit_respects_fd_budget(self):

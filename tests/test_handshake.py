@@ -193,6 +193,38 @@ class StringTransportTests(unittest.TestCase):
         self.assertIn("2.0", f.getErrorMessage())
         self.assertTrue(tr.disconnecting)
 
+    def test_the_responder_waits_proof_wait_for_i_after_its_r(self):
+        """The initiator commits when its I leaves: a HELLO that came late (or a slow path)
+        must not let the responder's clock run out between its R and that I."""
+        factory = self.factory("responder", timeout=2.0)
+        self.assertEqual(factory.proof_wait, 4.0)
+        r, tr = wire(factory)
+        self.clock.advance(1.9)
+        r.dataReceived(b"KJ1 HELLO " + b"3" * 32 + b"\n")
+        self.clock.advance(3.9)  # 5.8 s after the connect, 3.9 s after the R
+        pending = r.handshake_done
+        self.assertNoResult(pending)
+        self.assertFalse(tr.disconnecting)
+        self.clock.advance(0.2)
+        f = self.failureResultOf(pending, HandshakeFailed)
+        self.assertIn("no initiator proof within 4.0 s", f.getErrorMessage())
+        self.assertTrue(tr.disconnecting)
+
+    def test_in_flight_while_a_line_of_ours_awaits_its_answer(self):
+        """What a race's deadline looks at (contest.Contest.expire)."""
+        i, ti = wire(self.factory("initiator"))
+        r, tr = wire(self.factory("responder"))
+        self.assertEqual((i.handshake_in_flight, r.handshake_in_flight), (True, False))  # HELLO out
+        r.dataReceived(ti.value())
+        ti.clear()
+        self.assertTrue(r.handshake_in_flight)  # R out: the initiator may commit
+        pump(i, ti, r, tr)
+        self.successResultOf(r.handshake_done)
+        self.assertEqual((i.handshake_in_flight, r.handshake_in_flight), (False, False))
+        stranger, _ = wire(self.factory("responder"))
+        stranger.dataReceived(b"GET / HTTP/1.0\n")
+        self.assertFalse(stranger.handshake_in_flight)
+
     def test_connection_lost_midway(self):
         i, ti = wire(self.factory("initiator"))
         i.connectionLost(None)

@@ -12,11 +12,11 @@ import socket
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, deferLater
 from twisted.trial import unittest
 
-from kerjostunt.client.handshake import HandshakeFactory
+from kerjostunt.client.handshake import HandshakeFactory, compute_mac
 from kerjostunt.client.nat.punch import PunchFailed, PunchPlan, PunchResult, punch
 from kerjostunt.client.nat.sockets import listen_reusable, reusable_socket
 
@@ -44,6 +44,50 @@ class AppFactory(Factory):
         p = App()
         p.factory = self
         self.built.append(p)
+        return p
+
+
+class HeldInitiator(Protocol):
+    """A peer's initiator whose proof (``KJ1 I``) leaves only when the test says so.
+
+    ``proved`` fires with the responder's R line; ``lost`` when the connection closed.
+    """
+
+    nonce_i = b"4" * 32
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.proved: Deferred[bytes] = Deferred()
+        self.lost: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"KJ1 HELLO " + self.nonce_i + b"\n")
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        if b"\n" in self.buffer and not self.proved.called:
+            self.proved.callback(self.buffer.split(b"\n")[0])
+
+    def send_proof(self, secret: bytes, call_id: str) -> None:
+        nonce_r = self.buffer.split(b"\n")[0].split()[2]
+        mac = compute_mac(secret, "initiator", call_id, self.nonce_i, nonce_r)
+        self.transport.write(b"KJ1 I " + mac + b"\n")
+
+    def connectionLost(self, reason: object = None) -> None:
+        if not self.lost.called:
+            self.lost.callback(None)
+
+
+class HeldInitiators(Factory):
+    def __init__(self) -> None:
+        self.built: list[HeldInitiator] = []
+        self.first: Deferred[HeldInitiator] = Deferred()
+
+    def buildProtocol(self, addr):
+        p = HeldInitiator()
+        self.built.append(p)
+        if not self.first.called:
+            self.first.callback(p)
         return p
 
 
@@ -320,6 +364,51 @@ class DeadlineTests(unittest.TestCase):
         failures[0].trap(PunchFailed)
         self.assertIn("handshake", failures[0].value.reason)
         self.assertIsNone(mine.chosen)
+
+    @inlineCallbacks
+    def test_deadline_between_r_and_i_keeps_the_connection(self):
+        """The NAT lab's window: we (the responder) proved ourselves, then our deadline passed
+        before the initiator's proof arrived.  The initiator committed when it sent it, so the
+        connection is kept and wins: both sides end connected, on the same connection."""
+        peer = HeldInitiators()
+        listener = listen_reusable(reactor, (LOOP, 0), peer)
+        self.addCleanup(listener.stopListening)
+        self.addCleanup(lambda: [p.transport.abortConnection() for p in peer.built])
+        mine = HandshakeFactory(b"k", "c", "responder", AppFactory(), self.reactor)
+        plan = PunchPlan((LOOP, reserve_port(self)), ((LOOP, listener.getHost().port),), deadline=2.0)
+        d = punch(self.reactor, plan, mine)
+        held = yield peer.first
+        line = yield held.proved
+        self.assertTrue(line.startswith(b"KJ1 R "))
+        self.clock.advance(2.5)  # the deadline passes while our R awaits its answer
+        yield turns(3)
+        self.assertNoResult(d)
+        self.assertFalse(held.lost.called)
+        held.send_proof(b"k", "c")
+        yield self.advance_until(d, 0.0, limit=50)
+        result = self.successResultOf(d)
+        self.assertIs(result.protocol, mine.chosen)
+        self.assertFalse(held.lost.called)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    @inlineCallbacks
+    def test_deadline_before_hello_drops_the_connection(self):
+        """A connection whose peer has sent nothing yet promised nothing: dropped at the deadline."""
+        silent = AppFactory()  # accepts and never speaks
+        listener = listen_reusable(reactor, (LOOP, 0), silent)
+        self.addCleanup(listener.stopListening)
+        mine = HandshakeFactory(b"k", "c", "responder", AppFactory(), self.reactor)
+        plan = PunchPlan((LOOP, reserve_port(self)), ((LOOP, listener.getHost().port),), deadline=2.0)
+        d = punch(self.reactor, plan, mine)
+        failures = []
+        d.addErrback(failures.append)
+        yield turns(5)
+        self.assertEqual(len(silent.built), 1)
+        self.clock.advance(2.5)
+        yield self.advance_until(d, 0.0, limit=50)
+        failures[0].trap(PunchFailed)
+        yield silent.built[0].lost  # our abort reached the peer
+        self.assertTrue(silent.built[0].is_lost)
 
     @inlineCallbacks
     def test_cancel_closes_everything(self):

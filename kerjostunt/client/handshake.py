@@ -25,6 +25,13 @@ than one connection to the peer (accepted and dialed, several candidates).
 A HandshakeFactory hands at most one connection to the application; the
 initiator sends its MAC only on the first connection it verified, so both
 sides settle on the same one.  Every other connection is dropped.
+
+The initiator commits when it sends the third line, without hearing back
+(waiting would add a round trip to every connect).  So the responder's
+``KJ1 R`` is a promise: from then on it drops the connection only for the
+handshake's own reasons (a bad third line, the connection lost, no third
+line ``proof_wait`` seconds after its R), never because its search ran out
+(``handshake_in_flight``, which a ``Contest`` reads at a deadline).
 """
 
 from __future__ import annotations
@@ -85,6 +92,9 @@ class _Steps(TypingProtocol):
     def fail(self, reason: str) -> None:
         """Give up on this connection (bad line, wrong MAC, another one chosen, timeout)."""
 
+    def in_flight(self) -> bool:
+        """Is a line of ours out that the peer may act on (HELLO awaiting R, R awaiting I)?"""
+
     def lost(self, reason: Failure | None) -> None:
         """The transport closed."""
 
@@ -96,7 +106,8 @@ class HandshakeProtocol(Protocol):
     States (the machine below): ``await_hello`` (responder), ``await_r``
     (initiator), ``await_i`` (responder), ``done``, ``failed``.
     ``handshake_done`` fires with the application protocol, or fails with
-    HandshakeFailed.
+    HandshakeFailed.  ``handshake_in_flight`` is true in ``await_r`` and
+    ``await_i``.
     """
 
     factory: HandshakeFactory
@@ -131,6 +142,16 @@ class HandshakeProtocol(Protocol):
         else:
             d.callback(self._outcome)
         return d
+
+    @property
+    def handshake_in_flight(self) -> bool:
+        """
+        A line of ours is out that the peer may act on: the initiator's HELLO
+        (awaiting R), the responder's R (awaiting I; the initiator may have
+        committed already).  A race whose deadline passes keeps such a
+        connection until the handshake ends (``contest.Contest.expire``).
+        """
+        return self._steps.in_flight()
 
     def _resolve(self, outcome: IProtocol | Failure) -> None:
         self._outcome = outcome
@@ -192,6 +213,11 @@ class HandshakeProtocol(Protocol):
 
     def _send_proof(self) -> None:
         self._send(b"R " + self._nonce_r + b" " + self._mac("responder"))
+        # The initiator commits when its I leaves: give I ``proof_wait`` from here, so
+        # that a HELLO that came late (or an R and an I held up on a congested path)
+        # cannot make us drop a connection the initiator already counts as won.
+        self._cancel_timer()
+        self._timer = self.factory.clock.callLater(self.factory.proof_wait, self._timed_out)
         self._next_line()
 
     def _on_responder_proof(self, line: bytes) -> None:
@@ -276,8 +302,11 @@ class HandshakeProtocol(Protocol):
         self._resolve(Failure(HandshakeFailed(f"connection lost during handshake: {why}")))
 
     def _timed_out(self) -> None:
+        proof = self._steps.in_flight() and self.factory.role == "responder"
+        limit = f"no initiator proof within {self.factory.proof_wait} s of ours" if proof else \
+            f"no handshake within {self.factory.timeout} s"
         self._timer = None
-        self._steps.fail(f"no handshake within {self.factory.timeout} s")
+        self._steps.fail(limit)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -320,6 +349,8 @@ def _build(first: str) -> Callable[[HandshakeProtocol], _Steps]:
         assert p.app is not None
         p.app.connectionLost(reason)  # type: ignore[arg-type]
 
+    for state, out in ((await_hello, False), (await_r, True), (await_i, True), (done, False), (failed, False)):
+        state.upon(_Steps.in_flight).loop().returns(out)
     for state in (done, failed):
         state.upon(_Steps.fail).loop()(lambda steps, p, reason: None)
         state.upon(_Steps.line).loop()(lambda steps, p, line: None)
@@ -357,6 +388,12 @@ class HandshakeFactory(Factory[HandshakeProtocol]):
         self.app_factory = app_factory
         self.clock = clock
         self.timeout = timeout
+        #: how long the responder waits for the initiator's proof after its own: the
+        #: initiator counts the connection as won the moment its proof leaves, and gives
+        #: up (with an RST that takes the same path) only before; twice ``timeout``, since
+        #: a congested path (the NAT lab's 40-peer group, one-way delays of seconds on two
+        #: loaded cores) held R and I up for more than 5 s
+        self.proof_wait = 2 * timeout
         self.chosen: IProtocol | None = None
 
     def make_nonce(self) -> bytes:

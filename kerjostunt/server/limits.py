@@ -35,6 +35,7 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
+from kerjostunt.tcp import send_at_once
 from kerjostunt.wire.sip.parser import Limits
 
 log = Logger()
@@ -408,6 +409,7 @@ class LazyTLSProtocol(TLSMemoryBIOProtocol):
         """``TLSMemoryBIOProtocol.makeConnection`` without the OpenSSL connection and handshake."""
         self._tlsConnection = None
         self._appSendBuffer = []
+        send_at_once(transport)
         for interface in providedBy(transport):
             directlyProvides(self, interface)
         Protocol.makeConnection(self, transport)  # type: ignore[no-untyped-call]

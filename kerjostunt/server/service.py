@@ -54,6 +54,7 @@ from kerjostunt.server.router import SignalingRouter
 from kerjostunt.server.signaling import AdmittingTLSFactory, ConnectionLimits, SignalingFactory
 from kerjostunt.store import Database
 from kerjostunt.store.api import BUSY_TIMEOUT, AsyncStore
+from kerjostunt.store.directory import CallsStore, Directory
 from kerjostunt.store.realm import realm_problem
 from kerjostunt.store.service import StoreService
 from kerjostunt.wire.kerjo import ProbeOffer
@@ -226,6 +227,8 @@ class StuntServer(MultiService):
         # later (store/lanes.py), not waited for on the store's one thread.
         self.store = AsyncStore(Database(settings.db_url, busy_timeout=BUSY_TIMEOUT), reactor, counter=self.count)
         StoreService(self.store, realm=settings.domain).setServiceParent(self)  # type: ignore[no-untyped-call]
+        self.directory = Directory(self.store, reactor)  # the INVITEs' group checks (store/directory.py)
+        self.directory.setServiceParent(self)  # type: ignore[no-untyped-call]
 
         self.registrar = Registrar(reactor)
         self.tokens = ProbeTokens(reactor, settings.probe_token_lifetime)
@@ -247,7 +250,8 @@ class StuntServer(MultiService):
             protection=Protection(tokens=self.tokens, explain=self._login_problem),
         )
         self.calls = CallManager(
-            reactor, settings.domain, self.registrar, self.store, self.observations, self.count,
+            reactor, settings.domain, self.registrar, CallsStore(self.directory, self.store), self.observations,
+            self.count,
             CallSettings(answer_timeout=settings.call_answer_timeout, outcome_timeout=settings.call_outcome_timeout,
                          invite_rate=settings.invite_rate, invite_burst=settings.invite_burst,
                          server_addresses=server_addresses(settings)),

@@ -50,7 +50,7 @@ from kerjostunt.server.rtt import (
     rtt_from_tcp_info,
     tcp_socket_of,
 )
-from kerjostunt.tcp import host_port, no_delay
+from kerjostunt.tcp import host_port, no_delay, send_at_once
 from kerjostunt.wire.sip.message import Request, Response, make_response
 from kerjostunt.wire.sip.parser import KeepAlivePing, KeepAlivePong, SIPParseError, StreamParser
 
@@ -181,6 +181,7 @@ class SignalingProtocol(Protocol):
     def connectionMade(self) -> None:
         self.factory.connection_opened(self)
         no_delay(self.transport)
+        send_at_once(self.transport)  # plain TCP signaling (tests, a TLS front); TLS does it below itself
         self._guard_output()
         self._arm(self.limits.handshake_timeout, "TLS handshake")
         if not self.factory.tls:

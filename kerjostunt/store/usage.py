@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import Connection, or_, select, update
@@ -33,6 +33,9 @@ from kerjostunt.store.records import (
     next_states,
     witnessed,
 )
+
+#: Outcomes whose flag rule reads no history (``records.next_states``): no recent-outcomes query.
+SUCCESSES = ("direct", "stunt")
 
 
 class UsageLog(EngineBound):
@@ -131,7 +134,21 @@ class UsageLog(EngineBound):
             users = sorted({user for row in rows for user in (row[1], row[2])})
             # Locked once for the batch; each row's rule then reads and updates this copy.
             states = {row.user_id: row.stunt_state for row in c.execute(LOCK_STATES, {"user_ids": users})}
-            return [_insert_attempt(c, tuple(row), states) for row in rows]
+            # The rows go in as one executemany, written early only when a
+            # later row's rule must read them (a failure's recent outcomes).
+            unwritten: list[dict[str, Any]] = []
+
+            def write() -> None:
+                if unwritten:
+                    c.execute(ATTEMPT_INSERT, list(unwritten))
+                    unwritten.clear()
+
+            results = []
+            for row in rows:
+                unwritten.append(_attempt_row(tuple(row)))
+                results.append(_apply_flags(c, *_rule_inputs(tuple(row)), states, before_read=write))
+            write()
+            return results
 
     @translated
     def set_stunt_state(self, user_id: str, state: str) -> None:
@@ -202,25 +219,38 @@ def _insert_attempt(c: Connection, row: tuple[Any, ...], locked: dict[str, str] 
     """One attempt's row (``record_attempt``'s arguments, in order; the last two
     may be left out) and its flag rule, in the caller's transaction
     (``locked``: see ``_apply_flags``)."""
+    c.execute(ATTEMPT_INSERT, _attempt_row(row))
+    return _apply_flags(c, *_rule_inputs(row), locked)
+
+
+def _attempt_row(row: tuple[Any, ...]) -> dict[str, Any]:
+    """The attempts table's columns for one ``record_attempt`` argument tuple."""
     call_id, caller, callee, technique, outcome, predicted, actual, duration_ms, when, *rest = row
     witnesses: Sequence[str] | None = rest[0] if rest else None
-    detail: str | None = rest[1] if len(rest) > 1 else None
-    c.execute(ATTEMPT_INSERT, {
+    return {
         "call_id": call_id, "caller": caller, "callee": callee, "technique": technique,
         "outcome": outcome, "predicted": predicted, "actual": actual, "duration_ms": duration_ms,
         "at": when, "witnesses": None if witnesses is None else ",".join(sorted(set(witnesses))),
-        "detail": detail,  # JSON, server/calls/detail.py
-    })
-    return _apply_flags(c, outcome, caller, callee, when, witnesses, locked)
+        "detail": rest[1] if len(rest) > 1 else None,  # JSON, server/calls/detail.py
+    }
+
+
+def _rule_inputs(row: tuple[Any, ...]) -> tuple[str, str, str, float, Sequence[str] | None]:
+    """What the flag rule reads of one argument tuple: outcome, caller, callee, when, witnesses."""
+    return row[4], row[1], row[2], row[8], row[9] if len(row) > 9 else None
 
 
 def _apply_flags(c: Connection, outcome: str, caller: str, callee: str, when: float,
-                 witnesses: Sequence[str] | None, held: dict[str, str] | None = None) -> dict[str, str]:
+                 witnesses: Sequence[str] | None, held: dict[str, str] | None = None,
+                 before_read: Callable[[], None] | None = None) -> dict[str, str]:
     """The flag rule for one stored attempt, in its transaction: the users' new states.
 
     ``held``: the states of every user this transaction locked already
     (a batch, ``record_attempts_many``); kept up to date here, so the
     batch's next rows see this one's changes without reading them again.
+    The callee's recent outcomes are read only when the rule looks at them
+    (a failure the callee reported); ``before_read`` runs first (the batch
+    writes its rows so far).
     """
     if held is None:
         # Lock both rows, in a fixed order, so concurrent outcomes for the
@@ -231,19 +261,24 @@ def _apply_flags(c: Connection, outcome: str, caller: str, callee: str, when: fl
         }
     else:
         locked = {user_id: held[user_id] for user_id in (caller, callee) if user_id in held}
-    recent = [
-        RecentAttempt(row.outcome, row.caller if row.callee == callee else row.callee,
-                      witnessed(row.witnesses, callee))
-        for row in c.execute(
-            RECENT_OUTCOMES, {"user_id": callee, "since": when - RECENT_WINDOW, "until": when})
-    ]
+    callee_reported = witnesses is None or callee in witnesses
+    recent: list[RecentAttempt] = []
+    if outcome not in SUCCESSES and callee_reported:
+        if before_read is not None:
+            before_read()
+        recent = [
+            RecentAttempt(row.outcome, row.caller if row.callee == callee else row.callee,
+                          witnessed(row.witnesses, callee))
+            for row in c.execute(
+                RECENT_OUTCOMES, {"user_id": callee, "since": when - RECENT_WINDOW, "until": when})
+        ]
     new_caller, new_callee = next_states(
         outcome,
         locked.get(caller, "unknown"),
         locked.get(callee, "unknown"),
         recent,
         caller_reported=witnesses is None or caller in witnesses,
-        callee_reported=witnesses is None or callee in witnesses,
+        callee_reported=callee_reported,
     )
     states = {user_id: state for user_id, state in ((caller, new_caller), (callee, new_callee))
               if user_id in locked}

@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import delete, insert, select
 from sqlalchemy.exc import IntegrityError
 
+from kerjostunt.store.directory import mark_changed
 from kerjostunt.store.models import Group, Membership, User
 from kerjostunt.store.queries import (
     CALL_CHECK,
@@ -56,6 +57,7 @@ class UsersAndGroups(EngineBound):
                 s.flush()
             except IntegrityError as e:  # lost a race with another writer
                 raise Duplicate(f"user {user_id!r} already exists") from e
+            mark_changed(s)
 
     @translated
     def set_password(self, user_id: str, realm: str, password: str) -> None:
@@ -65,6 +67,7 @@ class UsersAndGroups(EngineBound):
             user.realm = realm
             user.ha1_md5 = creds["ha1_md5"]
             user.ha1_sha256 = creds["ha1_sha256"]
+            mark_changed(s)
 
     @translated
     def delete_user(self, user_id: str) -> None:
@@ -72,6 +75,7 @@ class UsersAndGroups(EngineBound):
             self._user(s, user_id)
             s.execute(delete(Membership).where(Membership.user_id == user_id))
             s.execute(delete(User).where(User.user_id == user_id))
+            mark_changed(s)
 
     @translated
     def get_user(self, user_id: str) -> UserRecord:
@@ -166,6 +170,7 @@ class UsersAndGroups(EngineBound):
             s.execute(insert(User), users)
             if memberships:
                 s.execute(insert(Membership), memberships)
+            mark_changed(s)
         return len(users)
 
     # -- groups --------------------------------------------------------
@@ -188,6 +193,7 @@ class UsersAndGroups(EngineBound):
             self._group(s, name)
             s.execute(delete(Membership).where(Membership.group_name == name))
             s.execute(delete(Group).where(Group.name == name))
+            mark_changed(s)
 
     @translated
     def join_group(self, name: str, user_ids: Sequence[str]) -> None:
@@ -205,6 +211,7 @@ class UsersAndGroups(EngineBound):
             new = [{"group_name": name, "user_id": u} for u in wanted if u not in present]
             if new:
                 s.execute(insert(Membership), new)
+                mark_changed(s)
 
     @translated
     def leave_group(self, name: str, user_ids: Sequence[str]) -> None:
@@ -217,6 +224,7 @@ class UsersAndGroups(EngineBound):
                     Membership.group_name == name, Membership.user_id.in_(wanted)
                 )
             )
+            mark_changed(s)
 
     @translated
     def list_groups(self) -> dict[str, list[str]]:

@@ -111,6 +111,11 @@ class PreambleProtocol(TwistedProtocol):
         """The inner handshake's: the application protocol once it passed."""
         return self.inner.handshake_done
 
+    @property
+    def handshake_in_flight(self) -> bool:
+        """The inner handshake's (``contest.in_flight``): a deadline keeps this connection."""
+        return self.inner.handshake_in_flight
+
     def connectionMade(self) -> None:
         transport = _tcp(self)
         transport.write(PREAMBLE + self.tag + b"\n")

@@ -289,7 +289,7 @@ class Dialer(RelayRace):
         # dropping firewall the primed SYN's conntrack entry made the peer's SYN-ACK
         # out of window now and then (NAT lab: p50 350 ms primed, 296 unprimed).
         plan = PunchPlan(local=self.ipv6_punch, candidates=candidates, deadline=self.config.deadline,
-                         low_ttl=None, retry_jitter=RETRY_JITTER)
+                         low_ttl=None, retry_jitter=RETRY_JITTER, grace=self.handshakes.proof_wait)
         self.pending += 1
         attempt = self._begin_try("ipv6")
         d = self._contest.track(punch(self.reactor, plan, self._family.wrap(self.handshakes)))
@@ -342,8 +342,8 @@ class Dialer(RelayRace):
                 self.errors.append(f"birthday: {skip_birthday}")
         else:
             self._start_birthday(own_nat, peer_nat)
-        # A safety net: the punch ends at its deadline, handshakes at theirs.
-        self._contest.later(self.config.deadline + self.config.handshake_timeout + 1.0, self._give_up)
+        # A safety net: the punch ends at its deadline (plus the grace of a handshake in flight).
+        self._contest.later(self.config.deadline + self.handshakes.proof_wait + 1.0, self._give_up)
         # Attempts that failed at once were counted; the machine looks at
         # them only now that every technique has started.
         self._life.check()
@@ -413,6 +413,7 @@ class Dialer(RelayRace):
             # more than one one-way delay, NATs that answer RST) would
             # otherwise retry in lockstep and miss every time.
             retry_jitter=RETRY_JITTER,
+            grace=self.handshakes.proof_wait,
         )
         self.pending += 1
         attempt = self._begin_try("punch")
@@ -431,7 +432,7 @@ class Dialer(RelayRace):
             return
         plan = birthday.plan_for_call(
             role, local_ip=self.local_ip, punch_port=self.punch_port, peer_endpoint=candidates[0],
-            deadline=self.config.deadline, low_ttl=self.config.low_ttl,
+            deadline=self.config.deadline, low_ttl=self.config.low_ttl, grace=self.handshakes.proof_wait,
         )
         self.pending += 1
         attempt = self._begin_try("birthday")
@@ -506,7 +507,10 @@ class Dialer(RelayRace):
         self._contest.later(left, self._life.check)
         return True
 
-    def _give_up(self) -> None:
+    def _give_up(self, patient: bool = True) -> None:
+        if patient and self._contest.in_flight:  # a handshake in flight gets its time, once (contest.py)
+            self._contest.later(self.handshakes.proof_wait, self._give_up, False)
+            return
         for entry in self._tried:  # still running at the safety net: out of time, not beaten
             entry[1] = entry[1] or "timeout"
         self._life.fail(ConnectFailed(self._reason("no verified connection in time: ", "no answer")))

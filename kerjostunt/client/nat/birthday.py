@@ -33,9 +33,12 @@ TTL, so each socket still in SYN_SENT after ``cycle`` (< 1 s) is closed and
 redialed, primed again.  A socket that already received the peer's SYN
 (SYN_RECV, read with TCP_INFO) is left alone.
 
-Both sides stop at ``deadline``; every socket is closed when the attempt
-ends (won, failed, cancelled) and the number open at once is bounded (and
-kept under RLIMIT_NOFILE).  See docs/punching.rst ("The birthday technique").
+Both sides stop at ``deadline``: every socket still dialing is closed then,
+and a connection whose handshake is in flight (our HELLO or our R out) may
+still win within the handshake's time limit (``Contest.expire``: the peer may
+already have committed to it).  Every socket is closed when the attempt ends
+(won, failed, cancelled) and the number open at once is bounded (and kept
+under RLIMIT_NOFILE).  See docs/punching.rst ("The birthday technique").
 """
 
 from __future__ import annotations
@@ -165,7 +168,8 @@ class BirthdayPlan:
     the punch port, ``peer`` is ``(hard side's public IP, 0)``; ``ports``
     fixes the guesses (tests), otherwise ``guesses`` distinct random ports of
     ``port_range``.  ``deadline``: seconds after the start (including
-    ``start_delay``) by which everything is closed.
+    ``start_delay``) by which the search stops; a connection whose handshake
+    is in flight then may still take ``grace`` (``Contest.expire``).
     """
 
     role: str
@@ -184,6 +188,7 @@ class BirthdayPlan:
     start_delay: float = 0.0
     retry_interval: float = 0.05
     tick: float = 0.01
+    grace: float = 10.0
 
     def __post_init__(self) -> None:
         if self.role not in (HARD, EASY):
@@ -211,13 +216,16 @@ def plan_for_call(
     peer_endpoint: Endpoint,
     deadline: float,
     low_ttl: int | None,
+    grace: float = 10.0,
 ) -> BirthdayPlan:
-    """The plan a call's dialer uses (module defaults, bounded by the punch deadline)."""
+    """The plan a call's dialer uses (module defaults, bounded by the punch deadline;
+    ``grace``: the handshake's ``proof_wait``)."""
     if role == HARD:
-        return BirthdayPlan(HARD, (local_ip, 0), peer_endpoint, min(WINDOW, deadline), low_ttl=low_ttl)
+        return BirthdayPlan(HARD, (local_ip, 0), peer_endpoint, min(WINDOW, deadline), low_ttl=low_ttl,
+                            grace=grace)
     return BirthdayPlan(
         EASY, (local_ip, punch_port), (peer_endpoint[0], 0), min(WINDOW, deadline),
-        start_delay=EASY_START_DELAY,
+        start_delay=EASY_START_DELAY, grace=grace,
     )
 
 
@@ -452,7 +460,7 @@ class _Birthday:
         self.contest.contend(protocol, ok, bad)
 
     def won(self, wrapper: Any, app: Any, remote: Endpoint) -> None:
-        if self.contest.over:
+        if self.contest.settled:
             _drop(wrapper)
             return
         result = PunchResult(
@@ -481,8 +489,11 @@ class _Birthday:
                 f"{self.attempts} dials, {what}, at most {self.peak_open} open at once ({self._errors()})")
 
     def expire(self) -> None:
+        """The deadline: every socket still dialing closes now; a connection whose
+        handshake is in flight may still win within the grace (``Contest.expire``)."""
         if not self.contest.over:
-            self.contest.lose(BirthdayFailed(self._failure_text("no connection")))
+            self.close_all()
+            self.contest.expire(BirthdayFailed(self._failure_text("no connection")), self.plan.grace)
 
     def close_all(self) -> None:
         """Every socket of the attempt, when it ends (won, failed, cancelled)."""

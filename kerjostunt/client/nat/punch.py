@@ -47,6 +47,8 @@ class PunchPlan:
     is replaced by a fresh one (the kernel would only retransmit after 1 s,
     then 3 s).  ``retry_jitter``: up to this many seconds added at random
     to each ``retry_interval``, so two peers do not retry in lockstep.
+    ``grace``: at the deadline, how long a connection whose handshake is in
+    flight may still take (``Contest.expire``; the handshake's ``proof_wait``).
     """
 
     local: Endpoint
@@ -57,6 +59,7 @@ class PunchPlan:
     retry_interval: float = 0.2
     attempt_timeout: float = 1.0
     retry_jitter: float = 0.0
+    grace: float = 10.0
 
     def __post_init__(self) -> None:
         if not self.candidates:
@@ -309,7 +312,7 @@ class _Punch:
         self.contest.contend(protocol, ok, bad)
 
     def won(self, wrapper: Any, app: Any, remote: Endpoint, technique: str) -> None:
-        if self.contest.over:
+        if self.contest.settled:
             _drop(wrapper)
             return
         if getattr(wrapper, "transport", None) is None:
@@ -333,6 +336,7 @@ class _Punch:
         self.contest.win(result)
 
     def deadline_passed(self) -> None:
+        """Stop dialing; a connection whose handshake is in flight may still win (``Contest.expire``)."""
         if self.contest.over:
             return
         errors = "; ".join(
@@ -341,11 +345,12 @@ class _Punch:
         extra = {k: v for k, v in self.last_error.items() if k not in self.plan.candidates}
         if extra:
             errors += "; " + "; ".join(f"{_describe(k)} {v}" for k, v in extra.items())
-        self.contest.lose(
+        self.contest.expire(
             PunchFailed(
                 f"no connection within {self.plan.deadline:g} s after "
                 f"{self.attempts} attempts from {_describe(self.plan.local)} ({errors})"
-            )
+            ),
+            self.plan.grace,
         )
 
 
