@@ -20,6 +20,7 @@ connect to its own loopback anyway.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -55,7 +56,10 @@ class Scope:
     own: frozenset[str] = field(default_factory=frozenset)
 
 
+@functools.lru_cache(maxsize=4096)
 def _address(text: str) -> IPAddress | None:
+    """The address ``text`` names, or None; remembered (``ipaddress`` parses in Python, and every
+    call asks about the same few addresses: its peers', the server's, their candidates')."""
     try:
         address = ipaddress.ip_address(text)
     except ValueError:
