@@ -23,6 +23,7 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from kerjostunt.machines import indexed
 from kerjostunt.server.connectback import Connector
 from kerjostunt.server.limits import PerSourceCap
 from kerjostunt.server.observations import (
@@ -469,4 +470,4 @@ for _over in (_closing, _closed):
     _over.upon(ProbeLife.answered).loop().returns(None)
     _over.upon(ProbeLife.finish).loop().returns(None)
 
-_ProbeLifeMachine = _life.build()
+_ProbeLifeMachine = indexed(_life.build())

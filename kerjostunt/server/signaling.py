@@ -31,6 +31,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from kerjostunt.machines import indexed
 from kerjostunt.server.limits import (
     ConnectionLimits,
     GuardedTransport,
@@ -579,4 +580,4 @@ for _input in (ConnectionLife.tls_ready, ConnectionLife.user_bound, ConnectionLi
                ConnectionLife.timed_out):
     _closed.upon(_input).loop().returns(None)
 
-_ConnectionLifeMachine = _life.build()
+_ConnectionLifeMachine = indexed(_life.build())

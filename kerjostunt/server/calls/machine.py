@@ -17,6 +17,7 @@ from typing import Protocol
 from automat import TypeMachineBuilder
 from twisted.logger import Logger
 
+from kerjostunt.machines import indexed
 from kerjostunt.server.calls import messages
 from kerjostunt.server.calls.detail import attempt_detail
 from kerjostunt.server.calls.dialing import augmented, dial_in_ms, format_endpoint, local_addresses, scope_between
@@ -572,5 +573,5 @@ recorded.upon(CallInputs.late_answer).loop().returns(None)
 
 # closed: forgotten by the call table; nothing but phase() has a transition
 
-CallMachine = _builder.build()
+CallMachine = indexed(_builder.build())
 del _state, _phase, _input
