@@ -27,6 +27,7 @@ from kerjostunt.client.calls import PREAMBLE, AppPortProtocol, CallSetup, Dialer
 from kerjostunt.client.handshake import HandshakeFactory, HandshakeProtocol, compute_mac
 from kerjostunt.client.nat.contest import Contest, in_flight
 from kerjostunt.client.nat.punch import PunchFailed
+from tests.test_client_calls import _Handshaking as Handshaking
 
 SECRET = b"per-call secret"
 CALL = "call-7"
@@ -178,18 +179,10 @@ class DeadlineInTheHandshakeTests(unittest.TestCase):
         self.assertTrue(self.conn.tr.disconnecting)
 
 
-class _Stuck:
+class _Stuck(Handshaking):
     """A contender in flight whose handshake never ends (the grace's own bound is the net)."""
 
     handshake_in_flight = True
-
-    def __init__(self) -> None:
-        self.done: defer.Deferred[Any] = defer.Deferred()
-        self.transport = StringTransport()
-
-    @property
-    def handshake_done(self) -> defer.Deferred[Any]:
-        return self.done
 
 
 class _Quiet(_Stuck):

@@ -160,8 +160,10 @@ class Directory(Service):
                 if len(self._groups) + len(groups) > MAX_USERS:
                     self._groups.clear()
                 self._groups.update(groups)
-            known = {**self._groups, **groups} if trusted else groups
-            return verdict(known.get(caller), known.get(callee))
+            def groups_of(user: str) -> _Groups | None:
+                return groups.get(user, self._groups.get(user) if trusted else None)
+
+            return verdict(groups_of(caller), groups_of(callee))
 
         d: Deferred[str] = self._store.run(groups_of_users, wanted).addCallback(fetched)
         return d
