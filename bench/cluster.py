@@ -38,6 +38,7 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -319,6 +320,12 @@ def choose_generator(args: argparse.Namespace) -> str:
     return f"registrations.py's Twisted workers x {args.workers}; {check} and the name localhost"
 
 
+def per_instance_count(label: str, pick: Callable[[dict[str, Any]], Any], counts: list[int],
+                       results: dict[int, dict[str, Any]]) -> list[tuple[str, Any]]:
+    """One table row per instance count: ``label [N instance(s)]`` and what ``pick`` reads of its run."""
+    return [(f"{label} [{n} instance{'s' if n > 1 else ''}]", pick(results[n])) for n in counts]
+
+
 def registration_rows(counts: list[int], regs: dict[int, dict[str, Any]]) -> list[tuple[str, Any]]:
     rows: list[tuple[str, Any]] = []
     for label, pick in (
@@ -333,8 +340,7 @@ def registration_rows(counts: list[int], regs: dict[int, dict[str, Any]]) -> lis
         ("pinning", lambda r: r["pinning"]),
         ("server RSS with every peer held (sum), MiB", lambda r: r["rss_mib"]),
     ):
-        for n in counts:
-            rows.append((f"{label} [{n} instance{'s' if n > 1 else ''}]", pick(regs[n])))
+        rows += per_instance_count(label, pick, counts, regs)
     if 1 in regs and 2 in regs:
         one, two = regs[1], regs[2]
         rows.append(("REGISTER rate, 2 instances / 1", two["rate"] / max(1e-9, one["rate"])))
@@ -365,8 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         ("  each instance (idle included), ms", lambda c: c["each_ms"]),
         ("PostgreSQL backends' CPU per call, ms", lambda c: c["pg_ms"]),
     ):
-        for n in counts:
-            rows.append((f"{label} [{n} instance{'s' if n > 1 else ''}]", pick(results[n][1])))
+        rows += per_instance_count(label, pick, counts, {n: c for n, (_, c) in results.items()})
     rows.append(("machine load average (1 min), start / end", f"{load_start:.1f} / {os.getloadavg()[0]:.1f}"))
     common.print_table(f"cluster: {args.clients} REGISTERs, {args.rate:g} calls/s for {args.duration:g} s "
                        f"(callees on the second instance)", rows)

@@ -30,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -770,6 +771,42 @@ def emit(message: dict[str, Any]) -> None:
     """A worker's report to the coordinator: one JSON line on stdout."""
     sys.stdout.write(json.dumps(message) + "\n")
     sys.stdout.flush()
+
+
+class RegistrationTally:
+    """What a registration worker counts in a phase and reports: the REGISTERs that got
+    their 200, errors by kind, connect-to-200 latencies, the first start and the last 200.
+
+    Shared by ``registrations.py``'s Twisted workers and ``leanreg.py``'s, which speak
+    the same worker protocol to the coordinators."""
+
+    def __init__(self) -> None:
+        self.ok = 0
+        self.errors: Counter[str] = Counter()
+        self.latencies: list[float] = []
+        self.first_start = self.last_end = 0.0
+
+    def started(self, at: float) -> None:
+        if not self.first_start:
+            self.first_start = at
+
+    def succeeded(self, started: float) -> None:
+        self.ok += 1
+        now = time.time()
+        self.last_end = max(self.last_end, now)
+        self.latencies.append(1000 * (now - started))
+
+    def failed(self, error: str) -> None:
+        self.errors[error] += 1
+
+    def report(self, warmup: bool) -> None:
+        """The phase's event: ``warm`` (counts only) or ``registered`` (with the timings)."""
+        if warmup:
+            emit({"event": "warm", "ok": self.ok, "errors": dict(self.errors)})
+            return
+        emit({"event": "registered", "ok": self.ok, "errors": dict(self.errors),
+              "latencies": [round(x, 3) for x in self.latencies],
+              "first_start": self.first_start, "last_end": self.last_end})
 
 
 def run_to_exit(server: ServerProcess, start: Callable[[], Any]) -> int:

@@ -251,11 +251,9 @@ class Run:
         self.sel = selectors.DefaultSelector()
         self.peers: list[Peer] = []
         self.todo: list[tuple[Peer, str]] = []
-        self.inflight = self.ok = 0
-        self.errors: Counter[str] = Counter()
+        self.inflight = 0
+        self.tally = common.RegistrationTally()
         self.hold_errors: Counter[str] = Counter()
-        self.latencies: list[float] = []
-        self.first_start = self.last_end = 0.0
         self.phase = "idle"  # warmup, register, registered, hold, stopping
         self.pings: deque[tuple[float, Peer]] = deque()
         self.running = True
@@ -288,8 +286,7 @@ class Run:
         self.peers = [Peer(self, common.user_id(i)) for i in indices]
         self.todo = [(p, common.source_address(i, sources)) for p, i in zip(self.peers, indices)]
         self.todo.reverse()
-        self.ok, self.errors, self.latencies = 0, Counter(), []
-        self.first_start = self.last_end = 0.0
+        self.tally = common.RegistrationTally()
         self.pump()
 
     def pump(self) -> None:
@@ -302,8 +299,7 @@ class Run:
                 peer.close()
                 self.finish(peer, f"connect: {exc.strerror}")
                 continue
-            if not self.first_start:
-                self.first_start = peer.started
+            self.tally.started(peer.started)
         if not self.todo and self.inflight == 0 and self.phase in ("warmup", "register"):
             self.report()
 
@@ -312,21 +308,16 @@ class Run:
             for peer in self.peers:
                 peer.close()
             self.phase = "idle"
-            common.emit({"event": "warm", "ok": self.ok, "errors": dict(self.errors)})
+            self.tally.report(warmup=True)
             return
         self.phase = "registered"
-        common.emit({"event": "registered", "ok": self.ok, "errors": dict(self.errors),
-                     "latencies": [round(x, 3) for x in self.latencies],
-                     "first_start": self.first_start, "last_end": self.last_end})
+        self.tally.report(warmup=False)
 
     def finish(self, peer: Peer, error: str | None) -> None:
         if error is None:
-            self.ok += 1
-            now = time.time()
-            self.last_end = max(self.last_end, now)
-            self.latencies.append(1000 * (now - peer.started))
+            self.tally.succeeded(peer.started)
         else:
-            self.errors[error] += 1
+            self.tally.failed(error)
         self.inflight -= 1
         self.pump()
 

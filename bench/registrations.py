@@ -195,11 +195,8 @@ def worker(config: dict[str, Any]) -> int:
             self.clients: list[Any] = []
             self.todo: list[Any] = []
             self.inflight = 0
-            self.ok = 0
-            self.errors: Counter[str] = Counter()
+            self.tally = common.RegistrationTally()
             self.hold_errors: Counter[str] = Counter()
-            self.latencies: list[float] = []
-            self.first_start = self.last_end = 0.0
             self.phase = "idle"  # warmup, register, hold, stopping
             self.finished: set[Any] = set()
             self.done_event = "registered"
@@ -235,8 +232,7 @@ def worker(config: dict[str, Any]) -> int:
             self.phase = "warmup" if event == "warm" else "register"
             self.done_event = event
             self.clients, self.todo = clients, list(reversed(clients))
-            self.ok, self.errors, self.latencies, self.finished = 0, Counter(), [], set()
-            self.first_start = self.last_end = 0.0
+            self.tally, self.finished = common.RegistrationTally(), set()
             self.pump()
 
         def pump(self) -> None:
@@ -244,8 +240,7 @@ def worker(config: dict[str, Any]) -> int:
                 client = self.todo.pop()
                 self.inflight += 1
                 connector.connect(client)
-                if not self.first_start:
-                    self.first_start = client.connect_started
+                self.tally.started(client.connect_started)
             if not self.todo and self.inflight == 0 and self.phase in ("warmup", "register"):
                 self.report()
 
@@ -255,25 +250,20 @@ def worker(config: dict[str, Any]) -> int:
                     if client.transport is not None and not client.closed:
                         client.transport.loseConnection()
                 self.phase = "idle"
-                common.emit({"event": "warm", "ok": self.ok, "errors": dict(self.errors)})
+                self.tally.report(warmup=True)
                 return
             self.phase = "registered"
-            common.emit({"event": "registered", "ok": self.ok, "errors": dict(self.errors),
-                         "latencies": [round(x, 3) for x in self.latencies],
-                         "first_start": self.first_start, "last_end": self.last_end})
+            self.tally.report(warmup=False)
 
         def finish(self, client: Any, error: str | None) -> None:
             if client in self.finished:
                 return
             self.finished.add(client)
             if error is None:
-                self.ok += 1
                 client.registered = True
-                now = time.time()
-                self.last_end = max(self.last_end, now)
-                self.latencies.append(1000 * (now - client.connect_started))
+                self.tally.succeeded(client.connect_started)
             else:
-                self.errors[error] += 1
+                self.tally.failed(error)
             self.inflight -= 1
             self.pump()
 
