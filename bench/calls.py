@@ -38,6 +38,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
+import inside
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_outcome_option(p)
     common.add_pinning_option(p)
     common.add_run_options(p, "the call phase")
+    common.add_inside_option(p, "the call phase")
     args = p.parse_args(argv)
     if args.pairs < args.workers or args.rate <= 0 or args.duration <= 0:
         p.error("need --pairs >= --workers, --rate > 0 and --duration > 0")
@@ -71,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()[0]
     clients = 2 * args.pairs
     plan = common.cpu_plan(args.server_cpu)
-    server = common.ServerProcess(workdir, users=clients, extra_args=list(args.server_arg), cpus=plan.server)
+    server = common.ServerProcess(workdir, users=clients, extra_args=list(args.server_arg), cpus=plan.server,
+                                  inside=list(args.inside))
     workers: common.Workers | None = None
     spy: common.PySpy | None = None
     deadline = time.time() + args.timeout
@@ -106,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                 spy = common.PySpy(server.pid, args.py_spy, native=args.py_spy_native, rate=args.py_spy_rate)
         cpu0, threads0, gen0, t0 = server.cpu(), server.threads_cpu(), workers.cpu(), time.time()
         kernel0 = server.kernel_cpu()
+        server.inside_restart()
         start_at = t0 + 0.5
         workers.broadcast(f"calls {start_at}")
         reports = workers.collect("calls-done", timeout=args.duration + 120)
@@ -156,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         ("server core use during calls, %", 100 * (cpu1 - cpu0) / max(1e-9, t1 - t0)),
         ("load generators' core use during calls, %", 100 * gen_use),
     ]
+    if args.inside:
+        rows += inside.rows(server.inside_path, completed, "call")
     common.report(args, f"calls: {args.rate:g} calls/s for {args.duration:g} s, {args.pairs} pairs", rows, errors,
                   load_start, idle_cpu_rate=idle_rate,
                   samples_ms={key: [x for r in reports for x in r[key]]

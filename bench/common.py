@@ -267,6 +267,7 @@ class ServerProcess:
     max_per_ip: int = 1000
     extra_args: list[str] = field(default_factory=list)
     cpus: frozenset[int] | None = None
+    inside: list[str] = field(default_factory=list)
     proc: subprocess.Popen | None = None
     port: int = 0
     probe_ports: tuple[int, int] = (0, 0)
@@ -305,7 +306,7 @@ class ServerProcess:
 
     def command(self) -> list[str]:
         return [
-            sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+            sys.executable, "-c", self._prelude() + "from twisted.scripts.twistd import run; run()",
             "-n", "--pidfile=", f"--logfile={self.log_path}",
             "kerjostunt",
             "--interface", "127.0.0.1",
@@ -318,6 +319,22 @@ class ServerProcess:
             "--max-per-ip", str(self.max_per_ip),
             *self.extra_args,
         ]
+
+    @property
+    def inside_path(self) -> Path:
+        return self.workdir / "inside.json"
+
+    def _prelude(self) -> str:
+        """``--inside``: bench/inside.py wraps the functions before twistd loads anything else."""
+        if not self.inside:
+            return ""
+        return (f"import sys; sys.path.insert(0, {str(REPO / 'bench')!r}); import inside; "
+                f"inside.install({self.inside!r}, {str(self.inside_path)!r}); ")
+
+    def inside_restart(self) -> None:
+        """Start ``--inside``'s counts afresh (the phase to measure begins)."""
+        if self.inside and self.proc is not None:
+            self.proc.send_signal(signal.SIGUSR2)
 
     def start(self, timeout: float = 60.0) -> None:
         self.port, *probes = free_ports(3)
@@ -521,6 +538,12 @@ def add_run_options(p: argparse.ArgumentParser, phase: str) -> None:
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                    help="extra twistd kerjostunt option, repeatable (e.g. --server-arg=--tls-groups=X25519:P-256)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
+
+
+def add_inside_option(p: argparse.ArgumentParser, phase: str) -> None:
+    p.add_argument("--inside", action="append", default=[], metavar="MODULE:NAME",
+                   help=f"time this function inside the server during {phase}, repeatable "
+                        "(e.g. kerjostunt.wire.sdp:parse_sdp; bench/inside.py)")
 
 
 def shut_down(server: ServerProcess, workers: Workers | None, spy: PySpy | None) -> None:

@@ -10,7 +10,8 @@ from twisted.python import usage
 from twisted.trial import unittest
 
 from kerjostunt.server import calls, signaling
-from kerjostunt.server.service import GC_GEN0_THRESHOLD, filter_log_level, tune_gc
+from kerjostunt.server.logs import filter_log_level
+from kerjostunt.server.service import GC_GEN0_THRESHOLD, tune_gc
 from kerjostunt.server.tap import Options
 
 
@@ -31,6 +32,8 @@ class LogLevelTests(unittest.TestCase):
         def restore() -> None:
             for lg, observer in before.values():
                 lg.observer = observer
+                for method in ("debug", "info", "warn", "error", "critical"):
+                    vars(lg).pop(method, None)
 
         self.addCleanup(restore)
         self.seen: list[dict] = []
@@ -53,10 +56,22 @@ class LogLevelTests(unittest.TestCase):
         calls.log.debug("hidden {x}", x=1)
         signaling.log.info("shown {x}", x=2)
         Logger(namespace="other").debug("not ours {x}", x=3)
+        calls.log.emit(LogLevel.debug, "emitted {x}", x=4)
         formats = [e.get("log_format") for e in self.seen]
         self.assertNotIn("hidden {x}", formats)
+        self.assertNotIn("emitted {x}", formats)
         self.assertIn("shown {x}", formats)
         self.assertIn("not ours {x}", formats)
+
+    def test_warn_drops_info_without_building_an_event(self) -> None:
+        filter_log_level(LogLevel.warn)
+        built: list[object] = []
+        self.patch(Logger, "emit", lambda *a, **k: built.append(a))
+        calls.log.info("hidden {x}", x=1)
+        calls.log.debug("hidden {x}", x=2)
+        self.assertEqual(built, [])
+        calls.log.warn("shown {x}", x=3)
+        self.assertEqual(len(built), 1)
 
     def test_debug_level_lets_debug_through(self) -> None:
         filter_log_level(LogLevel.info)

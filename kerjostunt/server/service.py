@@ -10,7 +10,6 @@ import gc
 import ipaddress
 import re
 import socket
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from twisted.internet.interfaces import (
     IReactorCore,
     IStreamServerEndpoint,
 )
-from twisted.logger import FilteringLogObserver, Logger, LogLevel, LogLevelFilterPredicate, globalLogPublisher
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from kerjostunt import tls
@@ -62,36 +61,6 @@ from kerjostunt.wire.prediction import classify
 from kerjostunt.wire.sip.headers import parse_name_addr
 
 log = Logger()
-
-
-class _LevelFilter(FilteringLogObserver):
-    """The filter ``filter_log_level`` installs: a later call replaces it, not wraps it."""
-
-
-def filter_log_level(level: LogLevel) -> LogLevelFilterPredicate:
-    """Stop kerjostunt's events below ``level`` before any log observer sees them.
-
-    twistd's log file observer formats and writes every event it gets, debug
-    included, and twistd builds that observer itself (no level option), so
-    the filter sits at the source: every ``Logger`` of a loaded kerjostunt
-    module sends to a ``FilteringLogObserver`` (``LogLevelFilterPredicate``)
-    in front of the global publisher. A debug event then costs only its
-    ``Logger.emit``. Twisted's own events are not affected. ``twistd
-    kerjostunt --log-level`` calls this; tests that build a server directly
-    keep every event.
-    """
-    predicate = LogLevelFilterPredicate(defaultLogLevel=level)
-    filtered = _LevelFilter(globalLogPublisher, [predicate])
-    for name, module in list(sys.modules.items()):
-        if module is None or not (name == "kerjostunt" or name.startswith("kerjostunt.")):
-            continue
-        for value in list(vars(module).values()):
-            if isinstance(value, Logger) and (
-                value.observer is globalLogPublisher
-                or isinstance(value.observer, _LevelFilter)
-            ):
-                value.observer = filtered
-    return predicate
 
 
 GC_GEN0_THRESHOLD = 10_000  # CPython's default is 700

@@ -11,9 +11,10 @@ from twisted.logger import InvalidLogLevelError, LogLevel
 from twisted.python import usage
 
 from kerjostunt.server.limits import ConnectionLimits, WebLimits
+from kerjostunt.server.logs import filter_log_level, global_observers, speed_up_log_files
 from kerjostunt.server.reactor import IServerReactor
 from kerjostunt.server.relay import RelaySettings, parse_relay_url, read_secret
-from kerjostunt.server.service import ServerSettings, StuntServer, filter_log_level, tune_gc
+from kerjostunt.server.service import ServerSettings, StuntServer, tune_gc
 from kerjostunt.server.startup import StartGuard, twistd_teller
 
 
@@ -253,6 +254,8 @@ def makeService(config: Options, reactor: IServerReactor | None = None) -> IServ
         # its stub type lists only the common ones (no IReactorFromThreads).
         reactor = cast(IServerReactor, installed)
     filter_log_level(config["log-level"])
+    # twistd starts its log file observer after makeService, before the reactor runs.
+    reactor.callWhenRunning(lambda: speed_up_log_files(global_observers()))
     tune_gc(reactor)
     settings, running = config.settings(), reactor
     # twistd's own options (``parent``): its status pipe and pid file.
