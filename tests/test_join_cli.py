@@ -142,8 +142,9 @@ class JoinLoopbackTests(unittest.TestCase):
     def test_three_child_processes_reach_each_other_and_hang_up(self):  # type: ignore[no-untyped-def]
         procs = {}
         for user, password in TRIO.items():
+            verbose = ["--verbose"] if user == "xena" else []
             procs[user] = spawn(
-                self, f"join {user}", sys.executable, ["-m", "kerjostunt.cli", *self.argv(user)],
+                self, f"join {user}", sys.executable, ["-m", "kerjostunt.cli", *self.argv(user, *verbose)],
                 env=child_env(PYTHONUNBUFFERED="1"), stdin=(password + "\n").encode(),
             )
         try:
@@ -160,6 +161,9 @@ class JoinLoopbackTests(unittest.TestCase):
             code = yield proc.stop()
             self.assertEqual(code, 0, proc.output)
             self.assertIn("stopped", proc.output)
+        # --verbose: the library's debug events on stderr; without it, none.
+        self.assertIn(b"#debug] ", bytes(procs["xena"].err))
+        self.assertNotIn(b"#debug] ", bytes(procs["yuri"].err) + bytes(procs["zack"].err))
 
     @defer.inlineCallbacks
     def test_closed_pipe_ends_the_command_quietly(self):  # type: ignore[no-untyped-def]

@@ -19,7 +19,8 @@ lab) can follow it::
 It runs until SIGTERM or SIGINT. See docs/peer-manager.rst. What it waits
 for longer than a second is one line on stderr (``loading the peers list of
 GROUP…``, ``registering…``, ``calling bob…``, ``punching (simultaneous
-open)…``; ``-q`` silences them), by ``cli.progress.Progress``.
+open)…``; ``-q`` silences them), by ``cli.progress.Progress``. The log goes
+to stderr too: warnings and errors, or every step with ``--verbose``.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from kerjostunt.client.cli.options import (
     react_for_exit_code,
     server_and_password,
     servers_of,
+    start_logging,
     web_url,
 )
 from kerjostunt.client.cli.progress import Output, Progress
@@ -126,6 +128,8 @@ def register(subparsers: Any) -> None:
     add_port_mapping(parser)
     parser.add_argument("--quiet", "-q", action="store_true",
                         help="no progress lines on stderr (registering..., calling PEER...)")
+    parser.add_argument("--verbose", "-v", action="store_true",
+                        help="log every step of every connection to stderr (default: warnings and errors)")
     parser.add_argument("group", metavar="GROUP")
     parser.set_defaults(func=run_command)
 
@@ -396,4 +400,5 @@ def _stop(manager: PeerManager, say: Callable[[str], None], progress: Progress) 
 
 def run_command(args: argparse.Namespace) -> int:
     """Entry point from ``kerjostunt.cli``: run until SIGTERM/SIGINT."""
+    start_logging(args.verbose)
     return react_for_exit_code(run, args, default=0)
