@@ -26,14 +26,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import calls
 import common
 
 from kerjostunt.wire.sdp import parse_sdp
 
-OFFER = (b"v=0\r\no=b1 0 0 IN IP4 127.0.0.1\r\ns=kerjostunt\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
-         b"m=application 40000 TCP kerjo\r\n"
-         b"a=candidate:1 1 TCP 2128609279 127.0.0.1 40000 typ host tcptype so\r\n"
-         b"a=x-kerjo-punch-port:40000\r\n")
+OFFER = calls.sdp("b1", "127.0.0.1", 40000)  # what calls.py's peers send
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

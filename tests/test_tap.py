@@ -32,8 +32,8 @@ class LogLevelTests(unittest.TestCase):
         def restore() -> None:
             for lg, observer in before.values():
                 lg.observer = observer
-                for method in ("debug", "info", "warn", "error", "critical"):
-                    vars(lg).pop(method, None)
+                for level in LogLevel.iterconstants():
+                    vars(lg).pop(level.name, None)
 
         self.addCleanup(restore)
         self.seen: list[dict] = []
