@@ -165,6 +165,8 @@ class FakeConnection:
         self.queries: list[bytes] = []
         self.states: list[int] = []
         self.notifies: list[Notify] = []
+        #: what the socket holds: the next poll reads it into ``notifies``
+        self.read_by_next_poll: list[Notify] = []
         self.broken = False
 
     def cursor(self) -> FakeCursor:
@@ -173,6 +175,8 @@ class FakeConnection:
     def poll(self) -> int:
         if self.broken:
             raise psycopg2.OperationalError("server closed the connection unexpectedly")
+        self.notifies += self.read_by_next_poll
+        self.read_by_next_poll = []
         return self.states.pop(0) if self.states else POLL_OK
 
     def fileno(self) -> int:
@@ -221,6 +225,16 @@ class ChannelsTests(unittest.TestCase):
         self.connection.notifies.extend([Notify(1, "me", "x"), Notify(1, "me", "y")])
         self.channels.doRead()
         self.assertEqual(order, ["begin x", "end x", "begin y", "end y"])
+
+    def test_a_notification_read_by_a_send_is_handed_over_in_a_later_turn(self) -> None:
+        """The send's own poll may read one off the socket along with its query's result;
+        the socket is not readable again for it, so it must not wait for the next one."""
+
+        self.connection.read_by_next_poll.append(Notify(2, "me", "from the other instance"))
+        self.channels.notify("other", "out")
+        self.assertEqual((len(self.connection.queries), self.got), (1, []))  # not inside notify
+        self.reactor.advance(0)
+        self.assertEqual(self.got, [("me", "from the other instance")])
 
     def test_a_broken_connection_is_lost_once_and_closed(self) -> None:
         self.connection.broken = True

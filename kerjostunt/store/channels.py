@@ -107,6 +107,7 @@ class Channels:
         self._cursor: Any = None  # the query in flight's; psycopg2 needs it alive until the poll says done
         self._outbox = Outbox(reactor, self._send, self._fail, spacing=spacing)
         self._failed = False
+        self._delivery_due = False
 
     def start(self) -> Deferred[None]:
         """Connect and LISTEN (in the thread); fires once notifications are being read."""
@@ -137,7 +138,14 @@ class Channels:
         self._cursor = cursor = self._connection.cursor()
         query = b";".join(cursor.mogrify("SELECT pg_notify(%s, %s)", item) for item in batch)
         cursor.execute(query)
-        self._advance()  # no notifications handed over here: we may be inside a handler of one
+        self._advance()
+        # Not handed over here (we may be inside a handler of one), but what this poll read
+        # off the socket is in ``notifies`` now, and the socket may never be readable again
+        # for it: hand it over in a turn of its own. Left there, the last message of a
+        # burst waited for whatever notification came next.
+        if self._connection is not None and self._connection.notifies and not self._delivery_due:
+            self._delivery_due = True
+            self._reactor.callLater(0, self._deliver)
 
     def _advance(self) -> int | None:
         """Poll: the connection's state (None: it failed); a query's end lets the outbox send the next."""
@@ -164,7 +172,13 @@ class Channels:
 
     def _poll(self) -> None:
         """Advance the query in flight, then hand over the notifications that came, in order."""
-        if self._advance() is None or self._connection is None:
+        if self._advance() is None:
+            return
+        self._deliver()
+
+    def _deliver(self) -> None:
+        self._delivery_due = False
+        if self._connection is None:
             return
         notifies = self._connection.notifies
         while notifies and not self._failed:
