@@ -131,14 +131,14 @@ class CallFlowTests(unittest.TestCase):
                                            f"outcome=stunt\ntechnique=simultaneous-open\nremote=127.0.0.1:{c['port_a']}\nelapsed_ms=181\n")
         self.assertEqual((r1.code, r2.code), (200, 200))
         # Order on the wire as the server saw it (alice's ACK precedes her BYE on her connection):
-        # eleven messages, the whole call.
+        # ten messages, the whole call (bob answered within 0.2 s: no 100 Trying).
         order = [(d, m.split(b"\r\n", 1)[0].decode()) for d, _, m in self.transcript]
         self.assertEqual([line for _, line in order], [
-            f"INVITE sips:bob@{DOMAIN} SIP/2.0", "SIP/2.0 100 Trying", f"INVITE sips:bob@{DOMAIN} SIP/2.0",
+            f"INVITE sips:bob@{DOMAIN} SIP/2.0", f"INVITE sips:bob@{DOMAIN} SIP/2.0",
             "SIP/2.0 200 OK", "SIP/2.0 200 OK", f"ACK sips:bob@{DOMAIN} SIP/2.0", f"ACK sips:bob@{DOMAIN} SIP/2.0",
             f"BYE sips:bob@{DOMAIN} SIP/2.0", "SIP/2.0 200 OK", f"INFO sips:{DOMAIN} SIP/2.0", "SIP/2.0 200 OK",
         ])
-        self.assertIn(b"Content-Type: application/x-kerjo-outcome", self.transcript[7][2])
+        self.assertIn(b"Content-Type: application/x-kerjo-outcome", self.transcript[6][2])
         yield self.server.store._when_idle()
         alice_rec = yield self.server.store.get_user("alice")
         bob_rec = yield self.server.store.get_user("bob")
@@ -433,8 +433,9 @@ class CallManagerUnitTests(unittest.SynchronousTestCase):
         self.registrar.bind("bob", self.bob, "<sips:bob@x>", 3600)
 
     def ring(self, call_id: str = "c1") -> Request:
+        before = len(self.alice.sent)
         self.manager.handle_request(self.alice, invite_request("alice", "bob", call_id))
-        self.assertEqual(self.alice.last().code, 100)  # type: ignore[union-attr]
+        self.assertEqual(len(self.alice.sent), before)  # the 100 Trying waits 0.2 s for an answer
         forwarded = self.bob.last()
         self.assertEqual(forwarded.method, "INVITE")  # type: ignore[union-attr]
         return forwarded  # type: ignore[return-value]
@@ -444,6 +445,23 @@ class CallManagerUnitTests(unittest.SynchronousTestCase):
         self.manager.handle_response(self.bob, answer(forwarded))
         ok, ack = self.alice.last(), self.bob.last()
         return forwarded, ok, ack  # type: ignore[return-value]
+
+    def test_trying_only_when_the_answer_is_slow(self) -> None:
+        self.ring("slow")
+        self.clock.advance(0.19)
+        self.assertEqual(self.alice.sent, [])
+        self.clock.advance(0.01)
+        self.assertEqual([m.code for m in self.alice.sent], [100])  # type: ignore[union-attr]
+        forwarded = self.bob.last()
+        self.manager.handle_response(self.bob, answer(forwarded))
+        self.assertEqual([m.code for m in self.alice.sent], [100, 200])  # type: ignore[union-attr]
+
+    def test_no_trying_after_a_quick_answer_or_refusal(self) -> None:
+        self.connect("quick")
+        self.manager.handle_request(self.alice, invite_request("alice", "nobody", "refused"))
+        self.clock.advance(5)
+        self.assertEqual([m.code for m in self.alice.sent], [200, 404])  # type: ignore[union-attr]
+        self.assertEqual([c for c in self.clock.getDelayedCalls() if c.func.__name__ == "_send_trying"], [])
 
     def test_answer_timer(self) -> None:
         forwarded = self.ring()
@@ -558,7 +576,7 @@ class CallManagerUnitTests(unittest.SynchronousTestCase):
         self.assertNotEqual(f1.headers.get("X-Kerjo-Call-Secret"), f2.headers.get("X-Kerjo-Call-Secret"))
         self.manager.handle_response(self.bob, answer(f2, 486))
         self.assertEqual(carol.last().code, 486)  # type: ignore[union-attr]
-        self.assertEqual(self.alice.last().code, 100)  # type: ignore[union-attr]
+        self.assertEqual(self.alice.sent, [])
         self.manager.handle_response(self.bob, answer(f1))
         self.assertEqual(self.alice.last().code, 200)  # type: ignore[union-attr]
         self.assertEqual(self.alice.last().headers.get("X-Kerjo-Call-Secret"), f1.headers.get("X-Kerjo-Call-Secret"))  # type: ignore[union-attr]

@@ -28,7 +28,7 @@ from kerjostunt.wire import kerjo
 from kerjostunt.wire.kerjo import Outcome, RelayOffer, Role, new_branch, new_tag
 from kerjostunt.wire.prediction import Prediction
 from kerjostunt.wire.sdp import SessionDescription
-from kerjostunt.wire.sip.message import REASONS, Request, Response
+from kerjostunt.wire.sip.message import REASONS, Request, Response, make_response
 
 log = Logger(namespace="kerjostunt.server.calls")
 
@@ -157,6 +157,7 @@ class Call:
         # sides that have had their BYE (a tuple: the collector stops walking it)
         self.byes_sent: tuple[str, ...] = ()
         self._cseq = {CALLER: 0, CALLEE: 1}
+        self._trying_timer: Timer | None = None
         self._answer_timer: Timer | None = None
         self._outcome_timer: Timer | None = None
         #: side -> the sequential NAT (public address) whose turn the call takes (lanes.py)
@@ -173,6 +174,22 @@ class Call:
 
     def legs(self) -> list[SignalingConnection]:
         return [c for c in (self.caller_conn, self.callee_conn) if c is not None]
+
+    # -- the caller's answers --------------------------------------------------------
+
+    def trying_later(self) -> None:
+        """``100 Trying`` if no other answer is sent within ``trying_delay`` (RFC 3261 17.2.1):
+        over TLS nothing retransmits the INVITE, and most calls are answered sooner."""
+        self._trying_timer = self.host.clock.callLater(self.host.settings.trying_delay, self._send_trying)
+
+    def _send_trying(self) -> None:
+        self._trying_timer = None
+        self.caller_conn.send(make_response(self.invite, 100))
+
+    def answer(self, response: Response) -> None:
+        """Any response to the caller's INVITE: the ``100 Trying`` is no longer needed."""
+        self._trying_timer = _cancelled(self._trying_timer)
+        self.caller_conn.send(response)
 
     # -- checking -> ringing -----------------------------------------------------------
 
@@ -196,7 +213,7 @@ class Call:
         return [(kerjo.RELAY, offer.value())] if offer is not None else []
 
     def refuse(self, code: int, reason: str | None, retry_after: int | None = None) -> None:
-        self.caller_conn.send(messages.answer(self, self.invite, code, reason, retry_after))
+        self.answer(messages.answer(self, self.invite, code, reason, retry_after))
         self.host.count(f"calls_refused_{code}")
         log.info("Call {caller} -> {callee} refused: {code} {reason}", caller=self.caller_id,
                  callee=self.callee_id, code=code, reason=reason or REASONS.get(code, ""))
@@ -218,7 +235,7 @@ class Call:
         body = augmented(sdp, self.callee_prediction, self.callee_conn.peer[0], scope).to_bytes()
         ok = messages.ok(self, self.invite, peer, dial_caller, body)
         ack = messages.to_callee(self, "ACK", 1, self.callee_tag, dial_in=dial_callee)
-        self.caller_conn.send(ok)
+        self.answer(ok)
         self.callee_conn.send(ack)
         # The outcome is due outcome_timeout after the later of the two dial moments.
         due = max(dial_caller, dial_callee) / 1000.0 + self.host.settings.outcome_timeout
@@ -230,26 +247,26 @@ class Call:
     # -- ringing -> ended ------------------------------------------------------------
 
     def pass_rejection(self, response: Response) -> None:
-        self.caller_conn.send(messages.passed_rejection(self, self.invite, response))
+        self.answer(messages.passed_rejection(self, self.invite, response))
         self.host.count(f"calls_rejected_{response.code}")
         log.info("Call {caller} -> {callee} rejected by {callee}: {code} {reason}", caller=self.caller_id,
                  callee=self.callee_id, code=response.code, reason=response.reason)
 
     def refuse_bad_answer(self, response: Response) -> None:
         self.callee_tag = tag_of(response.headers.get("To"))
-        self.caller_conn.send(messages.answer(self, self.invite, 502, "Bad Gateway: unusable answer"))
+        self.answer(messages.answer(self, self.invite, 502, "Bad Gateway: unusable answer"))
         self._send_callee(messages.to_callee(self, "ACK", 1, self.callee_tag))
         self.bye_to(CALLEE)
 
     def time_out(self) -> None:
-        self.caller_conn.send(messages.answer(self, self.invite, 408))
+        self.answer(messages.answer(self, self.invite, 408))
         self.cancel_callee()
         self.host.count("calls_timed-out_408")
         log.info("Call {caller} -> {callee}: 408, {callee} did not answer within {timeout:.0f} s",
                  caller=self.caller_id, callee=self.callee_id, timeout=self.host.settings.answer_timeout)
 
     def terminated(self) -> None:
-        self.caller_conn.send(messages.answer(self, self.invite, 487))
+        self.answer(messages.answer(self, self.invite, 487))
         self.host.count("calls_cancelled_487")
 
     def cancel_callee(self) -> None:
@@ -257,7 +274,7 @@ class Call:
             self._send_callee(messages.cancel(self, self.forwarded))
 
     def unavailable(self) -> None:
-        self.caller_conn.send(messages.answer(self, self.invite, 480, "Temporarily Unavailable: callee went away"))
+        self.answer(messages.answer(self, self.invite, 480, "Temporarily Unavailable: callee went away"))
 
     def ack_and_bye(self, response: Response) -> None:
         """A 200 that crossed our CANCEL: the callee's dialog exists now, so end it."""
@@ -329,15 +346,15 @@ class Call:
 
     def finish(self) -> None:
         """Ended or recorded: stop the timers, shed what is no longer needed, linger."""
+        self._trying_timer = _cancelled(self._trying_timer)
         self.stop_answer_timer()
         self._stop_outcome_timer()
         self._shed()
         self.host.linger_from_now(self)
 
     def remove(self) -> None:
-        for timer in (self._answer_timer, self._outcome_timer):
-            if timer is not None and timer.active():
-                timer.cancel()
+        for timer in (self._trying_timer, self._answer_timer, self._outcome_timer):
+            _cancelled(timer)
         self.host.remove(self)
 
     def _shed(self) -> None:
@@ -379,18 +396,21 @@ class Call:
             self.callee_conn.send(request)
 
     def stop_answer_timer(self) -> None:
-        if self._answer_timer is not None and self._answer_timer.active():
-            self._answer_timer.cancel()
-        self._answer_timer = None
+        self._answer_timer = _cancelled(self._answer_timer)
 
     def _answer_timeout(self) -> None:
         self._answer_timer = None
         self.host.answer_timed_out(self)
 
     def _stop_outcome_timer(self) -> None:
-        if self._outcome_timer is not None and self._outcome_timer.active():
-            self._outcome_timer.cancel()
-        self._outcome_timer = None
+        self._outcome_timer = _cancelled(self._outcome_timer)
+
+
+def _cancelled(timer: Timer | None) -> Timer | None:
+    """Cancel ``timer`` if it is still due; what the attribute that held it holds now (None)."""
+    if timer is not None and timer.active():
+        timer.cancel()
+    return None
 
 
 # -- the machine: state by state, what each input does ------------------------------------
@@ -408,7 +428,7 @@ for _state, _phase in ((checking, Phase.CHECKING), (ringing, Phase.RINGING), (re
     _state.upon(CallInputs.phase).loop().returns(_phase)
 
 
-# checking: the store is working ("100 sent; waiting for the store: target exists, shared group")
+# checking: the store is working ("100 due in 0.2 s; waiting for the store: target exists, shared group")
 
 @checking.upon(CallInputs.checked).to(ringing)
 def _forward(inputs: CallInputs, call: Call, callee_conn: SignalingConnection) -> None:

@@ -362,7 +362,7 @@ class CallManager:
         self._by_server_id[call.server_call_id] = call
         self.leg_added(call, conn)
         self.count("invites")
-        conn.send(make_response(request, 100))
+        call.trying_later()
         self._check(call)
 
     def _caller(self, conn: SignalingConnection, request: Request) -> str:
@@ -509,7 +509,7 @@ class CallManager:
         self._notices.pop(call, None)
         if not self.lanes.is_waiting(call) or call.machine.phase() is not Phase.CHECKING:
             return
-        call.caller_conn.send(make_response(call.invite, 182, "Queued: waiting for a turn at a NAT"))
+        call.answer(make_response(call.invite, 182, "Queued: waiting for a turn at a NAT"))
         self._notices[call] = self._clock.callLater(self._settings.queued_notice, self._queued, call)
 
     def _forward(self, call: Call) -> None:
@@ -557,7 +557,7 @@ class CallManager:
         code = response.code
         if code < 200:
             if code != 100 and call.machine.phase() is Phase.RINGING:
-                call.caller_conn.send(messages.answer(call, call.invite, code, response.reason))
+                call.answer(messages.answer(call, call.invite, code, response.reason))
             return
         if code >= 300:
             self.feed(call, CallInputs.rejected, response)

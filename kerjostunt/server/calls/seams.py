@@ -119,6 +119,9 @@ class CallSettings:
     answer_timeout: float = 15.0
     #: seconds after the dial moment within which the outcome must be reported
     outcome_timeout: float = 30.0
+    #: ``100 Trying`` goes to the caller only if the call has no other answer this many seconds
+    #: after its INVITE (RFC 3261 17.2.1): most calls are answered sooner, and save the message
+    trying_delay: float = 0.2
     #: seconds an ended call stays in the table to answer stray requests and responses
     linger: float = 32.0
     #: INVITEs per second one caller may send, and the burst allowed above it

@@ -104,7 +104,7 @@ class TurnProbes:
         self._waiting[key] = _Waiting(call, go, timer)
         response = make_response(call.invite, 183, "Session Progress: probe now")
         response.headers.add(kerjo.PROBES, "1")
-        call.caller_conn.send(response)
+        call.answer(response)
         log.debug("Call {caller} -> {callee}: asked the caller for its probe", caller=call.caller_id,
                   callee=call.callee_id)
 
