@@ -34,6 +34,7 @@ Example: ``python bench/cluster.py --db $(.ci/start-postgres | tail -n 1)``
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -81,10 +82,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=900.0, help="hard limit on the whole run, seconds")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (server logs)")
     p.add_argument("--no-calls", action="store_true", help="registrations only (e.g. 30,000 peers held)")
+    p.add_argument("--refresh", type=float, default=0.0, metavar="SECONDS",
+                   help="after the registrations, every held peer registers again on its TLS connection for "
+                        "SECONDS (digest, the nonce reused: no handshake), lean generator only (default 0: no)")
     p.add_argument("--py-spy", metavar="DIR", type=Path,
                    help="record each instance with py-spy during the calls (DIR/calls-nN-instanceI.txt, raw)")
     calls_bench.add_outcome_option(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.refresh > 0 and args.generator != "lean":
+        p.error("--refresh needs --generator lean")
+    return args
 
 
 @dataclass
@@ -232,6 +239,7 @@ def registrations(args: argparse.Namespace, base: Path, count: int, deadline: fl
         cpu1, pg1 = cpu(servers), machine.postgres_cpu(args.db)
         rss_mib = sum(s.rss() for s in servers) / 1024  # every peer still registered, all held at once
         held = sum(common.open_fds(s.pid) for s in servers)
+        refresh = refreshes(args, servers, generators) if args.refresh > 0 else NO_REFRESH
     finally:
         generators.stop()
         for server in servers:
@@ -243,7 +251,31 @@ def registrations(args: argparse.Namespace, base: Path, count: int, deadline: fl
             "cpu_ms": 1000 * (cpu1 - cpu0) / ok, "gen_ms": 1000 * (gen1 - gen0) / ok,
             "pg_ms": 1000 * machine.cpu_delta(pg0, pg1) / ok,
             "busy": 100 * (busy1 - busy0) / max(1e-9, (t1 - t0) * len(os.sched_getaffinity(0))),
-            "rss_mib": rss_mib, "fds": held, "pinning": describe_pinning(server_cpus, generator_cpus)}
+            "rss_mib": rss_mib, "fds": held, "pinning": describe_pinning(server_cpus, generator_cpus), **refresh}
+
+
+NO_REFRESH = {"refresh_rate": float("nan"), "refresh_errors": 0, "refresh_cpu_ms": float("nan"),
+              "refresh_gen_ms": float("nan"), "refresh_pg_ms": float("nan")}
+
+
+def refreshes(args: argparse.Namespace, servers: list[Instance], generators: Any) -> dict[str, Any]:
+    """``--refresh``: the held peers REGISTER again on their connections; rate and CPU per refresh.
+
+    What a first registration costs is mostly the two TLS handshakes (the
+    generators' side alone about 1 ms); a refresh has none, so the
+    generators' share of the two cores is small and the instances' own cost
+    shows.
+    """
+    wait_quiet(servers)
+    cpu0, gen0, pg0 = cpu(servers), generators.cpu(), machine.postgres_cpu(args.db)
+    generators.workers.broadcast(f"refresh {args.refresh}")
+    reports = generators.workers.collect("refreshed", timeout=args.refresh + 60)
+    cpu1, gen1, pg1 = cpu(servers), generators.cpu(), machine.postgres_cpu(args.db)
+    count = max(1, sum(r["count"] for r in reports))
+    span = max(r["last"] for r in reports) - min(r["first"] for r in reports)
+    return {"refresh_rate": count / max(1e-9, span), "refresh_errors": sum(sum(r["errors"].values()) for r in reports),
+            "refresh_cpu_ms": 1000 * (cpu1 - cpu0) / count, "refresh_gen_ms": 1000 * (gen1 - gen0) / count,
+            "refresh_pg_ms": 1000 * machine.cpu_delta(pg0, pg1) / count}
 
 
 NO_CALLS = {"completed": 0, "started": 0, "errors": 0, "p50": float("nan"), "p99": float("nan"),
@@ -341,6 +373,16 @@ def registration_rows(counts: list[int], regs: dict[int, dict[str, Any]]) -> lis
         ("server RSS with every peer held (sum), MiB", lambda r: r["rss_mib"]),
     ):
         rows += per_instance_count(label, pick, counts, regs)
+    if any(not math.isnan(r["refresh_rate"]) for r in regs.values()):
+        for label, pick in (
+            ("refresh REGISTERs on held connections (200) / errors, /s",
+             lambda r: f"{r['refresh_rate']:.0f} / {r['refresh_errors']}"),
+            ("  server / generators' / PostgreSQL CPU per refresh, ms",
+             lambda r: f"{r['refresh_cpu_ms']:.3f} / {r['refresh_gen_ms']:.3f} / {r['refresh_pg_ms']:.3f}"),
+        ):
+            rows += per_instance_count(label, pick, counts, regs)
+        if 1 in regs and 2 in regs:
+            rows.append(("refresh rate, 2 instances / 1", regs[2]["refresh_rate"] / max(1e-9, regs[1]["refresh_rate"])))
     if 1 in regs and 2 in regs:
         one, two = regs[1], regs[2]
         rows.append(("REGISTER rate, 2 instances / 1", two["rate"] / max(1e-9, one["rate"])))

@@ -17,8 +17,10 @@ and later), full handshakes without resumption. ``verify`` true checks the
 chain against the bench CA and the name ``localhost``; false skips both.
 
 It speaks ``registrations.py``'s worker protocol (commands ``warmup N``,
-``go``, ``hold``, ``stop`` on stdin; events ``ready``, ``warm``,
-``registered``, ``done`` on stdout), so both coordinators can use it:
+``go``, ``hold``, ``stop`` on stdin, and its own ``refresh SECONDS``: every
+held peer registers again on its connection, ``window`` at a time, the
+challenge's nonce reused with a growing ``nc``, until SECONDS pass; events ``ready``, ``warm``,
+``registered``, ``refreshed``, ``done`` on stdout), so both coordinators can use it:
 ``--generator lean``.
 """
 
@@ -83,8 +85,8 @@ def digest_answer(challenge: str, user: str, password: str, uri: str, nc: int) -
 class Peer:
     """One TLS peer: connect, handshake, REGISTER, 401, REGISTER with credentials, 200, then held."""
 
-    __slots__ = ("buf", "closed", "conn", "cseq", "local", "pings", "pongs", "registered", "run", "sock",
-                 "started", "state", "uid")
+    __slots__ = ("buf", "challenge", "closed", "conn", "cseq", "local", "nc", "pings", "pongs", "registered",
+                 "run", "sock", "started", "state", "uid")
 
     def __init__(self, run: Run, uid: str) -> None:
         self.run, self.uid = run, uid
@@ -97,6 +99,7 @@ class Peer:
         self.started = 0.0
         self.registered = self.closed = False
         self.pings = self.pongs = 0
+        self.challenge, self.nc = "", 0  # the server's digest challenge and how often it was answered
 
     def start(self, source: str) -> None:
         self.started = time.time()
@@ -203,20 +206,34 @@ class Peer:
         first, _, headers = head.partition("\r\n")
         parts = first.split(" ", 2)
         code = int(parts[1]) if len(parts) > 1 and parts[0] == "SIP/2.0" and parts[1].isdigit() else 0
-        if self.state == "challenge" and code == 401:
+        if self.state in ("challenge", "refresh") and code == 401:  # a refresh's: the nonce went stale
             challenge = next((line.split(":", 1)[1] for line in headers.split("\r\n")
                               if line.lower().startswith("www-authenticate:") and "digest" in line.lower()), None)
             if challenge is None:
                 self.fail("401 without a Digest challenge")
                 return
-            self.state = "answer"
-            self.send_register(digest_answer(challenge, self.uid, common.password_of(self.uid),
-                                             f"sips:{common.DOMAIN}", 1))
+            self.challenge, self.nc = challenge, 0
+            self.state = "answer" if self.state == "challenge" else "refresh"
+            self.answer()
         elif self.state == "answer" and code == 200:
             self.state, self.registered = "held", True
             self.run.finish(self, None)
-        elif self.state in ("challenge", "answer"):
+        elif self.state == "refresh" and code == 200:
+            self.state = "held"
+            self.run.refreshed(self)
+        elif self.state in ("challenge", "answer", "refresh"):
             self.fail(f"REGISTER {code}")
+
+    def answer(self) -> None:
+        """REGISTER with credentials for the challenge we hold, its nonce counted once more."""
+        self.nc += 1
+        self.send_register(digest_answer(self.challenge, self.uid, common.password_of(self.uid),
+                                         f"sips:{common.DOMAIN}", self.nc))
+
+    def refresh(self) -> None:
+        """A registered peer registers again on its connection (RFC 7616: the nonce reused, nc grown)."""
+        self.state = "refresh"
+        self.answer()
 
     def ping(self) -> None:
         if not self.closed and self.state == "held":
@@ -257,6 +274,10 @@ class Run:
         self.phase = "idle"  # warmup, register, registered, hold, stopping
         self.pings: deque[tuple[float, Peer]] = deque()
         self.running = True
+        self.refreshing: deque[Peer] = deque()
+        self.refresh_until = self.refresh_first = self.refresh_last = 0.0
+        self.refreshes = self.refresh_inflight = 0
+        self.refresh_errors: Counter[str] = Counter()
 
     def command(self, line: str) -> None:
         word, _, rest = line.partition(" ")
@@ -272,6 +293,12 @@ class Run:
             now = time.time()
             self.pings = deque(sorted(((now + random.uniform(0, interval), p) for p in self.peers if not p.closed),
                                       key=lambda x: x[0]))  # then each ping goes to the back: still in order
+        elif word == "refresh":
+            self.phase = "refresh"
+            self.refreshing = deque(p for p in self.peers if p.registered and not p.closed)
+            self.refresh_first = time.time()
+            self.refresh_until = self.refresh_first + float(rest)
+            self.pump_refreshes()
         elif word == "stop" and self.phase != "stopping":
             self.phase = "stopping"
             common.emit({"event": "done", "held": sum(1 for p in self.peers if p.registered and not p.closed),
@@ -313,6 +340,24 @@ class Run:
         self.phase = "registered"
         self.tally.report(warmup=False)
 
+    def pump_refreshes(self) -> None:
+        """Keep ``window`` refreshes in flight, round the held peers, until the phase's end."""
+        while self.refresh_inflight < self.config["window"] and self.refreshing and time.time() < self.refresh_until:
+            peer = self.refreshing.popleft()
+            self.refresh_inflight += 1
+            peer.refresh()
+        if self.phase == "refresh" and self.refresh_inflight == 0 and time.time() >= self.refresh_until:
+            self.phase = "registered"
+            common.emit({"event": "refreshed", "count": self.refreshes, "errors": dict(self.refresh_errors),
+                         "first": self.refresh_first, "last": self.refresh_last})
+
+    def refreshed(self, peer: Peer) -> None:
+        self.refreshes += 1
+        self.refresh_last = time.time()
+        self.refresh_inflight -= 1
+        self.refreshing.append(peer)
+        self.pump_refreshes()
+
     def finish(self, peer: Peer, error: str | None) -> None:
         if error is None:
             self.tally.succeeded(peer.started)
@@ -322,7 +367,12 @@ class Run:
         self.pump()
 
     def error(self, peer: Peer, why: str) -> None:
-        if peer.registered:
+        if peer.registered and self.phase == "refresh":
+            self.refresh_errors[why] += 1
+            if peer.state == "refresh":
+                self.refresh_inflight -= 1
+            self.pump_refreshes()
+        elif peer.registered:
             if self.phase in ("registered", "hold"):
                 self.hold_errors[why] += 1
         else:
@@ -352,6 +402,8 @@ class Run:
                 else:
                     key.data.ready(events)
             self.keepalives()
+            if self.phase == "refresh":
+                self.pump_refreshes()  # the phase ends with nothing in flight
 
     def keepalives(self) -> None:
         now = time.time()
