@@ -207,6 +207,12 @@ class PythonGenerators:
                 "first_start": min((r["first_start"] for r in reports if r["first_start"]), default=0.0),
                 "last_end": max(r["last_end"] for r in reports)}
 
+    def refresh(self, seconds: float) -> list[dict[str, Any]]:
+        """leanreg.py's ``refresh``: the held peers REGISTER again for ``seconds``; its workers' reports."""
+        assert self.workers is not None
+        self.workers.broadcast(f"refresh {seconds}")
+        return self.workers.collect("refreshed", timeout=seconds + 60)
+
     def stop(self) -> None:
         if self.workers is not None:
             self.workers.stop()
@@ -258,7 +264,7 @@ NO_REFRESH = {"refresh_rate": float("nan"), "refresh_errors": 0, "refresh_cpu_ms
               "refresh_gen_ms": float("nan"), "refresh_pg_ms": float("nan")}
 
 
-def refreshes(args: argparse.Namespace, servers: list[Instance], generators: Any) -> dict[str, Any]:
+def refreshes(args: argparse.Namespace, servers: list[Instance], generators: PythonGenerators) -> dict[str, Any]:
     """``--refresh``: the held peers REGISTER again on their connections; rate and CPU per refresh.
 
     What a first registration costs is mostly the two TLS handshakes (the
@@ -268,14 +274,14 @@ def refreshes(args: argparse.Namespace, servers: list[Instance], generators: Any
     """
     wait_quiet(servers)
     cpu0, gen0, pg0 = cpu(servers), generators.cpu(), machine.postgres_cpu(args.db)
-    generators.workers.broadcast(f"refresh {args.refresh}")
-    reports = generators.workers.collect("refreshed", timeout=args.refresh + 60)
+    reports = generators.refresh(args.refresh)
     cpu1, gen1, pg1 = cpu(servers), generators.cpu(), machine.postgres_cpu(args.db)
-    count = max(1, sum(r["count"] for r in reports))
+    count = sum(r["count"] for r in reports)
     span = max(r["last"] for r in reports) - min(r["first"] for r in reports)
+    per = 1000 / max(1, count)
     return {"refresh_rate": count / max(1e-9, span), "refresh_errors": sum(sum(r["errors"].values()) for r in reports),
-            "refresh_cpu_ms": 1000 * (cpu1 - cpu0) / count, "refresh_gen_ms": 1000 * (gen1 - gen0) / count,
-            "refresh_pg_ms": 1000 * machine.cpu_delta(pg0, pg1) / count}
+            "refresh_cpu_ms": per * (cpu1 - cpu0), "refresh_gen_ms": per * (gen1 - gen0),
+            "refresh_pg_ms": per * machine.cpu_delta(pg0, pg1)}
 
 
 NO_CALLS = {"completed": 0, "started": 0, "errors": 0, "p50": float("nan"), "p99": float("nan"),

@@ -344,6 +344,8 @@ class Run:
         """Keep ``window`` refreshes in flight, round the held peers, until the phase's end."""
         while self.refresh_inflight < self.config["window"] and self.refreshing and time.time() < self.refresh_until:
             peer = self.refreshing.popleft()
+            if peer.closed:  # lost while waiting its turn (counted by error): its socket is gone
+                continue
             self.refresh_inflight += 1
             peer.refresh()
         if self.phase == "refresh" and self.refresh_inflight == 0 and time.time() >= self.refresh_until:
