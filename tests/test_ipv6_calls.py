@@ -198,6 +198,19 @@ class FamilyStaggerTests(unittest.TestCase):
         self.assertEqual(len(self.plans), 1)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_a_connection_ready_with_the_stagger_is_seen_before_it(self) -> None:
+        """A busy reactor runs the due stagger before it reads the IPv6 connect that
+        completed just before it: the verdict waits a turn, so the connection holds IPv4."""
+        self.dialer.start(0.0).addErrback(lambda f: None)
+        self.clock.advance(0)
+        connected: list[Any] = []
+        self.clock.callLater(race.FAMILY_STAGGER, lambda: connected.append(self.ipv6_connected()))
+        self.clock.advance(race.FAMILY_STAGGER)
+        self.assertEqual(len(connected), 1)
+        self.assertEqual(self.ipv4_sockets, [])
+        self.assertEqual(self.dialer._family.phase(), "holding")
+        self.dialer.stop("done")
+
     def test_a_failed_ipv6_handshake_starts_ipv4_at_once(self) -> None:
         self.dialer.start(0.0).addErrback(lambda f: None)
         self.clock.advance(0)

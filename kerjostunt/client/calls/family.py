@@ -117,12 +117,17 @@ class FamilyRace:
         return _Watching(factory, self._connected)
 
     def arm(self) -> None:
-        self.contest.later(self.stagger, self._stagger_passed)
+        self.contest.later(self.stagger, self._after_ready_io)
 
     def ipv6_failed(self) -> None:
         self._life.settled()
 
     # inside ---------------------------------------------------------------------
+
+    def _after_ready_io(self) -> None:
+        """Look one turn later: the reactor runs its due timers before it polls, so an IPv6
+        connection that came up just before the stagger, on a busy reactor, is seen only then."""
+        self.contest.later(0, self._stagger_passed)
 
     def _stagger_passed(self) -> None:
         if self.in_handshake or self.verified:
