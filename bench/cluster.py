@@ -285,7 +285,8 @@ def refreshes(args: argparse.Namespace, servers: list[Instance], generators: Pyt
 
 
 NO_CALLS = {"completed": 0, "started": 0, "errors": 0, "p50": float("nan"), "p99": float("nan"),
-            "cpu_ms": float("nan"), "each_ms": "n/a", "pg_ms": float("nan"), "error_kinds": {}}
+            "cpu_ms": float("nan"), "each_ms": "n/a", "pg_ms": float("nan"), "error_kinds": {},
+            "steal": "n/a"}
 
 
 def calls(args: argparse.Namespace, base: Path, count: int, deadline: float) -> dict[str, Any]:
@@ -315,11 +316,13 @@ def calls(args: argparse.Namespace, base: Path, count: int, deadline: float) -> 
         pg0 = machine.postgres_cpu(args.db)
         each0 = [s.cpu() for s in servers]
         cpu0, t0 = sum(each0), time.time()
+        steal = machine.StealWatch()
         workers.broadcast(f"calls {time.time() + 0.5}")
         reports = workers.collect("calls-done", timeout=args.duration + 120)
         wait_quiet(servers)
         each1 = [s.cpu() for s in servers]
         cpu1, t1 = sum(each1), time.time()
+        stolen = steal.stop()
         pg = machine.cpu_delta(pg0, machine.postgres_cpu(args.db))
     finally:
         for spy in spies:
@@ -337,7 +340,8 @@ def calls(args: argparse.Namespace, base: Path, count: int, deadline: float) -> 
             "p50": common.percentile(latencies, 50), "p99": common.percentile(latencies, 99),
             "cpu_ms": 1000 * max(0.0, cpu1 - cpu0 - idle_rate * (t1 - t0)) / max(1, completed),
             "each_ms": " / ".join(f"{1000 * (b - a) / max(1, completed):.2f}" for a, b in zip(each0, each1)),
-            "pg_ms": 1000 * pg / max(1, completed), "error_kinds": dict(errors)}
+            "pg_ms": 1000 * pg / max(1, completed), "error_kinds": dict(errors),
+            "steal": f"{100 * stolen / (t1 - t0):.1f} / {100 * steal.worst / steal.interval:.0f}"}
 
 
 def choose_generator(args: argparse.Namespace) -> str:
@@ -418,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         ("server CPU per call (sum, idle subtracted), ms", lambda c: c["cpu_ms"]),
         ("  each instance (idle included), ms", lambda c: c["each_ms"]),
         ("PostgreSQL backends' CPU per call, ms", lambda c: c["pg_ms"]),
+        ("host steal, % of a CPU: phase / worst 0.5 s", lambda c: c["steal"]),
     ):
         rows += per_instance_count(label, pick, counts, {n: c for n, (_, c) in results.items()})
     rows.append(("machine load average (1 min), start / end", f"{load_start:.1f} / {os.getloadavg()[0]:.1f}"))

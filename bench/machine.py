@@ -17,6 +17,7 @@ open for the whole phase.
 from __future__ import annotations
 
 import os
+import threading
 from urllib.parse import urlsplit
 
 import common
@@ -87,3 +88,39 @@ def busy_seconds() -> float:
         fields = [int(x) for x in f.readline().split()[1:]]
     user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
     return (user + nice + system + irq + softirq + steal) / common.CLK_TCK
+
+
+def steal_seconds() -> float:
+    """CPU seconds the hypervisor gave the guest's vCPUs to others since boot (``/proc/stat``'s steal)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return (fields + [0] * 8)[7] / common.CLK_TCK
+
+
+class StealWatch:
+    """Steal time over a phase, and its worst ``interval``: whether the host took the CPUs away.
+
+    A phase's slow calls that come in bursts at every process at once look
+    like the machine rather than one process (docs/performance.rst); the
+    guest's steal counter says whether the host ran something else then.
+    """
+
+    def __init__(self, interval: float = 0.5) -> None:
+        self.interval = interval
+        self.worst = 0.0
+        self._stop = threading.Event()
+        self._start = self._last = steal_seconds()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval):
+            now = steal_seconds()
+            self.worst = max(self.worst, now - self._last)
+            self._last = now
+
+    def stop(self) -> float:
+        """Ends the watch; returns the phase's steal in CPU seconds."""
+        self._stop.set()
+        self._thread.join()
+        return steal_seconds() - self._start
