@@ -13,6 +13,7 @@ import struct
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
@@ -397,6 +398,38 @@ class SignalingProtocolTests(unittest.TestCase):
         proto.dataReceived(register_bytes(37).replace(b"Expires: 3600", b"Expires: \xff"))
         self.assertTrue(transport.disconnecting)
         self.assertEqual(self.router.requests, [])
+
+    def test_input_after_a_fatal_error_is_not_handled_or_logged(self) -> None:
+        """A TLS close waits for the peer's close_notify, and the records it
+        sends meanwhile still arrive: each used to make the parser raise its
+        fatal error again, one log line and one count per read (74 lines in
+        3 s from one connection on a real server)."""
+        counted: list[str] = []
+        factory = SignalingFactory(self.router, self.clock, self.limits, tls=False, counter=counted.append)
+        events: list[dict[str, object]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        proto, transport = self.connect(factory=factory)
+        proto.dataReceived(register_bytes(39, content_length=str(SIP_LIMITS.max_body_bytes + 1)))
+        self.assertTrue(transport.disconnecting)
+        answered = transport.value()
+        for _ in range(20):
+            proto.dataReceived(b"x" * 1000)
+        proto.dataReceived(options_bytes(40))
+        self.assertEqual(counted, ["parse_errors"])
+        self.assertEqual(len([e for e in events if "Bad input" in str(e.get("log_format"))]), 1)
+        self.assertEqual(transport.value(), answered)  # nothing more was sent
+        self.assertEqual(self.router.requests, [])
+
+    def test_input_after_close_is_not_handled(self) -> None:
+        """A connection the server closes (its user registered elsewhere, a
+        cluster takeover) handles nothing its peer sends while the close is
+        under way."""
+        proto, transport = self.connect()
+        proto.close()
+        proto.dataReceived(options_bytes(41))
+        self.assertEqual(self.router.requests, [])
+        self.assertEqual(transport.value(), b"")
 
     def test_fatal_close_still_times_out_a_peer_that_never_reads(self) -> None:
         proto, transport = self.connect()

@@ -106,6 +106,9 @@ class SignalingProtocol(Protocol):
         # looks at it (no cancel + callLater per message).
         self._last_activity = 0.0
         self.closed = False
+        #: close() asked for: the TLS close waits for the peer's close_notify,
+        #: and what the peer sends meanwhile is read but never handled
+        self._closing = False
         self._life = _ConnectionLifeMachine(self)
 
     # -- inputs of the connection's life (the machine is at the end of this module)
@@ -198,7 +201,10 @@ class SignalingProtocol(Protocol):
             self.factory.router.connection_lost(self)
 
     def dataReceived(self, data: bytes) -> None:
-        if self.closed:
+        if self.closed or self._closing:
+            # After a fatal error the parser raises again on every read: a
+            # peer that kept sending got one log line per TLS record, for
+            # the 10 s the close may take.
             return
         # feed_events never raises: errors come in stream order, a fatal one last.
         for event in self._parser.feed_events(data):
@@ -290,7 +296,8 @@ class SignalingProtocol(Protocol):
 
     def close(self) -> None:
         """Close after flushing what was written (an error response, say)."""
-        if self.transport is not None and not self.closed:
+        if self.transport is not None and not self.closed and not self._closing:
+            self._closing = True
             if self._guard is not None:
                 self._guard.detach()
             self.transport.loseConnection()

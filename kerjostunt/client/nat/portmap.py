@@ -15,8 +15,8 @@ by renewing it at half its lifetime, and deletes it when it stops.
   NAT-PMP request follows at once.
 - UPnP-IGD through miniupnpc's Python binding (the ``upnp`` extra), the
   library the miniupnpd authors keep: SSDP discovery, the IGD's SOAP
-  description and ``AddPortMapping`` are blocking calls, so they run in
-  the reactor's thread pool. Without the binding this method is skipped.
+  description and ``AddPortMapping`` block, so they run in a daemon thread
+  each (``in_daemon_thread``). Without the binding this method is skipped.
 
 The mapper's life is a state machine (``idle -> asking -> held <->
 renewing``, and ``released`` at the end); a grant arriving after the end
@@ -30,6 +30,7 @@ import os
 import secrets
 import socket
 import struct
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -37,8 +38,8 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar, cast
 
 from automat import TypeMachineBuilder
-from twisted.internet import defer, threads
-from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReactorThreads, IReactorTime, IReactorUDP
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReactorTime, IReactorUDP
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -46,7 +47,7 @@ from twisted.python.failure import Failure
 from kerjostunt.wire import portmap as wire
 
 __all__ = ["Mapping", "MappingFailed", "NATPMPGateway", "PCPGateway", "PortMapper", "UPnPGateway", "default_gateway",
-           "mapper_for"]
+           "in_daemon_thread", "mapper_for"]
 
 log = Logger()
 
@@ -518,10 +519,29 @@ def mapper_for(reactor: object, internal_port: int, gateway: str | None = None, 
     udp = cast(UDPReactor, reactor)
     methods: list[Gateway] = [PCPGateway(udp, gateway, port), NATPMPGateway(udp, gateway, port)]
     if upnp and UPnPGateway.available():
-        pool = cast(IReactorThreads, reactor)
-        in_thread = partial(threads.deferToThreadPool, cast(IReactorFromThreads, reactor), pool.getThreadPool())
-        methods.append(UPnPGateway(in_thread))
+        methods.append(UPnPGateway(partial(in_daemon_thread, cast(IReactorFromThreads, reactor))))
     return PortMapper(udp, methods, internal_port)
+
+
+def in_daemon_thread(reactor: IReactorFromThreads, blocking: Callable[[], T]) -> defer.Deferred[T]:
+    """``blocking()`` in a daemon thread of its own, the result back in the reactor thread.
+
+    Not the reactor's pool, which its shutdown joins: miniupnpc's discovery
+    takes 4 s where nothing answers, and every command that stopped sooner
+    waited for it. An exit abandons the thread (its mapping expires).
+    """
+    result: defer.Deferred[T] = defer.Deferred()
+
+    def run() -> None:
+        try:
+            value = blocking()
+        except BaseException:
+            reactor.callFromThread(result.errback, Failure())
+        else:
+            reactor.callFromThread(result.callback, value)
+
+    threading.Thread(target=run, name="kerjostunt-upnp", daemon=True).start()
+    return result
 
 
 _mapper = TypeMachineBuilder(_MapperInputs, PortMapper)
