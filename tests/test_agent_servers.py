@@ -87,3 +87,43 @@ class RepeatedServerOptionTests(unittest.TestCase):
         args = build_parser().parse_args(["echo-server", "--server", "a.example", "--server", "b.example:7",
                                           "--user", "u", "--password-stdin", "--ca", "x"])
         self.assertEqual(args.server, [("a.example", 5061), ("b.example", 7)])
+
+
+class SilentServer(FakeSignaling):
+    """TLS up, then nothing: the REGISTER gets no answer and a close no close_notify."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answer: defer.Deferred[Any] = defer.Deferred()
+        self.aborted = False
+
+    def register(self, expires: int, mapping: Any = None) -> defer.Deferred:
+        return self.answer
+
+    def hang_up(self) -> None:
+        pass  # the close waits for the server's close_notify
+
+    def abort(self) -> None:
+        self.aborted = True
+        self.disconnected.callback(None)
+
+
+class SilentServerStartTests(unittest.TestCase):
+    def test_a_failed_register_does_not_wait_for_the_close_for_ever(self) -> None:
+        """``kerjostunt echo-server`` against a server that completes TLS and
+        never answers printed nothing and ran until killed: after the REGISTER's
+        transaction timeout the start waited for a TLS close the server never
+        answered. The close is now aborted after ``stop_close``."""
+        clock = Clock()
+        self.patch(__import__("kerjostunt.tls", fromlist=["x"]), "client_options", lambda *a: None)
+        config = AgentConfig(ServerConfig("a.example", 5061, domain=DOMAIN, ca_path="x"), Account("alice", "pw"),
+                             ports=Ports(listen_port=None, punch_port_max_age=0.0))
+        agent = PeerAgent(clock, config, jitter=lambda: 0.5)
+        sig = SilentServer()
+        agent.connect_signaling = lambda *a, **kw: defer.succeed(sig)  # type: ignore[method-assign]
+        started = agent.start()
+        sig.answer.errback(defer.TimeoutError("no final response to REGISTER"))  # the transaction's timer
+        self.assertNoResult(started)
+        clock.advance(config.timeouts.stop_close)
+        self.assertTrue(sig.aborted)
+        self.failureResultOf(started, defer.TimeoutError)

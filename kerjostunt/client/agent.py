@@ -254,31 +254,31 @@ class PeerAgent:
 
     def _hang_up(self, sig: SignalingClientProtocol) -> defer.Deferred[None]:
         """Unregister, then close; each step bounded (``Timeouts.stop_*``), the close by an abort."""
-        timeouts = self.config.timeouts
+        d = sig.unregister()
+        d.addTimeout(self.config.timeouts.stop_unregister, self.reactor)
+        d.addErrback(lambda f: log.info("unregistering failed: {why}", why=f.getErrorMessage()))
+        return d.addBoth(lambda _: self._close(sig))
 
-        def close(_: object) -> defer.Deferred[None]:
-            if sig.disconnected.called:
-                return sig.disconnected
-            sig.hang_up()
-            # A TLS close waits for the server's close_notify: a silent server never sends it.
-            aborter = self.reactor.callLater(timeouts.stop_close, _abort)
+    def _close(self, sig: SignalingClientProtocol) -> defer.Deferred[None]:
+        """Close, aborted after ``stop_close``: a silent server never sends its close_notify."""
+        if sig.disconnected.called:
+            return sig.disconnected
+        sig.hang_up()
+        wait = self.config.timeouts.stop_close
 
-            def closed(result: None) -> None:
-                if aborter.active():
-                    aborter.cancel()
-                return result
-
-            return sig.disconnected.addBoth(closed)
-
-        def _abort() -> None:
+        def abort() -> None:
             if not sig.disconnected.called:
-                log.info("the server did not close in {s:g} s: aborting the connection", s=timeouts.stop_close)
+                log.info("the server did not close in {s:g} s: aborting the connection", s=wait)
                 sig.abort()
 
-        d = sig.unregister()
-        d.addTimeout(timeouts.stop_unregister, self.reactor)
-        d.addErrback(lambda f: log.info("unregistering failed: {why}", why=f.getErrorMessage()))
-        return d.addBoth(close)
+        aborter = self.reactor.callLater(wait, abort)
+
+        def closed(result: None) -> None:
+            if aborter.active():
+                aborter.cancel()
+            return result
+
+        return sig.disconnected.addBoth(closed)
 
     def _map_app_port(self) -> None:
         """Ask the gateway for a mapping of the app port, unless told not to (``--no-port-mapping``)."""
@@ -345,9 +345,7 @@ class PeerAgent:
             registration: Registration = yield sig.register(self.config.timeouts.register_expires, self.port_mapping)
         except Exception:
             failure = Failure()
-            if not sig.disconnected.called:
-                sig.hang_up()
-                yield sig.disconnected  # nothing of a failed attempt outlives it
+            yield self._close(sig)  # nothing of a failed attempt outlives it, bounded (it waited for ever)
             failure.raiseException()
         if self._stopped():
             sig.hang_up()
