@@ -143,6 +143,68 @@ class RegisterTests(unittest.TestCase):
         self.assertEqual(response.code, 501)
 
     @defer.inlineCallbacks
+    def test_every_answer_says_the_source_port(self):  # type: ignore[no-untyped-def]
+        """RFC 3581 4: a bare rport is filled in every response, not only REGISTER's 200."""
+        client = yield connect_client(self, self.running, "alice", "wonderland")
+        request = client.build_request("OPTIONS", f"sips:{DOMAIN}")
+        self.assertIn(";rport", request.headers.get("Via"))
+        response = yield client.send_request(request)
+        self.assertEqual(response.code, 200)
+        self.assertIn(f";rport={client.local[1]}", response.headers.get("Via"))
+        challenge = yield client.request("REGISTER", f"sips:{DOMAIN}", to=f"sips:alice@{DOMAIN}")
+        self.assertEqual(challenge.code, 401)
+        self.assertIn(f";rport={client.local[1]}", challenge.headers.get("Via"))
+
+    @defer.inlineCallbacks
+    def test_an_unknown_required_extension_gets_420(self):  # type: ignore[no-untyped-def]
+        """RFC 3261 8.2.2.3: 420 with Unsupported naming it, before the challenge."""
+        client = yield connect_client(self, self.running, "alice", "wonderland")
+        for method in ("OPTIONS", "REGISTER"):
+            response = yield client.request(method, f"sips:{DOMAIN}", to=f"sips:alice@{DOMAIN}",
+                                            headers=[("Require", "outbound, 100rel, foo")])
+            self.assertEqual((response.code, response.headers.get("Unsupported")), (420, "100rel, foo"), method)
+        response = yield client.request("OPTIONS", f"sips:{DOMAIN}", headers=[("Require", "outbound")])
+        self.assertEqual(response.code, 200)
+
+    @defer.inlineCallbacks
+    def test_a_request_uri_other_than_sip_gets_416(self):  # type: ignore[no-untyped-def]
+        client = yield connect_client(self, self.running, "alice", "wonderland")
+        yield client.register()
+        for method in ("OPTIONS", "REGISTER", "INVITE"):
+            response = yield client.request(method, "tel:+15551234")
+            self.assertEqual(response.code, 416, method)
+
+    @defer.inlineCallbacks
+    def test_max_forwards(self):  # type: ignore[no-untyped-def]
+        """0 stops what would be forwarded (483); the server's own requests take 0; junk is 400."""
+        client = yield connect_client(self, self.running, "alice", "wonderland")
+        yield client.register()
+
+        def hops(method, uri, value):  # type: ignore[no-untyped-def]
+            request = client.build_request(method, uri)
+            request.headers.set("Max-Forwards", value)
+            return client.send_request(request)
+
+        response = yield hops("INVITE", f"sips:bob@{DOMAIN}", "0")
+        self.assertEqual(response.code, 483)
+        response = yield hops("OPTIONS", f"sips:{DOMAIN}", "0")
+        self.assertEqual(response.code, 200)
+        for junk in ("abc", "-1", "256"):
+            response = yield hops("OPTIONS", f"sips:{DOMAIN}", junk)
+            self.assertEqual(response.code, 400, junk)
+
+    @defer.inlineCallbacks
+    def test_an_invite_body_other_than_sdp_gets_415(self):  # type: ignore[no-untyped-def]
+        """RFC 3261 8.2.3: 415 with Accept; no body at all stays a 400."""
+        client = yield connect_client(self, self.running, "alice", "wonderland")
+        yield client.register()
+        response = yield client.request(
+            "INVITE", f"sips:bob@{DOMAIN}", headers=[("Content-Type", "text/plain")], body=b"hello")
+        self.assertEqual((response.code, response.headers.get("Accept")), (415, "application/sdp"))
+        response = yield client.request("INVITE", f"sips:bob@{DOMAIN}")
+        self.assertEqual(response.code, 400)
+
+    @defer.inlineCallbacks
     def test_third_party_registration_forbidden(self):  # type: ignore[no-untyped-def]
         client = yield connect_client(self, self.running, "alice", "wonderland")
         request = client.build_request("REGISTER", f"sips:{DOMAIN}", to=f"sips:bob@{DOMAIN}")

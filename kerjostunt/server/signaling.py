@@ -52,7 +52,7 @@ from kerjostunt.server.rtt import (
     tcp_socket_of,
 )
 from kerjostunt.tcp import host_port, no_delay, send_at_once
-from kerjostunt.wire.sip.message import Request, Response, make_response
+from kerjostunt.wire.sip.message import Request, Response, make_response, stamp_source
 from kerjostunt.wire.sip.parser import KeepAlivePing, KeepAlivePong, SIPParseError, StreamParser
 
 __all__ = [
@@ -271,6 +271,8 @@ class SignalingProtocol(Protocol):
 
     def send(self, message: Request | Response) -> None:
         if not self.closed:
+            if isinstance(message, Response):
+                stamp_source(message, *self.peer)
             self._write(message.to_bytes())
 
     def _write(self, data: bytes) -> None:

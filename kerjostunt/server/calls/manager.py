@@ -351,7 +351,13 @@ class CallManager:
         call_id = request.call_id or ""
         if (conn, call_id) in self._by_caller_leg or call_id in self._by_server_id:
             raise RequestError(482, "Loop Detected: Call-ID in use")
-        if _content_type(request) != "application/sdp":
+        content_type = _content_type(request)
+        if content_type and content_type != "application/sdp":  # RFC 3261 8.2.3: 415 names what we take
+            response = make_response(request, 415)
+            response.headers.add("Accept", "application/sdp")
+            conn.send(response)
+            return
+        if content_type != "application/sdp":
             raise RequestError(400, "Bad Request: application/sdp body required")
         try:
             sdp = parse_offer(request.body)

@@ -21,6 +21,7 @@ __all__ = [
     "Request",
     "Response",
     "make_response",
+    "stamp_source",
     "canonical_name",
     "split_header_values",
 ]
@@ -405,3 +406,33 @@ def make_response(
             _check_field(name, value)
         items.append((name, value))
     return Response(code, reason, Headers.trusted(items))
+
+
+def stamp_source(response: Response, host: str, port: int) -> None:
+    """Say in the top Via where the request came from: RFC 3261 18.2.1, RFC 3581 4.
+
+    ``received=host`` when the sent-by host is not the source address, and
+    ``rport=port`` when the Via asks with a bare ``rport``. Every answer
+    gets this, not only REGISTER's 200 (whose Via is stamped in full before
+    it gets here, so it is left as it is). Text work on the first Via
+    line's first value, not a parse: it runs for every response sent.
+    """
+    items = response.headers.raw_items()
+    index = next((i for i, item in enumerate(items) if item[0] == "Via"), None)
+    if index is None:
+        return
+    line = items[index][1]
+    first, comma, rest = line.partition(",")
+    sent_by = _SENT_BY.match(first)
+    if sent_by is None:
+        return
+    stamped = _BARE_RPORT.sub(f";rport={port}", first, count=1)
+    if sent_by.group(1).strip("[]").lower() != host.lower() and ";received=" not in first.lower():
+        stamped += f";received={host}"
+    if stamped != first:
+        value = stamped + comma + rest
+        items[index] = ("Via", value)  # our digits and the socket's address: nothing to check
+
+
+_SENT_BY = re.compile(r"SIP\s*/\s*2\.0\s*/\s*[A-Za-z0-9.!%*_+`'~-]+\s+(\[[^\]]*\]|[^\s:;,]+)", re.IGNORECASE)
+_BARE_RPORT = re.compile(r";\s*rport\s*(?=;|$)", re.IGNORECASE)
