@@ -250,6 +250,15 @@ class Headers:
                 return
         self._items.append((key, value))
 
+    def replace_first(self, name: str, value: str) -> None:
+        """The first field of ``name`` gets ``value``, unchecked (the caller built it from checked text);
+        the others stay. Nothing happens without one."""
+        key = canonical_name(name)
+        for i, (n, _) in enumerate(self._items):
+            if n == key:
+                self._items[i] = (key, value)
+                return
+
     def remove(self, name: str) -> None:
         key = canonical_name(name)
         self._items = [item for item in self._items if item[0] != key]
@@ -417,11 +426,9 @@ def stamp_source(response: Response, host: str, port: int) -> None:
     it gets here, so it is left as it is). Text work on the first Via
     line's first value, not a parse: it runs for every response sent.
     """
-    items = response.headers.raw_items()
-    index = next((i for i, item in enumerate(items) if item[0] == "Via"), None)
-    if index is None:
+    line = response.headers.get("Via")
+    if line is None:
         return
-    line = items[index][1]
     first, comma, rest = line.partition(",")
     sent_by = _SENT_BY.match(first)
     if sent_by is None:
@@ -430,8 +437,7 @@ def stamp_source(response: Response, host: str, port: int) -> None:
     if sent_by.group(1).strip("[]").lower() != host.lower() and ";received=" not in first.lower():
         stamped += f";received={host}"
     if stamped != first:
-        value = stamped + comma + rest
-        items[index] = ("Via", value)  # our digits and the socket's address: nothing to check
+        response.headers.replace_first("Via", stamped + comma + rest)  # our digits, the socket's address
 
 
 _SENT_BY = re.compile(r"SIP\s*/\s*2\.0\s*/\s*[A-Za-z0-9.!%*_+`'~-]+\s+(\[[^\]]*\]|[^\s:;,]+)", re.IGNORECASE)
